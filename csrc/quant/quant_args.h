@@ -1,0 +1,99 @@
+// Argument checks and preparation shared by the CPU and CUDA implementations of the quant ops.
+// The Python wrappers check first with friendlier errors; these checks keep a direct
+// torch.ops.pypaper.* call from crashing or answering wrong.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+
+#include "../../kernels/common/quant_layout.h"
+
+namespace pypaper {
+namespace quant {
+
+inline void check_range(int64_t qmin, int64_t qmax) {
+  TORCH_CHECK(qmin < qmax, "quant_min (", qmin, ") must be below quant_max (", qmax, ")");
+  TORCH_CHECK(qmin >= -128 && qmax <= 255 && qmax - qmin <= 255,
+              "quant_min/quant_max must describe a code of at most 8 bits, got [", qmin, ", ",
+              qmax, "]");
+}
+
+inline int64_t param_numel(const at::Tensor& x, c10::optional<int64_t> axis,
+                           c10::optional<int64_t> group_size) {
+  if (group_size.has_value()) return x.numel() / *group_size;
+  if (axis.has_value()) return x.size(*axis);
+  return 1;
+}
+
+// The [outer, channels, inner] view of x (kernels/common/quant_layout.h). Normalizes axis.
+inline QuantLayout layout_for(const at::Tensor& x, c10::optional<int64_t>& axis,
+                              c10::optional<int64_t> group_size) {
+  TORCH_CHECK(!(axis.has_value() && group_size.has_value()),
+              "axis and group_size are exclusive: pass one of them");
+  const int64_t numel = x.numel();
+  if (group_size.has_value()) {
+    const int64_t g = *group_size;
+    TORCH_CHECK(g > 0, "group_size must be positive, got ", g);
+    const int64_t last = x.dim() ? x.size(-1) : 1;
+    TORCH_CHECK(last % g == 0, "group_size ", g, " does not divide the last dimension (", last,
+                ") of x");
+    return QuantLayout{1, numel / g, g};
+  }
+  if (axis.has_value()) {
+    const int64_t nd = x.dim();
+    TORCH_CHECK(nd > 0 && *axis >= -nd && *axis < nd, "axis ", *axis,
+                " is out of range for a tensor of ", nd, " dims");
+    const int64_t a = *axis < 0 ? *axis + nd : *axis;
+    axis = a;
+    int64_t outer = 1, inner = 1;
+    for (int64_t d = 0; d < a; ++d) outer *= x.size(d);
+    for (int64_t d = a + 1; d < nd; ++d) inner *= x.size(d);
+    return QuantLayout{outer, x.size(a), inner};
+  }
+  return QuantLayout{1, 1, numel};
+}
+
+inline void check_float_x(const at::Tensor& x, const char* name) {
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              name, " must be float32, float64, float16 or bfloat16, got ", st);
+}
+
+// Scale and zero point as contiguous tensors of the math type (fp32, or fp64 for fp64 x), one
+// value per channel, on x's device.
+struct QuantParams {
+  at::Tensor scale;
+  at::Tensor zero_point;
+};
+
+inline QuantParams prepare_params(const at::Tensor& x, const at::Tensor& scale,
+                                  const at::Tensor& zero_point, const QuantLayout& L,
+                                  at::ScalarType math_type) {
+  TORCH_CHECK(scale.device() == x.device(), "scale is on ", scale.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(zero_point.device() == x.device(), "zero_point is on ", zero_point.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(at::isFloatingType(scale.scalar_type()), "scale must be a floating tensor, got ",
+              scale.scalar_type());
+  TORCH_CHECK(scale.numel() == L.channels, "scale has ", scale.numel(), " elements, expected ",
+              L.channels);
+  TORCH_CHECK(zero_point.numel() == L.channels, "zero_point has ", zero_point.numel(),
+              " elements, expected ", L.channels);
+  return QuantParams{scale.to(math_type).contiguous(), zero_point.to(math_type).contiguous()};
+}
+
+inline at::ScalarType math_type_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline int64_t seed_or_zero_cpu(const c10::optional<at::Tensor>& seed) {
+  if (!seed.has_value()) return 0;
+  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1,
+              "seed must be an int64 tensor of one element");
+  return *seed->data_ptr<int64_t>();
+}
+
+}  // namespace quant
+}  // namespace pypaper

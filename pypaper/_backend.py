@@ -1,0 +1,101 @@
+"""Backend selection for every pypaper op.
+
+Backends: ``cpu`` (C++ kernels), ``cuda`` (hand-written CUDA kernels), ``triton`` (Triton kernels;
+on CPU tensors only under TRITON_INTERPRET=1) and ``reference`` (plain PyTorch, runs anywhere).
+
+The choice, highest priority first: the innermost ``pypaper.use_backend(...)`` context, the
+``PYPAPER_BACKEND`` environment variable, then the op's default for the tensor's device (the
+fastest measured; each family documents its defaults). An explicit request that cannot serve an
+input raises ``BackendUnavailable`` saying why; the automatic choice falls back quietly.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this input."""
+
+
+_local = threading.local()
+
+
+def _stack() -> list:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run pypaper ops in this block on backend ``name`` (cpu, cuda, triton or reference)."""
+    _stack().append(_check_name(name))
+    try:
+        yield
+    finally:
+        _stack().pop()
+
+
+def requested() -> Optional[str]:
+    """The explicitly requested backend (context manager, then PYPAPER_BACKEND), or None."""
+    st = _stack()
+    if st:
+        return st[-1]
+    env = os.environ.get("PYPAPER_BACKEND", "").strip().lower()
+    if env in ("", "auto", "default"):
+        return None
+    if env not in BACKENDS:
+        raise ValueError(f"PYPAPER_BACKEND must be one of {BACKENDS} (or auto), got {env!r}")
+    return env
+
+
+def native_reason(device: torch.device, name: str) -> Optional[str]:
+    """Why the C++/CUDA backend ``name`` cannot serve tensors on ``device`` (None if it can)."""
+    if not _ext.LOADED:
+        return f"pypaper._C is not loaded ({_ext.LOAD_ERROR})"
+    if name == "cpu" and device.type != "cpu":
+        return f"the cpu backend needs CPU tensors, got {device.type} tensors"
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
+        if not _ext.build_info().get("cuda_kernels"):
+            return "pypaper._C was built without CUDA kernels (torch without CUDA, or no nvcc)"
+    return None
+
+
+def select(device: torch.device, default_order: tuple[str, ...],
+           reasons: dict[str, Callable[[torch.device], Optional[str]]]) -> str:
+    """Choose a backend for tensors on ``device``.
+
+    ``default_order``: backends to try, best first, when nothing is requested.
+    ``reasons[name](device)``: why ``name`` cannot run there, or None.
+    """
+    want = requested()
+    if want is not None:
+        if want == "reference":
+            return want
+        why = reasons[want](device) if want in reasons else f"the op has no {want} backend"
+        if why:
+            raise BackendUnavailable(f"backend {want!r} was requested but cannot run: {why}")
+        return want
+    for name in default_order:
+        if name == "reference" or not reasons[name](device):
+            if name == "reference" and not _ext.LOADED:
+                _ext.warn_fallback_once()
+            return name
+    return "reference"

@@ -1,0 +1,28 @@
+"""pypaper.quant: uniform quantization with hand-written kernels.
+
+    quantize(x, bits=8, *, axis=None, group_size=None, symmetric=True) -> QuantizedTensor
+    dequantize(q) -> Tensor
+    fake_quantize(x, scale, zero_point, bits=8, *, axis=None, group_size=None, symmetric=True,
+                  stochastic=False, generator=None, grad_factor=1.0) -> Tensor   (STE / LSQ)
+
+Kernels: C++ kernels/cpu/quant_cpu.h, CUDA kernels/cuda/quant_kernels.cu, Triton
+pypaper/quant/triton_kernels.py; the shared per-element math kernels/common/quant_math.h; the
+plain-PyTorch reference pypaper/quant/reference.py.
+"""
+from .. import _ext
+from . import _registration, reference
+from .ops import backend_for, dequantize, fake_quantize, quantize
+from .qtensor import QuantizedTensor
+
+if _ext.LOADED:
+    _registration.register_native()
+
+try:
+    from . import triton_kernels as _triton_kernels
+
+    if _triton_kernels.HAVE_TRITON:
+        _registration.register_triton()
+except ImportError:  # pragma: no cover - triton_kernels itself guards the triton import
+    pass
+
+__all__ = ["QuantizedTensor", "backend_for", "dequantize", "fake_quantize", "quantize", "reference"]
