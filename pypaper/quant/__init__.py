@@ -17,12 +17,9 @@ from .qtensor import QuantizedTensor
 if _ext.LOADED:
     _registration.register_native()
 
-try:
-    from . import triton_kernels as _triton_kernels
+from . import triton_kernels as _triton_kernels  # imports without triton; defines no ops then
 
-    if _triton_kernels.HAVE_TRITON:
-        _registration.register_triton()
-except ImportError:  # pragma: no cover - triton_kernels itself guards the triton import
-    pass
+if _triton_kernels.triton is not None:
+    _registration.register_triton()
 
 __all__ = ["QuantizedTensor", "backend_for", "dequantize", "fake_quantize", "quantize", "reference"]
