@@ -1,0 +1,99 @@
+"""Backend selection: defaults, PYPAPER_BACKEND, the context manager, explicit failures, fallback."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pypaper
+from pypaper.quant import backend_for, fake_quantize
+
+
+def test_default_on_cpu_is_the_cpp_kernel():
+    assert backend_for(torch.randn(3)) == "cpu"
+
+
+def test_context_manager_overrides_and_nests():
+    x = torch.randn(3)
+    with pypaper.use_backend("reference"):
+        assert backend_for(x) == "reference"
+        with pypaper.use_backend("cpu"):
+            assert backend_for(x) == "cpu"
+        assert backend_for(x) == "reference"
+    assert backend_for(x) == "cpu"
+
+
+def test_env_var(monkeypatch):
+    monkeypatch.setenv("PYPAPER_BACKEND", "reference")
+    assert backend_for(torch.randn(3)) == "reference"
+    monkeypatch.setenv("PYPAPER_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="PYPAPER_BACKEND must be one of"):
+        backend_for(torch.randn(3))
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with pypaper.use_backend("tpu"):
+            pass
+
+
+def test_explicit_request_that_cannot_run_raises_and_says_why():
+    with pypaper.use_backend("cuda"):
+        with pytest.raises(pypaper.BackendUnavailable, match="needs CUDA tensors"):
+            fake_quantize(torch.randn(3), 0.1, 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal of triton")
+def test_triton_on_cpu_needs_the_interpreter():
+    code = (
+        "import torch, pypaper\n"
+        "from pypaper.quant import fake_quantize\n"
+        "try:\n"
+        "    with pypaper.use_backend('triton'):\n"
+        "        fake_quantize(torch.randn(3), 0.1, 0)\n"
+        "except pypaper.BackendUnavailable as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert "REFUSED" in out.stdout and "TRITON_INTERPRET" in out.stdout, out.stderr
+
+
+def test_without_the_extension_ops_fall_back_to_reference_with_one_warning():
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['pypaper._C'] = None  # make the extension unloadable\n"
+        "import torch, pypaper\n"
+        "from pypaper.quant import fake_quantize, reference\n"
+        "info = pypaper.build_info()\n"
+        "assert info['extension_loaded'] is False and 'error' in info, info\n"
+        "x = torch.randn(50)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    y = fake_quantize(x, 0.1, 0)\n"
+        "    y2 = fake_quantize(x, 0.1, 0)\n"
+        "assert sum('could not be loaded' in str(m.message) for m in w) == 1, [str(m.message) for m in w]\n"
+        "assert torch.equal(y, reference.fake_quantize(x, torch.tensor(0.1), torch.tensor(0), -128, 127))\n"
+        "try:\n"
+        "    with pypaper.use_backend('cpu'):\n"
+        "        fake_quantize(x, 0.1, 0)\n"
+        "except pypaper.BackendUnavailable as e:\n"
+        "    assert 'not loaded' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('explicit cpu request did not raise')\n"
+        "print('OK')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().endswith("OK"), out.stderr
+
+
+def test_build_info():
+    info = pypaper.build_info()
+    for key in ("compiler", "openmp", "openmp_max_threads", "simd", "cuda_kernels",
+                "torch_version", "extension_loaded"):
+        assert key in info, key
+    assert info["extension_loaded"] is True
+    assert info["torch_version"] == torch.__version__.split("+")[0]
+    assert pypaper._C.build_info()["simd"] == info["simd"]
