@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine (Python 3.11, no GPU needed):
+#   bash tools/dev.sh bench     set up, build, run the benchmark suite in quick mode (prints the table)
+#   bash tools/dev.sh test      set up, build, run ctest (C++ tests + CUDA compile proof) and pytest
+#   bash tools/dev.sh setup     set up and build only
+#   bash tools/dev.sh wheel     build a wheel and install it into a fresh venv that has torch
+# Extra arguments after bench/test go to `python -m bench` / pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+VENV=${PYPAPER_VENV:-$ROOT/.venv}
+export PATH="$PATH:/usr/local/cuda/bin"   # nvcc, where the machine has one
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "== creating $VENV"
+    "$PY" -m venv "$VENV"
+  fi
+  # torch==2.13.0 is pinned: a plain "torch" would pull a multi-GB CUDA build.
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/dev.txt
+  echo "== building pypaper._C (ninja; --no-build-isolation keeps the installed torch)"
+  MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+    --no-build-isolation --no-deps -e .
+  "$VENV/bin/python" -c "import pypaper, json; print(json.dumps(pypaper.build_info()))"
+}
+
+ctest_build() {
+  echo "== CMake: C++ unit tests and the CUDA compile proof"
+  local req=OFF
+  command -v nvcc >/dev/null && req=ON
+  cmake -S . -B build-cmake -G Ninja -DPython3_EXECUTABLE="$VENV/bin/python" \
+    -DPYPAPER_REQUIRE_CUDA=$req >/dev/null
+  cmake --build build-cmake
+  ctest --test-dir build-cmake --output-on-failure
+}
+
+wheel() {
+  echo "== wheel: build, then install into a fresh venv that has torch"
+  rm -rf dist build-wheel-venv
+  "$VENV/bin/python" -m pip wheel -q --no-build-isolation --no-deps -w dist .
+  "$PY" -m venv build-wheel-venv
+  build-wheel-venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 numpy
+  build-wheel-venv/bin/python -m pip install -q --disable-pip-version-check --no-deps dist/pypaper-*.whl
+  (cd /tmp && "$ROOT/build-wheel-venv/bin/python" -c "
+import torch, pypaper
+from pypaper.quant import fake_quantize, quantize, dequantize
+info = pypaper.build_info(); assert info['extension_loaded'], info
+x = torch.randn(1000)
+assert (dequantize(quantize(x)) - x).abs().max() < 0.05
+print('wheel OK:', pypaper.__file__, info['simd'])")
+  rm -rf build-wheel-venv
+}
+
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  bench) setup; "$VENV/bin/python" -m bench --quick "$@" ;;
+  test) setup; ctest_build; "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
+  wheel) setup; wheel ;;
+  *) echo "usage: bash tools/dev.sh [setup|bench|test|wheel] [args]" >&2; exit 2 ;;
+esac
