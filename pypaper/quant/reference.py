@@ -103,7 +103,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         s3 = s3.detach() + (s3 - s3.detach()) * grad_factor
         zp3 = zp3.detach() + (zp3 - zp3.detach()) * grad_factor
     z3 = torch.clamp(zp3 + (torch.round(zp3) - zp3).detach(), qmin, qmax)
-    v = x3 * (1.0 / s3)
+    # ±inf would make round(v) - v NaN: clamp far outside every code range first (the clip
+    # below saturates there anyway, so values and gradients are unchanged).
+    v = torch.clamp(x3 * (1.0 / s3), -2.0**24, 2.0**24)
     if seed is not None:
         u = uniform_noise(seed, x3.numel(), x3.device).reshape(x3.shape).to(dt)
         v = v + u
