@@ -19,7 +19,7 @@ if _ext.LOADED:
 
 from . import triton_kernels as _triton_kernels  # imports without triton; defines no ops then
 
-if _triton_kernels.triton is not None:
+if _triton_kernels.HAVE_TRITON:
     _registration.register_triton()
 
 __all__ = ["QuantizedTensor", "backend_for", "dequantize", "fake_quantize", "quantize", "reference"]

@@ -69,6 +69,7 @@ def layout_of(shape: Sequence[int], axis: Optional[int], group_size: Optional[in
             )
         return Layout(1, numel // group_size, group_size)
     if axis is not None:
+        axis = axis % len(shape)
         return Layout(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:]))
     return Layout(1, 1, numel)
 

@@ -135,8 +135,9 @@ def fake_quantize_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Ten
     gx = torch.where(inside, g3, torch.zeros_like(g3))
     gs = ds.sum(dim=(0, 2)) * grad_factor
     gz = dz.sum(dim=(0, 2)) * grad_factor
+    zp_dtype = zero_point.dtype if zero_point.is_floating_point() else scale.dtype
     return (gx.reshape(x.shape).to(x.dtype), gs.reshape(scale.shape).to(scale.dtype),
-            gz.reshape(zero_point.shape).to(scale.dtype))
+            gz.reshape(zero_point.shape).to(zp_dtype))
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
