@@ -1,0 +1,9 @@
+"""pypaper's benchmark suite: ``python -m bench [--quick|--full] [--family NAME] ...``.
+
+Each family is a module of this package with ``cases(device, quick, numel) -> list[Case]``
+(bench/harness.py); adding one is one line in FAMILIES.
+"""
+
+FAMILIES = {
+    "quant": "bench.quant",
+}

@@ -1,0 +1,84 @@
+"""Smoke tests of the benchmark suite (bench/): it runs, reports every provider, writes CSV and
+PNG. No timing is asserted: the machines are shared and noisy."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from bench import harness
+
+REPO = Path(__file__).resolve().parent.parent
+PROVIDERS = ("pypaper", "reference", "compiled-reference", "torch")
+
+
+def _rows(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _toy_case() -> harness.Case:
+    x = torch.randn(4096)
+    xg = x.clone().requires_grad_()
+    g = torch.ones_like(x)
+
+    def broken():
+        raise RuntimeError("no kernel for this input")
+
+    def providers():
+        return [
+            harness.Provider("reference", {
+                "fwd": lambda: x * 2,
+                "fwd+bwd": harness.forward_backward(lambda: xg * 2, [xg], g)}),
+            harness.Provider("fast", {
+                "fwd": lambda: x + x,
+                "fwd+bwd": harness.forward_backward(lambda: xg + xg, [xg], g)}),
+            harness.unavailable("missing", "peer not installed"),
+            harness.Provider("broken", {"fwd": broken}),
+        ]
+
+    return harness.Case("toy double", (4096,), torch.float32, "cpu",
+                        {"fwd": 8 * 4096, "fwd+bwd": 20 * 4096}, providers,
+                        bytes_note="toy count", memory=True)
+
+
+def test_harness_reports_every_provider(tmp_path):
+    limits = harness.measure_limits("cpu", repeats=2, numel=1 << 16)
+    report = harness.run_family("toy", [_toy_case()], "cpu", harness.Timing(repeats=2),
+                                csv_dir=tmp_path, progress=False, limits=limits)
+    md = report.markdown
+    assert md.startswith("## toy on cpu")
+    assert "Limits: copy" in md and "THP" in md
+    for mode in ("fwd", "fwd+bwd"):
+        for prov in ("reference", "fast", "missing"):
+            assert f"| toy double | 4096 | float32 | {mode} | {prov} |" in md
+    assert "| toy double | 4096 | float32 | fwd | broken |" in md
+    assert "missing unavailable" in md and "peer not installed" in md
+    assert "broken failed" in md and "no kernel for this input" in md
+    assert "1.00x" in md  # the reference against itself
+    rows = _rows(tmp_path / "toy.csv")
+    assert len(rows) == 7
+    assert tuple(rows[0]) == harness.CSV_COLUMNS
+    assert {r["provider"] for r in rows} == {"reference", "fast", "missing", "broken"}
+    timed = [r for r in rows if r["median_ms"]]
+    assert len(timed) == 4
+    assert "peak MB" in md  # the case asked for it; the value may be blank where unreadable
+    assert (tmp_path / "toy_cpu.png").stat().st_size > 0
+
+
+def test_cli_quick_quant(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "--quick", "--family", "quant", "--device", "cpu",
+           "--numel", "65536", "--repeats", "2", "--csv-dir", str(tmp_path), "--no-progress"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    expected = [("fake_quantize int8 per-tensor", "fwd"), ("fake_quantize int8 per-tensor", "fwd+bwd"),
+                ("quantize+dequantize int8 per-tensor", "fwd")]
+    for kernel, mode in expected:
+        for prov in PROVIDERS:
+            assert f"| {kernel} | 256x256 | float32 | {mode} | {prov} |" in out.stdout, out.stdout
+    rows = _rows(tmp_path / "quant.csv")
+    assert len(rows) == len(expected) * len(PROVIDERS)
+    assert {r["provider"] for r in rows} == set(PROVIDERS)
+    assert all(r["device"] == "cpu" and r["torch"] == torch.__version__ for r in rows)
+    assert (tmp_path / "quant_cpu.png").stat().st_size > 0
