@@ -189,13 +189,13 @@ at::Tensor quantize_cpu(const at::Tensor& x_in, const at::Tensor& scale,
       q = at::empty(x.sizes(), x.options().dtype(at::kChar));
       int8_t* qp = q.data_ptr<int8_t>();
       at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
-        cpu::quantize_range<In, int8_t>(xp, qp, sp, zp, L, qmin, qmax, b, e);
+        cpu::quantize_range<In, int8_t>(xp, qp + b, sp, zp, L, qmin, qmax, b, e);
       });
     } else {
       q = at::empty(x.sizes(), x.options().dtype(at::kByte));
       uint8_t* qp = q.data_ptr<uint8_t>();
       at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
-        cpu::quantize_range<In, uint8_t>(xp, qp, sp, zp, L, qmin, qmax, b, e);
+        cpu::quantize_range<In, uint8_t>(xp, qp + b, sp, zp, L, qmin, qmax, b, e);
       });
     }
   });
@@ -239,12 +239,12 @@ at::Tensor dequantize_cpu(const at::Tensor& data_in, const at::Tensor& scale,
     } else if (is_signed) {
       const int8_t* qp = data.data_ptr<int8_t>();
       at::parallel_for(0, y.numel(), kGrain, [&](int64_t b, int64_t e) {
-        cpu::dequantize_range<int8_t, Out>(qp, yp, sp, zp, L, qmin, qmax, b, e);
+        cpu::dequantize_range<int8_t, Out>(qp + b, yp, sp, zp, L, qmin, qmax, b, e);
       });
     } else {
       const uint8_t* qp = data.data_ptr<uint8_t>();
       at::parallel_for(0, y.numel(), kGrain, [&](int64_t b, int64_t e) {
-        cpu::dequantize_range<uint8_t, Out>(qp, yp, sp, zp, L, qmin, qmax, b, e);
+        cpu::dequantize_range<uint8_t, Out>(qp + b, yp, sp, zp, L, qmin, qmax, b, e);
       });
     }
   });

@@ -89,6 +89,9 @@ void fake_quantize_range(const In* x, In* y, const typename acc_type<In>::type* 
 
 // dx on [e0, e1) and, when NEED_SZ, the per-channel sums of the scale and zero-point gradients
 // added into ds_sum[c], dz_sum[c] (the caller's buffers, one pair per task).
+// Runs are cut into blocks of kBlock elements: the per-element terms go to a stack buffer in a
+// loop without a reduction (which the compiler vectorizes), then the buffer is summed with
+// kLanes independent accumulators (which it also vectorizes, unlike one serial float sum).
 template <typename In, bool STOCHASTIC, bool NEED_SZ>
 void fake_quantize_backward_range(const In* dy, const In* x, In* dx,
                                   const typename acc_type<In>::type* scale,
@@ -97,49 +100,66 @@ void fake_quantize_backward_range(const In* dy, const In* x, In* dx,
                                   int64_t e1, typename acc_type<In>::type* ds_sum,
                                   typename acc_type<In>::type* dz_sum) {
   using T = typename acc_type<In>::type;
+  constexpr int64_t kBlock = 512;
+  constexpr int kLanes = 16;
   const T qmin = static_cast<T>(qmin_i), qmax = static_cast<T>(qmax_i);
   const rng::Key key = rng::make_key(seed);
-  constexpr int W = 8;  // independent accumulators: lets the compiler vectorize the sums
-  for_each_run(L, e0, e1, [&](int64_t e, int64_t n, int64_t c, auto step) {
+  for_each_run(L, e0, e1, [&](int64_t e_run, int64_t n_run, int64_t c_run, auto step) {
     constexpr int S = decltype(step)::value;
-    T ds_acc[W] = {}, dz_acc[W] = {};
-    auto one = [&](int64_t j, int lane) {
-      const T s = scale[c + S * j];
-      const T z = quant::effective_zero_point(zero_point[c + S * j], qmin, qmax);
-      const T xv = static_cast<T>(to_float(x[e + j]));
-      const T code = make_code<STOCHASTIC>(xv, T(1) / s, z,
-                                           rounding_noise<STOCHASTIC, T>(key, e + j));
-      const auto g = quant::fake_quant_grad(static_cast<T>(to_float(dy[e + j])), xv, code, z, s,
-                                            T(1) / s, qmin, qmax);
-      dx[e + j] = store_as<In>(g.dx);
+    T ds_acc[kLanes] = {}, dz_acc[kLanes] = {};
+    for (int64_t b = 0; b < n_run; b += kBlock) {
+      const int64_t e = e_run + b, c = c_run + S * b, n = std::min(kBlock, n_run - b);
+      T ds_buf[kBlock], dz_buf[kBlock];
+      const In* __restrict xp = x + e;
+      const In* __restrict gp = dy + e;
+      In* __restrict dxp = dx + e;
+      for (int64_t j = 0; j < n; ++j) {
+        const T s = scale[c + S * j];
+        const T z = quant::effective_zero_point(zero_point[c + S * j], qmin, qmax);
+        const T xv = static_cast<T>(to_float(xp[j]));
+        const T code = make_code<STOCHASTIC>(xv, T(1) / s, z,
+                                             rounding_noise<STOCHASTIC, T>(key, e + j));
+        const auto g = quant::fake_quant_grad(static_cast<T>(to_float(gp[j])), xv, code, z, s,
+                                              T(1) / s, qmin, qmax);
+        dxp[j] = store_as<In>(g.dx);
+        ds_buf[j] = g.dscale;
+        dz_buf[j] = g.dzero_point;
+      }
       if constexpr (NEED_SZ) {
         if constexpr (S == 1) {
-          ds_sum[c + j] += g.dscale;
-          dz_sum[c + j] += g.dzero_point;
+          for (int64_t j = 0; j < n; ++j) {
+            ds_sum[c + j] += ds_buf[j];
+            dz_sum[c + j] += dz_buf[j];
+          }
         } else {
-          ds_acc[lane] += g.dscale;
-          dz_acc[lane] += g.dzero_point;
+          int64_t j = 0;
+          for (; j + kLanes <= n; j += kLanes) {
+            for (int k = 0; k < kLanes; ++k) {
+              ds_acc[k] += ds_buf[j + k];
+              dz_acc[k] += dz_buf[j + k];
+            }
+          }
+          for (; j < n; ++j) {
+            ds_acc[0] += ds_buf[j];
+            dz_acc[0] += dz_buf[j];
+          }
         }
       }
-    };
-    int64_t j = 0;
-    for (; j + W <= n; j += W) {
-      for (int k = 0; k < W; ++k) one(j + k, k);
     }
-    for (; j < n; ++j) one(j, 0);
     if constexpr (NEED_SZ && S == 0) {
       T ds = 0, dz = 0;
-      for (int k = 0; k < W; ++k) {
+      for (int k = 0; k < kLanes; ++k) {
         ds += ds_acc[k];
         dz += dz_acc[k];
       }
-      ds_sum[c] += ds;
-      dz_sum[c] += dz;
+      ds_sum[c_run] += ds;
+      dz_sum[c_run] += dz;
     }
   });
 }
 
 // Codes q = clamp(code(x)) on [e0, e1), one per element (Out = int8_t or uint8_t).
+// q points at the code of element e0 (so a caller can fill a small buffer).
 template <typename In, typename Out>
 void quantize_range(const In* x, Out* q, const typename acc_type<In>::type* scale,
                     const typename acc_type<In>::type* zero_point, QuantLayout L, int32_t qmin_i,
@@ -148,18 +168,20 @@ void quantize_range(const In* x, Out* q, const typename acc_type<In>::type* scal
   const T qmin = static_cast<T>(qmin_i), qmax = static_cast<T>(qmax_i);
   for_each_run(L, e0, e1, [&](int64_t e, int64_t n, int64_t c, auto step) {
     constexpr int S = decltype(step)::value;
+    const In* __restrict xp = x + e;
+    Out* __restrict qp = q + (e - e0);
     for (int64_t j = 0; j < n; ++j) {
       const T s = scale[c + S * j];
       const T z = quant::effective_zero_point(zero_point[c + S * j], qmin, qmax);
-      const T code = quant::code_nearest(static_cast<T>(to_float(x[e + j])), T(1) / s, z);
+      const T code = quant::code_nearest(static_cast<T>(to_float(xp[j])), T(1) / s, z);
       // A NaN input has no code; it is stored as the zero point.
       const T qv = code == code ? quant::clamp(code, qmin, qmax) : z;
-      q[e + j] = static_cast<Out>(static_cast<int32_t>(qv));
+      qp[j] = static_cast<Out>(static_cast<int32_t>(qv));
     }
   });
 }
 
-// y = (q - z) * s on [e0, e1), one code per element.
+// y = (q - z) * s on [e0, e1); q points at the code of element e0, y is indexed by element.
 template <typename Code, typename Out>
 void dequantize_range(const Code* q, Out* y, const typename acc_type<Out>::type* scale,
                       const typename acc_type<Out>::type* zero_point, QuantLayout L,
@@ -168,36 +190,36 @@ void dequantize_range(const Code* q, Out* y, const typename acc_type<Out>::type*
   const T qmin = static_cast<T>(qmin_i), qmax = static_cast<T>(qmax_i);
   for_each_run(L, e0, e1, [&](int64_t e, int64_t n, int64_t c, auto step) {
     constexpr int S = decltype(step)::value;
+    const Code* __restrict qp = q + (e - e0);
+    Out* __restrict yp = y + e;
     for (int64_t j = 0; j < n; ++j) {
       const T z = quant::effective_zero_point(zero_point[c + S * j], qmin, qmax);
-      y[e + j] = store_as<Out>(quant::mul_rn(static_cast<T>(q[e + j]) - z, scale[c + S * j]));
+      yp[j] = store_as<Out>(quant::mul_rn(static_cast<T>(qp[j]) - z, scale[c + S * j]));
     }
   });
 }
 
 // Packed codes (bits <= 4): rows [r0, r1) of a [rows, last_dim] tensor, two codes per byte
-// (packed row length (last_dim + 1) / 2; an odd row ends in a half-used byte whose high nibble is 0).
+// (packed row length (last_dim + 1) / 2; an odd row ends in a half-used byte whose high nibble
+// is 0). Codes are made chunk by chunk in a stack buffer by the vectorized quantize_range, then
+// paired; chunks start at even columns, so pairs never straddle two chunks.
+constexpr int64_t kPackChunk = 1024;
+
 template <typename In>
 void quantize_packed_rows(const In* x, uint8_t* q, const typename acc_type<In>::type* scale,
                           const typename acc_type<In>::type* zero_point, QuantLayout L,
                           int32_t qmin_i, int32_t qmax_i, int64_t last_dim, int64_t r0,
                           int64_t r1) {
-  using T = typename acc_type<In>::type;
-  const T qmin = static_cast<T>(qmin_i), qmax = static_cast<T>(qmax_i);
   const int64_t packed = (last_dim + 1) / 2;
-  auto code_at = [&](int64_t e) -> int32_t {
-    const int64_t c = L.channel_of(e);
-    const T z = quant::effective_zero_point(zero_point[c], qmin, qmax);
-    const T code = quant::code_nearest(static_cast<T>(to_float(x[e])), T(1) / scale[c], z);
-    return static_cast<int32_t>(code == code ? quant::clamp(code, qmin, qmax) : z);
-  };
+  int8_t codes[kPackChunk + 1];
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t base = r * last_dim;
-    for (int64_t j = 0; j < packed; ++j) {
-      const int64_t l = 2 * j;
-      const int32_t lo = code_at(base + l);
-      const int32_t hi = l + 1 < last_dim ? code_at(base + l + 1) : 0;
-      q[r * packed + j] = quant::pack_nibbles(lo, hi);
+    for (int64_t l0 = 0; l0 < last_dim; l0 += kPackChunk) {
+      const int64_t m = std::min(kPackChunk, last_dim - l0);
+      const int64_t e0 = r * last_dim + l0;
+      quantize_range<In, int8_t>(x, codes, scale, zero_point, L, qmin_i, qmax_i, e0, e0 + m);
+      codes[m] = 0;  // the missing high nibble of an odd row
+      uint8_t* __restrict out = q + r * packed + l0 / 2;
+      for (int64_t j = 0; j < (m + 1) / 2; ++j) out[j] = quant::pack_nibbles(codes[2 * j], codes[2 * j + 1]);
     }
   }
 }
@@ -207,17 +229,19 @@ void dequantize_packed_rows(const uint8_t* q, Out* y, const typename acc_type<Ou
                             const typename acc_type<Out>::type* zero_point, QuantLayout L,
                             int32_t qmin_i, int32_t qmax_i, int64_t last_dim, int64_t r0,
                             int64_t r1) {
-  using T = typename acc_type<Out>::type;
-  const T qmin = static_cast<T>(qmin_i), qmax = static_cast<T>(qmax_i);
   const bool is_signed = qmin_i < 0;
   const int64_t packed = (last_dim + 1) / 2;
+  int8_t codes[kPackChunk + 1];
   for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t l = 0; l < last_dim; ++l) {
-      const int64_t e = r * last_dim + l;
-      const int64_t c = L.channel_of(e);
-      const T z = quant::effective_zero_point(zero_point[c], qmin, qmax);
-      const int32_t code = quant::unpack_nibble(q[r * packed + l / 2], static_cast<int>(l & 1), is_signed);
-      y[e] = store_as<Out>(quant::mul_rn(static_cast<T>(code) - z, scale[c]));
+    for (int64_t l0 = 0; l0 < last_dim; l0 += kPackChunk) {
+      const int64_t m = std::min(kPackChunk, last_dim - l0);
+      const uint8_t* __restrict in = q + r * packed + l0 / 2;
+      for (int64_t j = 0; j < (m + 1) / 2; ++j) {
+        codes[2 * j] = static_cast<int8_t>(quant::unpack_nibble(in[j], 0, is_signed));
+        codes[2 * j + 1] = static_cast<int8_t>(quant::unpack_nibble(in[j], 1, is_signed));
+      }
+      const int64_t e0 = r * last_dim + l0;
+      dequantize_range<int8_t, Out>(codes, y, scale, zero_point, L, qmin_i, qmax_i, e0, e0 + m);
     }
   }
 }

@@ -101,6 +101,17 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, bits: int = 8, *, axis: Op
                                          float(grad_factor))
 
 
+def _channel_min_max(x: torch.Tensor, layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel min and max in one pass over x, with no temporary of x's size."""
+    o, c, i = layout
+    if i == 1:  # channels along the last dim: reduce over the rows
+        return torch.aminmax(x.reshape(o, c), dim=0)
+    lo, hi = torch.aminmax(x.reshape(o * c, i), dim=1)
+    if o == 1:
+        return lo, hi
+    return lo.reshape(o, c).amin(dim=0), hi.reshape(o, c).amax(dim=0)
+
+
 def _params_from_range(x: torch.Tensor, bits: int, axis, group_size, symmetric: bool):
     """Scale and zero point that map the range of x (per channel) onto the code range.
 
@@ -116,14 +127,14 @@ def _params_from_range(x: torch.Tensor, bits: int, axis, group_size, symmetric: 
     if x.numel() == 0:
         return (torch.ones(shape, dtype=math_dtype, device=x.device),
                 torch.zeros(shape, dtype=torch.int32, device=x.device))
-    x3 = x.detach().reshape(layout).to(math_dtype)
+    lo, hi = _channel_min_max(x.detach(), layout)
+    lo, hi = lo.to(math_dtype), hi.to(math_dtype)
     if symmetric:
-        amax = x3.abs().amax(dim=(0, 2))
+        amax = torch.maximum(-lo, hi)
         scale = (amax / qmax).clamp_min(tiny)
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
     else:
-        lo = x3.amin(dim=(0, 2)).clamp(max=0)
-        hi = x3.amax(dim=(0, 2)).clamp(min=0)
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = ((hi - lo) / (qmax - qmin)).clamp_min(tiny)
         zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(scale).all()):
