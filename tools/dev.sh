@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 VENV=${PYPAPER_VENV:-$ROOT/.venv}
-export PATH="$PATH:/usr/local/cuda/bin"   # nvcc, where the machine has one
+# nvcc where the machine has one; the venv's ninja and cmake-friendly tools first
+export PATH="$VENV/bin:$PATH:/usr/local/cuda/bin"
 
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then

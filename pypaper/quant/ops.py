@@ -104,6 +104,8 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, bits: int = 8, *, axis: Op
 def _channel_min_max(x: torch.Tensor, layout) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel min and max in one pass over x, with no temporary of x's size."""
     o, c, i = layout
+    if o * c == 1:  # per-tensor: the full reduction is parallel; a one-row dim reduction is not
+        return torch.aminmax(x)
     if i == 1:  # channels along the last dim: reduce over the rows
         return torch.aminmax(x.reshape(o, c), dim=0)
     lo, hi = torch.aminmax(x.reshape(o * c, i), dim=1)
