@@ -39,10 +39,11 @@ def want_cuda() -> bool:
 
 host_sources = [p for p in rel("csrc/**/*.cpp") if not p.endswith("_cuda.cpp")]
 cpu_arch = shlex.split(os.environ.get("PYPAPER_CPU_ARCH", "-march=native"))
+# The C++ standard is torch's (C++20 for torch 2.13), added by torch.utils.cpp_extension.
 # -ffp-contract=off: no fused multiply-add may change a rounding tie (kernels/common/quant_math.h).
 # -fno-trapping-math: lets the compiler if-convert and vectorize selects; pypaper never reads the
 # floating-point exception flags, and values, rounding and NaN handling are unchanged.
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", *cpu_arch]
+cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", *cpu_arch]
 define_macros = []
 ext_kwargs = {}
 
@@ -51,7 +52,7 @@ if want_cuda():
     sources = host_sources + rel("csrc/**/*_cuda.cpp") + rel("kernels/cuda/*.cu")
     define_macros += [("PYPAPER_WITH_CUDA", None), ("PYPAPER_CUDA_ARCHS", f'"{arch_list}"')]
     Extension = CUDAExtension
-    ext_kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--fmad=false"]}
+    ext_kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": ["-O3", "--fmad=false"]}
 else:
     sources = host_sources
     Extension = CppExtension

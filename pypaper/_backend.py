@@ -73,7 +73,7 @@ def native_reason(device: torch.device, name: str) -> Optional[str]:
     if name == "cuda":
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
-        if not _ext.build_info().get("cuda_kernels"):
+        if not _ext.CUDA_KERNELS:
             return "pypaper._C was built without CUDA kernels (torch without CUDA, or no nvcc)"
     return None
 

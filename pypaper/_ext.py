@@ -10,10 +10,12 @@ try:
 
     LOADED = True
     LOAD_ERROR = ""
+    CUDA_KERNELS = bool(_C.build_info()["cuda_kernels"])
 except ImportError as exc:  # not built, or built against another torch
     _C = None
     LOADED = False
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    CUDA_KERNELS = False
 
 _warned = False
 

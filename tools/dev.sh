@@ -20,9 +20,16 @@ setup() {
   fi
   # torch==2.13.0 is pinned: a plain "torch" would pull a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/dev.txt
-  echo "== building pypaper._C (ninja; --no-build-isolation keeps the installed torch)"
-  MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-    --no-build-isolation --no-deps -e .
+  # In place, so ninja rebuilds only what changed (build/); the jobs run from the repository
+  # root, where the package is importable. (`pip install --no-build-isolation -e .` works too
+  # but rebuilds everything in a temporary directory each time.)
+  echo "== building pypaper._C in place (ninja, incremental)"
+  mkdir -p build
+  if ! MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py build_ext --inplace >build/build_ext.log 2>&1; then
+    cat build/build_ext.log
+    echo "build failed (log above: build/build_ext.log)" >&2
+    exit 1
+  fi
   "$VENV/bin/python" -c "import pypaper, json; print(json.dumps(pypaper.build_info()))"
 }
 

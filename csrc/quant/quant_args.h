@@ -4,9 +4,11 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <tuple>
 
 #include "../../kernels/common/quant_layout.h"
 
@@ -93,6 +95,28 @@ inline int64_t seed_or_zero_cpu(const c10::optional<at::Tensor>& seed) {
   TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1,
               "seed must be an int64 tensor of one element");
   return *seed->data_ptr<int64_t>();
+}
+
+inline void check_pack(bool pack, int64_t qmin, int64_t qmax) {
+  TORCH_CHECK(!pack || (qmax - qmin) <= 15, "pack=True needs codes of at most 4 bits, got [",
+              qmin, ", ", qmax, "]");
+}
+
+// The backward's outputs from the fp64 per-channel sums gs, gz: times grad_factor, cast to the
+// parameters' dtypes (a float zero point keeps its own), zeros where no gradient was asked for.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_backward(
+    const at::Tensor& dx, const at::Tensor& x_in, at::Tensor gs, at::Tensor gz,
+    double grad_factor, const at::Tensor& scale, const at::Tensor& zero_point,
+    bool need_scale_grad, bool need_zero_point_grad) {
+  gs.mul_(grad_factor);
+  gz.mul_(grad_factor);
+  const auto zp_type = at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type()
+                                                                     : scale.scalar_type();
+  return {dx.view(x_in.sizes()),
+          need_scale_grad ? gs.to(scale.scalar_type()).view(scale.sizes())
+                          : at::zeros(scale.sizes(), scale.options()),
+          need_zero_point_grad ? gz.to(zp_type).view(zero_point.sizes())
+                               : at::zeros(zero_point.sizes(), scale.options().dtype(zp_type))};
 }
 
 }  // namespace quant

@@ -96,15 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cuda(
       need_sz ? gs.mutable_data_ptr<double>() : nullptr,
       need_sz ? gz.mutable_data_ptr<double>() : nullptr,
       c10::cuda::getCurrentCUDAStream().stream()));
-  gs.mul_(grad_factor);
-  gz.mul_(grad_factor);
-  const auto zp_type = at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type()
-                                                                     : scale.scalar_type();
-  return {dx.view(x_in.sizes()),
-          need_scale_grad ? gs.to(scale.scalar_type()).view(scale.sizes())
-                          : at::zeros(scale.sizes(), scale.options()),
-          need_zero_point_grad ? gz.to(zp_type).view(zero_point.sizes())
-                               : at::zeros(zero_point.sizes(), scale.options().dtype(zp_type))};
+  return finish_backward(dx, x_in, gs, gz, grad_factor, scale, zero_point, need_scale_grad,
+                         need_zero_point_grad);
 }
 
 at::Tensor quantize_cuda(const at::Tensor& x_in, const at::Tensor& scale,
@@ -112,8 +105,7 @@ at::Tensor quantize_cuda(const at::Tensor& x_in, const at::Tensor& scale,
                          c10::optional<int64_t> axis, c10::optional<int64_t> group_size,
                          bool pack) {
   check_common(x_in, qmin, qmax);
-  TORCH_CHECK(!pack || (qmax - qmin) <= 15, "pack=True needs codes of at most 4 bits, got [",
-              qmin, ", ", qmax, "]");
+  check_pack(pack, qmin, qmax);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const QuantLayout L = layout_for(x, axis, group_size);
