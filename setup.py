@@ -50,7 +50,9 @@ ext_kwargs = {}
 if want_cuda():
     arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources = host_sources + rel("csrc/**/*_cuda.cpp") + rel("kernels/cuda/*.cu")
-    define_macros += [("PYPAPER_WITH_CUDA", None), ("PYPAPER_CUDA_ARCHS", f'"{arch_list}"')]
+    # A bare token (no quotes, no ';' that a shell would split on), stringized in csrc/module.cpp.
+    arch_token = "_".join(arch_list.replace(";", " ").split())
+    define_macros += [("PYPAPER_WITH_CUDA", None), ("PYPAPER_CUDA_ARCHS", arch_token)]
     Extension = CUDAExtension
     ext_kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": ["-O3", "--fmad=false"]}
 else:

@@ -11,6 +11,9 @@
 
 namespace py = pybind11;
 
+#define PYPAPER_STR_(x) #x
+#define PYPAPER_STR(x) PYPAPER_STR_(x)
+
 namespace {
 
 std::string compiler() {
@@ -58,7 +61,7 @@ py::dict build_info() {
   d["simd"] = simd_level();
 #if defined(PYPAPER_WITH_CUDA)
   d["cuda_kernels"] = true;
-  d["cuda_arch_list"] = std::string(PYPAPER_CUDA_ARCHS);
+  d["cuda_arch_list"] = std::string(PYPAPER_STR(PYPAPER_CUDA_ARCHS));  // e.g. "8.0_9.0"
 #else
   d["cuda_kernels"] = false;
   d["cuda_arch_list"] = std::string();
