@@ -15,11 +15,12 @@
 namespace pypaper {
 namespace quant {
 
+// Codes are stored as int8 (a signed range) or uint8 (an unsigned one): the range must fit.
 inline void check_range(int64_t qmin, int64_t qmax) {
   TORCH_CHECK(qmin < qmax, "quant_min (", qmin, ") must be below quant_max (", qmax, ")");
-  TORCH_CHECK(qmin >= -128 && qmax <= 255 && qmax - qmin <= 255,
-              "quant_min/quant_max must describe a code of at most 8 bits, got [", qmin, ", ",
-              qmax, "]");
+  TORCH_CHECK((qmin >= -128 && qmax <= 127) || (qmin >= 0 && qmax <= 255),
+              "quant_min/quant_max must fit int8 ([-128, 127]) or uint8 ([0, 255]), got [", qmin,
+              ", ", qmax, "]");
 }
 
 inline int64_t param_numel(const at::Tensor& x, c10::optional<int64_t> axis,
@@ -97,9 +98,11 @@ inline int64_t seed_or_zero_cpu(const c10::optional<at::Tensor>& seed) {
   return *seed->data_ptr<int64_t>();
 }
 
+// Packed codes are 4-bit nibbles: two's complement [-8, 7] or unsigned [0, 15].
 inline void check_pack(bool pack, int64_t qmin, int64_t qmax) {
-  TORCH_CHECK(!pack || (qmax - qmin) <= 15, "pack=True needs codes of at most 4 bits, got [",
-              qmin, ", ", qmax, "]");
+  TORCH_CHECK(!pack || (qmin >= -8 && qmax <= 7) || (qmin >= 0 && qmax <= 15),
+              "pack=True needs a 4-bit code range inside [-8, 7] or [0, 15], got [", qmin, ", ",
+              qmax, "]");
 }
 
 // The backward's outputs from the fp64 per-channel sums gs, gz: times grad_factor, cast to the

@@ -112,34 +112,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
       });
       return;
     }
-    // A fixed number of tasks, each with its own per-channel partial sums, summed in fp64 after.
+    // A fixed number of tasks, each with its own partial sums over the channels its element
+    // range touches, added up in fp64 after. With outer == 1 (per-tensor, group-wise, axis 0)
+    // a task's range covers consecutive channels only, so the buffers total about
+    // channels + tasks values instead of tasks * channels.
     const int64_t tasks =
         std::max<int64_t>(1, std::min<int64_t>((n + kGrain - 1) / kGrain,
                                                4 * static_cast<int64_t>(at::get_num_threads())));
     const int64_t chunk = (n + tasks - 1) / tasks;
-    std::vector<T> ds(static_cast<size_t>(tasks * L.channels), T(0));
-    std::vector<T> dz(static_cast<size_t>(tasks * L.channels), T(0));
+    std::vector<int64_t> c_lo(tasks, 0), offset(tasks + 1, 0);
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t b = std::min(n, t * chunk), e = std::min(n, b + chunk);
+      int64_t width = L.channels;
+      if (L.outer == 1) {
+        c_lo[t] = b / L.inner;
+        width = e > b ? (e - 1) / L.inner - c_lo[t] + 1 : 0;
+      }
+      offset[t + 1] = offset[t] + width;
+    }
+    std::vector<T> ds(static_cast<size_t>(offset[tasks]), T(0));
+    std::vector<T> dz(static_cast<size_t>(offset[tasks]), T(0));
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t * chunk, e = std::min(n, b + chunk);
+        const int64_t b = std::min(n, t * chunk), e = std::min(n, b + chunk);
         if (b >= e) continue;
-        T* dsp = ds.data() + t * L.channels;
-        T* dzp = dz.data() + t * L.channels;
+        T* dsp = ds.data() + offset[t];
+        T* dzp = dz.data() + offset[t];
         if (seed.has_value()) {
           cpu::fake_quantize_backward_range<In, true, true>(gp, xp, dxp, sp, zp, L, qmin, qmax,
-                                                            seed_v, b, e, dsp, dzp);
+                                                            seed_v, b, e, dsp, dzp, c_lo[t]);
         } else {
           cpu::fake_quantize_backward_range<In, false, true>(gp, xp, dxp, sp, zp, L, qmin, qmax,
-                                                             seed_v, b, e, dsp, dzp);
+                                                             seed_v, b, e, dsp, dzp, c_lo[t]);
         }
       }
     });
     double* gsp = gs.data_ptr<double>();
     double* gzp = gz.data_ptr<double>();
     for (int64_t t = 0; t < tasks; ++t) {
-      for (int64_t c = 0; c < L.channels; ++c) {
-        gsp[c] += static_cast<double>(ds[t * L.channels + c]);
-        gzp[c] += static_cast<double>(dz[t * L.channels + c]);
+      for (int64_t k = 0; k < offset[t + 1] - offset[t]; ++k) {
+        gsp[c_lo[t] + k] += static_cast<double>(ds[offset[t] + k]);
+        gzp[c_lo[t] + k] += static_cast<double>(dz[offset[t] + k]);
       }
     }
   });
@@ -176,7 +189,7 @@ at::Tensor quantize_cpu(const at::Tensor& x_in, const at::Tensor& scale,
                        [&](int64_t b, int64_t e) {
                          cpu::quantize_packed_rows<In>(xp, qp, sp, zp, L, qmin, qmax, last, b, e);
                        });
-      if (x.dim() == 0) q = q.view({});
+      if (x.dim() == 0) q = q.view(c10::IntArrayRef{});  // 0-dim x: 0-dim codes
     } else if (is_signed) {
       q = at::empty(x.sizes(), x.options().dtype(at::kChar));
       int8_t* qp = q.data_ptr<int8_t>();
@@ -199,6 +212,7 @@ at::Tensor dequantize_cpu(const at::Tensor& data_in, const at::Tensor& scale,
                           c10::optional<int64_t> axis, c10::optional<int64_t> group_size,
                           bool packed, int64_t last_dim, at::ScalarType dtype) {
   check_range(qmin, qmax);
+  check_pack(packed, qmin, qmax);
   const at::Tensor data = data_in.contiguous();
   const bool is_signed = qmin < 0;
   const auto want = packed ? at::kByte : (is_signed ? at::kChar : at::kByte);

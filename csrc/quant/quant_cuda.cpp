@@ -123,7 +123,7 @@ at::Tensor quantize_cuda(const at::Tensor& x_in, const at::Tensor& scale,
         type, x.const_data_ptr(), q.mutable_data_ptr<uint8_t>(), p.scale.const_data_ptr(),
         p.zero_point.const_data_ptr(), L, static_cast<int32_t>(qmin), static_cast<int32_t>(qmax),
         last, stream));
-    if (x.dim() == 0) q = q.view({});
+    if (x.dim() == 0) q = q.view(c10::IntArrayRef{});  // 0-dim x: 0-dim codes
   } else {
     q = at::empty(x.sizes(), x.options().dtype(qmin < 0 ? at::kChar : at::kByte));
     C10_CUDA_CHECK(gpu::launch_quantize(type, x.const_data_ptr(), q.mutable_data_ptr(),
@@ -139,6 +139,7 @@ at::Tensor dequantize_cuda(const at::Tensor& data_in, const at::Tensor& scale,
                            c10::optional<int64_t> axis, c10::optional<int64_t> group_size,
                            bool packed, int64_t last_dim, at::ScalarType dtype) {
   check_range(qmin, qmax);
+  check_pack(packed, qmin, qmax);
   const c10::cuda::CUDAGuard guard(data_in.device());
   const at::Tensor data = data_in.contiguous();
   const bool is_signed = qmin < 0;

@@ -44,6 +44,32 @@ inline void for_each_run(const QuantLayout& L, int64_t e0, int64_t e1, F&& body)
   }
 }
 
+// s, 1/s and the effective zero point of channel c. In a constant-channel run (S == 0) the loops
+// take them once before the loop: the compiler cannot hoist the loads itself, since the output
+// might alias the scales.
+template <typename T>
+struct ChannelParams {
+  T s, inv, z;
+};
+
+template <typename T>
+inline ChannelParams<T> channel_params(const T* scale, const T* zero_point, int64_t c, T qmin,
+                                       T qmax) {
+  const T s = scale[c];
+  return ChannelParams<T>{s, T(1) / s, quant::effective_zero_point(zero_point[c], qmin, qmax)};
+}
+
+// Parameters of element j of a run starting at channel c: hoisted p0 when S == 0.
+template <int S, typename T>
+inline ChannelParams<T> params_at(const ChannelParams<T>& p0, const T* scale, const T* zero_point,
+                                  int64_t c, int64_t j, T qmin, T qmax) {
+  if constexpr (S == 0) {
+    return p0;
+  } else {
+    return channel_params(scale, zero_point, c + j, qmin, qmax);
+  }
+}
+
 // Per-element uniform for stochastic rounding (unused when not STOCHASTIC).
 template <bool STOCHASTIC, typename T>
 inline T rounding_noise(rng::Key key, int64_t e) {
@@ -75,20 +101,19 @@ void fake_quantize_range(const In* x, In* y, const typename acc_type<In>::type* 
     constexpr int S = decltype(step)::value;
     const In* __restrict xp = x + e;
     In* __restrict yp = y + e;
-    const T* sp = scale + c;
-    const T* zp = zero_point + c;
+    const auto p0 = channel_params(scale, zero_point, c, qmin, qmax);
     for (int64_t j = 0; j < n; ++j) {
-      const T s = sp[S * j];
-      const T z = quant::effective_zero_point(zp[S * j], qmin, qmax);
-      const T code = make_code<STOCHASTIC>(static_cast<T>(to_float(xp[j])), T(1) / s, z,
+      const auto p = params_at<S>(p0, scale, zero_point, c, j, qmin, qmax);
+      const T code = make_code<STOCHASTIC>(static_cast<T>(to_float(xp[j])), p.inv, p.z,
                                            rounding_noise<STOCHASTIC, T>(key, e + j));
-      yp[j] = store_as<In>(quant::fake_quant_value(code, z, s, qmin, qmax));
+      yp[j] = store_as<In>(quant::fake_quant_value(code, p.z, p.s, qmin, qmax));
     }
   });
 }
 
 // dx on [e0, e1) and, when NEED_SZ, the per-channel sums of the scale and zero-point gradients
-// added into ds_sum[c], dz_sum[c] (the caller's buffers, one pair per task).
+// added into ds_sum[c - c_base], dz_sum[c - c_base] (the caller's buffers, one pair per task,
+// covering the channels the task's range touches from c_base on).
 // Runs are cut into blocks of kBlock elements: the per-element terms go to a stack buffer in a
 // loop without a reduction (which the compiler vectorizes), then the buffer is summed with
 // kLanes independent accumulators (which it also vectorizes, unlike one serial float sum).
@@ -98,7 +123,7 @@ void fake_quantize_backward_range(const In* dy, const In* x, In* dx,
                                   const typename acc_type<In>::type* zero_point, QuantLayout L,
                                   int32_t qmin_i, int32_t qmax_i, int64_t seed, int64_t e0,
                                   int64_t e1, typename acc_type<In>::type* ds_sum,
-                                  typename acc_type<In>::type* dz_sum) {
+                                  typename acc_type<In>::type* dz_sum, int64_t c_base = 0) {
   using T = typename acc_type<In>::type;
   constexpr int64_t kBlock = 512;
   constexpr int kLanes = 16;
@@ -113,14 +138,14 @@ void fake_quantize_backward_range(const In* dy, const In* x, In* dx,
       const In* __restrict xp = x + e;
       const In* __restrict gp = dy + e;
       In* __restrict dxp = dx + e;
+      const auto p0 = channel_params(scale, zero_point, c, qmin, qmax);
       for (int64_t j = 0; j < n; ++j) {
-        const T s = scale[c + S * j];
-        const T z = quant::effective_zero_point(zero_point[c + S * j], qmin, qmax);
+        const auto p = params_at<S>(p0, scale, zero_point, c, j, qmin, qmax);
         const T xv = static_cast<T>(to_float(xp[j]));
-        const T code = make_code<STOCHASTIC>(xv, T(1) / s, z,
+        const T code = make_code<STOCHASTIC>(xv, p.inv, p.z,
                                              rounding_noise<STOCHASTIC, T>(key, e + j));
-        const auto g = quant::fake_quant_grad(static_cast<T>(to_float(gp[j])), xv, code, z, s,
-                                              T(1) / s, qmin, qmax);
+        const auto g = quant::fake_quant_grad(static_cast<T>(to_float(gp[j])), xv, code, p.z,
+                                              p.s, p.inv, qmin, qmax);
         dxp[j] = store_as<In>(g.dx);
         ds_buf[j] = g.dscale;
         dz_buf[j] = g.dzero_point;
@@ -128,8 +153,8 @@ void fake_quantize_backward_range(const In* dy, const In* x, In* dx,
       if constexpr (NEED_SZ) {
         if constexpr (S == 1) {
           for (int64_t j = 0; j < n; ++j) {
-            ds_sum[c + j] += ds_buf[j];
-            dz_sum[c + j] += dz_buf[j];
+            ds_sum[c - c_base + j] += ds_buf[j];
+            dz_sum[c - c_base + j] += dz_buf[j];
           }
         } else {
           int64_t j = 0;
@@ -152,8 +177,8 @@ void fake_quantize_backward_range(const In* dy, const In* x, In* dx,
         ds += ds_acc[k];
         dz += dz_acc[k];
       }
-      ds_sum[c_run] += ds;
-      dz_sum[c_run] += dz;
+      ds_sum[c_run - c_base] += ds;
+      dz_sum[c_run - c_base] += dz;
     }
   });
 }
@@ -170,12 +195,12 @@ void quantize_range(const In* x, Out* q, const typename acc_type<In>::type* scal
     constexpr int S = decltype(step)::value;
     const In* __restrict xp = x + e;
     Out* __restrict qp = q + (e - e0);
+    const auto p0 = channel_params(scale, zero_point, c, qmin, qmax);
     for (int64_t j = 0; j < n; ++j) {
-      const T s = scale[c + S * j];
-      const T z = quant::effective_zero_point(zero_point[c + S * j], qmin, qmax);
-      const T code = quant::code_nearest(static_cast<T>(to_float(xp[j])), T(1) / s, z);
+      const auto p = params_at<S>(p0, scale, zero_point, c, j, qmin, qmax);
+      const T code = quant::code_nearest(static_cast<T>(to_float(xp[j])), p.inv, p.z);
       // A NaN input has no code; it is stored as the zero point.
-      const T qv = code == code ? quant::clamp(code, qmin, qmax) : z;
+      const T qv = code == code ? quant::clamp(code, qmin, qmax) : p.z;
       qp[j] = static_cast<Out>(static_cast<int32_t>(qv));
     }
   });
@@ -192,9 +217,10 @@ void dequantize_range(const Code* q, Out* y, const typename acc_type<Out>::type*
     constexpr int S = decltype(step)::value;
     const Code* __restrict qp = q + (e - e0);
     Out* __restrict yp = y + e;
+    const auto p0 = channel_params(scale, zero_point, c, qmin, qmax);
     for (int64_t j = 0; j < n; ++j) {
-      const T z = quant::effective_zero_point(zero_point[c + S * j], qmin, qmax);
-      yp[j] = store_as<Out>(quant::mul_rn(static_cast<T>(qp[j]) - z, scale[c + S * j]));
+      const auto p = params_at<S>(p0, scale, zero_point, c, j, qmin, qmax);
+      yp[j] = store_as<Out>(quant::mul_rn(static_cast<T>(qp[j]) - p.z, p.s));
     }
   });
 }

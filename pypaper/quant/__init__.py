@@ -17,9 +17,7 @@ from .qtensor import QuantizedTensor
 if _ext.LOADED:
     _registration.register_native()
 
-from . import triton_kernels as _triton_kernels  # imports without triton; defines no ops then
-
-if _triton_kernels.HAVE_TRITON:
-    _registration.register_triton()
+# The Triton twins (pypaper/quant/triton_kernels.py) load on first use: importing triton takes
+# seconds, and on a CPU-only machine they can only run under TRITON_INTERPRET=1.
 
 __all__ = ["QuantizedTensor", "backend_for", "dequantize", "fake_quantize", "quantize", "reference"]

@@ -95,6 +95,17 @@ def _dq_backward(ctx, grad):
     return None, gs, gz, None, None, None, None, None, None, None
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "pypaper.quant.fake_quantize has no double backward (its gradients are the "
+        "straight-through / LSQ surrogates); do not differentiate through its gradient "
+        "(create_graph=True)")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
 def register_native() -> None:
     """Fake kernels and autograd of the C++/CUDA ops in torch.ops.pypaper."""
     lib = torch.ops.pypaper
@@ -106,10 +117,28 @@ def register_native() -> None:
                                     _make_fq_backward(lib.fake_quantize_backward),
                                     setup_context=_fq_setup)
     torch.library.register_autograd("pypaper::dequantize", _dq_backward, setup_context=_dq_setup)
+    torch.library.register_autograd("pypaper::fake_quantize_backward", _no_double_backward,
+                                    setup_context=_setup_nothing)
 
 
-def register_triton() -> None:
-    """Autograd of the Triton twin (its fake kernel comes from tracing the triton_op itself)."""
-    torch.library.register_autograd("pypaper::fake_quantize_triton",
-                                    _make_fq_backward(torch.ops.pypaper.fake_quantize_backward_triton),
-                                    setup_context=_fq_setup)
+_triton_module = None
+
+
+def load_triton():
+    """Imports pypaper/quant/triton_kernels.py once (defining its triton_ops when triton is
+    installed) and registers their autograd; returns the module."""
+    global _triton_module
+    if _triton_module is None:
+        from . import triton_kernels
+
+        if triton_kernels.HAVE_TRITON:
+            ops = torch.ops.pypaper
+            torch.library.register_autograd(
+                "pypaper::fake_quantize_triton", _make_fq_backward(ops.fake_quantize_backward_triton),
+                setup_context=_fq_setup)
+            torch.library.register_autograd("pypaper::dequantize_triton", _dq_backward,
+                                            setup_context=_dq_setup)
+            torch.library.register_autograd("pypaper::fake_quantize_backward_triton",
+                                            _no_double_backward, setup_context=_setup_nothing)
+        _triton_module = triton_kernels
+    return _triton_module

@@ -46,11 +46,23 @@ def check_float_input(x: torch.Tensor, name: str = "x") -> None:
         )
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def normalize_axis(axis: Optional[int], group_size: Optional[int], ndim: int) -> Optional[int]:
+    """Checks axis / group_size against a tensor of ``ndim`` dims; returns axis in [0, ndim)."""
     if axis is not None and group_size is not None:
         raise ValueError("axis and group_size are exclusive: pass one of them (or neither, per-tensor)")
+    if group_size is not None:
+        if not _is_int(group_size) or group_size <= 0:
+            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+        if ndim == 0:
+            raise ValueError("group_size needs x with at least one dim (groups run along the last dim)")
     if axis is None:
         return None
+    if not _is_int(axis):
+        raise ValueError(f"axis must be an integer, got {axis!r}")
     if not -ndim <= axis < max(ndim, 1) or ndim == 0:
         raise ValueError(f"axis {axis} is out of range for a tensor of {ndim} dims")
     return axis % ndim
@@ -60,7 +72,7 @@ def layout_of(shape: Sequence[int], axis: Optional[int], group_size: Optional[in
     """The [outer, channels, inner] view of a tensor of ``shape`` (axis already normalized)."""
     numel = math.prod(shape)
     if group_size is not None:
-        if not isinstance(group_size, int) or group_size <= 0:
+        if not _is_int(group_size) or group_size <= 0:
             raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
         last = shape[-1] if len(shape) else 1
         if last % group_size != 0:
@@ -106,7 +118,16 @@ def check_params(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                 + f" quantization of x with shape {tuple(x.shape)}"
             )
     if not torch.compiler.is_compiling() and scale.numel() and scale.device.type != "meta":
-        # One small reduction over the scales (not over x): catches scale <= 0, NaN and inf.
-        bad = ~(scale > 0) | ~torch.isfinite(scale)
+        # One small reduction over the scales (not over x), in the kernels' math dtype: a scale
+        # <= 0, NaN, inf, or too small for 1/s to be finite there (a subnormal, or an fp64 scale
+        # that underflows in fp32) would give NaN or zeros silently. On CUDA this reads one bool
+        # back from the device per call.
+        math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        s = scale.detach().to(math_dtype)
+        tiny = torch.finfo(math_dtype).tiny
+        bad = ~(s >= tiny) | ~torch.isfinite(s)
         if bool(bad.any()):
-            raise ValueError("scale must be positive and finite (got a value <= 0, NaN or inf)")
+            raise ValueError(
+                f"scale must be positive, finite and at least {tiny:.3g} (the smallest normal "
+                f"{str(math_dtype).replace('torch.', '')}, the kernels' math type); got a value "
+                "outside that (<= 0, NaN, inf, subnormal, or out of range after conversion)")

@@ -9,6 +9,7 @@ Triton (no GPU timing has been taken yet to rank them; bench/quant.py does it on
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -23,8 +24,13 @@ _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "refer
 
 
 def _triton_reason(device: torch.device) -> Optional[str]:
-    from . import triton_kernels
+    """Why the Triton ops cannot run on ``device`` (None if they can). Imports triton (seconds)
+    only when it could run: on CUDA, or on CPU under TRITON_INTERPRET=1."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    from . import _registration
 
+    triton_kernels = _registration.load_triton()
     ok, why = triton_kernels.triton_available(device)
     return None if ok else why
 
@@ -54,10 +60,14 @@ def _draw_seed(device: torch.device, generator: Optional[torch.Generator]) -> to
     return seed.to(device)
 
 
-def _as_tensor(v, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _as_tensor(v, like: torch.Tensor, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    """A Python number as a tensor of ``shape`` on x's device (a float keeps its fraction:
+    a float zero point is rounded by the kernels, not truncated here)."""
     if isinstance(v, torch.Tensor):
         return v
-    return torch.tensor(v, dtype=dtype, device=like.device)
+    if isinstance(v, float) and not dtype.is_floating_point:
+        dtype = torch.float32
+    return torch.full(shape, v, dtype=dtype, device=like.device)
 
 
 def fake_quantize(x: torch.Tensor, scale, zero_point, bits: int = 8, *, axis: Optional[int] = None,
@@ -74,8 +84,8 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, bits: int = 8, *, axis: Op
     Args:
         x: float32, bfloat16, float16 or float64 tensor; math runs in fp32 (fp64 for fp64).
         scale: positive float tensor, shape () per-tensor, [x.shape[axis]] per-channel,
-            [*x.shape[:-1], x.shape[-1] // group_size] group-wise. A Python float is accepted
-            per-tensor.
+            [*x.shape[:-1], x.shape[-1] // group_size] group-wise; a Python number stands for
+            that shape filled with it.
         zero_point: int or float tensor (or number) of scale's shape; float zero points are
             rounded and clamped to the code range (torch's rule), gradients flow through.
         bits: 2..8. ``symmetric``: signed codes [-2^(b-1), 2^(b-1)-1], else [0, 2^b-1].
@@ -88,8 +98,9 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, bits: int = 8, *, axis: Op
     axis = normalize_axis(axis, group_size, x.dim())
     layout_of(x.shape, axis, group_size)
     math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scale = _as_tensor(scale, x, math_dtype)
-    zero_point = _as_tensor(zero_point, x, torch.int32)
+    pshape = param_shape(x.shape, axis, group_size)
+    scale = _as_tensor(scale, x, math_dtype, pshape)
+    zero_point = _as_tensor(zero_point, x, torch.int32, pshape)
     check_params(x, scale, zero_point, axis, group_size)
     qmin, qmax = quant_range(bits, symmetric)
     seed = _draw_seed(x.device, generator) if stochastic else None
@@ -102,7 +113,8 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, bits: int = 8, *, axis: Op
 
 
 def _channel_min_max(x: torch.Tensor, layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel min and max in one pass over x, with no temporary of x's size."""
+    """Per-channel min and max in one pass over x (no temporary of x's size when x is
+    contiguous; a non-contiguous x is copied once by reshape)."""
     o, c, i = layout
     if o * c == 1:  # per-tensor: the full reduction is parallel; a one-row dim reduction is not
         return torch.aminmax(x)
@@ -182,8 +194,8 @@ def dequantize(q: QuantizedTensor, dtype: Optional[torch.dtype] = None) -> torch
     if backend == "reference":
         codes = q.data
         if q.packed:
-            codes = reference.unpack_nibbles(q.data.reshape(-1, q.data.shape[-1] if q.data.dim() else 1),
-                                             last, q.symmetric).reshape(q.shape)
+            data = q.data if q.data.dim() else q.data.reshape(1)
+            codes = reference.unpack_nibbles(data, last, q.symmetric).reshape(q.shape)
         return reference.dequantize_codes(codes, q.scale, q.zero_point, q.quant_min, q.quant_max,
                                           q.axis, q.group_size, dtype)
     data = q.data if q.data.dim() else q.data.reshape(1)

@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from .layout import quant_range
+
 
 @dataclass
 class QuantizedTensor:
@@ -35,11 +37,11 @@ class QuantizedTensor:
 
     @property
     def quant_min(self) -> int:
-        return -(1 << (self.bits - 1)) if self.symmetric else 0
+        return quant_range(self.bits, self.symmetric)[0]
 
     @property
     def quant_max(self) -> int:
-        return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
+        return quant_range(self.bits, self.symmetric)[1]
 
     def dequantize(self) -> torch.Tensor:
         from .ops import dequantize

@@ -102,7 +102,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     if grad_factor != 1.0:
         s3 = s3.detach() + (s3 - s3.detach()) * grad_factor
         zp3 = zp3.detach() + (zp3 - zp3.detach()) * grad_factor
-    z3 = torch.clamp(zp3 + (torch.round(zp3) - zp3).detach(), qmin, qmax)
+    # z = clamp(round(zp)) in value; its gradient passes straight through both the rounding
+    # and the clamp, as in torch's learnable fake-quant (and the kernels): dz = -dy*s outside.
+    z3 = torch.clamp(torch.round(zp3), qmin, qmax).detach() + (zp3 - zp3.detach())
     # ±inf would make round(v) - v NaN: clamp far outside every code range first (the clip
     # below saturates there anyway, so values and gradients are unchanged).
     v = torch.clamp(x3 * (1.0 / s3), -2.0**24, 2.0**24)

@@ -166,8 +166,16 @@ def _check_float(dtype: torch.dtype, name: str) -> None:
 def _check_range(qmin: int, qmax: int) -> None:
     if not qmin < qmax:
         raise ValueError(f"quant_min ({qmin}) must be below quant_max ({qmax})")
-    if qmin < -128 or qmax > 255 or qmax - qmin > 255:
-        raise ValueError("quant_min/quant_max must describe a code of at most 8 bits, "
+    # codes are stored as int8 (signed range) or uint8: the range must fit (as in quant_args.h)
+    if not ((qmin >= -128 and qmax <= 127) or (qmin >= 0 and qmax <= 255)):
+        raise ValueError("quant_min/quant_max must fit int8 ([-128, 127]) or uint8 ([0, 255]), "
+                         f"got [{qmin}, {qmax}]")
+
+
+def _check_pack(pack: bool, qmin: int, qmax: int) -> None:
+    """Packed codes are 4-bit nibbles: two's complement [-8, 7] or unsigned [0, 15]."""
+    if pack and not ((qmin >= -8 and qmax <= 7) or (qmin >= 0 and qmax <= 15)):
+        raise ValueError("pack=True needs a 4-bit code range inside [-8, 7] or [0, 15], "
                          f"got [{qmin}, {qmax}]")
 
 
@@ -631,9 +639,7 @@ if triton is not None:
         _check_device("quantize_triton", x)
         _check_float(x.dtype, "x")
         _check_range(quant_min, quant_max)
-        if pack and quant_max - quant_min > 15:
-            raise ValueError("pack=True needs codes of at most 4 bits, "
-                             f"got [{quant_min}, {quant_max}]")
+        _check_pack(pack, quant_min, quant_max)
         x = x.contiguous()
         outer, channels, inner = _layout(x.shape, axis, group_size)
         s, inv, z = _params(x.device, scale, zero_point, channels, _math_dtype(x.dtype),
@@ -669,6 +675,7 @@ if triton is not None:
         """y = (q - z) * s in ``dtype`` from int8/uint8 codes, or uint8 packed nibbles."""
         _check_device("dequantize_triton", data)
         _check_range(quant_min, quant_max)
+        _check_pack(packed, quant_min, quant_max)
         _check_float(dtype, "dtype")
         signed = quant_min < 0
         want = torch.uint8 if packed or not signed else torch.int8

@@ -423,7 +423,7 @@ def test_bad_inputs_raise():
         ops.quantize_triton(x, s, zp, -8, 7, 2)
     with pytest.raises(ValueError, match="seed must be an int64"):
         ops.fake_quantize_triton(x, s, zp, -8, 7, seed=torch.tensor([1.0], device=DEVICE))
-    with pytest.raises(ValueError, match="pack=True needs codes of at most 4 bits"):
+    with pytest.raises(ValueError, match="pack=True needs a 4-bit code range"):
         ops.quantize_triton(x, s, zp, -128, 127, None, None, True)
     with pytest.raises(TypeError, match="data must be torch.int8"):
         ops.dequantize_triton(x, s, zp, -8, 7, None, None, False, 6, torch.float32)
