@@ -25,8 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where CSV rows are appended and plots written (default bench/results)")
     p.add_argument("--numel", type=int, help="elements per tensor (default 16M)")
     p.add_argument("--repeats", type=int, help="timed calls per provider (default 5 / 20)")
-    p.add_argument("--budget", type=float, default=2.0,
-                   help="seconds after which a slow provider stops repeating (default 2)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds after which a slow provider stops repeating (default: 2 in "
+                        "quick mode, none in full mode: every provider runs all its repeats)")
     p.add_argument("--providers", help="comma-separated provider names to keep (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p.parse_args(argv)
@@ -47,7 +48,9 @@ def main(argv=None) -> int:
         print(f"--device {args.device}: no CUDA device here", file=sys.stderr)
         return 2
     timing = harness.Timing(repeats=args.repeats or (5 if args.quick else 20),
-                            warmup=1 if args.quick else 2, budget_s=args.budget)
+                            warmup=1 if args.quick else 2,
+                            budget_s=args.budget if args.budget is not None else
+                            (2.0 if args.quick else float("inf")))
     only = set(args.providers.split(",")) if args.providers else None
     limits = harness.measure_limits(args.device)
     failed = False

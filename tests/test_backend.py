@@ -97,3 +97,40 @@ def test_build_info():
     assert info["extension_loaded"] is True
     assert info["torch_version"] == torch.__version__.split("+")[0]
     assert pypaper._C.build_info()["simd"] == info["simd"]
+
+
+def test_import_does_not_load_triton_on_a_cpu_machine():
+    """Importing triton takes seconds; it is loaded only where Triton kernels could run."""
+    code = "import sys, pypaper; print('triton' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check; CUDA runs test_triton")
+def test_public_api_on_the_triton_backend_under_the_interpreter():
+    """fake_quantize with LSQ gradients and quantize/dequantize through use_backend('triton')
+    give what the C++ backend gives (TRITON_INTERPRET=1 is set by conftest)."""
+    from pypaper.quant import dequantize, quantize
+
+    x = torch.randn(6, 40) * 2
+    results = []
+    for backend in ("cpu", "triton"):
+        xx = x.clone().requires_grad_()
+        s = torch.full((40,), 0.05, requires_grad=True)
+        z = torch.full((40,), 3.0, requires_grad=True)
+        with pypaper.use_backend(backend):
+            y = fake_quantize(xx, s, z, 8, axis=1, symmetric=False)
+            y.sum().backward()
+            q = quantize(x, 4, group_size=8)
+            qs = q.scale.clone().requires_grad_()
+            q.scale = qs
+            d = dequantize(q)
+            d.sum().backward()
+        results.append((y.detach(), xx.grad, s.grad, z.grad, q.data, d.detach(), qs.grad))
+    a, b = results
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert torch.allclose(u.double(), v.double(), rtol=1e-5, atol=1e-5), i

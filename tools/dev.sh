@@ -46,6 +46,7 @@ ctest_build() {
 wheel() {
   echo "== wheel: build, then install into a fresh venv that has torch"
   rm -rf dist build-wheel-venv
+  trap 'rm -rf "$ROOT/build-wheel-venv"' EXIT
   "$VENV/bin/python" -m pip wheel -q --no-build-isolation --no-deps -w dist .
   "$PY" -m venv build-wheel-venv
   build-wheel-venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 numpy

@@ -119,7 +119,44 @@ static void test_cpu_loops_cover_all_layouts() {
   }
 }
 
+// Packed 4-bit codes of an odd last dim survive the round trip, chunk borders included.
+static void test_packed_rows_round_trip() {
+  const int64_t rows = 3, last = 2 * cpu::kPackChunk + 5;  // crosses chunk borders, odd
+  const quant::QuantLayout L{1, 1, rows * last};
+  std::vector<float> x(rows * last), y(rows * last);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = float(int(i % 16) - 8) * 0.25f;  // on the grid
+  const float s = 0.25f, z = 0.0f;
+  std::vector<uint8_t> q(rows * ((last + 1) / 2));
+  cpu::quantize_packed_rows<float>(x.data(), q.data(), &s, &z, L, -8, 7, last, 0, rows);
+  cpu::dequantize_packed_rows<float>(q.data(), y.data(), &s, &z, L, -8, 7, last, 0, rows);
+  bool same = true;
+  for (size_t i = 0; i < x.size(); ++i) same = same && x[i] == y[i];
+  EXPECT(same);
+  EXPECT((q[(last + 1) / 2 - 1] >> 4) == 0);  // the unused high nibble of an odd row
+}
+
+// Stochastic rounding in the CPU loop: unbiased on average, reproducible from the seed.
+static void test_stochastic_loop() {
+  const int64_t n = 1 << 16;
+  const quant::QuantLayout L{1, 1, n};
+  std::vector<float> x(n, 0.37f), a(n), b(n);
+  const float s = 0.1f, z = 0.0f;
+  cpu::fake_quantize_range<float, true>(x.data(), a.data(), &s, &z, L, -128, 127, 1234, 0, n);
+  cpu::fake_quantize_range<float, true>(x.data(), b.data(), &s, &z, L, -128, 127, 1234, 0, n);
+  double mean = 0;
+  bool same = true;
+  for (int64_t i = 0; i < n; ++i) {
+    mean += a[i];
+    same = same && a[i] == b[i];
+    EXPECT(a[i] == 3.0f * s || a[i] == 4.0f * s);
+  }
+  EXPECT(same);
+  EXPECT(std::fabs(mean / n - 0.37) < 0.002);
+}
+
 int main() {
+  test_packed_rows_round_trip();
+  test_stochastic_loop();
   test_rounding();
   test_fake_quant_value_and_grad();
   test_nibbles();

@@ -97,3 +97,30 @@ def test_direct_op_calls_are_checked_too():
     with pytest.raises(RuntimeError, match="data must be"):
         ops.dequantize(torch.zeros(4, dtype=torch.uint8), torch.ones(()), torch.zeros(()), -128,
                        127, None, None, False, 4, torch.float32)
+
+
+@pytest.mark.parametrize("scale", [1e-40, torch.tensor(1e-50, dtype=torch.float64),
+                                   torch.tensor(1e300, dtype=torch.float64)])
+def test_scales_that_break_in_the_math_dtype(scale):
+    """A subnormal fp32 scale, or an fp64 scale that under/overflows in fp32, would make 1/s
+    infinite in the kernels: rejected up front instead of answering NaN."""
+    s = scale if isinstance(scale, torch.Tensor) else torch.tensor(scale)
+    with pytest.raises(ValueError, match="scale must be positive, finite and at least"):
+        fake_quantize(torch.tensor([0.0, 1.0]), s, 0)
+
+
+def test_axis_and_group_size_types():
+    with pytest.raises(ValueError, match="axis must be an integer"):
+        quantize(torch.randn(4, 8), axis=1.0)
+    with pytest.raises(ValueError, match="group_size must be a positive integer"):
+        quantize(torch.randn(4, 8), 4, group_size=True)
+    with pytest.raises(ValueError, match="group_size needs x with at least one dim"):
+        quantize(torch.tensor(1.0), 4, group_size=1)
+
+
+def test_code_range_must_fit_its_storage():
+    ops = torch.ops.pypaper
+    with pytest.raises(RuntimeError, match="must fit int8"):
+        ops.quantize(torch.tensor([150.0, -50.0]), torch.tensor(1.0), torch.tensor(0), -100, 155)
+    with pytest.raises(RuntimeError, match="pack=True needs a 4-bit code range"):
+        ops.quantize(torch.randn(4), torch.tensor(1.0), torch.tensor(0), -2, 13, None, None, True)

@@ -120,10 +120,78 @@ def test_lsq_matches_torch_learnable_fake_quantize():
 
 def test_only_requested_grads_are_computed():
     x = torch.randn(100, requires_grad=True)
-    s = torch.tensor(0.05)
+    s = torch.tensor(0.05)  # not learnable
+    zp = torch.tensor(1.0, requires_grad=True)
+    fake_quantize(x, s, zp, 8, symmetric=False).sum().backward()
+    assert s.grad is None and x.grad is not None and zp.grad is not None
+    # the backward op returns zeros for gradients it was not asked for
+    g = torch.randn(100)
+    _, gs, gz = torch.ops.pypaper.fake_quantize_backward(g, x.detach() * 100, s, zp.detach(), 0,
+                                                         255, None, None, None, 1.0, False, False)
+    assert float(gs) == 0.0 and float(gz) == 0.0
+    _, gs, gz = torch.ops.pypaper.fake_quantize_backward(g, x.detach() * 100, s, zp.detach(), 0,
+                                                         255, None, None, None, 1.0, True, True)
+    assert float(gs) != 0.0 and float(gz) != 0.0
+
+
+@pytest.mark.parametrize("zp", [300.0, -5.0, 3.7])
+def test_zero_point_outside_the_range_matches_torch_learnable(zp):
+    """z = clamp(round(zp)); its LSQ+ gradient passes straight through round and clamp."""
+    x = torch.randn(2000) * 3
+    got = []
+    for which in ("cpu", "reference", "torch"):
+        xx = x.clone().requires_grad_()
+        s = torch.tensor([0.02], requires_grad=True)
+        z = torch.tensor([zp], requires_grad=True)
+        if which == "torch":
+            y = torch._fake_quantize_learnable_per_tensor_affine(xx, s, z, 0, 255, 1.0)
+        else:
+            with pypaper.use_backend(which):
+                y = fake_quantize(xx, s, z, 8, symmetric=False)
+        (y * torch.linspace(-1, 1, 2000)).sum().backward()
+        got.append((y.detach(), xx.grad, s.grad, z.grad))
+    for other in got[1:]:
+        assert torch.equal(got[0][0], other[0])
+        # the reference's autograd multiplies by s * (1/s): 1 to within an ulp
+        assert torch.allclose(got[0][1], other[1], rtol=2.5e-7, atol=0)
+        assert torch.allclose(got[0][2], other[2], rtol=1e-4, atol=1e-4)
+        assert torch.allclose(got[0][3], other[3], rtol=1e-4, atol=1e-4)
+
+
+def test_python_number_zero_point_is_rounded_not_truncated():
+    x = torch.tensor([-1.0, 0.0, 1.0])
+    a = fake_quantize(x, 0.1, 3.7, 8, symmetric=False)
+    b = fake_quantize(x, 0.1, torch.tensor(4), 8, symmetric=False)
+    assert torch.equal(a, b)
+    # a number stands for the whole parameter shape, per-channel too
+    x2 = torch.randn(4, 6)
+    assert torch.equal(fake_quantize(x2, 0.1, 2, 8, axis=1, symmetric=False),
+                       fake_quantize(x2, torch.full((6,), 0.1), torch.full((6,), 2), 8, axis=1,
+                                     symmetric=False))
+
+
+def test_double_backward_raises_a_clear_error():
+    x = torch.randn(10, requires_grad=True)
+    s = torch.tensor(0.1, requires_grad=True)
     y = fake_quantize(x, s, 0, 8)
-    y.sum().backward()
-    assert s.grad is None and x.grad is not None
+    (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("shape,group_size", [((64, 1024), 16), ((8, 8192), 1), ((3, 40000), 8)])
+def test_many_channels_and_task_boundaries(shape, group_size):
+    """Ranges big enough for several threads' tasks, whose borders cut through channels."""
+    x = torch.randn(shape) * 2
+    s, z = params_for(shape, None, group_size, symmetric=False)
+    g = torch.randn(shape)
+    got = torch.ops.pypaper.fake_quantize_backward(g, x, s, z, 0, 255, None, group_size, None,
+                                                   1.0, True, True)
+    want = reference.fake_quantize_backward(g, x, s, z, 0, 255, None, group_size)
+    assert torch.equal(got[0], want[0])
+    terms = operand_sum(g, x, s, None, group_size)
+    assert close_sum(got[1], want[1], terms, torch.float32)
+    assert close_sum(got[2], want[2], terms * s.double(), torch.float32)
 
 
 # --- opcheck / compile ------------------------------------------------------------------------
@@ -138,6 +206,8 @@ def _samples():
             yield (x, s, z, 0, 255, axis, gs, None, 1.0)
     x = torch.randn(9, 8, requires_grad=True)
     yield (x, torch.tensor(0.1), torch.tensor(0), -8, 7, None, None, torch.tensor([42]), 1.0)
+    yield (torch.tensor(0.7, requires_grad=True), torch.tensor(0.1), torch.tensor(0), -8, 7, None,
+           None, None, 1.0)
 
 
 @pytest.mark.parametrize("args", list(_samples()))

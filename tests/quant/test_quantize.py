@@ -81,9 +81,15 @@ def test_matches_torch_quantize_per_tensor():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_odd_and_empty_shapes(shape, bits):
     x = torch.randn(shape)
-    q = quantize(x, bits)
-    y = dequantize(q)
-    assert y.shape == x.shape
+    for backend in ("cpu", "reference"):
+        with pypaper.use_backend(backend):
+            q = quantize(x, bits)
+            y = dequantize(q)
+        want = list(shape)
+        if bits <= 4 and want:
+            want[-1] = (want[-1] + 1) // 2
+        assert tuple(q.data.shape) == tuple(want), backend
+        assert y.shape == x.shape
     if x.numel():
         assert (y - x).abs().max() <= q.scale / 2 + 1e-6
 
@@ -131,6 +137,8 @@ def _quant_samples():
         z = torch.zeros(10) if qmin < 0 else torch.full((10,), float(qmax // 2))
         yield (x, s, z, qmin, qmax, 1, None, pack)
     yield (torch.randn(4, 32), torch.rand(4, 2) + 0.1, torch.zeros(4, 2), -8, 7, None, 16, True)
+    for pack in (False, True):  # 0-dim x
+        yield (torch.tensor(-0.7), torch.tensor(0.1), torch.tensor(0), -8, 7, None, None, pack)
 
 
 @pytest.mark.parametrize("args", list(_quant_samples()))
@@ -138,15 +146,20 @@ def test_opcheck_quantize_and_dequantize(args):
     torch.library.opcheck(torch.ops.pypaper.quantize.default, args)
     x, s, z, qmin, qmax, axis, gs, pack = args
     data = torch.ops.pypaper.quantize(*args)
+    if x.dim() == 0:
+        data = data.reshape(1)  # dequantize takes codes with a last dim (dequantize() reshapes)
+    last = x.shape[-1] if x.dim() else 1
     for rg in (False, True):
         sd = s.clone().double().requires_grad_(rg)
         torch.library.opcheck(torch.ops.pypaper.dequantize.default,
-                              (data, sd, z, qmin, qmax, axis, gs, pack, x.shape[-1], torch.float64))
+                              (data, sd, z, qmin, qmax, axis, gs, pack, last, torch.float64))
 
 
-def test_torch_compile_fullgraph_round_trip():
+@pytest.mark.parametrize("shape,kw", [((16, 32), dict(group_size=8)), ((), {}),
+                                      ((5, 7), dict(axis=0, symmetric=False))])
+def test_torch_compile_fullgraph_round_trip(shape, kw):
     def f(x):
-        return dequantize(quantize(x, 4, group_size=8))
+        return dequantize(quantize(x, 4, **kw))
 
-    x = torch.randn(16, 32)
+    x = torch.randn(shape)
     assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
