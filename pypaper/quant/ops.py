@@ -91,7 +91,10 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, bits: int = 8, *, axis: Op
         bits: 2..8. ``symmetric``: signed codes [-2^(b-1), 2^(b-1)-1], else [0, 2^b-1].
         axis / group_size: per-channel axis, or groups of ``group_size`` along the last dim.
         stochastic: round x/s down or up with probability given by its fraction (unbiased:
-            E[y] = x inside the range); reproducible with ``generator``.
+            E[y] = x inside the range); reproducible with ``generator`` (or torch.manual_seed).
+            The uniforms come from a counter-based hash of (seed, element index), so the
+            backward recomputes them instead of storing anything. Under torch.compile pass no
+            generator (dynamo cannot trace one); seeding the default generator works there.
     """
     check_float_input(x)
     check_bits(bits)
