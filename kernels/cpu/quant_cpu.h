@@ -111,6 +111,31 @@ void fake_quantize_range(const In* x, In* y, const typename acc_type<In>::type* 
   });
 }
 
+// dx and the per-element scale / zero-point gradient terms of n elements starting at flat index
+// e, whose channel parameters start at scale[0] (S == 0: all of them use it; S == 1: element j
+// uses scale[j]). A plain function with restrict pointers, so the compiler vectorizes it.
+template <typename In, bool STOCHASTIC, int S>
+inline void backward_block(const In* __restrict dy, const In* __restrict x, In* __restrict dx,
+                           const typename acc_type<In>::type* __restrict scale,
+                           const typename acc_type<In>::type* __restrict zero_point,
+                           typename acc_type<In>::type qmin, typename acc_type<In>::type qmax,
+                           rng::Key key, int64_t e, int64_t n,
+                           typename acc_type<In>::type* __restrict ds_buf,
+                           typename acc_type<In>::type* __restrict dz_buf) {
+  using T = typename acc_type<In>::type;
+  const auto p0 = channel_params(scale, zero_point, 0, qmin, qmax);
+  for (int64_t j = 0; j < n; ++j) {
+    const auto p = params_at<S>(p0, scale, zero_point, 0, j, qmin, qmax);
+    const T xv = static_cast<T>(to_float(x[j]));
+    const T code = make_code<STOCHASTIC>(xv, p.inv, p.z, rounding_noise<STOCHASTIC, T>(key, e + j));
+    const auto g = quant::fake_quant_grad(static_cast<T>(to_float(dy[j])), xv, code, p.z, p.s,
+                                          p.inv, qmin, qmax);
+    dx[j] = store_as<In>(g.dx);
+    ds_buf[j] = g.dscale;
+    dz_buf[j] = g.dzero_point;
+  }
+}
+
 // dx on [e0, e1) and, when NEED_SZ, the per-channel sums of the scale and zero-point gradients
 // added into ds_sum[c - c_base], dz_sum[c - c_base] (the caller's buffers, one pair per task,
 // covering the channels the task's range touches from c_base on).
@@ -135,21 +160,8 @@ void fake_quantize_backward_range(const In* dy, const In* x, In* dx,
     for (int64_t b = 0; b < n_run; b += kBlock) {
       const int64_t e = e_run + b, c = c_run + S * b, n = std::min(kBlock, n_run - b);
       T ds_buf[kBlock], dz_buf[kBlock];
-      const In* __restrict xp = x + e;
-      const In* __restrict gp = dy + e;
-      In* __restrict dxp = dx + e;
-      const auto p0 = channel_params(scale, zero_point, c, qmin, qmax);
-      for (int64_t j = 0; j < n; ++j) {
-        const auto p = params_at<S>(p0, scale, zero_point, c, j, qmin, qmax);
-        const T xv = static_cast<T>(to_float(xp[j]));
-        const T code = make_code<STOCHASTIC>(xv, p.inv, p.z,
-                                             rounding_noise<STOCHASTIC, T>(key, e + j));
-        const auto g = quant::fake_quant_grad(static_cast<T>(to_float(gp[j])), xv, code, p.z,
-                                              p.s, p.inv, qmin, qmax);
-        dxp[j] = store_as<In>(g.dx);
-        ds_buf[j] = g.dscale;
-        dz_buf[j] = g.dzero_point;
-      }
+      backward_block<In, STOCHASTIC, S>(dy + e, x + e, dx + e, scale + c, zero_point + c, qmin,
+                                        qmax, key, e, n, ds_buf, dz_buf);
       if constexpr (NEED_SZ) {
         if constexpr (S == 1) {
           for (int64_t j = 0; j < n; ++j) {
