@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 #include "../../kernels/common/quant_layout.h"
 
@@ -103,6 +104,27 @@ inline void check_pack(bool pack, int64_t qmin, int64_t qmax) {
   TORCH_CHECK(!pack || (qmin >= -8 && qmax <= 7) || (qmin >= 0 && qmax <= 15),
               "pack=True needs a 4-bit code range inside [-8, 7] or [0, 15], got [", qmin, ", ",
               qmax, "]");
+}
+
+// dequantize's argument checks; returns the shape of its output (codes contiguous or not).
+inline std::vector<int64_t> dequantize_shape(const at::Tensor& data, int64_t qmin, int64_t qmax,
+                                             bool packed, int64_t last_dim,
+                                             at::ScalarType dtype) {
+  check_range(qmin, qmax);
+  check_pack(packed, qmin, qmax);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "dtype must be float32, float64, float16 or bfloat16, got ", dtype);
+  const auto want = packed ? at::kByte : (qmin < 0 ? at::kChar : at::kByte);
+  TORCH_CHECK(data.scalar_type() == want, "data must be ", want, " for this code range, got ",
+              data.scalar_type());
+  std::vector<int64_t> shape(data.sizes().begin(), data.sizes().end());
+  if (packed) {
+    TORCH_CHECK(data.dim() >= 1 && data.size(-1) == (last_dim + 1) / 2, "packed data's last dim ",
+                data.dim() ? data.size(-1) : 0, " does not hold last_dim=", last_dim, " codes");
+    shape.back() = last_dim;
+  }
+  return shape;
 }
 
 // The backward's outputs from the fp64 per-channel sums gs, gz: times grad_factor, cast to the

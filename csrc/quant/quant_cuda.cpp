@@ -138,22 +138,10 @@ at::Tensor dequantize_cuda(const at::Tensor& data_in, const at::Tensor& scale,
                            const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
                            c10::optional<int64_t> axis, c10::optional<int64_t> group_size,
                            bool packed, int64_t last_dim, at::ScalarType dtype) {
-  check_range(qmin, qmax);
-  check_pack(packed, qmin, qmax);
+  const auto shape = dequantize_shape(data_in, qmin, qmax, packed, last_dim, dtype);
   const c10::cuda::CUDAGuard guard(data_in.device());
   const at::Tensor data = data_in.contiguous();
-  const bool is_signed = qmin < 0;
-  const auto want = packed ? at::kByte : (is_signed ? at::kChar : at::kByte);
-  TORCH_CHECK(data.scalar_type() == want, "data must be ", want, " for this code range, got ",
-              data.scalar_type());
-  std::vector<int64_t> shape(data.sizes().begin(), data.sizes().end());
-  if (packed) {
-    TORCH_CHECK(data.dim() >= 1 && data.size(-1) == (last_dim + 1) / 2, "packed data's last dim ",
-                data.dim() ? data.size(-1) : 0, " does not hold last_dim=", last_dim, " codes");
-    shape.back() = last_dim;
-  }
   at::Tensor y = at::empty(shape, data.options().dtype(dtype));
-  check_float_x(y, "dtype");
   const QuantLayout L = layout_for(y, axis, group_size);
   const auto p = prepare_params(y, scale, zero_point, L, math_type_of(y));
   const auto type = float_type(dtype, "dtype");
