@@ -116,14 +116,20 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, bits: int = 8, *, axis: Op
 
 
 def _channel_min_max(x: torch.Tensor, layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel min and max in one pass over x (no temporary of x's size when x is
-    contiguous; a non-contiguous x is copied once by reshape)."""
+    """Per-channel min and max of x (no temporary of x's size when x is contiguous; a
+    non-contiguous x is copied once by reshape).
+
+    torch.aminmax is fast for a full reduction but 4-5x slower than amin + amax along a dim on
+    this CPU build (measured: 27 ms against 7 ms on [131072, 128]), hence the split.
+    """
     o, c, i = layout
     if o * c == 1:  # per-tensor: the full reduction is parallel; a one-row dim reduction is not
         return torch.aminmax(x)
     if i == 1:  # channels along the last dim: reduce over the rows
-        return torch.aminmax(x.reshape(o, c), dim=0)
-    lo, hi = torch.aminmax(x.reshape(o * c, i), dim=1)
+        x2 = x.reshape(o, c)
+        return x2.amin(dim=0), x2.amax(dim=0)
+    x2 = x.reshape(o * c, i)
+    lo, hi = x2.amin(dim=1), x2.amax(dim=1)
     if o == 1:
         return lo, hi
     return lo.reshape(o, c).amin(dim=0), hi.reshape(o, c).amax(dim=0)
