@@ -24,13 +24,6 @@ inline void check_range(int64_t qmin, int64_t qmax) {
               ", ", qmax, "]");
 }
 
-inline int64_t param_numel(const at::Tensor& x, c10::optional<int64_t> axis,
-                           c10::optional<int64_t> group_size) {
-  if (group_size.has_value()) return x.numel() / *group_size;
-  if (axis.has_value()) return x.size(*axis);
-  return 1;
-}
-
 // The [outer, channels, inner] view of x (kernels/common/quant_layout.h). Normalizes axis.
 inline QuantLayout layout_for(const at::Tensor& x, c10::optional<int64_t>& axis,
                               c10::optional<int64_t> group_size) {
@@ -86,6 +79,12 @@ inline QuantParams prepare_params(const at::Tensor& x, const at::Tensor& scale,
   TORCH_CHECK(zero_point.numel() == L.channels, "zero_point has ", zero_point.numel(),
               " elements, expected ", L.channels);
   return QuantParams{scale.to(math_type).contiguous(), zero_point.to(math_type).contiguous()};
+}
+
+// The checks every op that reads x starts with.
+inline void check_common(const at::Tensor& x, int64_t qmin, int64_t qmax) {
+  check_float_x(x, "x");
+  check_range(qmin, qmax);
 }
 
 inline at::ScalarType math_type_of(const at::Tensor& x) {

@@ -38,11 +38,6 @@ In* ptr(const at::Tensor& t) {
   return reinterpret_cast<In*>(t.data_ptr());
 }
 
-void check_common(const at::Tensor& x, int64_t qmin, int64_t qmax) {
-  check_float_x(x, "x");
-  check_range(qmin, qmax);
-}
-
 at::Tensor fake_quantize_cpu(const at::Tensor& x_in, const at::Tensor& scale,
                              const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
                              c10::optional<int64_t> axis, c10::optional<int64_t> group_size,

@@ -31,11 +31,6 @@ gpu::FloatType float_type(at::ScalarType st, const char* name) {
   TORCH_CHECK(false, name, " must be float32, float64, float16 or bfloat16, got ", st);
 }
 
-void check_common(const at::Tensor& x, int64_t qmin, int64_t qmax) {
-  check_float_x(x, "x");
-  check_range(qmin, qmax);
-}
-
 // The seed of stochastic rounding as a device pointer (read by the kernel: no host sync), or
 // nullptr for round-to-nearest.
 const int64_t* seed_ptr(const c10::optional<at::Tensor>& seed, const at::Tensor& x) {

@@ -22,16 +22,5 @@ struct QuantLayout {
   PYPAPER_HD int64_t channel_of(int64_t e) const { return (e / inner) % channels; }
 };
 
-// Integer range of a b-bit code.
-struct QuantRange {
-  int32_t qmin;
-  int32_t qmax;
-};
-
-inline QuantRange range_for_bits(int bits, bool symmetric) {
-  if (symmetric) return QuantRange{-(1 << (bits - 1)), (1 << (bits - 1)) - 1};
-  return QuantRange{0, (1 << bits) - 1};
-}
-
 }  // namespace quant
 }  // namespace pypaper

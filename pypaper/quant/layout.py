@@ -25,6 +25,11 @@ class Layout(NamedTuple):
     inner: int
 
 
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' math type for an input dtype: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
     """Integer range of a ``bits``-bit code: signed two's complement, or unsigned."""
     if symmetric:
@@ -122,12 +127,12 @@ def check_params(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
         # <= 0, NaN, inf, or too small for 1/s to be finite there (a subnormal, or an fp64 scale
         # that underflows in fp32) would give NaN or zeros silently. On CUDA this reads one bool
         # back from the device per call.
-        math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        s = scale.detach().to(math_dtype)
-        tiny = torch.finfo(math_dtype).tiny
+        mt = math_dtype(x.dtype)
+        s = scale.detach().to(mt)
+        tiny = torch.finfo(mt).tiny
         bad = ~(s >= tiny) | ~torch.isfinite(s)
         if bool(bad.any()):
             raise ValueError(
                 f"scale must be positive, finite and at least {tiny:.3g} (the smallest normal "
-                f"{str(math_dtype).replace('torch.', '')}, the kernels' math type); got a value "
+                f"{str(mt).replace('torch.', '')}, the kernels' math type); got a value "
                 "outside that (<= 0, NaN, inf, subnormal, or out of range after conversion)")

@@ -16,8 +16,8 @@ import torch
 
 from .. import _backend
 from . import reference
-from .layout import (check_bits, check_float_input, check_params, layout_of, normalize_axis,
-                     param_shape, quant_range)
+from .layout import (check_bits, check_float_input, check_params, layout_of, math_dtype,
+                     normalize_axis, param_shape, quant_range)
 from .qtensor import QuantizedTensor
 
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -100,9 +100,8 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, bits: int = 8, *, axis: Op
     check_bits(bits)
     axis = normalize_axis(axis, group_size, x.dim())
     layout_of(x.shape, axis, group_size)
-    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     pshape = param_shape(x.shape, axis, group_size)
-    scale = _as_tensor(scale, x, math_dtype, pshape)
+    scale = _as_tensor(scale, x, math_dtype(x.dtype), pshape)
     zero_point = _as_tensor(zero_point, x, torch.int32, pshape)
     check_params(x, scale, zero_point, axis, group_size)
     qmin, qmax = quant_range(bits, symmetric)
@@ -145,13 +144,13 @@ def _params_from_range(x: torch.Tensor, bits: int, axis, group_size, symmetric: 
     qmin, qmax = quant_range(bits, symmetric)
     layout = layout_of(x.shape, axis, group_size)
     shape = param_shape(x.shape, axis, group_size)
-    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    tiny = torch.finfo(math_dtype).tiny
+    mt = math_dtype(x.dtype)
+    tiny = torch.finfo(mt).tiny
     if x.numel() == 0:
-        return (torch.ones(shape, dtype=math_dtype, device=x.device),
+        return (torch.ones(shape, dtype=mt, device=x.device),
                 torch.zeros(shape, dtype=torch.int32, device=x.device))
     lo, hi = _channel_min_max(x.detach(), layout)
-    lo, hi = lo.to(math_dtype), hi.to(math_dtype)
+    lo, hi = lo.to(mt), hi.to(mt)
     if symmetric:
         amax = torch.maximum(-lo, hi)
         scale = (amax / qmax).clamp_min(tiny)

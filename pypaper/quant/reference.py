@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .layout import Layout, layout_of
+from .layout import Layout, layout_of, math_dtype
 
 _M32 = 0xFFFFFFFF
 
@@ -50,18 +50,15 @@ def uniform_noise(seed: int, numel: int, device=None) -> torch.Tensor:
     return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
-def _math_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _per_element(p: torch.Tensor, layout: Layout, dtype: torch.dtype) -> torch.Tensor:
     """Broadcast one value per channel to the [outer, channels, inner] view."""
     return p.reshape(-1).to(dtype).reshape(1, layout.channels, 1)
 
 
-def _codes(x3, s3, z3, qmin, seed, stochastic):
+def _codes(x3, s3, z3, seed):
+    """Unclamped codes; a seed selects stochastic rounding."""
     inv = 1.0 / s3
-    if stochastic:
+    if seed is not None:
         u = uniform_noise(seed, x3.numel(), x3.device).reshape(x3.shape).to(x3.dtype)
         return torch.floor(x3 * inv + u) + z3
     return torch.round(x3 * inv) + z3
@@ -69,7 +66,7 @@ def _codes(x3, s3, z3, qmin, seed, stochastic):
 
 def _prepare(x, scale, zero_point, qmin, qmax, axis, group_size):
     layout = layout_of(x.shape, axis, group_size)
-    dt = _math_dtype(x)
+    dt = math_dtype(x.dtype)
     x3 = x.to(dt).reshape(layout)
     s3 = _per_element(scale, layout, dt)
     z3 = torch.clamp(torch.round(_per_element(zero_point, layout, dt)), qmin, qmax)
@@ -95,7 +92,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """
     seed = _seed_int(seed)
     layout = layout_of(x.shape, axis, group_size)
-    dt = _math_dtype(x)
+    dt = math_dtype(x.dtype)
     x3 = x.to(dt).reshape(layout)
     s3 = _per_element(scale, layout, dt)
     zp3 = _per_element(zero_point, layout, dt)
@@ -126,7 +123,7 @@ def fake_quantize_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Ten
     written out as the kernels compute them (kernels/common/quant_math.h)."""
     seed = _seed_int(seed)
     layout, x3, s3, z3 = _prepare(x, scale, zero_point, qmin, qmax, axis, group_size)
-    code = _codes(x3, s3, z3, qmin, seed, seed is not None)
+    code = _codes(x3, s3, z3, seed)
     g3 = grad.to(x3.dtype).reshape(layout)
     inside = (code >= qmin) & (code <= qmax)
     below = code < qmin
@@ -157,7 +154,7 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch
                      dtype: torch.dtype) -> torch.Tensor:
     """(q - z) * s for unpacked integer codes of the original shape."""
     layout = layout_of(codes.shape, axis, group_size)
-    dt = torch.float64 if dtype == torch.float64 else torch.float32
+    dt = math_dtype(dtype)
     s3 = _per_element(scale, layout, dt)
     z3 = torch.clamp(torch.round(_per_element(zero_point, layout, dt)), qmin, qmax)
     y = (codes.to(dt).reshape(layout) - z3) * s3

@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .layout import layout_of
+from .layout import layout_of, math_dtype
 
 try:
     import triton
@@ -152,10 +152,6 @@ def _needs_int64(plan: TilePlan, row_len: Optional[int] = None) -> bool:
 
 
 # ---- host-side checks shared by the ops ----------------------------------------------------------
-
-
-def _math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_float(dtype: torch.dtype, name: str) -> None:
@@ -559,7 +555,7 @@ if triton is not None:
         _check_seed(seed, x)
         x = x.contiguous()
         outer, channels, inner = _layout(x.shape, axis, group_size)
-        s, inv, z = _params(x.device, scale, zero_point, channels, _math_dtype(x.dtype),
+        s, inv, z = _params(x.device, scale, zero_point, channels, math_dtype(x.dtype),
                             quant_min, quant_max)
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
         if x.numel() == 0 or not _launches(x):
@@ -592,7 +588,7 @@ if triton is not None:
         x = x.contiguous()
         grad = grad.contiguous()
         outer, channels, inner = _layout(x.shape, axis, group_size)
-        mt = _math_dtype(x.dtype)
+        mt = math_dtype(x.dtype)
         s, inv, z = _params(x.device, scale, zero_point, channels, mt, quant_min, quant_max)
         # grad_zero_point in zero_point's dtype when it is floating, else scale's (as the C++ op).
         zp_dtype = zero_point.dtype if zero_point.is_floating_point() else scale.dtype
@@ -642,7 +638,7 @@ if triton is not None:
         _check_pack(pack, quant_min, quant_max)
         x = x.contiguous()
         outer, channels, inner = _layout(x.shape, axis, group_size)
-        s, inv, z = _params(x.device, scale, zero_point, channels, _math_dtype(x.dtype),
+        s, inv, z = _params(x.device, scale, zero_point, channels, math_dtype(x.dtype),
                             quant_min, quant_max)
         if pack:
             last = x.shape[-1] if x.dim() else 1
@@ -689,7 +685,7 @@ if triton is not None:
                                  f"does not hold last_dim={last_dim} codes")
             shape[-1] = last_dim
         outer, channels, inner = _layout(shape, axis, group_size)
-        mt = _math_dtype(dtype)
+        mt = math_dtype(dtype)
         s, inv, z = _params(data.device, scale, zero_point, channels, mt, quant_min, quant_max)
         y = torch.empty(shape, dtype=dtype, device=data.device)
         n = math.prod(shape)
