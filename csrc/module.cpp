@@ -11,6 +11,10 @@
 
 namespace py = pybind11;
 
+namespace pypaper {
+void register_fewbit(py::module_& m);  // csrc/quant/fewbit_py.cpp
+}
+
 #define PYPAPER_STR_(x) #x
 #define PYPAPER_STR(x) PYPAPER_STR_(x)
 
@@ -76,4 +80,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pypaper native kernels (ops are registered in torch.ops.pypaper)";
   m.def("build_info", &build_info,
         "How this extension was built: compiler, OpenMP, SIMD level, CUDA kernels, torch version");
+  pypaper::register_fewbit(m);
 }

@@ -23,4 +23,35 @@ TORCH_LIBRARY(pypaper, m) {
   m.def(
       "dequantize(Tensor data, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
       "int? axis, int? group_size, bool packed, int last_dim, ScalarType dtype) -> Tensor");
+  // ---- quant.fewbit: few-bit backward activations, kernels/common/fewbit_pack.h ----------------
+  // y = activation(x) exactly (torch's own kernel), codes = the b-bit piece index of every element
+  // of x under `borders` (math dtype; its parity when `fold`), packed in ceil(b*n/8) uint8 bytes.
+  // `levels` (2^b values) is not read by the forward: autograd saves it for the backward.
+  // params: the activation's scalars (elu alpha, softplus beta/threshold, leaky_relu slope, ...).
+  m.def(
+      "fewbit_forward(Tensor x, str activation, float[] params, Tensor borders, Tensor levels, "
+      "int bits, bool fold) -> (Tensor, Tensor)");
+  // grad_x = levels[code] * grad, in grad's dtype (math in levels' dtype).
+  m.def("fewbit_backward(Tensor grad, Tensor codes, Tensor levels, int bits) -> Tensor");
+  // ---- snn: fused multi-step LIF neuron, kernels/common/snn_math.h ------------------------------
+  // x: [T, N, *]; v_init: the membrane before step 0, shape x.shape[1:] (None: at rest, v_reset or
+  // 0 for a soft reset). decay: tau when decay_is_tau ("/ tau", SpikingJelly's LIFNode), else
+  // k = 1/tau ("* k", PLIF's sigmoid(w)); decay and v_threshold hold one value or one per neuron
+  // (shape x.shape[2:], broadcast over the batch). v_reset None = soft reset. surrogate: the id of
+  // kernels/common/snn_math.h (0 Sigmoid, 1 ATan, 2 PiecewiseQuadratic, 3 PiecewiseExp,
+  // 4 SoftSign, 5 SuperSpike, 6 Erf, 7 Rect) with its alpha. sltt: the backward drops the
+  // temporal gradient path (Meng et al., ICCV 2023).
+  // Returns (spikes, v_last, h_seq, v_seq): h_seq is the pre-fire membrane H[t], the one value per
+  // neuron-step the backward keeps; v_seq is V[t] after reset when store_v_seq, else shape [0].
+  m.def(
+      "lif_forward(Tensor x, Tensor? v_init, Tensor decay, Tensor v_threshold, float? v_reset, "
+      "int surrogate, float alpha, bool decay_input, bool decay_is_tau, bool detach_reset, "
+      "bool sltt, bool store_v_seq) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The reverse scan: (grad_x, grad_v_init, grad_decay, grad_v_threshold); the parameter
+  // gradients are summed over time and batch inside the kernel (zeros when not asked for).
+  m.def(
+      "lif_backward(Tensor grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor h_seq, "
+      "Tensor? v_init, Tensor decay, Tensor v_threshold, float? v_reset, int surrogate, "
+      "float alpha, bool decay_input, bool decay_is_tau, bool detach_reset, bool sltt, "
+      "bool need_decay_grad, bool need_threshold_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -20,6 +20,8 @@ setup() {
   fi
   # torch==2.13.0 is pinned: a plain "torch" would pull a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/dev.txt
+  # Peers that declare torch: --no-deps keeps the pinned CPU torch (requirements/peers.txt).
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -r requirements/peers.txt
   # In place, so ninja rebuilds only what changed (build/); the jobs run from the repository
   # root, where the package is importable. (`pip install --no-build-isolation -e .` works too
   # but rebuilds everything in a temporary directory each time.)

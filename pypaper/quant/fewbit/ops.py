@@ -1,0 +1,93 @@
+"""Few-bit activation ops: the forward keeps b bits per element for the backward.
+
+    activation(x, name, bits=2, *, params=(), density=None) -> Tensor
+    apply(x, approximation) -> Tensor
+
+y = f(x) exactly (torch's own kernel); the backward multiplies the incoming gradient by the level
+of the piece each x fell in, read from ceil(b*n/8) saved bytes instead of the float input
+(Novikov et al., "Few-Bit Backward", ICML 2023). Backends (pypaper/_backend.py): the C++ kernel on
+CPU, the CUDA kernel then Triton on GPU, the plain-PyTorch reference anywhere.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from ... import _backend
+from . import reference, tables
+from .tables import Approximation
+
+_DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _triton_reason(device: torch.device) -> Optional[str]:
+    """Why the Triton twins cannot run on ``device`` (imports triton only where it could run)."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    from . import _registration
+
+    ok, why = _registration.load_triton().triton_available(device)
+    return None if ok else why
+
+
+_REASONS = {
+    "cpu": lambda d: _backend.native_reason(d, "cpu"),
+    "cuda": lambda d: _backend.native_reason(d, "cuda"),
+    "triton": _triton_reason,
+}
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """The backend the few-bit ops would use for x now."""
+    return _backend.select(x.device, _DEFAULT_ORDER.get(x.device.type, ("reference",)), _REASONS)
+
+
+def _op(name: str, backend: str):
+    return getattr(torch.ops.pypaper, name + "_triton" if backend == "triton" else name)
+
+
+def check_input(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+
+
+def apply(x: torch.Tensor, approx: Approximation) -> torch.Tensor:
+    """y = f(x), with ``approx.levels[code(x)]`` as f'(x) in the backward (see ``activation``)."""
+    check_input(x)
+    borders, levels = approx.tensors(x.dtype, x.device)
+    backend = backend_for(x)
+    if backend == "reference":
+        return reference.fewbit_activation(x, approx.name, approx.params, borders, levels,
+                                           approx.bits, approx.fold)
+    y, _ = _op("fewbit_forward", backend)(x, approx.name, list(approx.params), borders, levels,
+                                          approx.bits, approx.fold)
+    return y
+
+
+def activation(x: torch.Tensor, name: str, bits: int = 2, *, params: Sequence[float] = (),
+               density=None) -> torch.Tensor:
+    """A pointwise activation whose backward keeps ``bits`` bits per element.
+
+    Forward: y = f(x), bit-exact with torch's kernel for the same input (torch itself may differ
+    in the last bit at the points where it splits work between threads; pypaper's result does not
+    depend on the thread count). Backward: grad_x = q(x) * grad_y, with q the piecewise-constant
+    approximation of f' with 2^bits levels that minimises E[(f'(x) - q(x))^2] for x drawn from
+    ``density`` (standard normal by default), found by an exact dynamic program (tables.py).
+    Saved for backward: ceil(bits * numel / 8) bytes, not the float input.
+
+    Args:
+        x: float32, bfloat16, float16 or float64 tensor (math in fp32; fp64 for fp64).
+        name: gelu, gelu_tanh, silu, mish, elu (params: alpha), selu, softplus (beta, threshold),
+            sigmoid, tanh, logsigmoid, hardswish; and the exact 1-bit ones relu, leaky_relu
+            (negative_slope), hardtanh (min_val, max_val; relu6 is hardtanh(0, 6)), hardsigmoid,
+            whose backward equals torch's bit for bit whatever ``bits`` says.
+        bits: 1..4.
+        density: None (standard normal), a callable on numpy arrays, or observed input samples
+            (fitted by tables.fit_density).
+    """
+    return apply(x, tables.approximation(name, bits, params, density))

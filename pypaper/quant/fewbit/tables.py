@@ -1,0 +1,212 @@
+"""The derivative approximations: exact two-level tables and the DP-optimal few-bit ones.
+
+For an activation f, b bits and an input density w, the table is the piecewise-constant q with
+2^b pieces minimising  integral (f'(x) - q(x))^2 w(x) dx  (Novikov et al., "Few-Bit Backward",
+ICML 2023). It is computed at first use by the exact dynamic program of csrc/quant/fewbit_dp.h
+(pypaper._C.fewbit_optimal_fit) on a fine grid, with f' taken from torch's own autograd formula of
+the activation in float64, and cached per (activation, params, bits) for the default density
+(standard normal, the paper's choice for inputs after a normalisation layer).
+
+The 1-bit exact ones need no DP: their derivative takes two values, so one bit per element gives
+torch's backward bit for bit: ReLU (0 | 1 above 0), LeakyReLU (slope | 1 above 0), Hardtanh/ReLU6
+(1 on the open interval (min, max), else 0), Hardsigmoid (1/6 on (-3, 3), else 0).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from . import reference
+
+# name -> number of scalar params (the same table as csrc/quant/fewbit_args.h)
+PARAMS = {
+    "gelu": 0, "gelu_tanh": 0, "silu": 0, "mish": 0, "elu": 1, "selu": 0, "softplus": 2,
+    "sigmoid": 0, "tanh": 0, "logsigmoid": 0, "hardswish": 0,
+    "relu": 0, "leaky_relu": 1, "hardtanh": 2, "hardsigmoid": 0,
+}
+EXACT = ("relu", "leaky_relu", "hardtanh", "hardsigmoid")
+APPROXIMATED = tuple(n for n in PARAMS if n not in EXACT)
+
+# The default grid: the standard normal puts 1e-15 of its mass outside [-8, 8]; 2048 points
+# resolve the borders to 0.008 (the DP is O(2^b * n^2): 0.1 s at 4 bits).
+DEFAULT_GRID = (-8.0, 8.0, 2048)
+
+# torch's hardsigmoid backward multiplies by 1/6 rounded to float32, for float64 inputs too.
+_ONE_SIXTH_F32 = float(np.float32(1.0) / np.float32(6.0))
+
+DensityLike = Union[None, Callable[[np.ndarray], np.ndarray], torch.Tensor, np.ndarray]
+
+
+def check_name(name: str, params: Sequence[float]) -> tuple:
+    if name not in PARAMS:
+        raise ValueError(f"activation must be one of {sorted(PARAMS)}, got {name!r}")
+    params = tuple(float(p) for p in params)
+    if len(params) != PARAMS[name]:
+        raise ValueError(f"activation {name!r} takes {PARAMS[name]} params, got {len(params)}")
+    if not all(math.isfinite(p) for p in params):
+        raise ValueError(f"params of {name!r} must be finite, got {params}")
+    return params
+
+
+def check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 4:
+        raise ValueError(f"bits must be an int in 1..4, got {bits!r}")
+    return bits
+
+
+class Approximation:
+    """A piecewise-constant derivative: ``borders`` (ascending), ``levels`` (2^bits values),
+    ``fold`` (code = parity of the piece: a two-level derivative on an open interval), and its
+    weighted L2 ``error`` against f' under the density it was fitted for (0 when exact)."""
+
+    def __init__(self, name: str, params: tuple, bits: int, borders: Sequence[float],
+                 levels: Sequence[float], fold: bool = False, error: float = 0.0,
+                 exact: bool = False):
+        self.name, self.params, self.bits = name, tuple(params), int(bits)
+        self.borders = tuple(float(b) for b in borders)
+        self.levels = tuple(float(v) for v in levels)
+        self.fold, self.error, self.exact = bool(fold), float(error), bool(exact)
+        self._tensors: dict = {}
+
+    def __repr__(self) -> str:
+        return (f"Approximation({self.name!r}, params={self.params}, bits={self.bits}, "
+                f"borders={tuple(round(b, 4) for b in self.borders)}, "
+                f"levels={tuple(round(v, 4) for v in self.levels)}, error={self.error:.3g})")
+
+    def tensors(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(borders, levels) in the math dtype of inputs of ``dtype`` (fp64 for fp64, else fp32)
+        on ``device``. With ``fold`` the upper border is the largest value of that dtype below
+        the interval's end, so that ``x > border`` means x >= end."""
+        mdt = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (mdt, torch.device(device))
+        hit = self._tensors.get(key)
+        if hit is None:
+            b = torch.tensor(self.borders, dtype=mdt)
+            if self.fold:
+                b[1] = torch.nextafter(b[1], torch.tensor(-math.inf, dtype=mdt))
+            hit = (b.to(device), torch.tensor(self.levels, dtype=mdt).to(device))
+            if not torch.compiler.is_compiling():
+                self._tensors[key] = hit
+        return hit
+
+
+def exact_approximation(name: str, params: tuple) -> Approximation:
+    """The 1-bit table of an activation whose derivative has two values."""
+    if name == "relu":
+        return Approximation(name, params, 1, (0.0,), (0.0, 1.0), exact=True)
+    if name == "leaky_relu":
+        return Approximation(name, params, 1, (0.0,), (params[0], 1.0), exact=True)
+    if name == "hardtanh":
+        lo, hi = params
+        if not lo < hi:
+            raise ValueError(f"hardtanh needs min_val < max_val, got {lo} and {hi}")
+        return Approximation(name, params, 1, (lo, hi), (0.0, 1.0), fold=True, exact=True)
+    if name == "hardsigmoid":
+        return Approximation(name, params, 1, (-3.0, 3.0), (0.0, _ONE_SIXTH_F32), fold=True,
+                             exact=True)
+    raise ValueError(f"{name!r} has no exact 1-bit table")
+
+
+def derivative(name: str, params: tuple, x: np.ndarray) -> np.ndarray:
+    """f'(x) in float64 from torch's own autograd formula of the activation."""
+    t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(reference.activation(t, name, params).sum(), t)
+    return g.numpy()
+
+
+def standard_normal(x: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+def fit_density(samples, bandwidth: Optional[float] = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A density fitted to observed inputs: a Gaussian kernel density estimate (Scott's rule
+    bandwidth unless given), evaluated through a 4096-bin histogram so it costs O(grid) per call.
+    Use it as ``density=`` of the activations to fit the table to your layer's inputs."""
+    s = torch.as_tensor(samples).detach().reshape(-1).double().cpu().numpy()
+    s = s[np.isfinite(s)]
+    if s.size < 2:
+        raise ValueError(f"density samples must hold at least 2 finite values, got {s.size}")
+    std = float(s.std())
+    if not std > 0:
+        raise ValueError("density samples are all equal: no density to fit")
+    h = float(bandwidth) if bandwidth is not None else 1.06 * std * s.size ** (-0.2)
+    if not (math.isfinite(h) and h > 0):
+        raise ValueError(f"bandwidth must be a positive number, got {bandwidth!r}")
+    counts, edges = np.histogram(s, bins=4096)
+    centers = 0.5 * (edges[:-1] + edges[1:])
+    weights = counts / counts.sum()
+    lo, hi = float(s.min() - 4 * h), float(s.max() + 4 * h)
+
+    def density(x: np.ndarray) -> np.ndarray:
+        z = (x[:, None] - centers[None, :]) / h
+        return (np.exp(-0.5 * z * z) * weights[None, :]).sum(axis=1) / (h * math.sqrt(2 * math.pi))
+
+    density.grid_range = (lo, hi)  # where the table should be fitted
+    return density
+
+
+def _grid_and_weights(density: DensityLike, grid) -> tuple[np.ndarray, np.ndarray]:
+    if density is not None and not callable(density):
+        density = fit_density(density)
+    fn = standard_normal if density is None else density
+    if grid is None:
+        lo, hi = getattr(fn, "grid_range", DEFAULT_GRID[:2])
+        n = DEFAULT_GRID[2]
+    else:
+        lo, hi, n = grid
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi) or int(n) < 16:
+        raise ValueError(f"grid must be (lo, hi, n) with finite lo < hi and n >= 16, got {grid}")
+    x = np.linspace(lo, hi, int(n))
+    dx = x[1] - x[0]
+    w = np.asarray(fn(x), dtype=np.float64).reshape(-1)
+    if w.shape != x.shape:
+        raise ValueError(f"density must return one value per grid point, got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("density must be finite on the grid")
+    if np.any(w < 0):
+        raise ValueError(f"density must be non-negative, got {w.min():.3g} at "
+                         f"x = {x[np.argmin(w)]:.3g}")
+    mass = float(w.sum() * dx)
+    if not (math.isfinite(mass) and mass > 0):
+        raise ValueError(f"density does not integrate to a positive finite mass on [{lo}, {hi}] "
+                         f"(got {mass})")
+    return x, w * dx / mass
+
+
+def optimal_approximation(name: str, bits: int, params: Sequence[float] = (),
+                          density: DensityLike = None, grid=None) -> Approximation:
+    """The DP-optimal 2^bits-level approximation of f' for inputs of ``density`` (standard normal
+    when None; a callable on numpy arrays; or samples, fitted by ``fit_density``)."""
+    from ... import _ext
+
+    params = check_name(name, params)
+    bits = check_bits(bits)
+    x, w = _grid_and_weights(density, grid)
+    d = derivative(name, params, x)
+    if not _ext.LOADED:
+        raise RuntimeError(f"the few-bit DP needs pypaper._C ({_ext.LOAD_ERROR})")
+    borders, levels, err = _ext._C.fewbit_optimal_fit(x, d, w, 2 ** bits)
+    return Approximation(name, params, bits, borders, levels, error=err)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_table(name: str, params: tuple, bits: int) -> Approximation:
+    return optimal_approximation(name, bits, params)
+
+
+def approximation(name: str, bits: int = 2, params: Sequence[float] = (),
+                  density: DensityLike = None, grid=None) -> Approximation:
+    """The table an activation uses: exact (1 bit) for ReLU, LeakyReLU, Hardtanh (ReLU6) and
+    Hardsigmoid, whatever ``bits`` says; otherwise the DP optimum for ``bits`` and ``density``
+    (cached for the default density and grid)."""
+    params = check_name(name, params)
+    bits = check_bits(bits)
+    if name in EXACT:
+        return exact_approximation(name, params)
+    if density is None and grid is None:
+        return _default_table(name, params, bits)
+    return optimal_approximation(name, bits, params, density, grid)
