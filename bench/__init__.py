@@ -6,4 +6,5 @@ Each family is a module of this package with ``cases(device, quick, numel) -> li
 
 FAMILIES = {
     "quant": "bench.quant",
+    "fewbit": "bench.fewbit",
 }

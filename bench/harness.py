@@ -46,6 +46,7 @@ class Provider:
     name: str
     calls: dict = field(default_factory=dict)  # mode -> Callable[[], object]
     reason: Optional[str] = None
+    saved_bytes: Optional[int] = None  # kept for backward by one forward (saved_bytes() below)
 
 
 def unavailable(name: str, reason: str) -> Provider:
@@ -71,6 +72,7 @@ class Case:
     providers: Callable[[], list]
     bytes_note: str = ""
     memory: bool = False
+    baseline: str = REFERENCE  # the provider the "vs" column divides by
 
     @property
     def modes(self) -> tuple:
@@ -100,6 +102,7 @@ class Result:
     reason: Optional[str] = None
     error: bool = False  # the call raised (as opposed to a provider that is not installed)
     peak_bytes: Optional[int] = None
+    saved_bytes: Optional[int] = None
     speedup: Optional[float] = None
     copy_gbps: Optional[float] = None  # copy bandwidth timed in the same rounds
 
@@ -228,6 +231,24 @@ def warm_up(calls: dict, sync: Callable[[], None], timing: Timing) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Autograd helpers shared by families
+
+
+def saved_bytes(forward: Callable[[], object], exclude: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes autograd keeps for the backward of one call of ``forward`` (each storage once;
+    ``exclude``: tensors that live anyway, such as parameters), via saved-tensor hooks."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(seen.values())
 
 
 def backward_only(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor],
@@ -404,8 +425,10 @@ def _results_for_mode(case: Case, mode: str, providers: list, timing: Timing,
     samples, probe_samples = sample_round_robin(calls, sync, timing, limits.probes())
     limits.add(probe_samples)
     copy = limits.gbps("copy", probe_samples["copy"]) if probe_samples["copy"] else None
+    saved = {p.name: p.saved_bytes for p in providers}
     for name, times in samples.items():
-        r = Result(case, mode, name, statistics.median(times), len(times), copy_gbps=copy)
+        r = Result(case, mode, name, statistics.median(times), len(times), copy_gbps=copy,
+                   saved_bytes=saved.get(name))
         if case.memory:
             r.peak_bytes = peak_memory(calls[name], case.device)
         results.append(r)
@@ -414,9 +437,10 @@ def _results_for_mode(case: Case, mode: str, providers: list, timing: Timing,
 
 
 def add_speedups(results: list) -> None:
-    """speedup = t_reference / t, per (case, mode)."""
+    """speedup = t_baseline / t, per (case, mode); the baseline is the case's (the reference
+    unless the family names another, e.g. torch's own op)."""
     ref = {(id(r.case), r.mode): r.median_s for r in results
-           if r.provider == REFERENCE and r.median_s}
+           if r.provider == r.case.baseline and r.median_s}
     for r in results:
         t_ref = ref.get((id(r.case), r.mode))
         if t_ref and r.median_s:
@@ -472,6 +496,10 @@ def _fmt(v: Optional[float], spec: str, none: str = "—") -> str:
     return none if v is None else format(v, spec)
 
 
+def _mb(nbytes: Optional[int]) -> Optional[float]:
+    return None if nbytes is None else nbytes / 2 ** 20
+
+
 def pct_copy(r: Result, limits: Limits) -> Optional[float]:
     """Achieved GB/s against the copy of the row's own rounds (else of the whole run)."""
     return None if r.gbps is None else 100.0 * r.gbps / (r.copy_gbps or limits.copy_gbps)
@@ -486,16 +514,19 @@ def markdown_table(results: Sequence[Result], limits: Limits) -> str:
     """One row per (case, mode, provider); missing providers get dashes here and a reason
     below the table. A peak-memory column appears when some case measured it."""
     mem = any(r.case.memory for r in results)
-    lines = ["| kernel | shape | dtype | mode | provider | median ms | GB/s | % copy | vs reference |"
-             + (" peak MB |" if mem else ""),
-             "|---|---|---|---|---|---:|---:|---:|---:|" + ("---:|" if mem else "")]
+    kept = any(r.saved_bytes is not None for r in results)
+    lines = ["| kernel | shape | dtype | mode | provider | median ms | GB/s | % copy | speedup |"
+             + (" peak MB |" if mem else "") + (" saved for bwd MB |" if kept else ""),
+             "|---|---|---|---|---|---:|---:|---:|---:|" + ("---:|" if mem else "")
+             + ("---:|" if kept else "")]
     for r in results:
         speedup = _fmt(r.speedup, ".2f") + ("x" if r.speedup else "")
         lines.append(
             f"| {r.case.kernel} | {shape_str(r.case.shape)} | {dtype_name(r.case.dtype)} | {r.mode} "
             f"| {r.provider} | {_fmt(r.median_s and r.median_s * 1e3, '.2f')} "
             f"| {_fmt(r.gbps, '.2f')} | {_fmt(pct_copy(r, limits), '.0f')} | {speedup} |"
-            + (f" {_fmt(r.peak_bytes and r.peak_bytes / 2 ** 20, '.1f')} |" if mem else ""))
+            + (f" {_fmt(r.peak_bytes and r.peak_bytes / 2 ** 20, '.1f')} |" if mem else "")
+            + (f" {_fmt(_mb(r.saved_bytes), '.2f')} |" if kept else ""))
     return "\n".join(lines)
 
 
@@ -506,6 +537,11 @@ def notes(results: Sequence[Result], cases: Sequence[Case]) -> str:
         if c.bytes_note:
             counted.setdefault(c.bytes_note, []).append(c.kernel)
     out = [f"- bytes of {', '.join(dict.fromkeys(ks))}: {note}" for note, ks in counted.items()]
+    baselines = {}
+    for c in cases:
+        baselines.setdefault(c.baseline, []).append(c.kernel)
+    out += [f"- speedup: time of {b} / time ({', '.join(dict.fromkeys(ks))})"
+            for b, ks in baselines.items()]
     missing = {}
     for r in results:
         if r.reason:
@@ -518,9 +554,9 @@ def notes(results: Sequence[Result], cases: Sequence[Case]) -> str:
 
 
 CSV_COLUMNS = ("timestamp", "kernel", "provider", "mode", "shape", "dtype", "device",
-               "device_name", "median_ms", "gbps", "pct_copy", "speedup_vs_reference", "commit",
-               "torch", "simd", "thp", "repeats", "peak_mem_mb", "copy_gbps", "clone_gbps",
-               "matmul_gflops", "note")
+               "device_name", "median_ms", "gbps", "pct_copy", "speedup", "baseline", "commit",
+               "torch", "simd", "thp", "repeats", "peak_mem_mb", "saved_bytes", "copy_gbps",
+               "clone_gbps", "matmul_gflops", "note")
 
 
 def csv_rows(results: Sequence[Result], limits: Limits, env: dict) -> list:
@@ -531,8 +567,10 @@ def csv_rows(results: Sequence[Result], limits: Limits, env: dict) -> list:
             "shape": shape_str(r.case.shape), "dtype": dtype_name(r.case.dtype),
             "median_ms": _fmt(r.median_s and r.median_s * 1e3, ".4f", ""),
             "gbps": _fmt(r.gbps, ".3f", ""), "pct_copy": _fmt(pct_copy(r, limits), ".1f", ""),
-            "speedup_vs_reference": _fmt(r.speedup, ".3f", ""), "repeats": r.repeats,
+            "speedup": _fmt(r.speedup, ".3f", ""), "baseline": r.case.baseline,
+            "repeats": r.repeats,
             "peak_mem_mb": _fmt(r.peak_bytes and r.peak_bytes / 2 ** 20, ".1f", ""),
+            "saved_bytes": "" if r.saved_bytes is None else r.saved_bytes,
             "copy_gbps": f"{r.copy_gbps or limits.copy_gbps:.3f}", "clone_gbps": f"{limits.clone_gbps:.3f}",
             "matmul_gflops": f"{limits.matmul_gflops:.1f}", "note": r.reason or "",
         })

@@ -82,3 +82,22 @@ def test_cli_quick_quant(tmp_path):
     assert {r["provider"] for r in rows} == set(PROVIDERS)
     assert all(r["device"] == "cpu" and r["torch"] == torch.__version__ for r in rows)
     assert (tmp_path / "quant_cpu.png").stat().st_size > 0
+
+
+def test_cli_quick_fewbit(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "--quick", "--family", "fewbit", "--device", "cpu",
+           "--numel", "65536", "--repeats", "2", "--csv-dir", str(tmp_path), "--no-progress"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    provs = ("pypaper", "torch", "uint8-codes", "compiled-reference", "reference")
+    for mode in ("fwd", "fwd+bwd"):
+        for prov in provs:
+            assert f"| fewbit gelu 2-bit | 65536 | float32 | {mode} | {prov} |" in out.stdout
+    rows = _rows(tmp_path / "fewbit.csv")
+    assert {r["provider"] for r in rows} == set(provs)
+    saved = {r["provider"]: int(r["saved_bytes"]) for r in rows}
+    # torch keeps the fp32 input, the uint8 version one byte per element, pypaper 2 bits
+    # (plus the 4 fp32 levels)
+    assert saved["torch"] == 4 * 65536 and saved["uint8-codes"] == 65536 + 16
+    assert saved["pypaper"] == saved["reference"] == 65536 // 4 + 16
+    assert all(r["baseline"] == "torch" for r in rows)

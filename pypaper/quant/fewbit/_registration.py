@@ -38,6 +38,7 @@ def _forward_setup(ctx, inputs, output):
     _, codes = output
     ctx.save_for_backward(codes, levels)
     ctx.bits = bits
+    ctx.set_materialize_grads(False)  # no zero gradient for the (integer) codes output
 
 
 def _make_forward_backward(backward_op):
