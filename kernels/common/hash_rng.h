@@ -28,7 +28,9 @@ struct Key {
 PYPAPER_HD Key make_key(int64_t seed) {
   uint64_t s = static_cast<uint64_t>(seed);
   uint32_t a = pcg_hash(static_cast<uint32_t>(s));
-  uint32_t b = pcg_hash(static_cast<uint32_t>(s >> 32) ^ a);
+  // pcg_hash(a), not a: with b = pcg_hash(hi ^ a), every seed below 2^32 had b = pcg_hash(a)
+  // and element 0 hashed pcg_hash(a) ^ b = 0, the same uniform for all those seeds.
+  uint32_t b = pcg_hash(static_cast<uint32_t>(s >> 32) ^ pcg_hash(a));
   return Key{a, b};
 }
 

@@ -37,7 +37,8 @@ def _pcg_hash(v: torch.Tensor) -> torch.Tensor:
 def _key(seed: int) -> tuple[int, int]:
     s = seed & 0xFFFFFFFFFFFFFFFF
     a = int(_pcg_hash(torch.tensor(s & _M32, dtype=torch.int64)))
-    b = int(_pcg_hash(torch.tensor(((s >> 32) & _M32) ^ a, dtype=torch.int64)))
+    a2 = int(_pcg_hash(torch.tensor(a, dtype=torch.int64)))  # see kernels/common/hash_rng.h
+    b = int(_pcg_hash(torch.tensor(((s >> 32) & _M32) ^ a2, dtype=torch.int64)))
     return a, b
 
 

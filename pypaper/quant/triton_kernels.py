@@ -322,7 +322,7 @@ if triton is not None:
         """u in [0, 1) of flat index e: reference.uniform_noise / rng::uniform01, bit for bit."""
         sd = tl.load(seed_ptr).to(tl.uint64, bitcast=True)
         ka = _pcg(sd.to(tl.uint32))
-        kb = _pcg((sd >> 32).to(tl.uint32) ^ ka)
+        kb = _pcg((sd >> 32).to(tl.uint32) ^ _pcg(ka))  # kernels/common/hash_rng.h
         if IDX64:
             lo = e.to(tl.uint32)
             hi = (e >> 32).to(tl.uint32)

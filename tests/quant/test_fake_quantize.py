@@ -335,3 +335,15 @@ def test_gradcheck_float64_where_fake_quantize_is_differentiable(axis, group_siz
         return fake_quantize(x, s, z, 4, axis=axis, group_size=group_size, symmetric=False)
 
     assert torch.autograd.gradcheck(f, (x, s))
+
+
+def test_uniform_noise_depends_on_small_seeds_at_every_element():
+    """Element 0 too: an earlier key derivation gave one uniform for all seeds below 2^32."""
+    from pypaper.quant import reference as ref
+
+    first = {float(ref.uniform_noise(s, 3)[0]) for s in range(50)}
+    assert len(first) == 50
+    x = torch.full((1,), 0.5)
+    ys = {float(fake_quantize(x, 1.0, 0, 8, stochastic=True,
+                              generator=torch.Generator().manual_seed(s))) for s in range(40)}
+    assert ys == {0.0, 1.0}
