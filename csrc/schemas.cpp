@@ -54,4 +54,45 @@ TORCH_LIBRARY(pypaper, m) {
       "Tensor? v_init, Tensor decay, Tensor v_threshold, float? v_reset, int surrogate, "
       "float alpha, bool decay_input, bool decay_is_tau, bool detach_reset, bool sltt, "
       "bool need_decay_grad, bool need_threshold_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // ---- snn.delays: learnable synaptic delays (Hammouamri et al., ICLR 2024), kernels/common/delay_math.h
+  // x: [T, N, C_in] (time-major); weight, position: [C_out, C_in]; bias: [C_out] or None.
+  // y[t, n, o] = b[o] + sum_i w[o, i] sum_d g_{o,i}(d) x[t - d, n, i], x[t < 0] = 0, d < max_delay:
+  // g is the Gaussian of width sigma around clamp(position, 0, max_delay - 1), truncated to the
+  // 2*ceil(3 sigma) taps of its window and renormalised; sigma == 0: one tap at round(position).
+  m.def(
+      "delay_linear(Tensor x, Tensor weight, Tensor position, Tensor? bias, int max_delay, "
+      "float sigma) -> Tensor");
+  // (grad_x, grad_weight, grad_position, grad_bias); each is zeros when its need_* flag is off.
+  m.def(
+      "delay_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor position, "
+      "int max_delay, float sigma, bool need_x_grad, bool need_weight_grad, "
+      "bool need_position_grad, bool need_bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // ---- wtacrs: winner-take-all column-row sampling, kernels/common/wtacrs_math.h ---------------
+  // Liu et al., NeurIPS 2023: grad_W = dY^T X estimated from k kept rows of X. x: [N, d] rows.
+  // norms[t] = ||x[t]||_2 in x's math type (fp32; fp64 for fp64).
+  m.def("wtacrs_row_norms(Tensor x) -> Tensor");
+  // (indices [k] int64, scales [k] in scores' dtype): the winner-take-all set (largest weights,
+  // scale 1; none when wta=False: plain CRS) then k - |C| draws with replacement from the rest
+  // (counter RNG keyed by seed, an int64 tensor of one element on scores' device), scale
+  // R / ((k - |C|) w_i). weights w = scores + 1e-3 * mean(scores). k >= N keeps every row.
+  m.def("wtacrs_select(Tensor scores, int k, bool wta, Tensor seed) -> (Tensor, Tensor)");
+  // out[j] = scales[j] * x[indices[j]] (a plain gather without scales), stored in dtype
+  // (default x's; fp32, bf16 or fp16 for non-fp64 x).
+  m.def(
+      "wtacrs_gather_scale(Tensor x, Tensor indices, Tensor? scales=None, "
+      "ScalarType? dtype=None) -> Tensor");
+  // (x_kept [k, d], indices [k]): row norms, scores = norms * grad_norm, select, gather-scale.
+  m.def(
+      "wtacrs_sample(Tensor x, Tensor? grad_norm, int k, bool wta, Tensor seed, "
+      "ScalarType? dtype=None) -> (Tensor, Tensor)");
+  // grad_W [d_out, d_in] = sum_j grad_y[indices[j]] x_kept[j]^T (grad_y rows read by index).
+  m.def("wtacrs_sampled_grad_weight(Tensor grad_y, Tensor indices, Tensor x_kept) -> Tensor");
+  // y = x W^T + b exactly; autograd keeps x_kept and indices instead of x.
+  m.def(
+      "wtacrs_linear(Tensor x, Tensor weight, Tensor? bias, Tensor x_kept, Tensor indices) "
+      "-> Tensor");
+  // (grad_x = grad_y W, grad_W = the estimator, grad_b = sum of grad_y); [0] when not needed.
+  m.def(
+      "wtacrs_linear_backward(Tensor grad_y, Tensor weight, Tensor x_kept, Tensor indices, "
+      "bool need_input, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
 }

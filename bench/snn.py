@@ -1,0 +1,274 @@
+"""Benchmarks of pypaper.snn: the fused multi-step LIF neuron.
+
+Providers: "pypaper" (the device's default backend; "pypaper-cuda" / "pypaper-triton" on GPUs),
+"spikingjelly" (SpikingJelly 2.0 LIFNode(step_mode='m'), its default torch backend: the time loop
+in Python; the baseline of the speedup column), "snntorch" (snntorch.Leaky stepped in a Python
+loop, beta = 1 - 1/tau, hard reset to zero), "reference" (pypaper's plain-PyTorch loop) and
+"compiled-reference" (torch.compile of the reference; T <= 64, since the loop unrolls).
+
+Neurons: tau = 2, v_threshold = 1, hard reset to 0, ATan(alpha=2) surrogate; input N(0.6, 1), so
+about a quarter of the neuron-steps spike.
+"""
+import importlib.util
+import math
+
+from . import harness  # first: sets THP_MEM_ALLOC_ENABLE before torch loads
+from .harness import Case, Provider, backward_only, forward_backward, saved_bytes, unavailable
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import pypaper  # noqa: E402
+from pypaper import snn  # noqa: E402
+from pypaper.snn import reference as snn_reference  # noqa: E402
+
+QUICK_MODES = ("fwd", "fwd+bwd")
+TAU = 2.0
+BATCH = 16
+MAX_COMPILED_T = 64
+
+
+def _pypaper(x):
+    return snn.lif_multi_step(x, tau=TAU, surrogate_function=snn.surrogate.ATan())[0]
+
+
+def _compiled_reference():
+    """torch.compile of the reference loop (SURROGATE_IDS['ATan'], alpha 2)."""
+    sid = snn_reference.SURROGATE_IDS["ATan"]
+
+    def ref(x):
+        decay = torch.tensor(TAU, dtype=torch.float32, device=x.device)
+        vth = torch.tensor(1.0, dtype=torch.float32, device=x.device)
+        return snn_reference.lif_multi_step(x, None, decay, vth, 0.0, sid, 2.0, True, True,
+                                            False, False, False)[0]
+
+    return torch.compile(ref)
+
+
+def _spikingjelly():
+    """SpikingJelly's multi-step LIFNode (reset before every call), or the reason it is missing."""
+    if importlib.util.find_spec("spikingjelly") is None:
+        return None, "spikingjelly is not installed"
+    try:
+        from spikingjelly.activation_based import functional, neuron, surrogate
+    except Exception as e:  # a broken install (its logger needs loguru, ...)
+        return None, f"spikingjelly failed to import ({type(e).__name__}: {e})"
+    node = neuron.LIFNode(tau=TAU, surrogate_function=surrogate.ATan(), step_mode="m")
+
+    def run(x):
+        functional.reset_net(node)
+        return node(x)
+
+    return run, None
+
+
+def _snntorch():
+    """snntorch.Leaky in a per-step loop (its documented usage), or the reason it is missing."""
+    if importlib.util.find_spec("snntorch") is None:
+        return None, "snntorch is not installed"
+    import snntorch
+    from snntorch import surrogate
+
+    leaky = snntorch.Leaky(beta=1.0 - 1.0 / TAU, spike_grad=surrogate.atan(),
+                           reset_mechanism="zero")
+
+    def run(x):
+        mem = leaky.init_leaky()
+        out = []
+        for t in range(x.shape[0]):
+            spk, mem = leaky(x[t], mem)
+            out.append(spk)
+        return torch.stack(out)
+
+    return run, None
+
+
+def _provider(name, fn, x, xg, g, modes, params=(), backend=None) -> Provider:
+    calls = {}
+    inputs = [xg, *params]
+    if "fwd" in modes:
+        calls["fwd"] = lambda: fn(x)
+    if "bwd" in modes:
+        calls["bwd"] = backward_only(lambda: fn(xg), inputs, g)
+    if "fwd+bwd" in modes:
+        calls["fwd+bwd"] = forward_backward(lambda: fn(xg), inputs, g)
+    if backend is not None:
+        def wrap(call):
+            def run():
+                with pypaper.use_backend(backend):
+                    return call()
+            return run
+        calls = {m: wrap(c) for m, c in calls.items()}
+    p = Provider(name, calls)
+    if "bwd" in modes or "fwd+bwd" in modes:
+        if backend is not None:
+            with pypaper.use_backend(backend):
+                p.saved_bytes = saved_bytes(lambda: fn(xg), exclude=params)
+        else:
+            p.saved_bytes = saved_bytes(lambda: fn(xg), exclude=params)
+    return p
+
+
+def _backend_reason(backend, x):
+    try:
+        with pypaper.use_backend(backend):
+            snn.backend_for(x)
+    except pypaper.BackendUnavailable as e:
+        return str(e)
+    return None
+
+
+def _peer_providers(make, x, steps) -> list:
+    """spikingjelly, snntorch, reference and compiled-reference through ``make(name, fn, backend)``."""
+    out = []
+    sj, why = _spikingjelly()
+    out.append(make("spikingjelly", sj, None) if sj else unavailable("spikingjelly", why))
+    st, why = _snntorch()
+    out.append(make("snntorch", st, None) if st else unavailable("snntorch", why))
+    out.append(make("reference", _pypaper, "reference"))
+    if steps <= MAX_COMPILED_T:
+        out.append(make("compiled-reference", _compiled_reference(), None))
+    else:
+        out.append(unavailable("compiled-reference",
+                               f"torch.compile unrolls the T-step loop: not run for T > {MAX_COMPILED_T}"))
+    return out
+
+
+def _lif_providers(steps, neurons, dtype, device, modes) -> list:
+    shape = (steps, BATCH, neurons // BATCH)
+    x = (torch.randn(shape, device=device) + 0.6).to(dtype)
+    xg = x.detach().clone().requires_grad_()
+    g = torch.randn_like(x)
+
+    def make(name, fn, backend):
+        return _provider(name, fn, x, xg, g, modes, backend=backend)
+
+    out = [make("pypaper", _pypaper, None)]
+    if x.device.type == "cuda":
+        for b in ("cuda", "triton"):
+            why = _backend_reason(b, x)
+            out.append(unavailable(f"pypaper-{b}", why) if why else make(f"pypaper-{b}", _pypaper, b))
+    return out + _peer_providers(make, x, steps)
+
+
+def lif_case(steps, neurons, dtype, device, modes=harness.MODES) -> Case:
+    """The LIF neuron alone on x [T, 16, neurons/16]."""
+    e = torch.empty((), dtype=dtype).element_size()
+    per_step = neurons * e
+    return Case(
+        f"LIF multi-step T={steps}", (steps, BATCH, neurons // BATCH), dtype, device,
+        bytes_moved={m: v for m, v in (("fwd", 3 * steps * per_step), ("bwd", 3 * steps * per_step),
+                                       ("fwd+bwd", 6 * steps * per_step)) if m in modes},
+        providers=lambda: _lif_providers(steps, neurons, dtype, device, modes),
+        bytes_note="fwd: X read + S written + one value per neuron-step kept for backward (H); "
+                   "bwd: grad_S and H read + grad_X written",
+        baseline="spikingjelly",
+    )
+
+
+# ---- Linear(n, n) + LIF, the Open Neuromorphic library benchmark shape -------------------------
+
+
+def _layer_providers(steps, n, device, modes) -> list:
+    torch.manual_seed(0)
+    lin = nn.Linear(n, n).to(device)
+    x = torch.rand(steps, BATCH, n, device=device)
+    xg = x.detach().clone().requires_grad_()
+    g = torch.randn(steps, BATCH, n, device=device)
+    params = list(lin.parameters())
+
+    def make(name, neuron_fn, backend):
+        if neuron_fn is None:
+            return None
+        return _provider(name, lambda t: neuron_fn(lin(t)), x, xg, g, modes, params, backend)
+
+    out = [make("pypaper", _pypaper, None)]
+    return out + _peer_providers(make, x, steps)
+
+
+def layer_case(steps, n, device, modes=QUICK_MODES) -> Case:
+    """Linear(n, n) + LIF on [T, 16, n] (open-neuromorphic.org's SNN library benchmark)."""
+    lif = steps * BATCH * n * 4
+    return Case(
+        f"Linear({n},{n})+LIF T={steps}", (steps, BATCH, n), torch.float32, device,
+        bytes_moved={m: v for m, v in (("fwd", 3 * lif), ("bwd", 3 * lif), ("fwd+bwd", 6 * lif))
+                     if m in modes},
+        providers=lambda: _layer_providers(steps, n, device, modes),
+        bytes_note="the LIF part only, as above (the Linear's GEMM dominates)",
+        baseline="spikingjelly",
+    )
+
+
+# ---- SLTT online training against BPTT: memory as T grows ------------------------------------
+
+
+def _sltt_providers(steps, n, device) -> list:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(n, n), snn.LIFNode(tau=TAU, surrogate_function=snn.surrogate.ATan(),
+                                                        step_mode="m"),
+                          nn.Linear(n, 10)).to(device)
+    x = torch.rand(steps, BATCH, n, device=device)
+    target = torch.randint(0, 10, (BATCH,), device=device)
+    params = list(model.parameters())
+
+    def loss_fn(out, y):  # per-step output [N, 10] (online) or the time mean (BPTT)
+        return nn.functional.cross_entropy(out if out.dim() == 2 else out.mean(0), y)
+
+    def bptt():
+        snn.reset_net(model)
+        loss = loss_fn(model(x), target)
+        loss.backward()
+        return loss
+
+    def online():
+        return snn.sltt.train_step_online(model, x, target, lambda o, y: loss_fn(o, y) / steps)
+
+    def bptt_forward():
+        snn.reset_net(model)
+        return model(x)
+
+    def online_step_forward():
+        # what one online step keeps: the graph of one time step (the membrane is detached)
+        neurons = [m for m in model.modules() if isinstance(m, snn.LIFNode)]
+        for m in neurons:
+            m.step_mode, m.sltt = "s", True
+        try:
+            snn.reset_net(model)
+            return model(x[0])
+        finally:
+            for m in neurons:
+                m.step_mode, m.sltt = "m", False
+                m.reset()
+
+    p_bptt = Provider("pypaper-bptt", {"fwd+bwd": bptt},
+                      saved_bytes=saved_bytes(bptt_forward, exclude=params))
+    p_sltt = Provider("pypaper-sltt-online", {"fwd+bwd": online},
+                      saved_bytes=saved_bytes(online_step_forward, exclude=params))
+    return [p_bptt, p_sltt]
+
+
+def sltt_case(steps, n, device) -> Case:
+    return Case(
+        f"train step Linear({n},{n})+LIF+Linear, BPTT vs SLTT online, T={steps}",
+        (steps, BATCH, n), torch.float32, device, bytes_moved={"fwd+bwd": 6 * steps * BATCH * n * 4},
+        providers=lambda: _sltt_providers(steps, n, device),
+        bytes_note="the LIF part only; the saved-for-backward column is the point: BPTT keeps "
+                   "every step, SLTT online one step",
+        baseline="pypaper-bptt",
+    )
+
+
+def cases(device: str = "cpu", quick: bool = False, numel: int = 1 << 23) -> list:
+    """Quick: T = 32 with 2^18 neurons (the issue's figure), fp32, fwd and fwd+bwd.
+    Full: T in {4, 8, 16, 32, 64} at 2^18 neurons, 2^16 and 2^20 at T = 32, bf16, the Linear+LIF
+    shapes (T = 500, n in {512, 1024, 2048}) and SLTT vs BPTT memory for T in {8, 32, 128}.
+    ``numel`` (neuron-steps) scales the quick case for smoke tests: neurons = numel / 32."""
+    f32 = torch.float32
+    if quick:
+        return [lif_case(32, max(BATCH, numel // 32), f32, device, QUICK_MODES)]
+    out = [lif_case(t, 1 << 18, f32, device) for t in (4, 8, 16, 32, 64)]
+    out += [lif_case(32, 1 << 16, f32, device), lif_case(32, 1 << 20, f32, device),
+            lif_case(32, 1 << 18, torch.bfloat16, device)]
+    out += [layer_case(500, n, device) for n in (512, 1024, 2048)]
+    out += [sltt_case(t, 1024, device) for t in (8, 32, 128)]
+    return out

@@ -1,0 +1,113 @@
+// Argument checks and preparation shared by the CPU and CUDA implementations of the snn ops.
+// The Python wrappers (pypaper/snn/ops.py) check first with friendlier errors; these checks keep a
+// direct torch.ops.pypaper.lif_* call from crashing or answering wrong.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "../../kernels/common/snn_math.h"
+
+namespace pypaper {
+namespace snn {
+
+inline bool is_float_type(at::ScalarType st) {
+  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
+}
+
+// x: [T, N, *] of a float type.
+inline void check_x(const at::Tensor& x, const char* name = "x") {
+  TORCH_CHECK(is_float_type(x.scalar_type()), name,
+              " must be a float32, float64, float16 or bfloat16 tensor, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 2, name, " must have shape [T, N, *] (at least 2 dims), got ", x.dim(),
+              " dims");
+}
+
+// fp32 math for fp32/bf16/fp16, fp64 for fp64.
+inline at::ScalarType math_type_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Neurons per step (N times the feature count) and features per sample (x.shape[2:]).
+inline int64_t neurons_of(const at::Tensor& x) {
+  int64_t n = 1;
+  for (int64_t d = 1; d < x.dim(); ++d) n *= x.size(d);
+  return n;
+}
+
+inline int64_t features_of(const at::Tensor& x) {
+  int64_t f = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) f *= x.size(d);
+  return f;
+}
+
+// A per-layer (one element) or per-neuron (shape x.shape[2:], broadcast over the batch)
+// parameter, as a contiguous tensor of the math type, and its period (1 or the feature count).
+struct NeuronParam {
+  at::Tensor values;
+  int64_t period;
+};
+
+inline NeuronParam prepare_param(const at::Tensor& p, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(p.device() == x.device(), name, " is on ", p.device(), " but x is on ", x.device());
+  TORCH_CHECK(is_float_type(p.scalar_type()), name, " must be a floating tensor, got ",
+              p.scalar_type());
+  const auto feat = x.sizes().slice(2);
+  TORCH_CHECK(p.numel() == 1 || p.sizes() == feat, name, " has shape ", p.sizes(),
+              ", expected one element or the feature shape x.shape[2:] = ", feat);
+  return NeuronParam{p.to(math_type_of(x)).contiguous(), p.numel() == 1 ? 1 : features_of(x)};
+}
+
+// v_init: the membrane before step 0, shape x.shape[1:], x's dtype and device.
+inline void check_state(const c10::optional<at::Tensor>& v, const at::Tensor& x,
+                        const char* name) {
+  if (!v.has_value()) return;
+  TORCH_CHECK(v->device() == x.device(), name, " is on ", v->device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(v->scalar_type() == x.scalar_type(), name, " has dtype ", v->scalar_type(),
+              " but x has dtype ", x.scalar_type());
+  TORCH_CHECK(v->sizes() == x.sizes().slice(1), name, " has shape ", v->sizes(),
+              ", expected x.shape[1:] = ", x.sizes().slice(1));
+}
+
+inline void check_scalars(int64_t surrogate, double alpha, const c10::optional<double>& v_reset) {
+  TORCH_CHECK(valid_surrogate(surrogate), "surrogate must be an id in [0, ", kNumSurrogates,
+              "), got ", surrogate);
+  TORCH_CHECK(std::isfinite(alpha) && alpha > 0, "alpha must be positive and finite, got ",
+              alpha);
+  TORCH_CHECK(!v_reset.has_value() || std::isfinite(*v_reset),
+              "v_reset must be finite or None, got ", v_reset.has_value() ? *v_reset : 0.0);
+}
+
+// Values of the (prepared, contiguous, host-readable) parameters: tau > 1 (decay_is_tau) or
+// 0 < k <= 1, finite thresholds above v_reset for a hard reset. Reads the data: CPU tensors here;
+// a CUDA implementation checks a host copy of these small tensors or leaves it to Python.
+template <typename T>
+inline void check_param_values(const T* decay, int64_t nd, bool decay_is_tau, const T* vth,
+                               int64_t nv, const c10::optional<double>& v_reset) {
+  for (int64_t i = 0; i < nd; ++i) {
+    const double d = static_cast<double>(decay[i]);
+    if (decay_is_tau) {
+      TORCH_CHECK(std::isfinite(d) && d > 1.0, "tau must be finite and > 1, got ", d);
+    } else {
+      TORCH_CHECK(std::isfinite(d) && d > 0.0 && d <= 1.0, "k = 1/tau must be in (0, 1], got ",
+                  d);
+    }
+  }
+  for (int64_t i = 0; i < nv; ++i) {
+    const double t = static_cast<double>(vth[i]);
+    TORCH_CHECK(std::isfinite(t), "v_threshold must be finite, got ", t);
+    TORCH_CHECK(!v_reset.has_value() || t > *v_reset, "v_threshold (", t,
+                ") must be greater than v_reset (", *v_reset, ")");
+  }
+}
+
+inline std::vector<int64_t> state_shape(const at::Tensor& x) {
+  return std::vector<int64_t>(x.sizes().begin() + 1, x.sizes().end());
+}
+
+}  // namespace snn
+}  // namespace pypaper

@@ -1,0 +1,215 @@
+// CPU implementations of the fused LIF ops: argument checks, allocation and at::parallel_for over
+// neuron chunks around the torch-free loops of kernels/cpu/snn_cpu.h.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../../kernels/cpu/snn_cpu.h"
+#include "snn_args.h"
+
+namespace pypaper {
+namespace snn {
+namespace {
+
+// Calls f with the torch-free storage type of x's dtype.
+template <typename F>
+void dispatch_storage(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kBFloat16: f(cpu::bf16{}); break;
+    case at::kHalf: f(cpu::fp16{}); break;
+    default: TORCH_CHECK(false, "x must be float32, float64, float16 or bfloat16, got ", st);
+  }
+}
+
+template <typename In>
+const In* cptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const In*>(t.data_ptr()) : nullptr;
+}
+
+template <typename In>
+In* mptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<In*>(t.data_ptr()) : nullptr;
+}
+
+// Chunks per task: at least ~64K neuron-steps each, so small calls stay on one thread.
+int64_t chunk_grain(int64_t steps) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / (std::max<int64_t>(steps, 1) * cpu::kLifChunk));
+}
+
+at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& v_init_in,
+    const at::Tensor& decay_in, const at::Tensor& vth_in, c10::optional<double> v_reset,
+    int64_t surrogate, double alpha, bool decay_input, bool decay_is_tau, bool /*detach_reset*/,
+    bool /*sltt*/, bool store_v_seq) {
+  check_x(x_in);
+  check_state(v_init_in, x_in, "v_init");
+  check_scalars(surrogate, alpha, v_reset);
+  const at::Tensor x = x_in.contiguous();
+  const NeuronParam decay = prepare_param(decay_in, x, decay_is_tau ? "tau" : "k");
+  const NeuronParam vth = prepare_param(vth_in, x, "v_threshold");
+  const at::Tensor v_init = contiguous_or_undefined(v_init_in);
+  const int64_t steps = x.size(0), neurons = neurons_of(x);
+  at::Tensor spikes = at::empty(x.sizes(), x.options());
+  at::Tensor h_seq = at::empty(x.sizes(), x.options());
+  at::Tensor v_last = at::empty(state_shape(x), x.options());
+  at::Tensor v_seq = store_v_seq ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  dispatch_storage(x.scalar_type(), [&](auto tag) {
+    using In = decltype(tag);
+    using T = typename cpu::acc_type<In>::type;
+    const T* dp = decay.values.template data_ptr<T>();
+    const T* tp = vth.values.template data_ptr<T>();
+    check_param_values(dp, decay.values.numel(), decay_is_tau, tp, vth.values.numel(), v_reset);
+    cpu::LifForwardArgs<In, T> a{};
+    a.x = cptr<In>(x);
+    a.v_init = cptr<In>(v_init);
+    a.decay = dp;
+    a.decay_period = decay.period;
+    a.vth = tp;
+    a.vth_period = vth.period;
+    a.spikes = mptr<In>(spikes);
+    a.h_seq = mptr<In>(h_seq);
+    a.v_seq = store_v_seq ? mptr<In>(v_seq) : nullptr;
+    a.v_last = mptr<In>(v_last);
+    a.steps = steps;
+    a.neurons = neurons;
+    a.v_reset = static_cast<T>(v_reset.value_or(0.0));
+    a.decay_input = decay_input;
+    a.div = decay_is_tau;
+    a.hard = v_reset.has_value();
+    a.stream = 2 * x.numel() * x.element_size() >= cpu::kStreamBytes;
+    at::parallel_for(0, cpu::lif_num_chunks(neurons), chunk_grain(steps),
+                     [&](int64_t c0, int64_t c1) { cpu::lif_forward(a, c0, c1); });
+  });
+  return {spikes, v_last, h_seq, v_seq};
+}
+
+// A parameter's gradient from per-neuron sums (summed over the batch here) or per-chunk partials
+// (added in chunk order), in the parameter's own shape and dtype.
+at::Tensor finish_param_grad(const at::Tensor& param, const NeuronParam& p, const at::Tensor& per_n,
+                             const std::vector<double>& partial) {
+  at::Tensor g;
+  if (p.period > 1) {
+    const int64_t n = per_n.numel();
+    g = n == 0 ? at::zeros({p.period}, per_n.options())
+               : at::sum(per_n.view({n / p.period, p.period}), {0});
+  } else {
+    double acc = 0.0;
+    for (double v : partial) acc += v;
+    g = at::empty({}, p.values.options());
+    if (g.scalar_type() == at::kDouble) {
+      *g.data_ptr<double>() = acc;
+    } else {
+      *g.data_ptr<float>() = static_cast<float>(acc);
+    }
+  }
+  return g.reshape(param.sizes()).to(param.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
+    const at::Tensor& grad_spikes_in, const c10::optional<at::Tensor>& grad_v_last_in,
+    const c10::optional<at::Tensor>& grad_v_seq_in, const at::Tensor& h_in,
+    const c10::optional<at::Tensor>& v_init_in, const at::Tensor& decay_in,
+    const at::Tensor& vth_in, c10::optional<double> v_reset, int64_t surrogate, double alpha,
+    bool decay_input, bool decay_is_tau, bool detach_reset, bool sltt, bool need_decay_grad,
+    bool need_threshold_grad) {
+  check_x(h_in, "h_seq");
+  check_state(v_init_in, h_in, "v_init");
+  check_scalars(surrogate, alpha, v_reset);
+  TORCH_CHECK(grad_spikes_in.sizes() == h_in.sizes() &&
+                  grad_spikes_in.scalar_type() == h_in.scalar_type() &&
+                  grad_spikes_in.device() == h_in.device(),
+              "grad_spikes must match h_seq in shape, dtype and device");
+  check_state(grad_v_last_in, h_in, "grad_v_last");
+  if (grad_v_seq_in.has_value()) {
+    TORCH_CHECK(grad_v_seq_in->sizes() == h_in.sizes() &&
+                    grad_v_seq_in->scalar_type() == h_in.scalar_type() &&
+                    grad_v_seq_in->device() == h_in.device(),
+                "grad_v_seq must match h_seq in shape, dtype and device");
+  }
+  const at::Tensor h = h_in.contiguous();
+  const at::Tensor gs = grad_spikes_in.contiguous();
+  const at::Tensor gvl = contiguous_or_undefined(grad_v_last_in);
+  const at::Tensor gvs = contiguous_or_undefined(grad_v_seq_in);
+  const at::Tensor v_init = contiguous_or_undefined(v_init_in);
+  const NeuronParam decay = prepare_param(decay_in, h, decay_is_tau ? "tau" : "k");
+  const NeuronParam vth = prepare_param(vth_in, h, "v_threshold");
+  const int64_t steps = h.size(0), neurons = neurons_of(h);
+  const int64_t chunks = cpu::lif_num_chunks(neurons);
+  at::Tensor gx = at::empty(h.sizes(), h.options());
+  at::Tensor gv_init = at::empty(state_shape(h), h.options());
+  const auto mopts = decay.values.options();
+  at::Tensor gk_n, gth_n;
+  std::vector<double> gk_c, gth_c;
+  if (need_decay_grad) {
+    if (decay.period > 1) gk_n = at::empty({neurons}, mopts);
+    else gk_c.assign(chunks, 0.0);
+  }
+  if (need_threshold_grad) {
+    if (vth.period > 1) gth_n = at::empty({neurons}, mopts);
+    else gth_c.assign(chunks, 0.0);
+  }
+  dispatch_storage(h.scalar_type(), [&](auto tag) {
+    using In = decltype(tag);
+    using T = typename cpu::acc_type<In>::type;
+    const T* dp = decay.values.template data_ptr<T>();
+    const T* tp = vth.values.template data_ptr<T>();
+    check_param_values(dp, decay.values.numel(), decay_is_tau, tp, vth.values.numel(), v_reset);
+    cpu::LifBackwardArgs<In, T> a{};
+    a.grad_spikes = cptr<In>(gs);
+    a.grad_v_last = cptr<In>(gvl);
+    a.grad_v_seq = cptr<In>(gvs);
+    a.h_seq = cptr<In>(h);
+    a.v_init = cptr<In>(v_init);
+    a.decay = dp;
+    a.decay_period = decay.period;
+    a.vth = tp;
+    a.vth_period = vth.period;
+    a.grad_x = mptr<In>(gx);
+    a.grad_v_init = mptr<In>(gv_init);
+    a.grad_decay_n = mptr<T>(gk_n);
+    a.grad_decay_chunk = need_decay_grad && decay.period == 1 ? gk_c.data() : nullptr;
+    a.grad_vth_n = mptr<T>(gth_n);
+    a.grad_vth_chunk = need_threshold_grad && vth.period == 1 ? gth_c.data() : nullptr;
+    a.steps = steps;
+    a.neurons = neurons;
+    a.v_reset = static_cast<T>(v_reset.value_or(0.0));
+    a.alpha = static_cast<T>(alpha);
+    a.surrogate = static_cast<int32_t>(surrogate);
+    a.decay_input = decay_input;
+    a.div = decay_is_tau;
+    a.hard = v_reset.has_value();
+    a.detach_reset = detach_reset;
+    a.sltt = sltt;
+    a.stream = h.numel() * h.element_size() >= cpu::kStreamBytes;
+    at::parallel_for(0, chunks, chunk_grain(steps),
+                     [&](int64_t c0, int64_t c1) { cpu::lif_backward(a, c0, c1); });
+  });
+  at::Tensor g_decay = need_decay_grad ? finish_param_grad(decay_in, decay, gk_n, gk_c)
+                                       : at::zeros(decay_in.sizes(), decay_in.options());
+  at::Tensor g_vth = need_threshold_grad ? finish_param_grad(vth_in, vth, gth_n, gth_c)
+                                         : at::zeros(vth_in.sizes(), vth_in.options());
+  return {gx, gv_init, g_decay, g_vth};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pypaper, CPU, m) {
+  m.impl("lif_forward", &lif_forward_cpu);
+  m.impl("lif_backward", &lif_backward_cpu);
+}
+
+}  // namespace snn
+}  // namespace pypaper

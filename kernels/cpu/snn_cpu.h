@@ -1,0 +1,408 @@
+// CPU loops of the fused multi-step LIF neuron, torch-free (math: kernels/common/snn_math.h).
+//
+// Layout: x, spikes, h_seq, v_seq, grad_x are [T, N] contiguous (N = all neurons of one step,
+// batch included); v_init, v_last, grad_v_init are [N]. A per-neuron parameter (decay, threshold)
+// has `period` values (1: one for all, or the feature count F: neuron n uses value n % F, i.e. it
+// broadcasts over the batch).
+//
+// The neurons are cut into chunks of kLifChunk. A chunk runs its whole time loop with its state
+// (membrane, parameters, gradient accumulators) in stack arrays that stay in L1; per time step the
+// inner loop over the chunk's neurons is a plain unit-stride loop the compiler vectorizes. Chunks
+// are independent, so the caller hands ranges of chunks to threads (csrc/snn/snn_cpu.cpp). The
+// chunk size is fixed - not derived from the thread count - so the reduced parameter gradients
+// (per-chunk partial sums, added in chunk order) are the same bits on any number of threads.
+//
+// The loops move 12 bytes per neuron-step forward (X in; S, H out) and 12 backward (gS, H in;
+// gX out), so they are bound by memory bandwidth: outputs too big for the caches go through a
+// staging row in L1 and out with non-temporal stores (stream_bytes), which saves the
+// read-for-ownership of every written cache line.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "../common/snn_math.h"
+#include "float16.h"
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace pypaper {
+namespace cpu {
+
+constexpr int64_t kLifChunk = 512;
+
+// Outputs of at least this many bytes are written with non-temporal stores: they are far bigger
+// than the caches, and streaming stores skip the read-for-ownership a normal store pays (which
+// otherwise costs as much bandwidth as the write). Smaller outputs stay in cache for the backward.
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
+
+// dst[0, n) = src[0, n) with non-temporal 32-byte stores where dst is aligned; the head and tail
+// bytes are copied normally. The caller ends its task with stream_fence().
+inline void stream_bytes(void* dst, const void* src, int64_t n) {
+#if defined(__AVX__)
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+  const int64_t head = std::min<int64_t>(n, (32 - reinterpret_cast<uintptr_t>(d) % 32) % 32);
+  std::memcpy(d, s, head);
+  int64_t i = head;
+  for (; i + 32 <= n; i += 32) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+  }
+  std::memcpy(d + i, s + i, n - i);
+#else
+  std::memcpy(dst, src, n);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
+inline int64_t lif_num_chunks(int64_t neurons) { return (neurons + kLifChunk - 1) / kLifChunk; }
+
+// ---- storage -------------------------------------------------------------------------------------
+
+// v rounded to In. bf16 without float16.h's early return for NaN (same bits: a quiet NaN, else
+// round to nearest even), which would keep the vectorizer out of the loops.
+template <typename In, typename T>
+inline In store_val(T v) {
+  if constexpr (std::is_same_v<In, bf16>) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return bf16{static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r)};
+  } else {
+    return store_as<In>(v);
+  }
+}
+
+
+// The neighbour of a bf16/fp16 value (its bits b) one step towards +inf (up) or -inf: one more
+// in magnitude when moving away from zero, one less towards it, and across zero +-0 -> the
+// smallest subnormal of the other sign. Selects only, so the loops stay vectorizable.
+inline uint32_t next_bits(uint32_t b, bool up) {
+  const bool neg = (b & 0x8000u) != 0;
+  const bool zero = (b & 0x7fffu) == 0;
+  const uint32_t toward_zero = zero ? (up ? 0x0001u : 0x8001u) : b - 1u;
+  return up != neg ? b + 1u : toward_zero;
+}
+
+// H as stored for the backward. The backward recomputes S = Theta(H - Vth) from the stored H, so
+// in 16 bits H is rounded to nearest unless that would cross the threshold; then it takes the
+// neighbour on the spike's side (one ulp further). Recomputed spikes always equal the forward's.
+template <typename In, typename T>
+inline In store_h(T h, T s, T vth) {
+  if constexpr (std::is_same_v<In, T>) {
+    return h;
+  } else {
+    const In r = store_val<In>(h);
+    const bool same = snn::fire(to_float(r), vth) == s;
+    const uint32_t b = r.bits;
+    In out;
+    out.bits = static_cast<uint16_t>(same ? b : next_bits(b, s > T(0)));
+    return out;
+  }
+}
+
+// ---- parameters --------------------------------------------------------------------------------
+
+// dst[j] = value of neuron n0 + j for j < len.
+template <typename T>
+inline void fill_param(T* __restrict dst, const T* __restrict src, int64_t period, int64_t n0,
+                       int64_t len) {
+  if (period == 1) {
+    std::fill(dst, dst + len, src[0]);
+    return;
+  }
+  int64_t i = n0 % period;
+  for (int64_t j = 0; j < len; ++j) {
+    dst[j] = src[i];
+    if (++i == period) i = 0;
+  }
+}
+
+// ---- forward -----------------------------------------------------------------------------------
+
+template <typename In, typename T>
+struct LifForwardArgs {
+  const In* x;       // [T, N]
+  const In* v_init;  // [N] or nullptr: start at rest (v_reset, or 0 for a soft reset)
+  const T* decay;    // tau (div) or k = 1/tau, `decay_period` values
+  int64_t decay_period;
+  const T* vth;
+  int64_t vth_period;
+  In* spikes;  // [T, N]
+  In* h_seq;   // [T, N]
+  In* v_seq;   // [T, N] or nullptr
+  In* v_last;  // [N]
+  int64_t steps, neurons;
+  T v_reset;  // the hard-reset potential; 0 for a soft reset (the charge's Vr)
+  bool decay_input, div, hard;
+  bool stream;  // non-temporal stores of spikes, h_seq, v_seq (outputs >= kStreamBytes)
+};
+
+template <bool DI, bool DIV, bool HARD, typename In, typename T>
+inline void lif_forward_row(const In* __restrict x, In* __restrict s_out, In* __restrict h_out,
+                            T* __restrict v, const T* __restrict k, const T* __restrict th, T vr,
+                            int64_t len) {
+  for (int64_t j = 0; j < len; ++j) {
+    const T h = snn::charge<DI, DIV>(v[j], static_cast<T>(to_float(x[j])), k[j], vr);
+    const T s = snn::fire(h, th[j]);
+    s_out[j] = store_val<In>(s);
+    h_out[j] = store_h<In>(h, s, th[j]);
+    v[j] = snn::reset<HARD>(h, s, th[j], vr);
+  }
+}
+
+template <typename In, typename T>
+inline void store_row(In* __restrict dst, const T* __restrict v, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) dst[j] = store_val<In>(v[j]);
+}
+
+template <typename In, typename T>
+inline void load_row(T* __restrict dst, const In* __restrict src, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<T>(to_float(src[j]));
+}
+
+template <bool DI, bool DIV, bool HARD, typename In, typename T>
+void lif_forward_chunks(const LifForwardArgs<In, T>& a, int64_t c0, int64_t c1) {
+  alignas(64) T v[kLifChunk];
+  alignas(64) T k[kLifChunk];
+  alignas(64) T th[kLifChunk];
+  alignas(64) In s_row[kLifChunk];  // staging rows for the streamed stores
+  alignas(64) In h_row[kLifChunk];
+  const int64_t N = a.neurons;
+  const int64_t row_bytes = static_cast<int64_t>(sizeof(In));
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t n0 = c * kLifChunk;
+    const int64_t len = std::min(kLifChunk, N - n0);
+    fill_param(k, a.decay, a.decay_period, n0, len);
+    fill_param(th, a.vth, a.vth_period, n0, len);
+    if (a.v_init) {
+      load_row(v, a.v_init + n0, len);
+    } else {
+      std::fill(v, v + len, a.v_reset);
+    }
+    for (int64_t t = 0; t < a.steps; ++t) {
+      const int64_t off = t * N + n0;
+      if (a.stream) {
+        lif_forward_row<DI, DIV, HARD>(a.x + off, s_row, h_row, v, k, th, a.v_reset, len);
+        stream_bytes(a.spikes + off, s_row, len * row_bytes);
+        stream_bytes(a.h_seq + off, h_row, len * row_bytes);
+        if (a.v_seq) {
+          store_row(s_row, v, len);
+          stream_bytes(a.v_seq + off, s_row, len * row_bytes);
+        }
+      } else {
+        lif_forward_row<DI, DIV, HARD>(a.x + off, a.spikes + off, a.h_seq + off, v, k, th,
+                                       a.v_reset, len);
+        if (a.v_seq) store_row(a.v_seq + off, v, len);
+      }
+    }
+    store_row(a.v_last + n0, v, len);
+  }
+  if (a.stream) stream_fence();
+}
+
+// Runs chunks [c0, c1) with the variant the flags select.
+template <typename In, typename T>
+void lif_forward(const LifForwardArgs<In, T>& a, int64_t c0, int64_t c1) {
+  const int key = (a.decay_input ? 4 : 0) | (a.div ? 2 : 0) | (a.hard ? 1 : 0);
+  switch (key) {
+    case 0: lif_forward_chunks<false, false, false>(a, c0, c1); break;
+    case 1: lif_forward_chunks<false, false, true>(a, c0, c1); break;
+    case 2: lif_forward_chunks<false, true, false>(a, c0, c1); break;
+    case 3: lif_forward_chunks<false, true, true>(a, c0, c1); break;
+    case 4: lif_forward_chunks<true, false, false>(a, c0, c1); break;
+    case 5: lif_forward_chunks<true, false, true>(a, c0, c1); break;
+    case 6: lif_forward_chunks<true, true, false>(a, c0, c1); break;
+    default: lif_forward_chunks<true, true, true>(a, c0, c1); break;
+  }
+}
+
+// ---- backward ----------------------------------------------------------------------------------
+
+template <typename In, typename T>
+struct LifBackwardArgs {
+  const In* grad_spikes;  // [T, N]
+  const In* grad_v_last;  // [N] or nullptr (zero)
+  const In* grad_v_seq;   // [T, N] or nullptr (zero)
+  const In* h_seq;        // [T, N], from the forward
+  const In* v_init;       // [N] or nullptr (rest); read only for the decay gradient
+  const T* decay;
+  int64_t decay_period;
+  const T* vth;
+  int64_t vth_period;
+  In* grad_x;       // [T, N]
+  In* grad_v_init;  // [N]
+  // Parameter gradients, summed over time inside a chunk. Per-neuron parameters (period > 1): one
+  // value per neuron, grad_*_n[n] (the caller sums over the batch). Scalars: one partial per
+  // chunk, grad_*_chunk[c] (the caller adds them in chunk order). nullptr: not needed.
+  T* grad_decay_n;
+  double* grad_decay_chunk;
+  T* grad_vth_n;
+  double* grad_vth_chunk;
+  int64_t steps, neurons;
+  T v_reset;  // hard-reset potential, or 0 (soft)
+  T alpha;
+  int32_t surrogate;
+  bool decay_input, div, hard, detach_reset, sltt;
+  bool stream;  // non-temporal stores of grad_x (outputs >= kStreamBytes)
+};
+
+// One reverse step t over a chunk. FIRST: t == 0, V[t-1] is v_init (only read when NEEDK).
+template <bool HARD, snn::Surrogate SURR, bool NEEDK, bool FIRST, typename In, typename T>
+inline void lif_backward_row(const In* __restrict gs, const In* __restrict h,
+                             const In* __restrict hprev, const T* __restrict vinit,
+                             T* __restrict carry, const T* __restrict th,
+                             const T* __restrict cx, const T* __restrict cv,
+                             const T* __restrict ch, const T* __restrict cr, T* __restrict gk,
+                             T* __restrict gth, In* __restrict gx, T vr, T alpha, T dr,
+                             int64_t len) {
+  for (int64_t j = 0; j < len; ++j) {
+    const T hj = static_cast<T>(to_float(h[j]));
+    const T xj = hj - th[j];
+    const T s = xj >= T(0) ? T(1) : T(0);
+    const T sg = snn::surrogate_grad<SURR>(xj, alpha);
+    const auto g = snn::step_grad<HARD>(static_cast<T>(to_float(gs[j])), carry[j], hj, s, sg,
+                                        th[j], vr, dr);
+    gth[j] += g.gvth;
+    gx[j] = store_val<In>(g.gh * cx[j]);
+    if constexpr (NEEDK) {
+      T vp;
+      if constexpr (FIRST) {
+        vp = vinit[j];
+      } else {
+        const T hp = static_cast<T>(to_float(hprev[j]));
+        vp = snn::reset<HARD>(hp, snn::fire(hp, th[j]), th[j], vr);
+      }
+      gk[j] += g.gh * ((hj - vp) * ch[j] + (vp - vr) * cr[j]);
+    }
+    carry[j] = g.gh * cv[j];
+  }
+}
+
+template <typename In, typename T>
+inline void add_row(T* __restrict dst, const In* __restrict src, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) dst[j] += static_cast<T>(to_float(src[j]));
+}
+
+template <typename T>
+inline double sum_in_order(const T* v, int64_t len) {
+  double acc = 0.0;
+  for (int64_t j = 0; j < len; ++j) acc += static_cast<double>(v[j]);
+  return acc;
+}
+
+template <bool HARD, snn::Surrogate SURR, bool NEEDK, typename In, typename T>
+void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1) {
+  alignas(64) T carry[kLifChunk];
+  alignas(64) T th[kLifChunk];
+  alignas(64) T cx[kLifChunk];
+  alignas(64) T cv[kLifChunk];
+  alignas(64) T ch[kLifChunk];
+  alignas(64) T cr[kLifChunk];
+  alignas(64) T gk[kLifChunk];
+  alignas(64) T gth[kLifChunk];
+  alignas(64) T vinit[kLifChunk];
+  alignas(64) T dec[kLifChunk];
+  alignas(64) In gx_row[kLifChunk];  // staging row for the streamed stores
+  const int64_t N = a.neurons;
+  const T dr = a.detach_reset ? T(0) : T(1);
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t n0 = c * kLifChunk;
+    const int64_t len = std::min(kLifChunk, N - n0);
+    fill_param(th, a.vth, a.vth_period, n0, len);
+    fill_param(dec, a.decay, a.decay_period, n0, len);
+    for (int64_t j = 0; j < len; ++j) {
+      const auto co = snn::decay_coef(dec[j], a.decay_input, a.div, a.sltt);
+      cx[j] = co.cx;
+      cv[j] = co.cv;
+      ch[j] = co.ch;
+      cr[j] = co.cr;
+    }
+    if (NEEDK) {
+      if (a.v_init) {
+        load_row(vinit, a.v_init + n0, len);
+      } else {
+        std::fill(vinit, vinit + len, a.v_reset);
+      }
+    }
+    if (a.grad_v_last) {
+      load_row(carry, a.grad_v_last + n0, len);
+    } else {
+      std::fill(carry, carry + len, T(0));
+    }
+    std::fill(gk, gk + len, T(0));
+    std::fill(gth, gth + len, T(0));
+    for (int64_t t = a.steps - 1; t >= 0; --t) {
+      const int64_t off = t * N + n0;
+      if (a.grad_v_seq) add_row(carry, a.grad_v_seq + off, len);
+      In* gx = a.stream ? gx_row : a.grad_x + off;
+      if (t > 0) {
+        lif_backward_row<HARD, SURR, NEEDK, false>(a.grad_spikes + off, a.h_seq + off,
+                                                   a.h_seq + off - N, vinit, carry, th, cx, cv,
+                                                   ch, cr, gk, gth, gx, a.v_reset, a.alpha, dr,
+                                                   len);
+      } else {
+        lif_backward_row<HARD, SURR, NEEDK, true>(a.grad_spikes + off, a.h_seq + off,
+                                                  a.h_seq + off, vinit, carry, th, cx, cv, ch,
+                                                  cr, gk, gth, gx, a.v_reset, a.alpha, dr, len);
+      }
+      if (a.stream) stream_bytes(a.grad_x + off, gx_row, len * int64_t(sizeof(In)));
+    }
+    store_row(a.grad_v_init + n0, carry, len);
+    if (NEEDK) {
+      if (a.grad_decay_n) std::memcpy(a.grad_decay_n + n0, gk, sizeof(T) * len);
+      if (a.grad_decay_chunk) a.grad_decay_chunk[c] = sum_in_order(gk, len);
+    }
+    if (a.grad_vth_n) std::memcpy(a.grad_vth_n + n0, gth, sizeof(T) * len);
+    if (a.grad_vth_chunk) a.grad_vth_chunk[c] = sum_in_order(gth, len);
+  }
+  if (a.stream) stream_fence();
+}
+
+template <bool HARD, snn::Surrogate SURR, typename In, typename T>
+void lif_backward_k(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1) {
+  if (a.grad_decay_n || a.grad_decay_chunk) {
+    lif_backward_chunks<HARD, SURR, true>(a, c0, c1);
+  } else {
+    lif_backward_chunks<HARD, SURR, false>(a, c0, c1);
+  }
+}
+
+template <bool HARD, typename In, typename T>
+void lif_backward_s(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1) {
+  using snn::Surrogate;
+  switch (static_cast<Surrogate>(a.surrogate)) {
+    case Surrogate::Sigmoid: lif_backward_k<HARD, Surrogate::Sigmoid>(a, c0, c1); break;
+    case Surrogate::ATan: lif_backward_k<HARD, Surrogate::ATan>(a, c0, c1); break;
+    case Surrogate::PiecewiseQuadratic:
+      lif_backward_k<HARD, Surrogate::PiecewiseQuadratic>(a, c0, c1);
+      break;
+    case Surrogate::PiecewiseExp: lif_backward_k<HARD, Surrogate::PiecewiseExp>(a, c0, c1); break;
+    case Surrogate::SoftSign: lif_backward_k<HARD, Surrogate::SoftSign>(a, c0, c1); break;
+    case Surrogate::SuperSpike: lif_backward_k<HARD, Surrogate::SuperSpike>(a, c0, c1); break;
+    case Surrogate::Erf: lif_backward_k<HARD, Surrogate::Erf>(a, c0, c1); break;
+    default: lif_backward_k<HARD, Surrogate::Rect>(a, c0, c1); break;
+  }
+}
+
+// Runs chunks [c0, c1) of the reverse scan with the variant the flags select.
+template <typename In, typename T>
+void lif_backward(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1) {
+  if (a.hard) {
+    lif_backward_s<true>(a, c0, c1);
+  } else {
+    lif_backward_s<false>(a, c0, c1);
+  }
+}
+
+}  // namespace cpu
+}  // namespace pypaper

@@ -1,0 +1,27 @@
+"""pypaper.snn: spiking neurons with a fused time loop, drop-in for SpikingJelly.
+
+    from pypaper.snn import neuron, surrogate, functional
+    lif = neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), step_mode="m")
+    spikes = lif(x_seq)                      # x_seq: [T, N, *]
+    functional.reset_net(model)              # between samples
+
+    lif_multi_step(x_seq, v=None, *, tau=2.0 | k=..., v_threshold=1.0, v_reset=0.0, ...)
+        -> (spikes, v_last, v_seq)           # the fused op behind the neurons
+    sltt.train_step_online(model, x_seq, target, loss_fn, optimizer, k=None)   # online SLTT(-K)
+
+Kernels: C++ kernels/cpu/snn_cpu.h; the shared per-element math kernels/common/snn_math.h; the
+plain-PyTorch reference pypaper/snn/reference.py.
+"""
+from .. import _ext
+from . import _registration, functional, neuron, reference, sltt, surrogate
+from .functional import detach_net, reset_net, set_step_mode
+from .neuron import LIFNode, ParametricLIFNode
+from .ops import backend_for, lif_multi_step
+from .delays import DelayedLinear  # learnable synaptic delays (pypaper/snn/delays.py)
+
+if _ext.LOADED:
+    _registration.register_native()
+
+__all__ = ["LIFNode", "ParametricLIFNode", "backend_for", "detach_net", "functional",
+           "lif_multi_step", "neuron", "reference", "reset_net", "set_step_mode", "sltt",
+           "surrogate"]

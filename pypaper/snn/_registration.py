@@ -1,0 +1,108 @@
+"""Fake (meta) kernels and autograd of the LIF ops, registered once at import.
+
+Fake kernels give shapes and dtypes without computing, so the ops trace under
+torch.compile(fullgraph=True); the autograd backward is itself an op (lif_backward), so the
+backward compiles too. What autograd keeps for the backward: h_seq (H[t], one value per
+neuron-step in x's dtype), the two parameter tensors (one value or one per feature), and v_init
+only when the decay needs its gradient (its step-0 term dH/dk reads V[-1]).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _fake_lif_forward(x, v_init, decay, v_threshold, v_reset, surrogate, alpha, decay_input,
+                      decay_is_tau, detach_reset, sltt, store_v_seq):
+    torch._check(x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                 lambda: f"x must be a floating tensor, got {x.dtype}")
+    torch._check(x.dim() >= 2, lambda: "x must have shape [T, N, *]")
+    spikes = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h_seq = torch.empty_like(x, memory_format=torch.contiguous_format)
+    v_last = x.new_empty(x.shape[1:])
+    v_seq = (torch.empty_like(x, memory_format=torch.contiguous_format) if store_v_seq
+             else x.new_empty((0,)))
+    return spikes, v_last, h_seq, v_seq
+
+
+def _fake_lif_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, v_init, decay, v_threshold,
+                       v_reset, surrogate, alpha, decay_input, decay_is_tau, detach_reset, sltt,
+                       need_decay_grad, need_threshold_grad):
+    torch._check(grad_spikes.shape == h_seq.shape, lambda: "grad_spikes must match h_seq")
+    return (torch.empty_like(h_seq, memory_format=torch.contiguous_format),
+            h_seq.new_empty(h_seq.shape[1:]),
+            torch.empty_like(decay, memory_format=torch.contiguous_format),
+            torch.empty_like(v_threshold, memory_format=torch.contiguous_format))
+
+
+def _lif_setup(ctx, inputs, output):
+    (x, v_init, decay, v_threshold, v_reset, surrogate, alpha, decay_input, decay_is_tau,
+     detach_reset, sltt, store_v_seq) = inputs
+    _, _, h_seq, _ = output
+    ctx.mark_non_differentiable(h_seq)
+    need_decay = ctx.needs_input_grad[2]
+    keep_v = need_decay and v_init is not None
+    ctx.keep_v = keep_v
+    ctx.save_for_backward(h_seq, decay, v_threshold, *((v_init,) if keep_v else ()))
+    ctx.args = (v_reset, surrogate, alpha, decay_input, decay_is_tau, detach_reset, sltt)
+    ctx.store_v_seq = store_v_seq
+
+
+def _make_lif_backward(backward_op):
+    def backward(ctx, g_spikes, g_v_last, g_h, g_v_seq):
+        saved = ctx.saved_tensors
+        h_seq, decay, v_threshold = saved[:3]
+        v_init = saved[3] if ctx.keep_v else None
+        need_x, need_v, need_decay, need_vth = ctx.needs_input_grad[:4]
+        if g_spikes is None:
+            g_spikes = torch.zeros_like(h_seq)
+        g_v_seq = g_v_seq.contiguous() if (ctx.store_v_seq and g_v_seq is not None) else None
+        g_v_last = g_v_last.contiguous() if g_v_last is not None else None
+        gx, gv, gd, gt = backward_op(g_spikes.contiguous(), g_v_last, g_v_seq, h_seq, v_init,
+                                     decay, v_threshold, *ctx.args, need_decay, need_vth)
+        return (gx if need_x else None, gv if need_v else None, gd if need_decay else None,
+                gt if need_vth else None, None, None, None, None, None, None, None, None)
+
+    return backward
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "pypaper.snn's LIF op has no double backward (its gradient uses the surrogate derivative "
+        "of the spike); do not differentiate through its gradient (create_graph=True)")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+def register_native() -> None:
+    """Fake kernels and autograd of the C++ (and, when built, CUDA) LIF ops."""
+    torch.library.register_fake("pypaper::lif_forward")(_fake_lif_forward)
+    torch.library.register_fake("pypaper::lif_backward")(_fake_lif_backward)
+    torch.library.register_autograd("pypaper::lif_forward",
+                                    _make_lif_backward(torch.ops.pypaper.lif_backward),
+                                    setup_context=_lif_setup)
+    torch.library.register_autograd("pypaper::lif_backward", _no_double_backward,
+                                    setup_context=_setup_nothing)
+
+
+_triton_module = None
+
+
+def load_triton():
+    """Imports pypaper/snn/triton_kernels.py once (a later addition: it defines the triton_ops
+    lif_forward_triton / lif_backward_triton and triton_available(device)) and registers their
+    autograd with the same backward formula; returns the module."""
+    global _triton_module
+    if _triton_module is None:
+        from . import triton_kernels  # noqa: F401  (absent until the Triton twin lands)
+
+        if getattr(triton_kernels, "HAVE_TRITON", False):
+            torch.library.register_autograd(
+                "pypaper::lif_forward_triton",
+                _make_lif_backward(torch.ops.pypaper.lif_backward_triton),
+                setup_context=_lif_setup)
+            torch.library.register_autograd("pypaper::lif_backward_triton", _no_double_backward,
+                                            setup_context=_setup_nothing)
+        _triton_module = triton_kernels
+    return _triton_module

@@ -1,0 +1,285 @@
+"""Learnable synaptic delays: ``DelayedLinear``, its op ``delayed_linear`` and the sigma schedule.
+
+Hammouamri, Khalfaoui-Hassani, Masquelier, "Learning Delays in Spiking Neural Networks using
+Dilated Convolutions with Learnable Spacings", ICLR 2024 (code: Thvnvtos/SNN-delays, on DCLS).
+Every synapse (o, i) of a fully connected layer has a weight w and a delay position p in
+[0, max_delay - 1] time steps, both learned by backpropagation:
+
+    y[t, n, o] = b[o] + sum_i w[o, i] sum_d g_{o,i}(d) x[t - d, n, i]     (x[t < 0] = 0)
+
+In training, g spreads the delay over the integer taps d by a normalised Gaussian of width sigma
+around p, so p gets a gradient; sigma starts large (the delays explore) and is decayed to about
+0.5 (``sigma_schedule``); at the end ``round_delays()`` rounds the positions and the layer uses one
+integer delay per synapse (g one-hot, an exact shift).
+
+The kernel (kernels/cpu/delay_cpu.h) gathers only the taps each synapse needs: the Gaussian is
+truncated to the 2*ceil(3 sigma) taps around p and renormalised (kernels/common/delay_math.h has
+the window and why g stays continuous in p), instead of convolving with a dense [C_out, C_in,
+max_delay] kernel as DCLS does. pypaper/snn/delays_reference.py is that dense convolution.
+
+Backends: CPU -> the C++ op (default), then the reference; CUDA -> the reference (no CUDA or
+Triton kernel exists yet; an explicit request for one raises BackendUnavailable). float16 and
+bfloat16 inputs run in float32 and are cast back.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import _backend, _ext
+from . import delays_reference
+
+_DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "reference")}
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if not _registered and _ext.LOADED:
+        from . import delays_registration
+
+        delays_registration.register_native()
+        _registered = True
+
+
+_register()
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    return _ext.LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "pypaper::delay_linear", dispatch_key)
+
+
+def _cpu_reason(device: torch.device) -> Optional[str]:
+    return _backend.native_reason(device, "cpu")
+
+
+def _cuda_reason(device: torch.device) -> Optional[str]:
+    why = _backend.native_reason(device, "cuda")
+    if why is None and not _has_kernel("CUDA"):
+        why = "pypaper._C has no CUDA kernel for pypaper::delay_linear"
+    return why
+
+
+def _triton_reason(device: torch.device) -> Optional[str]:
+    return "there is no Triton kernel for pypaper::delay_linear"
+
+
+_REASONS = {"cpu": _cpu_reason, "cuda": _cuda_reason, "triton": _triton_reason}
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """The backend delayed_linear would use for x now."""
+    return _backend.select(x.device, _DEFAULT_ORDER.get(x.device.type, ("reference",)), _REASONS)
+
+
+# ---- argument checks ----------------------------------------------------------------------------
+
+def _check_max_delay(max_delay) -> int:
+    if not isinstance(max_delay, numbers.Integral) or isinstance(max_delay, bool):
+        raise TypeError(f"max_delay must be an int, got {type(max_delay).__name__}")
+    if max_delay < 1:
+        raise ValueError(f"max_delay must be >= 1 (delays 0 .. max_delay-1), got {max_delay}")
+    return int(max_delay)
+
+
+def _check_sigma(sigma) -> float:
+    if not isinstance(sigma, numbers.Real) or isinstance(sigma, bool):
+        raise TypeError(f"sigma must be a number, got {type(sigma).__name__}")
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be finite and >= 0 (0: integer delays), got {sigma}")
+    return float(sigma)
+
+
+def _check_inputs(x, weight, position, bias) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x must be a floating tensor (float32, float64, float16 or bfloat16), "
+                        f"got {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape [T, N, C_in] (time-major, 3 dims), got shape "
+                         f"{tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [C_out, C_in], got {tuple(weight.shape)}")
+    if x.shape[2] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[2]} input features (x.shape[-1]) but weight expects "
+                         f"in_features = {weight.shape[1]}")
+    if position.shape != weight.shape:
+        raise ValueError(f"position must have weight's shape {tuple(weight.shape)}, got "
+                         f"{tuple(position.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("position", position), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+
+
+def delayed_linear(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None, *, max_delay: int,
+                   sigma: float) -> torch.Tensor:
+    """Linear layer with one learnable delay per synapse (Hammouamri et al., ICLR 2024).
+
+        y[t, n, o] = b[o] + sum_i w[o, i] sum_d g_{o,i}(d) x[t - d, n, i],  x[t < 0] = 0
+
+    g_{o,i} is the normalised Gaussian of width ``sigma`` around clamp(position[o, i], 0,
+    max_delay - 1) over the integer taps d in [0, max_delay), truncated to the 2*ceil(3 sigma) taps
+    [floor(p) - R + 1, floor(p) + R] and renormalised there; ``sigma=0`` means integer delays, one
+    tap at round(p) (no position gradient). Gradients flow to x, weight, position (where
+    0 <= p <= max_delay - 1) and bias.
+
+    Args:
+        x: [T, N, C_in] floating tensor, time-major (SpikingJelly's multi-step layout).
+        weight, position: [C_out, C_in]. bias: [C_out] or None.
+        max_delay: K >= 1, the number of taps (delays 0 .. K-1 steps).
+        sigma: the Gaussian width in time steps, >= 0.
+    Returns: [T, N, C_out] in x's dtype.
+    """
+    _check_inputs(x, weight, position, bias)
+    K = _check_max_delay(max_delay)
+    s = _check_sigma(sigma)
+    backend = backend_for(x)
+    out_dtype = x.dtype
+    mt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs, w, p = x.to(mt), weight.to(mt), position.to(mt)
+    b = bias.to(mt) if bias is not None else None
+    if backend == "reference":
+        y = delays_reference.delayed_linear(xs, w, p, b, K, s)
+    else:
+        y = torch.ops.pypaper.delay_linear(xs, w, p, b, K, s)
+    return y.to(out_dtype)
+
+
+def sigma_schedule(epoch: int, epochs: int, sigma_init: float, sigma_final: float = 0.5, *,
+                   decay_epochs: Optional[int] = None) -> float:
+    """Sigma for ``epoch`` (0-based): exponential decay from ``sigma_init`` to ``sigma_final``.
+
+        sigma(e) = sigma_init * (sigma_final / sigma_init) ** min(1, e / decay_epochs)
+
+    decay_epochs defaults to epochs // 2 (SNN-delays decays over the first half of training,
+    multiplying sigma by a constant factor each epoch; the paper ends at ~0.5, their later code at
+    0.23). Call ``layer.set_sigma(sigma_schedule(...))`` each epoch, then ``round_delays()`` at
+    the end.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not (sigma_init > 0 and sigma_final > 0):
+        raise ValueError(f"sigma_init and sigma_final must be > 0, got {sigma_init}, "
+                         f"{sigma_final}")
+    span = max(1, epochs // 2) if decay_epochs is None else int(decay_epochs)
+    if span < 1:
+        raise ValueError(f"decay_epochs must be >= 1, got {decay_epochs}")
+    frac = min(1.0, max(0.0, epoch / span))
+    return float(sigma_init * (sigma_final / sigma_init) ** frac)
+
+
+class DelayedLinear(nn.Module):
+    """Fully connected layer with a learnable weight and delay per synapse, on [T, N, C_in].
+
+    Output [T, N, C_out]: y[t] = b + sum over synapses of w * (x delayed by the synapse's delay),
+    the delay spread over the integer taps by a Gaussian of width ``sigma`` during training
+    (Hammouamri et al., ICLR 2024; see ``delayed_linear``).
+
+    Args:
+        in_features, out_features: C_in, C_out.
+        max_delay: K >= 1; delays range over 0 .. K-1 time steps.
+        bias: learn a bias (SNN-delays trains without one, behind a BatchNorm).
+        sigma_init: starting Gaussian width in steps; default max(K / 3, 0.5) (SNN-delays uses
+            K // 3). ``set_sigma`` or ``sigma_schedule`` decays it.
+
+    Initialisation (documented choices): weights as nn.Linear (Kaiming-uniform, bound
+    1/sqrt(C_in); SNN-delays uses Kaiming-uniform with the ReLU gain, sqrt(6 / C_in) - scale
+    ``weight`` up if you want theirs), bias as nn.Linear, positions uniform over [0, K - 1] (the
+    paper's uniform init over the whole delay range).
+
+    Training loop, as in the paper: separate (higher) learning rate for ``position``; after each
+    optimizer step call ``clamp_positions_()`` (DCLS's clamp_parameters: the op clamps p to
+    [0, K-1] and gives no position gradient outside); each epoch
+    ``set_sigma(sigma_schedule(epoch, epochs, layer.sigma_init))``; at the end ``round_delays()``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, max_delay: int, bias: bool = True,
+                 sigma_init: Optional[float] = None, *, device=None, dtype=None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.max_delay = _check_max_delay(max_delay)
+        if sigma_init is None:
+            sigma_init = max(self.max_delay / 3.0, 0.5)
+        self.sigma_init = _check_sigma(sigma_init)
+        self.sigma = self.sigma_init
+        self.finalized = False
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        self.position = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's rule
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        nn.init.uniform_(self.position, 0.0, float(self.max_delay - 1))
+        self.sigma = self.sigma_init
+        self.finalized = False
+
+    def set_sigma(self, sigma: float) -> None:
+        """Set the Gaussian width (steps). 0 means integer delays (round(p), no position grad)."""
+        if self.finalized:
+            raise RuntimeError("the delays were rounded (round_delays()); sigma is fixed at 0")
+        self.sigma = _check_sigma(sigma)
+
+    @torch.no_grad()
+    def clamp_positions_(self) -> None:
+        """Clamp the positions to [0, max_delay - 1] in place (call after optimizer.step())."""
+        self.position.clamp_(0, self.max_delay - 1)
+
+    @torch.no_grad()
+    def round_delays(self) -> "DelayedLinear":
+        """Round the positions to integer delays and switch to the exact integer gather
+        (sigma = 0): one tap per synapse, as the paper does for inference."""
+        self.position.clamp_(0, self.max_delay - 1).round_()
+        self.sigma = 0.0
+        self.finalized = True
+        return self
+
+    finalize = round_delays
+
+    @property
+    def delays(self) -> torch.Tensor:
+        """The integer delays round(clamp(position)) as int64 [C_out, C_in]."""
+        return self.position.detach().clamp(0, self.max_delay - 1).round().long()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1]} input features (x.shape[-1]) but the layer "
+                             f"has in_features = {self.in_features}")
+        return delayed_linear(x, self.weight, self.position, self.bias,
+                              max_delay=self.max_delay, sigma=self.sigma)
+
+    def get_extra_state(self):
+        return {"sigma": self.sigma, "finalized": self.finalized}
+
+    def set_extra_state(self, state) -> None:
+        self.sigma = float(state["sigma"])
+        self.finalized = bool(state["finalized"])
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"max_delay={self.max_delay}, bias={self.bias is not None}, sigma={self.sigma:g}"
+                f"{', finalized' if self.finalized else ''}")

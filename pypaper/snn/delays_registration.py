@@ -1,0 +1,65 @@
+"""Fake (meta) kernels and autograd of the learnable-delay ops, registered once at import.
+
+The backward is itself an op (pypaper::delay_linear_backward), so the backward traces under
+torch.compile(fullgraph=True) too. Autograd keeps x, weight and position (no per-tap tensor: the
+backward recomputes the tap weights of each synapse from its position, 2R exponentials per synapse).
+"""
+from __future__ import annotations
+
+import torch
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _fake_delay_linear(x, weight, position, bias, max_delay, sigma):
+    torch._check(x.dtype in _FLOATS, lambda: f"x must be float32 or float64, got {x.dtype}")
+    torch._check(x.dim() == 3, lambda: "x must have shape [T, N, C_in]")
+    torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[2],
+                 lambda: "weight must have shape [C_out, C_in]")
+    torch._check(max_delay >= 1, lambda: "max_delay must be >= 1")
+    return x.new_empty((x.shape[0], x.shape[1], weight.shape[0]))
+
+
+def _fake_delay_linear_backward(grad_y, x, weight, position, max_delay, sigma, need_x_grad,
+                                need_weight_grad, need_position_grad, need_bias_grad):
+    torch._check(grad_y.dim() == 3 and grad_y.shape[2] == weight.shape[0],
+                 lambda: "grad_y must have shape [T, N, C_out]")
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
+            position.new_empty(position.shape), x.new_empty((weight.shape[0],)))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, position, bias, max_delay, sigma = inputs
+    ctx.save_for_backward(x, weight, position)
+    ctx.args = (max_delay, sigma)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y):
+    x, weight, position = ctx.saved_tensors
+    max_delay, sigma = ctx.args
+    need_x, need_w, need_p, need_b = ctx.needs_input_grad[:4]
+    need_b = need_b and ctx.has_bias
+    gx, gw, gp, gb = torch.ops.pypaper.delay_linear_backward(
+        grad_y.contiguous(), x, weight, position, max_delay, sigma, need_x, need_w, need_p, need_b)
+    return (gx if need_x else None, gw if need_w else None, gp if need_p else None,
+            gb if need_b else None, None, None)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "pypaper.snn.DelayedLinear's op has no double backward; do not differentiate through its "
+        "gradient (create_graph=True), or use pypaper.use_backend('reference')")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+def register_native() -> None:
+    """Fake kernels and autograd of the C++ delay ops."""
+    torch.library.register_fake("pypaper::delay_linear")(_fake_delay_linear)
+    torch.library.register_fake("pypaper::delay_linear_backward")(_fake_delay_linear_backward)
+    torch.library.register_autograd("pypaper::delay_linear", _backward, setup_context=_setup)
+    torch.library.register_autograd("pypaper::delay_linear_backward", _no_double_backward,
+                                    setup_context=_setup_nothing)

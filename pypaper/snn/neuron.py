@@ -1,0 +1,241 @@
+"""LIF and parametric LIF neurons, drop-in for ``spikingjelly.activation_based.neuron``.
+
+Same constructor arguments, defaults and state semantics as SpikingJelly's LIFNode and
+ParametricLIFNode: ``step_mode='s'`` takes one step [N, *], ``'m'`` a sequence [T, N, *]; the
+membrane ``v`` is the float rest value until the first step, then a tensor that carries across
+calls (and across modes) until ``reset()`` (or ``pypaper.snn.reset_net(model)``). Every call runs
+the fused kernel of pypaper.snn.ops.lif_multi_step: all T steps in one pass, backward as the
+reverse scan keeping one value per neuron-step.
+
+Additions (keyword-only): ``sltt=True`` (SLTT: the backward drops the temporal gradient path,
+Meng et al., ICCV 2023; the carried membrane is stored detached), per-neuron time constants
+(``LIFNode(tau=<tensor>)`` fixed, ``ParametricLIFNode(tau_shape=...)`` learnable) and learnable
+thresholds (``learnable_threshold=True``, ``threshold_shape=...``). Per-neuron shapes are the
+feature shape: x.shape[2:] in 'm' mode, x.shape[1:] in 's' mode (broadcast over the batch).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import ops
+from .surrogate import Sigmoid
+
+_STEP_MODES = ("s", "m")
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _shape(value, name: str) -> tuple:
+    try:
+        shape = tuple(int(d) for d in value)
+    except TypeError:
+        raise TypeError(f"{name} must be a tuple of ints, got {value!r}") from None
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{name} must hold non-negative sizes, got {shape}")
+    return shape
+
+
+class BaseNode(nn.Module):
+    """State, step modes and the call into the fused op; subclasses give the decay."""
+
+    def __init__(self, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
+                 surrogate_function: Optional[nn.Module] = None, detach_reset: bool = False,
+                 step_mode: str = "s", store_v_seq: bool = False, *, sltt: bool = False,
+                 learnable_threshold: bool = False,
+                 threshold_shape: Optional[Sequence[int]] = None):
+        super().__init__()
+        if v_reset is not None and not _finite_number(v_reset):
+            raise ValueError(f"v_reset must be a finite number or None, got {v_reset!r}")
+        if not _finite_number(v_threshold):
+            raise ValueError(f"v_threshold must be a finite number, got {v_threshold!r}")
+        if v_reset is not None and not v_threshold > v_reset:
+            raise ValueError(f"v_threshold ({v_threshold}) must be greater than v_reset "
+                             f"({v_reset})")
+        self.v_reset = None if v_reset is None else float(v_reset)
+        if learnable_threshold or threshold_shape is not None:
+            shape = _shape(threshold_shape or (), "threshold_shape")
+            vth = torch.full(shape, float(v_threshold))
+            if learnable_threshold:
+                self.v_threshold = nn.Parameter(vth)
+            else:
+                self.register_buffer("v_threshold", vth)
+        else:
+            self.v_threshold = float(v_threshold)
+        self.surrogate_function = Sigmoid() if surrogate_function is None else surrogate_function
+        self.detach_reset = bool(detach_reset)
+        self.step_mode = step_mode
+        self.store_v_seq = bool(store_v_seq)
+        self.sltt = bool(sltt)
+        self.reset()
+
+    # ---- what subclasses define --------------------------------------------------------------
+
+    def _decay(self) -> dict:
+        """{"tau": ...} or {"k": ...} for ops.lif_multi_step, plus the name used in errors."""
+        raise NotImplementedError
+
+    # ---- state -----------------------------------------------------------------------------
+
+    @property
+    def step_mode(self) -> str:
+        return self._step_mode
+
+    @step_mode.setter
+    def step_mode(self, value: str) -> None:
+        if value not in _STEP_MODES:
+            raise ValueError(f"step_mode must be 's' (single step) or 'm' (multi step), got "
+                             f"{value!r}")
+        self._step_mode = value
+
+    @property
+    def rest_value(self) -> float:
+        """The membrane at rest: v_reset, or 0 for a soft reset."""
+        return 0.0 if self.v_reset is None else self.v_reset
+
+    def reset(self) -> None:
+        """Back to rest: v is the float rest value again, v_seq None."""
+        self.v = self.rest_value
+        self.v_seq = None
+
+    def detach(self) -> None:
+        """Cut the carried state from the graph (truncated BPTT)."""
+        if isinstance(self.v, torch.Tensor):
+            self.v = self.v.detach()
+        if isinstance(self.v_seq, torch.Tensor):
+            self.v_seq = self.v_seq.detach()
+
+    def _v_init(self, x_seq: torch.Tensor) -> Optional[torch.Tensor]:
+        """The carried membrane for this input, or None for rest. As in SpikingJelly, a state of
+        another shape (a new batch size) restarts from rest."""
+        v = self.v
+        shape = tuple(x_seq.shape[1:])
+        if isinstance(v, torch.Tensor):
+            return v if tuple(v.shape) == shape else None
+        if float(v) == self.rest_value:
+            return None
+        return torch.full(shape, float(v), dtype=x_seq.dtype, device=x_seq.device)
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def _run(self, x_seq: torch.Tensor, store_v_seq: bool):
+        decay = self._decay()
+        spikes, v_last, v_seq = ops.lif_multi_step(
+            x_seq, self._v_init(x_seq), v_threshold=self.v_threshold, v_reset=self.v_reset,
+            surrogate_function=self.surrogate_function, decay_input=self.decay_input,
+            detach_reset=self.detach_reset, sltt=self.sltt, store_v_seq=store_v_seq, **decay)
+        # SLTT charges from V.detach() anyway; keeping v detached frees each step's graph.
+        self.v = v_last.detach() if self.sltt else v_last
+        return spikes, v_seq
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+        if x.dim() < 1:
+            raise ValueError("x must have shape [N, *] in step_mode 's' (at least 1 dim)")
+        spikes, _ = self._run(x.unsqueeze(0), False)
+        if self.store_v_seq:
+            step = self.v.unsqueeze(0)
+            same = (isinstance(self.v_seq, torch.Tensor) and self.v_seq.shape[1:] == step.shape[1:]
+                    and self.v_seq.dtype == step.dtype and self.v_seq.device == step.device)
+            self.v_seq = torch.cat((self.v_seq, step)) if same else step.clone()
+        return spikes[0]
+
+    def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        spikes, v_seq = self._run(x_seq, self.store_v_seq)
+        self.v_seq = v_seq
+        return spikes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step_mode == "s":
+            return self.single_step_forward(x)
+        return self.multi_step_forward(x)
+
+    def extra_repr(self) -> str:
+        vth = self.v_threshold
+        vth = f"shape {tuple(vth.shape)}" if isinstance(vth, torch.Tensor) else vth
+        return (f"v_threshold={vth}, v_reset={self.v_reset}, detach_reset={self.detach_reset}, "
+                f"step_mode={self.step_mode}, sltt={self.sltt}")
+
+
+class LIFNode(BaseNode):
+    """Leaky integrate-and-fire neuron, drop-in for SpikingJelly's LIFNode.
+
+        H = V + (X - (V - V_reset)) / tau   (decay_input)   or   V - (V - V_reset) / tau + X
+        S = Theta(H - V_threshold);  V = H (1 - S) + V_reset S  (hard)  or  H - V_threshold S (soft)
+
+    ``tau``: a number > 1, or a tensor of time constants > 1 of the feature shape (a fixed
+    heterogeneous population, kept as a buffer).
+    """
+
+    def __init__(self, tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
+                 v_reset: Optional[float] = 0.0, surrogate_function: Optional[nn.Module] = None,
+                 detach_reset: bool = False, step_mode: str = "s", store_v_seq: bool = False, *,
+                 sltt: bool = False, learnable_threshold: bool = False,
+                 threshold_shape: Optional[Sequence[int]] = None):
+        super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode,
+                         store_v_seq, sltt=sltt, learnable_threshold=learnable_threshold,
+                         threshold_shape=threshold_shape)
+        if isinstance(tau, torch.Tensor):
+            if not tau.is_floating_point():
+                raise TypeError(f"tau must be a floating tensor, got {tau.dtype}")
+            if not bool(torch.all(torch.isfinite(tau) & (tau > 1))):
+                raise ValueError("tau must be finite and > 1 for every neuron")
+            self.register_buffer("tau", tau.detach().clone())
+        else:
+            if not _finite_number(tau) or not tau > 1:
+                raise ValueError(f"tau must be a finite number > 1, got {tau!r}")
+            self.tau = float(tau)
+        self.decay_input = bool(decay_input)
+
+    def _decay(self) -> dict:
+        return {"tau": self.tau, "tau_name": "tau"}
+
+    def extra_repr(self) -> str:
+        tau = f"shape {tuple(self.tau.shape)}" if isinstance(self.tau, torch.Tensor) else self.tau
+        return super().extra_repr() + f", tau={tau}"
+
+
+class ParametricLIFNode(BaseNode):
+    """Parametric LIF (PLIF; Fang et al., "Incorporating Learnable Membrane Time Constant to
+    Enhance Learning of Spiking Neural Networks", ICCV 2021), drop-in for SpikingJelly's.
+
+    The LIF dynamics with a learnable 1/tau = sigmoid(w), w initialised to -log(init_tau - 1).
+    ``tau_shape``: None for one w per layer, or the feature shape for one w per neuron
+    (heterogeneous, learnable time constants).
+    """
+
+    def __init__(self, init_tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
+                 v_reset: Optional[float] = 0.0, surrogate_function: Optional[nn.Module] = None,
+                 detach_reset: bool = False, step_mode: str = "s", store_v_seq: bool = False, *,
+                 tau_shape: Optional[Sequence[int]] = None, sltt: bool = False,
+                 learnable_threshold: bool = False,
+                 threshold_shape: Optional[Sequence[int]] = None):
+        super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode,
+                         store_v_seq, sltt=sltt, learnable_threshold=learnable_threshold,
+                         threshold_shape=threshold_shape)
+        if not _finite_number(init_tau) or not init_tau > 1:
+            raise ValueError(f"init_tau must be a finite number > 1, got {init_tau!r}")
+        shape = _shape(tau_shape, "tau_shape") if tau_shape is not None else ()
+        self.w = nn.Parameter(torch.full(shape, -math.log(init_tau - 1.0)))
+        self.decay_input = bool(decay_input)
+
+    def _decay(self) -> dict:
+        return {"k": self.w.sigmoid(), "tau_name": "w (tau_shape)"}
+
+    def extra_repr(self) -> str:
+        with torch.no_grad():
+            tau = 1.0 / self.w.sigmoid()
+        tau = float(tau) if tau.numel() == 1 else f"shape {tuple(tau.shape)}"
+        return super().extra_repr() + f", tau={tau}"
+
+
+__all__ = ["BaseNode", "LIFNode", "ParametricLIFNode"]

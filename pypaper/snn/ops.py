@@ -1,0 +1,190 @@
+"""Public fused LIF op: lif_multi_step.
+
+Checks its arguments (errors name the argument), picks a backend (pypaper/_backend.py) and calls
+torch.ops.pypaper.lif_forward (C++ on CPU; a CUDA kernel on GPU once one is registered), its Triton
+twin (pypaper/snn/triton_kernels.py, when it exists), or the plain-PyTorch reference
+(pypaper/snn/reference.py). Fake kernels and autograd live in _registration.py.
+
+Default backends, by device: CPU -> the C++ kernel, then the reference; CUDA -> the CUDA kernel,
+then Triton, then the reference (each taken only where it exists: see _REASONS).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from . import reference
+from .surrogate import surrogate_spec
+
+_DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("pypaper::lif_forward", dispatch_key)
+
+
+def _cpu_reason(device: torch.device) -> Optional[str]:
+    return _backend.native_reason(device, "cpu")
+
+
+def _cuda_reason(device: torch.device) -> Optional[str]:
+    why = _backend.native_reason(device, "cuda")
+    if why is None and not _has_kernel("CUDA"):
+        why = "pypaper._C has no CUDA kernel for pypaper::lif_forward"
+    return why
+
+
+def _triton_reason(device: torch.device) -> Optional[str]:
+    """Why the Triton LIF kernels cannot run on ``device`` (None if they can)."""
+    if importlib.util.find_spec("pypaper.snn.triton_kernels") is None:
+        return "there is no Triton kernel for the LIF ops (pypaper/snn/triton_kernels.py)"
+    from . import _registration
+
+    ok, why = _registration.load_triton().triton_available(device)
+    return None if ok else why
+
+
+_REASONS = {"cpu": _cpu_reason, "cuda": _cuda_reason, "triton": _triton_reason}
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """The backend lif_multi_step would use for x now."""
+    return _backend.select(x.device, _DEFAULT_ORDER.get(x.device.type, ("reference",)), _REASONS)
+
+
+def _op(backend: str):
+    if backend == "triton":
+        return torch.ops.pypaper.lif_forward_triton
+    return torch.ops.pypaper.lif_forward
+
+
+# ---- argument checks ------------------------------------------------------------------------------
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _checking() -> bool:
+    """Value checks read tensor data; torch.compile traces without it."""
+    return not torch.compiler.is_compiling()
+
+
+def _check_x(x_seq) -> None:
+    if not isinstance(x_seq, torch.Tensor):
+        raise TypeError(f"x_seq must be a torch.Tensor, got {type(x_seq).__name__}")
+    if x_seq.dtype not in _FLOATS:
+        raise TypeError(f"x_seq must be a floating tensor (float32, float64, float16 or bfloat16), "
+                        f"got {x_seq.dtype}")
+    if x_seq.dim() < 2:
+        raise ValueError(f"x_seq must have shape [T, N, *] (at least 2 dims), got shape "
+                         f"{tuple(x_seq.shape)}")
+
+
+def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype) -> torch.Tensor:
+    """A neuron parameter as a tensor of the math dtype on x's device: one value, or one per
+    neuron of shape x.shape[2:] (broadcast over the batch)."""
+    feat = tuple(x.shape[2:])
+    if _is_number(value):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        return torch.tensor(float(value), dtype=mdt, device=x.device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    if value.numel() != 1 and tuple(value.shape) != feat:
+        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected () (one value) or the "
+                         f"feature shape x.shape[2:] = {feat} (one per neuron)")
+    if value.device != x.device:
+        raise ValueError(f"{name} is on {value.device} but x_seq is on {x.device}")
+    return value.to(mdt)
+
+
+def _check_values(decay: torch.Tensor, decay_is_tau: bool, vth: torch.Tensor,
+                  v_reset: Optional[float], decay_name: str, vth_name: str) -> None:
+    d = decay.detach()
+    if decay_is_tau:
+        if not bool(torch.all(torch.isfinite(d) & (d > 1))):
+            raise ValueError(f"{decay_name} must be finite and > 1, got min {float(d.min())}")
+    elif not bool(torch.all(torch.isfinite(d) & (d > 0) & (d <= 1))):
+        raise ValueError(f"{decay_name}: k = 1/tau must lie in (0, 1], got "
+                         f"[{float(d.min())}, {float(d.max())}]")
+    t = vth.detach()
+    if not bool(torch.all(torch.isfinite(t))):
+        raise ValueError(f"{vth_name} must be finite")
+    if v_reset is not None and not bool(torch.all(t > v_reset)):
+        raise ValueError(f"{vth_name} must be greater than v_reset ({v_reset}), got min "
+                         f"{float(t.min())}")
+
+
+def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau=None, k=None,
+                   v_threshold=1.0, v_reset: Optional[float] = 0.0, surrogate_function=None,
+                   decay_input: bool = True, detach_reset: bool = False, sltt: bool = False,
+                   store_v_seq: bool = False, tau_name: Optional[str] = None,
+                   threshold_name: str = "v_threshold"):
+    """Leaky integrate-and-fire neurons over T steps in one fused kernel.
+
+    For t = 0..T-1, with V[-1] = ``v`` (None: at rest, v_reset or 0 for a soft reset):
+
+        H[t] = V[t-1] + (X[t] - (V[t-1] - Vr)) / tau      decay_input (else V - (V - Vr)/tau + X)
+        S[t] = Theta(H[t] - v_threshold)                   (1 where H - Vth >= 0)
+        V[t] = S Vr + (1 - S) H   (hard reset)   or   H - S Vth   (v_reset=None, soft reset)
+
+    Backward: BPTT as the reverse scan of the same kernel, with the surrogate derivative at the
+    spike (``surrogate_function``: pypaper.snn.surrogate.*, default Sigmoid(alpha=4)); it keeps
+    one value per neuron-step, H[t]. ``detach_reset`` detaches S in the reset term. ``sltt``:
+    SLTT (Meng et al., ICCV 2023) drops the temporal gradient path, dL/dH[t] = dL/dS[t] sigma'.
+    SpikingJelly's LIFNode (tau) and ParametricLIFNode (k = sigmoid(w); Fang et al., ICCV 2021)
+    compute the same, in the same operation order.
+
+    Args:
+        x_seq: [T, N, *] float32, float64, float16 or bfloat16; math runs in fp32 (fp64 for fp64).
+        v: membrane before step 0, shape x_seq.shape[1:].
+        tau: the time constant (> 1), a number or a tensor of shape () or x_seq.shape[2:] (one per
+            neuron, broadcast over the batch); divides, like SpikingJelly's LIFNode. Default 2.
+        k: instead of tau, 1/tau in (0, 1] (multiplies; PLIF passes sigmoid(w)). Differentiable.
+        v_threshold: number or tensor of shape () or x_seq.shape[2:]; differentiable.
+        store_v_seq: also return V[t] for every step.
+        tau_name / threshold_name: the argument names used in error messages.
+
+    Returns (spikes [T, N, *], v_last [N, *], v_seq [T, N, *] or None), in x_seq's dtype.
+    """
+    _check_x(x_seq)
+    if tau is not None and k is not None:
+        raise ValueError("pass tau or k (= 1/tau), not both")
+    if v_reset is not None and (not _is_number(v_reset) or not math.isfinite(v_reset)):
+        raise ValueError(f"v_reset must be a finite number or None, got {v_reset!r}")
+    mdt = reference.default_math_dtype(x_seq.dtype)
+    decay_is_tau = k is None
+    decay_name = tau_name or ("tau" if decay_is_tau else "k")
+    decay_value = (2.0 if tau is None else tau) if decay_is_tau else k
+    decay = _param(decay_value, decay_name, x_seq, mdt)
+    vth = _param(v_threshold, threshold_name, x_seq, mdt)
+    if _checking():
+        _check_values(decay, decay_is_tau, vth, v_reset, decay_name, threshold_name)
+    if v is not None:
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(x_seq.shape[1:]):
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"v has shape {got}, expected x_seq.shape[1:] = "
+                             f"{tuple(x_seq.shape[1:])}")
+        v = v.to(dtype=x_seq.dtype, device=x_seq.device)
+    spec = surrogate_spec(surrogate_function)
+    v_reset = None if v_reset is None else float(v_reset)
+    backend = backend_for(x_seq)
+    if spec is None or backend == "reference":
+        sid, alpha = spec if spec is not None else (0, 1.0)
+        fn = surrogate_function if spec is None else None
+        return reference.lif_multi_step(x_seq, v, decay, vth, v_reset, sid, alpha, decay_input,
+                                        decay_is_tau, detach_reset, sltt, store_v_seq,
+                                        surrogate_fn=fn)
+    sid, alpha = spec
+    spikes, v_last, _, v_seq = _op(backend)(x_seq, v, decay, vth, v_reset, sid, alpha,
+                                            decay_input, decay_is_tau, detach_reset, sltt,
+                                            store_v_seq)
+    return spikes, v_last, (v_seq if store_v_seq else None)

@@ -1,0 +1,166 @@
+"""Plain-PyTorch reference of the LIF neuron: the semantics every kernel must reproduce.
+
+Math (kernels/common/snn_math.h has the same formulas, once, for the C++ and CUDA kernels):
+
+    charge   decay_input:  H = V + (X - (V - Vr)) / tau      (or * k, k = 1/tau: PLIF's sigmoid(w))
+             otherwise:    H = V - (V - Vr) / tau + X
+    fire     S = Theta(H - Vth)   (1 where H - Vth >= 0; backward: the surrogate derivative)
+    reset    hard:  V = S * Vr + (1 - S) * H          soft (v_reset None, Vr = 0):  V = H - S * Vth
+
+in SpikingJelly's operation order, so fp32 results match its LIFNode / ParametricLIFNode to the bit.
+The loop runs in fp32 for fp32/bf16/fp16 inputs (fp64 for fp64), like the kernels; ``math_dtype``
+overrides it (the tests use bf16 math as the plain-PyTorch-in-that-dtype baseline).
+
+Gradients come from autograd through this loop, with the surrogate derivative at the spike.
+``detach_reset`` detaches S in the reset term. ``sltt`` (Meng et al., ICCV 2023, "Towards Memory-
+and Time-Efficient Backpropagation for Training Spiking Neural Networks") charges from V.detach():
+every temporal gradient path - leak and reset, which reach the loss only through V[t-1] -> H[t] -
+is dropped, leaving dL/dH[t] = dL/dS[t] * sigma'(H[t] - Vth) (+ the gradient of V[t] when V is
+itself an output).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+# Surrogate ids shared with kernels/common/snn_math.h (SpikingJelly's ids 0..6, Rect 7).
+SURROGATE_IDS = {
+    "Sigmoid": 0,
+    "ATan": 1,
+    "PiecewiseQuadratic": 2,
+    "PiecewiseExp": 3,
+    "SoftSign": 4,
+    "SuperSpike": 5,
+    "Erf": 6,
+    "Rect": 7,
+}
+
+
+def surrogate_grad(x: torch.Tensor, surrogate_id: int, alpha: float) -> torch.Tensor:
+    """sigma'(x) of surrogate ``surrogate_id`` (SpikingJelly's formulas)."""
+    a = float(alpha)
+    if surrogate_id == 0:  # Sigmoid: a s (1 - s), s = sigmoid(a x)
+        s = torch.sigmoid(x * a)
+        return (1.0 - s) * s * a
+    if surrogate_id == 1:  # ATan: (a/2) / (1 + (pi/2 a x)^2)
+        z = x * (math.pi * (a / 2))
+        return (a / 2) / (1 + z * z)
+    if surrogate_id == 2:  # PiecewiseQuadratic: a - a^2 |x| inside |x| <= 1/a
+        ax = x.abs()
+        return torch.where(ax > 1.0 / a, torch.zeros_like(x), a - a * a * ax)
+    if surrogate_id == 3:  # PiecewiseExp: (a/2) exp(-a |x|)
+        return a / 2 * torch.exp(-a * x.abs())
+    if surrogate_id == 4:  # SoftSign: 1 / (2 a (1/a + |x|)^2)
+        z = 1.0 / a + x.abs()
+        return 1.0 / (2 * a * (z * z))
+    if surrogate_id == 5:  # SuperSpike: a / (1 + |x|)^2
+        z = x.abs() + 1.0
+        return a / (z * z)
+    if surrogate_id == 6:  # Erf: a / sqrt(pi) exp(-(a x)^2)
+        z = x * a
+        return torch.exp(-(z * z)) * (a / math.sqrt(math.pi))
+    if surrogate_id == 7:  # Rect: a [|x| < 1/(2a)]
+        return (x.abs() < 0.5 / a).to(x.dtype) * a
+    raise ValueError(f"surrogate id must be in 0..7, got {surrogate_id}")
+
+
+def surrogate_primitive(x: torch.Tensor, surrogate_id: int, alpha: float) -> torch.Tensor:
+    """sigma(x), the smooth function whose derivative the backward uses (spiking=False)."""
+    a = float(alpha)
+    if surrogate_id == 0:
+        return torch.sigmoid(x * a)
+    if surrogate_id == 1:
+        return torch.atan(x * (math.pi / 2 * a)) / math.pi + 0.5
+    if surrogate_id == 2:
+        ax = x.abs()
+        inner = -(a * a) / 2 * x * x * torch.sign(x) + a * x + 0.5
+        return torch.where(ax > 1.0 / a, (x > 0).to(x.dtype), inner)
+    if surrogate_id == 3:
+        pos = (x >= 0).to(x.dtype)
+        sign = pos * 2 - 1
+        return pos - torch.exp(sign * x * -a) / 2 * sign
+    if surrogate_id == 4:
+        return (torch.nn.functional.softsign(x * a) + 1) / 2
+    if surrogate_id == 5:
+        raise NotImplementedError("SuperSpike has no primitive function (use spiking=True)")
+    if surrogate_id == 6:
+        return torch.special.erfc(-a * x) / 2
+    if surrogate_id == 7:
+        return torch.clamp(a * x + 0.5, 0.0, 1.0)
+    raise ValueError(f"surrogate id must be in 0..7, got {surrogate_id}")
+
+
+class SpikeFunction(torch.autograd.Function):
+    """S = Theta(x) (1 where x >= 0) forward, grad * sigma'(x) backward."""
+
+    @staticmethod
+    def forward(x, surrogate_id, alpha):
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, surrogate_id, alpha = inputs
+        ctx.save_for_backward(x)
+        ctx.surrogate_id, ctx.alpha = surrogate_id, alpha
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * surrogate_grad(x, ctx.surrogate_id, ctx.alpha), None, None
+
+
+def spike(x: torch.Tensor, surrogate_id: int, alpha: float) -> torch.Tensor:
+    """Heaviside forward with the surrogate derivative backward."""
+    return SpikeFunction.apply(x, surrogate_id, alpha)
+
+
+def default_math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lif_multi_step(x_seq: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor,
+                   v_threshold: torch.Tensor, v_reset: Optional[float], surrogate_id: int,
+                   alpha: float, decay_input: bool, decay_is_tau: bool, detach_reset: bool,
+                   sltt: bool, store_v_seq: bool, math_dtype: Optional[torch.dtype] = None,
+                   surrogate_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+    """The LIF time loop over x_seq [T, N, *]. Returns (spikes, v_last, v_seq or None) in x's dtype.
+
+    ``decay``: tau (decay_is_tau) or k = 1/tau, shape () or x.shape[2:]; ``v_threshold`` likewise.
+    ``surrogate_fn``: any callable spike function (e.g. a SpikingJelly surrogate object) used
+    instead of (surrogate_id, alpha).
+    """
+    dt = math_dtype or default_math_dtype(x_seq.dtype)
+    x = x_seq.to(dt)
+    decay = decay.to(dt)
+    vth = v_threshold.to(dt)
+    hard = v_reset is not None
+    vr = float(v_reset) if hard else 0.0
+    v = v_init.to(dt) if v_init is not None else torch.full(x.shape[1:], vr, dtype=dt,
+                                                            device=x.device)
+    fire = surrogate_fn if surrogate_fn is not None else (lambda z: spike(z, surrogate_id, alpha))
+    spikes, vs = [], []
+    for t in range(x.shape[0]):
+        vp = v.detach() if sltt else v
+        if decay_input:
+            d = x[t] - (vp - vr)
+            h = vp + (d / decay if decay_is_tau else d * decay)
+        else:
+            d = vp - vr
+            h = vp - (d / decay if decay_is_tau else d * decay) + x[t]
+        s = fire(h - vth)
+        sr = s.detach() if detach_reset else s
+        v = sr * vr + (1.0 - sr) * h if hard else h - sr * vth
+        spikes.append(s)
+        if store_v_seq:
+            vs.append(v)
+    out_dtype = x_seq.dtype
+    # T = 0: empty outputs, still attached to x_seq's graph
+    s_seq = torch.stack(spikes).to(out_dtype) if spikes else x_seq * 0
+    v_seq = None
+    if store_v_seq:
+        v_seq = torch.stack(vs).to(out_dtype) if vs else x_seq * 0
+    # v_last never aliases v_init (T = 0): callers may keep and modify both.
+    v_last = v.to(out_dtype) if x.shape[0] else v.to(out_dtype).clone()
+    return s_seq, v_last, v_seq

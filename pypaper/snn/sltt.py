@@ -1,0 +1,85 @@
+"""Online SLTT training: forward and backward per time step, memory independent of T.
+
+SLTT (Meng et al., "Towards Memory- and Time-Efficient Backpropagation for Training Spiking Neural
+Networks", ICCV 2023) drops the temporal part of BPTT's gradient: the membrane enters each charge
+detached, so step t's gradient flows only through the spatial path (dL/dH[t] = dL/dS[t] sigma'),
+and each step can be backpropagated as soon as it is computed. The per-step loss is loss_fn(out_t,
+target) / T and parameter gradients accumulate over the steps, so activation memory is one step's
+graph whatever T is. SLTT-K backpropagates only K random steps (the others run under no_grad).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from .functional import reset_net
+from .neuron import BaseNode
+
+
+class OnlineStep(NamedTuple):
+    loss: float              # sum over the trained steps of loss_fn(out_t, target) / T
+    output: torch.Tensor     # mean over all T steps of the model's output (detached)
+    trained_steps: list      # the time steps whose gradient was taken
+
+
+def _neurons(model: nn.Module) -> list:
+    found = [m for m in model.modules() if isinstance(m, BaseNode)]
+    if not found:
+        raise ValueError("model has no pypaper.snn neurons (LIFNode / ParametricLIFNode)")
+    return found
+
+
+def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Callable,
+                      optimizer: Optional[torch.optim.Optimizer] = None, k: Optional[int] = None,
+                      generator: Optional[torch.Generator] = None) -> OnlineStep:
+    """One SLTT training step on a batch.
+
+    ``model`` maps one time step [N, *] to an output: its neurons are switched to step_mode 's'
+    and ``sltt=True`` for the call (and restored after), and reset before and after. ``x_seq``:
+    [T, N, *] (a static input repeated over time can be ``x.expand(T, *x.shape)``). ``k``: SLTT-K,
+    the number of random steps to backpropagate (None: all T), drawn with ``generator``.
+    With ``optimizer``: zero_grad before, step after; without it the gradients are left in .grad
+    (added to what is there).
+    """
+    if not isinstance(x_seq, torch.Tensor) or x_seq.dim() < 2:
+        raise ValueError("x_seq must be a tensor of shape [T, N, *]")
+    steps = x_seq.shape[0]
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= steps):
+        raise ValueError(f"k must be an integer in 1..T ({steps}), got {k!r}")
+    neurons = _neurons(model)
+    saved = [(m.step_mode, m.sltt) for m in neurons]
+    if k is None:
+        trained = list(range(steps))
+    else:
+        trained = sorted(torch.randperm(steps, generator=generator)[:k].tolist())
+    chosen = set(trained)
+    try:
+        for m in neurons:
+            m.step_mode, m.sltt = "s", True
+        reset_net(model)
+        if optimizer is not None:
+            optimizer.zero_grad()
+        total, out_sum = 0.0, None
+        for t in range(steps):
+            if t in chosen:
+                out = model(x_seq[t])
+                loss = loss_fn(out, target) / steps
+                loss.backward()
+                total += float(loss.detach())
+            else:
+                with torch.no_grad():
+                    out = model(x_seq[t])
+            out = out.detach()
+            out_sum = out if out_sum is None else out_sum + out
+        if optimizer is not None:
+            optimizer.step()
+    finally:
+        for m, (mode, sl) in zip(neurons, saved):
+            m.step_mode, m.sltt = mode, sl
+        reset_net(model)
+    return OnlineStep(total, out_sum / steps, trained)
+
+
+__all__ = ["OnlineStep", "train_step_online"]

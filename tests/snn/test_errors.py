@@ -1,0 +1,130 @@
+"""Bad inputs raise exceptions whose messages name the argument (never a crash or wrong answer)."""
+import pytest
+import torch
+
+from pypaper.snn import lif_multi_step, neuron, sltt
+
+
+@pytest.mark.parametrize("x", [torch.arange(12).reshape(3, 4), torch.ones(3, 4, dtype=torch.bool)])
+def test_integer_and_boolean_inputs(x):
+    with pytest.raises(TypeError, match="x_seq must be a floating tensor"):
+        lif_multi_step(x)
+    with pytest.raises(TypeError, match="x_seq must be a floating tensor"):
+        neuron.LIFNode(step_mode="m")(x)
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        neuron.LIFNode(step_mode="s")(x[0])
+    with pytest.raises(TypeError, match="x_seq must be a torch.Tensor"):
+        lif_multi_step([[1.0]])
+
+
+@pytest.mark.parametrize("shape", [(), (5,)])
+def test_rank_below_two_in_multi_step_mode(shape):
+    with pytest.raises(ValueError, match=r"x_seq must have shape \[T, N, \*\]"):
+        neuron.LIFNode(step_mode="m")(torch.randn(shape))
+    with pytest.raises(ValueError, match=r"x must have shape \[N, \*\]"):
+        neuron.LIFNode(step_mode="s")(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5, -2.0, float("inf"), float("nan")])
+def test_tau_must_exceed_one_and_be_finite(tau):
+    with pytest.raises(ValueError, match="tau must be a finite number > 1"):
+        neuron.LIFNode(tau=tau)
+    with pytest.raises(ValueError, match="init_tau must be a finite number > 1"):
+        neuron.ParametricLIFNode(init_tau=tau)
+    with pytest.raises(ValueError, match="tau must be finite"):
+        lif_multi_step(torch.randn(3, 4), tau=tau)
+    with pytest.raises(ValueError, match="tau must be finite and > 1"):
+        lif_multi_step(torch.randn(3, 4, 2), tau=torch.tensor([2.0, tau]))
+    with pytest.raises(ValueError, match="tau must be finite and > 1"):
+        neuron.LIFNode(tau=torch.tensor([2.0, tau]))
+
+
+def test_k_must_lie_in_zero_one():
+    with pytest.raises(ValueError, match=r"k: k = 1/tau must lie in \(0, 1\]"):
+        lif_multi_step(torch.randn(3, 4), k=1.5)
+    with pytest.raises(ValueError, match="pass tau or k"):
+        lif_multi_step(torch.randn(3, 4), tau=2.0, k=0.5)
+
+
+@pytest.mark.parametrize("vth,vr", [(1.0, 1.0), (0.5, 1.0), (-1.0, 0.0)])
+def test_threshold_must_exceed_reset(vth, vr):
+    with pytest.raises(ValueError, match="must be greater than v_reset"):
+        neuron.LIFNode(v_threshold=vth, v_reset=vr)
+    with pytest.raises(ValueError, match="must be greater than v_reset"):
+        lif_multi_step(torch.randn(3, 4), v_threshold=vth, v_reset=vr)
+    neuron.LIFNode(v_threshold=vth, v_reset=None)  # a soft reset has no such bound
+
+
+def test_non_finite_threshold_and_reset():
+    with pytest.raises(ValueError, match="v_threshold must be a finite number"):
+        neuron.LIFNode(v_threshold=float("nan"))
+    with pytest.raises(ValueError, match="v_reset must be a finite number or None"):
+        neuron.LIFNode(v_reset=float("inf"))
+    with pytest.raises(ValueError, match="v_threshold must be finite"):
+        lif_multi_step(torch.randn(3, 4), v_threshold=float("inf"))
+
+
+def test_per_neuron_parameters_of_the_wrong_shape():
+    x = torch.randn(4, 2, 3, 5)
+    with pytest.raises(ValueError, match=r"w \(tau_shape\) has shape \(5,\), expected \(\) "
+                                         r"\(one value\) or the feature shape x.shape\[2:\] = \(3, 5\)"):
+        neuron.ParametricLIFNode(step_mode="m", tau_shape=(5,))(x)
+    with pytest.raises(ValueError, match=r"v_threshold has shape \(3,\)"):
+        neuron.LIFNode(step_mode="m", learnable_threshold=True, threshold_shape=(3,))(x)
+    with pytest.raises(ValueError, match=r"tau has shape \(2, 3, 5\)"):
+        neuron.LIFNode(step_mode="m", tau=torch.full((2, 3, 5), 2.0))(x)
+    with pytest.raises(ValueError, match=r"v has shape \(3, 5\), expected x_seq.shape\[1:\]"):
+        lif_multi_step(x, torch.zeros(3, 5))
+    with pytest.raises(TypeError, match="tau_shape must be a tuple of ints"):
+        neuron.ParametricLIFNode(tau_shape=3)
+    with pytest.raises(TypeError, match="v_threshold must be a floating tensor"):
+        lif_multi_step(x, v_threshold=torch.ones(3, 5, dtype=torch.int64))
+
+
+def test_bad_step_mode():
+    with pytest.raises(ValueError, match="step_mode must be 's' .* or 'm'"):
+        neuron.LIFNode(step_mode="x")
+    n = neuron.LIFNode()
+    with pytest.raises(ValueError, match="step_mode must be"):
+        n.step_mode = "multi"
+
+
+def test_op_checks_in_cpp():
+    """Direct torch.ops calls are checked in C++ (TORCH_CHECK), never a crash."""
+    op = torch.ops.pypaper.lif_forward
+    one = torch.tensor(1.0)
+    with pytest.raises(RuntimeError, match="x must be a float32, float64, float16 or bfloat16"):
+        op(torch.ones(3, 4, dtype=torch.int32), None, one * 2, one, 0.0, 0, 4.0, True, True,
+           False, False, False)
+    with pytest.raises(RuntimeError, match=r"x must have shape \[T, N, \*\]"):
+        op(torch.ones(4), None, one * 2, one, 0.0, 0, 4.0, True, True, False, False, False)
+    with pytest.raises(RuntimeError, match="tau must be finite and > 1"):
+        op(torch.ones(3, 4), None, one * 0.5, one, 0.0, 0, 4.0, True, True, False, False, False)
+    with pytest.raises(RuntimeError, match="must be greater than v_reset"):
+        op(torch.ones(3, 4), None, one * 2, one, 1.5, 0, 4.0, True, True, False, False, False)
+    with pytest.raises(RuntimeError, match="surrogate must be an id in"):
+        op(torch.ones(3, 4), None, one * 2, one, 0.0, 8, 4.0, True, True, False, False, False)
+    with pytest.raises(RuntimeError, match="alpha must be positive"):
+        op(torch.ones(3, 4), None, one * 2, one, 0.0, 1, -1.0, True, True, False, False, False)
+    with pytest.raises(RuntimeError, match=r"v_threshold has shape \[3\], expected one element"):
+        op(torch.ones(3, 2, 4), None, one * 2, torch.ones(3), 0.0, 1, 1.0, True, True, False,
+           False, False)
+    with pytest.raises(RuntimeError, match="v_init has dtype"):
+        op(torch.ones(3, 4), torch.zeros(4, dtype=torch.float64), one * 2, one, 0.0, 1, 1.0,
+           True, True, False, False, False)
+    with pytest.raises(RuntimeError, match="grad_spikes must match h_seq"):
+        torch.ops.pypaper.lif_backward(torch.ones(2, 4), None, None, torch.ones(3, 4), None,
+                                       one * 2, one, 0.0, 1, 1.0, True, True, False, False,
+                                       True, True)
+
+
+def test_online_helper_arguments():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), neuron.LIFNode())
+    x, y = torch.randn(5, 2, 4), torch.randint(0, 3, (2,))
+    loss = torch.nn.functional.cross_entropy
+    with pytest.raises(ValueError, match=r"k must be an integer in 1..T \(5\)"):
+        sltt.train_step_online(model, x, y, loss, k=6)
+    with pytest.raises(ValueError, match="model has no pypaper.snn neurons"):
+        sltt.train_step_online(torch.nn.Linear(4, 3), x, y, loss)
+    with pytest.raises(ValueError, match=r"x_seq must be a tensor of shape \[T, N, \*\]"):
+        sltt.train_step_online(model, torch.randn(4), y, loss)

@@ -1,0 +1,99 @@
+"""The online SLTT helper: its accumulated gradients equal SLTT's definition written out in plain
+autograd (a time loop whose charge reads the membrane detached), for SLTT and SLTT-K."""
+import copy
+
+import pytest
+import torch
+
+import pypaper
+from pypaper.snn import neuron, sltt, surrogate
+
+T, N, D, H, C = 6, 5, 10, 16, 4
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(D, H),
+        neuron.ParametricLIFNode(init_tau=1.8, surrogate_function=surrogate.ATan()),
+        torch.nn.Linear(H, C),
+        neuron.LIFNode(tau=1.5, v_reset=None, decay_input=False,
+                       surrogate_function=surrogate.PiecewiseQuadratic()))
+
+
+def _definition(model, x, y, steps):
+    """SLTT by hand: per step, H = V.detach() decayed + input; loss summed over `steps`, / T."""
+    lin1, plif, lin2, lif = model
+    k1 = plif.w.sigmoid()
+    v1 = torch.zeros(N, H)
+    v2 = torch.zeros(N, C)
+    sg1 = surrogate.ATan()
+    sg2 = surrogate.PiecewiseQuadratic()
+    loss = 0
+    for t in range(T):
+        a = lin1(x[t])
+        h1 = v1.detach() + (a - v1.detach()) * k1  # hard reset at 0: V_reset = 0
+        s1 = sg1(h1 - 1.0)
+        v1 = s1 * 0.0 + (1 - s1) * h1
+        b = lin2(s1)
+        h2 = v2.detach() - v2.detach() / 1.5 + b  # decay_input=False, soft reset
+        s2 = sg2(h2 - 1.0)
+        v2 = h2 - s2 * 1.0
+        if t in steps:
+            loss = loss + torch.nn.functional.cross_entropy(s2, y) / T
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("k", [None, 3])
+def test_online_gradients_equal_the_definition(k):
+    x = torch.randn(T, N, D) * 2
+    y = torch.randint(0, C, (N,))
+    model = _model()
+    twin = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(5)
+    res = sltt.train_step_online(model, x, y, torch.nn.functional.cross_entropy, k=k,
+                                 generator=gen)
+    steps = list(range(T)) if k is None else res.trained_steps
+    assert len(steps) == (T if k is None else k)
+    want = _definition(twin, x, y, set(steps))
+    for p, w in zip(model.parameters(), want):
+        assert torch.allclose(p.grad, w, rtol=1e-5, atol=1e-6)
+    assert any(float(w.abs().sum()) > 0 for w in want)
+    # neurons restored to their modes, reset, and SLTT off again
+    assert all(m.step_mode == "s" and not m.sltt and m.v == m.rest_value
+               for m in model if isinstance(m, neuron.BaseNode))
+    assert res.output.shape == (N, C) and res.loss > 0
+
+
+def test_multi_step_sltt_equals_online():
+    """The fused kernel with sltt=True over the whole sequence gives the online gradients."""
+    x = torch.randn(T, N, D) * 2
+    y = torch.randint(0, C, (N,))
+    model = _model()
+    twin = copy.deepcopy(model)
+    sltt.train_step_online(model, x, y, torch.nn.functional.cross_entropy)
+    pypaper.snn.set_step_mode(twin, "m")
+    for m in twin:
+        if isinstance(m, neuron.BaseNode):
+            m.sltt = True
+    out = twin(x)
+    loss = sum(torch.nn.functional.cross_entropy(out[t], y) for t in range(T)) / T
+    loss.backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_sltt_k_is_reproducible_with_a_generator():
+    x = torch.randn(T, N, D)
+    y = torch.randint(0, C, (N,))
+    runs = []
+    for seed in (3, 3, 4):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        r = sltt.train_step_online(model, x, y, torch.nn.functional.cross_entropy, opt, k=2,
+                                   generator=torch.Generator().manual_seed(seed))
+        runs.append((r.trained_steps, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert len(set(runs[2][0])) == 2
