@@ -7,4 +7,6 @@ Each family is a module of this package with ``cases(device, quick, numel) -> li
 FAMILIES = {
     "quant": "bench.quant",
     "fewbit": "bench.fewbit",
+    "snn": "bench.snn",
+    "wtacrs": "bench.wtacrs",
 }

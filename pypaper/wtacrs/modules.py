@@ -1,0 +1,170 @@
+"""WTACRSLinear: nn.Linear whose backward keeps only a sample of its input rows.
+
+Liu et al., "Winner-Take-All Column Row Sampling for Memory Efficient Adaptation of Language
+Model" (NeurIPS 2023). In training, with a weight that needs a gradient, the layer keeps
+k = min(N, max(ceil(keep_ratio N), min_k)) of its N input rows (all leading dims flattened) for
+the backward, each multiplied by its estimator weight, instead of the whole input: the forward
+output, grad_input and grad_bias are exact, grad_W is the unbiased WTA-CRS estimate
+(reference.py). In eval mode, under no_grad, or with a frozen weight (the base layer of a LoRA
+adapter) it is exactly nn.Linear and keeps what nn.Linear keeps.
+
+Same parameters, state_dict keys and constructor arguments as nn.Linear, plus:
+  keep_ratio   (0, 1]: the share of rows kept (1 keeps all: the exact gradient)
+  min_k        >= 1: rows kept at least
+  estimator    "wta-crs" (the paper) or "crs" (plain column-row sampling, the baseline)
+  generator    torch.Generator the per-step seed is drawn from (reproducible sampling)
+  store_dtype  None (the input's dtype), torch.bfloat16 or torch.float16: the kept rows' dtype
+  grad_norm_device  where the per-sample gradient norms live (grad_norms.GradNormCache)
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .grad_norms import GradNormCache, check_ids, current_sample_ids
+from .reference import budget
+
+ESTIMATORS = ("wta-crs", "crs")
+_STORE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_config(keep_ratio, min_k, estimator, store_dtype=None) -> None:
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or \
+            not (0.0 < float(keep_ratio) <= 1.0) or math.isnan(float(keep_ratio)):
+        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+    if isinstance(min_k, bool) or not isinstance(min_k, int) or min_k < 1:
+        raise ValueError(f"min_k must be an int >= 1, got {min_k!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if store_dtype not in _STORE_DTYPES:
+        raise ValueError(f"store_dtype must be None, torch.float32, torch.bfloat16 or "
+                         f"torch.float16, got {store_dtype!r}")
+
+
+class SampleGroup:
+    """Layers fed by the same tensor (Q, K and V of an attention block) share one sample of it:
+    the first to run draws (x_kept, indices), the others reuse them while the input is the same
+    tensor at the same version, so autograd keeps one buffer instead of one per layer. Only weak
+    references are held: the buffer lives exactly as long as some layer's backward needs it."""
+
+    def __init__(self, grad_norm_device=None):
+        self.grad_norms = GradNormCache(grad_norm_device)
+        self._last = None
+
+    def sample(self, layer: "WTACRSLinear", inp: torch.Tensor, x: torch.Tensor, k: int, ids):
+        last = self._last
+        if last is not None:
+            inp_ref, version, kept_ref, idx_ref, step, kk, key = last
+            same = inp_ref() is inp and inp._version == version and kk == k
+            if same and key == layer._sampling_key():
+                kept, idx = kept_ref(), idx_ref()
+                if kept is not None and idx is not None:
+                    return kept, idx, step
+        kept, idx, step = layer._draw(x, k, ids, self.grad_norms)
+        self._last = (weakref.ref(inp), inp._version, weakref.ref(kept), weakref.ref(idx), step,
+                      k, layer._sampling_key())
+        return kept, idx, step
+
+
+class WTACRSLinear(nn.Linear):
+    """Drop-in nn.Linear with a WTA-CRS estimate of grad_W (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 keep_ratio: float = 0.3, min_k: int = 32, estimator: str = "wta-crs",
+                 generator: Optional[torch.Generator] = None, device=None, dtype=None, *,
+                 store_dtype: Optional[torch.dtype] = None, grad_norm_device=None):
+        check_config(keep_ratio, min_k, estimator, store_dtype)
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.keep_ratio = float(keep_ratio)
+        self.min_k = min_k
+        self.estimator = estimator
+        self.generator = generator
+        self.store_dtype = store_dtype
+        self.grad_norms = GradNormCache(grad_norm_device)
+        self.sample_group: Optional[SampleGroup] = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, keep_ratio: float = 0.3, min_k: int = 32,
+                    estimator: str = "wta-crs", generator: Optional[torch.Generator] = None, *,
+                    store_dtype=None, grad_norm_device=None) -> "WTACRSLinear":
+        """A WTACRSLinear sharing ``linear``'s Parameter objects (optimizers, tied weights and
+        the original module all see the same tensors)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, keep_ratio,
+                  min_k, estimator, generator, device="meta", dtype=linear.weight.dtype,
+                  store_dtype=store_dtype, grad_norm_device=grad_norm_device)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", keep_ratio={self.keep_ratio}, min_k={self.min_k}, "
+                f"estimator={self.estimator}"
+                + (f", store_dtype={self.store_dtype}" if self.store_dtype else ""))
+
+    def _sampling_key(self):
+        return (self.keep_ratio, self.min_k, self.estimator, self.store_dtype)
+
+    def _seed(self, device) -> torch.Tensor:
+        g = self.generator
+        gdev = g.device if g is not None else "cpu"
+        seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, generator=g, device=gdev)
+        return seed.to(device)
+
+    def _draw(self, x: torch.Tensor, k: int, ids, cache: GradNormCache):
+        g = cache.lookup(ids, x.shape[0], x.device) if ids is not None else None
+        step = cache.begin_step()
+        kept, idx = ops.sample(x.detach(), g, k, self.estimator == "wta-crs",
+                               self._seed(x.device), self.store_dtype)
+        return kept, idx, step
+
+    def forward(self, input: torch.Tensor, sample_ids: Optional[torch.Tensor] = None):
+        if input.shape[-1:] != (self.in_features,):
+            raise ValueError(f"input must have in_features = {self.in_features} features in its "
+                             f"last dim, got shape {tuple(input.shape)}")
+        if not (self.training and self.weight.requires_grad and torch.is_grad_enabled()):
+            return F.linear(input, self.weight, self.bias)
+        x = input.reshape(-1, self.in_features)
+        n = x.shape[0]
+        k = budget(n, self.keep_ratio, self.min_k)
+        if k >= n:  # every row kept: nothing to save over nn.Linear, and it is exact
+            return F.linear(input, self.weight, self.bias)
+        ids = sample_ids
+        if ids is None and not torch.compiler.is_compiling():  # the context is eager-only
+            ids = current_sample_ids()
+        if ids is not None:
+            if input.dim() < 2:
+                raise ValueError("sample_ids need an input with a batch dim (at least 2-D), got "
+                                 f"shape {tuple(input.shape)}")
+            check_ids(ids, input.shape[0])
+        group = self.sample_group
+        cache = group.grad_norms if group is not None else self.grad_norms
+        if group is not None:
+            kept, idx, step = group.sample(self, input, x, k, ids)
+        else:
+            kept, idx, step = self._draw(x, k, ids, cache)
+        y = ops.linear(x, self.weight, self.bias, kept, idx)
+        if ids is not None and y.requires_grad:
+            y.register_hook(_StoreNorms(cache, ids.detach(), step))
+        return y.reshape(*input.shape[:-1], self.out_features)
+
+
+class _StoreNorms:
+    """Tensor hook on a layer's output: adds ||dy_t||^2 to the cache (the gradient passes
+    through unchanged)."""
+
+    def __init__(self, cache: GradNormCache, ids: torch.Tensor, step: int):
+        self.cache, self.ids, self.step = cache, ids, step
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        g = grad.detach().reshape(-1, grad.shape[-1])
+        norms = ops.row_norms(g).float()
+        self.cache.store(self.ids, norms * norms, self.step)
