@@ -65,8 +65,8 @@ static void test_nibbles() {
 
 static void test_hash_matches_python_reference() {
   // reference.uniform_noise(99, 5) * 2^24 and (-7, 3), and _pcg_hash([0, 1, 123456789])
-  const uint32_t want99[5] = {506671u, 4160138u, 14790935u, 12454434u, 1794807u};
-  const uint32_t want_m7[3] = {14254607u, 7428622u, 697797u};
+  const uint32_t want99[5] = {10728194u, 7569721u, 16437877u, 1338439u, 1264790u};
+  const uint32_t want_m7[3] = {16458141u, 12973051u, 12467906u};
   rng::Key k = rng::make_key(99);
   for (int i = 0; i < 5; ++i) EXPECT(rng::uniform01(k, i) * 16777216.0f == float(want99[i]));
   rng::Key km = rng::make_key(-7);
