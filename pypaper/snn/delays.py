@@ -14,8 +14,8 @@ integer delay per synapse (g one-hot, an exact shift).
 
 The kernel (kernels/cpu/delay_cpu.h) gathers only the taps each synapse needs: the Gaussian is
 truncated to the 2*ceil(3 sigma) taps around p and renormalised (kernels/common/delay_math.h has
-the window and why g stays continuous in p), instead of convolving with a dense [C_out, C_in,
-max_delay] kernel as DCLS does. pypaper/snn/delays_reference.py is that dense convolution.
+the window, and the bound on the output's jump when floor(p) crosses an integer), instead of
+convolving with a dense [C_out, C_in, max_delay] kernel as DCLS does. pypaper/snn/delays_reference.py is that dense convolution.
 
 Backends: CPU -> the C++ op (default), then the reference; CUDA -> the reference (no CUDA or
 Triton kernel exists yet; an explicit request for one raises BackendUnavailable). float16 and
