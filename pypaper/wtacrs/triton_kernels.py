@@ -174,7 +174,7 @@ if triton is not None:
         c = tl.load(c_ptr)
         sd = tl.load(seed_ptr).to(tl.uint64, bitcast=True)
         ka = _pcg(sd.to(tl.uint32))
-        kb = _pcg((sd >> 32).to(tl.uint32) ^ ka)
+        kb = _pcg((sd >> 32).to(tl.uint32) ^ _pcg(ka))  # kernels/common/hash_rng.h
         dnum = tl.maximum(j - c, 0)
         u = _u24(ka, kb, 2 * dnum + 1) + _u24(ka, kb, 2 * dnum + 2) * (1.0 / 16777216.0)
         residual = tl.load(cdf_ptr + n - 1)
