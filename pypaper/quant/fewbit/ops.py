@@ -73,9 +73,8 @@ def activation(x: torch.Tensor, name: str, bits: int = 2, *, params: Sequence[fl
                density=None) -> torch.Tensor:
     """A pointwise activation whose backward keeps ``bits`` bits per element.
 
-    Forward: y = f(x), bit-exact with torch's kernel for the same input (torch itself may differ
-    in the last bit at the points where it splits work between threads; pypaper's result does not
-    depend on the thread count). Backward: grad_x = q(x) * grad_y, with q the piecewise-constant
+    Forward: y = f(x), computed by torch's own kernel: identical to torch's call on the
+    contiguous input. Backward: grad_x = q(x) * grad_y, with q the piecewise-constant
     approximation of f' with 2^bits levels that minimises E[(f'(x) - q(x))^2] for x drawn from
     ``density`` (standard normal by default), found by an exact dynamic program (tables.py).
     Saved for backward: ceil(bits * numel / 8) bytes, not the float input.

@@ -34,15 +34,3 @@ def inputs(n, dtype, scale=3.0):
     k = min(n, specials.numel())
     x[:k] = specials[:k]
     return x.to(dtype)
-
-
-def serial(fn, *args):
-    """torch's result on one thread: torch's own activation kernels may differ in the last bit
-    at the element where they split work between threads (a scalar tail); pypaper's result does
-    not depend on the thread count and equals torch's single-threaded one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(n)
