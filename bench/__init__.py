@@ -9,4 +9,7 @@ FAMILIES = {
     "fewbit": "bench.fewbit",
     "snn": "bench.snn",
     "wtacrs": "bench.wtacrs",
+    # ---- hopfield (issue #4) ----
+    # ---- local (issue #6) ----
+    # ---- quant models (issue #7): "qlinear" ----
 }

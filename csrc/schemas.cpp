@@ -95,4 +95,8 @@ TORCH_LIBRARY(pypaper, m) {
   m.def(
       "wtacrs_linear_backward(Tensor grad_y, Tensor weight, Tensor x_kept, Tensor indices, "
       "bool need_input, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
+  // ---- hopfield (issue #4): schemas go here ----
+  // ---- local (issue #6): schemas go here ----
+  // ---- quant models (issue #7, linear kernels): schemas go here ----
+  // ---- quant models (issue #7, power quantizer): schemas go here ----
 }
