@@ -100,6 +100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
 // (added in chunk order), in the parameter's own shape and dtype.
 at::Tensor finish_param_grad(const at::Tensor& param, const NeuronParam& p, const at::Tensor& per_n,
                              const std::vector<double>& partial) {
+  // A per-neuron parameter over zero features (period 0) has an empty gradient.
+  if (param.numel() == 0) return at::zeros(param.sizes(), param.options());
   at::Tensor g;
   if (p.period > 1) {
     const int64_t n = per_n.numel();

@@ -126,6 +126,20 @@ def test_odd_and_empty_shapes(shape):
     assert x.grad.shape == x.shape and torch.allclose(x.grad, xr.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_per_neuron_parameters_over_zero_features(backend):
+    """Per-neuron tau and threshold over an empty feature shape: empty outputs and gradients
+    (the CPU backward once failed reshaping its scalar accumulator to shape [0])."""
+    tau = torch.full((0,), 2.5, requires_grad=True)
+    vth = torch.full((0,), 0.7, requires_grad=True)
+    x = torch.randn(4, 3, 0, requires_grad=True)
+    with pypaper.use_backend(backend):
+        s, v, _ = lif_multi_step(x, tau=tau, v_threshold=vth)
+    (s.sum() + v.sum()).backward()
+    assert s.shape == x.shape and v.shape == (3, 0)
+    assert x.grad.shape == x.shape and tau.grad.shape == (0,) and vth.grad.shape == (0,)
+
+
 def test_large_outputs_take_the_streamed_store_path():
     """Outputs of 16 MiB and more are written with non-temporal stores (rows here are not 32-byte
     aligned): the same values as the reference."""
