@@ -30,45 +30,15 @@ The backward writes per-tile partial sums of dscale / dzero_point (one value per
 of the tile) that torch sums afterwards in fp64: deterministic, no atomics.
 """
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
 
 from .layout import layout_of, math_dtype
 
-try:
-    import triton
-    import triton.language as tl
-
-    _TRITON_ERROR = ""
-except ImportError:
-    triton = None
-    _TRITON_ERROR = "triton is not installed"
-except Exception as _e:  # a broken install
-    triton = None
-    _TRITON_ERROR = f"triton failed to import ({type(_e).__name__}: {_e})"
-
-HAVE_TRITON = triton is not None
+from .._triton import HAVE_TRITON, tl, triton, triton_available  # noqa: F401
 
 __all__ = ["HAVE_TRITON", "triton_available"]
-
-_NO_DEVICE = "triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
-
-
-def triton_available(device: torch.device) -> tuple[bool, str]:
-    """(True, "") when the Triton ops can run on tensors of ``device``, else (False, why)."""
-    if triton is None:
-        return False, _TRITON_ERROR
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return True, ""
-    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        if not _INTERPRETED:
-            return False, ("TRITON_INTERPRET=1 was set after pypaper.quant.triton_kernels was "
-                           "imported; set it before importing pypaper")
-        return True, ""
-    return False, _NO_DEVICE
 
 
 # ---- launch heuristics (pure functions) ----------------------------------------------------------
@@ -229,107 +199,10 @@ def _check_seed(seed: Optional[torch.Tensor], x: torch.Tensor) -> None:
 if triton is not None:
     from torch.library import triton_op, wrap_triton
 
-    # ---- device math -----------------------------------------------------------------------------
-    # USE_RN (compiled for NVIDIA): the ops whose rounding matters are single PTX instructions in
-    # inline asm: no FMA contraction of a*b+c (Triton enables FP fusion) and no flush of
-    # subnormals (libdevice and tl.floor are linked with FTZ for fp32). The CPU interpreter runs
-    # numpy, which rounds every op on its own and keeps subnormals; rint is built from floor.
+    from .._triton import (_USE_RN, _add, _bf16_bits, _bits, _floor, _launches, _load_as, _mul,
+                           _rint, _store_as, _uniform)
 
-    @triton.jit
-    def _ptx1(v, OP: tl.constexpr):
-        """cvt.<OP> (rni: round half even, rmi: floor), correctly rounded, no FTZ."""
-        if v.dtype == tl.float64:
-            return tl.inline_asm_elementwise("cvt." + OP + ".f64.f64 $0, $1;", "=d,d", [v],
-                                             dtype=tl.float64, is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise("cvt." + OP + ".f32.f32 $0, $1;", "=f,f", [v],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-
-    @triton.jit
-    def _ptx2(a, b, OP: tl.constexpr):
-        """<OP>.rn (mul, add): one IEEE rounding, no FTZ, never fused."""
-        if a.dtype == tl.float64:
-            return tl.inline_asm_elementwise(OP + ".rn.f64 $0, $1, $2;", "=d,d,d", [a, b],
-                                             dtype=tl.float64, is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise(OP + ".rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-
-    @triton.jit
-    def _mul(a, b, USE_RN: tl.constexpr):
-        if USE_RN:
-            return _ptx2(a, b, "mul")
-        else:
-            return a * b
-
-    @triton.jit
-    def _add(a, b, USE_RN: tl.constexpr):
-        if USE_RN:
-            return _ptx2(a, b, "add")
-        else:
-            return a + b
-
-    @triton.jit
-    def _floor(v, USE_RN: tl.constexpr):
-        if USE_RN:
-            return _ptx1(v, "rmi")
-        else:
-            return tl.floor(v)
-
-    @triton.jit
-    def _rint(v, USE_RN: tl.constexpr):
-        """Round half to even (torch.round), exact for every float."""
-        if USE_RN:
-            return _ptx1(v, "rni")
-        else:
-            f = tl.floor(v)
-            d = v - f  # the fraction of a float is exact
-            odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
-            r = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
-            return tl.where(r == 0.0, v * 0.0, r)  # keep rint's signed zero
-
-    @triton.jit
-    def _load_as(ptrs, mask, dtype, BF16_BITS: tl.constexpr):
-        """Load and convert to the math type. BF16_BITS: ptrs hold bf16 bit patterns as int16
-        (CPU interpreter, whose own bf16 conversions truncate); widen them exactly."""
-        if BF16_BITS:
-            b = tl.load(ptrs, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
-            return (b << 16).to(tl.float32, bitcast=True).to(dtype)
-        else:
-            return tl.load(ptrs, mask=mask, other=0.0).to(dtype)
-
-    @triton.jit
-    def _store_as(ptrs, v, mask, BF16_BITS: tl.constexpr):
-        """Cast to the pointer's type (round to nearest even) and store. BF16_BITS: fp32 -> bf16
-        bits by integer rounding, as c10::BFloat16 does (NaN -> 0x7FC0)."""
-        if BF16_BITS:
-            b = v.to(tl.uint32, bitcast=True)
-            r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-            r = tl.where(v != v, 0x7FC0, r)
-            tl.store(ptrs, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
-        else:
-            tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _pcg(v):
-        """PCG-RXS-M-XS hash of uint32 (kernels/common/hash_rng.h), wrapping uint32 arithmetic."""
-        state = v * tl.full([], 747796405, tl.uint32) + tl.full([], 2891336453, tl.uint32)
-        word = ((state >> ((state >> 28) + 4)) ^ state) * tl.full([], 277803737, tl.uint32)
-        return (word >> 22) ^ word
-
-    @triton.jit
-    def _uniform(seed_ptr, e, IDX64: tl.constexpr):
-        """u in [0, 1) of flat index e: reference.uniform_noise / rng::uniform01, bit for bit."""
-        sd = tl.load(seed_ptr).to(tl.uint64, bitcast=True)
-        ka = _pcg(sd.to(tl.uint32))
-        kb = _pcg((sd >> 32).to(tl.uint32) ^ _pcg(ka))  # kernels/common/hash_rng.h
-        if IDX64:
-            lo = e.to(tl.uint32)
-            hi = (e >> 32).to(tl.uint32)
-            h = _pcg(_pcg(lo ^ ka) ^ (hi + kb))
-        else:
-            h = _pcg(_pcg(e.to(tl.uint32) ^ ka) ^ kb)
-        return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    # ---- device math: the shared helpers of pypaper/_triton.py, then the quant-specific ones --
 
     @triton.jit
     def _clamp(v, QMIN: tl.constexpr, QMAX: tl.constexpr):
@@ -505,35 +378,6 @@ if triton is not None:
         y = _mul(v.to(s.dtype) - z, s, USE_RN)
         _store_as(y_ptr + e, y, mask, BF16_BITS)
 
-    # Interpreted (TRITON_INTERPRET=1 at import) or compiled; the PTX path only for NVIDIA (on
-    # ROCm the plain ops run, exact up to FMA contraction).
-    _INTERPRETED = type(_fake_quant_fwd_kernel).__name__ == "InterpretedFunction"
-    _USE_RN = not _INTERPRETED and torch.version.hip is None
-
-    def _launches(t: torch.Tensor) -> bool:
-        """Whether to run the kernels on ``t``. Compiled kernels always go through wrap_triton,
-        which records them on fake tensors. Interpreted ones cannot be traced: on fake or meta
-        tensors the op only allocates (it then serves as its own fake kernel), and functional
-        tracing (torch.compile, export) raises instead of dropping the kernel from the graph."""
-        if t.device.type == "meta":
-            return False
-        if not _INTERPRETED:
-            return True
-        from torch._subclasses.fake_tensor import is_fake
-        from torch._subclasses.functional_tensor import FunctionalTensor
-
-        if isinstance(t, FunctionalTensor) or torch._is_functional_tensor(t):
-            raise RuntimeError("pypaper Triton ops run eagerly only under TRITON_INTERPRET=1: "
-                               "torch.compile / export tracing needs compiled Triton kernels")
-        return not is_fake(t)
-
-    def _bf16_bits(dtype: torch.dtype) -> bool:
-        return _INTERPRETED and dtype == torch.bfloat16
-
-    def _bits(t: torch.Tensor) -> torch.Tensor:
-        """bf16 tensors travel as int16 bit patterns under the interpreter (see _load_as)."""
-        return t.view(torch.int16) if _bf16_bits(t.dtype) else t
-
     def _tiled_launch(kernel, plan: TilePlan, *args, **consts):
         wrap_triton(kernel)[(plan.programs,)](
             *args, IDX64=_needs_int64(plan), USE_RN=_USE_RN, BLOCK_R=plan.block_r,
@@ -708,5 +552,3 @@ if triton is not None:
 
     __all__ += ["fake_quantize_triton", "fake_quantize_backward_triton", "quantize_triton",
                 "dequantize_triton", "tile_plan", "packed_plan", "num_warps_for"]
-else:
-    _INTERPRETED = False

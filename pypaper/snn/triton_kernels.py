@@ -39,46 +39,17 @@ a Python float as fp32). The backward's surrogate exp is Triton's (interpreter: 
 gradients of the Sigmoid, PiecewiseExp and Erf surrogates differ from the C++ op's (a polynomial
 exp) by a few ulp; the others match it to the bit (parameter sums up to summation order).
 """
-import os
 import struct
 from typing import Optional
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    _TRITON_ERROR = ""
-except ImportError:
-    triton = None
-    _TRITON_ERROR = "triton is not installed"
-except Exception as _e:  # a broken install
-    triton = None
-    _TRITON_ERROR = f"triton failed to import ({type(_e).__name__}: {_e})"
-
-HAVE_TRITON = triton is not None
+from .._triton import HAVE_TRITON, tl, triton, triton_available  # noqa: F401
 
 __all__ = ["HAVE_TRITON", "triton_available", "block_for", "num_warps_for"]
 
-_NO_DEVICE = "triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _NUM_SURROGATES = 8
-
-
-def triton_available(device: torch.device) -> tuple[bool, str]:
-    """(True, "") when the Triton ops can run on tensors of ``device``, else (False, why)."""
-    if triton is None:
-        return False, _TRITON_ERROR
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return True, ""
-    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        if not _INTERPRETED:
-            return False, ("TRITON_INTERPRET=1 was set after pypaper.snn.triton_kernels was "
-                           "imported; set it before importing pypaper")
-        return True, ""
-    return False, _NO_DEVICE
 
 
 # ---- launch heuristics (pure functions) ----------------------------------------------------------
@@ -227,7 +198,7 @@ if triton is not None:
 
     # mul.rn / div.rn in inline PTX (one IEEE rounding, never contracted, no FTZ) and the
     # interpreter's tracing guard: shared with the quant kernels, one place for those tricks.
-    from ..quant.triton_kernels import _USE_RN, _launches, _ptx2
+    from .._triton import _USE_RN, _launches, _ptx2
 
     # ---- device math -----------------------------------------------------------------------------
 
@@ -509,7 +480,6 @@ if triton is not None:
             tl.store(gth_ptr + pid, tl.sum(tl.where(mask, gth, 0.0).to(tl.float64), axis=0))
 
     # Interpreted (TRITON_INTERPRET=1 at import) or compiled.
-    _INTERPRETED = type(_lif_forward_kernel).__name__ == "InterpretedFunction"
 
     def _plan(x: torch.Tensor, steps: int, neurons: int):
         block = block_for(neurons, _sm_count(x.device))
@@ -616,5 +586,3 @@ if triton is not None:
         return gx, gv0, g_decay, g_vth
 
     __all__ += ["lif_forward_triton", "lif_backward_triton"]
-else:
-    _INTERPRETED = False

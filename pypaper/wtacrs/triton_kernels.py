@@ -27,7 +27,6 @@ Kernels:
                   as torch's default matmul.
 The forward GEMM and grad_input are torch's (cuBLAS): dense and already optimal.
 """
-import os
 from typing import Optional
 
 import torch
@@ -35,38 +34,9 @@ import torch.nn.functional as F
 
 from . import reference
 
-try:
-    import triton
-    import triton.language as tl
-
-    _TRITON_ERROR = ""
-except ImportError:
-    triton = None
-    _TRITON_ERROR = "triton is not installed"
-except Exception as _e:  # a broken install
-    triton = None
-    _TRITON_ERROR = f"triton failed to import ({type(_e).__name__}: {_e})"
-
-HAVE_TRITON = triton is not None
+from .._triton import HAVE_TRITON, tl, triton, triton_available  # noqa: F401
 
 __all__ = ["HAVE_TRITON", "triton_available", "gemm_blocks", "norm_blocks"]
-
-_NO_DEVICE = "triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
-
-
-def triton_available(device: torch.device) -> tuple[bool, str]:
-    """(True, "") when the Triton ops can run on tensors of ``device``, else (False, why)."""
-    if triton is None:
-        return False, _TRITON_ERROR
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return True, ""
-    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        if not _INTERPRETED:
-            return False, ("TRITON_INTERPRET=1 was set after pypaper.wtacrs.triton_kernels was "
-                           "imported; set it before importing pypaper")
-        return True, ""
-    return False, _NO_DEVICE
 
 
 # ---- launch heuristics (pure functions) ---------------------------------------------------------
@@ -144,7 +114,7 @@ def _check_indices(indices: torch.Tensor, n: int) -> None:
 if triton is not None:
     from torch.library import triton_op, wrap_triton
 
-    from ..quant.triton_kernels import _bf16_bits, _bits, _launches, _load_as, _pcg, _store_as
+    from .._triton import _bf16_bits, _bits, _launches, _load_as, _pcg, _store_as
 
     @triton.jit
     def _row_norms_kernel(x_ptr, out_ptr, n, d, ld, BF16_BITS: tl.constexpr,
@@ -239,7 +209,6 @@ if triton is not None:
         tl.store(out_ptr + o[:, None] * d_in + i[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=om[:, None] & im[None, :])
 
-    _INTERPRETED = type(_row_norms_kernel).__name__ == "InterpretedFunction"
 
     # ---- ops -------------------------------------------------------------------------------------
 
@@ -400,5 +369,3 @@ if triton is not None:
     __all__ += ["wtacrs_row_norms_triton", "wtacrs_select_triton", "wtacrs_gather_scale_triton",
                 "wtacrs_sample_triton", "wtacrs_sampled_grad_weight_triton",
                 "wtacrs_linear_triton", "wtacrs_linear_backward_triton"]
-else:
-    _INTERPRETED = False

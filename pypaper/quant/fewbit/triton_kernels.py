@@ -40,29 +40,14 @@ pypaper/quant/triton_kernels.py (mul.rn in inline PTX: never contracted into an 
 Under the CPU interpreter numpy rounds every op on its own; bf16 travels as int16 bit patterns
 and is widened / rounded by integer arithmetic (the interpreter's own bf16 conversion truncates).
 """
-import os
 
 import torch
 
 from . import reference, tables
-
-try:
-    import triton
-    import triton.language as tl
-
-    _TRITON_ERROR = ""
-except ImportError:
-    triton = None
-    _TRITON_ERROR = "triton is not installed"
-except Exception as _e:  # a broken install
-    triton = None
-    _TRITON_ERROR = f"triton failed to import ({type(_e).__name__}: {_e})"
-
-HAVE_TRITON = triton is not None
+from ..._triton import HAVE_TRITON, tl, triton, triton_available  # noqa: F401
 
 __all__ = ["HAVE_TRITON", "triton_available", "blocks_per_program", "num_warps_for"]
 
-_NO_DEVICE = "triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
 
 # Block of the layout, and the limits of kernels/common/fewbit_pack.h.
 BLOCK = reference.BLOCK  # 32
@@ -70,21 +55,6 @@ MAX_BITS = 4
 MAX_BORDERS = (1 << MAX_BITS) - 1
 # The last partial block holds r <= 31 codes of b <= 4 bits: at most ceil(31 * 4 / 8) = 16 bytes.
 _TAIL_BYTES = 16
-
-
-def triton_available(device: torch.device) -> tuple[bool, str]:
-    """(True, "") when the Triton ops can run on tensors of ``device``, else (False, why)."""
-    if triton is None:
-        return False, _TRITON_ERROR
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return True, ""
-    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        if not _INTERPRETED:
-            return False, ("TRITON_INTERPRET=1 was set after pypaper.quant.fewbit.triton_kernels "
-                           "was imported; set it before importing pypaper")
-        return True, ""
-    return False, _NO_DEVICE
 
 
 # ---- launch heuristics (pure functions) ----------------------------------------------------------
@@ -213,8 +183,7 @@ if triton is not None:
     # Device helpers shared with the quant kernels (one place for the exactness tricks):
     # _load_as / _store_as (bf16 as int16 bit patterns under the interpreter), _mul (mul.rn PTX on
     # NVIDIA), _launches (interpreted kernels never see fake / functional tensors), _bits.
-    from ..triton_kernels import _bf16_bits, _bits, _launches, _load_as, _mul, _store_as
-    from ..triton_kernels import _USE_RN
+    from ..._triton import _USE_RN, _bf16_bits, _bits, _launches, _load_as, _mul, _store_as
 
     @triton.jit
     def _code_of(x, borders_ptr, NB: tl.constexpr, FOLD: tl.constexpr):
@@ -298,7 +267,6 @@ if triton is not None:
         _store_as(out_ptr + e, _mul(g, lv, USE_RN), mask, BF16_BITS)
 
     # Interpreted (TRITON_INTERPRET=1 at import) or compiled.
-    _INTERPRETED = type(_fewbit_pack_kernel).__name__ == "InterpretedFunction"
 
     # ---- ops -------------------------------------------------------------------------------------
 
@@ -355,5 +323,3 @@ if triton is not None:
         return gx
 
     __all__ += ["fewbit_forward_triton", "fewbit_backward_triton"]
-else:
-    _INTERPRETED = False
