@@ -20,12 +20,12 @@
 // staged in shared memory; dx = levels[code] * dy is one multiply in the math type and one
 // round-to-nearest-even to the storage type, as the CPU loop (nothing to contract into an FMA).
 #include "fewbit_kernels.cuh"
+#include "device_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 
 #include "../common/fewbit_pack.h"
@@ -43,26 +43,6 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---- storage and math types --------------------------------------------------------------------
 
-template <typename In>
-struct MathOf {
-  using type = float;
-};
-template <>
-struct MathOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_math(float v) { return v; }
-__device__ __forceinline__ double to_math(double v) { return v; }
-__device__ __forceinline__ float to_math(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_math(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// Round to nearest even, as c10::Half / c10::BFloat16 and the CPU kernels (NaN bits may differ).
-__device__ __forceinline__ void store(float& o, float v) { o = v; }
-__device__ __forceinline__ void store(double& o, double v) { o = v; }
-__device__ __forceinline__ void store(__half& o, float v) { o = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16& o, float v) { o = __float2bfloat16_rn(v); }
-
 // +inf pads the border list to a compile-time length: x > +inf is false for every x (NaN too), so
 // a padded border never counts and code_of is unchanged, while the compare loop unrolls over
 // registers.
@@ -70,11 +50,6 @@ __device__ __forceinline__ void set_inf(float& v) { v = __int_as_float(0x7f80000
 __device__ __forceinline__ void set_inf(double& v) {
   v = __longlong_as_double(0x7ff0000000000000LL);
 }
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 // A plane word at p, little-endian (the stream order; the GPU is little-endian too).
 __device__ __forceinline__ uint32_t load_word(const uint8_t* p, bool aligned4) {
@@ -92,10 +67,6 @@ __device__ __forceinline__ void store_word(uint8_t* p, uint32_t w, bool aligned4
   p[1] = static_cast<uint8_t>(w >> 8);
   p[2] = static_cast<uint8_t>(w >> 16);
   p[3] = static_cast<uint8_t>(w >> 24);
-}
-
-__device__ __forceinline__ int64_t global_thread() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 
 __device__ __forceinline__ int64_t grid_threads() {
@@ -235,28 +206,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- launch ------------------------------------------------------------------------------------
 
-cudaError_t sm_count(int* out) {
-  static std::atomic<int> cache[64];  // per device; zero until first queried
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  const bool cached = dev >= 0 && dev < 64;
-  if (cached) {
-    const int v = cache[dev].load(std::memory_order_relaxed);
-    if (v > 0) {
-      *out = v;
-      return cudaSuccess;
-    }
-  }
-  int count = 0;
-  err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
-  if (count <= 0) count = 1;
-  if (cached) cache[dev].store(count, std::memory_order_relaxed);
-  *out = count;
-  return cudaSuccess;
-}
-
 // Blocks of kThreads for `threads` threads of work, at most kBlocksPerSM per SM: one full wave
 // (2048 threads per SM) keeps enough loads in flight for these memory-bound streams; more blocks
 // only add scheduling, and the grid-stride loops take the rest. At least one block.
@@ -269,17 +218,6 @@ unsigned grid_blocks(int64_t threads, int sms) {
 
 bool aligned(const void* p, int bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
-}
-
-template <typename F>
-cudaError_t dispatch_float(FloatType type, F&& f) {
-  switch (type) {
-    case FloatType::kFloat32: return f(float{});
-    case FloatType::kFloat64: return f(double{});
-    case FloatType::kFloat16: return f(__half{});
-    case FloatType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
 }
 
 template <typename In, int BITS>

@@ -13,12 +13,12 @@
 // 1/s is the IEEE-rounded quotient (__fdiv_rn / __ddiv_rn, as 1.0f / s on the host), storage
 // conversions round to nearest even, so every element is bit-identical to the CPU kernel.
 #include "quant_kernels.cuh"
+#include "device_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -50,44 +50,8 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---- storage and math types --------------------------------------------------------------------
 
-template <typename In>
-struct MathOf {
-  using type = float;
-};
-template <>
-struct MathOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_math(float v) { return v; }
-__device__ __forceinline__ double to_math(double v) { return v; }
-__device__ __forceinline__ float to_math(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_math(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// Round to nearest even, as c10::Half / c10::BFloat16 and the CPU kernels (NaN bits may differ).
-__device__ __forceinline__ void store(float& o, float v) { o = v; }
-__device__ __forceinline__ void store(double& o, double v) { o = v; }
-__device__ __forceinline__ void store(__half& o, float v) { o = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16& o, float v) { o = __float2bfloat16_rn(v); }
-
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-
-// N values moved as one aligned access (16 bytes for a full float unit).
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <int N, typename T>
-__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, N>*>(p);
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
-  *reinterpret_cast<Pack<T, N>*>(p) = v;
-}
 
 // ---- channel bookkeeping -----------------------------------------------------------------------
 
@@ -157,10 +121,6 @@ template <typename T>
 __device__ __forceinline__ int32_t stored_code(T x, const ChannelParams<T>& p, T qmin, T qmax) {
   const T code = quant::code_nearest(x, p.inv, p.z);
   return static_cast<int32_t>(code == code ? quant::clamp(code, qmin, qmax) : p.z);
-}
-
-__device__ __forceinline__ int64_t global_thread() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 
 // ---- forward -----------------------------------------------------------------------------------
@@ -463,28 +423,6 @@ __global__ void __launch_bounds__(kBlock)
 
 // ---- launch planning ---------------------------------------------------------------------------
 
-cudaError_t sm_count(int* out) {
-  static std::atomic<int> cache[64];  // per device; zero until first queried
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  const bool cached = dev >= 0 && dev < 64;
-  if (cached) {
-    const int v = cache[dev].load(std::memory_order_relaxed);
-    if (v > 0) {
-      *out = v;
-      return cudaSuccess;
-    }
-  }
-  int n = 0;
-  err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
-  if (n <= 0) n = 1;
-  if (cached) cache[dev].store(n, std::memory_order_relaxed);
-  *out = n;
-  return cudaSuccess;
-}
-
 struct Plan {
   Walk walk;
   unsigned blocks;
@@ -528,18 +466,6 @@ bool aligned(const void* p, int bytes) {
 
 template <typename In>
 constexpr int kVec = static_cast<int>(16 / sizeof(In));
-
-// Calls f with a value of the storage type.
-template <typename F>
-cudaError_t dispatch_float(FloatType type, F&& f) {
-  switch (type) {
-    case FloatType::kFloat32: return f(float{});
-    case FloatType::kFloat64: return f(double{});
-    case FloatType::kFloat16: return f(__half{});
-    case FloatType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
 
 }  // namespace
 

@@ -23,12 +23,12 @@
 // -ffp-contract=off; fp32 `/` is IEEE-rounded (-prec-div=true, nvcc's default); storage
 // conversions round to nearest even (bf16 by the same integer rounding as the CPU, NaN -> 0x7FC0).
 #include "snn_kernels.cuh"
+#include "device_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -42,20 +42,6 @@ constexpr int kMaxThreads = 256;  // lif_launch_config's largest block
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---- storage and math types --------------------------------------------------------------------
-
-template <typename In>
-struct MathOf {
-  using type = float;
-};
-template <>
-struct MathOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_math(float v) { return v; }
-__device__ __forceinline__ double to_math(double v) { return v; }
-__device__ __forceinline__ float to_math(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_math(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename In>
 __device__ __forceinline__ In store_val(typename MathOf<In>::type v) {
@@ -110,10 +96,6 @@ __device__ __forceinline__ In store_h(T h, T s, T vth) {
 template <typename T>
 __device__ __forceinline__ T param_of(const T* __restrict__ p, int64_t period, int64_t n) {
   return p[period == 1 ? 0 : n % period];
-}
-
-__device__ __forceinline__ int64_t global_thread() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 
 // ---- forward -----------------------------------------------------------------------------------
@@ -272,45 +254,12 @@ __global__ void __launch_bounds__(kMaxThreads) lif_backward_kernel(BwdArgs<In> a
 
 // ---- launch ------------------------------------------------------------------------------------
 
-cudaError_t sm_count(int* out) {
-  static std::atomic<int> cache[64];  // per device; zero until first queried
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  const bool cached = dev >= 0 && dev < 64;
-  if (cached) {
-    const int v = cache[dev].load(std::memory_order_relaxed);
-    if (v > 0) {
-      *out = v;
-      return cudaSuccess;
-    }
-  }
-  int count = 0;
-  err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
-  if (count <= 0) count = 1;
-  if (cached) cache[dev].store(count, std::memory_order_relaxed);
-  *out = count;
-  return cudaSuccess;
-}
-
 cudaError_t config_for(int64_t neurons, LifLaunch* cfg) {
   int sms = 0;
   const cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
   *cfg = lif_launch_config(neurons, sms);
   return cudaSuccess;
-}
-
-template <typename F>
-cudaError_t dispatch_float(FloatType type, F&& f) {
-  switch (type) {
-    case FloatType::kFloat32: return f(float{});
-    case FloatType::kFloat64: return f(double{});
-    case FloatType::kFloat16: return f(__half{});
-    case FloatType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
 }
 
 template <typename In, bool DI, bool DIV, bool HARD>

@@ -11,6 +11,7 @@
 // each kept row is loaded once per step) and 16 x 64 of xk go to shared memory, then 16 rank-1
 // updates in registers. Accumulation in fp32 (fp64 for fp64); no TF32, as torch's default.
 #include "wtacrs_kernels.cuh"
+#include "device_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,25 +24,6 @@
 namespace pypaper {
 namespace gpu {
 namespace {
-
-template <typename In>
-struct MathOf {
-  using type = float;
-};
-template <>
-struct MathOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_math(float v) { return v; }
-__device__ __forceinline__ double to_math(double v) { return v; }
-__device__ __forceinline__ float to_math(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_math(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ void store(float& o, float v) { o = v; }
-__device__ __forceinline__ void store(double& o, double v) { o = v; }
-__device__ __forceinline__ void store(__half& o, float v) { o = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16& o, float v) { o = __float2bfloat16_rn(v); }
 
 template <typename F>
 bool dispatch(FloatType t, F&& f) {
