@@ -78,6 +78,32 @@ def native_reason(device: torch.device, name: str) -> Optional[str]:
     return None
 
 
+_NO_TRITON_DEVICE = ("triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+                     "interpreter)")
+
+
+def triton_reason(device: torch.device, load_triton: Callable[[], object]) -> Optional[str]:
+    """Why a family's Triton ops cannot run on ``device`` (None if they can).
+
+    ``load_triton()`` imports the family's Triton module (and registers its ops); it is called only
+    where the kernels could run, on CUDA or on CPU under TRITON_INTERPRET=1, because importing
+    triton takes seconds."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return _NO_TRITON_DEVICE
+    ok, why = load_triton().triton_available(device)
+    return None if ok else why
+
+
+def standard_reasons(load_triton: Callable[[], object]
+                     ) -> dict[str, Callable[[torch.device], Optional[str]]]:
+    """The ``reasons`` of :func:`select` for a family with C++, CUDA and Triton kernels."""
+    return {
+        "cpu": lambda d: native_reason(d, "cpu"),
+        "cuda": lambda d: native_reason(d, "cuda"),
+        "triton": lambda d: triton_reason(d, load_triton),
+    }
+
+
 def select(device: torch.device, default_order: tuple[str, ...],
            reasons: dict[str, Callable[[torch.device], Optional[str]]]) -> str:
     """Choose a backend for tensors on ``device``.

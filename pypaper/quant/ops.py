@@ -9,7 +9,6 @@ Triton (no GPU timing has been taken yet to rank them; bench/quant.py does it on
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -23,23 +22,13 @@ from .qtensor import QuantizedTensor
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
-def _triton_reason(device: torch.device) -> Optional[str]:
-    """Why the Triton ops cannot run on ``device`` (None if they can). Imports triton (seconds)
-    only when it could run: on CUDA, or on CPU under TRITON_INTERPRET=1."""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+def _load_triton():
     from . import _registration
 
-    triton_kernels = _registration.load_triton()
-    ok, why = triton_kernels.triton_available(device)
-    return None if ok else why
+    return _registration.load_triton()
 
 
-_REASONS = {
-    "cpu": lambda d: _backend.native_reason(d, "cpu"),
-    "cuda": lambda d: _backend.native_reason(d, "cuda"),
-    "triton": _triton_reason,
-}
+_REASONS = _backend.standard_reasons(_load_triton)
 
 
 def backend_for(x: torch.Tensor) -> str:

@@ -16,7 +16,6 @@ reference anywhere. ``seed`` is an int64 tensor of one element (or a Python int)
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -28,20 +27,13 @@ _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "refer
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _triton_reason(device: torch.device) -> Optional[str]:
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+def _load_triton():
     from . import _registration
 
-    ok, why = _registration.load_triton().triton_available(device)
-    return None if ok else why
+    return _registration.load_triton()
 
 
-_REASONS = {
-    "cpu": lambda d: _backend.native_reason(d, "cpu"),
-    "cuda": lambda d: _backend.native_reason(d, "cuda"),
-    "triton": _triton_reason,
-}
+_REASONS = _backend.standard_reasons(_load_triton)
 
 
 def backend_for(x: torch.Tensor) -> str:
