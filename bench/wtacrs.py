@@ -23,6 +23,7 @@ from torch import nn  # noqa: E402
 
 import pypaper  # noqa: E402
 from pypaper import wtacrs  # noqa: E402
+from pypaper.quant import fewbit  # noqa: E402
 
 KEEP = 0.3
 QUICK_SHAPES = [(1 << 14, 1024)]
@@ -103,14 +104,17 @@ def _bert(hidden, layers, device):
 def _step_providers(batch, seq, hidden, layers, dtype, device):
     model, why = _bert(hidden, layers, device)
     if model is None:
-        return [unavailable(p, why) for p in ("torch", "pypaper wta-crs", "pypaper crs")]
+        return [unavailable(p, why) for p in ("torch", "pypaper wta-crs", "pypaper crs",
+                                              "pypaper wta-crs + 2-bit GELU")]
     model = model.to(dtype).train()
     emb = torch.randn(batch, seq, hidden, device=device, dtype=dtype, requires_grad=True)
 
-    def provider(name, keep, est):
+    def provider(name, keep, est, fewbit_bits=None):
         m = copy.deepcopy(model)
         if keep is not None:
             wtacrs.convert(m, keep, estimator=est)
+        if fewbit_bits is not None:  # few-bit backward GELU (pypaper.quant.fewbit) on top
+            fewbit.convert(m, bits=fewbit_bits)
         params = list(m.parameters())
 
         def fwd():
@@ -121,7 +125,8 @@ def _step_providers(batch, seq, hidden, layers, dtype, device):
         return p
 
     return [provider("torch", None, None), provider("pypaper wta-crs", KEEP, "wta-crs"),
-            provider("pypaper wta-crs 0.1", 0.1, "wta-crs"), provider("pypaper crs", KEEP, "crs")]
+            provider("pypaper wta-crs 0.1", 0.1, "wta-crs"), provider("pypaper crs", KEEP, "crs"),
+            provider("pypaper wta-crs + 2-bit GELU", KEEP, "wta-crs", fewbit_bits=2)]
 
 
 def step_case(batch, seq, hidden, layers, dtype, device) -> Case:

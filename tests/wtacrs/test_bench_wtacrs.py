@@ -18,7 +18,8 @@ def test_cli_quick_wtacrs(tmp_path):
     for mode in ("fwd", "fwd+bwd"):
         for prov in provs:
             assert f"| wtacrs linear keep 0.3 | 1024x64 | float32 | {mode} | {prov} |" in out.stdout
-    for prov in ("torch", "pypaper wta-crs", "pypaper wta-crs 0.1", "pypaper crs"):
+    for prov in ("torch", "pypaper wta-crs", "pypaper wta-crs 0.1", "pypaper crs",
+                 "pypaper wta-crs + 2-bit GELU"):
         assert f"| wtacrs bert step L1 h64 | 2x32x64 | float32 | fwd+bwd | {prov} |" in out.stdout
     with open(tmp_path / "wtacrs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -33,3 +34,5 @@ def test_cli_quick_wtacrs(tmp_path):
     assert saved[(step, "pypaper wta-crs")] < saved[(step, "torch")]
     # at this size min_k = 32 rows bind for both ratios
     assert saved[(step, "pypaper wta-crs 0.1")] <= saved[(step, "pypaper wta-crs")]
+    # the few-bit GELU keeps 2 bits of its input instead of 32
+    assert saved[(step, "pypaper wta-crs + 2-bit GELU")] < saved[(step, "pypaper wta-crs")]
