@@ -1,0 +1,51 @@
+"""Shared inputs and instruction-path helpers of the qlinear tests."""
+import contextlib
+import os
+
+import torch
+
+from pypaper.quant import qlinear_ops as ops
+
+ISAS = ("scalar", "avx2", "vnni")
+
+
+@contextlib.contextmanager
+def isa(name):
+    """Run the C++ qlinear kernels on one instruction path (PYPAPER_QLINEAR_ISA)."""
+    old = os.environ.get("PYPAPER_QLINEAR_ISA")
+    os.environ["PYPAPER_QLINEAR_ISA"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PYPAPER_QLINEAR_ISA"]
+        else:
+            os.environ["PYPAPER_QLINEAR_ISA"] = old
+
+
+def compiled_isas():
+    """The instruction paths pypaper._C was built with (scalar always)."""
+    out = []
+    x = torch.randn(1, 4)
+    w = ops.prepare_int8_dynamic(torch.randn(3, 4))
+    for name in ISAS:
+        with isa(name):
+            try:
+                torch.ops.pypaper.int8_dynamic_linear(x, *w, None, 127)
+            except RuntimeError:
+                continue
+        out.append(name)
+    return out
+
+
+def heavy_tailed(shape, generator=None):
+    """Student-t-like weights (outliers, as in trained layers): normal / sqrt(chi2_3 / 3)."""
+    z = torch.randn(shape, generator=generator)
+    chi = torch.randn(3, *shape, generator=generator).pow(2).mean(0)
+    return z / chi.sqrt().clamp_min(0.05)
+
+
+def sum_bound(x, w_hat, rel=2e-6):
+    """Error bound of an fp32 dot product in another summation order: rel * sum_k |x_k w_k|
+    (rel ~ K^(1/2) ulp for random orders; 2e-6 covers K up to ~4096 with margin)."""
+    return rel * (x.abs().double() @ w_hat.abs().double().t()).float() + 1e-7
