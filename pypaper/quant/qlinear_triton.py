@@ -17,40 +17,13 @@ Block sizes come from :func:`blocks` (small pure function; the interpreter runs 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+from .._triton import HAVE_TRITON, tl, triton, triton_available  # noqa: F401
 
-    _TRITON_ERROR = ""
-except ImportError:
-    triton = None
-    _TRITON_ERROR = "triton is not installed"
-except Exception as _e:  # a broken install
-    triton = None
-    _TRITON_ERROR = f"triton failed to import ({type(_e).__name__}: {_e})"
-
-HAVE_TRITON = triton is not None
 FLT_MIN = float(torch.finfo(torch.float32).tiny)
-
-
-def triton_available(device: torch.device) -> tuple[bool, str]:
-    """(True, "") when these Triton ops can run on tensors of ``device``, else (False, why)."""
-    if triton is None:
-        return False, _TRITON_ERROR
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return True, ""
-    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        if not _INTERPRETED:
-            return False, ("TRITON_INTERPRET=1 was set after pypaper.quant.qlinear_triton was "
-                           "imported; set it before importing pypaper")
-        return True, ""
-    return False, "triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
 
 
 def blocks(m: int, n: int, k: int) -> tuple[int, int, int]:
@@ -62,28 +35,11 @@ def blocks(m: int, n: int, k: int) -> tuple[int, int, int]:
     return bm, bn, bk
 
 
-_INTERPRETED = False
 
 if HAVE_TRITON:
     from torch.library import triton_op, wrap_triton
 
-    @triton.jit
-    def _rint(v):
-        """Round half to even, exact for every float (floor-based)."""
-        f = tl.floor(v)
-        d = v - f
-        odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
-        return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
-
-    @triton.jit
-    def _mul_rn(a, b, USE_RN: tl.constexpr):
-        """a * b rounded on its own: PTX mul.rn is never contracted into an FMA with a later add
-        (the interpreter rounds every numpy op on its own anyway)."""
-        if USE_RN:
-            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            return a * b
+    from .._triton import _USE_RN, _launches, _mul, _rint
 
     @triton.jit
     def _act_quant_kernel(x_ptr, ldx, q_ptr, s_ptr, K, Kp, A, BLOCK_K: tl.constexpr):
@@ -100,7 +56,7 @@ if HAVE_TRITON:
         for k0 in range(0, Kp, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + row * ldx + offs, mask=offs < K, other=0.0)
-            q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s)), -a), a)  # IEEE x / s
+            q = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x, s), False), -a), a)  # IEEE x / s
             tl.store(q_ptr + row * Kp + offs, q.to(tl.int32).to(tl.int8), mask=offs < Kp)
 
     @triton.jit
@@ -127,7 +83,7 @@ if HAVE_TRITON:
         else:
             sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
             sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
-            y = _mul_rn(acc.to(tl.float32) * sa[:, None], sw[None, :], USE_RN)
+            y = _mul(acc.to(tl.float32) * sa[:, None], sw[None, :], USE_RN)
             if HAS_BIAS:
                 y = y + tl.load(b_ptr + rn, mask=rn < N, other=0.0)[None, :]
             else:
@@ -166,26 +122,9 @@ if HAVE_TRITON:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0)[None, :]
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
-    _INTERPRETED = type(_act_quant_kernel).__name__ == "InterpretedFunction"
-
-    def _launches(t: torch.Tensor) -> bool:
-        """Compiled kernels always launch through wrap_triton (which traces them on fake
-        tensors); interpreted ones run on real tensors only, and refuse functional tracing."""
-        if t.device.type == "meta":
-            return False
-        if not _INTERPRETED:
-            return True
-        from torch._subclasses.fake_tensor import is_fake
-        from torch._subclasses.functional_tensor import FunctionalTensor
-
-        if isinstance(t, FunctionalTensor) or torch._is_functional_tensor(t):
-            raise RuntimeError("pypaper Triton ops run eagerly only under TRITON_INTERPRET=1: "
-                               "torch.compile / export tracing needs compiled Triton kernels")
-        return not is_fake(t)
 
     # The epilogue rounds each product like the reference: PTX mul.rn on NVIDIA GPUs (no FMA
     # contraction with the bias add); plain ops under the interpreter and on ROCm.
-    _USE_RN = not _INTERPRETED and torch.version.hip is None
 
     def _check(x: torch.Tensor, name: str) -> None:
         ok, why = triton_available(x.device)
