@@ -1,0 +1,236 @@
+// CPU row loops of pypaper.local's fused local-loss layers, torch-free (math:
+// kernels/common/local_math.h). The two GEMMs of a layer (z = x W^T and dW = dZ^T x) are done by
+// the caller with torch's GEMM; everything elementwise between them is one of these loops, each a
+// single pass over a block of output rows that the GEMM has just written (cache-resident):
+// scale by 1/||x|| and add the bias, the activation, the row's local loss, and dZ, with the bias
+// gradient summed per block (partial sums added in block order: the same bits on any number of
+// threads).
+//
+// Layout: row-major with unit stride along the features; `ld` is the row stride in elements.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "../common/local_math.h"
+#include "float16.h"
+
+namespace pypaper {
+namespace cpu {
+namespace local {
+
+using namespace ::pypaper::local;
+
+// Rows per block of the epilogues: the unit of work handed to a thread and of the bias-gradient
+// partial sums. Fixed (not derived from the thread count) so results do not depend on it.
+constexpr int64_t kRowBlock = 16;
+
+inline int64_t num_blocks(int64_t n) { return (n + kRowBlock - 1) / kRowBlock; }
+
+// sum_j f(j) over [0, m) with kLanes independent partial sums (lane u takes j = u mod kLanes,
+// added up at the end): a single running sum is a chain of dependent adds the compiler may not
+// reorder (no -ffast-math), which would cost ~4 cycles per element; the lanes vectorize.
+// The order is fixed, so the result does not depend on the thread count.
+constexpr int kLanes = 16;
+
+template <typename T, typename F>
+inline T lane_sum(int64_t m, F&& f) {
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= m; j += kLanes) {
+    for (int u = 0; u < kLanes; ++u) acc[u] += f(j + u);
+  }
+  for (int u = 0; j < m; ++j, ++u) acc[u] += f(j);
+  T s = 0;
+  for (int u = 0; u < kLanes; ++u) s += acc[u];
+  return s;
+}
+
+// inv[r] = 1 / (||x_r||_2 + eps): the Forward-Forward input normalisation x_hat = x / ||x||,
+// applied to the GEMM's output rows instead of to x (z = diag(inv) x W^T, dW = (diag(inv) dZ)^T x).
+template <typename In, typename T>
+void row_inv_norms(const In* x, int64_t ld, int64_t d, int64_t r0, int64_t r1, T eps, T* inv) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const In* xr = x + r * ld;
+    const T s = lane_sum<T>(d, [&](int64_t j) {
+      const T v = static_cast<T>(to_float(xr[j]));
+      return v * v;
+    });
+    inv[r] = T(1) / (std::sqrt(s) + eps);
+  }
+}
+
+// Forward-Forward epilogue of rows [r0, r1): z (the GEMM output x W^T, [N, m]) is overwritten by
+// h = ReLU(inv_r z + b); dz gets inv_r * dloss/dz (the factor that turns dZ^T x into dZ^T x_hat);
+// row_loss[r] = weight_r * softplus(s_r (theta - g_r)); db[j] += dloss/dz_rj. Rows r < num_pos are
+// positive (s = +1, weight w_pos), the others negative (s = -1, weight w_neg). `tmp`: m scratch
+// values of T.
+template <typename In, typename T>
+void ff_rows(In* z, int64_t m, const T* inv, const In* bias, int64_t r0, int64_t r1,
+             int64_t num_pos, T theta, T w_pos, T w_neg, In* dz, T* row_loss, T* db, T* tmp) {
+  for (int64_t r = r0; r < r1; ++r) {
+    In* zr = z + r * m;
+    In* dr = dz + r * m;
+    const T sc = inv ? inv[r] : T(1);
+    const T g = lane_sum<T>(m, [&](int64_t j) {
+      T v = sc * static_cast<T>(to_float(zr[j]));
+      if (bias) v += static_cast<T>(to_float(bias[j]));
+      const T h = v > T(0) ? v : T(0);
+      tmp[j] = h;
+      return h * h;
+    });
+    const bool pos = r < num_pos;
+    const T s = pos ? T(1) : T(-1);
+    const T w = pos ? w_pos : w_neg;
+    row_loss[r] = w * ff_row_loss(g, theta, s);
+    const T c = T(2) * w * ff_row_dgood(g, theta, s);
+    for (int64_t j = 0; j < m; ++j) {
+      const T d = c * tmp[j];
+      zr[j] = store_as<In>(tmp[j]);
+      dr[j] = store_as<In>(d * sc);
+      db[j] += d;
+    }
+  }
+}
+
+// Target-projection epilogue of rows [r0, r1): z is overwritten by h = act(z + b); with the
+// target t = proj[y_r] (a row of P^T: the column of P picked by the label, no matmul) or its
+// sign, row_loss[r] = scale/2 * ||h - t||^2 and dz = scale * (h - t) act'(z); db[j] += dz.
+// The activation and the sign variant are template arguments, so the row loop has no branch on
+// them and vectorizes.
+template <typename In, typename T, int ACT, bool SIGN>
+void tp_rows(In* z, int64_t m, const In* bias, const T* proj, const int64_t* y, T scale,
+             int64_t r0, int64_t r1, In* dz, T* row_loss, T* db) {
+  for (int64_t r = r0; r < r1; ++r) {
+    In* zr = z + r * m;
+    In* dr = dz + r * m;
+    const T* t = proj + y[r] * m;
+    const T l = lane_sum<T>(m, [&](int64_t j) {
+      T v = static_cast<T>(to_float(zr[j]));
+      if (bias) v += static_cast<T>(to_float(bias[j]));
+      const T h = tp_act(v, ACT);
+      const T e = h - tp_target(t[j], SIGN);
+      const T d = scale * e * tp_act_grad(v, h, ACT);
+      zr[j] = store_as<In>(h);
+      dr[j] = store_as<In>(d);
+      db[j] += d;
+      return e * e;
+    });
+    row_loss[r] = T(0.5) * scale * l;
+  }
+}
+
+// Softmax cross-entropy of rows [r0, r1) of logits [N, k] (math type, scaled by `inv_temp`
+// first): row_loss[r] = scale * (logsumexp - logit_y); dlogits = scale * inv_temp *
+// (softmax - onehot(y)) (the gradient w.r.t. the unscaled logits).
+template <typename T>
+void ce_rows(const T* logits, int64_t k, const int64_t* y, T inv_temp, T scale, int64_t r0,
+             int64_t r1, T* dlogits, T* row_loss) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* lr = logits + r * k;
+    T* dr = dlogits + r * k;
+    T mx = -INFINITY;
+    for (int64_t j = 0; j < k; ++j) mx = std::max(mx, inv_temp * lr[j]);
+    T se = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const T e = std::exp(inv_temp * lr[j] - mx);
+      dr[j] = e;
+      se += e;
+    }
+    const T lse = mx + std::log(se);
+    row_loss[r] = scale * (lse - inv_temp * lr[y[r]]);
+    const T is = T(1) / se;
+    for (int64_t j = 0; j < k; ++j) dr[j] = scale * inv_temp * (dr[j] * is - (j == y[r] ? T(1) : T(0)));
+  }
+}
+
+// Single-forward Forward-Forward (ForwardGNN's "SF"), first pass of a row block: z rows are
+// overwritten by h = ReLU(inv_r z + b), and the same h in the math type goes to hm [rows, m]
+// (the operand of the block's logits GEMM h E^T).
+template <typename In, typename T>
+void sf_rows_h(In* z, int64_t m, const T* inv, const In* bias, int64_t r0, int64_t r1, T* hm) {
+  for (int64_t r = r0; r < r1; ++r) {
+    In* zr = z + r * m;
+    T* hr = hm + (r - r0) * m;
+    const T sc = inv ? inv[r] : T(1);
+    for (int64_t j = 0; j < m; ++j) {
+      T v = sc * static_cast<T>(to_float(zr[j]));
+      if (bias) v += static_cast<T>(to_float(bias[j]));
+      const T h = v > T(0) ? v : T(0);
+      hr[j] = h;
+      zr[j] = store_as<In>(h);
+    }
+  }
+}
+
+// The class-similarity part of a row block of the single-forward FF, without GEMM calls (k, the
+// class count, is small: skinny GEMMs run far below peak): for each row, logits_c = h . E_c
+// (vectorized dot products, fixed lane order), the CE (ce_rows) giving dlogits, dh = sum_c
+// dlogits_c E_c (c outer, j inner: unit stride), and dE += dlogits^T h for the block (de: k x m,
+// the block's own partial). hm: the block's h rows in the math type; dh: scratch of the same size.
+template <typename T>
+void sf_block_logits(const T* hm, int64_t rows, int64_t m, const T* emb, int64_t k,
+                     const int64_t* y, T inv_temp, T scale, T* lg, T* dlogits, T* row_loss,
+                     T* dh, T* de) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* hr = hm + i * m;
+    for (int64_t c = 0; c < k; ++c) {
+      const T* e = emb + c * m;
+      lg[i * k + c] = lane_sum<T>(m, [&](int64_t j) { return hr[j] * e[j]; });
+    }
+  }
+  ce_rows<T>(lg, k, y, inv_temp, scale, 0, rows, dlogits, row_loss);
+  for (int64_t i = 0; i < rows; ++i) {
+    T* gr = dh + i * m;
+    const T* dl = dlogits + i * k;
+    const T* hr = hm + i * m;
+    for (int64_t j = 0; j < m; ++j) gr[j] = T(0);
+    for (int64_t c = 0; c < k; ++c) {
+      const T a = dl[c];
+      const T* e = emb + c * m;
+      T* dc = de + c * m;
+      for (int64_t j = 0; j < m; ++j) {
+        gr[j] += a * e[j];
+        dc[j] += a * hr[j];
+      }
+    }
+  }
+}
+
+// Last pass: dh [rows, m] = dlogits E (from the block's second GEMM) through the ReLU:
+// dz = inv_r * dh * 1[h > 0], db[j] += dh_j 1[h_j > 0].
+template <typename In, typename T>
+void sf_rows_dz(const T* hm, const T* dh, int64_t m, const T* inv, int64_t r0, int64_t r1,
+                In* dz, T* db) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* hr = hm + (r - r0) * m;
+    const T* gr = dh + (r - r0) * m;
+    In* dr = dz + r * m;
+    const T sc = inv ? inv[r] : T(1);
+    for (int64_t j = 0; j < m; ++j) {
+      const T g = hr[j] > T(0) ? gr[j] : T(0);
+      dr[j] = store_as<In>(g * sc);
+      db[j] += g;
+    }
+  }
+}
+
+// Global average pooling of rows [r0, r1) of feat [N, C, S] (S spatial positions, contiguous):
+// pooled[r, c] = mean_s feat[r, c, s] in the math type.
+template <typename In, typename T>
+void pool_rows(const In* feat, int64_t c, int64_t s, int64_t r0, int64_t r1, T* pooled) {
+  const T inv = s > 0 ? T(1) / T(s) : T(0);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const In* p = feat + (r * c + ch) * s;
+      T acc = 0;
+      for (int64_t i = 0; i < s; ++i) acc += static_cast<T>(to_float(p[i]));
+      pooled[r * c + ch] = acc * inv;
+    }
+  }
+}
+
+}  // namespace local
+}  // namespace cpu
+}  // namespace pypaper

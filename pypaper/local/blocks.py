@@ -1,0 +1,386 @@
+"""Supervised local learning with auxiliary heads: a network cut into blocks, each trained by the
+loss of its own small auxiliary network (gradient-isolated: no gradient crosses a block boundary).
+
+Heads (each ends in the fused pool -> linear -> cross-entropy of ops.local_head):
+  DGL / InfoPro style (Belilovsky et al., ICML 2020; Wang et al., ICLR 2021): a few 1x1 convs
+      (or linear layers on vectors) then the fused head - ``dgl_head``;
+  AugLocal (Ma et al., ICLR 2024): copies (freshly initialised) of a uniformly spaced subset of
+      the *later* blocks, its depth decreasing linearly with the block index - ``auglocal_head``
+      (selection: ``auglocal_indices``, depths: ``auglocal_depths``);
+  MAN (Su et al., ECCV 2024): a learnable per-channel bias, then an EMA copy of the *next* block
+      (theta_ema <- m theta_ema + (1 - m) theta_next, m = 0.995, after every optimizer step), then
+      the fused head - ``MANHead``.
+
+Training (gradient-in-forward): ``LocalSequential.train_step(x, y, optimizer)`` runs, block by
+block, the block's forward, its local loss, and its backward right away, so the block's graph is
+freed before the next block runs; only the detached output travels on. Activation memory is that
+of one block plus its head, whatever the depth.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+
+
+def _channels(shape) -> int:
+    if len(shape) < 2:
+        raise ValueError(f"a block output must have shape [N, C, *], got {tuple(shape)}")
+    return int(shape[1])
+
+
+def _device_of(module: nn.Module):
+    p = next(module.parameters(), None)
+    return None if p is None else p.device
+
+
+class LinearHead(nn.Module):
+    """Global average pool -> linear -> cross-entropy, fused (ops.local_head). ``forward(feat)``
+    gives logits; ``loss(feat, y)`` -> (loss, logits detached), differentiable w.r.t. feat and
+    the head's parameters while keeping only [N, C] for the backward."""
+
+    def __init__(self, in_channels: int, num_classes: int, bias: bool = True):
+        super().__init__()
+        self.in_channels, self.num_classes = in_channels, num_classes
+        self.linear = nn.Linear(in_channels, num_classes, bias=bias)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        pooled = feat.flatten(2).mean(2) if feat.dim() > 2 else feat
+        return self.linear(pooled)
+
+    def loss(self, feat: torch.Tensor, y: torch.Tensor):
+        return ops.head_loss(feat, self.linear.weight, self.linear.bias, y)
+
+
+class AuxHead(nn.Module):
+    """An auxiliary network: ``body`` (any module, Identity for none) then a LinearHead."""
+
+    def __init__(self, body: nn.Module, in_channels: int, num_classes: int):
+        super().__init__()
+        self.body = body
+        self.head = LinearHead(in_channels, num_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(h))
+
+    def loss(self, h: torch.Tensor, y: torch.Tensor):
+        feat = self.body(h)
+        if feat.dim() < 2 or feat.shape[1] != self.head.in_channels:
+            raise ValueError(f"the auxiliary body's output has shape {tuple(feat.shape)} but the "
+                             f"head expects {self.head.in_channels} channels in dim 1")
+        return self.head.loss(feat, y)
+
+
+def dgl_head(out_shape, num_classes: int, depth: int = 2, pool: int = 2) -> AuxHead:
+    """DGL-style auxiliary net (Belilovsky et al., "Decoupled Greedy Learning of CNNs", ICML 2020)
+    for a block output of shape ``out_shape``. On feature maps [N, C, H, W]: ``depth`` x (1x1
+    conv, BatchNorm, ReLU), average pooling to ``pool`` x ``pool`` (DGL keeps a 2 x 2 map: some
+    spatial layout survives), flatten, one hidden (Linear, ReLU), then the fused linear -> CE
+    (pool=0: no hidden layer, the fused global pool -> linear -> CE straight on the map).
+    On vectors [N, C]: ``depth`` x (Linear, ReLU), then the fused linear -> CE."""
+    c = _channels(out_shape)
+    layers = []
+    for _ in range(depth):
+        if len(out_shape) > 2:
+            layers += [nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+        else:
+            layers += [nn.Linear(c, c), nn.ReLU()]
+    width = c
+    if len(out_shape) == 4 and pool:
+        width = c * pool * pool
+        layers += [nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(width, width), nn.ReLU()]
+    return AuxHead(nn.Sequential(*layers) if layers else nn.Identity(), width, num_classes)
+
+
+def auglocal_depths(num_blocks: int, depth: int, coeff: float = 0.5) -> list:
+    """AugLocal's pyramidal depths of the auxiliary nets of blocks 0 .. num_blocks - 2 (the last
+    block has the network's own head): d_i = max(1, round(depth (1 - i c / (K - 2)) +
+    i c / (K - 2))) with K = num_blocks - linearly from ``depth`` down to depth (1 - c) + c."""
+    k = num_blocks
+    if k < 2:
+        return []
+    if k == 2:
+        return [max(1, depth)]
+    return [max(1, round(depth * (1 - i * coeff / (k - 2)) + i * coeff / (k - 2)))
+            for i in range(k - 1)]
+
+
+def auglocal_indices(block_index: int, num_blocks: int, depth: int) -> list:
+    """The later blocks AugLocal copies into block ``block_index``'s auxiliary net: uniformly
+    spaced over (block_index, num_blocks - 1], round(i + (L - i - 1) / d * j) for j = 1..d, or
+    every later block when d >= L - 1 - i. The last block is always included."""
+    i, n = block_index, num_blocks
+    if depth >= n - 1 - i:
+        return list(range(i + 1, n))
+    return [round(i + (n - i - 1) / depth * j) for j in range(1, depth + 1)]
+
+
+def _reinit(module: nn.Module) -> nn.Module:
+    """Fresh parameters for a copied block (AugLocal builds its aux nets from the later blocks'
+    architecture, not their weights)."""
+    for m in module.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return module
+
+
+def _adapter(cur, need) -> list:
+    """Layers that turn a [N, C, *S] output into the input [N, C', *S'] a copied block expects:
+    adaptive average pooling to S', then a 1x1 conv (or a linear map on vectors) to C'. Empty
+    when the shapes already agree (consecutive blocks, or equal-width ResNet layers)."""
+    layers = []
+    if len(need) > 2 and tuple(cur[2:]) != tuple(need[2:]):
+        layers.append(nn.AdaptiveAvgPool2d(tuple(need[2:])) if len(need) == 4
+                      else nn.AdaptiveAvgPool1d(tuple(need[2:])))
+    if cur[1] != need[1]:
+        if len(need) == 4:
+            layers.append(nn.Conv2d(cur[1], need[1], 1, bias=False))
+        elif len(need) == 2:
+            layers.append(nn.Linear(cur[1], need[1]))
+        else:
+            layers.append(nn.Conv1d(cur[1], need[1], 1, bias=False))
+    return layers
+
+
+def auglocal_head(block_index: int, blocks: Sequence[nn.Module], out_shapes, num_classes: int,
+                  depth: int) -> AuxHead:
+    """AugLocal auxiliary net of block ``block_index``: fresh copies of the selected later blocks
+    (auglocal_indices; AugLocal rebuilds them with the same widths and strides, here they are
+    deep copies re-initialised), then the fused pool -> linear -> CE on the last one's channels.
+    Where a copied block expects another input shape than the previous output has (the selection
+    skips blocks), a pool / 1x1 adapter is put in front of it (AugLocal's first conv of a copied
+    layer likewise takes the current width)."""
+    idx = auglocal_indices(block_index, len(blocks), depth)
+    layers, cur = [], tuple(out_shapes[block_index])
+    for j in idx:
+        layers += _adapter(cur, tuple(out_shapes[j - 1]))
+        layers.append(_reinit(copy.deepcopy(blocks[j])))
+        cur = tuple(out_shapes[j])
+    head = AuxHead(nn.Sequential(*layers), _channels(out_shapes[idx[-1]]), num_classes)
+    head.indices = idx
+    return head
+
+
+class ChannelBias(nn.Module):
+    """x + b, one learnable value per channel (dim 1), initialised to 0."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+class MANHead(nn.Module):
+    """MAN auxiliary net of a block (Su et al., "Momentum Auxiliary Network for Supervised Local
+    Learning", ECCV 2024): learnable per-channel bias, then an EMA copy of the next block (its
+    parameters follow theta_ema <- m theta_ema + (1 - m) theta_next through ``ema_update``; they
+    get no gradient), then a DGL-style head ending in the fused linear -> CE."""
+
+    def __init__(self, next_block: nn.Module, in_channels: int, out_shape,
+                 num_classes: int, momentum: float = 0.995):
+        super().__init__()
+        self.momentum = ops.check_finite(momentum, "momentum")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        self.bias = ChannelBias(in_channels)
+        self.ema = copy.deepcopy(next_block)
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        # MAN puts the original (DGL-style) auxiliary net after the EMA block.
+        self.head = dgl_head(tuple(out_shape), num_classes, depth=0)
+
+    def forward(self, h):
+        return self.head(self.ema(self.bias(h)))
+
+    def loss(self, h: torch.Tensor, y: torch.Tensor):
+        return self.head.loss(self.ema(self.bias(h)), y)
+
+    @torch.no_grad()
+    def ema_update(self, next_block: nn.Module) -> None:
+        """theta_ema <- m theta_ema + (1 - m) theta_next; buffers (BatchNorm statistics) copied."""
+        m = self.momentum
+        for pe, p in zip(self.ema.parameters(), next_block.parameters()):
+            pe.mul_(m).add_(p.detach(), alpha=1 - m)
+        for be, b in zip(self.ema.buffers(), next_block.buffers()):
+            be.copy_(b)
+
+
+class LocalBlock(nn.Module):
+    """A block and its auxiliary net. ``local_step(x, y)`` runs block(x.detach()), the aux loss
+    and its backward at once (accumulating .grad of the block and the head), and returns
+    (loss detached, output detached): the block's graph is gone when it returns."""
+
+    def __init__(self, block: nn.Module, aux: nn.Module):
+        super().__init__()
+        if not hasattr(aux, "loss"):
+            raise TypeError("aux must have a loss(h, y) -> (loss, logits) method (an AuxHead, "
+                            "MANHead or LinearHead)")
+        self.block, self.aux = block, aux
+
+    def forward(self, x):
+        return self.block(x)
+
+    def local_step(self, x: torch.Tensor, y: torch.Tensor):
+        with torch.enable_grad():
+            out = self.block(x.detach())
+            loss, _ = self.aux.loss(out, y)
+            loss.backward()
+        return loss.detach(), out.detach()
+
+
+AuxSpec = Union[str, Callable[[int, Sequence[nn.Module], list, int], nn.Module]]
+
+
+class LocalSequential(nn.Module):
+    """An existing network (nn.Sequential, or a list of ResNet stages) trained block by block.
+
+    Args:
+        blocks: the network's blocks, in order (an nn.Sequential or a list of modules).
+        aux: "dgl", "auglocal", "man", or a factory ``aux(i, blocks, out_shapes, num_classes)``
+            returning block i's auxiliary net (with a ``loss(h, y)`` method).
+        head: the network's own output head on the last block (any module giving logits, or
+            a LinearHead); default LinearHead(C_last, num_classes).
+        num_classes: classes of the labels.
+        example_input: one input batch (a few rows suffice) to learn each block's output shape.
+        aux_depth / auglocal_coeff: DGL depth, or AugLocal's maximum depth and pyramid coefficient.
+        man_momentum: MAN's EMA momentum (0.995).
+
+    Blocks may sit on different devices (move each block and its aux net there): block_step
+    moves the activation and the labels to the block's device. Across processes:
+    pypaper.local.distributed.LocalPipeline.
+    """
+
+    def __init__(self, blocks, aux: AuxSpec = "dgl", head: Optional[nn.Module] = None, *,
+                 num_classes: int, example_input: torch.Tensor, aux_depth: int = 2,
+                 auglocal_coeff: float = 0.5, man_momentum: float = 0.995):
+        super().__init__()
+        blocks = list(blocks)
+        if len(blocks) < 1:
+            raise ValueError("blocks must hold at least one block")
+        self.blocks = nn.ModuleList(blocks)
+        self.num_classes = num_classes
+        with torch.no_grad():
+            was = [b.training for b in blocks]
+            shapes, h = [], example_input
+            for b in blocks:
+                b.eval()
+                h = b(h)
+                shapes.append(tuple(h.shape))
+            for b, t in zip(blocks, was):
+                b.train(t)
+        self.out_shapes = shapes
+        self.kind = aux if isinstance(aux, str) else "custom"
+        n = len(blocks)
+        heads = []
+        if isinstance(aux, str):
+            if aux == "dgl":
+                heads = [dgl_head(shapes[i], num_classes, aux_depth) for i in range(n - 1)]
+            elif aux == "auglocal":
+                depths = auglocal_depths(n, aux_depth, auglocal_coeff)
+                self.aux_depths = depths
+                heads = [auglocal_head(i, blocks, shapes, num_classes, depths[i])
+                         for i in range(n - 1)]
+            elif aux == "man":
+                heads = [MANHead(blocks[i + 1], _channels(shapes[i]), shapes[i + 1],
+                                 num_classes, man_momentum) for i in range(n - 1)]
+            else:
+                raise ValueError(f"aux must be 'dgl', 'auglocal', 'man' or a callable, got {aux!r}")
+        else:
+            heads = [aux(i, blocks, shapes, num_classes) for i in range(n - 1)]
+        self.aux = nn.ModuleList(heads)
+        self.head = head if head is not None else LinearHead(_channels(shapes[-1]), num_classes)
+        self._check_heads(example_input)
+
+    def _check_heads(self, example_input) -> None:
+        """Every head must accept its block's output: a mismatch is reported here, naming it."""
+        with torch.no_grad():
+            h = example_input
+            for i, b in enumerate(self.blocks):
+                was = b.training
+                b.eval()
+                h = b(h)
+                b.train(was)
+                head = self.aux[i] if i < len(self.aux) else self.head
+                name = f"aux[{i}]" if i < len(self.aux) else "head"
+                hw = head.training
+                head.eval()
+                try:
+                    logits = head(h)
+                except RuntimeError as e:
+                    raise ValueError(f"block {i}'s output of shape {tuple(h.shape)} does not fit "
+                                     f"{name}: {e}") from e
+                finally:
+                    head.train(hw)
+                if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+                    raise ValueError(f"{name} on block {i}'s output gives shape "
+                                     f"{tuple(logits.shape)}, expected [N, {self.num_classes}]")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            dev = _device_of(b)
+            x = b(x if dev is None else x.to(dev))
+        dev = _device_of(self.head)
+        return self.head(x if dev is None else x.to(dev))
+
+    def _final_loss(self, out, y):
+        if isinstance(self.head, LinearHead):
+            return self.head.loss(out, y)[0]
+        return F.cross_entropy(self.head(out), y)
+
+    def block_step(self, i: int, x: torch.Tensor, y: torch.Tensor):
+        """Block i's gradient-in-forward step: forward, local loss, backward; returns (loss
+        detached, output detached). The last block is trained by the network's own head.
+        Blocks may live on different devices: the activation and the labels move to block i's."""
+        dev = _device_of(self.blocks[i])
+        if dev is not None and x.device != dev:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        with torch.enable_grad():
+            out = self.blocks[i](x.detach())
+            if i < len(self.aux):
+                loss = self.aux[i].loss(out, y)[0]
+            else:
+                loss = self._final_loss(out, y)
+            loss.backward()
+        return loss.detach(), out.detach()
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor,
+                   optimizer: Optional[torch.optim.Optimizer] = None) -> torch.Tensor:
+        """One training step without a global backward: each block in turn runs forward, local
+        loss and backward (its graph freed before the next block runs), then ``optimizer`` steps
+        and zeroes the gradients, and MAN heads update their EMA copies. Returns the per-block
+        losses [num_blocks]."""
+        ops.check_labels(y, x.shape[0], self.num_classes, x.device)
+        losses = []
+        h = x
+        for i in range(len(self.blocks)):
+            loss, h = self.block_step(i, h, y)
+            losses.append(loss)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.after_step()
+        return torch.stack(losses)
+
+    def after_step(self) -> None:
+        """MAN: move each EMA copy toward its next block (call after every optimizer step)."""
+        for i, a in enumerate(self.aux):
+            if isinstance(a, MANHead):
+                a.ema_update(self.blocks[i + 1])
+
+
+def backprop_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  optimizer: Optional[torch.optim.Optimizer] = None) -> torch.Tensor:
+    """The end-to-end baseline: one forward, cross-entropy, one global backward, the step."""
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()

@@ -1,0 +1,216 @@
+"""Layers trained by their own local loss: Forward-Forward (FFLinear, FFClassEmbeddingLinear) and
+target projection (TargetProjectionLinear).
+
+Each has ``forward(x)`` (the detached activations for the next layer; no graph is built) and
+``local_step(...)``: one fused op (pypaper.local.ops) computes the output, the local loss and the
+parameter gradients, which are accumulated into ``.grad``; the user's optimizer does the update.
+No tensor is kept for a backward pass.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops, reference
+
+
+def _accumulate(param: Optional[nn.Parameter], grad: torch.Tensor) -> None:
+    if param is None:
+        return
+    if param.grad is None:
+        param.grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
+    else:
+        param.grad.add_(grad)
+
+
+class _LocalLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _params(self):
+        return self.weight.detach(), (None if self.bias is None else self.bias.detach())
+
+    def _grads(self):
+        """The .grad tensors the fused op writes into, and whether it adds to them (they
+        existed) or overwrites them (created here, uninitialised: the op fills them)."""
+        params = [self.weight] + ([self.bias] if self.bias is not None else [])
+        have = [p.grad is not None for p in params]
+        if any(have) and not all(have):  # mixed: make the missing ones zeros and accumulate
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        accumulate = any(have)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
+        gb = self.bias.grad if self.bias is not None else None
+        return (self.weight.grad, gb), accumulate
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+class FFLinear(_LocalLinear):
+    """A Forward-Forward layer (Hinton, "The Forward-Forward Algorithm: Some Preliminary
+    Investigations", 2022): h = ReLU(W x_hat + b) with x_hat = x / (||x|| + eps); its goodness
+    g = sum_j h_j^2 should exceed ``threshold`` on positive data and stay below it on negative
+    data. The length normalisation hides the previous layer's goodness from this one.
+
+    ``local_step(x_pos, x_neg)`` runs the fused op on [x_pos; x_neg] and accumulates into .grad the
+    gradient of loss = mean_pos softplus(threshold - g) + mean_neg softplus(g - threshold);
+    returns (loss, h_pos, h_neg), h detached.
+    """
+
+    def __init__(self, in_features: int, out_features: int, threshold: float = 2.0,
+                 bias: bool = True, normalize: bool = True, eps: float = 1e-4, device=None,
+                 dtype=None):
+        self.threshold = ops.check_finite(threshold, "threshold")
+        self.normalize = bool(normalize)
+        self.eps = ops.check_finite(eps, "eps")
+        super().__init__(in_features, out_features, bias, device, dtype)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self._params()
+        return reference.ff_forward(x.detach(), w, b, self.normalize, self.eps)
+
+    @torch.no_grad()
+    def goodness(self, x: torch.Tensor) -> torch.Tensor:
+        """g = sum_j h_j^2 per row (fp32; fp64 for fp64)."""
+        h = self.forward(x)
+        return h.to(reference.math_dtype(h.dtype)).pow(2).sum(1)
+
+    def local_step(self, x_pos: torch.Tensor, x_neg: torch.Tensor):
+        for name, t in (("x_pos", x_pos), ("x_neg", x_neg)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != self.in_features:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must have shape [N, {self.in_features}], got {got}")
+        x = torch.cat([x_pos.detach(), x_neg.detach()]).to(self.weight.dtype)
+        w, b = self._params()
+        p = x_pos.shape[0]
+        (gw, gb), acc = self._grads()
+        h, loss = ops.ff_linear_into(x, w, b, gw, gb, num_pos=p, threshold=self.threshold,
+                                     normalize=self.normalize, eps=self.eps, accumulate=acc)
+        return loss, h[:p], h[p:]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", threshold={self.threshold}"
+
+
+class FFClassEmbeddingLinear(_LocalLinear):
+    """Single-forward Forward-Forward layer with class embeddings (ForwardGNN's SF, Park et al.,
+    ICLR 2024): instead of negative data, every class has an input row (``class_x``: fixed random
+    features for the first layer, the previous layer's class embeddings after it) that goes
+    through the same layer, E = ReLU(W class_x_hat + b); a sample is scored by its similarity to
+    each class embedding, logits = h E^T / temperature, with a cross-entropy loss.
+
+    ``local_step(x, y, class_x=None)`` -> (loss, h, E), .grad accumulated; class_x=None uses this
+    layer's own fixed random class inputs (buffer ``class_inputs``, drawn from ``seed``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_classes: int,
+                 temperature: float = 1.0, bias: bool = True, normalize: bool = True,
+                 eps: float = 1e-4, seed: int = 0, device=None, dtype=None):
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.temperature = ops.check_finite(temperature, "temperature")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.normalize, self.eps = bool(normalize), ops.check_finite(eps, "eps")
+        super().__init__(in_features, out_features, bias, device, dtype)
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("class_inputs", torch.randn(num_classes, in_features, generator=g)
+                             .to(device=device, dtype=self.weight.dtype))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self._params()
+        return reference.ff_forward(x.detach(), w, b, self.normalize, self.eps)
+
+    @torch.no_grad()
+    def scores(self, x: torch.Tensor, class_x: Optional[torch.Tensor] = None):
+        """(logits = h E^T / temperature, h, E) without training."""
+        cx = self.class_inputs if class_x is None else class_x
+        h, e = self.forward(x), self.forward(cx)
+        mdt = reference.math_dtype(h.dtype)
+        return h.to(mdt) @ e.to(mdt).t() / self.temperature, h, e
+
+    def local_step(self, x: torch.Tensor, y: torch.Tensor, class_x: Optional[torch.Tensor] = None):
+        cx = self.class_inputs if class_x is None else class_x.detach()
+        w, b = self._params()
+        h, e, loss, gw, gb = ops.ff_sf_linear(x.detach(), cx, w, b, y, self.normalize, self.eps,
+                                              self.temperature)
+        _accumulate(self.weight, gw)
+        _accumulate(self.bias, gb)
+        return loss, h, e
+
+
+class TargetProjectionLinear(_LocalLinear):
+    """A target-projection layer (tpSGD: Lomnitz et al., "Learning with Local Gradients at the
+    Edge", 2022): trained by layer-wise SGD toward a fixed random projection of the one-hot label,
+    t = P onehot(y), with loss 1/(2N) sum ||act(W x + b) - t||^2.
+
+    P [out_features, num_classes] is drawn once from ``seed``, in the range of the activation
+    (entries uniform in [-1, 1] for tanh, in [0, 1] for sigmoid and relu), and stored transposed
+    as the buffer ``proj`` [num_classes, out_features], so that P onehot(y) is a row gather.
+    ``sign=True``: binary targets, sign(P onehot(y)) in {-1, 1} for tanh (the op's sign variant),
+    {0, 1} (P thresholded at 1/2) for sigmoid and relu.
+    ``local_step(x, y)`` -> (loss, h), .grad accumulated, h detached.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_classes: int,
+                 activation: str = "sigmoid", seed: int = 0, bias: bool = True,
+                 sign: bool = False, device=None, dtype=None):
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.activation_id = ops.activation_id(activation)
+        self.activation = activation
+        self.num_classes = num_classes
+        self.sign = bool(sign)
+        super().__init__(in_features, out_features, bias, device, dtype)
+        g = torch.Generator().manual_seed(seed)
+        p = torch.rand(num_classes, out_features, generator=g)
+        # the op's sign variant for tanh; binary {0, 1} targets for the non-negative activations
+        self._op_sign = self.sign and activation == "tanh"
+        if activation == "tanh":
+            p = 2 * p - 1
+        elif self.sign:
+            p = (p > 0.5).to(p.dtype)
+        self.register_buffer("proj", p.to(device=device, dtype=torch.float32))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self._params()
+        return reference._act(F.linear(x.detach(), w, b), self.activation_id)
+
+    def local_step(self, x: torch.Tensor, y: torch.Tensor):
+        w, b = self._params()
+        (gw, gb), acc = self._grads()
+        h, loss = ops.tp_linear_into(x.detach().to(w.dtype), w, b, self.proj, y, gw, gb,
+                                     self.activation, self._op_sign, accumulate=acc)
+        return loss, h
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", num_classes={self.num_classes}, "
+                f"activation={self.activation!r}, sign={self.sign}")
