@@ -9,7 +9,8 @@ FAMILIES = {
     "fewbit": "bench.fewbit",
     "snn": "bench.snn",
     "wtacrs": "bench.wtacrs",
-    # ---- hopfield (issue #4) ----
-    # ---- local (issue #6) ----
-    # ---- quant models (issue #7): "qlinear" ----
+    "hopfield": "bench.hopfield",
+    "local": "bench.local",
+    "qlinear": "bench.qlinear",
+    "power": "bench.power",
 }

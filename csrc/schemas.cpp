@@ -95,8 +95,107 @@ TORCH_LIBRARY(pypaper, m) {
   m.def(
       "wtacrs_linear_backward(Tensor grad_y, Tensor weight, Tensor x_kept, Tensor indices, "
       "bool need_input, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
-  // ---- hopfield (issue #4): schemas go here ----
-  // ---- local (issue #6): schemas go here ----
-  // ---- quant models (issue #7, linear kernels): schemas go here ----
-  // ---- quant models (issue #7, power quantizer): schemas go here ----
+  // ---- hopfield: fused multi-step retrieval, kernels/common/hopfield_math.h ----------------------
+  // Modern Hopfield retrieval (Ramsauer et al., ICLR 2021), kernels/common/hopfield_math.h.
+  // q [B, H, L, d] (state patterns xi_0), k [B, H, S, d] (stored), v [B, H, S, dv] (projections).
+  // Per head h: P_n = softmax(beta_h xi_n k^T + attn_mask + pad_mask), xi_{n+1} = P_n k while
+  // n < steps_h (steps_h = -1: unbounded) and, from n = 1 on, max over the batch of
+  // ||P_n - P_{n-1}||_F > eps_h; out = P_N v at the head's last step N. beta/steps/eps: one value
+  // or one per head. Masks are additive floats: attn_mask 4-d broadcastable to [B, H, L, S],
+  // pad_mask [B, S]. Online softmax over tiles of S: nothing L x S is kept.
+  // Returns (out [B, H, L, dv], states [n, B, H, L, d] = xi_1..xi_n in the math dtype (n = max
+  // steps), lse [n + 1, B, H, L] (row log-sum-exp of every P_n), nsteps [H] int64 = N per head).
+  m.def(
+      "hopfield_retrieve(Tensor q, Tensor k, Tensor v, float[] beta, int[] steps, float[] eps, "
+      "Tensor? attn_mask=None, Tensor? pad_mask=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (grad_q, grad_k, grad_v): the reverse of the chain, recomputing every P_n tile by tile from
+  // the saved states and lse (flash-attention-style backward per step).
+  m.def(
+      "hopfield_retrieve_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor states, Tensor lse, Tensor nsteps, float[] beta, Tensor? attn_mask, "
+      "Tensor? pad_mask) -> (Tensor, Tensor, Tensor)");
+  // ---- local: fused local-loss layers, kernels/common/local_math.h ------------------------------
+  // Fused local-loss layers: each op is the layer forward, its local loss and the local parameter
+  // gradient in one call; it returns the output (detached: nothing is kept for a global backward),
+  // the loss (math dtype: fp32, fp64 for fp64) and (grad_weight, grad_bias) ([0] without a bias).
+  // Forward-Forward (Hinton 2022): x_hat = x / (||x|| + eps) when normalize, h = ReLU(x_hat W^T + b),
+  // g = sum_j h_j^2; rows [0, num_pos) positive, the rest negative;
+  // loss = mean_pos softplus(threshold - g) + mean_neg softplus(g - threshold).
+  m.def(
+      "local_ff_linear(Tensor x, Tensor weight, Tensor? bias, int num_pos, float threshold, "
+      "bool normalize, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Single-forward FF with class embeddings (ForwardGNN's SF): E = ReLU(class_x_hat W^T + b)
+  // [num_classes, out], logits = h E^T / temperature, loss = mean CE(logits, y); the gradient
+  // flows through h and E. Returns (h, E, loss, grad_weight, grad_bias).
+  m.def(
+      "local_ff_sf_linear(Tensor x, Tensor class_x, Tensor weight, Tensor? bias, Tensor y, "
+      "bool normalize, float eps, float temperature) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Target projection (tpSGD, Lomnitz et al. 2022): h = act(x W^T + b) (activation 0 sigmoid,
+  // 1 tanh, 2 relu), t = proj[y] (proj = P^T [num_classes, out]: a row gather; sign: sign(t)),
+  // loss = 1/(2N) sum ||h - t||^2, dZ = (h - t) act'(z) / N, grad_weight = dZ^T x.
+  m.def(
+      "local_tp_linear(Tensor x, Tensor weight, Tensor? bias, Tensor proj, Tensor y, "
+      "int activation, bool sign) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The same two layers writing into given outputs: h (overwritten) and grad_weight / grad_bias
+  // (overwritten, or accumulated into when accumulate: a module's .grad, updated by the dW GEMM
+  // itself). Return the loss.
+  m.def(
+      "local_ff_linear_out(Tensor x, Tensor weight, Tensor? bias, int num_pos, float threshold, "
+      "bool normalize, float eps, bool accumulate, Tensor(a!) h, Tensor(b!) grad_weight, "
+      "Tensor(c!)? grad_bias) -> Tensor");
+  m.def(
+      "local_tp_linear_out(Tensor x, Tensor weight, Tensor? bias, Tensor proj, Tensor y, "
+      "int activation, bool sign, bool accumulate, Tensor(a!) h, Tensor(b!) grad_weight, "
+      "Tensor(c!)? grad_bias) -> Tensor");
+  // Local head of a block: pooled = mean over feat's spatial dims ([N, C, *] -> [N, C]),
+  // logits = pooled W^T + b, loss = mean CE(logits, y). Returns (loss, logits, grad_pooled
+  // [N, C] = dloss/dpooled, grad_weight, grad_bias), all math dtype but the parameter gradients.
+  m.def(
+      "local_head(Tensor feat, Tensor weight, Tensor? bias, Tensor y) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // ---- quant: int8 / int4 linear layers, kernels/common/qlinear_math.h ---------------------------
+  // Quantized linear layers, kernels/common/qlinear_math.h (layouts and formulas there). x: [M, K]
+  // float32. int8 dynamic: per-row activation codes qa = clamp(round(x / sa), -A, A) with
+  // sa = max|x_m| / A, A = act_qmax (127 or 63); acc = qa @ qw^T in int32 (exact);
+  // y = (float(acc) * sa) * w_scale + bias. w_packed: [ceil(N/16), ceil(K/4), 16, 4] int8 panels;
+  // w_colsum[n] = sum_k qw[n, k] (int32), used to undo the unsigned activation offset.
+  m.def(
+      "int8_dynamic_linear(Tensor x, Tensor w_packed, Tensor w_scale, Tensor w_colsum, "
+      "Tensor? bias, int act_qmax) -> Tensor");
+  // The same GEMM without the epilogue: (acc [M, N] int32, sa [M] float32).
+  m.def(
+      "int8_dynamic_linear_int32(Tensor x, Tensor w_packed, Tensor w_colsum, int out_features, "
+      "int act_qmax) -> (Tensor, Tensor)");
+  // Weight-only, float activations, groups of G = K / scale.size(1) along k:
+  // int8: y = sum_g scale[n, g] * sum_{k in g} x[m, k] * w[n, k] + bias   (w [N, K] int8)
+  // int4: y = sum_g scale[n, g] * sum_{k in g} x[m, k] * (q[n, k] - zero[n, g]) + bias
+  //       (w [N, K/2] uint8, two codes per byte in 32-k blocks, kernels/common/qlinear_math.h)
+  m.def("int8_weight_only_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias) -> Tensor");
+  m.def(
+      "int4_weight_only_linear(Tensor x, Tensor w, Tensor scale, Tensor zero, Tensor? bias) "
+      "-> Tensor");
+  // ---- quant: power-exponent quantization, kernels/common/power_quant_math.h ---------------------
+  // Power-exponent quantization (PowerQuant, ICLR 2023; NUPES, Yvinec et al. 2023),
+  // kernels/common/power_quant_math.h. x (float32/float64) is seen as [C, numel / C] with
+  // C = max_abs.numel() ranges m (per tensor, or one per leading row); exponent a (> 0) holds one
+  // value or C. qmax = 2^(bits-1) - 1 in [1, 127].
+  // codes = sign(x) * min(round(qmax * (|x| / m)^a), qmax) as int8 (ties round up).
+  m.def("power_quantize(Tensor x, Tensor max_abs, Tensor exponent, int qmax) -> Tensor");
+  // y = sign(code) * m * (|code| / qmax)^(1/a) in dtype (float32 or float64).
+  m.def(
+      "power_dequantize(Tensor codes, Tensor max_abs, Tensor exponent, int qmax, "
+      "ScalarType dtype) -> Tensor");
+  // y = power_dequantize(power_quantize(x)) in x's dtype, one pass. ste selects the backward's
+  // exponent / range gradient (below).
+  m.def(
+      "power_fake_quantize(Tensor x, Tensor max_abs, Tensor exponent, int qmax, bool ste=True) "
+      "-> Tensor");
+  // (grad_x, grad_max_abs, grad_exponent): grad_x = grad where |x| <= m (straight-through);
+  // dy/da, dy/dm summed per range (per exponent), zeros where not needed: ste=True through the
+  // rounding as LSQ does for a scale, ste=False with the codes c held fixed
+  // (dy/da = -sign(x) l_c log(c/qmax) / a^2, dy/dm = sign(x) (c/qmax)^(1/a)).
+  m.def(
+      "power_fake_quantize_backward(Tensor grad, Tensor x, Tensor max_abs, Tensor exponent, "
+      "int qmax, bool need_max_grad, bool need_exponent_grad, bool ste) "
+      "-> (Tensor, Tensor, Tensor)");
 }

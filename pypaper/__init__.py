@@ -9,9 +9,10 @@ from ._ext import build_info
 from . import quant
 from . import snn
 from . import wtacrs
-# ---- hopfield (issue #4): from . import hopfield ----
-# ---- local (issue #6): from . import local ----
+from . import hopfield
+from . import local
 from . import nn, ops
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "BackendUnavailable", "build_info", "quant", "snn", "nn", "ops", "use_backend", "wtacrs"]
+__all__ = ["BACKENDS", "BackendUnavailable", "build_info", "hopfield", "local", "nn", "ops", "quant",
+           "snn", "use_backend", "wtacrs"]

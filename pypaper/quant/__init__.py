@@ -13,8 +13,17 @@ from .. import _ext
 from . import _registration, reference
 from .ops import backend_for, dequantize, fake_quantize, quantize
 from .qtensor import QuantizedTensor
-# ---- issue #7, linear kernels + quantize_ API: imports here ----
-# ---- issue #7, NUPES / HAWQ / BitLinear: imports here ----
+from . import qlinear_ops, qlinear_reference
+from .api import (Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig, model_bytes,
+                  quantize_)
+from .configs import QuantConfig
+from .qlinear import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
+from . import bitlinear, hawq, nupes, power
+from .bitlinear import BitLinear, bits_report
+from .hawq import HAWQResult, allocate_bits, hutchinson_trace, top_eigenvalue
+from .hawq import hawq as hawq_allocate
+from .nupes import PowerExponentConfig, PowerQuantLinear, calibrate, freeze, search_exponent
+from .power import power_dequantize, power_fake_quantize, power_quantize
 
 if _ext.LOADED:
     _registration.register_native()
@@ -23,5 +32,10 @@ if _ext.LOADED:
 # seconds, and on a CPU-only machine they can only run under TRITON_INTERPRET=1.
 
 __all__ = ["QuantizedTensor", "backend_for", "dequantize", "fake_quantize", "quantize", "reference"]
-# ---- issue #7, linear kernels + quantize_ API: __all__ += [...] here ----
-# ---- issue #7, NUPES / HAWQ / BitLinear: __all__ += [...] here ----
+__all__ += ["Int4WeightOnlyConfig", "Int4WeightOnlyLinear", "Int8DynamicConfig",
+            "Int8DynamicLinear", "Int8WeightOnlyConfig", "Int8WeightOnlyLinear", "QuantConfig",
+            "model_bytes", "qlinear_ops", "qlinear_reference", "quantize_"]
+__all__ += ["BitLinear", "HAWQResult", "PowerExponentConfig", "PowerQuantLinear", "allocate_bits",
+            "bitlinear", "bits_report", "calibrate", "freeze", "hawq", "hawq_allocate",
+            "hutchinson_trace", "nupes", "power", "power_dequantize", "power_fake_quantize",
+            "power_quantize", "search_exponent", "top_eigenvalue"]
