@@ -256,7 +256,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ff_sf_lin
   at::Tensor dlogits = at::zeros({n, k}, x.options().dtype(mt));
   const int64_t nb = lc::num_blocks(n);
   at::Tensor partial = at::zeros({nb + 1, m}, x.options().dtype(mt));
-  at::Tensor de_part = at::zeros({std::max<int64_t>(nb, 1), k, m}, x.options().dtype(mt));
+  // dE partials: one per group of kSfGroup row blocks (the epilogue's unit of work), summed in
+  // group order afterwards: the same result on any number of threads.
+  const int64_t ngroups = (nb + kSfGroup - 1) / kSfGroup;
+  at::Tensor de_part = at::zeros({std::max<int64_t>(ngroups, 1), k, m}, x.options().dtype(mt));
   at::Tensor row_loss = at::zeros({n}, x.options().dtype(mt));
   at::Tensor inv = at::empty({n}, x.options().dtype(mt));
   dispatch_storage(x.scalar_type(), [&](auto tag) {
@@ -287,36 +290,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ff_sf_lin
       const int64_t* yp = y.const_data_ptr<int64_t>();
       const T scale = T(1) / T(n);
       const T* emb_p = emb.const_data_ptr<T>();  // [k, m] math type
-      const int64_t ng = (nb + kSfGroup - 1) / kSfGroup;
-      at::parallel_for(0, ng, 1, [&](int64_t g0, int64_t g1) {
-        const int64_t b0 = g0 * kSfGroup, b1 = std::min(nb, g1 * kSfGroup);
-        // Per group of row blocks: h rows (math type), logits = h E^T, the CE, dh = dlogits E and
-        // the group's share of dE = dlogits^T H, on cache-resident rows.
+      at::parallel_for(0, ngroups, 1, [&](int64_t g0, int64_t g1) {
+        // Per group of row blocks, on cache-resident rows: h rows (math type), logits = h E^T,
+        // the CE, and row by row dh = dlogits E, the group's share of dE = dlogits^T H, and dz,
+        // db through the ReLU (sf_block_epilogue).
         const int64_t rows_max = kSfGroup * lc::kRowBlock;
-        at::Tensor hm = at::empty({rows_max, m}, emb.options());
-        at::Tensor dh = at::empty({rows_max, m}, emb.options());
+        at::Tensor hm = at::empty({std::is_same_v<In, T> ? 0 : rows_max, m}, emb.options());
+        at::Tensor dh = at::empty({m}, emb.options());
         at::Tensor lg = at::empty({rows_max, k}, emb.options());
-        for (int64_t blk = b0; blk < b1; blk += kSfGroup) {
+        for (int64_t grp = g0; grp < g1; ++grp) {
+          const int64_t blk = grp * kSfGroup;
           const int64_t r0 = blk * lc::kRowBlock;
-          const int64_t r1 = std::min(n, std::min(b1, blk + kSfGroup) * lc::kRowBlock);
-          const int64_t rows = r1 - r0;
+          const int64_t r1 = std::min(n, std::min(nb, blk + kSfGroup) * lc::kRowBlock);
           if (normalize) lc::row_inv_norms<In, T>(xp, d, d, r0, r1, T(eps), ip);
-          T* hmp = hm.mutable_data_ptr<T>();
+          // fp32: h itself is the math-type copy (no scratch pass); bf16 / fp16: a fp32 scratch.
+          T* hmp;
+          if constexpr (std::is_same_v<In, T>) {
+            hmp = hp + r0 * m;
+          } else {
+            hmp = hm.mutable_data_ptr<T>();
+          }
           lc::sf_rows_h<In, T>(hp, m, normalize ? ip : nullptr, bp, r0, r1, hmp);
-          lc::sf_block_logits<T>(hmp, rows, m, emb_p, k, yp + r0, T(1.0 / temperature), scale,
-                                 lg.mutable_data_ptr<T>(), dlp + r0 * k, lp + r0,
-                                 dh.mutable_data_ptr<T>(),
-                                 de_part.mutable_data_ptr<T>() + blk * k * m);
-          lc::sf_rows_dz<In, T>(hmp, dh.const_data_ptr<T>(), m, normalize ? ip : nullptr, r0, r1,
-                                dp, pp + blk * m);
+          lc::sf_block_epilogue<In, T>(hmp, r0, r1, m, emb_p, k, yp + r0, T(1.0 / temperature),
+                                       scale, normalize ? ip : nullptr, lg.mutable_data_ptr<T>(),
+                                       dlp + r0 * k, lp + r0, dh.mutable_data_ptr<T>(),
+                                       de_part.mutable_data_ptr<T>() + grp * k * m, dp,
+                                       pp + blk * m);
         }
       });
     }
     loss.fill_(sum_in_order(lp, n));
     // dE = dlogits^T H (the class rows are scored by every row), then through their ReLU.
     T* dep = de_part.mutable_data_ptr<T>();
-    for (int64_t blk = 1; blk < nb; ++blk) {
-      const T* src = dep + blk * k * m;
+    for (int64_t grp = 1; grp < ngroups; ++grp) {
+      const T* src = dep + grp * k * m;
       for (int64_t i = 0; i < k * m; ++i) dep[i] += src[i];
     }
     In* dcp = mptr<In>(dzc);

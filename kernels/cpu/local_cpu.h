@@ -164,54 +164,101 @@ void sf_rows_h(In* z, int64_t m, const T* inv, const In* bias, int64_t r0, int64
   }
 }
 
-// The class-similarity part of a row block of the single-forward FF, without GEMM calls (k, the
-// class count, is small: skinny GEMMs run far below peak): for each row, logits_c = h . E_c
-// (vectorized dot products, fixed lane order), the CE (ce_rows) giving dlogits, dh = sum_c
-// dlogits_c E_c (c outer, j inner: unit stride), and dE += dlogits^T h for the block (de: k x m,
-// the block's own partial). hm: the block's h rows in the math type; dh: scratch of the same size.
-template <typename T>
-void sf_block_logits(const T* hm, int64_t rows, int64_t m, const T* emb, int64_t k,
-                     const int64_t* y, T inv_temp, T scale, T* lg, T* dlogits, T* row_loss,
-                     T* dh, T* de) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* hr = hm + i * m;
-    for (int64_t c = 0; c < k; ++c) {
-      const T* e = emb + c * m;
-      lg[i * k + c] = lane_sum<T>(m, [&](int64_t j) { return hr[j] * e[j]; });
+// The class-similarity part and the backward of a row block of the single-forward FF, in one
+// pass over the block's cache-resident h rows and without GEMM calls (k, the class count, is
+// small: skinny GEMMs run far below peak): for each row, logits_c = h . E_c (vectorized dot
+// products, fixed lane order), the CE (ce_rows) giving dlogits; then row by row
+// dh = sum_c dlogits_c E_c (c outer, j inner: unit stride, into the scratch dh [>= 128]),
+// dE += dlogits^T h (de: k x m, the group's own partial), and straight away through the ReLU:
+// dz = inv_r * dh * 1[h > 0], db[j] += dh_j 1[h_j > 0] (db: the group's partial).
+// hm: the block's h rows (rows r0 .. r1 - 1) in the math type; lg: [rows, k] scratch.
+template <typename In, typename T>
+void sf_block_epilogue(const T* hm, int64_t r0, int64_t r1, int64_t m, const T* emb, int64_t k,
+                       const int64_t* y, T inv_temp, T scale, const T* inv, T* lg, T* dlogits,
+                       T* row_loss, T* dh, T* de, In* dz, T* db) {
+  const int64_t rows = r1 - r0;
+  // logits_ic = h_i . E_c, kLanes lanes exactly as lane_sum (lane u takes j = u mod kLanes, the
+  // tail from lane 0 on, then the lanes added in order), for kSfSub rows at a time and over
+  // column tiles, so that each tile of E is read from L1 by those rows (acc: kSfSub x k x kLanes
+  // partial sums; k small: more classes fall back to one row at a time).
+  constexpr int64_t kSfSub = 4, kSfTile = 256, kSfMaxK = 16;
+  const int64_t main = m / kLanes * kLanes;
+  for (int64_t i0 = 0; i0 < rows; i0 += kSfSub) {
+    const int64_t in = std::min(kSfSub, rows - i0);
+    if (k > kSfMaxK) {
+      for (int64_t i = i0; i < i0 + in; ++i) {
+        const T* hr = hm + i * m;
+        for (int64_t c = 0; c < k; ++c) {
+          const T* e = emb + c * m;
+          lg[i * k + c] = lane_sum<T>(m, [&](int64_t j) { return hr[j] * e[j]; });
+        }
+      }
+      continue;
     }
-  }
-  ce_rows<T>(lg, k, y, inv_temp, scale, 0, rows, dlogits, row_loss);
-  for (int64_t i = 0; i < rows; ++i) {
-    T* gr = dh + i * m;
-    const T* dl = dlogits + i * k;
-    const T* hr = hm + i * m;
-    for (int64_t j = 0; j < m; ++j) gr[j] = T(0);
-    for (int64_t c = 0; c < k; ++c) {
-      const T a = dl[c];
-      const T* e = emb + c * m;
-      T* dc = de + c * m;
-      for (int64_t j = 0; j < m; ++j) {
-        gr[j] += a * e[j];
-        dc[j] += a * hr[j];
+    T acc[kSfSub][kSfMaxK][kLanes] = {};
+    for (int64_t t0 = 0; t0 < main; t0 += kSfTile) {
+      const int64_t t1 = std::min(main, t0 + kSfTile);
+      for (int64_t i = 0; i < in; ++i) {
+        const T* hr = hm + (i0 + i) * m;
+        for (int64_t c = 0; c < k; ++c) {
+          const T* e = emb + c * m;
+          T* a = acc[i][c];
+          for (int64_t j = t0; j < t1; j += kLanes) {
+            for (int u = 0; u < kLanes; ++u) a[u] += hr[j + u] * e[j + u];
+          }
+        }
+      }
+    }
+    for (int64_t i = 0; i < in; ++i) {
+      const T* hr = hm + (i0 + i) * m;
+      for (int64_t c = 0; c < k; ++c) {
+        const T* e = emb + c * m;
+        T* a = acc[i][c];
+        for (int64_t j = main, u = 0; j < m; ++j, ++u) a[u] += hr[j] * e[j];
+        T sum = 0;
+        for (int u = 0; u < kLanes; ++u) sum += a[u];
+        lg[(i0 + i) * k + c] = sum;
       }
     }
   }
-}
-
-// Last pass: dh [rows, m] = dlogits E (from the block's second GEMM) through the ReLU:
-// dz = inv_r * dh * 1[h > 0], db[j] += dh_j 1[h_j > 0].
-template <typename In, typename T>
-void sf_rows_dz(const T* hm, const T* dh, int64_t m, const T* inv, int64_t r0, int64_t r1,
-                In* dz, T* db) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* hr = hm + (r - r0) * m;
-    const T* gr = dh + (r - r0) * m;
-    In* dr = dz + r * m;
-    const T sc = inv ? inv[r] : T(1);
-    for (int64_t j = 0; j < m; ++j) {
-      const T g = hr[j] > T(0) ? gr[j] : T(0);
-      dr[j] = store_as<In>(g * sc);
-      db[j] += g;
+  ce_rows<T>(lg, k, y, inv_temp, scale, 0, rows, dlogits, row_loss);
+  // Column tiles of kSfCols features: the tile's slice of E and of the dE partial (k x kSfCols)
+  // stay in L1 while all the block's rows go through it (a whole row would stream all of E and
+  // dE, k x m each, from L2 once per row). Per element the sums run in the same order as row by
+  // row (dh_j over c in order, dE_cj and db_j over the rows in order).
+  constexpr int64_t kSfCols = 128;
+  for (int64_t j0 = 0; j0 < m; j0 += kSfCols) {
+    const int64_t jn = std::min(kSfCols, m - j0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* dl = dlogits + i * k;
+      const T* hr = hm + i * m + j0;
+      T* g = dh;
+      {
+        const T a = dl[0];
+        const T* e = emb + j0;
+        T* dc = de + j0;
+        for (int64_t j = 0; j < jn; ++j) {
+          g[j] = a * e[j];
+          dc[j] += a * hr[j];
+        }
+      }
+      for (int64_t c = 1; c < k; ++c) {
+        const T a = dl[c];
+        const T* e = emb + c * m + j0;
+        T* dc = de + c * m + j0;
+        for (int64_t j = 0; j < jn; ++j) {
+          g[j] += a * e[j];
+          dc[j] += a * hr[j];
+        }
+      }
+      In* dr = dz + (r0 + i) * m + j0;
+      T* dbj = db + j0;
+      const T sc = inv ? inv[r0 + i] : T(1);
+      for (int64_t j = 0; j < jn; ++j) {
+        const T gj = hr[j] > T(0) ? g[j] : T(0);
+        dr[j] = store_as<In>(gj * sc);
+        dbj[j] += gj;
+      }
     }
   }
 }
