@@ -113,9 +113,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieve_impl(
   // Finite limits: one allocation of every slot up front (views are handed out per step).
   at::Tensor states_all, lse_all;
   if (!unbounded) {
-    states_all = at::zeros({max_steps, B, H, L, d}, opts);
-    lse_all = at::full({max_steps + 1, B, H, L}, -std::numeric_limits<double>::infinity(), opts);
+    // Uninitialised: every slot a head writes is written whole (all b, all rows); the slots it
+    // never reaches are set after the loop (zero states, -inf lse).
+    states_all = at::empty({max_steps, B, H, L, d}, opts);
+    lse_all = at::empty({max_steps + 1, B, H, L}, opts);
   }
+  std::vector<int64_t> states_written(H, 0), lse_written(H, 0);  // slots [0, count) per head
 
   for (int64_t n = 0;; ++n) {
     bool any = false;
@@ -175,6 +178,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieve_impl(
                               masks, tk.bh, tk.r0, tk.rows, dst, lse, ws);
       }
     });
+    for (int64_t h = 0; h < H; ++h) {
+      if (role[h] == 1) states_written[h] = static_cast<int64_t>(states.size());
+      if (role[h] == 1 || role[h] == 2) lse_written[h] = n + 1;
+    }
     for (int64_t h = 0; h < H; ++h) {
       if (role[h] == 3) {
         status[h] = kDone;
@@ -255,6 +262,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieve_impl(
     states_t = states.empty() ? at::empty({0, B, H, L, d}, opts) : at::stack(states, 0);
     lse_t = at::stack(lses, 0);
   } else {
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t n = states_written[h]; n < max_steps; ++n) {
+        states_all.select(0, n).select(1, h).zero_();
+      }
+      for (int64_t n = lse_written[h]; n <= max_steps; ++n) {
+        lse_all.select(0, n).select(1, h).fill_(-std::numeric_limits<double>::infinity());
+      }
+    }
     states_t = states_all;
     lse_t = lse_all;
   }
@@ -302,8 +317,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   }
   const auto opts = q.options();
   at::Tensor dq = at::empty({B, H, L, d}, opts);
-  at::Tensor dk = at::zeros({B, H, S, d}, opts);
-  at::Tensor dvt = at::zeros({B, H, S, dv}, opts);
+  // Zeroed per head inside its task (in cache, right before the accumulation).
+  at::Tensor dk = at::empty({B, H, S, d}, opts);
+  at::Tensor dvt = at::empty({B, H, S, dv}, opts);
   const cpu::Masks<T> masks = make_masks<T>(attn, pad, H);
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
@@ -327,6 +343,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       const int64_t N = np[h];
       const T bt = static_cast<T>(beta[h]);
       const T* kh = kp + bh * S * d;
+      std::fill(dkp + bh * S * d, dkp + (bh + 1) * S * d, T(0));
+      std::fill(dvp + bh * S * dv, dvp + (bh + 1) * S * dv, T(0));
       auto xi = [&](int64_t n) { return n == 0 ? qp + bh * L * d : sp + (n - 1) * slab + bh * L * d; };
       // The last step: out = P_N V.
       cpu::row_dots<T>(gp + bh * L * dv, op + bh * L * dv, L, dv, delta.data());

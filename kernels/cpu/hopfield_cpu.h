@@ -44,7 +44,7 @@ namespace pypaper {
 namespace hopfield {
 namespace cpu {
 
-constexpr int64_t kLTile = 128;    // rows (states) per tile
+constexpr int64_t kLTile = 256;    // rows (states) per tile (a whole L = 256 in one task)
 constexpr int64_t kSTile = 256;    // stored patterns per tile at full row tiles
 constexpr int64_t kSTileMax = 2048;
 
@@ -393,7 +393,7 @@ void retrieve_tile(const T* xi, const T* k, const T* w, int64_t S, int64_t d, in
     m[i] = ninf;
     l[i] = 0;
   }
-  std::fill(dst, dst + rows * dw, T(0));
+  if (S == 0) std::fill(dst, dst + rows * dw, T(0));
   for (int64_t s0 = 0; s0 < S; s0 += st_max) {
     const int64_t st = std::min(st_max, S - s0);
     gemm(false, true, rows, st, d, beta, xi, d, k + s0 * d, d, T(0), s, st);
@@ -410,12 +410,13 @@ void retrieve_tile(const T* xi, const T* k, const T* w, int64_t S, int64_t d, in
       }
       l[i] = l[i] * corr + sum;
       m[i] = mx;
-      if (corr != T(1)) {
+      if (s0 != 0 && corr != T(1)) {  // the first tile writes dst (GEMM with beta 0 below)
         T* drow = dst + i * dw;
         for (int64_t j = 0; j < dw; ++j) drow[j] *= corr;
       }
     }
-    gemm(false, false, rows, dw, st, T(1), s, st, w + s0 * dw, dw, T(1), dst, dw);
+    gemm(false, false, rows, dw, st, T(1), s, st, w + s0 * dw, dw, s0 == 0 ? T(0) : T(1), dst,
+         dw);
   }
   for (int64_t i = 0; i < rows; ++i) {
     const T inv = S == 0 ? T(0) : T(1) / l[i];  // no stored pattern: an empty sum, like P @ W
@@ -483,33 +484,48 @@ void backward_step(const T* xi, const T* lse, const T* k, const T* w, const T* g
   }
 }
 
-// sum_i (a[i] - b[i])^2 in double (b may be null: sum of squares), 4 partial sums.
+// sum_i (a[i] - b[i])^2 in double (b may be null: sum of squares), 8 partial sums (independent
+// lanes, which the compiler turns into one vector of doubles).
 template <typename T>
 double sum_sq_diff(const T* a, const T* b, int64_t n) {
-  double acc[4] = {0, 0, 0, 0};
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    for (int u = 0; u < 4; ++u) {
-      const double x = static_cast<double>(a[i + u]) - (b ? static_cast<double>(b[i + u]) : 0.0);
-      acc[u] += x * x;
+  if (b != nullptr) {
+    for (; i + 8 <= n; i += 8) {
+      for (int u = 0; u < 8; ++u) {
+        const double x = static_cast<double>(a[i + u]) - static_cast<double>(b[i + u]);
+        acc[u] += x * x;
+      }
+    }
+  } else {
+    for (; i + 8 <= n; i += 8) {
+      for (int u = 0; u < 8; ++u) {
+        const double x = static_cast<double>(a[i + u]);
+        acc[u] += x * x;
+      }
     }
   }
   for (; i < n; ++i) {
     const double x = static_cast<double>(a[i]) - (b ? static_cast<double>(b[i]) : 0.0);
     acc[0] += x * x;
   }
-  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
 // delta[i] = sum_j a[i, j] b[i, j] over rows of length n.
+// 8 partial sums per row (independent lanes: one vector), added pairwise at the end.
 template <typename T>
 void row_dots(const T* a, const T* b, int64_t rows, int64_t n, T* out) {
   for (int64_t i = 0; i < rows; ++i) {
-    T acc = 0;
+    T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     const T* ar = a + i * n;
     const T* br = b + i * n;
-    for (int64_t j = 0; j < n; ++j) acc += ar[j] * br[j];
-    out[i] = acc;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      for (int u = 0; u < 8; ++u) acc[u] += ar[j + u] * br[j + u];
+    }
+    for (; j < n; ++j) acc[0] += ar[j] * br[j];
+    out[i] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   }
 }
 
