@@ -198,16 +198,9 @@ if triton is not None:
 
     # mul.rn / div.rn in inline PTX (one IEEE rounding, never contracted, no FTZ) and the
     # interpreter's tracing guard: shared with the quant kernels, one place for those tricks.
-    from .._triton import _USE_RN, _launches, _ptx2
+    from .._triton import _USE_RN, _launches, _mul, _ptx2
 
     # ---- device math -----------------------------------------------------------------------------
-
-    @triton.jit
-    def _mul(a, b, USE_RN: tl.constexpr):
-        if USE_RN:
-            return _ptx2(a, b, "mul")
-        else:
-            return a * b
 
     @triton.jit
     def _div(a, b, USE_RN: tl.constexpr):
