@@ -180,6 +180,8 @@ def hopfield_retrieve(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta=No
         raise ValueError(f"beta must be positive and finite, got {betas}")
     if steps is None:
         steps = -1
+    elif isinstance(steps, (list, tuple)):  # None for a head: until converged, as for all heads
+        steps = [-1 if s is None else s for s in steps]
     if isinstance(steps, bool) or (isinstance(steps, numbers.Real) and
                                    not isinstance(steps, numbers.Integral)):
         raise TypeError(f"steps must be an int, None or one int per head, got {steps!r}")

@@ -66,6 +66,17 @@ def test_unbounded_steps_run_until_converged():
     assert torch.equal(out, out2)
 
 
+def test_per_head_steps_may_be_none_for_until_converged():
+    q, k, v = make()
+    H = q.shape[1]
+    limits = [None if h % 2 else h for h in range(H)]
+    out, n = hopfield_retrieve(q, k, v, 1.0, limits, 1e-6, return_steps=True)
+    out2, n2 = hopfield_retrieve(q, k, v, 1.0, [-1 if s is None else s for s in limits], 1e-6,
+                                 return_steps=True)
+    assert torch.equal(out, out2) and torch.equal(n, n2)
+    assert int(n[0]) == 0 and all(int(n[h]) <= h for h in range(0, H, 2))
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5)])
 @pytest.mark.parametrize("steps", [0, 3])
 def test_forward_fp32(dtype, tol, steps):
