@@ -109,6 +109,16 @@ std::optional<at::Tensor> contig(const std::optional<at::Tensor>& t) {
 
 // Checks of the outputs of the *_out ops: h [n, m] in x's dtype, grad_weight [m, d] and
 // grad_bias [m] (when there is a bias) in weight's dtype, all contiguous on x's device.
+// The layer's weight gradient dW = dZ^T x by one GEMM, written into gw or added to it (a
+// module's .grad: the GEMM accumulates, no temporary).
+void weight_grad_gemm(at::Tensor& gw, const at::Tensor& dz, const at::Tensor& x, bool accumulate) {
+  if (accumulate) {
+    gw.addmm_(dz.t(), x);
+  } else {
+    at::mm_out(gw, dz.t(), x);
+  }
+}
+
 void check_outputs(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                    const at::Tensor& h, const at::Tensor& gw,
                    const std::optional<at::Tensor>& gb) {
@@ -182,11 +192,7 @@ at::Tensor ff_core(const at::Tensor& x_in, const at::Tensor& weight_in,
     }
     loss.fill_(sum_in_order(lp, n));
   });
-  if (accumulate) {
-    gw.addmm_(dz.t(), x);
-  } else {
-    at::mm_out(gw, dz.t(), x);
-  }
+  weight_grad_gemm(gw, dz, x, accumulate);
   return loss;
 }
 
@@ -417,11 +423,7 @@ at::Tensor tp_core(const at::Tensor& x_in, const at::Tensor& weight_in,
     }
     loss.fill_(sum_in_order(lp, n));
   });
-  if (accumulate) {
-    gw.addmm_(dz.t(), x);
-  } else {
-    at::mm_out(gw, dz.t(), x);
-  }
+  weight_grad_gemm(gw, dz, x, accumulate);
   return loss;
 }
 
