@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../../kernels/cpu/qlinear_cpu.h"
+#include "../../kernels/cpu/qlinear_int4_split.h"
 #include "qlinear_args.h"
 
 namespace pypaper {
@@ -231,16 +232,19 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor&
   const uint8_t* wq = w.const_data_ptr<uint8_t>();
   const float* sp = scale.const_data_ptr<float>();
   const float* zp = zero.const_data_ptr<float>();
-  std::vector<float> xsum;
-  if (M <= kDirectMaxRows && K > 0) {
-    xsum.resize(static_cast<size_t>(M * groups));
-    cpu::group_sums(xp, K, static_cast<int>(M), G, groups, xsum.data());
-  }
+  // The direct (M <= 8) SIMD kernels take the activations split into two bytes per input
+  // (kernels/cpu/qlinear_int4_split.h: 16-bit fixed point per group, integer dot products).
+  const bool split = cpu::has_int4_split(isa) && M <= kDirectMaxRows && K > 0;
+  cpu::SplitAct act;
+  if (split) cpu::split_activations(xp, K, M, K, G, act);
   return weight_only(
       x, N, bias,
       [&](int64_t m0, int rows, int64_t n0, int64_t n1, const float* bp, float* yp) {
-        cpu::wo_int4_rows(isa, xp + m0 * K, K, rows, K, G, wq, sp, zp, xsum.data() + m0 * groups,
-                          groups, bp, n0, n1, yp + m0 * N, N);
+        if (split)
+          cpu::wo_int4_split_rows(isa, act, m0, rows, wq, sp, zp, bp, n0, n1, yp + m0 * N, N);
+        else
+          cpu::wo_int4_scalar(xp + m0 * K, K, rows, K, G, wq, sp, zp, groups, bp, n0, n1,
+                              yp + m0 * N, N);
       },
       [&](int64_t n0, int64_t n1, float* out) {
         cpu::dequant_int4_rows(isa, K, G, wq, sp, zp, n0, n1, out);

@@ -7,9 +7,11 @@
 // compiled in):
 //   kScalar  portable C++, every kernel;
 //   kAvx2    AVX2 + FMA: int8 GEMM with vpmaddubsw (u8 x s8 -> s16 pairs) + vpmaddwd(ones) -> s32;
-//            weight-only: nibbles / bytes -> int32 -> fp32 -> FMA with per-group scales;
+//            int8 weight-only: bytes -> int32 -> fp32 -> FMA with per-group scales; int4
+//            weight-only: vpmaddubsw on the nibbles and split activations (qlinear_int4_split.h);
 //   kVnni    AVX-512 VNNI: the int8 GEMM with vpdpbusd (u8 x s8, four products summed into s32 with
-//            no intermediate saturation) on 512-bit registers; the weight-only kernels use kAvx2's.
+//            no intermediate saturation) on 512-bit registers; the weight-only kernels on 512-bit
+//            registers (int4: vpdpbusd, qlinear_int4_split.h).
 //
 // vpmaddubsw saturates each pair sum u0*w0 + u1*w1 to int16. With weights in [-127, 127]:
 //   * 7-bit activations (act_qmax = 63) are stored as u = q + 64 in [1, 127]:
@@ -387,8 +389,8 @@ inline void int8_gemm_panels(Isa isa, const uint8_t* qa, int64_t M, int64_t Kp,
 
 // ---- weight-only linears ---------------------------------------------------------------------
 // Rows [m0, m0 + rows) (rows <= 4) of y for output channels [n0, n1). x rows have stride ldx,
-// y rows stride ldy. groups = K / G; scale / zero: [N, groups]; xsum: [M, groups] group sums of x
-// (int4 only).
+// y rows stride ldy. groups = K / G; scale / zero: [N, groups]. The SIMD int4 kernels of this
+// case are in qlinear_int4_split.h (integer dot products on split activations).
 
 constexpr int kWoRows = 4;
 
@@ -404,55 +406,6 @@ inline float hsum256(__m256 v) {
 // latency 4), so one row (the M = 1 decode case) is not latency-bound.
 template <int R>
 constexpr int chains() { return R == 1 ? 4 : (R == 2 ? 2 : 1); }
-
-template <int R>
-inline void wo_int4_avx2(const float* x, int64_t ldx, int64_t K, int64_t G, const uint8_t* wq,
-                         const float* scale, const float* zero, const float* xsum, int64_t groups,
-                         const float* bias, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  constexpr int NA = chains<R>();
-  const __m256i mask = _mm256_set1_epi32(0x0F);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = wq + n * (K / 2);
-    const float* sr = scale + n * groups;
-    const float* zr = zero + n * groups;
-    __m256 tot[R];
-    float corr[R];
-    for (int r = 0; r < R; ++r) {
-      tot[r] = _mm256_setzero_ps();
-      corr[r] = 0.f;
-    }
-    for (int64_t g = 0; g < groups; ++g) {
-      __m256 acc[R][NA];
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < NA; ++c) acc[r][c] = _mm256_setzero_ps();
-      for (int64_t k = g * G; k < (g + 1) * G; k += kInt4Block) {
-        // bytes 0..7 hold k 0..7 (low nibbles) and 16..23 (high), bytes 8..15 k 8..15 and
-        // 24..31: widen each 8-byte half once, then mask / shift the nibbles in 32-bit lanes.
-        const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + k / 2)));
-        const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + k / 2 + 8)));
-        __m256 w[4];
-        w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask));
-        w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask));
-        w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
-        w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j)
-            acc[r][j % NA] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * ldx + k + 8 * j), w[j], acc[r][j % NA]);
-        }
-      }
-      const __m256 vs = _mm256_set1_ps(sr[g]);
-      for (int r = 0; r < R; ++r) {
-        __m256 a = acc[r][0];
-        for (int c = 1; c < NA; ++c) a = _mm256_add_ps(a, acc[r][c]);
-        tot[r] = _mm256_fmadd_ps(a, vs, tot[r]);
-        corr[r] += sr[g] * zr[g] * xsum[r * groups + g];
-      }
-    }
-    for (int r = 0; r < R; ++r) y[r * ldy + n] = hsum256(tot[r]) - corr[r] + (bias ? bias[n] : 0.f);
-  }
-}
 
 template <int R>
 inline void wo_int8_avx2(const float* x, int64_t ldx, int64_t K, int64_t G, const int8_t* wq,
@@ -506,64 +459,6 @@ inline void wo_int8_avx2(const float* x, int64_t ldx, int64_t K, int64_t G, cons
 #if PYPAPER_QL_VNNI
 // The AVX-512 weight-only kernels (the kVnni level; they need AVX-512F/BW only): 16 codes widen
 // to 16 fp32 lanes in one instruction, half the unpacking work of the AVX2 path per weight.
-// int4 on AVX-512: the 16 codes of a 16-byte load widen to 16 lanes once (vpmovzxbd); vpermps
-// reads only the low 4 bits of each lane, so a 16-entry table of the group's dequantized values
-// lut[c] = (c - z) * s turns the low nibbles into weights directly and the high nibbles after one
-// shift: 6 instructions per 32 weights (no int->float conversion, no per-group rescaling).
-template <int R>
-inline void wo_int4_avx512(const float* x, int64_t ldx, int64_t K, int64_t G, const uint8_t* wq,
-                           const float* scale, const float* zero, const float* /*xsum*/,
-                           int64_t groups, const float* bias, int64_t n0, int64_t n1, float* y,
-                           int64_t ldy) {
-  constexpr int NA = R == 1 ? 2 : 1;
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = wq + n * (K / 2);
-    const float* sr = scale + n * groups;
-    const float* zr = zero + n * groups;
-    __m512 acc[R][2 * NA];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < 2 * NA; ++c) acc[r][c] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m512 lut = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zr[g])), _mm512_set1_ps(sr[g]));
-      const int64_t ke = (g + 1) * G;
-      int64_t k = g * G;
-      // Two blocks per iteration with fixed accumulator indices (a computed index would keep
-      // the accumulators in memory).
-      for (; k + 2 * kInt4Block <= ke; k += 2 * kInt4Block) {
-#pragma GCC unroll 2
-        for (int h = 0; h < 2; ++h) {
-          const int64_t kk = k + h * kInt4Block;
-          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + kk / 2)));
-          const __m512 w0 = _mm512_permutexvar_ps(v, lut);
-          const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
-          const int c = NA == 2 ? 2 * h : 0;
-#pragma GCC unroll 4
-          for (int r = 0; r < R; ++r) {
-            acc[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + kk), w0, acc[r][c]);
-            acc[r][c + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + kk + 16), w1, acc[r][c + 1]);
-          }
-        }
-      }
-      for (; k < ke; k += kInt4Block) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k / 2)));
-        const __m512 w0 = _mm512_permutexvar_ps(v, lut);
-        const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-          acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + k), w0, acc[r][0]);
-          acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ldx + k + 16), w1, acc[r][1]);
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      __m512 a = _mm512_add_ps(acc[r][0], acc[r][1]);
-      if constexpr (NA == 2) a = _mm512_add_ps(a, _mm512_add_ps(acc[r][2], acc[r][3]));
-      y[r * ldy + n] = _mm512_reduce_add_ps(a) + (bias ? bias[n] : 0.f);
-    }
-  }
-}
-
 template <int R>
 inline void wo_int8_avx512(const float* x, int64_t ldx, int64_t K, int64_t G, const int8_t* wq,
                            const float* scale, int64_t groups, const float* bias, int64_t n0,
@@ -659,47 +554,6 @@ inline void wo_int8_scalar(const float* x, int64_t ldx, int rows, int64_t K, int
       y[r * ldy + n] = tot + (bias ? bias[n] : 0.f);
     }
   }
-}
-
-// Group sums of x rows [m0, m0 + rows): xsum[r * groups + g] = sum_{k in g} x[m0 + r, k].
-inline void group_sums(const float* x, int64_t ldx, int rows, int64_t G, int64_t groups,
-                       float* xsum) {
-  for (int r = 0; r < rows; ++r) {
-    for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.f;
-      for (int64_t k = g * G; k < (g + 1) * G; ++k) s += x[r * ldx + k];
-      xsum[r * groups + g] = s;
-    }
-  }
-}
-
-// rows (<= kWoRows) rows of the int4 weight-only linear, channels [n0, n1).
-inline void wo_int4_rows(Isa isa, const float* x, int64_t ldx, int rows, int64_t K, int64_t G,
-                         const uint8_t* wq, const float* scale, const float* zero,
-                         const float* xsum, int64_t groups, const float* bias, int64_t n0,
-                         int64_t n1, float* y, int64_t ldy) {
-#if PYPAPER_QL_VNNI
-  if (isa == Isa::kVnni) {
-    switch (rows) {
-      case 4: wo_int4_avx512<4>(x, ldx, K, G, wq, scale, zero, xsum, groups, bias, n0, n1, y, ldy); return;
-      case 3: wo_int4_avx512<3>(x, ldx, K, G, wq, scale, zero, xsum, groups, bias, n0, n1, y, ldy); return;
-      case 2: wo_int4_avx512<2>(x, ldx, K, G, wq, scale, zero, xsum, groups, bias, n0, n1, y, ldy); return;
-      default: wo_int4_avx512<1>(x, ldx, K, G, wq, scale, zero, xsum, groups, bias, n0, n1, y, ldy); return;
-    }
-  }
-#endif
-#if PYPAPER_QL_AVX2
-  if (isa != Isa::kScalar) {
-    switch (rows) {
-      case 4: wo_int4_avx2<4>(x, ldx, K, G, wq, scale, zero, xsum, groups, bias, n0, n1, y, ldy); return;
-      case 3: wo_int4_avx2<3>(x, ldx, K, G, wq, scale, zero, xsum, groups, bias, n0, n1, y, ldy); return;
-      case 2: wo_int4_avx2<2>(x, ldx, K, G, wq, scale, zero, xsum, groups, bias, n0, n1, y, ldy); return;
-      default: wo_int4_avx2<1>(x, ldx, K, G, wq, scale, zero, xsum, groups, bias, n0, n1, y, ldy); return;
-    }
-  }
-#endif
-  (void)xsum;
-  wo_int4_scalar(x, ldx, rows, K, G, wq, scale, zero, groups, bias, n0, n1, y, ldy);
 }
 
 inline void wo_int8_rows(Isa isa, const float* x, int64_t ldx, int rows, int64_t K, int64_t G,

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/cpu/qlinear_cpu.h"
+#include "kernels/cpu/qlinear_int4_split.h"
 
 static int failures = 0;
 #define EXPECT(cond)                                                           \
@@ -100,28 +101,57 @@ static void check_gemm(int64_t M, int64_t K, int64_t N, int32_t A, bool extreme,
   }
 }
 
-static void check_int4(int64_t M, int64_t K, int64_t N, int64_t G, std::mt19937& rng) {
+// int4 weight-only: the scalar path (fp32 activations) within an fp32 summation bound of the
+// double dot product; the SIMD paths (split activations, qlinear_int4_split.h) additionally within
+// the rounding of the activations, sum_k |w_k| 0.51 sx_g, and their split exactly as specified.
+static void check_int4(int64_t M, int64_t K, int64_t N, int64_t G, std::mt19937& rng,
+                       bool outliers = false) {
   const int64_t groups = K / G;
-  std::vector<float> x(M * K), s(N * groups), z(N * groups), xs(M * groups), y(M * N);
+  std::vector<float> x(M * K), s(N * groups), z(N * groups), y(M * N);
   std::vector<uint8_t> w(N * K / 2);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   for (auto& v : x) v = u(rng);
+  if (outliers) x[K / 2] = 300.f;  // one large input: its group's sx grows, the others do not
   for (auto& v : s) v = 0.01f + 0.1f * std::fabs(u(rng));
   for (auto& v : z) v = static_cast<float>(rng() % 16);
   for (auto& b : w) b = static_cast<uint8_t>(rng());
-  cpu::group_sums(x.data(), K, static_cast<int>(M), G, groups, xs.data());
+  cpu::SplitAct act;
+  cpu::split_activations(x.data(), K, M, K, G, act);
+  // The split itself: x~ = sx (256 h + l) within 0.51 sx of x, h within [-127, 127], l a signed byte.
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t pos = m * act.chunks * 256 + (k / 128) * 256 + ((k % 32) >= 16 ? 64 : 0) + ((k % 128) / 32) * 16 + k % 16;
+      const int h = act.digits[pos], l = act.digits[pos + 128];
+      const float sx = act.lane_sx[m * act.chunks * 16 + 4 * (k / 32)];
+      EXPECT(h >= -127 && h <= 127 && l >= -128 && l <= 127);
+      EXPECT(std::fabs(sx * (256.0 * h + l) - x[m * K + k]) <= 0.51 * sx + 1e-12);
+    }
   for (cpu::Isa isa : isas()) {
-    cpu::wo_int4_rows(isa, x.data(), K, static_cast<int>(M), K, G, w.data(), s.data(), z.data(),
-                      xs.data(), groups, nullptr, 0, N, y.data(), N);
+    const bool split = cpu::has_int4_split(isa);
+    for (int64_t m0 = 0; m0 < M; m0 += cpu::kWoRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(cpu::kWoRows, M - m0));
+      if (split)
+        cpu::wo_int4_split_rows(isa, act, m0, rows, w.data(), s.data(), z.data(), nullptr, 0, N,
+                                y.data() + m0 * N, N);
+      else
+        cpu::wo_int4_scalar(x.data() + m0 * K, K, rows, K, G, w.data(), s.data(), z.data(), groups,
+                            nullptr, 0, N, y.data() + m0 * N, N);
+    }
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) {
-        double want = 0, mag = 0;
+        double want = 0, mag = 0, act_err = 0;
         for (int64_t k = 0; k < K; ++k) {
           const double wv = (int4_code(w.data() + n * K / 2, k) - z[n * groups + k / G]) * s[n * groups + k / G];
           want += x[m * K + k] * wv;
           mag += std::fabs(x[m * K + k] * wv);
+          act_err += std::fabs(wv) * act.lane_sx[m * act.chunks * 16 + 4 * (k / 32)] * 0.51;
         }
-        EXPECT(std::fabs(y[m * N + n] - want) <= 4e-6 * mag + 1e-6);
+        const double bound = 4e-6 * mag + 1e-6 + (split ? act_err : 0.0);
+        if (!(std::fabs(y[m * N + n] - want) <= bound))
+          std::fprintf(stderr, "int4 %s M=%lld K=%lld G=%lld m=%lld n=%lld: %g vs %g (bound %g)\n",
+                       cpu::isa_name(isa), (long long)M, (long long)K, (long long)G, (long long)m,
+                       (long long)n, y[m * N + n], want, bound);
+        EXPECT(std::fabs(y[m * N + n] - want) <= bound);
       }
   }
 }
@@ -137,7 +167,10 @@ int main() {
   }
   check_int4(1, 256, 9, 32, rng);
   check_int4(4, 512, 5, 128, rng);
-  check_int4(3, 64, 3, 64, rng);
+  check_int4(3, 64, 3, 64, rng);       // one 64-input piece: a partial 128-chunk
+  check_int4(7, 96, 4, 32, rng);       // rows 4 + 3; K % 128 == 96, K % 64 == 32: masked tails
+  check_int4(2, 1024, 6, 256, rng, true);  // a group of 256 spans two chunks; an outlier input
+  check_int4(1, 4096, 3, 64, rng, true);
   if (failures) std::fprintf(stderr, "%d failures\n", failures);
   else std::printf("test_qlinear_cpu: all passed\n");
   return failures ? 1 : 0;

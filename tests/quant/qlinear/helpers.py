@@ -49,3 +49,22 @@ def sum_bound(x, w_hat, rel=2e-6):
     """Error bound of an fp32 dot product in another summation order: rel * sum_k |x_k w_k|
     (rel ~ K^(1/2) ulp for random orders; 2e-6 covers K up to ~4096 with margin)."""
     return rel * (x.abs().double() @ w_hat.abs().double().t()).float() + 1e-7
+
+
+def split_act_bound(x, w_hat, group_size):
+    """The extra error of the SIMD int4 paths (kernels/cpu/qlinear_int4_split.h): x rounded per
+    group to 16-bit fixed point, |x~_k - x_k| <= 0.51 sx_g with sx_g = max_{k in g} |x_k| / 32639,
+    so |y - y_exact| grows by sum_k |w_k| 0.51 sx_g."""
+    m, k = x.shape
+    sx = x.abs().reshape(m, k // group_size, group_size).amax(-1) / 32639
+    per_k = sx.repeat_interleave(group_size, dim=1).double()
+    return (0.51 * per_k @ w_hat.abs().double().t()).float()
+
+
+def int4_bound(isa_name, x, w_hat, group_size):
+    """The tolerance of the int4 weight-only op on one path: an fp32 summation bound, plus the
+    activation split on the SIMD paths (the scalar path keeps fp32 activations)."""
+    bound = sum_bound(x, w_hat)
+    if isa_name != "scalar" and 0 < x.shape[0] <= 8:  # the split kernels serve M <= 8
+        bound = bound + split_act_bound(x, w_hat, group_size)
+    return bound

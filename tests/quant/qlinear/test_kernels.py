@@ -7,7 +7,10 @@ Tolerances:
       epilogue (float(acc) * sa) * sw + b, one rounding per operation, in every path);
   int8 / int4 weight-only: fp32 sums in another order than the fp64 reference:
       |y - ref| <= 2e-6 * sum_k |x_k w_k| + 1e-7 (helpers.sum_bound), and the paths agree with each
-      other within the same bound.
+      other within the same bound;
+  int4 weight-only on the SIMD paths at M <= 8 (activations split into 16-bit fixed point per
+      group, kernels/cpu/qlinear_int4_split.h): plus sum_k |w_k| 0.51 max_g|x| / 32639
+      (helpers.split_act_bound), about 1e-5 of sum_k |x_k w_k|.
 """
 import pytest
 import torch
@@ -15,7 +18,7 @@ import torch
 from pypaper.quant import qlinear_ops as ops
 from pypaper.quant import qlinear_reference as ref
 
-from .helpers import compiled_isas, heavy_tailed, isa, sum_bound
+from .helpers import compiled_isas, heavy_tailed, int4_bound, isa, split_act_bound, sum_bound
 
 ISAS = compiled_isas()
 SHAPES = [(1, 7, 5), (7, 33, 17), (13, 129, 40), (129, 64, 33), (0, 8, 16), (3, 1, 1),
@@ -103,7 +106,45 @@ def test_int4_weight_only(isa_name, M, K, N, G):
         y = torch.ops.pypaper.int4_weight_only_linear(x, wq, s, z, b)
     w_hat = ref.dequantize_int4_weight(wq, s, z)
     assert y.shape == (M, N)
-    assert torch.all((y - r).abs() <= sum_bound(x, w_hat))
+    assert torch.all((y - r).abs() <= int4_bound(isa_name, x, w_hat, G))
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_int4_split_activations_precision(isa_name):
+    """Outlier activations (one input 300x the rest, as in LLM hidden states): the error stays
+    within its bound and the split's part of it (which grows only in the outlier's group) stays
+    under 2% of the int4 weights' own error. The fp32 part is bounded with the magnitudes the
+    kernels actually sum, s (q + z) x (the zero-point form cancels: sum q x - z sum x)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 1024, generator=g)
+    x[:, 77] = 300.0
+    w = heavy_tailed((40, 1024), g)
+    wq, s, z = ops.prepare_int4_weight_only(w, 128)
+    w_hat = ref.dequantize_int4_weight(wq, s, z)
+    q = ref.unpack_int4(wq).float().reshape(40, 8, 128)
+    w_mag = ((q + z[..., None].abs()) * s[..., None]).reshape(40, 1024)
+    with isa(isa_name):
+        y = torch.ops.pypaper.int4_weight_only_linear(x, wq, s, z, None)
+    err = (y - (x.double() @ w_hat.double().t()).float()).abs()
+    split = split_act_bound(x, w_hat, 128) if isa_name != "scalar" else 0
+    assert torch.all(err <= sum_bound(x, w_mag) + split)
+    int4_err = (x @ (w - w_hat).t()).abs().mean()
+    assert split_act_bound(x, w_hat, 128).mean() <= 0.02 * int4_err
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_int4_nonfinite_activations(isa_name, bad):
+    """A non-finite input makes its row's outputs non-finite on every path; other rows unaffected."""
+    x = torch.randn(3, 256)
+    x[1, 100] = bad
+    wq, s, z = ops.prepare_int4_weight_only(torch.randn(9, 256), 64)
+    with isa(isa_name):
+        y = torch.ops.pypaper.int4_weight_only_linear(x, wq, s, z, None)
+    assert not torch.isfinite(y[1]).any()
+    keep = torch.tensor([0, 2])
+    w_hat = ref.dequantize_int4_weight(wq, s, z)
+    assert torch.all((y[keep] - x[keep] @ w_hat.t()).abs() <= int4_bound(isa_name, x[keep], w_hat, 64))
 
 
 @pytest.mark.parametrize("isa_name", ISAS)
@@ -133,7 +174,8 @@ def test_paths_agree_on_weight_only():
     for name in ISAS:
         with isa(name):
             outs.append(torch.ops.pypaper.int4_weight_only_linear(x, wq, s, z, None))
-    bound = sum_bound(x, ref.dequantize_int4_weight(wq, s, z))
+    w_hat = ref.dequantize_int4_weight(wq, s, z)
+    bound = sum_bound(x, w_hat) + split_act_bound(x, w_hat, 128)
     for o in outs[1:]:
         assert torch.all((o - outs[0]).abs() <= 2 * bound)
 
