@@ -181,11 +181,63 @@ def gops_table(results, limits) -> str:
     return "\n".join(lines)
 
 
+def _median_ms(fn, repeats: int) -> float:
+    import statistics
+    import time
+
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def decode_table(layers: int = 24, repeats: int = 15) -> str:
+    """M = 1 (one decoded token) per layer, K = N = 4096, in two memory regimes, every provider
+    in the same run: "hot", one layer called again and again (its weights stay in the last-level
+    cache: 64 MB fp32, 9.4 MB int4); "streamed", ``layers`` distinct layers called in turn, as a
+    model's layers are during decoding (fp32: 1.5 GB, int4: 226 MB, so the weights come from
+    DRAM or, for int4, partly from a large L3). The harness's round-robin table is a third
+    regime: there each call follows 256 MB of copy / clone probes whose dirty cache lines are
+    written back while the next call reads."""
+    torch.manual_seed(0)
+    x = torch.randn(1, K)
+    fp32 = [nn.Linear(K, N) for _ in range(layers)]
+    q4 = [quantize_(nn.Sequential(copy.deepcopy(m)), Int4WeightOnlyConfig(GROUP)) for m in fp32]
+    q8 = [quantize_(nn.Sequential(copy.deepcopy(m)), Int8DynamicConfig()) for m in fp32]
+    rows = []
+    with torch.no_grad():
+        for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
+            torch.set_num_threads(threads)
+            for regime in ("hot", "streamed"):
+                def run(ms):
+                    if regime == "hot":
+                        return lambda: [ms[0](x) for _ in range(layers)]
+                    return lambda: [m(x) for m in ms]
+                t = {name: _median_ms(run(ms), repeats) / layers
+                     for name, ms in (("fp32", fp32), ("int4", q4), ("int8", q8))}
+                with _isa("avx2"):
+                    t["int4 avx2"] = _median_ms(run(q4), repeats) / layers
+                rows.append(f"| {threads} | {regime} | {t['fp32']:.3f} | {t['int4']:.3f} | "
+                            f"{t['int4 avx2']:.3f} | {t['int8']:.3f} | {t['fp32'] / t['int4']:.2f}x | "
+                            f"{t['fp32'] / t['int4 avx2']:.2f}x | {t['fp32'] / t['int8']:.2f}x |")
+    head = ("| threads | regime | fp32 ms | int4 g128 ms | int4 avx2 ms | int8 dynamic ms | "
+            "fp32 / int4 | fp32 / int4 avx2 | fp32 / int8 |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    return head + "\n" + "\n".join(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.qlinear", description=__doc__)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--decode", action="store_true",
+                   help="only the M = 1 table in the hot and streamed regimes (decode_table)")
     args = p.parse_args(argv)
+    if args.decode:
+        print(decode_table())
+        return 0
     limits = harness.measure_limits("cpu")
     report = harness.run_family("qlinear", cases("cpu", True), "cpu",
                                 harness.Timing(repeats=args.repeats, budget_s=2.0),
