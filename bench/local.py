@@ -95,9 +95,12 @@ def _layer_providers(kind, n, d, dtype, device):
         aid = L.ops.activation_id(act)
         loss_fn = lambda w, b: R.tp_loss(x, w, b, proj, y, aid, sign)[0]  # noqa: E731
     out.append(Provider("pypaper", {"fwd+bwd": fused}))
-    if kind in ("ff", "tp", "tp-sign"):
+    if kind in ("ff", "ff-sf", "tp", "tp-sign"):
         gw, gb = torch.empty_like(w), torch.empty_like(b)
-        if kind == "ff":
+        if kind == "ff-sf":
+            into = lambda: L.ops.ff_sf_linear_into(x, cx, w, b, y, gw, gb,  # noqa: E731
+                                                   accumulate=True)
+        elif kind == "ff":
             into = lambda: L.ops.ff_linear_into(x, w, b, gw, gb, num_pos=n // 2,  # noqa: E731
                                                 threshold=2.0, accumulate=True)
         else:

@@ -147,6 +147,11 @@ TORCH_LIBRARY(pypaper, m) {
       "local_tp_linear_out(Tensor x, Tensor weight, Tensor? bias, Tensor proj, Tensor y, "
       "int activation, bool sign, bool accumulate, Tensor(a!) h, Tensor(b!) grad_weight, "
       "Tensor(c!)? grad_bias) -> Tensor");
+  // Single-forward FF into given outputs (h, grad_weight, grad_bias as above); returns (E, loss).
+  m.def(
+      "local_ff_sf_linear_out(Tensor x, Tensor class_x, Tensor weight, Tensor? bias, Tensor y, "
+      "bool normalize, float eps, float temperature, bool accumulate, Tensor(a!) h, "
+      "Tensor(b!) grad_weight, Tensor(c!)? grad_bias) -> (Tensor, Tensor)");
   // Local head of a block: pooled = mean over feat's spatial dims ([N, C, *] -> [N, C]),
   // logits = pooled W^T + b, loss = mean CE(logits, y). Returns (loss, logits, grad_pooled
   // [N, C] = dloss/dpooled, grad_weight, grad_bias), all math dtype but the parameter gradients.

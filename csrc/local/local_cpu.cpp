@@ -223,11 +223,13 @@ at::Tensor ff_linear_out_cpu(const at::Tensor& x, const at::Tensor& weight,
 
 constexpr int64_t kSfGroup = 4;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ff_sf_linear_cpu(
+// The single-forward FF layer into given outputs: h (overwritten), grad_weight / grad_bias
+// (overwritten, or added to when accumulate, as ff_core). Returns (E, loss).
+std::tuple<at::Tensor, at::Tensor> sf_core(
     const at::Tensor& x_in, const at::Tensor& class_x_in, const at::Tensor& weight_in,
     const std::optional<at::Tensor>& bias_in, const at::Tensor& y_in, bool normalize, double eps,
-    double temperature) {
-  check_linear(x_in, weight_in, bias_in);
+    double temperature, bool accumulate, at::Tensor& h, at::Tensor& gw,
+    const std::optional<at::Tensor>& gb_out) {
   check_linear(class_x_in, weight_in, bias_in, "class_x");
   const int64_t n = x_in.size(0), d = x_in.size(1), m = weight_in.size(0);
   const int64_t k = class_x_in.size(0);
@@ -243,30 +245,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ff_sf_lin
   const std::optional<at::Tensor> b = contig(bias_in);
   const at::ScalarType mt = math_type_of(x.scalar_type());
   at::Tensor loss = at::zeros({}, x.options().dtype(mt));
-  at::Tensor gw = at::empty({m, d}, w.options());
-  at::Tensor gb = b.has_value() ? at::zeros({m}, w.options()) : at::empty({0}, w.options());
-  if (m == 0) return {at::empty({n, m}, x.options()), at::empty({k, m}, x.options()), loss, gw, gb};
+  if (m == 0) {
+    if (!accumulate) {
+      gw.zero_();
+      if (gb_out.has_value()) gb_out->zero_();
+    }
+    return {at::empty({k, m}, x.options()), loss};
+  }
   // One forward GEMM for the data rows and the class rows: [x; class_x] W^T (a separate GEMM
   // of the k class rows alone would read all of W again for a few rows). The class rows' E is
   // computed first: every data row's epilogue needs it. The same [x; class_x] is the right
-  // operand of the single dW GEMM.
+  // operand of the single dW GEMM. The data rows' h is written into h by the epilogue (which
+  // may be za's own rows: the functional op).
   const at::Tensor xa = at::cat({x, cx});
   at::Tensor za = at::mm(xa, w.t());
-  at::Tensor h = za.narrow(0, 0, n);
   at::Tensor emb = at::empty({k, m}, x.options().dtype(mt));
   at::Tensor inv_c = at::empty({k}, x.options().dtype(mt));
   // dZ of the data rows and of the class rows in one buffer, so that dW is one GEMM
   // [dZ; dZ_c]^T [x; class_x].
   at::Tensor dza = at::empty({n + k, m}, x.options());
   at::Tensor dz = dza.narrow(0, 0, n), dzc = dza.narrow(0, n, k);
-  at::Tensor dlogits = at::zeros({n, k}, x.options().dtype(mt));
+  at::Tensor dlogits = at::empty({n, k}, x.options().dtype(mt));
   const int64_t nb = lc::num_blocks(n);
   at::Tensor partial = at::zeros({nb + 1, m}, x.options().dtype(mt));
   // dE partials: one per group of kSfGroup row blocks (the epilogue's unit of work), summed in
   // group order afterwards: the same result on any number of threads.
   const int64_t ngroups = (nb + kSfGroup - 1) / kSfGroup;
   at::Tensor de_part = at::zeros({std::max<int64_t>(ngroups, 1), k, m}, x.options().dtype(mt));
-  at::Tensor row_loss = at::zeros({n}, x.options().dtype(mt));
+  at::Tensor row_loss = at::empty({n}, x.options().dtype(mt));
   at::Tensor inv = at::empty({n}, x.options().dtype(mt));
   dispatch_storage(x.scalar_type(), [&](auto tag) {
     using In = decltype(tag);
@@ -289,6 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ff_sf_lin
     T* lp = row_loss.mutable_data_ptr<T>();
     if (n > 0) {
       const In* xp = cptr<In>(x);
+      const In* zp = cptr<In>(za);
       In* hp = mptr<In>(h);
       In* dp = mptr<In>(dz);
       T* ip = inv.mutable_data_ptr<T>();
@@ -316,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ff_sf_lin
           } else {
             hmp = hm.mutable_data_ptr<T>();
           }
-          lc::sf_rows_h<In, T>(hp, m, normalize ? ip : nullptr, bp, r0, r1, hmp);
+          lc::sf_rows_h<In, T>(zp, hp, m, normalize ? ip : nullptr, bp, r0, r1, hmp);
           lc::sf_block_epilogue<In, T>(hmp, r0, r1, m, emb_p, k, yp + r0, T(1.0 / temperature),
                                        scale, normalize ? ip : nullptr, lg.mutable_data_ptr<T>(),
                                        dlp + r0 * k, lp + r0, dh.mutable_data_ptr<T>(),
@@ -342,10 +349,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ff_sf_lin
         last[j] += g;
       }
     }
-    if (b.has_value()) reduce_blocks<In, T>(pp, nb + 1, m, mptr<In>(gb));
+    if (gb_out.has_value()) {
+      at::Tensor gb = *gb_out;
+      reduce_blocks<In, T>(pp, nb + 1, m, mptr<In>(gb), accumulate);
+    }
   });
-  at::mm_out(gw, dza.t(), xa);
-  return {h, za.narrow(0, n, k).clone(), loss, gw, gb};
+  weight_grad_gemm(gw, dza, xa, accumulate);
+  return {za.narrow(0, n, k).clone(), loss};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ff_sf_linear_cpu(
+    const at::Tensor& x, const at::Tensor& class_x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& y, bool normalize, double eps,
+    double temperature) {
+  check_linear(x, weight, bias);
+  const int64_t n = x.size(0), m = weight.size(0);
+  at::Tensor h = at::empty({n, m}, x.options());
+  at::Tensor gw = at::empty(weight.sizes(), weight.options());
+  std::optional<at::Tensor> gb;
+  if (bias.has_value()) gb = at::empty({m}, weight.options());
+  auto [e, loss] = sf_core(x, class_x, weight, bias, y, normalize, eps, temperature, false, h, gw,
+                           gb);
+  return {h, e, loss, gw, gb.has_value() ? *gb : at::empty({0}, weight.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor> ff_sf_linear_out_cpu(
+    const at::Tensor& x, const at::Tensor& class_x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& y, bool normalize, double eps,
+    double temperature, bool accumulate, at::Tensor& h, at::Tensor& grad_weight,
+    const std::optional<at::Tensor>& grad_bias) {
+  check_linear(x, weight, bias);
+  check_outputs(x, weight, bias, h, grad_weight, grad_bias);
+  return sf_core(x, class_x, weight, bias, y, normalize, eps, temperature, accumulate, h,
+                 grad_weight, grad_bias);
 }
 
 // ---- target projection (tpSGD) --------------------------------------------------------------
@@ -522,6 +558,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_hea
 TORCH_LIBRARY_IMPL(pypaper, CPU, m) {
   m.impl("local_ff_linear", &ff_linear_cpu);
   m.impl("local_ff_sf_linear", &ff_sf_linear_cpu);
+  m.impl("local_ff_sf_linear_out", &ff_sf_linear_out_cpu);
   m.impl("local_tp_linear", &tp_linear_cpu);
   m.impl("local_ff_linear_out", &ff_linear_out_cpu);
   m.impl("local_tp_linear_out", &tp_linear_out_cpu);

@@ -169,10 +169,19 @@ def _fake_tp_out(x, weight, bias, proj, y, activation, sign, accumulate, h, grad
     return x.new_empty((), dtype=_mdt(x.dtype))
 
 
+def _fake_ff_sf_out(x, class_x, weight, bias, y, normalize, eps, temperature, accumulate, h,
+                    grad_weight, grad_bias):
+    _check_linear(x, weight, bias)
+    _check_linear(class_x, weight, bias)
+    return (x.new_empty((class_x.shape[0], weight.shape[0])),
+            x.new_empty((), dtype=_mdt(x.dtype)))
+
+
 def register_native() -> None:
     """Fake kernels and autograd of the C++ (and, when built, CUDA) local ops."""
     torch.library.register_fake("pypaper::local_ff_linear_out")(_fake_ff_out)
     torch.library.register_fake("pypaper::local_tp_linear_out")(_fake_tp_out)
+    torch.library.register_fake("pypaper::local_ff_sf_linear_out")(_fake_ff_sf_out)
     torch.library.register_fake("pypaper::local_ff_linear")(_fake_ff)
     torch.library.register_fake("pypaper::local_ff_sf_linear")(_fake_ff_sf)
     torch.library.register_fake("pypaper::local_tp_linear")(_fake_tp)

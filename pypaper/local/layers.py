@@ -159,10 +159,9 @@ class FFClassEmbeddingLinear(_LocalLinear):
     def local_step(self, x: torch.Tensor, y: torch.Tensor, class_x: Optional[torch.Tensor] = None):
         cx = self.class_inputs if class_x is None else class_x.detach()
         w, b = self._params()
-        h, e, loss, gw, gb = ops.ff_sf_linear(x.detach(), cx, w, b, y, self.normalize, self.eps,
-                                              self.temperature)
-        _accumulate(self.weight, gw)
-        _accumulate(self.bias, gb)
+        (gw, gb), acc = self._grads()
+        h, e, loss = ops.ff_sf_linear_into(x.detach(), cx, w, b, y, gw, gb, self.normalize,
+                                           self.eps, self.temperature, accumulate=acc)
         return loss, h, e
 
 

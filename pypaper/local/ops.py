@@ -42,6 +42,7 @@ _KERNELS = {key: _probe(key) for key in ("CPU", "CUDA")}
 _SF_CUDA = _probe("CUDA", "pypaper::local_ff_sf_linear")
 # The *_out variants (outputs written in place, gradients accumulated by the dW GEMM): C++ only.
 _OUT_CPU = _probe("CPU", "pypaper::local_ff_linear_out")
+_SF_OUT_CPU = _probe("CPU", "pypaper::local_ff_sf_linear_out")
 
 
 def _has_kernel(dispatch_key: str) -> bool:
@@ -184,6 +185,20 @@ def ff_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     return _ops(backend)["ff"](x, weight, bias, num_pos, threshold, bool(normalize), eps)
 
 
+def _check_sf(x, class_x, weight, bias, y, eps, temperature):
+    """The single-forward FF op's argument checks; returns (eps, temperature) as floats."""
+    _check_params(x, weight, bias)
+    _check_params(class_x, weight, bias, "class_x")
+    k = class_x.shape[0]
+    if k < 1:
+        raise ValueError("class_x must hold one row per class (at least 1), got 0 rows")
+    check_labels(y, x.shape[0], k, x.device)
+    temperature = check_finite(temperature, "temperature")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return check_finite(eps, "eps"), temperature
+
+
 def ff_sf_linear(x: torch.Tensor, class_x: torch.Tensor, weight: torch.Tensor,
                  bias: Optional[torch.Tensor], y: torch.Tensor, normalize: bool = True,
                  eps: float = 1e-4, temperature: float = 1.0):
@@ -195,16 +210,7 @@ def ff_sf_linear(x: torch.Tensor, class_x: torch.Tensor, weight: torch.Tensor,
 
     The gradient flows through both h and E. Returns (h, E, loss, grad_weight, grad_bias).
     """
-    _check_params(x, weight, bias)
-    _check_params(class_x, weight, bias, "class_x")
-    k = class_x.shape[0]
-    if k < 1:
-        raise ValueError("class_x must hold one row per class (at least 1), got 0 rows")
-    check_labels(y, x.shape[0], k, x.device)
-    temperature = check_finite(temperature, "temperature")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    eps = check_finite(eps, "eps")
+    eps, temperature = _check_sf(x, class_x, weight, bias, y, eps, temperature)
     backend = backend_for(x)
     if backend == "cuda" and not _SF_CUDA:  # no CUDA kernel: Triton where it can run
         if _backend.requested() == "cuda":
@@ -337,6 +343,25 @@ def ff_linear_into(x, weight, bias, grad_weight, grad_bias, num_pos=None, thresh
     if grad_bias is not None:
         _accumulate(grad_bias, gb, accumulate)
     return h, loss
+
+
+def ff_sf_linear_into(x, class_x, weight, bias, y, grad_weight, grad_bias, normalize=True,
+                      eps=1e-4, temperature=1.0, accumulate=True):
+    """ff_sf_linear with its parameter gradients into ``grad_weight`` / ``grad_bias`` (see
+    ff_linear_into). Returns (h, E, loss)."""
+    if backend_for(x) == "cpu" and _SF_OUT_CPU and grad_weight is not None:
+        eps, temperature = _check_sf(x, class_x, weight, bias, y, eps, temperature)
+        h = x.new_empty((x.shape[0], weight.shape[0]))
+        e, loss = torch.ops.pypaper.local_ff_sf_linear_out(x, class_x, weight, bias, y,
+                                                           bool(normalize), eps, temperature,
+                                                           bool(accumulate), h, grad_weight,
+                                                           grad_bias)
+        return h, e, loss
+    h, e, loss, gw, gb = ff_sf_linear(x, class_x, weight, bias, y, normalize, eps, temperature)
+    _accumulate(grad_weight, gw, accumulate)
+    if grad_bias is not None:
+        _accumulate(grad_bias, gb, accumulate)
+    return h, e, loss
 
 
 def tp_linear_into(x, weight, bias, proj, y, grad_weight, grad_bias, activation="sigmoid",

@@ -90,7 +90,7 @@ def test_ff_linear_all_positive_or_negative(normalize, num_pos):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,d,m", SHAPES)
+@pytest.mark.parametrize("n,d,m", SHAPES + [(70, 24, 300)])  # 300: two 128-wide vector tiles + a tail
 def test_ff_sf_linear_matches_reference(dtype, n, d, m):
     x, w, b = _inputs(n, d, m, dtype)
     cx = torch.randn(5, d, generator=torch.Generator().manual_seed(3)).to(dtype)
@@ -336,10 +336,17 @@ def test_direct_op_calls_check_too():
 def test_into_ops_match_the_functional_ops(dtype, accumulate):
     x, w, b = _inputs(37, 20, 24, dtype)
     y, proj = _labels(37, 5), torch.rand(5, 24)
-    for kind in ("ff", "tp"):
+    cx = torch.randn(5, 20, generator=torch.Generator().manual_seed(4)).to(dtype)
+    for kind in ("ff", "sf", "tp"):
         gw0, gb0 = torch.randn_like(w), torch.randn_like(b)
         gw, gb = gw0.clone(), gb0.clone()
-        if kind == "ff":
+        if kind == "sf":
+            h, e, loss = L.ops.ff_sf_linear_into(x, cx, w, b, y, gw, gb, temperature=0.7,
+                                                 accumulate=accumulate)
+            full = L.ff_sf_linear(x, cx, w, b, y, temperature=0.7)
+            torch.testing.assert_close(e, full[1], atol=0, rtol=0)
+            ref = (full[0], full[2], full[3], full[4])
+        elif kind == "ff":
             h, loss = L.ops.ff_linear_into(x, w, b, gw, gb, num_pos=20, threshold=1.5,
                                            accumulate=accumulate)
             ref = L.ff_linear(x, w, b, num_pos=20, threshold=1.5)
@@ -364,6 +371,9 @@ def test_opcheck_out_ops():
         torch.library.opcheck(ops.local_tp_linear_out.default,
                               (x, w, None, proj, y, 0, False, acc, torch.empty(9, 5),
                                torch.zeros(5, 7), None))
+        torch.library.opcheck(ops.local_ff_sf_linear_out.default,
+                              (x, torch.randn(3, 7), w, b, y, True, 1e-4, 0.5, acc,
+                               torch.empty(9, 5), torch.zeros(5, 7), torch.zeros(5)))
     with pytest.raises(RuntimeError, match="grad_weight must be a contiguous tensor"):
         ops.local_ff_linear_out(x, w, b, 4, 2.0, True, 1e-4, True, torch.empty(9, 5),
                                 torch.zeros(7, 5).t(), torch.zeros(5))
