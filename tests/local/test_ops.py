@@ -387,3 +387,15 @@ def test_into_ops_on_the_reference_backend():
     ref = L.ff_linear(x, w, b, num_pos=6)
     torch.testing.assert_close((h, loss, gw, gb), (ref[0], ref[1], 1 + ref[2], 1 + ref[3]),
                                atol=1e-10, rtol=0)
+
+
+def test_ff_sf_outputs_survive_the_next_call():
+    """The C++ op keeps per-thread scratch buffers between calls: nothing it returns may alias
+    them (a second call with the same shapes must leave the first call's outputs intact)."""
+    x, w, b = _inputs(40, 24, 30, torch.float32)
+    cx = torch.randn(4, 24)
+    first = L.ff_sf_linear(x, cx, w, b, _labels(40, 4))
+    kept = [t.clone() for t in first]
+    L.ff_sf_linear(torch.randn(40, 24), torch.randn(4, 24), w, b, _labels(40, 4))
+    for a, k in zip(first, kept):
+        assert torch.equal(a, k)
