@@ -1,5 +1,5 @@
-// The int4 weight-only linear of the small-batch (decode) case, M <= 8 rows (issue #7), on the
-// integer units: the weights stay 4-bit codes, the fp32 activations are rounded per group to 16-bit
+// The int4 weight-only linear of the small-batch cases (decoding, M = 1, up to M = 128 rows where
+// it still beats dequantize + sgemm; issue #7) on the integer units: the weights stay 4-bit codes, the fp32 activations are rounded per group to 16-bit
 // fixed point and split into two signed bytes, and the dot products run on vpdpbusd (AVX-512 VNNI,
 // 64 byte products per instruction) or vpmaddubsw (AVX2) straight on the nibbles. The fp32 path it
 // replaces widened every nibble to an fp32 lane before its FMA (about 4 instructions per 16
@@ -121,9 +121,8 @@ inline float split_group_avx2(const float* x, int64_t k0, int64_t G, int8_t* dr,
 }
 #endif
 
-// Rows [0, rows) of x (row stride ldx), K inputs in groups of G (a multiple of 32 dividing K).
-inline void split_activations(const float* x, int64_t ldx, int64_t rows, int64_t K, int64_t G,
-                              SplitAct& a) {
+// Sizes the buffers of `rows` rows of K inputs in groups of G (a multiple of 32 dividing K).
+inline void split_prepare(int64_t rows, int64_t K, int64_t G, SplitAct& a) {
   a.rows = rows;
   a.K = K;
   a.G = G;
@@ -134,7 +133,13 @@ inline void split_activations(const float* x, int64_t ldx, int64_t rows, int64_t
   a.xsum.assign(static_cast<size_t>(rows * a.groups), 0.f);
   a.block_group.resize(static_cast<size_t>(K / 32));
   for (int64_t b = 0; b < K / 32; ++b) a.block_group[b] = static_cast<int32_t>(32 * b / G);
-  for (int64_t r = 0; r < rows; ++r) {
+}
+
+// Rows [r0, r1) of x (row stride ldx; row r of x is row r of the SplitAct) after split_prepare;
+// disjoint row ranges may run in parallel.
+inline void split_rows(const float* x, int64_t ldx, int64_t r0, int64_t r1, SplitAct& a) {
+  const int64_t G = a.G;
+  for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * ldx;
     int8_t* dr = a.digits.data() + r * a.chunks * 256;
     for (int64_t g = 0; g < a.groups; ++g) {
@@ -165,6 +170,13 @@ inline void split_activations(const float* x, int64_t ldx, int64_t rows, int64_t
         for (int t = 0; t < 4; ++t) a.lane_sx[r * a.chunks * 16 + 4 * blk + t] = sx;
     }
   }
+}
+
+// All rows [0, rows) of x, serially.
+inline void split_activations(const float* x, int64_t ldx, int64_t rows, int64_t K, int64_t G,
+                              SplitAct& a) {
+  split_prepare(rows, K, G, a);
+  split_rows(x, ldx, 0, rows, a);
 }
 
 #if PYPAPER_QL_AVX2
@@ -316,7 +328,8 @@ inline bool has_int4_split(Isa isa) {
 }
 
 // Rows [m0, m0 + rows) (rows <= kWoRows) of y (row stride ldy) for channels [n0, n1) on the
-// kernel of `isa` (has_int4_split(isa) must hold).
+// kernel of `isa` (has_int4_split(isa) must hold). (8 rows per pass on AVX-512 was measured
+// 1.5-2.5x slower than 4 at M = 16..128: the accumulators and row pointers spill.)
 inline void wo_int4_split_rows(Isa isa, const SplitAct& a, int64_t m0, int rows, const uint8_t* wq,
                                const float* scale, const float* zero, const float* bias,
                                int64_t n0, int64_t n1, float* y, int64_t ldy) {

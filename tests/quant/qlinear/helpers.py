@@ -65,6 +65,6 @@ def int4_bound(isa_name, x, w_hat, group_size):
     """The tolerance of the int4 weight-only op on one path: an fp32 summation bound, plus the
     activation split on the SIMD paths (the scalar path keeps fp32 activations)."""
     bound = sum_bound(x, w_hat)
-    if isa_name != "scalar" and 0 < x.shape[0] <= 8:  # the split kernels serve M <= 8
+    if isa_name != "scalar" and 0 < x.shape[0] <= 128:  # the split kernels serve M <= 128
         bound = bound + split_act_bound(x, w_hat, group_size)
     return bound

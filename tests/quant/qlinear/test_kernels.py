@@ -89,9 +89,11 @@ def test_int8_dynamic_noncontiguous_and_zero_rows(isa_name):
 
 
 def _wo_cases():
-    # (M, K, N, group_size): direct kernel (M <= 8) and the dequantize + GEMM path (M > 8).
+    # (M, K, N, group_size): direct kernels (int8: M <= 8; int4: M <= 128 on AVX2 / AVX-512) and
+    # the dequantize + GEMM path above.
     return [(1, 64, 7, 32), (3, 128, 17, 64), (5, 256, 33, 256), (8, 96, 16, 32),
-            (9, 128, 20, 32), (40, 256, 70, 128), (0, 64, 5, 32), (2, 32, 1, 32)]
+            (9, 128, 20, 32), (40, 256, 70, 128), (0, 64, 5, 32), (2, 32, 1, 32),
+            (128, 160, 9, 32), (130, 64, 9, 64)]
 
 
 @pytest.mark.parametrize("isa_name", ISAS)
