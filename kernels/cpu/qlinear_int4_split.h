@@ -179,6 +179,19 @@ inline void split_activations(const float* x, int64_t ldx, int64_t rows, int64_t
   split_rows(x, ldx, 0, rows, a);
 }
 
+// The digits and lane scales of rows m0 .. m0 + R - 1.
+template <int R>
+struct RowPtrs {
+  const int8_t* dig[R];
+  const float* lsx[R];
+  RowPtrs(const SplitAct& a, int64_t m0) {
+    for (int r = 0; r < R; ++r) {
+      dig[r] = a.digits.data() + (m0 + r) * a.chunks * 256;
+      lsx[r] = a.lane_sx.data() + (m0 + r) * a.chunks * 16;
+    }
+  }
+};
+
 #if PYPAPER_QL_AVX2
 // corr[r] = sum_g s_g z_g X_rg for R rows (the zero-point term), 8 groups per step.
 template <int R>
@@ -204,16 +217,13 @@ template <int R>
 inline void wo_int4_split_avx2(const SplitAct& a, int64_t m0, const uint8_t* wq, const float* scale,
                                const float* zero, const float* bias, int64_t n0, int64_t n1,
                                float* y, int64_t ldy) {
-  const int64_t K = a.K, G = a.G, groups = a.groups, chunks = a.chunks;
+  const int64_t K = a.K, G = a.G, groups = a.groups;
   const int64_t pieces = (K + 63) / 64, full = K / 64;
   const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
   const __m256i tail_mask = _mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0);  // K % 64 == 32: one block
-  const int8_t* dig[R];
-  const float* lsx[R];
-  for (int r = 0; r < R; ++r) {
-    dig[r] = a.digits.data() + (m0 + r) * chunks * 256;
-    lsx[r] = a.lane_sx.data() + (m0 + r) * chunks * 16;
-  }
+  const RowPtrs<R> rp(a, m0);
+  const int8_t* const* dig = rp.dig;
+  const float* const* lsx = rp.lsx;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = wq + n * (K / 2);
     const float* sr = scale + n * groups;
@@ -279,12 +289,9 @@ inline void wo_int4_split_vnni(const SplitAct& a, int64_t m0, const uint8_t* wq,
   for (int i = 0; i < 16; ++i) idx[i] = G >= kSplitChunk ? 0 : static_cast<int32_t>(32 * (i / 4) / G);
   const __m512i gidx = _mm512_load_si512(idx);
   const __mmask64 tail_bytes = (K / 2) % 64 ? ((__mmask64{1} << ((K / 2) % 64)) - 1) : ~__mmask64{0};
-  const int8_t* dig[R];
-  const float* lsx[R];
-  for (int r = 0; r < R; ++r) {
-    dig[r] = a.digits.data() + (m0 + r) * chunks * 256;
-    lsx[r] = a.lane_sx.data() + (m0 + r) * chunks * 16;
-  }
+  const RowPtrs<R> rp(a, m0);
+  const int8_t* const* dig = rp.dig;
+  const float* const* lsx = rp.lsx;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = wq + n * (K / 2);
     const float* sr = scale + n * groups;
