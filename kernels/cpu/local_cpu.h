@@ -17,6 +17,14 @@
 #include "../common/local_math.h"
 #include "float16.h"
 
+// The kLanes-wide vector-extension values (Lanes) are passed by value between inlined helpers; on
+// builds without AVX-512 GCC notes that such a return "changes the ABI" (-Wpsabi): nothing here
+// crosses a library boundary.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace pypaper {
 namespace cpu {
 namespace local {
@@ -350,3 +358,7 @@ void pool_rows(const In* feat, int64_t c, int64_t s, int64_t r0, int64_t r1, T* 
 }  // namespace local
 }  // namespace cpu
 }  // namespace pypaper
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

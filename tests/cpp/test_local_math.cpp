@@ -1,7 +1,8 @@
 // ctest: the shared local-loss math (kernels/common/local_math.h) and the torch-free CPU row loops
 // (kernels/cpu/local_cpu.h): the loss derivatives against central differences of the losses, the
-// vectorizable sigmoid / tanh against libm, and the FF / tpSGD row epilogues against a plain
-// scalar computation written here.
+// vectorizable sigmoid / tanh against libm, and the FF / tpSGD / single-forward FF row epilogues
+// against a plain scalar computation written here.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -107,7 +108,60 @@ static void test_tp_rows() {
   }
 }
 
+// The single-forward FF epilogue of a row block (sf_block_epilogue: logits h E^T, the CE,
+// dh = dlogits E, dE = dlogits^T H, dz and db through the ReLU), fp32 and fp64, against a double
+// loop: m = 300 covers two 128-wide register tiles and a tail, rows = 7 a group of 4 and 3 more.
+template <typename T>
+static void check_sf_epilogue(int64_t rows, int64_t m, int64_t k, double tol) {
+  std::vector<T> h(rows * m), emb(k * m), inv(rows), lg(rows * k), dl(rows * k), rl(rows), dh(m);
+  std::vector<T> de(k * m, T(0.5)), db(m, T(-0.25)), dz(rows * m);
+  std::vector<int64_t> y(rows);
+  for (int64_t i = 0; i < rows * m; ++i) h[i] = std::max(0.0, std::sin(0.37 * i) * 1.5);
+  for (int64_t i = 0; i < k * m; ++i) emb[i] = std::max(0.0, std::cos(0.23 * i + 1.0));
+  for (int64_t r = 0; r < rows; ++r) {
+    inv[r] = T(0.5 + 0.1 * r);
+    y[r] = r % k;
+  }
+  const T inv_temp = T(0.2), scale = T(1.0 / rows);
+  cpu::local::sf_block_epilogue<T, T>(h.data(), 0, rows, m, emb.data(), k, y.data(), inv_temp,
+                                      scale, inv.data(), lg.data(), dl.data(), rl.data(),
+                                      dh.data(), de.data(), dz.data(), db.data());
+  std::vector<double> want_de(k * m, 0.5), want_db(m, -0.25);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<double> logit(k), p(k);
+    double mx = -1e300, se = 0;
+    for (int64_t c = 0; c < k; ++c) {
+      double s = 0;
+      for (int64_t j = 0; j < m; ++j) s += double(h[r * m + j]) * emb[c * m + j];
+      logit[c] = s;
+      EXPECT(near(lg[r * k + c], s, tol * (1 + std::fabs(s))));
+      mx = std::max(mx, inv_temp * s);
+    }
+    for (int64_t c = 0; c < k; ++c) se += (p[c] = std::exp(inv_temp * logit[c] - mx));
+    EXPECT(near(rl[r], scale * (mx + std::log(se) - inv_temp * logit[y[r]]), tol));
+    for (int64_t c = 0; c < k; ++c) {
+      const double g = scale * inv_temp * (p[c] / se - (c == y[r] ? 1.0 : 0.0));
+      EXPECT(near(dl[r * k + c], g, tol));
+      for (int64_t j = 0; j < m; ++j) want_de[c * m + j] += g * h[r * m + j];
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      double g = 0;
+      for (int64_t c = 0; c < k; ++c)
+        g += scale * inv_temp * (p[c] / se - (c == y[r] ? 1.0 : 0.0)) * emb[c * m + j];
+      const double gj = h[r * m + j] > 0 ? g : 0.0;
+      EXPECT(near(dz[r * m + j], gj * inv[r], tol));
+      want_db[j] += gj;
+    }
+  }
+  for (int64_t i = 0; i < k * m; ++i) EXPECT(near(de[i], want_de[i], tol));
+  for (int64_t j = 0; j < m; ++j) EXPECT(near(db[j], want_db[j], tol));
+}
+
 int main() {
+  check_sf_epilogue<float>(7, 300, 10, 2e-5);
+  check_sf_epilogue<double>(7, 300, 10, 1e-12);
+  check_sf_epilogue<float>(4, 128, 3, 2e-5);
+  check_sf_epilogue<float>(2, 20, 5, 2e-5);
   test_ff_loss_derivative();
   test_activations();
   test_ff_rows();
