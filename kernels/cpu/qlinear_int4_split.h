@@ -33,6 +33,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "qlinear_cpu.h"
@@ -177,6 +178,18 @@ inline void split_activations(const float* x, int64_t ldx, int64_t rows, int64_t
                               SplitAct& a) {
   split_prepare(rows, K, G, a);
   split_rows(x, ldx, 0, rows, a);
+}
+
+// f(std::integral_constant<int, rows>{}) for rows in 1 .. kWoRows (a kernel templated on its row
+// count, called with a runtime count).
+template <typename F>
+inline void with_rows(int rows, F&& f) {
+  switch (rows) {
+    case 4: f(std::integral_constant<int, 4>{}); return;
+    case 3: f(std::integral_constant<int, 3>{}); return;
+    case 2: f(std::integral_constant<int, 2>{}); return;
+    default: f(std::integral_constant<int, 1>{}); return;
+  }
 }
 
 // The digits and lane scales of rows m0 .. m0 + R - 1.
@@ -342,22 +355,13 @@ inline void wo_int4_split_rows(Isa isa, const SplitAct& a, int64_t m0, int rows,
                                int64_t n0, int64_t n1, float* y, int64_t ldy) {
 #if PYPAPER_QL_VNNI
   if (isa == Isa::kVnni) {
-    switch (rows) {
-      case 4: wo_int4_split_vnni<4>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); return;
-      case 3: wo_int4_split_vnni<3>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); return;
-      case 2: wo_int4_split_vnni<2>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); return;
-      default: wo_int4_split_vnni<1>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); return;
-    }
+    with_rows(rows, [&](auto r) { wo_int4_split_vnni<r()>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); });
+    return;
   }
 #endif
 #if PYPAPER_QL_AVX2
   if (isa == Isa::kAvx2) {
-    switch (rows) {
-      case 4: wo_int4_split_avx2<4>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); return;
-      case 3: wo_int4_split_avx2<3>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); return;
-      case 2: wo_int4_split_avx2<2>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); return;
-      default: wo_int4_split_avx2<1>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); return;
-    }
+    with_rows(rows, [&](auto r) { wo_int4_split_avx2<r()>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); });
   }
 #endif
 }

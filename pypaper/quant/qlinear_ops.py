@@ -104,7 +104,9 @@ def int8_dynamic_linear_int32(x: torch.Tensor, w_packed: torch.Tensor, w_colsum:
 def int8_weight_only_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ (w * scale)^T + bias with int8 weights [N, K] and float32 scales [N, groups]
-    (per channel: groups = 1), float activations; the memory-bound small-batch case."""
+    (per channel: groups = 1), float activations; the memory-bound small-batch case. On AVX-512
+    VNNI at M <= 32 (groups of a multiple of 64, or per channel) the CPU kernel rounds x per 64
+    inputs to 16-bit fixed point inside the kernel (kernels/cpu/qlinear_int8_split.h)."""
     _check_x(x, w.shape[1])
     _check_bias(bias, w.shape[0])
     backend = backend_for(x)

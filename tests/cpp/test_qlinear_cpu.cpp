@@ -11,6 +11,7 @@
 
 #include "kernels/cpu/qlinear_cpu.h"
 #include "kernels/cpu/qlinear_int4_split.h"
+#include "kernels/cpu/qlinear_int8_split.h"
 
 static int failures = 0;
 #define EXPECT(cond)                                                           \
@@ -156,6 +157,48 @@ static void check_int4(int64_t M, int64_t K, int64_t N, int64_t G, std::mt19937&
   }
 }
 
+// int8 weight-only on the split kernel (AVX-512 VNNI builds): within the fp32 bound plus the
+// activation rounding sum_k |w_k| 0.51 sx_c (chunks of 64 inputs), and the split as specified.
+static void check_int8_split(int64_t M, int64_t K, int64_t N, int64_t G, std::mt19937& rng) {
+#if PYPAPER_QL_VNNI
+  const int64_t groups = K / G;
+  std::vector<float> x(M * K), s(N * groups), y(M * N);
+  std::vector<int8_t> w(N * K);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  for (auto& v : x) v = u(rng);
+  x[K / 3] = -250.f;  // an outlier: only its chunk's scale grows
+  for (auto& v : s) v = 0.001f + 0.01f * std::fabs(u(rng));
+  for (auto& b : w) b = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+  EXPECT(cpu::int8_split_ok(cpu::Isa::kVnni, K, G));
+  cpu::SplitAct8 act;
+  cpu::split8_prepare(M, K, G, act);
+  cpu::split8_rows(x.data(), K, 0, M, act);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      const int8_t* d = act.digits.data() + (m * act.chunks + k / 64) * 128 + k % 64;
+      const float sx = act.sx[m * act.chunks + k / 64];
+      EXPECT(d[0] >= -127 && d[0] <= 127);
+      EXPECT(std::fabs(sx * (256.0 * d[0] + d[64]) - x[m * K + k]) <= 0.51 * sx + 1e-12);
+    }
+  for (int64_t m0 = 0; m0 < M; m0 += cpu::kWoRows)
+    cpu::wo_int8_split_rows(act, m0, static_cast<int>(std::min<int64_t>(cpu::kWoRows, M - m0)),
+                            w.data(), s.data(), nullptr, 0, N, y.data() + m0 * N, N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double want = 0, mag = 0, act_err = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double wv = double(w[n * K + k]) * s[n * groups + k / G];
+        want += x[m * K + k] * wv;
+        mag += std::fabs(x[m * K + k]) * (std::fabs(wv) + 128.0 * s[n * groups + k / G]);
+        act_err += std::fabs(wv) * 0.51 * act.sx[m * act.chunks + k / 64];
+      }
+      EXPECT(std::fabs(y[m * N + n] - want) <= 4e-6 * mag + 1e-6 + act_err);
+    }
+#else
+  (void)M; (void)K; (void)N; (void)G; (void)rng;
+#endif
+}
+
 int main() {
   std::mt19937 rng(0);
   test_math();
@@ -171,6 +214,9 @@ int main() {
   check_int4(7, 96, 4, 32, rng);       // rows 4 + 3; K % 128 == 96, K % 64 == 32: masked tails
   check_int4(2, 1024, 6, 256, rng, true);  // a group of 256 spans two chunks; an outlier input
   check_int4(1, 4096, 3, 64, rng, true);
+  check_int8_split(1, 4096, 5, 4096, rng);  // per channel
+  check_int8_split(6, 256, 7, 64, rng);     // groups of 64, rows 4 + 2
+  check_int8_split(3, 100, 4, 100, rng);    // per channel, K % 64 == 36: masked tail
   if (failures) std::fprintf(stderr, "%d failures\n", failures);
   else std::printf("test_qlinear_cpu: all passed\n");
   return failures ? 1 : 0;

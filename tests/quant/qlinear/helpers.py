@@ -68,3 +68,26 @@ def int4_bound(isa_name, x, w_hat, group_size):
     if isa_name != "scalar" and 0 < x.shape[0] <= 128:  # the split kernels serve M <= 128
         bound = bound + split_act_bound(x, w_hat, group_size)
     return bound
+
+
+def split8_act_bound(x, w_hat, group_size=None):
+    """The extra error of the int8 weight-only split kernel (AVX-512 VNNI, M <= 32, groups of a
+    multiple of 64 or per channel: kernels/cpu/qlinear_int8_split.h): x rounded to 16-bit fixed
+    point per chunk of 64 inputs, |x~_k - x_k| <= 0.51 max_chunk |x| / 32639."""
+    m, k = x.shape
+    kp = (k + 63) // 64 * 64
+    xp = torch.nn.functional.pad(x.abs(), (0, kp - k))
+    sx = xp.reshape(m, kp // 64, 64).amax(-1) / 32639
+    per_k = sx.repeat_interleave(64, dim=1)[:, :k].double()
+    return (0.51 * per_k @ w_hat.abs().double().t()).float()
+
+
+def int8_wo_bound(isa_name, x, w_hat, group_size=None):
+    """Tolerance of the int8 weight-only op on one path (helpers.sum_bound, plus the activation
+    split on the VNNI path where it applies)."""
+    m, k = x.shape
+    bound = sum_bound(x, w_hat)
+    g = k if group_size is None else group_size
+    if isa_name == "vnni" and 0 < m <= 32 and k > 0 and (g == k or g % 64 == 0):
+        bound = bound + split8_act_bound(x, w_hat)
+    return bound

@@ -3,7 +3,8 @@ float model, dtypes, state_dict save / load, torch.compile(fullgraph=True), back
 
 Tolerances (module output vs the same model with the dequantized weights W_hat in fp32):
   weight-only: helpers.sum_bound (fp32 sums in another order); int4 plus helpers.split_act_bound
-      (the SIMD kernels round the activations to 16-bit fixed point per group);
+      (the SIMD kernels round the activations to 16-bit fixed point per group), int8 plus
+      helpers.split8_act_bound (the VNNI kernel, per 64 inputs);
   int8 dynamic: exact against the reference op (same integers, same epilogue).
   16-bit inputs: the fp32 result cast to the input dtype, so compared after the same cast.
 """
@@ -19,7 +20,7 @@ from pypaper.quant import (Int4WeightOnlyConfig, Int4WeightOnlyLinear, Int8Dynam
                            QuantConfig, model_bytes, quantize_)
 from pypaper.quant import qlinear_reference as ref
 
-from .helpers import split_act_bound, sum_bound
+from .helpers import split8_act_bound, split_act_bound, sum_bound
 
 CONFIGS = [Int8DynamicConfig(), Int8DynamicConfig(act_bits=7), Int8WeightOnlyConfig(),
            Int8WeightOnlyConfig(group_size=32), Int4WeightOnlyConfig(group_size=32),
@@ -57,6 +58,8 @@ def test_quantize_swaps_and_matches_dequantized(cfg, bias):
             bound = sum_bound(h, w_hat) + 1e-6
             if isinstance(layer, Int4WeightOnlyLinear):
                 bound = bound + split_act_bound(h, w_hat, layer.group_size)
+            else:  # int8 weight-only: the VNNI split kernel rounds x per 64 inputs
+                bound = bound + split8_act_bound(h, w_hat)
             assert torch.all((out - want).abs() <= bound)
         h = torch.tanh(out)
 

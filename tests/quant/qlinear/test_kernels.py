@@ -18,7 +18,8 @@ import torch
 from pypaper.quant import qlinear_ops as ops
 from pypaper.quant import qlinear_reference as ref
 
-from .helpers import compiled_isas, heavy_tailed, int4_bound, isa, split_act_bound, sum_bound
+from .helpers import (compiled_isas, heavy_tailed, int4_bound, int8_wo_bound, isa, split_act_bound,
+                      sum_bound)
 
 ISAS = compiled_isas()
 SHAPES = [(1, 7, 5), (7, 33, 17), (13, 129, 40), (129, 64, 33), (0, 8, 16), (3, 1, 1),
@@ -151,7 +152,8 @@ def test_int4_nonfinite_activations(isa_name, bad):
 
 @pytest.mark.parametrize("isa_name", ISAS)
 @pytest.mark.parametrize("M,K,N,G", _wo_cases() + [(3, 37, 9, None), (12, 129, 7, None),
-                                                   (1, 4096, 3, None)])
+                                                   (1, 4096, 3, None), (32, 200, 5, None),
+                                                   (33, 128, 6, 64)])
 def test_int8_weight_only(isa_name, M, K, N, G):
     x = torch.randn(M, K)
     w = heavy_tailed((N, K))
@@ -162,7 +164,7 @@ def test_int8_weight_only(isa_name, M, K, N, G):
         y = torch.ops.pypaper.int8_weight_only_linear(x, wq, s, b)
         y_nb = torch.ops.pypaper.int8_weight_only_linear(x, wq, s, None)
     w_hat = ref.dequantize_int8_weight(wq, s)
-    bound = sum_bound(x, w_hat)
+    bound = int8_wo_bound(isa_name, x, w_hat, G)
     assert torch.all((y - r).abs() <= bound)
     assert torch.all((y_nb - ref.int8_weight_only_linear(x, wq, s, None)).abs() <= bound)
 
