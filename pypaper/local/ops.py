@@ -349,8 +349,8 @@ def ff_sf_linear_into(x, class_x, weight, bias, y, grad_weight, grad_bias, norma
                       eps=1e-4, temperature=1.0, accumulate=True):
     """ff_sf_linear with its parameter gradients into ``grad_weight`` / ``grad_bias`` (see
     ff_linear_into). Returns (h, E, loss)."""
+    eps, temperature = _check_sf(x, class_x, weight, bias, y, eps, temperature)
     if backend_for(x) == "cpu" and _SF_OUT_CPU and grad_weight is not None:
-        eps, temperature = _check_sf(x, class_x, weight, bias, y, eps, temperature)
         h = x.new_empty((x.shape[0], weight.shape[0]))
         e, loss = torch.ops.pypaper.local_ff_sf_linear_out(x, class_x, weight, bias, y,
                                                            bool(normalize), eps, temperature,
