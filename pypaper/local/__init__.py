@@ -19,7 +19,8 @@ from . import _registration, reference
 from .ops import backend_for, ff_linear, ff_sf_linear, head_loss, local_head, tp_linear
 from .layers import FFClassEmbeddingLinear, FFLinear, TargetProjectionLinear
 from .blocks import (AuxHead, ChannelBias, LinearHead, LocalBlock, LocalSequential, MANHead,
-                     auglocal_depths, auglocal_head, auglocal_indices, backprop_step, dgl_head)
+                     auglocal_depths, auglocal_head, auglocal_indices, backprop_step, dgl_head,
+                     recalibrate_batchnorm)
 from .ff import FFNetwork, FFSingleForwardNetwork, overlay_label, wrong_labels
 from .tp import TPNetwork
 from .memory import SavedTensorMeter, peak_saved_bytes
@@ -35,4 +36,4 @@ __all__ = ["AuxHead", "ChannelBias", "FFClassEmbeddingLinear", "FFLinear", "FFNe
            "TPNetwork", "TargetProjectionLinear", "auglocal_depths", "auglocal_head",
            "auglocal_indices", "backend_for", "backprop_step", "dgl_head", "ff_linear",
            "ff_sf_linear", "head_loss", "local_head", "overlay_label", "peak_saved_bytes",
-           "reference", "tp_linear", "wrong_labels"]
+           "recalibrate_batchnorm", "reference", "tp_linear", "wrong_labels"]

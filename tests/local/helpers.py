@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import pypaper.local as L
+from pypaper.local.blocks import recalibrate_batchnorm
 
 
 def digits_split(seed: int = 0, test_fraction: float = 0.25):
@@ -65,24 +66,36 @@ def cnn_blocks(side: int, channels=(16, 32, 32), pool_first: bool = False):
     return blocks
 
 
-def train_backprop(model, x, y, epochs, lr, batch=64, seed=0):
+def recalibrate(model, x):
+    """Precise BN after training (pypaper.local.blocks.recalibrate_batchnorm): the BatchNorm
+    running statistics re-estimated with the final weights on the training inputs."""
+    if isinstance(model, L.LocalSequential):
+        return model.recalibrate_batchnorm(x)
+    return recalibrate_batchnorm(model, x)
+
+
+def train_backprop(model, x, y, epochs, lr, batch=64, seed=0, precise_bn=False):
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(epochs):
         for idx in batches(x.shape[0], batch, g):
             L.backprop_step(model, x[idx], y[idx], opt)
+    if precise_bn:
+        recalibrate(model, x)
     model.eval()
     return model
 
 
-def train_local(net, x, y, epochs, lr, batch=64, seed=0):
+def train_local(net, x, y, epochs, lr, batch=64, seed=0, precise_bn=False):
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
     net.train()
     for _ in range(epochs):
         for idx in batches(x.shape[0], batch, g):
             net.train_step(x[idx], y[idx], opt)
+    if precise_bn:
+        recalibrate(net, x)
     net.eval()
     return net
 
