@@ -2,10 +2,10 @@
 // checks and outputs of local_cpu.cpp around the row-epilogue kernels of
 // kernels/cuda/local_kernels.cu, on the current stream. The two GEMMs of a layer are torch's
 // (cuBLAS). The label range is checked on the host (one synchronisation), as a wrong label would
-// read out of bounds. The single-forward FF op has no CUDA kernel: pypaper.local.ops runs its
-// reference on GPUs.
+// read out of bounds.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -134,9 +135,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_hea
           gb};
 }
 
+// Single-forward FF: [x; class_x] W^T by one GEMM, the k class rows' E = ReLU(inv_c z_c + b) by
+// torch ops (k rows), the data rows by sf_rows_kernel, then dE = dlogits^T H through E's ReLU and
+// the single dW GEMM [dZ; dZ_c]^T [x; class_x] (the structure of the CPU op, local_cpu.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ff_sf_linear_cuda(
+    const at::Tensor& x_in, const at::Tensor& class_x_in, const at::Tensor& weight_in,
+    const std::optional<at::Tensor>& bias_in, const at::Tensor& y_in, bool normalize, double eps,
+    double temperature) {
+  check_linear(x_in, weight_in, bias_in);
+  check_linear(class_x_in, weight_in, bias_in, "class_x");
+  const int64_t n = x_in.size(0), d = x_in.size(1), m = weight_in.size(0);
+  const int64_t k = class_x_in.size(0);
+  TORCH_CHECK_VALUE(k >= 1, "class_x must hold one row per class (at least 1), got 0 rows");
+  TORCH_CHECK_VALUE(k <= gpu::kSfMaxClasses, "class_x: the CUDA kernel takes up to ",
+                    gpu::kSfMaxClasses, " classes, got ", k);
+  check_labels(y_in, n, x_in);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
+                    "temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
+  check_label_range(y_in, k);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.detach().contiguous(), cx = class_x_in.detach().contiguous();
+  const at::Tensor w = weight_in.detach().contiguous(), y = y_in.contiguous();
+  const at::ScalarType mt = math_type_of(x.scalar_type());
+  const at::Tensor xa = at::cat({x, cx});
+  at::Tensor za = at::mm(xa, w.t());
+  at::Tensor zc = za.narrow(0, n, k).to(mt);
+  at::Tensor inv_c;
+  if (normalize) {
+    inv_c = cx.to(mt).pow(2).sum({1}, true).sqrt().add(eps).reciprocal();
+    zc = zc.mul(inv_c);
+  }
+  if (bias_in.has_value()) zc = zc.add(bias_in->detach().to(mt));
+  const at::Tensor emb = zc.relu().contiguous();
+  at::Tensor h = za.narrow(0, 0, n);
+  at::Tensor dz = at::empty_like(h);
+  at::Tensor dl = at::zeros({n, k}, x.options().dtype(mt));
+  at::Tensor rows = at::zeros({n}, x.options().dtype(mt));
+  at::Tensor db = at::zeros({bias_in.has_value() ? m : 0}, x.options().dtype(mt));
+  at::Tensor b = bias_in.has_value() ? bias_in->detach().contiguous() : at::Tensor();
+  C10_CUDA_CHECK(gpu::launch_local_sf_rows(
+      float_type(x.scalar_type()), h.data_ptr(), x.const_data_ptr(),
+      b.defined() ? b.const_data_ptr() : nullptr, emb.const_data_ptr(),
+      y.const_data_ptr<int64_t>(), dz.data_ptr(), dl.data_ptr(), rows.data_ptr(),
+      b.defined() ? db.data_ptr() : nullptr, n, m, d, k, eps, 1.0 / temperature, normalize,
+      stream()));
+  at::Tensor gc = at::mm(dl.t(), h.to(mt)).mul(emb.gt(0).to(mt));  // dE through E's ReLU
+  if (bias_in.has_value()) db = db.add(gc.sum(0));
+  if (normalize) gc = gc.mul(inv_c);
+  const at::Tensor gw = at::mm(at::cat({dz, gc.to(x.scalar_type())}).t(), xa);
+  at::Tensor gb = bias_in.has_value() ? db.to(weight_in.scalar_type())
+                                      : at::empty({0}, weight_in.options());
+  return {h.clone(), emb.to(x.scalar_type()), rows.sum(), gw, gb};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pypaper, CUDA, m) {
+  m.impl("local_ff_sf_linear", &ff_sf_linear_cuda);
   m.impl("local_ff_linear", &ff_linear_cuda);
   m.impl("local_tp_linear", &tp_linear_cuda);
   m.impl("local_head", &local_head_cuda);

@@ -4,8 +4,9 @@
 // Row epilogues: a 256-thread block per output row; threads stride the row's features
 // (coalesced), block reductions by warp shuffles and one shared-memory step. FF needs the row's
 // goodness before any dZ, so it reads the row twice (the second read hits L2). The bias gradient
-// is added with atomics in the math type. Pooling: a thread per (row, channel); CE: a thread per
-// row (k is a class count).
+// is added with atomics in the math type. The single-forward FF adds a block reduction per class
+// and the row's CE in shared memory. Pooling: a thread per (row, channel); CE: a thread per row
+// (k is a class count).
 #include "local_kernels.cuh"
 #include "device_common.cuh"
 
@@ -111,6 +112,66 @@ __global__ void __launch_bounds__(kRowThreads)
   if (threadIdx.x == 0) row_loss[r] = T(0.5) * scale * l;
 }
 
+// Single-forward FF rows (ForwardGNN's SF): h in place of z, the k class similarities by block
+// reductions into shared memory, the row's CE on thread 0, then dz and db through the ReLU.
+template <typename In>
+__global__ void __launch_bounds__(kRowThreads)
+    sf_rows_kernel(In* __restrict__ z, const In* __restrict__ x, const In* __restrict__ bias,
+                   const typename MathOf<In>::type* __restrict__ emb,
+                   const int64_t* __restrict__ y, In* __restrict__ dz,
+                   typename MathOf<In>::type* __restrict__ dlogits,
+                   typename MathOf<In>::type* __restrict__ row_loss,
+                   typename MathOf<In>::type* __restrict__ db, int64_t m, int64_t d, int64_t k,
+                   int64_t n, double eps, double inv_temp, bool normalize) {
+  using T = typename MathOf<In>::type;
+  __shared__ T shared[kRowThreads / 32];
+  extern __shared__ __align__(16) unsigned char dyn[];
+  T* lg = reinterpret_cast<T*>(dyn);  // [k]: the row's scaled logits, then its dlogits
+  const int64_t r = blockIdx.x;
+  T inv = T(1);
+  if (normalize) {
+    T acc = T(0);
+    for (int64_t j = threadIdx.x; j < d; j += kRowThreads) {
+      const T v = to_math(x[r * d + j]);
+      acc += v * v;
+    }
+    inv = T(1) / (sqrt(block_sum(acc, shared)) + T(eps));
+  }
+  // Each thread rereads only the features it wrote itself: no barrier between the passes.
+  for (int64_t j = threadIdx.x; j < m; j += kRowThreads) {
+    T v = inv * to_math(z[r * m + j]);
+    if (bias) v += to_math(bias[j]);
+    store(z[r * m + j], v > T(0) ? v : T(0));
+  }
+  for (int64_t c = 0; c < k; ++c) {
+    T acc = T(0);
+    for (int64_t j = threadIdx.x; j < m; j += kRowThreads) acc += to_math(z[r * m + j]) * emb[c * m + j];
+    const T sum = block_sum(acc, shared);
+    if (threadIdx.x == 0) lg[c] = T(inv_temp) * sum;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    T mx = lg[0];
+    for (int64_t c = 1; c < k; ++c) mx = lg[c] > mx ? lg[c] : mx;
+    T se = T(0);
+    for (int64_t c = 0; c < k; ++c) se += exp(lg[c] - mx);
+    const T scale = T(1) / T(n), yl = lg[y[r]];
+    row_loss[r] = scale * (mx + log(se) - yl);
+    for (int64_t c = 0; c < k; ++c) {
+      lg[c] = scale * T(inv_temp) * (exp(lg[c] - mx) / se - (c == y[r] ? T(1) : T(0)));
+      dlogits[r * k + c] = lg[c];
+    }
+  }
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < m; j += kRowThreads) {
+    T g = T(0);
+    for (int64_t c = 0; c < k; ++c) g += lg[c] * emb[c * m + j];
+    g = to_math(z[r * m + j]) > T(0) ? g : T(0);
+    store(dz[r * m + j], g * inv);
+    if (bias) atomicAdd(db + j, g);
+  }
+}
+
 template <typename In>
 __global__ void pool_kernel(const In* __restrict__ feat, typename MathOf<In>::type* __restrict__ out,
                             int64_t rows, int64_t s) {
@@ -184,6 +245,25 @@ cudaError_t launch_local_tp_rows(FloatType type, void* z, const void* bias, cons
       case 4: return go(tp_rows_kernel<In, 2, false>);
       default: return go(tp_rows_kernel<In, 2, true>);
     }
+  });
+}
+
+cudaError_t launch_local_sf_rows(FloatType type, void* z, const void* x, const void* bias,
+                                 const void* emb, const int64_t* y, void* dz, void* dlogits,
+                                 void* row_loss, void* db, int64_t n, int64_t m, int64_t d,
+                                 int64_t k, double eps, double inv_temp, bool normalize,
+                                 cudaStream_t stream) {
+  if (n == 0 || m == 0) return cudaSuccess;
+  if (n > 0x7fffffff || k < 1 || k > kSfMaxClasses) return cudaErrorInvalidValue;
+  return dispatch_float(type, [&](auto tag) {
+    using In = decltype(tag);
+    using T = typename MathOf<In>::type;
+    sf_rows_kernel<In><<<static_cast<unsigned>(n), kRowThreads, static_cast<size_t>(k) * sizeof(T),
+                         stream>>>(
+        static_cast<In*>(z), static_cast<const In*>(x), static_cast<const In*>(bias),
+        static_cast<const T*>(emb), y, static_cast<In*>(dz), static_cast<T*>(dlogits),
+        static_cast<T*>(row_loss), static_cast<T*>(db), m, d, k, n, eps, inv_temp, normalize);
+    return cudaGetLastError();
   });
 }
 

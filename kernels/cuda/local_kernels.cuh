@@ -35,6 +35,18 @@ cudaError_t launch_local_tp_rows(FloatType type, void* z, const void* bias, cons
                                  const int64_t* y, void* dz, void* row_loss, void* db, int64_t n,
                                  int64_t m, int activation, bool sign, cudaStream_t stream);
 
+// Single-forward FF epilogue (ForwardGNN's SF) of the n data rows: z [n, m] is overwritten by
+// h = ReLU(inv_r z + b) (inv_r as FF's); logits_rc = inv_temp h_r . emb_c with emb [k, m] the class
+// embeddings (math type); row_loss[r] = (logsumexp - logit_y) / n; dlogits [n, k] (math type) =
+// inv_temp (softmax - onehot(y)) / n; dz = inv_r 1[h > 0] dlogits_r emb; db += 1[h > 0] dlogits_r emb.
+// k <= kSfMaxClasses (the logits live in shared memory), else cudaErrorInvalidValue.
+constexpr int64_t kSfMaxClasses = 4096;
+cudaError_t launch_local_sf_rows(FloatType type, void* z, const void* x, const void* bias,
+                                 const void* emb, const int64_t* y, void* dz, void* dlogits,
+                                 void* row_loss, void* db, int64_t n, int64_t m, int64_t d,
+                                 int64_t k, double eps, double inv_temp, bool normalize,
+                                 cudaStream_t stream);
+
 // pooled[r, c] = mean over the s positions of feat[r, c, :] (feat [n, c, s]).
 cudaError_t launch_local_pool(FloatType type, const void* feat, void* pooled, int64_t n,
                               int64_t c, int64_t s, cudaStream_t stream);

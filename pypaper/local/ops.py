@@ -8,7 +8,8 @@ torch.ops.pypaper.local_* (C++ on CPU, CUDA kernels on GPU where built), their T
 (pypaper/local/triton_kernels.py) or the plain-PyTorch reference (pypaper/local/reference.py).
 
 Default backends, by device: CPU -> the C++ kernels, then the reference; CUDA -> the CUDA kernels,
-then Triton, then the reference (ff_sf_linear has no CUDA kernel: Triton first there). The
+then Triton, then the reference (a build whose CUDA kernels predate ff_sf_linear's: Triton first
+for that op). The
 *_into variants (outputs written into given buffers, dW accumulated by the GEMM) run the C++
 *_out ops on CPU and the functional op plus an add elsewhere.
 """
@@ -38,7 +39,7 @@ def _probe(dispatch_key: str, op: str = "pypaper::local_ff_linear") -> bool:
 
 # Looked up once, at import: torch.compile cannot trace the dispatcher query.
 _KERNELS = {key: _probe(key) for key in ("CPU", "CUDA")}
-# The single-forward op has no CUDA kernel (it runs its reference there).
+# Whether the single-forward op has a CUDA kernel in this build (else Triton, then the reference).
 _SF_CUDA = _probe("CUDA", "pypaper::local_ff_sf_linear")
 # The *_out variants (outputs written in place, gradients accumulated by the dW GEMM): C++ only.
 _OUT_CPU = _probe("CPU", "pypaper::local_ff_linear_out")

@@ -49,6 +49,20 @@ def test_tp_cuda(dtype, activation, sign):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,m,k", [(1, 5, 3, 1), (77, 40, 300, 10), (256, 1024, 1024, 10)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ff_sf_cuda(dtype, n, d, m, k, normalize):
+    x, w, b = _inputs(n, d, m, dtype)
+    cx = torch.randn(k, d, generator=torch.Generator().manual_seed(3)).to(dtype)
+    y = _labels(n, k)
+    assert L.ops._SF_CUDA
+    with pypaper.use_backend("cuda"):
+        out = L.ff_sf_linear(*_cuda(x, cx, w, b, y), normalize=normalize, temperature=0.5)
+    args = (x, cx, w, b, y, normalize, 1e-4, 0.5)
+    _compare([t.cpu() for t in out], R.ff_sf_linear(*args), dtype, _ref64(R.ff_sf_linear, args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_head_cuda(dtype):
     feat = torch.randn(33, 20, 5, 5).to(dtype)
     w, b = (torch.randn(10, 20) * 0.5).to(dtype), (torch.randn(10) * 0.1).to(dtype)
