@@ -105,14 +105,16 @@ def _step_providers(batch, seq, hidden, layers, dtype, device):
     model, why = _bert(hidden, layers, device)
     if model is None:
         return [unavailable(p, why) for p in ("torch", "pypaper wta-crs", "pypaper crs",
-                                              "pypaper wta-crs + 2-bit GELU")]
+                                              "pypaper wta-crs + 2-bit GELU",
+                                              "pypaper wta-crs bf16 rows",
+                                              "pypaper wta-crs bf16 rows + 2-bit GELU")]
     model = model.to(dtype).train()
     emb = torch.randn(batch, seq, hidden, device=device, dtype=dtype, requires_grad=True)
 
-    def provider(name, keep, est, fewbit_bits=None):
+    def provider(name, keep, est, fewbit_bits=None, store_dtype=None):
         m = copy.deepcopy(model)
         if keep is not None:
-            wtacrs.convert(m, keep, estimator=est)
+            wtacrs.convert(m, keep, estimator=est, store_dtype=store_dtype)
         if fewbit_bits is not None:  # few-bit backward GELU (pypaper.quant.fewbit) on top
             fewbit.convert(m, bits=fewbit_bits)
         params = list(m.parameters())
@@ -126,7 +128,10 @@ def _step_providers(batch, seq, hidden, layers, dtype, device):
 
     return [provider("torch", None, None), provider("pypaper wta-crs", KEEP, "wta-crs"),
             provider("pypaper wta-crs 0.1", 0.1, "wta-crs"), provider("pypaper crs", KEEP, "crs"),
-            provider("pypaper wta-crs + 2-bit GELU", KEEP, "wta-crs", fewbit_bits=2)]
+            provider("pypaper wta-crs + 2-bit GELU", KEEP, "wta-crs", fewbit_bits=2),
+            provider("pypaper wta-crs bf16 rows", KEEP, "wta-crs", store_dtype=torch.bfloat16),
+            provider("pypaper wta-crs bf16 rows + 2-bit GELU", KEEP, "wta-crs", fewbit_bits=2,
+                     store_dtype=torch.bfloat16)]
 
 
 def step_case(batch, seq, hidden, layers, dtype, device) -> Case:

@@ -19,7 +19,8 @@ def test_cli_quick_wtacrs(tmp_path):
         for prov in provs:
             assert f"| wtacrs linear keep 0.3 | 1024x64 | float32 | {mode} | {prov} |" in out.stdout
     for prov in ("torch", "pypaper wta-crs", "pypaper wta-crs 0.1", "pypaper crs",
-                 "pypaper wta-crs + 2-bit GELU"):
+                 "pypaper wta-crs + 2-bit GELU", "pypaper wta-crs bf16 rows",
+                 "pypaper wta-crs bf16 rows + 2-bit GELU"):
         assert f"| wtacrs bert step L1 h64 | 2x32x64 | float32 | fwd+bwd | {prov} |" in out.stdout
     with open(tmp_path / "wtacrs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -36,3 +37,7 @@ def test_cli_quick_wtacrs(tmp_path):
     assert saved[(step, "pypaper wta-crs 0.1")] <= saved[(step, "pypaper wta-crs")]
     # the few-bit GELU keeps 2 bits of its input instead of 32
     assert saved[(step, "pypaper wta-crs + 2-bit GELU")] < saved[(step, "pypaper wta-crs")]
+    # kept rows in bf16: 2 bytes a value instead of 4 (the indices stay int64)
+    assert saved[(step, "pypaper wta-crs bf16 rows")] < saved[(step, "pypaper wta-crs")]
+    assert (saved[(step, "pypaper wta-crs bf16 rows + 2-bit GELU")]
+            < saved[(step, "pypaper wta-crs + 2-bit GELU")])
