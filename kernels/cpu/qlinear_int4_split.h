@@ -242,7 +242,33 @@ inline void wo_int4_split_avx2(const SplitAct& a, int64_t m0, const uint8_t* wq,
     const float* sr = scale + n * groups;
     __m256 accf[R];
     for (int r = 0; r < R; ++r) accf[r] = _mm256_setzero_ps();
-    for (int64_t p = 0; p < pieces; ++p) {
+    // G >= 128: both 64-input pieces of a chunk share the group and its scales, so their s16
+    // pair sums are added before one vpmaddwd pair (|ph| <= 2 * 7680 < 2^15) and one
+    // convert / scale: 20 instructions per row and 128 weights instead of 24.
+    const int64_t pairs = G >= 128 ? K / 128 : 0;
+    for (int64_t c = 0; c < pairs; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchBytes + 64 * c), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchL2Bytes + 64 * c), _MM_HINT_T1);
+      const __m256i wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 64 * c));
+      const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 64 * c + 32));
+      const __m256i lo0 = _mm256_and_si256(wa, nib), hi0 = _mm256_and_si256(_mm256_srli_epi16(wa, 4), nib);
+      const __m256i lo1 = _mm256_and_si256(wb, nib), hi1 = _mm256_and_si256(_mm256_srli_epi16(wb, 4), nib);
+      const __m256 vsw = _mm256_set1_ps(sr[a.block_group[4 * c]]);
+      const auto mb = [](__m256i u, const int8_t* q) {
+        return _mm256_maddubs_epi16(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+      };
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const int8_t* d = dig[r] + 256 * c;
+        const __m256i ph = _mm256_add_epi16(_mm256_add_epi16(mb(lo0, d), mb(hi0, d + 64)),
+                                            _mm256_add_epi16(mb(lo1, d + 32), mb(hi1, d + 96)));
+        const __m256i pl = _mm256_add_epi16(_mm256_add_epi16(mb(lo0, d + 128), mb(hi0, d + 192)),
+                                            _mm256_add_epi16(mb(lo1, d + 160), mb(hi1, d + 224)));
+        const __m256i acc = _mm256_add_epi32(_mm256_madd_epi16(ph, c256), _mm256_madd_epi16(pl, ones));
+        accf[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(vsw, _mm256_loadu_ps(lsx[r] + 16 * c)), accf[r]);
+      }
+    }
+    for (int64_t p = 2 * pairs; p < pieces; ++p) {
       if (p % 2 == 0) {
         _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchBytes + 32 * p), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchL2Bytes + 32 * p), _MM_HINT_T1);
