@@ -107,8 +107,14 @@ std::optional<at::Tensor> contig(const std::optional<at::Tensor>& t) {
 
 // ---- Forward-Forward ------------------------------------------------------------------------
 
-// Checks of the outputs of the *_out ops: h [n, m] in x's dtype, grad_weight [m, d] and
-// grad_bias [m] (when there is a bias) in weight's dtype, all contiguous on x's device.
+// Empty work (no rows or no features): the parameter gradients are zero, so written as zeros
+// unless they are being accumulated into.
+void zero_grads_unless(bool accumulate, at::Tensor& gw, const std::optional<at::Tensor>& gb) {
+  if (accumulate) return;
+  gw.zero_();
+  if (gb.has_value()) gb->zero_();
+}
+
 // The layer's weight gradient dW = dZ^T x by one GEMM, written into gw or added to it (a
 // module's .grad: the GEMM accumulates, no temporary).
 void weight_grad_gemm(at::Tensor& gw, const at::Tensor& dz, const at::Tensor& x, bool accumulate) {
@@ -119,6 +125,8 @@ void weight_grad_gemm(at::Tensor& gw, const at::Tensor& dz, const at::Tensor& x,
   }
 }
 
+// Checks of the outputs of the *_out ops: h [n, m] in x's dtype, grad_weight [m, d] and
+// grad_bias [m] (when there is a bias) in weight's dtype, all contiguous on x's device.
 void check_outputs(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                    const at::Tensor& h, const at::Tensor& gw,
                    const std::optional<at::Tensor>& gb) {
@@ -154,10 +162,7 @@ at::Tensor ff_core(const at::Tensor& x_in, const at::Tensor& weight_in,
   const at::ScalarType mt = math_type_of(x.scalar_type());
   at::Tensor loss = at::zeros({}, x.options().dtype(mt));
   if (n == 0 || m == 0) {
-    if (!accumulate) {
-      gw.zero_();
-      if (gb_out.has_value()) gb_out->zero_();
-    }
+    zero_grads_unless(accumulate, gw, gb_out);
     return loss;
   }
   at::Tensor dz = at::empty({n, m}, x.options());
@@ -265,10 +270,7 @@ std::tuple<at::Tensor, at::Tensor> sf_core(
   const at::ScalarType mt = math_type_of(x.scalar_type());
   at::Tensor loss = at::zeros({}, x.options().dtype(mt));
   if (m == 0) {
-    if (!accumulate) {
-      gw.zero_();
-      if (gb_out.has_value()) gb_out->zero_();
-    }
+    zero_grads_unless(accumulate, gw, gb_out);
     return {at::empty({k, m}, x.options()), loss};
   }
   // One forward GEMM for the data rows and the class rows: [x; class_x] W^T (a separate GEMM
@@ -432,10 +434,7 @@ at::Tensor tp_core(const at::Tensor& x_in, const at::Tensor& weight_in,
   const at::Tensor proj = proj_in.to(mt).contiguous();
   at::Tensor loss = at::zeros({}, x.options().dtype(mt));
   if (n == 0 || m == 0) {
-    if (!accumulate) {
-      gw.zero_();
-      if (gb_out.has_value()) gb_out->zero_();
-    }
+    zero_grads_unless(accumulate, gw, gb_out);
     return loss;
   }
   at::Tensor dz = at::empty({n, m}, x.options());

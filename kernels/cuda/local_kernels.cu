@@ -42,6 +42,17 @@ __device__ T block_sum(T v, T* shared) {
   return s;
 }
 
+// 1 / (||x_row|| + eps) of a row of d inputs, by the whole block (FF's input normalisation).
+template <typename In, typename T>
+__device__ T row_inv_norm(const In* __restrict__ xr, int64_t d, T eps, T* shared) {
+  T acc = T(0);
+  for (int64_t j = threadIdx.x; j < d; j += kRowThreads) {
+    const T v = to_math(xr[j]);
+    acc += v * v;
+  }
+  return T(1) / (sqrt(block_sum(acc, shared)) + eps);
+}
+
 template <typename In>
 __global__ void __launch_bounds__(kRowThreads)
     ff_rows_kernel(In* __restrict__ z, const In* __restrict__ x, const In* __restrict__ bias,
@@ -51,15 +62,7 @@ __global__ void __launch_bounds__(kRowThreads)
   using T = typename MathOf<In>::type;
   __shared__ T shared[kRowThreads / 32];
   const int64_t r = blockIdx.x;
-  T inv = T(1);
-  if (normalize) {
-    T acc = T(0);
-    for (int64_t j = threadIdx.x; j < d; j += kRowThreads) {
-      const T v = to_math(x[r * d + j]);
-      acc += v * v;
-    }
-    inv = T(1) / (sqrt(block_sum(acc, shared)) + T(eps));
-  }
+  const T inv = normalize ? row_inv_norm(x + r * d, d, T(eps), shared) : T(1);
   T acc = T(0);
   for (int64_t j = threadIdx.x; j < m; j += kRowThreads) {
     T v = inv * to_math(z[r * m + j]);
@@ -128,15 +131,7 @@ __global__ void __launch_bounds__(kRowThreads)
   extern __shared__ __align__(16) unsigned char dyn[];
   T* lg = reinterpret_cast<T*>(dyn);  // [k]: the row's scaled logits, then its dlogits
   const int64_t r = blockIdx.x;
-  T inv = T(1);
-  if (normalize) {
-    T acc = T(0);
-    for (int64_t j = threadIdx.x; j < d; j += kRowThreads) {
-      const T v = to_math(x[r * d + j]);
-      acc += v * v;
-    }
-    inv = T(1) / (sqrt(block_sum(acc, shared)) + T(eps));
-  }
+  const T inv = normalize ? row_inv_norm(x + r * d, d, T(eps), shared) : T(1);
   // Each thread rereads only the features it wrote itself: no barrier between the passes.
   for (int64_t j = threadIdx.x; j < m; j += kRowThreads) {
     T v = inv * to_math(z[r * m + j]);
