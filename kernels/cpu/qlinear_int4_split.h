@@ -3,8 +3,16 @@
 // fixed point and split into two signed bytes, and the dot products run on vpdpbusd (AVX-512 VNNI,
 // 64 byte products per instruction) or vpmaddubsw (AVX2) straight on the nibbles. The fp32 path it
 // replaces widened every nibble to an fp32 lane before its FMA (about 4 instructions per 16
-// weights, compute-bound at ~6 weights per cycle); here 128 weights cost ~13 instructions, so one
-// row runs at the speed the memory delivers the 0.56 bytes per weight.
+// weights, compute-bound at ~6 weights per cycle); here 128 weights of one row cost ten vector
+// instructions on AVX-512 (the whole-group kernels, G = 128 / 256), so one row runs near the speed
+// the memory delivers the 0.56 bytes per weight. Kernels: wo_int4_split_{avx2,vnni}_whole (G a
+// multiple of 128: one convert and one FMA per group), wo_int4_split_{avx2,vnni} (any G: per-lane
+// scales for groups of 32 / 64).
+//
+// Measured (same process, old vs whole-group kernels, K = N = 4096, L3-resident weights, 2 threads
+// of the AVX-512 VNNI Xeon): M = 1 unchanged at G = 128 (0.227 vs 0.232 ms: the row is bound by the
+// weight stream, ~19 GB/s per core from L3), 0.91x at G = 256; M = 4: 0.54x (VNNI) / 0.82x (AVX2);
+// M = 32: 0.54x / 0.92x at G = 128, 0.48x / 0.86x at G = 256.
 //
 // Math. Row x, group g of G inputs: sx_g = max_{k in g} |x_k| / 32639, v_k = rint(x_k / sx_g) in
 // [-32639, 32639], v_k = 256 h_k + l_k with l_k the low byte of v_k read as a signed byte and
@@ -62,6 +70,7 @@ struct SplitAct {
   std::vector<int8_t> digits;  // [rows][chunks][256], the layout above
   std::vector<float> lane_sx;  // [rows][chunks * 16]
   std::vector<float> xsum;     // [rows][groups]: X_g = sx_g * sum_k v_k
+  std::vector<float> group_sx; // [rows][groups]: sx_g (what lane_sx repeats per lane)
   std::vector<int32_t> block_group;  // [K / 32]: 32 b / G, the group of block b (no division per step)
 };
 
@@ -132,6 +141,7 @@ inline void split_prepare(int64_t rows, int64_t K, int64_t G, SplitAct& a) {
   a.digits.assign(static_cast<size_t>(rows * a.chunks * 256), 0);
   a.lane_sx.assign(static_cast<size_t>(rows * a.chunks * 16), 0.f);
   a.xsum.assign(static_cast<size_t>(rows * a.groups), 0.f);
+  a.group_sx.assign(static_cast<size_t>(rows * a.groups), 0.f);
   a.block_group.resize(static_cast<size_t>(K / 32));
   for (int64_t b = 0; b < K / 32; ++b) a.block_group[b] = static_cast<int32_t>(32 * b / G);
 }
@@ -167,6 +177,7 @@ inline void split_rows(const float* x, int64_t ldx, int64_t r0, int64_t r1, Spli
       }
 #endif
       a.xsum[r * a.groups + g] = sx * static_cast<float>(vsum);
+      a.group_sx[r * a.groups + g] = sx;
       for (int64_t blk = g * G / 32; blk < (g + 1) * G / 32; ++blk)
         for (int t = 0; t < 4; ++t) a.lane_sx[r * a.chunks * 16 + 4 * blk + t] = sx;
     }
@@ -206,6 +217,20 @@ struct RowPtrs {
 };
 
 #if PYPAPER_QL_AVX2
+// The whole-group kernels scale a group's integer sum once, by p_rg = s_ng sx_rg, precomputed
+// for kScaleBlock groups at a time into a stack buffer, 8 per instruction.
+constexpr int64_t kScaleBlock = 64;
+template <int R>
+inline void group_products(const float* s, const float* const* gsx, int64_t g0, int64_t gn,
+                           float (*p)[kScaleBlock]) {
+  for (int r = 0; r < R; ++r) {
+    int64_t j = 0;
+    for (; j + 8 <= gn; j += 8)
+      _mm256_store_ps(p[r] + j, _mm256_mul_ps(_mm256_loadu_ps(s + g0 + j), _mm256_loadu_ps(gsx[r] + g0 + j)));
+    for (; j < gn; ++j) p[r][j] = s[g0 + j] * gsx[r][g0 + j];
+  }
+}
+
 // corr[r] = sum_g s_g z_g X_rg for R rows (the zero-point term), 8 groups per step.
 template <int R>
 inline void zero_terms_avx2(const float* s, const float* z, const float* xs, int64_t groups,
@@ -303,6 +328,69 @@ inline void wo_int4_split_avx2(const SplitAct& a, int64_t m0, const uint8_t* wq,
     for (int r = 0; r < R; ++r) y[r * ldy + n] = hsum256(accf[r]) - corr[r] + (bias ? bias[n] : 0.f);
   }
 }
+
+// AVX2, groups of CPG whole chunks (G = 128 CPG), the AVX2 twin of wo_int4_split_vnni_whole below:
+// the s16 pair sums of a whole group (8 CPG vpmaddubsw per digit byte, |.| <= 8 CPG * 2 * 15 * 128
+// = 30720 at CPG = 2, below 2^15) are added before one vpmaddwd pair, one convert and one FMA by
+// the precomputed p_rg = s_ng sx_rg. No per-chunk group lookup or lane-scale multiply.
+template <int R, int CPG>
+inline void wo_int4_split_avx2_whole(const SplitAct& a, int64_t m0, const uint8_t* wq,
+                                     const float* scale, const float* zero, const float* bias,
+                                     int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  static_assert(CPG == 1 || CPG == 2, "one or two chunks per group");
+  const int64_t K = a.K, groups = a.groups;
+  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
+  const int8_t* dig[R];
+  const float* gsx[R];
+  for (int r = 0; r < R; ++r) {
+    dig[r] = a.digits.data() + (m0 + r) * a.chunks * 256;
+    gsx[r] = a.group_sx.data() + (m0 + r) * groups;
+  }
+  alignas(32) float p[R][kScaleBlock];
+  const auto mb = [](__m256i u, const int8_t* q) {
+    return _mm256_maddubs_epi16(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+  };
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = wq + n * (K / 2);
+    const float* sr = scale + n * groups;
+    __m256 accf[R];
+    for (int r = 0; r < R; ++r) accf[r] = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < groups; g0 += kScaleBlock) {
+      const int64_t gn = std::min(kScaleBlock, groups - g0);
+      group_products<R>(sr, gsx, g0, gn, p);
+      for (int64_t j = 0; j < gn; ++j) {
+        const uint8_t* wg = wr + (g0 + j) * (CPG * 64);
+        __m256i lo[2 * CPG], hi[2 * CPG];  // 32-byte halves: inputs 0..63 and 64..127 of a chunk
+        for (int c = 0; c < CPG; ++c) {
+          _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchBytes + 64 * c), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchL2Bytes + 64 * c), _MM_HINT_T1);
+          for (int h = 0; h < 2; ++h) {
+            const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * c + 32 * h));
+            lo[2 * c + h] = _mm256_and_si256(wb, nib);
+            hi[2 * c + h] = _mm256_and_si256(_mm256_srli_epi16(wb, 4), nib);
+          }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const int8_t* d = dig[r] + (g0 + j) * (CPG * 256);
+          __m256i ph = _mm256_setzero_si256(), pl = _mm256_setzero_si256();
+          for (int c = 0; c < CPG; ++c) {
+            const int8_t* dc = d + 256 * c;
+            ph = _mm256_add_epi16(ph, _mm256_add_epi16(_mm256_add_epi16(mb(lo[2 * c], dc), mb(hi[2 * c], dc + 64)),
+                                                       _mm256_add_epi16(mb(lo[2 * c + 1], dc + 32), mb(hi[2 * c + 1], dc + 96))));
+            pl = _mm256_add_epi16(pl, _mm256_add_epi16(_mm256_add_epi16(mb(lo[2 * c], dc + 128), mb(hi[2 * c], dc + 192)),
+                                                       _mm256_add_epi16(mb(lo[2 * c + 1], dc + 160), mb(hi[2 * c + 1], dc + 224))));
+          }
+          const __m256i acc = _mm256_add_epi32(_mm256_madd_epi16(ph, c256), _mm256_madd_epi16(pl, ones));
+          accf[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_broadcast_ss(&p[r][j]), accf[r]);
+        }
+      }
+    }
+    float corr[R];
+    zero_terms_avx2<R>(sr, zero + n * groups, a.xsum.data() + m0 * groups, groups, corr);
+    for (int r = 0; r < R; ++r) y[r * ldy + n] = hsum256(accf[r]) - corr[r] + (bias ? bias[n] : 0.f);
+  }
+}
 #endif
 
 #if PYPAPER_QL_VNNI
@@ -365,6 +453,70 @@ inline void wo_int4_split_vnni(const SplitAct& a, int64_t m0, const uint8_t* wq,
     for (int r = 0; r < R; ++r) y[r * ldy + n] = _mm512_reduce_add_ps(accf[r]) - corr[r] + (bias ? bias[n] : 0.f);
   }
 }
+
+// AVX-512 VNNI, groups of CPG whole chunks (G = 128 CPG): the kernel of M = 1 decoding at the usual
+// G = 128 / 256. A group's int32 sums are finished before one convert and one FMA by
+// p_rg = s_ng sx_rg (a broadcast operand, precomputed per channel for 64 groups at a time), so a
+// 128-input chunk of one row costs ten vector instructions: three to unpack the nibbles (the
+// weight bytes read as memory operands), four vpdpbusd, the shift, and per group one convert and
+// one FMA. (The general kernel above rebuilds the lane scale per chunk; with its group lookup and
+// address arithmetic it ran ~35 instructions per chunk, compute-bound at ~14 weights per cycle.)
+// Ranges: CPG <= 2 chunks per lane: 256 * 2 * 15240 + 2 * 4 * 2 * 15 * 128 < 2^23, exact in int32
+// and in the conversion to fp32.
+template <int R, int CPG>
+inline void wo_int4_split_vnni_whole(const SplitAct& a, int64_t m0, const uint8_t* wq,
+                                     const float* scale, const float* zero, const float* bias,
+                                     int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  static_assert(CPG == 1 || CPG == 2, "one or two chunks per group");
+  const int64_t K = a.K, groups = a.groups;
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const int8_t* dig[R];
+  const float* gsx[R];
+  for (int r = 0; r < R; ++r) {
+    dig[r] = a.digits.data() + (m0 + r) * a.chunks * 256;
+    gsx[r] = a.group_sx.data() + (m0 + r) * groups;
+  }
+  alignas(64) float p[R][kScaleBlock];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = wq + n * (K / 2);
+    const float* sr = scale + n * groups;
+    __m512 accf[R];
+    for (int r = 0; r < R; ++r) accf[r] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < groups; g0 += kScaleBlock) {
+      const int64_t gn = std::min(kScaleBlock, groups - g0);
+      group_products<R>(sr, gsx, g0, gn, p);
+      for (int64_t j = 0; j < gn; ++j) {
+        const uint8_t* wg = wr + (g0 + j) * (CPG * 64);
+        __m512i lo[CPG], hi[CPG];
+        for (int c = 0; c < CPG; ++c) {
+          _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchBytes + 64 * c), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetchL2Bytes + 64 * c), _MM_HINT_T1);
+          const __m512i wb = _mm512_loadu_si512(wg + 64 * c);
+          lo[c] = _mm512_and_si512(wb, nib);
+          hi[c] = _mm512_and_si512(_mm512_srli_epi16(wb, 4), nib);
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const int8_t* d = dig[r] + (g0 + j) * (CPG * 256);
+          __m512i acc = _mm512_setzero_si512();
+          for (int c = 0; c < CPG; ++c) {
+            acc = dpbusd_m(acc, lo[c], d + 256 * c);
+            acc = dpbusd_m(acc, hi[c], d + 256 * c + 64);
+          }
+          acc = _mm512_slli_epi32(acc, 8);
+          for (int c = 0; c < CPG; ++c) {
+            acc = dpbusd_m(acc, lo[c], d + 256 * c + 128);
+            acc = dpbusd_m(acc, hi[c], d + 256 * c + 192);
+          }
+          accf[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(p[r][j]), accf[r]);
+        }
+      }
+    }
+    float corr[R];
+    zero_terms_avx2<R>(sr, zero + n * groups, a.xsum.data() + m0 * groups, groups, corr);
+    for (int r = 0; r < R; ++r) y[r * ldy + n] = _mm512_reduce_add_ps(accf[r]) - corr[r] + (bias ? bias[n] : 0.f);
+  }
+}
 #endif
 
 // Whether `isa` has a split-activation kernel (the scalar path keeps fp32 activations:
@@ -381,13 +533,23 @@ inline void wo_int4_split_rows(Isa isa, const SplitAct& a, int64_t m0, int rows,
                                int64_t n0, int64_t n1, float* y, int64_t ldy) {
 #if PYPAPER_QL_VNNI
   if (isa == Isa::kVnni) {
-    with_rows(rows, [&](auto r) { wo_int4_split_vnni<r()>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); });
+    if (a.G == 128)
+      with_rows(rows, [&](auto r) { wo_int4_split_vnni_whole<r(), 1>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); });
+    else if (a.G == 256)
+      with_rows(rows, [&](auto r) { wo_int4_split_vnni_whole<r(), 2>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); });
+    else
+      with_rows(rows, [&](auto r) { wo_int4_split_vnni<r()>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); });
     return;
   }
 #endif
 #if PYPAPER_QL_AVX2
   if (isa == Isa::kAvx2) {
-    with_rows(rows, [&](auto r) { wo_int4_split_avx2<r()>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); });
+    if (a.G == 128)
+      with_rows(rows, [&](auto r) { wo_int4_split_avx2_whole<r(), 1>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); });
+    else if (a.G == 256)
+      with_rows(rows, [&](auto r) { wo_int4_split_avx2_whole<r(), 2>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); });
+    else
+      with_rows(rows, [&](auto r) { wo_int4_split_avx2<r()>(a, m0, wq, scale, zero, bias, n0, n1, y, ldy); });
   }
 #endif
 }

@@ -94,7 +94,9 @@ def _wo_cases():
     # the dequantize + GEMM path above.
     return [(1, 64, 7, 32), (3, 128, 17, 64), (5, 256, 33, 256), (8, 96, 16, 32),
             (9, 128, 20, 32), (40, 256, 70, 128), (0, 64, 5, 32), (2, 32, 1, 32),
-            (128, 160, 9, 32), (130, 64, 9, 64)]
+            (128, 160, 9, 32), (130, 64, 9, 64),
+            # G = 128 / 256 (the whole-group VNNI kernel) past one block of 64 groups' scales
+            (1, 8448, 5, 128), (6, 17408, 3, 256)]
 
 
 @pytest.mark.parametrize("isa_name", ISAS)
@@ -137,17 +139,18 @@ def test_int4_split_activations_precision(isa_name):
 
 @pytest.mark.parametrize("isa_name", ISAS)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_int4_nonfinite_activations(isa_name, bad):
+@pytest.mark.parametrize("G", [64, 128, 256])
+def test_int4_nonfinite_activations(isa_name, bad, G):
     """A non-finite input makes its row's outputs non-finite on every path; other rows unaffected."""
     x = torch.randn(3, 256)
     x[1, 100] = bad
-    wq, s, z = ops.prepare_int4_weight_only(torch.randn(9, 256), 64)
+    wq, s, z = ops.prepare_int4_weight_only(torch.randn(9, 256), G)
     with isa(isa_name):
         y = torch.ops.pypaper.int4_weight_only_linear(x, wq, s, z, None)
     assert not torch.isfinite(y[1]).any()
     keep = torch.tensor([0, 2])
     w_hat = ref.dequantize_int4_weight(wq, s, z)
-    assert torch.all((y[keep] - x[keep] @ w_hat.t()).abs() <= int4_bound(isa_name, x[keep], w_hat, 64))
+    assert torch.all((y[keep] - x[keep] @ w_hat.t()).abs() <= int4_bound(isa_name, x[keep], w_hat, G))
 
 
 @pytest.mark.parametrize("isa_name", ISAS)
