@@ -188,14 +188,34 @@ def _done(samples: list, spent: float, timing: Timing) -> bool:
     return len(samples) >= min(timing.min_repeats, timing.repeats) and spent >= timing.budget_s
 
 
+def balanced_orders(n: int) -> list:
+    """A Williams design over n items: n orders (2n for odd n) in which every item is first once
+    per cycle and comes right after every other item equally often (first-order carryover
+    balanced). Row r: r, r + 1, r - 1, r + 2, r - 2, ... (mod n); odd n adds the reversed rows."""
+    if n <= 1:
+        return [list(range(n))]
+    base, lo, hi = [0], 1, n - 1
+    while len(base) < n:
+        base.append(lo)
+        lo += 1
+        if len(base) < n:
+            base.append(hi)
+            hi -= 1
+    rows = [[(b + r) % n for b in base] for r in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return rows
+
+
 def sample_round_robin(calls: dict, sync: Callable[[], None], timing: Timing,
                        probes: Optional[dict] = None) -> tuple:
     """Timed samples per provider, taken in turns so that the machine's noise falls on every
-    provider alike; each round also times every probe once (the copy limit). The order rotates
-    by one provider per round (A B C, B C A, C A B, ...): a fixed order gives each provider a
-    fixed predecessor, and what that predecessor leaves in the caches (a 64 MB fp32 weight
-    stream, dirty lines from the copy probes) is a systematic bias, not noise (measured: the
-    int4 decode kernel right after the fp32 baseline 3.6x, one slot later 4.2x).
+    provider alike; each round also times every probe once (the copy limit). The rounds cycle
+    through the orders of a Williams design (:func:`balanced_orders`), in which every provider
+    comes right after every other one equally often: a fixed order (A B C A B C ...) gives each
+    provider a fixed predecessor, and what that call leaves behind (a 64 MB fp32 weight stream
+    in the caches, the core's state) is a bias, not noise. Measured on the Xeon: the int4 decode
+    kernel right after the fp32 baseline 3.6x, the same kernel one slot later 4.2x.
     Warm-up (first call, compilation) is done before. Returns (samples, probe samples)."""
     samples = {name: [] for name in calls}
     spent = dict.fromkeys(calls, 0.0)
@@ -206,9 +226,10 @@ def sample_round_robin(calls: dict, sync: Callable[[], None], timing: Timing,
         active = [n for n in calls if not _done(samples[n], spent[n], timing)]
         if not active:
             return samples, probe_samples
-        shift = rnd % len(active)
+        orders = balanced_orders(len(active))
+        order = orders[rnd % len(orders)]
         rnd += 1
-        for name in active[shift:] + active[:shift]:
+        for name in (active[i] for i in order):
             t = time_once(calls[name], sync)
             samples[name].append(t)
             spent[name] += t

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench import harness
@@ -101,3 +102,20 @@ def test_cli_quick_fewbit(tmp_path):
     assert saved["torch"] == 4 * 65536 and saved["uint8-codes"] == 65536 + 16
     assert saved["pypaper"] == saved["reference"] == 65536 // 4 + 16
     assert all(r["baseline"] == "torch" for r in rows)
+
+
+@pytest.mark.parametrize("n", range(1, 8))
+def test_balanced_orders_are_a_williams_design(n):
+    """Every round is a permutation; per cycle every provider is first equally often and comes
+    right after every other provider equally often (the carryover of the previous call is
+    balanced, not pinned on one provider)."""
+    import collections
+
+    balanced_orders = harness.balanced_orders
+
+    rows = balanced_orders(n)
+    assert all(sorted(r) == list(range(n)) for r in rows)
+    firsts = collections.Counter(r[0] for r in rows)
+    pairs = collections.Counter((r[i], r[i + 1]) for r in rows for i in range(n - 1))
+    assert len(set(firsts.values())) == 1 and len(firsts) == n
+    assert len(pairs) == n * (n - 1) and len(set(pairs.values())) <= 1
