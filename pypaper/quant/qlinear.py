@@ -19,8 +19,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import _backend, _ext
 from . import qlinear_ops as ops
 from . import qlinear_reference as reference
+
+# Runs ops below the Autograd dispatch key (torch's own guard, used by its autograd kernels); where
+# a torch build lacks it the lean path keeps the autograd layer.
+_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -68,7 +73,37 @@ class _QuantizedLinear(nn.Module):
     def _linear(self, x2: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _native_args(self) -> tuple:  # pragma: no cover - abstract
+        """(op name, the arguments after x) of the C++ op that ``_linear`` calls on CPU."""
+        raise NotImplementedError
+
+    def _fast_cpu(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The lean path of the common call, a 2-D float32 CPU x on the default backend outside
+        torch.compile: the C++ op straight from here, without the op wrapper's argument checks
+        (the module's buffers are right by construction, the op checks x again) and, when no
+        input needs a gradient, below the autograd layer (its Python formula is skipped). What
+        it saves is per-call Python: measured at M = 1, K = N = 4096 (int4, 2 threads), 0.274 ->
+        0.222 ms with the interpreter's state in cache, 0.625 -> ~0.40 ms after 256 MB of other
+        memory traffic has evicted it (then every Python object the call touches is a DRAM
+        miss). None where it does not apply; forward then takes the general path."""
+        if (not x.is_cpu or x.dim() != 2 or x.dtype != torch.float32
+                or x.shape[1] != self.in_features or not _ext.LOADED
+                or torch.compiler.is_compiling() or _backend.requested() is not None):
+            return None
+        name, *args = self._native_args()  # buffers read from _buffers: Module.__getattr__ is slow
+        op = getattr(torch.ops.pypaper, name)
+        bias = self._parameters["bias"]
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or (bias is not None and bias.requires_grad))
+        if needs_grad or _BELOW_AUTOGRAD is None:
+            return op(x, *args)
+        with _BELOW_AUTOGRAD():
+            return op(x, *args)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._fast_cpu(x)
+        if y is not None:
+            return y
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x's last dim must be in_features={self.in_features}, got "
                              f"{tuple(x.shape)}")
@@ -130,6 +165,11 @@ class Int8DynamicLinear(_QuantizedLinear):
         return ops.int8_dynamic_linear(x2, self.w_packed, self.w_scale, self.w_colsum, self.bias,
                                        self.act_qmax)
 
+    def _native_args(self):
+        b = self._buffers
+        return ("int8_dynamic_linear", b["w_packed"], b["w_scale"], b["w_colsum"],
+                self._parameters["bias"], self.act_qmax)
+
     def dequantized_weight(self):
         return reference.dequantize_int8_dynamic_weight(self.w_packed, self.w_scale, self.in_features)
 
@@ -167,6 +207,10 @@ class Int8WeightOnlyLinear(_QuantizedLinear):
 
     def _linear(self, x2):
         return ops.int8_weight_only_linear(x2, self.weight_codes, self.weight_scale, self.bias)
+
+    def _native_args(self):
+        b = self._buffers
+        return ("int8_weight_only_linear", b["weight_codes"], b["weight_scale"], self._parameters["bias"])
 
     def dequantized_weight(self):
         return reference.dequantize_int8_weight(self.weight_codes, self.weight_scale)
@@ -208,6 +252,11 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
     def _linear(self, x2):
         return ops.int4_weight_only_linear(x2, self.weight_packed, self.weight_scale,
                                            self.weight_zero, self.bias)
+
+    def _native_args(self):
+        b = self._buffers
+        return ("int4_weight_only_linear", b["weight_packed"], b["weight_scale"], b["weight_zero"],
+                self._parameters["bias"])
 
     def dequantized_weight(self):
         return reference.dequantize_int4_weight(self.weight_packed, self.weight_scale, self.weight_zero)

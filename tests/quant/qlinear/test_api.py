@@ -275,3 +275,34 @@ def test_custom_config_plugs_in():
 
     m = quantize_(mlp(), Half())
     assert isinstance(m[0], Int8WeightOnlyLinear) and type(m[2]) is nn.Linear
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=repr)
+def test_lean_cpu_path_equals_the_general_path(cfg, monkeypatch):
+    """The modules' lean CPU path (2-D float32 x on the default backend: the C++ op called from
+    the module, below the autograd layer when nothing needs a gradient) gives the general path's
+    output to the bit, and gradients where they are needed."""
+    m = quantize_(mlp(), cfg)
+    layer = m[0]
+    x = torch.randn(5, 64)
+    calls = []
+    real = layer._fast_cpu
+    monkeypatch.setattr(layer, "_fast_cpu", lambda t: calls.append(1) or real(t))
+    with torch.no_grad():
+        y_fast = layer(x)
+        y_general = layer._linear(x)
+    assert calls and torch.equal(y_fast, y_general)
+    assert layer._fast_cpu(x) is not None  # the lean path served it
+    assert layer._fast_cpu(x.unsqueeze(0)) is None and layer._fast_cpu(x.double()) is None
+    with pypaper.use_backend("reference"):
+        assert layer._fast_cpu(x) is None
+    monkeypatch.setenv("PYPAPER_BACKEND", "reference")
+    assert layer._fast_cpu(x) is None
+    monkeypatch.delenv("PYPAPER_BACKEND")
+    # with grad enabled: the autograd layer stays (x and the bias get their gradients)
+    xg = x.clone().requires_grad_()
+    layer(xg).square().sum().backward()
+    assert layer.bias.grad is not None
+    xr = x.clone().requires_grad_()
+    layer._linear(xr).square().sum().backward()
+    assert xg.grad is not None and torch.allclose(xg.grad, xr.grad, rtol=1e-5, atol=1e-5)
