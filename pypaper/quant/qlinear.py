@@ -78,7 +78,7 @@ class _QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def _fast_cpu(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The lean path of the common call, a 2-D float32 CPU x on the default backend outside
+        """The lean path of the common call, a float32 CPU x on the default backend outside
         torch.compile: the C++ op straight from here, without the op wrapper's argument checks
         (the module's buffers are right by construction, the op checks x again) and, when no
         input needs a gradient, below the autograd layer (its Python formula is skipped). What
@@ -86,19 +86,22 @@ class _QuantizedLinear(nn.Module):
         0.222 ms with the interpreter's state in cache, 0.625 -> ~0.40 ms after 256 MB of other
         memory traffic has evicted it (then every Python object the call touches is a DRAM
         miss). None where it does not apply; forward then takes the general path."""
-        if (not x.is_cpu or x.dim() != 2 or x.dtype != torch.float32
-                or x.shape[1] != self.in_features or not _ext.LOADED
+        if (not x.is_cpu or x.dtype != torch.float32 or x.dim() < 1
+                or x.shape[-1] != self.in_features or not _ext.LOADED
                 or torch.compiler.is_compiling() or _backend.requested() is not None):
             return None
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         name, *args = self._native_args()  # buffers read from _buffers: Module.__getattr__ is slow
         op = getattr(torch.ops.pypaper, name)
         bias = self._parameters["bias"]
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or (bias is not None and bias.requires_grad))
         if needs_grad or _BELOW_AUTOGRAD is None:
-            return op(x, *args)
-        with _BELOW_AUTOGRAD():
-            return op(x, *args)
+            y = op(x2, *args)
+        else:
+            with _BELOW_AUTOGRAD():
+                y = op(x2, *args)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._fast_cpu(x)

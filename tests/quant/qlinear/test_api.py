@@ -293,7 +293,10 @@ def test_lean_cpu_path_equals_the_general_path(cfg, monkeypatch):
         y_general = layer._linear(x)
     assert calls and torch.equal(y_fast, y_general)
     assert layer._fast_cpu(x) is not None  # the lean path served it
-    assert layer._fast_cpu(x.unsqueeze(0)) is None and layer._fast_cpu(x.double()) is None
+    with torch.no_grad():  # any leading shape (decoding: [batch, 1, features])
+        y3 = layer._fast_cpu(x.reshape(5, 1, 64))
+    assert y3.shape == (5, 1, layer.out_features) and torch.equal(y3.reshape(5, -1), y_general)
+    assert layer._fast_cpu(x.double()) is None and layer._fast_cpu(x[:, :32]) is None
     with pypaper.use_backend("reference"):
         assert layer._fast_cpu(x) is None
     monkeypatch.setenv("PYPAPER_BACKEND", "reference")
