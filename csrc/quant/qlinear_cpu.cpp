@@ -264,7 +264,7 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor&
   const uint8_t* wq = w.const_data_ptr<uint8_t>();
   const float* sp = scale.const_data_ptr<float>();
   const float* zp = zero.const_data_ptr<float>();
-  // The direct (M <= 8) SIMD kernels take the activations split into two bytes per input
+  // The direct (M <= kSplitMaxRows = 128) SIMD kernels take the activations split into two bytes per input
   // (kernels/cpu/qlinear_int4_split.h: 16-bit fixed point per group, integer dot products).
   const bool split = cpu::has_int4_split(isa) && M <= kSplitMaxRows && K > 0;
   cpu::SplitAct act;

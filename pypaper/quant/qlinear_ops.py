@@ -119,7 +119,7 @@ def int4_weight_only_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tenso
                             zero: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ ((q - zero) * scale)^T + bias with 4-bit codes q (two per byte, [N, K/2] uint8),
     group-wise float32 scale / zero [N, K / group_size]; float activations (GPTQ/AWQ-style W4A16
-    storage, round-to-nearest here). The CPU's AVX2 / AVX-512 kernels at M <= 8 round x per group
+    storage, round-to-nearest here). The CPU's AVX2 / AVX-512 kernels at M <= 128 round x per group
     to 16-bit fixed point inside the kernel (|x~ - x| <= 2^-16 max_g |x|, ~2000x below the int4
     rounding; kernels/cpu/qlinear_int4_split.h) to run on the integer units."""
     _check_x(x, 2 * w.shape[1])
