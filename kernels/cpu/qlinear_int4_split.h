@@ -203,15 +203,17 @@ inline void with_rows(int rows, F&& f) {
   }
 }
 
-// The digits and lane scales of rows m0 .. m0 + R - 1.
+// The digits, lane scales and group scales of rows m0 .. m0 + R - 1.
 template <int R>
 struct RowPtrs {
   const int8_t* dig[R];
   const float* lsx[R];
+  const float* gsx[R];
   RowPtrs(const SplitAct& a, int64_t m0) {
     for (int r = 0; r < R; ++r) {
       dig[r] = a.digits.data() + (m0 + r) * a.chunks * 256;
       lsx[r] = a.lane_sx.data() + (m0 + r) * a.chunks * 16;
+      gsx[r] = a.group_sx.data() + (m0 + r) * a.groups;
     }
   }
 };
@@ -340,12 +342,9 @@ inline void wo_int4_split_avx2_whole(const SplitAct& a, int64_t m0, const uint8_
   static_assert(CPG == 1 || CPG == 2, "one or two chunks per group");
   const int64_t K = a.K, groups = a.groups;
   const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
-  const int8_t* dig[R];
-  const float* gsx[R];
-  for (int r = 0; r < R; ++r) {
-    dig[r] = a.digits.data() + (m0 + r) * a.chunks * 256;
-    gsx[r] = a.group_sx.data() + (m0 + r) * groups;
-  }
+  const RowPtrs<R> rp(a, m0);
+  const int8_t* const* dig = rp.dig;
+  const float* const* gsx = rp.gsx;
   alignas(32) float p[R][kScaleBlock];
   const auto mb = [](__m256i u, const int8_t* q) {
     return _mm256_maddubs_epi16(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
@@ -470,12 +469,9 @@ inline void wo_int4_split_vnni_whole(const SplitAct& a, int64_t m0, const uint8_
   static_assert(CPG == 1 || CPG == 2, "one or two chunks per group");
   const int64_t K = a.K, groups = a.groups;
   const __m512i nib = _mm512_set1_epi8(0x0F);
-  const int8_t* dig[R];
-  const float* gsx[R];
-  for (int r = 0; r < R; ++r) {
-    dig[r] = a.digits.data() + (m0 + r) * a.chunks * 256;
-    gsx[r] = a.group_sx.data() + (m0 + r) * groups;
-  }
+  const RowPtrs<R> rp(a, m0);
+  const int8_t* const* dig = rp.dig;
+  const float* const* gsx = rp.gsx;
   alignas(64) float p[R][kScaleBlock];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = wq + n * (K / 2);
