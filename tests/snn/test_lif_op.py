@@ -256,3 +256,34 @@ def test_half_precision_error_is_within_twice_plain_pytorch(dtype, v_reset):
         err_plain = float((p - w).abs().mean())
         print(f"{dtype} {v_reset} {name}: ours {err_ours:.3e}, plain {err_plain:.3e}")
         assert err_ours <= 2 * err_plain + 1e-6, f"{name}: {err_ours:.3e} vs plain {err_plain:.3e}"
+
+
+@pytest.mark.parametrize("used", ["spikes", "v_last", "v_seq", "spikes+v_last", "none"])
+def test_gradients_when_only_some_outputs_are_used(used):
+    """The backward gets None (not zero tensors) for the outputs a loss does not use; every
+    combination gives the reference's gradients (x, v_init, tau, threshold)."""
+    x0 = inputs((6, 4, 5), torch.float64, scale=0.6, shift=0.4)
+    v00 = torch.randn(4, 5, dtype=torch.float64) * 0.3
+
+    def grads(backend):
+        x = x0.clone().requires_grad_()
+        v0 = v00.clone().requires_grad_()
+        tau = torch.tensor(1.8, dtype=torch.float64, requires_grad=True)
+        vth = torch.full((5,), 0.9, dtype=torch.float64, requires_grad=True)
+        with pypaper.use_backend(backend):
+            s, v_last, v_seq = lif_multi_step(x, v0, tau=tau, v_threshold=vth,
+                                              surrogate_function=surrogate_of("ATan"),
+                                              store_v_seq=True)
+        terms = {"spikes": (s * torch.linspace(-1, 1, s.numel(), dtype=s.dtype).view_as(s)).sum(),
+                 "v_last": v_last.square().sum(), "v_seq": (0.5 * v_seq).sum()}
+        if used == "none":  # a loss on nothing the op made: autograd never calls its backward
+            loss = (x * 0).sum() + (v0 * 0).sum() + tau * 0 + vth.sum() * 0
+        else:
+            loss = sum(terms[k] for k in used.split("+"))
+        return torch.autograd.grad(loss, (x, v0, tau, vth), allow_unused=True)
+
+    for o, r in zip(grads("cpu"), grads("reference")):
+        if r is None:
+            assert o is None or torch.all(o == 0)
+        else:
+            torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-10)
