@@ -46,6 +46,9 @@ def _setup(ctx, inputs, output):
     q, k, v, beta, steps, eps, attn_mask, pad_mask = inputs
     out, states, lse, nsteps = output
     ctx.mark_non_differentiable(states, lse, nsteps)
+    # The non-differentiable outputs reach the backward as None, not as zero tensors (the per-step
+    # states are [steps, B, H, L, d]: a zero fill of their size per backward for nothing).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, out, states, lse, nsteps, attn_mask, pad_mask)
     ctx.beta = beta
 
