@@ -19,6 +19,7 @@
 
 #include "../../kernels/cpu/qlinear_cpu.h"
 #include "../../kernels/cpu/qlinear_int4_split.h"
+#include "../../kernels/cpu/qlinear_int8_madd.h"
 #include "../../kernels/cpu/qlinear_int8_split.h"
 #include "qlinear_args.h"
 
@@ -221,8 +222,10 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor&
   const int8_t* wq = w.const_data_ptr<int8_t>();
   const float* sp = scale.const_data_ptr<float>();
   const int64_t M = x.size(0);
-  // AVX-512 VNNI: split activations and vpdpbusd on the codes (kernels/cpu/qlinear_int8_split.h).
+  // AVX-512 VNNI: split activations and vpdpbusd on the codes (kernels/cpu/qlinear_int8_split.h);
+  // AVX2: int16 activations and vpmaddwd on the widened codes (kernels/cpu/qlinear_int8_madd.h).
   const bool split = cpu::int8_split_ok(isa, K, G) && M <= kSplit8MaxRows;
+  const bool madd = cpu::int8_madd_ok(isa, K, G) && M <= kDirectMaxRows;
 #if PYPAPER_QL_VNNI
   cpu::SplitAct8 act;
   if (split) {
@@ -230,12 +233,23 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x_in, const at::Tensor&
     at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) { cpu::split8_rows(xp, K, r0, r1, act); });
   }
 #endif
+  cpu::SplitAct16 act16;
+  if (madd) {
+    cpu::split16_prepare(M, K, G, act16);
+    cpu::split16_rows(xp, K, 0, M, act16);
+  }
   return weight_only(
       x, N, bias,
       [&](int64_t m0, int rows, int64_t n0, int64_t n1, const float* bp, float* yp) {
 #if PYPAPER_QL_VNNI
         if (split) {
           cpu::wo_int8_split_rows(act, m0, rows, wq, sp, bp, n0, n1, yp + m0 * N, N);
+          return;
+        }
+#endif
+#if PYPAPER_QL_AVX2
+        if (madd) {
+          cpu::wo_int8_madd_rows(act16, m0, rows, wq, sp, groups, bp, n0, n1, yp + m0 * N, N);
           return;
         }
 #endif

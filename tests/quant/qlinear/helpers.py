@@ -71,9 +71,10 @@ def int4_bound(isa_name, x, w_hat, group_size):
 
 
 def split8_act_bound(x, w_hat, group_size=None):
-    """The extra error of the int8 weight-only split kernel (AVX-512 VNNI, M <= 32, groups of a
-    multiple of 64 or per channel: kernels/cpu/qlinear_int8_split.h): x rounded to 16-bit fixed
-    point per chunk of 64 inputs, |x~_k - x_k| <= 0.51 max_chunk |x| / 32639."""
+    """The extra error of the int8 weight-only fixed-point kernels (AVX-512 VNNI at M <= 32:
+    kernels/cpu/qlinear_int8_split.h; AVX2 at M <= 8: qlinear_int8_madd.h; groups of a multiple of
+    64 or per channel): x rounded to 16-bit fixed point per chunk of 64 inputs,
+    |x~_k - x_k| <= 0.51 max_chunk |x| / 32639."""
     m, k = x.shape
     kp = (k + 63) // 64 * 64
     xp = torch.nn.functional.pad(x.abs(), (0, kp - k))
@@ -84,10 +85,11 @@ def split8_act_bound(x, w_hat, group_size=None):
 
 def int8_wo_bound(isa_name, x, w_hat, group_size=None):
     """Tolerance of the int8 weight-only op on one path (helpers.sum_bound, plus the activation
-    split on the VNNI path where it applies)."""
+    rounding of the VNNI / AVX2 fixed-point kernels where they apply)."""
     m, k = x.shape
     bound = sum_bound(x, w_hat)
     g = k if group_size is None else group_size
-    if isa_name == "vnni" and 0 < m <= 32 and k > 0 and (g == k or g % 64 == 0):
+    rows = {"vnni": 32, "avx2": 8}.get(isa_name, 0)
+    if 0 < m <= rows and k > 0 and (g == k or g % 64 == 0):
         bound = bound + split8_act_bound(x, w_hat)
     return bound

@@ -172,6 +172,26 @@ def test_int8_weight_only(isa_name, M, K, N, G):
     assert torch.all((y_nb - ref.int8_weight_only_linear(x, wq, s, None)).abs() <= bound)
 
 
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("G", [None, 64])
+def test_int8_weight_only_nonfinite_activations(isa_name, bad, G):
+    """A non-finite input makes its row's outputs non-finite on every int8 weight-only path (the
+    fixed-point kernels give its chunk a NaN scale); the other rows keep their bound. Per channel
+    K = 200 (a partial last chunk), in groups of 64 K = 192."""
+    K = 200 if G is None else 192
+    x = torch.randn(3, K)
+    x[1, 150] = bad
+    wq, s = ops.prepare_int8_weight_only(heavy_tailed((9, K)), G)
+    with isa(isa_name):
+        y = torch.ops.pypaper.int8_weight_only_linear(x, wq, s, None)
+    assert not torch.isfinite(y[1]).any()
+    keep = torch.tensor([0, 2])
+    w_hat = ref.dequantize_int8_weight(wq, s)
+    err = (y[keep] - x[keep] @ w_hat.t()).abs()
+    assert torch.all(err <= int8_wo_bound(isa_name, x[keep], w_hat, G))
+
+
 def test_paths_agree_on_weight_only():
     if len(ISAS) < 2:
         pytest.skip("one instruction path compiled")
