@@ -74,21 +74,31 @@ struct SplitAct {
   std::vector<int32_t> block_group;  // [K / 32]: 32 b / G, the group of block b (no division per step)
 };
 
-#if PYPAPER_QL_AVX2
-// 16 int32 in [-128, 127] (a: the first 8, b: the next 8) -> 16 bytes at dst, in order.
-inline void store_bytes16(__m256i a, __m256i b, int8_t* dst) {
-  const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  // a0..7 | b0..7 (s16)
-  const __m256i p = _mm256_packs_epi16(w, w);  // lane 0: a0..7 a0..7, lane 1: b0..7 b0..7
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
-                   _mm_unpacklo_epi64(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
+// The 16-bit fixed point of a group x[0, n): sx = max |x| / kSplitMax, NaN when an input is not
+// finite (its values then stay 0); *inv = kSplitMax / max |x| (0 for an all-zero group).
+inline float fixed16_scale(const float* x, int64_t n, float* inv) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t k = 0; k < n; ++k) {
+    finite = finite && std::isfinite(x[k]);
+    amax = std::fmax(amax, std::fabs(x[k]));
+  }
+  *inv = (finite && amax > 0.f) ? static_cast<float>(kSplitMax) / amax : 0.f;
+  return finite ? amax / static_cast<float>(kSplitMax) : NAN;
 }
 
-// One group of one row: x[0, G) -> digits at their positions (dr: the row's digits, k0: the
-// group's first input), returns sx; *vsum = sum of v.
-inline float split_group_avx2(const float* x, int64_t k0, int64_t G, int8_t* dr, int64_t* vsum) {
+// v = rint(x * inv) clamped to [-kSplitMax, kSplitMax].
+inline int32_t fixed16_value(float x, float inv) {
+  const int32_t v = static_cast<int32_t>(std::nearbyint(x * inv));
+  return std::min(kSplitMax, std::max(-kSplitMax, v));
+}
+
+#if PYPAPER_QL_AVX2
+// fixed16_scale for n % 8 == 0, eight lanes at a time.
+inline float fixed16_scale_avx2(const float* x, int64_t n, float* inv) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 amax = _mm256_setzero_ps(), fin = _mm256_setzero_ps();
-  for (int64_t k = 0; k < G; k += 8) {
+  for (int64_t k = 0; k < n; k += 8) {
     const __m256 v = _mm256_loadu_ps(x + k);
     amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
     fin = _mm256_add_ps(fin, _mm256_mul_ps(v, _mm256_setzero_ps()));  // NaN iff an input is inf / NaN
@@ -101,18 +111,43 @@ inline float split_group_avx2(const float* x, int64_t k0, int64_t G, int8_t* dr,
     am = std::max(am, m[i]);
     fs += f[i];
   }
-  if (fs != 0.f || !(fs == fs)) {  // a non-finite input: leave the digits 0, sx NaN
-    *vsum = 0;
+  if (fs != 0.f || !(fs == fs)) {
+    *inv = 0.f;
     return NAN;
   }
-  const __m256 inv = _mm256_set1_ps(am > 0.f ? static_cast<float>(kSplitMax) / am : 0.f);
-  const __m256i hi_lim = _mm256_set1_epi32(kSplitMax), lo_lim = _mm256_set1_epi32(-kSplitMax);
+  *inv = am > 0.f ? static_cast<float>(kSplitMax) / am : 0.f;
+  return am / static_cast<float>(kSplitMax);
+}
+
+// fixed16_value of eight lanes (cvtps rounds to nearest even, as nearbyint does).
+inline __m256i fixed16_values_avx2(const float* x, __m256 inv) {
+  const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), inv));
+  return _mm256_max_epi32(_mm256_set1_epi32(-kSplitMax), _mm256_min_epi32(_mm256_set1_epi32(kSplitMax), v));
+}
+
+// 16 int32 in [-128, 127] (a: the first 8, b: the next 8) -> 16 bytes at dst, in order.
+inline void store_bytes16(__m256i a, __m256i b, int8_t* dst) {
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  // a0..7 | b0..7 (s16)
+  const __m256i p = _mm256_packs_epi16(w, w);  // lane 0: a0..7 a0..7, lane 1: b0..7 b0..7
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                   _mm_unpacklo_epi64(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
+}
+
+// One group of one row: x[0, G) -> digits at their positions (dr: the row's digits, k0: the
+// group's first input), returns sx; *vsum = sum of v.
+inline float split_group_avx2(const float* x, int64_t k0, int64_t G, int8_t* dr, int64_t* vsum) {
+  float inv_s;
+  const float sx = fixed16_scale_avx2(x, G, &inv_s);
+  if (!(sx == sx)) {  // a non-finite input: leave the digits 0, sx NaN
+    *vsum = 0;
+    return sx;
+  }
+  const __m256 inv = _mm256_set1_ps(inv_s);
   __m256i acc = _mm256_setzero_si256();
   for (int64_t k = 0; k < G; k += 16) {  // 16 inputs: one half of a 32-input block
     __m256i v[2], h[2], l[2];
     for (int t = 0; t < 2; ++t) {
-      v[t] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8 * t), inv));  // round to nearest even
-      v[t] = _mm256_max_epi32(lo_lim, _mm256_min_epi32(hi_lim, v[t]));
+      v[t] = fixed16_values_avx2(x + k + 8 * t, inv);
       l[t] = _mm256_srai_epi32(_mm256_slli_epi32(v[t], 24), 24);
       h[t] = _mm256_srai_epi32(_mm256_sub_epi32(v[t], l[t]), 8);
       acc = _mm256_add_epi32(acc, v[t]);
@@ -127,7 +162,7 @@ inline float split_group_avx2(const float* x, int64_t k0, int64_t G, int8_t* dr,
   int64_t sum = 0;
   for (int i = 0; i < 8; ++i) sum += a8[i];
   *vsum = sum;
-  return am / static_cast<float>(kSplitMax);
+  return sx;
 }
 #endif
 
@@ -158,17 +193,10 @@ inline void split_rows(const float* x, int64_t ldx, int64_t r0, int64_t r1, Spli
 #if PYPAPER_QL_AVX2
       const float sx = split_group_avx2(xr + g * G, g * G, G, dr, &vsum);
 #else
-      float amax = 0.f;
-      bool finite = true;
-      for (int64_t k = g * G; k < (g + 1) * G; ++k) {
-        finite = finite && std::isfinite(xr[k]);
-        amax = std::fmax(amax, std::fabs(xr[k]));
-      }
-      const float sx = finite ? amax / static_cast<float>(kSplitMax) : NAN;
-      const float inv = (finite && amax > 0.f) ? static_cast<float>(kSplitMax) / amax : 0.f;
-      for (int64_t k = g * G; finite && k < (g + 1) * G; ++k) {
-        int32_t v = static_cast<int32_t>(std::nearbyint(xr[k] * inv));
-        v = std::min(kSplitMax, std::max(-kSplitMax, v));
+      float inv;
+      const float sx = fixed16_scale(xr + g * G, G, &inv);
+      for (int64_t k = g * G; sx == sx && k < (g + 1) * G; ++k) {
+        const int32_t v = fixed16_value(xr[k], inv);
         const int8_t l = static_cast<int8_t>(static_cast<uint8_t>(v & 0xFF));
         const int64_t pos = (k / 128) * 256 + ((k % 32) >= 16 ? 64 : 0) + ((k % 128) / 32) * 16 + k % 16;
         dr[pos] = static_cast<int8_t>((v - l) / 256);

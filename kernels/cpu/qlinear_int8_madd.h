@@ -57,26 +57,33 @@ inline void split16_prepare(int64_t rows, int64_t K, int64_t G, SplitAct16& a) {
     a.chunk_group[c] = static_cast<int32_t>(G == K ? 0 : kMaddChunk * c / G);
 }
 
-// Rows [r0, r1) of x (row stride ldx) after split16_prepare (scalar: M <= 8 rows of K inputs).
+// Rows [r0, r1) of x (row stride ldx) after split16_prepare: whole chunks eight lanes at a time,
+// the last partial chunk scalar (the same rounding: kernels/cpu/qlinear_int4_split.h's fixed16_*).
 inline void split16_rows(const float* x, int64_t ldx, int64_t r0, int64_t r1, SplitAct16& a) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * ldx;
     for (int64_t c = 0; c < a.chunks; ++c) {
       const int64_t k0 = c * kMaddChunk, kn = std::min(kMaddChunk, a.K - k0);
-      float amax = 0.f;
-      bool finite = true;
-      for (int64_t k = k0; k < k0 + kn; ++k) {
-        finite = finite && std::isfinite(xr[k]);
-        amax = std::fmax(amax, std::fabs(xr[k]));
-      }
-      a.sx[r * a.chunks + c] = finite ? amax / static_cast<float>(kSplitMax) : NAN;
-      if (!finite) continue;  // values stay 0; the NaN scale makes the row's outputs NaN
-      const float inv = amax > 0.f ? static_cast<float>(kSplitMax) / amax : 0.f;
       int16_t* vr = a.v.data() + (r * a.chunks + c) * kMaddChunk;
-      for (int64_t k = 0; k < kn; ++k) {
-        const int32_t q = static_cast<int32_t>(std::nearbyint(xr[k0 + k] * inv));
-        vr[k] = static_cast<int16_t>(std::min(kSplitMax, std::max(-kSplitMax, q)));
+      float inv;
+#if PYPAPER_QL_AVX2
+      if (kn == kMaddChunk) {
+        const float sx = fixed16_scale_avx2(xr + k0, kn, &inv);
+        a.sx[r * a.chunks + c] = sx;
+        if (!(sx == sx)) continue;  // values stay 0; the NaN scale makes the row's outputs NaN
+        const __m256 vinv = _mm256_set1_ps(inv);
+        for (int64_t k = 0; k < kn; k += 16) {  // 16 int32 -> 16 int16, in order
+          const __m256i lo = fixed16_values_avx2(xr + k0 + k, vinv), hi = fixed16_values_avx2(xr + k0 + k + 8, vinv);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(vr + k),
+                              _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
+        }
+        continue;
       }
+#endif
+      const float sx = fixed16_scale(xr + k0, kn, &inv);
+      a.sx[r * a.chunks + c] = sx;
+      if (!(sx == sx)) continue;
+      for (int64_t k = 0; k < kn; ++k) vr[k] = static_cast<int16_t>(fixed16_value(xr[k0 + k], inv));
     }
   }
 }

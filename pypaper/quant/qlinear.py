@@ -70,12 +70,14 @@ class _QuantizedLinear(nn.Module):
                 self.bias.copy_(linear.bias.detach().to(torch.float32))
             self.bias.requires_grad_(linear.bias.requires_grad)
 
-    def _linear(self, x2: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def _op_args(self) -> tuple:  # pragma: no cover - abstract
+        """(op name, the arguments after x): the op of pypaper/quant/qlinear_ops.py (the general
+        path, any backend) and of torch.ops.pypaper (the lean CPU path) share name and signature."""
         raise NotImplementedError
 
-    def _native_args(self) -> tuple:  # pragma: no cover - abstract
-        """(op name, the arguments after x) of the C++ op that ``_linear`` calls on CPU."""
-        raise NotImplementedError
+    def _linear(self, x2: torch.Tensor) -> torch.Tensor:
+        name, *args = self._op_args()
+        return getattr(ops, name)(x2, *args)
 
     def _fast_cpu(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The lean path of the common call, a float32 CPU x on the default backend outside
@@ -91,7 +93,7 @@ class _QuantizedLinear(nn.Module):
                 or torch.compiler.is_compiling() or _backend.requested() is not None):
             return None
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        name, *args = self._native_args()  # buffers read from _buffers: Module.__getattr__ is slow
+        name, *args = self._op_args()  # buffers read from _buffers: Module.__getattr__ is slow
         op = getattr(torch.ops.pypaper, name)
         bias = self._parameters["bias"]
         needs_grad = torch.is_grad_enabled() and (
@@ -164,11 +166,7 @@ class Int8DynamicLinear(_QuantizedLinear):
         m._copy_bias(linear)
         return m
 
-    def _linear(self, x2):
-        return ops.int8_dynamic_linear(x2, self.w_packed, self.w_scale, self.w_colsum, self.bias,
-                                       self.act_qmax)
-
-    def _native_args(self):
+    def _op_args(self):
         b = self._buffers
         return ("int8_dynamic_linear", b["w_packed"], b["w_scale"], b["w_colsum"],
                 self._parameters["bias"], self.act_qmax)
@@ -208,10 +206,7 @@ class Int8WeightOnlyLinear(_QuantizedLinear):
         m._copy_bias(linear)
         return m
 
-    def _linear(self, x2):
-        return ops.int8_weight_only_linear(x2, self.weight_codes, self.weight_scale, self.bias)
-
-    def _native_args(self):
+    def _op_args(self):
         b = self._buffers
         return ("int8_weight_only_linear", b["weight_codes"], b["weight_scale"], self._parameters["bias"])
 
@@ -252,11 +247,7 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
         m._copy_bias(linear)
         return m
 
-    def _linear(self, x2):
-        return ops.int4_weight_only_linear(x2, self.weight_packed, self.weight_scale,
-                                           self.weight_zero, self.bias)
-
-    def _native_args(self):
+    def _op_args(self):
         b = self._buffers
         return ("int4_weight_only_linear", b["weight_packed"], b["weight_scale"], b["weight_zero"],
                 self._parameters["bias"])
