@@ -157,11 +157,11 @@ def lif_case(steps, neurons, dtype, device, modes=harness.MODES) -> Case:
     per_step = neurons * e
     return Case(
         f"LIF multi-step T={steps}", (steps, BATCH, neurons // BATCH), dtype, device,
-        bytes_moved={m: v for m, v in (("fwd", 3 * steps * per_step), ("bwd", 3 * steps * per_step),
+        bytes_moved={m: v for m, v in (("fwd", 2 * steps * per_step), ("bwd", 3 * steps * per_step),
                                        ("fwd+bwd", 6 * steps * per_step)) if m in modes},
         providers=lambda: _lif_providers(steps, neurons, dtype, device, modes),
-        bytes_note="fwd: X read + S written + one value per neuron-step kept for backward (H); "
-                   "bwd: grad_S and H read + grad_X written",
+        bytes_note="fwd (x needs no grad, so no H is kept): X read + S written; fwd+bwd: X read + "
+                   "S and H written, then grad_S and H read + grad_X written; bwd: the latter",
         baseline="spikingjelly",
     )
 
@@ -191,7 +191,7 @@ def layer_case(steps, n, device, modes=QUICK_MODES) -> Case:
     lif = steps * BATCH * n * 4
     return Case(
         f"Linear({n},{n})+LIF T={steps}", (steps, BATCH, n), torch.float32, device,
-        bytes_moved={m: v for m, v in (("fwd", 3 * lif), ("bwd", 3 * lif), ("fwd+bwd", 6 * lif))
+        bytes_moved={m: v for m, v in (("fwd", 2 * lif), ("bwd", 3 * lif), ("fwd+bwd", 6 * lif))
                      if m in modes},
         providers=lambda: _layer_providers(steps, n, device, modes),
         bytes_note="the LIF part only, as above (the Linear's GEMM dominates)",

@@ -43,10 +43,11 @@ TORCH_LIBRARY(pypaper, m) {
   // temporal gradient path (Meng et al., ICCV 2023).
   // Returns (spikes, v_last, h_seq, v_seq): h_seq is the pre-fire membrane H[t], the one value per
   // neuron-step the backward keeps; v_seq is V[t] after reset when store_v_seq, else shape [0].
+  // keep_h=False (nothing will be differentiated): h_seq is shape [0] and never written.
   m.def(
       "lif_forward(Tensor x, Tensor? v_init, Tensor decay, Tensor v_threshold, float? v_reset, "
       "int surrogate, float alpha, bool decay_input, bool decay_is_tau, bool detach_reset, "
-      "bool sltt, bool store_v_seq) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool sltt, bool store_v_seq, bool keep_h=True) -> (Tensor, Tensor, Tensor, Tensor)");
   // The reverse scan: (grad_x, grad_v_init, grad_decay, grad_v_threshold); the parameter
   // gradients are summed over time and batch inside the kernel (zeros when not asked for).
   m.def(

@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& v_init_in,
     const at::Tensor& decay_in, const at::Tensor& vth_in, c10::optional<double> v_reset,
     int64_t surrogate, double alpha, bool decay_input, bool decay_is_tau, bool /*detach_reset*/,
-    bool /*sltt*/, bool store_v_seq) {
+    bool /*sltt*/, bool store_v_seq, bool keep_h) {
   check_x(x_in);
   check_state(v_init_in, x_in, "v_init");
   check_scalars(surrogate, alpha, v_reset);
@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
   const at::Tensor v_init = contiguous_or_undefined(v_init_in);
   const int64_t steps = x.size(0), neurons = neurons_of(x);
   at::Tensor spikes = at::empty(x.sizes(), x.options());
-  at::Tensor h_seq = at::empty(x.sizes(), x.options());
+  at::Tensor h_seq = keep_h ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor v_last = at::empty(state_shape(x), x.options());
   at::Tensor v_seq = store_v_seq ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   dispatch_storage(x.scalar_type(), [&](auto tag) {
@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
     a.vth = tp;
     a.vth_period = vth.period;
     a.spikes = mptr<In>(spikes);
-    a.h_seq = mptr<In>(h_seq);
+    a.h_seq = keep_h ? mptr<In>(h_seq) : nullptr;
     a.v_seq = store_v_seq ? mptr<In>(v_seq) : nullptr;
     a.v_last = mptr<In>(v_last);
     a.steps = steps;

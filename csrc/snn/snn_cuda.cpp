@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cuda(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& v_init_in,
     const at::Tensor& decay_in, const at::Tensor& vth_in, c10::optional<double> v_reset,
     int64_t surrogate, double alpha, bool decay_input, bool decay_is_tau, bool /*detach_reset*/,
-    bool /*sltt*/, bool store_v_seq) {
+    bool /*sltt*/, bool store_v_seq, bool keep_h) {
   check_x(x_in);
   check_cuda(x_in, "x");
   check_state(v_init_in, x_in, "v_init");
@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cuda(
   const at::Tensor v_init = contiguous_or_undefined(v_init_in);
   const int64_t steps = x.size(0), neurons = neurons_of(x);
   at::Tensor spikes = at::empty(x.sizes(), x.options());
-  at::Tensor h_seq = at::empty(x.sizes(), x.options());
+  at::Tensor h_seq = keep_h ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor v_last = at::empty(state_shape(x), x.options());
   at::Tensor v_seq = store_v_seq ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   gpu::LifForwardParams p{};
@@ -73,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cuda(
   p.vth = cptr(vth.values);
   p.vth_period = vth.period;
   p.spikes = mptr(spikes);
-  p.h_seq = mptr(h_seq);
+  p.h_seq = keep_h ? mptr(h_seq) : nullptr;
   p.v_seq = store_v_seq ? mptr(v_seq) : nullptr;
   p.v_last = mptr(v_last);
   p.steps = steps;

@@ -12,8 +12,9 @@
 // chunk size is fixed - not derived from the thread count - so the reduced parameter gradients
 // (per-chunk partial sums, added in chunk order) are the same bits on any number of threads.
 //
-// The loops move 12 bytes per neuron-step forward (X in; S, H out) and 12 backward (gS, H in;
-// gX out), so they are bound by memory bandwidth: outputs too big for the caches go through a
+// The loops move 12 bytes per neuron-step forward (X in; S, H out; 8 when nothing will be
+// differentiated and H is not kept) and 12 backward (gS, H in; gX out), so they are bound by
+// memory bandwidth: outputs too big for the caches go through a
 // staging row in L1 and out with non-temporal stores (stream_bytes), which saves the
 // read-for-ownership of every written cache line.
 #pragma once
@@ -152,7 +153,7 @@ struct LifForwardArgs {
   const T* vth;
   int64_t vth_period;
   In* spikes;  // [T, N]
-  In* h_seq;   // [T, N]
+  In* h_seq;   // [T, N], or nullptr: not kept (no backward will run)
   In* v_seq;   // [T, N] or nullptr
   In* v_last;  // [N]
   int64_t steps, neurons;
@@ -161,7 +162,8 @@ struct LifForwardArgs {
   bool stream;  // non-temporal stores of spikes, h_seq, v_seq (outputs >= kStreamBytes)
 };
 
-template <bool DI, bool DIV, bool HARD, typename In, typename T>
+// One forward step over a row of neurons; KEEP_H: whether H is written for the backward.
+template <bool DI, bool DIV, bool HARD, bool KEEP_H, typename In, typename T>
 inline void lif_forward_row(const In* __restrict x, In* __restrict s_out, In* __restrict h_out,
                             T* __restrict v, const T* __restrict k, const T* __restrict th, T vr,
                             int64_t len) {
@@ -169,7 +171,7 @@ inline void lif_forward_row(const In* __restrict x, In* __restrict s_out, In* __
     const T h = snn::charge<DI, DIV>(v[j], static_cast<T>(to_float(x[j])), k[j], vr);
     const T s = snn::fire(h, th[j]);
     s_out[j] = store_val<In>(s);
-    h_out[j] = store_h<In>(h, s, th[j]);
+    if constexpr (KEEP_H) h_out[j] = store_h<In>(h, s, th[j]);
     v[j] = snn::reset<HARD>(h, s, th[j], vr);
   }
 }
@@ -184,7 +186,7 @@ inline void load_row(T* __restrict dst, const In* __restrict src, int64_t len) {
   for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<T>(to_float(src[j]));
 }
 
-template <bool DI, bool DIV, bool HARD, typename In, typename T>
+template <bool DI, bool DIV, bool HARD, bool KEEP_H, typename In, typename T>
 void lif_forward_chunks(const LifForwardArgs<In, T>& a, int64_t c0, int64_t c1) {
   alignas(64) T v[kLifChunk];
   alignas(64) T k[kLifChunk];
@@ -207,16 +209,17 @@ void lif_forward_chunks(const LifForwardArgs<In, T>& a, int64_t c0, int64_t c1) 
       const int64_t off = t * N + n0;
       if (t + 1 < a.steps) prefetch_row(a.x + off + N, len * row_bytes);
       if (a.stream) {
-        lif_forward_row<DI, DIV, HARD>(a.x + off, s_row, h_row, v, k, th, a.v_reset, len);
+        lif_forward_row<DI, DIV, HARD, KEEP_H>(a.x + off, s_row, h_row, v, k, th, a.v_reset, len);
         stream_bytes(a.spikes + off, s_row, len * row_bytes);
-        stream_bytes(a.h_seq + off, h_row, len * row_bytes);
+        if (KEEP_H) stream_bytes(a.h_seq + off, h_row, len * row_bytes);
         if (a.v_seq) {
           store_row(s_row, v, len);
           stream_bytes(a.v_seq + off, s_row, len * row_bytes);
         }
       } else {
-        lif_forward_row<DI, DIV, HARD>(a.x + off, a.spikes + off, a.h_seq + off, v, k, th,
-                                       a.v_reset, len);
+        lif_forward_row<DI, DIV, HARD, KEEP_H>(a.x + off, a.spikes + off,
+                                               KEEP_H ? a.h_seq + off : h_row, v, k, th,
+                                               a.v_reset, len);
         if (a.v_seq) store_row(a.v_seq + off, v, len);
       }
     }
@@ -225,19 +228,28 @@ void lif_forward_chunks(const LifForwardArgs<In, T>& a, int64_t c0, int64_t c1) 
   if (a.stream) stream_fence();
 }
 
+template <bool KEEP_H, typename In, typename T>
+void lif_forward_flags(int key, const LifForwardArgs<In, T>& a, int64_t c0, int64_t c1) {
+  switch (key) {
+    case 0: lif_forward_chunks<false, false, false, KEEP_H>(a, c0, c1); break;
+    case 1: lif_forward_chunks<false, false, true, KEEP_H>(a, c0, c1); break;
+    case 2: lif_forward_chunks<false, true, false, KEEP_H>(a, c0, c1); break;
+    case 3: lif_forward_chunks<false, true, true, KEEP_H>(a, c0, c1); break;
+    case 4: lif_forward_chunks<true, false, false, KEEP_H>(a, c0, c1); break;
+    case 5: lif_forward_chunks<true, false, true, KEEP_H>(a, c0, c1); break;
+    case 6: lif_forward_chunks<true, true, false, KEEP_H>(a, c0, c1); break;
+    default: lif_forward_chunks<true, true, true, KEEP_H>(a, c0, c1); break;
+  }
+}
+
 // Runs chunks [c0, c1) with the variant the flags select.
 template <typename In, typename T>
 void lif_forward(const LifForwardArgs<In, T>& a, int64_t c0, int64_t c1) {
   const int key = (a.decay_input ? 4 : 0) | (a.div ? 2 : 0) | (a.hard ? 1 : 0);
-  switch (key) {
-    case 0: lif_forward_chunks<false, false, false>(a, c0, c1); break;
-    case 1: lif_forward_chunks<false, false, true>(a, c0, c1); break;
-    case 2: lif_forward_chunks<false, true, false>(a, c0, c1); break;
-    case 3: lif_forward_chunks<false, true, true>(a, c0, c1); break;
-    case 4: lif_forward_chunks<true, false, false>(a, c0, c1); break;
-    case 5: lif_forward_chunks<true, false, true>(a, c0, c1); break;
-    case 6: lif_forward_chunks<true, true, false>(a, c0, c1); break;
-    default: lif_forward_chunks<true, true, true>(a, c0, c1); break;
+  if (a.h_seq == nullptr) {
+    lif_forward_flags<false>(key, a, c0, c1);
+  } else {
+    lif_forward_flags<true>(key, a, c0, c1);
   }
 }
 

@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kMaxThreads) lif_forward_kernel(FwdArgs<In> a)
     const T h = snn::charge<DI, DIV>(v, static_cast<T>(to_math(x[off])), k, vr);
     const T s = snn::fire(h, th);
     sp[off] = store_val<In>(s);
-    hs[off] = store_h<In>(h, s, th);
+    if (hs != nullptr) hs[off] = store_h<In>(h, s, th);
     v = snn::reset<HARD>(h, s, th, vr);
     if (vs != nullptr) vs[off] = store_val<In>(v);
   }

@@ -54,7 +54,8 @@ struct LifForwardParams {
   const void* vth;  // math type, vth_period values
   int64_t vth_period;
   void* spikes;  // [T, N]
-  void* h_seq;   // [T, N]: H[t], rounded so that Theta(H - Vth) recomputes S (16-bit storage)
+  void* h_seq;   // [T, N]: H[t], rounded so that Theta(H - Vth) recomputes S (16-bit storage);
+                 // nullptr: not kept (keep_h=False, nothing will be differentiated)
   void* v_seq;   // [T, N] or nullptr
   void* v_last;  // [N]
   int64_t steps, neurons;

@@ -4,7 +4,8 @@ Fake kernels give shapes and dtypes without computing, so the ops trace under
 torch.compile(fullgraph=True); the autograd backward is itself an op (lif_backward), so the
 backward compiles too. What autograd keeps for the backward: h_seq (H[t], one value per
 neuron-step in x's dtype), the two parameter tensors (one value or one per feature), and v_init
-only when the decay needs its gradient (its step-0 term dH/dk reads V[-1]).
+only when the decay needs its gradient (its step-0 term dH/dk reads V[-1]). A forward that nothing
+will differentiate passes keep_h=False (the native ops only) and writes no h_seq at all.
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import torch
 
 
 def _fake_lif_forward(x, v_init, decay, v_threshold, v_reset, surrogate, alpha, decay_input,
-                      decay_is_tau, detach_reset, sltt, store_v_seq):
+                      decay_is_tau, detach_reset, sltt, store_v_seq, keep_h=True):
     torch._check(x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
                  lambda: f"x must be a floating tensor, got {x.dtype}")
     torch._check(x.dim() >= 2, lambda: "x must have shape [T, N, *]")
     spikes = torch.empty_like(x, memory_format=torch.contiguous_format)
-    h_seq = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h_seq = (torch.empty_like(x, memory_format=torch.contiguous_format) if keep_h
+             else x.new_empty((0,)))
     v_last = x.new_empty(x.shape[1:])
     v_seq = (torch.empty_like(x, memory_format=torch.contiguous_format) if store_v_seq
              else x.new_empty((0,)))
@@ -36,7 +38,9 @@ def _fake_lif_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, v_init, deca
 
 def _lif_setup(ctx, inputs, output):
     (x, v_init, decay, v_threshold, v_reset, surrogate, alpha, decay_input, decay_is_tau,
-     detach_reset, sltt, store_v_seq) = inputs
+     detach_reset, sltt, store_v_seq) = inputs[:12]
+    ctx.keep_h = inputs[12] if len(inputs) > 12 else True  # the Triton op has no keep_h
+    ctx.num_inputs = len(inputs)
     _, _, h_seq, _ = output
     ctx.mark_non_differentiable(h_seq)
     # Outputs nobody differentiated (h_seq always; v_last and v_seq mostly) reach the backward as
@@ -53,6 +57,9 @@ def _lif_setup(ctx, inputs, output):
 
 def _make_lif_backward(backward_op):
     def backward(ctx, g_spikes, g_v_last, g_h, g_v_seq):
+        if not ctx.keep_h:
+            raise RuntimeError("pypaper::lif_forward ran with keep_h=False, which keeps no H for "
+                               "the backward: call it with keep_h=True to differentiate it")
         saved = ctx.saved_tensors
         h_seq, decay, v_threshold = saved[:3]
         v_init = saved[3] if ctx.keep_v else None
@@ -64,7 +71,7 @@ def _make_lif_backward(backward_op):
         gx, gv, gd, gt = backward_op(g_spikes.contiguous(), g_v_last, g_v_seq, h_seq, v_init,
                                      decay, v_threshold, *ctx.args, need_decay, need_vth)
         return (gx if need_x else None, gv if need_v else None, gd if need_decay else None,
-                gt if need_vth else None, None, None, None, None, None, None, None, None)
+                gt if need_vth else None) + (None,) * (ctx.num_inputs - 4)
 
     return backward
 

@@ -40,6 +40,64 @@ def test_opcheck_lif_forward(args):
     torch.library.opcheck(OP, args)
 
 
+@pytest.mark.parametrize("args", [a for a in _samples() if not a[0].requires_grad])
+def test_opcheck_lif_forward_without_h(args):
+    torch.library.opcheck(OP, (*args, False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("v_reset,store_v_seq", [(0.0, False), (None, True)])
+def test_keep_h_false_writes_no_h_and_changes_nothing_else(dtype, v_reset, store_v_seq):
+    """keep_h=False (a forward nothing will differentiate) returns an empty h_seq; spikes, v_last
+    and v_seq are the keep_h=True forward's to the bit. Big enough for the streamed stores."""
+    for shape in ((5, 3, 7), (4, 2, 1 << 20)):
+        x = inputs(shape, dtype)
+        v0 = torch.rand(shape[1:]).to(dtype)
+        args = _args(x, v0, v_reset=v_reset, store_v_seq=store_v_seq)
+        s1, v1, h1, q1 = OP(*args)
+        s0, v0_, h0, q0 = OP(*args, False)
+        assert h1.shape == x.shape and h0.shape == (0,)
+        assert torch.equal(s0, s1) and torch.equal(v0_, v1) and torch.equal(q0, q1)
+
+
+def test_keep_h_false_has_no_backward():
+    x = inputs((4, 3)).requires_grad_()
+    s = OP(*_args(x), False)[0]
+    with pytest.raises(RuntimeError, match="keep_h=False"):
+        s.sum().backward()
+
+
+def _keep_h_of_call(fn):
+    """The keep_h lif_multi_step passed to the op, seen through a dispatch mode."""
+    seen = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is OP:
+                full = func._schema.arguments
+                bound = dict(zip((a.name for a in full), args))
+                bound.update(kwargs or {})
+                seen.append(bound.get("keep_h", True))
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        fn()
+    return seen
+
+
+def test_lif_multi_step_keeps_h_only_when_differentiated():
+    x = inputs((4, 3, 5))
+    assert _keep_h_of_call(lambda: lif_multi_step(x)) == [False]
+    with torch.no_grad():
+        assert _keep_h_of_call(lambda: lif_multi_step(x.requires_grad_())) == [False]
+    x.requires_grad_()
+    assert _keep_h_of_call(lambda: lif_multi_step(x)) == [True]
+    vth = torch.tensor(1.0, requires_grad=True)
+    assert _keep_h_of_call(lambda: lif_multi_step(x.detach(), v_threshold=vth)) == [True]
+    v0 = torch.zeros(3, 5, requires_grad=True)
+    assert _keep_h_of_call(lambda: lif_multi_step(x.detach(), v0)) == [True]
+
+
 def test_opcheck_lif_backward():
     x = inputs((4, 3, 5))
     _, _, h, _ = OP(*_args(x, v_reset=None))
