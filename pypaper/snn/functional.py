@@ -4,8 +4,11 @@
     functional.reset_net(model)            # every neuron back to rest, between samples
     functional.set_step_mode(model, "m")   # every neuron to single- ('s') or multi-step ('m')
     functional.detach_net(model)           # cut carried state from the graph (truncated BPTT)
+    functional.set_backend(model, "cupy")  # SpikingJelly 0.0.0.0.14's backend names, accepted
 """
 from __future__ import annotations
+
+import warnings
 
 from torch import nn
 
@@ -36,4 +39,19 @@ def detach_net(net: nn.Module) -> None:
             fn()
 
 
-__all__ = ["detach_net", "reset_net", "set_step_mode"]
+def set_backend(net: nn.Module, backend: str, instance=(nn.Module,)) -> None:
+    """SpikingJelly 0.0.0.0.14's set_backend: ``backend`` on every module of type ``instance``
+    that has one and supports it (pypaper's neurons accept 'torch' and 'cupy' and run their fused
+    kernel either way). Like SpikingJelly it skips, with a warning, a module that does not
+    support the name."""
+    for m in net.modules():
+        if isinstance(m, instance) and hasattr(m, "backend"):
+            supported = getattr(m, "supported_backends", ())
+            if backend in supported:
+                m.backend = backend
+            else:
+                warnings.warn(f"{type(m).__name__} does not support backend={backend!r} "
+                              f"(supported: {supported}); it keeps backend={m.backend!r}")
+
+
+__all__ = ["detach_net", "reset_net", "set_backend", "set_step_mode"]

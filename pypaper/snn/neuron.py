@@ -47,10 +47,13 @@ class BaseNode(nn.Module):
 
     def __init__(self, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
                  surrogate_function: Optional[nn.Module] = None, detach_reset: bool = False,
-                 step_mode: str = "s", store_v_seq: bool = False, *, sltt: bool = False,
-                 learnable_threshold: bool = False,
+                 step_mode: str = "s", store_v_seq: bool = False, *, backend: str = "torch",
+                 sltt: bool = False, learnable_threshold: bool = False,
                  threshold_shape: Optional[Sequence[int]] = None):
         super().__init__()
+        if not isinstance(store_v_seq, bool):
+            raise TypeError(f"store_v_seq must be a bool, got {store_v_seq!r} (SpikingJelly "
+                            f"0.0.0.0.14 takes backend at this position: pass backend= by keyword)")
         if v_reset is not None and not _finite_number(v_reset):
             raise ValueError(f"v_reset must be a finite number or None, got {v_reset!r}")
         if not _finite_number(v_threshold):
@@ -72,8 +75,26 @@ class BaseNode(nn.Module):
         self.detach_reset = bool(detach_reset)
         self.step_mode = step_mode
         self.store_v_seq = bool(store_v_seq)
+        self.backend = backend
         self.sltt = bool(sltt)
         self.reset()
+
+    # SpikingJelly 0.0.0.0.14 picks its implementation with backend= ('torch': the Python time
+    # loop, 'cupy': its fused CUDA kernel). pypaper always runs its fused op, on the kernel the
+    # device has (pypaper.use_backend chooses among them), so both names are accepted and kept
+    # only so that models and functional.set_backend written for that release run unchanged.
+    supported_backends = ("torch", "cupy")
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in self.supported_backends:
+            raise ValueError(f"backend must be one of {self.supported_backends} (SpikingJelly's "
+                             f"names; pypaper runs its fused kernel either way), got {value!r}")
+        self._backend = value
 
     # ---- what subclasses define --------------------------------------------------------------
 
@@ -179,11 +200,11 @@ class LIFNode(BaseNode):
     def __init__(self, tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
                  v_reset: Optional[float] = 0.0, surrogate_function: Optional[nn.Module] = None,
                  detach_reset: bool = False, step_mode: str = "s", store_v_seq: bool = False, *,
-                 sltt: bool = False, learnable_threshold: bool = False,
+                 backend: str = "torch", sltt: bool = False, learnable_threshold: bool = False,
                  threshold_shape: Optional[Sequence[int]] = None):
         super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode,
-                         store_v_seq, sltt=sltt, learnable_threshold=learnable_threshold,
-                         threshold_shape=threshold_shape)
+                         store_v_seq, backend=backend, sltt=sltt,
+                         learnable_threshold=learnable_threshold, threshold_shape=threshold_shape)
         if isinstance(tau, torch.Tensor):
             if not tau.is_floating_point():
                 raise TypeError(f"tau must be a floating tensor, got {tau.dtype}")
@@ -216,12 +237,12 @@ class ParametricLIFNode(BaseNode):
     def __init__(self, init_tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
                  v_reset: Optional[float] = 0.0, surrogate_function: Optional[nn.Module] = None,
                  detach_reset: bool = False, step_mode: str = "s", store_v_seq: bool = False, *,
-                 tau_shape: Optional[Sequence[int]] = None, sltt: bool = False,
-                 learnable_threshold: bool = False,
+                 tau_shape: Optional[Sequence[int]] = None, backend: str = "torch",
+                 sltt: bool = False, learnable_threshold: bool = False,
                  threshold_shape: Optional[Sequence[int]] = None):
         super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode,
-                         store_v_seq, sltt=sltt, learnable_threshold=learnable_threshold,
-                         threshold_shape=threshold_shape)
+                         store_v_seq, backend=backend, sltt=sltt,
+                         learnable_threshold=learnable_threshold, threshold_shape=threshold_shape)
         if not _finite_number(init_tau) or not init_tau > 1:
             raise ValueError(f"init_tau must be a finite number > 1, got {init_tau!r}")
         shape = _shape(tau_shape, "tau_shape") if tau_shape is not None else ()
