@@ -12,6 +12,7 @@ work, per-head scaling scales each head, static patterns stay with their batch i
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -25,9 +26,15 @@ from .ops import hopfield_retrieve
 Data = Union[Tensor, Tuple[Tensor, Tensor, Tensor]]
 
 
-def _check_size(value, name: str) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+def _size(value, name: str, optional: bool = True):
+    """``value`` as a positive Python int (any integral type, numpy's included, as hflayers'
+    torch calls accept them), or None where allowed."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or int(value) <= 0:
+        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got "
+                         f"{value!r}")
+    return int(value)
 
 
 class HopfieldCore(nn.Module):
@@ -41,12 +48,11 @@ class HopfieldCore(nn.Module):
                  normalize_pattern=False, normalize_pattern_affine=False,
                  normalize_pattern_eps=1e-5):
         super().__init__()
-        if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
-            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-        for name, val in (("input_size", embed_dim), ("stored_pattern_size", kdim),
-                          ("pattern_projection_size", vdim), ("hidden_size", head_dim),
-                          ("pattern_size", pattern_dim), ("output_size", out_dim)):
-            _check_size(val, name)
+        num_heads = _size(num_heads, "num_heads", optional=False)
+        embed_dim, kdim, vdim = (_size(embed_dim, "input_size"), _size(kdim, "stored_pattern_size"),
+                                 _size(vdim, "pattern_projection_size"))
+        head_dim, pattern_dim = _size(head_dim, "hidden_size"), _size(pattern_dim, "pattern_size")
+        out_dim = _size(out_dim, "output_size")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.key_as_static, self.query_as_static = key_as_static, query_as_static
@@ -104,10 +110,15 @@ class HopfieldCore(nn.Module):
             vin = hd if (value_as_connected and not key_as_static) else self.vdim
             self.v_proj_weight = None if value_as_static else Parameter(torch.empty(pd, vin))
             self.register_parameter("in_proj_weight", None)
-        else:
+        elif num_non_static:
             rows = ((not query_as_static) * hd + (not key_as_static) * hd +
                     (not value_as_static) * pd)
-            self.in_proj_weight = Parameter(torch.empty(rows, embed_dim)) if num_non_static else None
+            self.in_proj_weight = Parameter(torch.empty(rows, embed_dim))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:  # every pattern static: no projection at all (hflayers' parameter-free retrieval)
+            self.register_parameter("in_proj_weight", None)
             self.register_parameter("q_proj_weight", None)
             self.register_parameter("k_proj_weight", None)
             self.register_parameter("v_proj_weight", None)
@@ -148,6 +159,12 @@ class HopfieldCore(nn.Module):
         for b in (self.bias_k, self.bias_v):
             if b is not None:
                 nn.init.normal_(b, mean=0.0, std=0.02)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(
+            "pypaper's HopfieldCore holds hflayers' parameters but has no forward of its own (hflayers' "
+            "sequence-first functional core): call the Hopfield module that owns it, or "
+            "pypaper.ops.hopfield_retrieve on projected tensors")
 
     # the split projection weights, whatever the storage (packed in_proj_weight or separate)
     def split_weights(self):
@@ -206,6 +223,9 @@ class HopfieldCore(nn.Module):
                              self.normalize_pattern_eps)
             k = F.layer_norm(k, (k.shape[-1],), self.p_norm_weight, self.p_norm_bias,
                              self.normalize_pattern_eps)
+            # Under autocast layer_norm returns fp32 while the projected v stays fp16/bf16; the
+            # retrieval op wants one dtype (hflayers' bmm would autocast them together).
+            q, k = q.to(v.dtype), k.to(v.dtype)
         return q, k, v
 
 
@@ -282,13 +302,21 @@ class Hopfield(nn.Module):
         heads = core.num_heads
         if scaling is None:
             scaling = 1.0 if core.static_execution else 1.0 / math.sqrt(core.head_dim)
+        if isinstance(scaling, Tensor) and scaling.requires_grad:
+            # hflayers multiplies the state by a tensor scaling, so a Parameter there trains;
+            # pypaper's fused op takes beta per head as a constant. Refuse rather than silently
+            # never update it.
+            raise ValueError("scaling must not require grad: pypaper's retrieval takes beta as a "
+                             "constant per head (a learnable beta is not supported); pass a float, "
+                             "a per-head list or a tensor without requires_grad")
         betas = reference.per_head(scaling, heads, "scaling")
         if any(not (math.isfinite(b) and b > 0) for b in betas):
             raise ValueError(f"scaling must be positive and finite, got {scaling}")
         if update_steps_max is not None:
             st = reference.per_head(update_steps_max, heads, "update_steps_max", int)
-            if any(s < 0 for s in st):
-                raise ValueError(f"update_steps_max must be >= 0 or None, got {update_steps_max}")
+            if any(s < -1 for s in st):  # -1: this head unbounded (hflayers' "< 0", per head)
+                raise ValueError(f"update_steps_max must be >= 0, -1 (unbounded) or None, got "
+                                 f"{update_steps_max}")
         eps = reference.per_head(update_steps_eps, heads, "update_steps_eps")
         if any(not (math.isfinite(e) and e > 0) for e in eps):
             raise ValueError(f"update_steps_eps must be positive, got {update_steps_eps}")
@@ -296,6 +324,9 @@ class Hopfield(nn.Module):
         self.__batch_first = batch_first
         self.__update_steps_max = update_steps_max
         self.__update_steps_eps = update_steps_eps
+        # hflayers resets here once more (after HopfieldCore's own reset): the same draws in the
+        # same order, so that torch.manual_seed gives hflayers' initial weights.
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for m in (self.association_core, self.norm_stored_pattern, self.norm_state_pattern,
@@ -596,8 +627,7 @@ class HopfieldPooling(_Wrapper):
                  quantity: int = 1, trainable: bool = True):
         super().__init__()
         loc = dict(locals())
-        if not isinstance(quantity, int) or isinstance(quantity, bool) or quantity <= 0:
-            raise ValueError(f"quantity must be a positive int, got {quantity!r}")
+        quantity = _size(quantity, "quantity", optional=False)
         self.hopfield = Hopfield(input_size=input_size, **{a: loc[a] for a in _HOPFIELD_ARGS})
         self._quantity = quantity
         size = self.hopfield.hidden_size if state_pattern_as_static else self.hopfield.input_size
@@ -663,8 +693,7 @@ class HopfieldLayer(_Wrapper):
                  quantity: int = 1, trainable: bool = True):
         super().__init__()
         loc = dict(locals())
-        if not isinstance(quantity, int) or isinstance(quantity, bool) or quantity <= 0:
-            raise ValueError(f"quantity must be a positive int, got {quantity!r}")
+        quantity = _size(quantity, "quantity", optional=False)
         self.hopfield = Hopfield(input_size=input_size, **{a: loc[a] for a in _HOPFIELD_ARGS})
         self._quantity = quantity
         size = (self.hopfield.hidden_size if stored_pattern_as_static

@@ -194,6 +194,8 @@ BAD = [
     (dict(input_size=8, dropout=1.5), ValueError, "dropout"),
     (dict(input_size=8, hidden_size=-1), ValueError, "hidden_size"),
     (dict(input_size=8, association_activation="nope"), ValueError, "association_activation"),
+    (dict(input_size=8, scaling=torch.tensor(0.5, requires_grad=True)), ValueError, "scaling"),
+    (dict(input_size=8.0), ValueError, "input_size"),
 ]
 
 
@@ -231,3 +233,69 @@ def test_layer_under_torch_compile_fullgraph():
         got.sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert m.association_core.in_proj_weight.grad is not None
+
+
+def test_all_static_is_the_parameter_free_retrieval():
+    """Every pattern static, no output projection (hflayers' static execution): no parameters,
+    beta = 1, and the output is softmax(X X^T) X."""
+    m = Hopfield(stored_pattern_as_static=True, state_pattern_as_static=True,
+                 pattern_projection_as_static=True, disable_out_projection=True, **NO_NORM)
+    assert list(m.parameters()) == []
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    want = torch.softmax(x @ x.transpose(1, 2), dim=-1) @ x
+    torch.testing.assert_close(m(x), want, rtol=1e-10, atol=1e-10)
+
+
+def test_seeded_init_draws_like_hflayers():
+    """hflayers' Hopfield.__init__ ends with reset_parameters() after HopfieldCore's own: two
+    rounds of draws, so the same seed gives hflayers' weights only with both."""
+    torch.manual_seed(3)
+    m = Hopfield(input_size=8, num_heads=2, concat_bias_pattern=True)
+    torch.manual_seed(3)
+    core = type(m.association_core)(embed_dim=8, num_heads=2, add_bias_kv=True)
+    core.reset_parameters()
+    for name, p in core.state_dict().items():
+        assert torch.equal(p, m.association_core.state_dict()[name]), name
+
+
+def test_numpy_integer_sizes_are_accepted():
+    np = pytest.importorskip("numpy")
+    m = Hopfield(input_size=np.int64(8), num_heads=np.int32(2))
+    assert m(torch.randn(2, 3, 8)).shape == (2, 3, 8)
+    p = HopfieldPooling(input_size=np.int64(8), quantity=np.int64(3))
+    assert p(torch.randn(2, 5, 8)).shape == (2, 3 * 8)
+
+
+def test_hopfield_space_normalisation_in_fp32_with_a_bf16_projection(monkeypatch):
+    """CUDA autocast runs layer_norm in fp32 while the projected v stays bf16 (CPU autocast does
+    not, so the fp32 layer_norm is imposed here): the layer casts q, k back to v's dtype, as
+    hflayers' bmm would have autocast them together."""
+    from pypaper.hopfield import layers
+
+    m = Hopfield(input_size=8, num_heads=2, normalize_hopfield_space=True,
+                 **NO_NORM).to(torch.bfloat16)
+    x = torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    want = m(x)
+    plain = layers.F.layer_norm
+    def fp32_layer_norm(t, shape, w=None, b=None, eps=1e-5):
+        return plain(t.float(), shape, None if w is None else w.float(),
+                     None if b is None else b.float(), eps)
+
+    monkeypatch.setattr(layers.F, "layer_norm", fp32_layer_norm)
+    y = m(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want.float(), rtol=0.05, atol=0.05)
+
+
+def test_per_head_unbounded_steps_with_minus_one():
+    """hflayers: a head updates while step < update_steps_max or update_steps_max < 0, so -1 in a
+    per-head tensor leaves that head unbounded; it equals passing None for every head."""
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    torch.manual_seed(0)
+    a = Hopfield(input_size=8, num_heads=2, update_steps_max=torch.tensor([-1, -1])).double()
+    torch.manual_seed(0)
+    b = Hopfield(input_size=8, num_heads=2, update_steps_max=None).double()
+    torch.testing.assert_close(a(x), b(x), rtol=1e-10, atol=1e-10)
+    torch.manual_seed(0)
+    c = Hopfield(input_size=8, num_heads=2, update_steps_max=torch.tensor([0, -1])).double()
+    assert c(x).shape == (2, 6, 8)
