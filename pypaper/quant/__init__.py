@@ -14,8 +14,8 @@ from . import _registration, reference
 from .ops import backend_for, dequantize, fake_quantize, quantize
 from .qtensor import QuantizedTensor
 from . import qlinear_ops, qlinear_reference
-from .api import (Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig, model_bytes,
-                  quantize_)
+from .api import (FqnToConfig, Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
+                  Int8DynamicConfig, Int8WeightOnlyConfig, ModuleFqnToConfig, model_bytes, quantize_)
 from .configs import QuantConfig
 from .qlinear import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
 from . import bitlinear, hawq, nupes, power
@@ -32,7 +32,8 @@ if _ext.LOADED:
 # seconds, and on a CPU-only machine they can only run under TRITON_INTERPRET=1.
 
 __all__ = ["QuantizedTensor", "backend_for", "dequantize", "fake_quantize", "quantize", "reference"]
-__all__ += ["Int4WeightOnlyConfig", "Int4WeightOnlyLinear", "Int8DynamicConfig",
+__all__ += ["FqnToConfig", "Int4WeightOnlyConfig", "Int4WeightOnlyLinear",
+            "Int8DynamicActivationInt8WeightConfig", "ModuleFqnToConfig", "Int8DynamicConfig",
             "Int8DynamicLinear", "Int8WeightOnlyConfig", "Int8WeightOnlyLinear", "QuantConfig",
             "model_bytes", "qlinear_ops", "qlinear_reference", "quantize_"]
 __all__ += ["BitLinear", "HAWQResult", "PowerExponentConfig", "PowerQuantLinear", "allocate_bits",

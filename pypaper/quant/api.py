@@ -6,6 +6,8 @@
     quantize_(model, Int4WeightOnlyConfig(group_size=128),
               filter_fn=lambda m, fqn: fqn.startswith("decoder"))            # some of them
     quantize_(model, {"fc1": Int8WeightOnlyConfig(), "fc2": Int4WeightOnlyConfig(32)})  # per layer
+    quantize_(model, {"re:.*attn.*": Int8DynamicConfig(), "head": None,                  # torchao's
+                      "_default": Int4WeightOnlyConfig(128)})                            # mapping keys
 
 A config is a frozen dataclass subclassing ``QuantConfig`` (pypaper/quant/configs.py): its
 ``apply(linear, fqn)`` returns the replacement module. Other methods (PowerExponentConfig, the
@@ -13,9 +15,12 @@ mapping HAWQ returns) plug in through the same protocol.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
+import warnings
 from collections.abc import Mapping
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -84,70 +89,216 @@ class Int4WeightOnlyConfig(QuantConfig):
         return 4.0 + 64.0 / self.group_size  # fp32 scale + fp32 zero point per group
 
 
-def _default_filter(module: nn.Module, fqn: str) -> bool:
-    # nn.MultiheadAttention reads out_proj.weight directly (NonDynamicallyQuantizableLinear):
-    # swapping that module would break it, as in torch.ao's quantize_dynamic.
-    return (isinstance(module, nn.Linear)
-            and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear))
+# Int8DynamicActivationInt8WeightConfig is torchao's name for the same W8A8 dynamic scheme: the
+# very same class (not a subclass), so configs built under either name compare equal, print as
+# Int8DynamicConfig(...) and take the same argument (act_bits; torchao's layout / mapping-type
+# arguments do not exist here).
+Int8DynamicActivationInt8WeightConfig = Int8DynamicConfig
 
 
-def quantize_(model: nn.Module, config: Union[QuantConfig, Mapping],
-              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
+@dataclasses.dataclass
+class ModuleFqnToConfig:
+    """torchao's wrapper of a per-module mapping: ``quantize_(model, ModuleFqnToConfig({...}))``
+    is ``quantize_(model, {...})``. Keys: fully qualified module names, ``"re:<regex>"``
+    (``re.fullmatch`` on the name) or ``"_default"``; values: a QuantConfig, or None to leave the
+    module in float."""
+
+    module_fqn_to_config: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class FqnToConfig:
+    """torchao's newer name for :class:`ModuleFqnToConfig` (the dict is ``fqn_to_config``). Its
+    keys name modules here: torchao's parameter names (``"layer.weight"``) are not supported."""
+
+    fqn_to_config: dict = dataclasses.field(default_factory=dict)
+
+
+_EXCLUDE_HINT = "exclude it with filter_fn or a per-module mapping"
+_NO_DEFAULT = object()
+
+
+def _overrides_forward(module: nn.Module) -> bool:
+    return type(module).forward is not nn.Linear.forward
+
+
+def _class_name(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _unwrap_mapping(config) -> Optional[dict]:
+    if isinstance(config, ModuleFqnToConfig):
+        config = config.module_fqn_to_config
+    elif isinstance(config, FqnToConfig):
+        config = config.fqn_to_config
+    if isinstance(config, Mapping):
+        return dict(config)
+    if not isinstance(config, QuantConfig):
+        raise TypeError("config must be a QuantConfig (Int8DynamicConfig(), ...) or a mapping "
+                        "name -> QuantConfig (a dict, ModuleFqnToConfig or FqnToConfig), got "
+                        f"{type(config).__name__}")
+    return None
+
+
+def _parse_mapping(mapping: dict):
+    """(plain names -> config, [(key, compiled regex, config)] in insertion order, _default or
+    _NO_DEFAULT)."""
+    names, patterns, default = {}, [], _NO_DEFAULT
+    for key, cfg in mapping.items():
+        if not isinstance(key, str) or not (cfg is None or isinstance(cfg, QuantConfig)):
+            raise TypeError("config mapping must map fully-qualified names (str) to QuantConfig "
+                            f"instances or None, got {key!r}: {type(cfg).__name__}")
+        if key == "_default":
+            default = cfg
+        elif key.startswith("re:"):
+            try:
+                patterns.append((key, re.compile(key[3:]), cfg))
+            except re.error as e:
+                raise ValueError(f"config mapping key {key!r} is not a valid regular expression: "
+                                 f"{e}") from None
+        else:
+            names[key] = cfg
+    return names, patterns, default
+
+
+def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+              device=None) -> nn.Module:
     """Replace, in place, the ``nn.Linear`` layers of ``model`` by quantized ones.
 
     Args:
         model: any nn.Module containing nn.Linear layers (not an nn.Linear itself: the swap
             happens in its parent).
-        config: one QuantConfig for every selected layer, or a mapping fully-qualified name ->
-            QuantConfig (e.g. HAWQ's result.mapping); every name must be an nn.Linear of model.
-        filter_fn: ``filter_fn(module, fqn) -> bool`` selects layers (default: every nn.Linear
-            except nn.MultiheadAttention's out_proj); with a mapping it filters the mapping.
+        config: one QuantConfig for every selected layer, or a mapping (a dict,
+            ``ModuleFqnToConfig`` or ``FqnToConfig``) from fully-qualified names to a QuantConfig
+            or None (leave that layer in float), e.g. HAWQ's result.mapping. Keys: a module name
+            (must be in the model, an nn.Linear unless its value is None), ``"re:<regex>"``
+            (``re.fullmatch`` against each nn.Linear's name; the first matching pattern in the
+            mapping's order wins) or ``"_default"`` (every other selected nn.Linear). A name beats
+            a pattern, a pattern beats ``_default``.
+        filter_fn: ``filter_fn(module, fqn) -> bool`` selects layers among the nn.Linear modules;
+            with a mapping it filters the mapping. Without it the selection is every nn.Linear
+            whose class keeps nn.Linear's forward, except nn.MultiheadAttention's out_proj; a
+            subclass that overrides forward is skipped with a warning (quantizing it would drop
+            that forward). Layers selected explicitly (by filter_fn, or by name in a mapping)
+            that override forward raise ValueError instead.
+        device: when given, each selected layer is moved to ``device`` (a copy: the original
+            module is not changed) before it is quantized, as in torchao.
 
-    Returns ``model`` (changed in place). Raises ValueError when no layer matches, KeyError for a
-    mapping name that is not in the model, TypeError for a name that is not an nn.Linear.
+    A module reachable under several names (a Linear shared by two parents) becomes one quantized
+    module placed under every name; its names must not ask for different configs.
+
+    Returns ``model`` (changed in place). Raises ValueError when no layer matches or a layer
+    cannot take its config (the model is then left untouched), KeyError for a mapping name that
+    is not in the model, TypeError for a name that is not an nn.Linear.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    mapping = None
-    if isinstance(config, Mapping):
-        mapping = dict(config)
-        for name, cfg in mapping.items():
-            if not isinstance(name, str) or not isinstance(cfg, QuantConfig):
-                raise TypeError("config mapping must map fully-qualified names (str) to QuantConfig "
-                                f"instances, got {name!r}: {type(cfg).__name__}")
-    elif not isinstance(config, QuantConfig):
-        raise TypeError("config must be a QuantConfig (Int8DynamicConfig(), ...) or a mapping "
-                        f"name -> QuantConfig, got {type(config).__name__}")
-    modules = dict(model.named_modules())
-    targets = []
+    mapping = _unwrap_mapping(config)
+    # remove_duplicate=False: a module shared by two parents is listed under both names.
+    modules = dict(model.named_modules(remove_duplicate=False))
     if mapping is not None:
-        missing = sorted(set(mapping) - set(modules))
+        names, patterns, default = _parse_mapping(mapping)
+        missing = sorted(set(names) - set(modules))
         if missing:
             raise KeyError(f"config mapping names layers that are not in the model: {missing}")
-        for fqn, cfg in mapping.items():
+        for fqn, cfg in names.items():
             mod = modules[fqn]
-            if not isinstance(mod, nn.Linear):
+            if cfg is not None and not isinstance(mod, nn.Linear):
                 raise TypeError(f"config mapping names {fqn!r}, a {type(mod).__name__}, not an nn.Linear")
-            if filter_fn is None or filter_fn(mod, fqn):
-                targets.append((fqn, mod, cfg))
-    else:
-        select = filter_fn or _default_filter
-        for fqn, mod in modules.items():
-            if isinstance(mod, nn.Linear) and select(mod, fqn):
-                targets.append((fqn, mod, config))
+    # per distinct module: its names, and the choices (a config, or None = keep float) made for it
+    names_of: dict[int, list] = {}
+    choices: dict[int, dict] = {}
+    first: dict[int, tuple] = {}
+    warned = set()
+    for fqn, mod in modules.items():
+        if not isinstance(mod, nn.Linear):
+            continue
+        key = id(mod)
+        names_of.setdefault(key, []).append(fqn)
+        first.setdefault(key, (fqn, mod))
+        explicit = filter_fn is not None
+        if mapping is None:
+            cfg = config
+        elif fqn in names:
+            cfg, explicit = names[fqn], True
+        else:
+            cfg = next((c for _, rx, c in patterns if rx.fullmatch(fqn)), _NO_DEFAULT)
+            if cfg is _NO_DEFAULT:
+                cfg = default
+            if cfg is _NO_DEFAULT:
+                continue
+        if cfg is None:
+            choices.setdefault(key, {})[fqn] = None
+            continue
+        if filter_fn is not None and not filter_fn(mod, fqn):
+            continue
+        if _overrides_forward(mod):
+            if explicit:
+                raise ValueError(
+                    f"layer {fqn!r} ({_class_name(mod)}) subclasses nn.Linear and overrides forward: "
+                    f"its custom forward would be lost by quantize_; do not select it (filter_fn or "
+                    f"the config mapping), or quantize its inner nn.Linear instead")
+            if key not in warned:
+                warned.add(key)
+                warnings.warn(f"quantize_ skips layer {fqn!r} ({_class_name(mod)}): it subclasses "
+                              f"nn.Linear and overrides forward, which a quantized layer would "
+                              f"drop; select it explicitly to get an error instead", stacklevel=2)
+            continue
+        if not explicit and isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            # nn.MultiheadAttention reads out_proj.weight directly: swapping that module would
+            # break it, as in torch.ao's quantize_dynamic.
+            continue
+        choices.setdefault(key, {})[fqn] = cfg
+    targets = []
+    for key, chosen in choices.items():
+        distinct = []
+        for c in chosen.values():
+            if c not in distinct:
+                distinct.append(c)
+        if len(distinct) > 1:
+            raise ValueError(f"layer {first[key][0]!r} is shared under the names {names_of[key]}, "
+                             f"which ask for different configs: {chosen}")
+        if distinct[0] is not None:
+            fqn, mod = first[key]
+            targets.append((fqn, mod, distinct[0], names_of[key]))
     if not targets:
-        n_linear = sum(isinstance(m, nn.Linear) for m in modules.values())
+        if choices:  # every selected layer was asked to stay in float
+            return model
+        n_linear = len(names_of)
         raise ValueError(f"quantize_: no layer of model matched config/filter_fn (the model has "
                          f"{n_linear} nn.Linear layers)")
-    if any(fqn == "" for fqn, _, _ in targets):
+    if any("" in all_names for _, _, _, all_names in targets):
         raise ValueError("model is itself an nn.Linear: quantize_ swaps layers inside their parent; "
                          "wrap it (nn.Sequential(linear)) or use <QuantizedLinear>.from_float")
     # Build every replacement first, so a config that rejects one layer leaves the model untouched.
-    new = [(fqn, cfg.apply(mod, fqn)) for fqn, mod, cfg in targets]
-    for fqn, mod in new:
-        parent_name, _, child = fqn.rpartition(".")
-        setattr(modules[parent_name], child, mod)
+    new = []
+    for fqn, mod, cfg, all_names in targets:
+        src = mod if device is None else _moved_copy(mod, device)
+        try:
+            q = cfg.apply(src, fqn)
+        except ValueError as e:
+            msg = str(e)
+            at = "" if repr(fqn) in msg else f" (layer {fqn!r})"
+            raise ValueError(f"{msg}{at}; {_EXCLUDE_HINT}") from e
+        new.append((all_names, q))
+    for all_names, q in new:
+        for fqn in all_names:
+            parent_name, _, child = fqn.rpartition(".")
+            setattr(modules[parent_name], child, q)
     return model
+
+
+def _moved_copy(linear: nn.Linear, device) -> nn.Linear:
+    """A shallow copy of ``linear`` whose parameters and buffers are on ``device`` (new tensor
+    objects: the original module and its Parameters are not changed)."""
+    moved = copy.copy(linear)
+    moved._parameters = {k: None if p is None else nn.Parameter(p.detach().to(device),
+                                                                requires_grad=p.requires_grad)
+                         for k, p in linear._parameters.items()}
+    moved._buffers = {k: None if b is None else b.to(device) for k, b in linear._buffers.items()}
+    moved._modules = dict(linear._modules)
+    return moved
 
 
 def model_bytes(model: nn.Module) -> int:

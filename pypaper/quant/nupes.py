@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configs import QuantConfig
+from .qlinear import apply_keeping_dtypes
 from .power import (SUPPORTED_BITS, bits_to_qmax, channel_max_abs, power_dequantize,
                     power_fake_quantize, power_quantize)
 
@@ -154,6 +155,14 @@ class PowerQuantLinear(nn.Module):
             return power_fake_quantize(self.weight, self.exponent, self.bits, self.max_abs)
         return power_dequantize(self.codes, self.exponent, self.bits, self.max_abs,
                                 dtype=torch.float32)
+
+    def _apply(self, fn, recurse=True):
+        # The power quantizer takes float32 / float64 ranges, exponent and (learnable) weights: a
+        # model-wide .to(bf16) / .half() keeps those (device moves apply; .double() converts, the
+        # ops take it); the forward casts the weight and bias to the input's dtype.
+        keep = [t for t in (*self._parameters.values(), *self._buffers.values())
+                if t is not None and t.is_floating_point()]
+        return apply_keeping_dtypes(self, fn, recurse, keep, (torch.float32, torch.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight()

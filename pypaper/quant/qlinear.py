@@ -54,9 +54,40 @@ def check_group_size(group_size: Optional[int], in_features: int, *, int4: bool,
         raise ValueError(f"group_size={group_size} does not divide in_features={in_features}{at}")
 
 
+def apply_keeping_dtypes(module: nn.Module, fn, recurse: bool, keep, allowed) -> nn.Module:
+    """``nn.Module._apply(module, fn)`` (what ``.to``, ``.half()``, ``.cuda()`` ... run) except
+    that a tensor of ``keep`` that ``fn`` would cast to a dtype outside ``allowed`` keeps its
+    dtype and its values: it only follows ``fn``'s device. So ``model.to(torch.bfloat16)`` leaves
+    a quantized layer's scales and bias in the float32 its kernels take (cast and cast back would
+    round them), while ``model.to("cuda")`` still moves them."""
+    ids = set()
+    for t in keep:
+        if t is not None:
+            ids.add(id(t))
+            if isinstance(t, nn.Parameter) and t.grad is not None:
+                ids.add(id(t.grad))
+
+    def guarded(t):
+        r = fn(t)
+        if (id(t) in ids and isinstance(r, torch.Tensor) and r.dtype != t.dtype
+                and r.dtype not in allowed):
+            return t.to(device=r.device)
+        return r
+
+    return nn.Module._apply(module, guarded, recurse)
+
+
 class _QuantizedLinear(nn.Module):
     in_features: int
     out_features: int
+
+    def _apply(self, fn, recurse=True):
+        # The kernels take float32 scales, zero points and bias whatever the activations' dtype:
+        # a model-wide .to(bf16) / .half() / .double() must not cast them (the forward already
+        # takes any float input and returns its dtype).
+        keep = [b for b in self._buffers.values() if b is not None and b.is_floating_point()]
+        keep.append(self._parameters.get("bias"))
+        return apply_keeping_dtypes(self, fn, recurse, keep, (torch.float32,))
 
     def _init_bias(self, bias: bool, device) -> None:
         if bias:
