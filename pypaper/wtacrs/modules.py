@@ -12,7 +12,10 @@ Same parameters, state_dict keys and constructor arguments as nn.Linear, plus:
   keep_ratio   (0, 1]: the share of rows kept (1 keeps all: the exact gradient)
   min_k        >= 1: rows kept at least
   estimator    "wta-crs" (the paper) or "crs" (plain column-row sampling, the baseline)
-  generator    torch.Generator the per-step seed is drawn from (reproducible sampling)
+  generator    torch.Generator the per-step seed is drawn from (reproducible sampling). None:
+               the seed comes from the global CPU generator's state without advancing it (so
+               dropout and every other consumer see the same draws as in the unconverted model),
+               mixed with the layer's call count and its position in convert()'s order.
   store_dtype  None (the input's dtype), torch.bfloat16 or torch.float16: the kept rows' dtype
   grad_norm_device  where the per-sample gradient norms live (grad_norms.GradNormCache)
 """
@@ -47,6 +50,23 @@ def check_config(keep_ratio, min_k, estimator, store_dtype=None) -> None:
                          f"torch.float16, got {store_dtype!r}")
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def copy_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """dst gets copies of src's module hooks (forward, backward, state_dict, load_state_dict), so
+    a layer swapped in place behaves as the one it replaces for whoever hooked it. Handles given
+    out for src keep removing from src only."""
+    for name in _HOOK_DICTS:
+        if hasattr(src, name):
+            setattr(dst, name, type(getattr(src, name))(getattr(src, name)))
+    if getattr(src, "_is_full_backward_hook", None) is not None:
+        dst._is_full_backward_hook = src._is_full_backward_hook
+
+
 class SampleGroup:
     """Layers fed by the same tensor (Q, K and V of an attention block) share one sample of it:
     the first to run draws (x_kept, indices), the others reuse them while the input is the same
@@ -56,6 +76,13 @@ class SampleGroup:
     def __init__(self, grad_norm_device=None):
         self.grad_norms = GradNormCache(grad_norm_device)
         self._last = None
+
+    # The last sample is held through weak references, which neither pickle nor deepcopy: a
+    # copy starts without one (it only ever saved a redraw within one forward).
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_last"] = None
+        return state
 
     def sample(self, layer: "WTACRSLinear", inp: torch.Tensor, x: torch.Tensor, k: int, ids):
         last = self._last
@@ -88,6 +115,8 @@ class WTACRSLinear(nn.Linear):
         self.store_dtype = store_dtype
         self.grad_norms = GradNormCache(grad_norm_device)
         self.sample_group: Optional[SampleGroup] = None
+        self._stream = 0  # convert() numbers its layers, so that their seeds differ
+        self._calls = 0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, keep_ratio: float = 0.3, min_k: int = 32,
@@ -103,6 +132,7 @@ class WTACRSLinear(nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias
         new.train(linear.training)
+        copy_hooks(linear, new)
         return new
 
     def extra_repr(self) -> str:
@@ -115,9 +145,19 @@ class WTACRSLinear(nn.Linear):
 
     def _seed(self, device) -> torch.Tensor:
         g = self.generator
-        gdev = g.device if g is not None else "cpu"
-        seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, generator=g, device=gdev)
-        return seed.to(device)
+        if g is not None or torch.compiler.is_compiling():
+            gdev = g.device if g is not None else "cpu"
+            seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, generator=g, device=gdev)
+            return seed.to(device)
+        # No generator: read a draw of the global CPU generator and put its state back, so the
+        # model's other random draws (dropout) are the unconverted model's; the call count and
+        # the layer's stream make every call's seed fresh although the state may not have moved.
+        state = torch.get_rng_state()
+        base = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64))
+        torch.set_rng_state(state)
+        self._calls += 1
+        mixed = base ^ (self._stream * 0x9E3779B97F4A7C15) ^ (self._calls * 0xBF58476D1CE4E5B9)
+        return torch.tensor([mixed & (2 ** 62 - 1)], dtype=torch.int64, device=device)
 
     def _draw(self, x: torch.Tensor, k: int, ids, cache: GradNormCache):
         g = cache.lookup(ids, x.shape[0], x.device) if ids is not None else None
