@@ -77,7 +77,15 @@ def _make_linear_backward(backward_op):
         weight, x_kept, indices = ctx.saved_tensors
         need = ctx.needs_input_grad
         nb = ctx.has_bias and need[2]
-        gx, gw, gb = backward_op(gy.contiguous(), weight, x_kept, indices, need[0], need[1], nb)
+        if torch.is_grad_enabled() and (gy.requires_grad or weight.requires_grad):
+            # create_graph=True (a gradient penalty): the same formulas in differentiable torch
+            # ops (reference.linear_backward), so the double backward is autograd's own
+            from .reference import linear_backward
+
+            gx, gw, gb = linear_backward(gy, weight, x_kept, indices, need[0], need[1], nb)
+        else:
+            gx, gw, gb = backward_op(gy.contiguous(), weight, x_kept, indices, need[0], need[1],
+                                     nb)
         return (gx if need[0] else None, gw if need[1] else None, gb if nb else None, None, None)
 
     return backward

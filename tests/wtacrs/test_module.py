@@ -148,3 +148,24 @@ def test_functional_linear_of_the_layer_matches_f_linear():
     assert torch.equal(ours(x1), F.linear(x1, ours.weight, ours.bias))
     empty = torch.randn(0, 48, requires_grad=True)
     ours(empty).sum().backward()
+
+
+def test_gradient_penalty_double_backward():
+    """create_graph=True (a gradient penalty): the backward runs in differentiable torch ops, so
+    the double backward is autograd's own - no fallback warning; grad_input stays exact and the
+    penalty's weight gradient is finite (it goes through the sampled grad_W, so it is an
+    estimate)."""
+    import warnings
+
+    torch.manual_seed(0)
+    lin = W.WTACRSLinear(6, 5, keep_ratio=0.5, min_k=1, generator=torch.Generator().manual_seed(1))
+    ref = torch.nn.Linear(6, 5)
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(40, 6, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gx, = torch.autograd.grad(lin(x).pow(2).sum(), x, create_graph=True)
+        gw, = torch.autograd.grad(gx.pow(2).sum(), lin.weight)
+    gx_ref, = torch.autograd.grad(ref(x).pow(2).sum(), x, create_graph=True)
+    torch.testing.assert_close(gx, gx_ref)
+    assert gw.shape == (5, 6) and bool(torch.isfinite(gw).all()) and float(gw.abs().sum()) > 0
