@@ -22,13 +22,44 @@ def reset_net(net: nn.Module) -> None:
             fn()
 
 
+# SpikingJelly's containers that fix their children's step mode (a MultiStepContainer loops a
+# single-step module over T; a StepModeContainer runs its children in the mode it was built
+# with): set_step_mode sets the container but leaves what is inside it alone, as SpikingJelly
+# 2.0's functional.set_step_mode does. Matched by name so that spikingjelly need not be imported.
+_KEEP_STEP_MODE_CONTAINERS = frozenset((
+    "StepModeContainer", "MultiStepContainer", "SeqToANNContainer", "TLastMultiStepContainer",
+    "TLastSeqToANNContainer", "ElementWiseRecurrentContainer", "LinearRecurrentContainer"))
+
+
+def _keeps_step_mode(m: nn.Module) -> bool:
+    cls = type(m)
+    return cls.__name__ in _KEEP_STEP_MODE_CONTAINERS and cls.__module__.startswith("spikingjelly")
+
+
+def step_mode_modules(net: nn.Module) -> list:
+    """The modules set_step_mode sets: those with a ``step_mode``, not inside a SpikingJelly
+    container that fixes its children's mode (each module once)."""
+    out, seen, stack = [], set(), [net]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if hasattr(m, "step_mode"):
+            out.append(m)
+        if not _keeps_step_mode(m):
+            stack.extend(reversed(list(m.children())))
+    return out
+
+
 def set_step_mode(net: nn.Module, step_mode: str) -> None:
-    """Set ``step_mode`` ('s' or 'm') on every submodule that has one."""
+    """Set ``step_mode`` ('s' or 'm') on every submodule that has one, except the children of
+    SpikingJelly's StepModeContainer / MultiStepContainer / SeqToANNContainer / TLast* /
+    recurrent containers (SpikingJelly's rule: their children keep the mode they need)."""
     if step_mode not in ("s", "m"):
         raise ValueError(f"step_mode must be 's' or 'm', got {step_mode!r}")
-    for m in net.modules():
-        if hasattr(m, "step_mode"):
-            m.step_mode = step_mode
+    for m in step_mode_modules(net):
+        m.step_mode = step_mode
 
 
 def detach_net(net: nn.Module) -> None:

@@ -42,6 +42,12 @@ def _shape(value, name: str) -> tuple:
     return shape
 
 
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """Integer or bool input currents in torch's default float dtype, as SpikingJelly's
+    arithmetic (v + (x - v) / tau with a float v) promotes them."""
+    return x if x.is_floating_point() else x.to(torch.get_default_dtype())
+
+
 class BaseNode(nn.Module):
     """State, step modes and the call into the fused op; subclasses give the decay."""
 
@@ -100,7 +106,31 @@ class BaseNode(nn.Module):
 
     def _decay(self) -> dict:
         """{"tau": ...} or {"k": ...} for ops.lif_multi_step, plus the name used in errors."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__}: pypaper's BaseNode runs the fused LIF op and needs _decay() "
+            f"(LIFNode, ParametricLIFNode); neurons with dynamics of their own (a neuronal_charge) "
+            f"subclass spikingjelly.activation_based.neuron.BaseNode, which mixes with pypaper's")
+
+    # ---- what SpikingJelly's MemoryModule does with the state ---------------------------------
+
+    @property
+    def store_v_seq(self) -> bool:
+        return self._store_v_seq
+
+    @store_v_seq.setter
+    def store_v_seq(self, value: bool) -> None:
+        self._store_v_seq = bool(value)
+        self.v_seq = None  # as SpikingJelly 2.0: a stale sequence is not kept
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda() move the carried membrane too (SpikingJelly's MemoryModule
+        # converts its memories), instead of leaving it on the old device until the next call
+        super()._apply(fn, recurse)
+        if isinstance(self.v, torch.Tensor):
+            self.v = fn(self.v)
+        if isinstance(self.v_seq, torch.Tensor):
+            self.v_seq = fn(self.v_seq)
+        return self
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -158,8 +188,7 @@ class BaseNode(nn.Module):
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+        x = _as_float(x)
         if x.dim() < 1:
             raise ValueError("x must have shape [N, *] in step_mode 's' (at least 1 dim)")
         spikes, _ = self._run(x.unsqueeze(0), False)
@@ -171,6 +200,15 @@ class BaseNode(nn.Module):
         return spikes[0]
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        if isinstance(x_seq, torch.Tensor):
+            x_seq = _as_float(x_seq)
+            if x_seq.dim() == 1:  # [T]: one neuron, its state 0-d (as SpikingJelly's loop has it)
+                if isinstance(self.v, torch.Tensor) and self.v.dim() == 0:
+                    self.v = self.v.reshape(1)
+                spikes, v_seq = self._run(x_seq[:, None], self.store_v_seq)
+                self.v = self.v.reshape(())
+                self.v_seq = None if v_seq is None else v_seq[:, 0]
+                return spikes[:, 0]
         spikes, v_seq = self._run(x_seq, self.store_v_seq)
         self.v_seq = v_seq
         return spikes

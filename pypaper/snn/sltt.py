@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from .functional import reset_net
+from .functional import reset_net, step_mode_modules
 from .neuron import BaseNode
 
 
@@ -50,6 +50,10 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
         raise ValueError(f"k must be an integer in 1..T ({steps}), got {k!r}")
     neurons = _neurons(model)
     saved = [(m.step_mode, m.sltt) for m in neurons]
+    # every other step-mode module (SpikingJelly's layer.Conv2d, BatchNorm2d, ...) runs single
+    # step too, and gets its mode back after
+    others = [m for m in step_mode_modules(model) if not any(m is n for n in neurons)]
+    others_saved = [m.step_mode for m in others]
     if k is None:
         trained = list(range(steps))
     else:
@@ -58,6 +62,8 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
     try:
         for m in neurons:
             m.step_mode, m.sltt = "s", True
+        for m in others:
+            m.step_mode = "s"
         reset_net(model)
         if optimizer is not None:
             optimizer.zero_grad()
@@ -78,6 +84,8 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
     finally:
         for m, (mode, sl) in zip(neurons, saved):
             m.step_mode, m.sltt = mode, sl
+        for m, mode in zip(others, others_saved):
+            m.step_mode = mode
         reset_net(model)
     return OnlineStep(total, out_sum / steps, trained)
 

@@ -33,7 +33,12 @@ def heaviside(x: torch.Tensor) -> torch.Tensor:
 
 
 class SurrogateFunctionBase(nn.Module):
-    """Theta forward with a surrogate derivative backward; subclasses set ``surrogate_id``."""
+    """Theta forward with a surrogate derivative backward; subclasses set ``surrogate_id``.
+
+    SpikingJelly's contract holds too: ``spiking_function(x, alpha)`` and
+    ``primitive_function(x, alpha)`` are static methods, and a subclass that keeps
+    ``surrogate_id = -1`` and defines them (a surrogate of the user's own) runs in the neurons
+    through the plain-PyTorch loop, which calls it."""
 
     surrogate_id: int = -1
     default_alpha: float = 1.0
@@ -54,24 +59,51 @@ class SurrogateFunctionBase(nn.Module):
         return f"alpha={self.alpha}, spiking={self.spiking}"
 
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
-        """sigma'(x)."""
+        """sigma'(x) (pypaper's built-in surrogates)."""
+        if self.surrogate_id < 0:
+            raise NotImplementedError(f"{type(self).__name__} is not one of pypaper's surrogates: "
+                                      f"it has no built-in derivative")
         return reference.surrogate_grad(x, self.surrogate_id, self.alpha)
 
-    def primitive_function(self, x: torch.Tensor) -> torch.Tensor:
-        """sigma(x)."""
-        return reference.surrogate_primitive(x, self.surrogate_id, self.alpha)
+    @staticmethod
+    def spiking_function(x: torch.Tensor, alpha) -> torch.Tensor:
+        """Theta(x) whose gradient is the surrogate's (SpikingJelly's static method)."""
+        raise NotImplementedError("a surrogate of your own must define the static method "
+                                  "spiking_function(x, alpha), as in SpikingJelly")
+
+    @staticmethod
+    def primitive_function(x: torch.Tensor, alpha) -> torch.Tensor:
+        """sigma(x) (SpikingJelly's static method; used when spiking=False)."""
+        raise NotImplementedError("a surrogate of your own must define the static method "
+                                  "primitive_function(x, alpha) to run with spiking=False")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spiking:
-            return reference.spike(x, self.surrogate_id, self.alpha)
-        return self.primitive_function(x)
+            return self.spiking_function(x, self.alpha)
+        return self.primitive_function(x, self.alpha)
 
 
 def _make(name: str, alpha: float, doc: str):
+    sid = SURROGATE_IDS[name]
+
+    def spiking_function(x: torch.Tensor, alpha) -> torch.Tensor:
+        return reference.spike(x, sid, float(alpha))
+
+    def primitive_function(x: torch.Tensor, alpha) -> torch.Tensor:
+        return reference.surrogate_primitive(x, sid, float(alpha))
+
+    def backward(grad_output: torch.Tensor, x: torch.Tensor, alpha) -> torch.Tensor:
+        """grad_output * sigma'(x) (SpikingJelly's static backward)."""
+        return grad_output * reference.surrogate_grad(x, sid, float(alpha))
+
+    spiking_function._pypaper_surrogate_id = sid  # what surrogate_spec trusts to be this id
     cls = type(name, (SurrogateFunctionBase,), {
-        "surrogate_id": SURROGATE_IDS[name],
+        "surrogate_id": sid,
         "default_alpha": alpha,
         "__doc__": doc,
+        "spiking_function": staticmethod(spiking_function),
+        "primitive_function": staticmethod(primitive_function),
+        "backward": staticmethod(backward),
     })
 
     def __init__(self, alpha: float = alpha, spiking: bool = True):
@@ -104,7 +136,11 @@ def surrogate_spec(fn) -> Optional[tuple[int, float]]:
     if fn is None:
         return SURROGATE_IDS["Sigmoid"], 4.0
     if isinstance(fn, SurrogateFunctionBase):
-        return (fn.surrogate_id, fn.alpha) if fn.spiking else None
+        # a subclass of the user's own (surrogate_id -1) runs its spiking_function in Python
+        # (also a subclass of a built-in that overrides spiking_function)
+        own = getattr(type(fn).spiking_function, "_pypaper_surrogate_id", None)
+        ok = fn.spiking and fn.surrogate_id >= 0 and own == fn.surrogate_id
+        return (fn.surrogate_id, fn.alpha) if ok else None
     cls = type(fn)
     if cls.__module__.startswith("spikingjelly") and cls.__name__ in SURROGATE_IDS:
         alpha = getattr(fn, "alpha", None)

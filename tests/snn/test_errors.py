@@ -7,22 +7,32 @@ from pypaper.snn import lif_multi_step, neuron, sltt
 
 @pytest.mark.parametrize("x", [torch.arange(12).reshape(3, 4), torch.ones(3, 4, dtype=torch.bool)])
 def test_integer_and_boolean_inputs(x):
+    """The op takes floating tensors only; the neurons, like SpikingJelly's (whose arithmetic
+    promotes them), take integer and bool currents as the default float dtype."""
     with pytest.raises(TypeError, match="x_seq must be a floating tensor"):
         lif_multi_step(x)
-    with pytest.raises(TypeError, match="x_seq must be a floating tensor"):
-        neuron.LIFNode(step_mode="m")(x)
-    with pytest.raises(TypeError, match="x must be a floating tensor"):
-        neuron.LIFNode(step_mode="s")(x[0])
     with pytest.raises(TypeError, match="x_seq must be a torch.Tensor"):
         lif_multi_step([[1.0]])
+    xf = x.to(torch.get_default_dtype())
+    assert torch.equal(neuron.LIFNode(step_mode="m")(x), neuron.LIFNode(step_mode="m")(xf))
+    assert torch.equal(neuron.LIFNode(step_mode="s")(x[0]), neuron.LIFNode(step_mode="s")(xf[0]))
 
 
-@pytest.mark.parametrize("shape", [(), (5,)])
-def test_rank_below_two_in_multi_step_mode(shape):
+def test_rank_below_two():
+    """The op needs [T, N, *]; a neuron in 'm' takes [T] as one neuron over time (its state 0-d,
+    as SpikingJelly's loop leaves it) and carries it to the next call; 's' needs [N, *]."""
     with pytest.raises(ValueError, match=r"x_seq must have shape \[T, N, \*\]"):
-        neuron.LIFNode(step_mode="m")(torch.randn(shape))
+        lif_multi_step(torch.randn(5))
+    with pytest.raises(ValueError, match=r"x_seq must have shape \[T, N, \*\]"):
+        neuron.LIFNode(step_mode="m")(torch.randn(()))
     with pytest.raises(ValueError, match=r"x must have shape \[N, \*\]"):
         neuron.LIFNode(step_mode="s")(torch.tensor(1.0))
+    x = torch.rand(6) * 2
+    lif, ref = neuron.LIFNode(step_mode="m", store_v_seq=True), neuron.LIFNode(step_mode="m")
+    s = lif(x)
+    assert s.shape == (6,) and lif.v.shape == () and lif.v_seq.shape == (6,)
+    assert torch.equal(s, ref(x[:, None])[:, 0]) and torch.equal(lif.v, ref.v[0])
+    assert torch.equal(lif(x), ref(x[:, None])[:, 0])  # the carried 0-d state
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.5, -2.0, float("inf"), float("nan")])

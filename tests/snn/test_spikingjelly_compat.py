@@ -1,0 +1,140 @@
+"""What a model written for SpikingJelly (2.0, or its PyPI release 0.0.0.0.14) relies on beyond
+the dynamics: the backend argument, set_step_mode's container rule, surrogates of the user's own
+and SpikingJelly's static surrogate methods, the state following .to(), store_v_seq, SLTT online
+training with SpikingJelly layers."""
+import pytest
+import torch
+from torch import nn
+
+from pypaper.snn import functional, neuron, surrogate
+
+
+def test_spikingjelly_0014_backend_argument_is_accepted():
+    """SpikingJelly's PyPI release (0.0.0.0.14) passes backend='torch' | 'cupy' to its neurons
+    and switches it with functional.set_backend; a model written that way runs unchanged and
+    computes what the default does (pypaper runs its fused kernel either way)."""
+    x = torch.randn(6, 4, 5) + 0.8
+    ref = neuron.LIFNode(tau=2.0, step_mode="m")(x)
+    lif = neuron.LIFNode(tau=2.0, step_mode="m", backend="cupy")
+    plif = neuron.ParametricLIFNode(step_mode="m", backend="cupy")
+    assert lif.backend == "cupy" and plif.backend == "cupy"
+    assert torch.equal(lif(x), ref)
+    model = nn.Sequential(nn.Linear(5, 5), neuron.LIFNode(step_mode="m"), nn.Linear(5, 5),
+                          neuron.ParametricLIFNode(step_mode="m"))
+    functional.set_backend(model, "cupy", instance=neuron.LIFNode)
+    assert model[1].backend == "cupy" and model[3].backend == "torch"
+    functional.set_backend(model, "cupy")
+    assert model[3].backend == "cupy"
+    with pytest.warns(UserWarning, match="does not support backend='lava'"):
+        functional.set_backend(model, "lava")
+    assert model[1].backend == "cupy"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        neuron.LIFNode(backend="cuda")
+    with pytest.raises(TypeError, match="pass backend= by keyword"):
+        neuron.LIFNode(2.0, True, 1.0, 0.0, None, False, "m", "cupy")
+
+
+def test_set_step_mode_leaves_the_children_of_step_mode_containers_alone():
+    """SpikingJelly's rule: a MultiStepContainer loops a single-step module over T, so its child
+    must stay 's'; set_step_mode (pypaper's and SpikingJelly's) sets everything else."""
+    sj_layer = pytest.importorskip("spikingjelly.activation_based.layer")
+    from spikingjelly.activation_based import functional as sj_functional
+
+    for set_mode in (functional.set_step_mode, sj_functional.set_step_mode):
+        inner = neuron.LIFNode()
+        outside = neuron.LIFNode()
+        net = nn.Sequential(sj_layer.MultiStepContainer(inner), outside)
+        set_mode(net, "m")
+        assert inner.step_mode == "s" and outside.step_mode == "m"
+        x = torch.rand(4, 3, 8) * 2
+        functional.reset_net(net)
+        want = neuron.LIFNode(step_mode="m")(neuron.LIFNode(step_mode="m")(x))
+        assert torch.equal(net(x), want) and inner.v.shape == (3, 8)
+
+
+class _Boxcar(surrogate.SurrogateFunctionBase):
+    """A surrogate of the user's own, written to SpikingJelly's contract."""
+
+    @staticmethod
+    def spiking_function(x, alpha):
+        return _BoxcarFn.apply(x, alpha)
+
+    @staticmethod
+    def primitive_function(x, alpha):
+        return torch.clamp(x * alpha + 0.5, 0, 1)
+
+
+class _BoxcarFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha):
+        ctx.save_for_backward(x)
+        ctx.alpha = alpha
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x.abs() < 0.5 / ctx.alpha).to(g.dtype) * ctx.alpha, None
+
+
+def test_a_surrogate_of_ones_own_runs_in_the_neurons():
+    """surrogate_id -1 and SpikingJelly's static methods: the neuron runs it (plain-PyTorch
+    loop) and its gradient is the custom one - here the same box as the built-in Rect."""
+    x = (torch.rand(5, 2, 6) * 2).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    mine = neuron.LIFNode(surrogate_function=_Boxcar(alpha=1.0), step_mode="m")
+    rect = neuron.LIFNode(surrogate_function=surrogate.Rect(alpha=1.0), step_mode="m")
+    s, sr = mine(x), rect(xr)
+    assert torch.equal(s, sr)
+    s.sum().backward()
+    sr.sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    assert torch.equal(_Boxcar(spiking=False)(torch.tensor([-1.0, 0.0, 1.0])),
+                       torch.tensor([0.0, 0.5, 1.0]))
+
+
+def test_builtin_surrogates_have_spikingjellys_static_methods():
+    x = torch.linspace(-2, 2, 9, dtype=torch.float64, requires_grad=True)
+    for cls in (surrogate.ATan, surrogate.Sigmoid, surrogate.Erf, surrogate.Rect):
+        f = cls()
+        s = cls.spiking_function(x, f.alpha)
+        assert torch.equal(s, (x >= 0).to(x.dtype))
+        g, = torch.autograd.grad(s.sum(), x)
+        torch.testing.assert_close(g, f.derivative(x.detach()))
+        torch.testing.assert_close(cls.backward(torch.ones(9, dtype=torch.float64), x.detach(),
+                                                f.alpha), g)
+        torch.testing.assert_close(cls.primitive_function(x.detach(), f.alpha),
+                                   cls(spiking=False)(x.detach()))
+
+
+def test_a_builtin_subclass_that_overrides_spiking_function_is_not_fused():
+    class Halved(surrogate.ATan):
+        @staticmethod
+        def spiking_function(x, alpha):
+            return surrogate.ATan.spiking_function(x, alpha) * 0.5
+
+    assert surrogate.surrogate_spec(Halved()) is None
+    assert surrogate.surrogate_spec(surrogate.ATan()) is not None
+
+
+def test_state_follows_to_and_store_v_seq_setter_clears_it():
+    lif = neuron.LIFNode(step_mode="m", store_v_seq=True)
+    lif(torch.rand(3, 2, 4))
+    lif.to(torch.float64)
+    assert lif.v.dtype == torch.float64 and lif.v_seq.dtype == torch.float64
+    lif.store_v_seq = False
+    assert lif.v_seq is None
+
+
+def test_sltt_online_switches_spikingjelly_layers_too():
+    sj_layer = pytest.importorskip("spikingjelly.activation_based.layer")
+    from pypaper.snn import sltt
+
+    torch.manual_seed(0)
+    net = nn.Sequential(sj_layer.Conv2d(1, 2, 3, padding=1), neuron.LIFNode(),
+                        sj_layer.Flatten(), sj_layer.Linear(2 * 6 * 6, 3))
+    functional.set_step_mode(net, "m")
+    x = torch.rand(4, 2, 1, 6, 6)
+    res = sltt.train_step_online(net, x, torch.tensor([0, 2]), nn.functional.cross_entropy)
+    assert res.output.shape == (2, 3) and net[0].step_mode == "m" and net[1].step_mode == "m"
+    assert net[0].weight.grad is not None
