@@ -24,6 +24,7 @@ the BatchNorm running statistics with the final weights; at a constant lr they l
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -148,14 +149,48 @@ def _reinit(module: nn.Module) -> nn.Module:
     return module
 
 
+def _pool(size) -> nn.Module:
+    return nn.AdaptiveAvgPool2d(size) if len(size) == 2 else (
+        nn.AdaptiveAvgPool1d(size) if len(size) == 1 else nn.AdaptiveAvgPool3d(size))
+
+
+def _map_to_vector(cur, width: int) -> list:
+    """Layers that turn a feature map [N, C, *S] into the [N, width] vector a copied block expects
+    (the blocks the selection skipped end in a Flatten or a pooling): average pooling to
+    ceil(S / k) for the smallest integer k with C * prod(ceil(S / k)) <= width (no pooling when
+    k = 1), Flatten, then a linear map to ``width`` unless the flattened size is already it (as
+    when the skipped block is a bare Flatten: C * prod(S) == width)."""
+    c, spatial = int(cur[1]), [int(v) for v in cur[2:]]
+    k = 1
+    while True:
+        size = tuple(-(-v // k) for v in spatial)
+        flat = c * math.prod(size)
+        if flat <= width or all(v == 1 for v in size):
+            break
+        k += 1
+    layers = [] if list(size) == spatial else [_pool(size)]
+    layers.append(nn.Flatten())
+    if flat != width:
+        layers.append(nn.Linear(flat, width))
+    return layers
+
+
 def _adapter(cur, need) -> list:
     """Layers that turn a [N, C, *S] output into the input [N, C', *S'] a copied block expects:
-    adaptive average pooling to S', then a 1x1 conv (or a linear map on vectors) to C'. Empty
-    when the shapes already agree (consecutive blocks, or equal-width ResNet layers)."""
+    adaptive average pooling to S', then a 1x1 conv (or a linear map on vectors) to C'; a feature
+    map going into a block that takes vectors is pooled and flattened to the vector's width
+    (_map_to_vector). Empty when the shapes already agree (consecutive blocks, or equal-width
+    ResNet layers)."""
+    cur, need = tuple(cur), tuple(need)
+    if len(need) == 2 and len(cur) > 2:
+        return _map_to_vector(cur, int(need[1]))
+    if len(need) != len(cur):
+        raise ValueError(f"cannot adapt an output of shape {cur} to the input shape {need} of a "
+                         f"copied block (only maps to maps, vectors to vectors and maps to "
+                         f"vectors); pass a custom aux factory")
     layers = []
     if len(need) > 2 and tuple(cur[2:]) != tuple(need[2:]):
-        layers.append(nn.AdaptiveAvgPool2d(tuple(need[2:])) if len(need) == 4
-                      else nn.AdaptiveAvgPool1d(tuple(need[2:])))
+        layers.append(_pool(tuple(need[2:])))
     if cur[1] != need[1]:
         if len(need) == 4:
             layers.append(nn.Conv2d(cur[1], need[1], 1, bias=False))
@@ -173,11 +208,17 @@ def auglocal_head(block_index: int, blocks: Sequence[nn.Module], out_shapes, num
     deep copies re-initialised), then the fused pool -> linear -> CE on the last one's channels.
     Where a copied block expects another input shape than the previous output has (the selection
     skips blocks), a pool / 1x1 adapter is put in front of it (AugLocal's first conv of a copied
-    layer likewise takes the current width)."""
+    layer likewise takes the current width); where it takes vectors and the previous output is a
+    feature map (a skipped Flatten), pooling + Flatten (+ a linear map if the widths still
+    differ) to the width it expects."""
     idx = auglocal_indices(block_index, len(blocks), depth)
     layers, cur = [], tuple(out_shapes[block_index])
     for j in idx:
-        layers += _adapter(cur, tuple(out_shapes[j - 1]))
+        try:
+            layers += _adapter(cur, tuple(out_shapes[j - 1]))
+        except ValueError as e:
+            raise ValueError(f"AugLocal aux net of block {block_index}, copy of block {j}: "
+                             f"{e}") from e
         layers.append(_reinit(copy.deepcopy(blocks[j])))
         cur = tuple(out_shapes[j])
     head = AuxHead(nn.Sequential(*layers), _channels(out_shapes[idx[-1]]), num_classes)
@@ -267,11 +308,17 @@ class LocalSequential(nn.Module):
     """An existing network (nn.Sequential, or a list of ResNet stages) trained block by block.
 
     Args:
-        blocks: the network's blocks, in order (an nn.Sequential or a list of modules).
+        blocks: the network's blocks, in order (an nn.Sequential or a list of modules). Each
+            gets its own aux net and loss: pass stages (slices such as model[0:3], conv-BN-ReLU
+            (-pool), or a ResNet's layers), not list(model), which would cut every conv from
+            its BatchNorm and give every ReLU / pool / Flatten an aux net of its own.
         aux: "dgl", "auglocal", "man", or a factory ``aux(i, blocks, out_shapes, num_classes)``
             returning block i's auxiliary net (with a ``loss(h, y)`` method).
         head: the network's own output head on the last block (any module giving logits, or
-            a LinearHead); default LinearHead(C_last, num_classes).
+            a LinearHead); default LinearHead(C_last, num_classes), or nn.Identity() when the
+            last block already outputs [N, num_classes] (it ends in the model's classifier:
+            its output is trained as the logits, and net(x) == model(x)). Pass
+            head=LinearHead(num_classes, num_classes) to put a head on such a block anyway.
         num_classes: classes of the labels.
         example_input: one input batch (a few rows suffice) to learn each block's output shape.
         aux_depth / auglocal_coeff: DGL depth, or AugLocal's maximum depth and pyramid coefficient.
@@ -289,17 +336,35 @@ class LocalSequential(nn.Module):
         blocks = list(blocks)
         if len(blocks) < 1:
             raise ValueError("blocks must hold at least one block")
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not isinstance(example_input, torch.Tensor):
+            raise TypeError(f"example_input must be a torch.Tensor (one input batch), got "
+                            f"{type(example_input).__name__}")
         self.blocks = nn.ModuleList(blocks)
         self.num_classes = num_classes
         with torch.no_grad():
             was = [b.training for b in blocks]
             shapes, h = [], example_input
-            for b in blocks:
-                b.eval()
-                h = b(h)
-                shapes.append(tuple(h.shape))
-            for b, t in zip(blocks, was):
-                b.train(t)
+            try:
+                for i, b in enumerate(blocks):
+                    b.eval()
+                    try:
+                        h = b(h)
+                    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                        what = ("example_input" if i == 0 else
+                                f"block {i - 1}'s output (from example_input)")
+                        raise ValueError(
+                            f"example_input of shape {tuple(example_input.shape)} does not fit the "
+                            f"blocks: block {i} ({type(b).__name__}) failed on {what} of shape "
+                            f"{tuple(h.shape)}: {e}") from e
+                    if not isinstance(h, torch.Tensor):
+                        raise TypeError(f"block {i} must return a tensor, got "
+                                        f"{type(h).__name__}")
+                    shapes.append(tuple(h.shape))
+            finally:
+                for b, t in zip(blocks, was):
+                    b.train(t)
         self.out_shapes = shapes
         self.kind = aux if isinstance(aux, str) else "custom"
         n = len(blocks)
@@ -320,7 +385,13 @@ class LocalSequential(nn.Module):
         else:
             heads = [aux(i, blocks, shapes, num_classes) for i in range(n - 1)]
         self.aux = nn.ModuleList(heads)
-        self.head = head if head is not None else LinearHead(_channels(shapes[-1]), num_classes)
+        if head is None:
+            # A model that already ends in its classifier (list(model) of a network whose last
+            # layer gives [N, num_classes]): its output is the logits, trained by the real loss;
+            # a LinearHead after it would turn them into features of an extra layer.
+            head = (nn.Identity() if len(shapes[-1]) == 2 and shapes[-1][1] == num_classes
+                    else LinearHead(_channels(shapes[-1]), num_classes))
+        self.head = head
         self._check_heads(example_input)
 
     def _check_heads(self, example_input) -> None:
@@ -359,10 +430,11 @@ class LocalSequential(nn.Module):
             return self.head.loss(out, y)[0]
         return F.cross_entropy(self.head(out), y)
 
-    def block_step(self, i: int, x: torch.Tensor, y: torch.Tensor):
+    def block_step(self, i: int, x: torch.Tensor, y: torch.Tensor, scaler=None):
         """Block i's gradient-in-forward step: forward, local loss, backward; returns (loss
         detached, output detached). The last block is trained by the network's own head.
-        Blocks may live on different devices: the activation and the labels move to block i's."""
+        Blocks may live on different devices: the activation and the labels move to block i's.
+        ``scaler`` (a torch.amp.GradScaler): the loss is scaled before its backward."""
         dev = _device_of(self.blocks[i])
         if dev is not None and x.device != dev:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
@@ -372,23 +444,41 @@ class LocalSequential(nn.Module):
                 loss = self.aux[i].loss(out, y)[0]
             else:
                 loss = self._final_loss(out, y)
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
         return loss.detach(), out.detach()
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor,
-                   optimizer: Optional[torch.optim.Optimizer] = None) -> torch.Tensor:
+                   optimizer: Optional[torch.optim.Optimizer] = None,
+                   scaler=None) -> torch.Tensor:
         """One training step without a global backward: each block in turn runs forward, local
         loss and backward (its graph freed before the next block runs), then ``optimizer`` steps
         and zeroes the gradients, and MAN heads update their EMA copies. Returns the per-block
-        losses [num_blocks]."""
+        losses [num_blocks] (unscaled).
+
+        ``optimizer`` must hold every trainable parameter of the aux nets and the head (build it
+        from net.parameters(), not from the wrapped model's): checked on the first step with
+        that optimizer, ValueError otherwise (check_optimizer_covers).
+        Mixed precision: run it under torch.autocast; ``scaler`` (torch.amp.GradScaler, for
+        fp16) scales each block's loss before its backward, then scaler.step(optimizer) and
+        scaler.update() replace optimizer.step()."""
+        _check_step_args(optimizer, scaler)
         ops.check_labels(y, x.shape[0], self.num_classes, x.device)
+        if optimizer is not None and _optimizer_key(optimizer) != getattr(self, "_opt_key", None):
+            check_optimizer_covers(optimizer, [("aux." + n, p) for n, p in
+                                               self.aux.named_parameters()]
+                                   + [("head." + n, p) for n, p in self.head.named_parameters()])
+            self._opt_key = _optimizer_key(optimizer)  # checked once per optimizer
         losses = []
         h = x
         for i in range(len(self.blocks)):
-            loss, h = self.block_step(i, h, y)
+            loss, h = self.block_step(i, h, y, scaler)
             losses.append(loss)
         if optimizer is not None:
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
             self.after_step()
         return torch.stack(losses)
@@ -404,6 +494,48 @@ class LocalSequential(nn.Module):
         for i, a in enumerate(self.aux):
             if isinstance(a, MANHead):
                 a.ema_update(self.blocks[i + 1])
+
+
+def _is_scaler(obj) -> bool:
+    return all(callable(getattr(obj, a, None)) for a in ("scale", "unscale_", "update"))
+
+
+def _check_step_args(optimizer, scaler) -> None:
+    if optimizer is not None and _is_scaler(optimizer):
+        raise TypeError("optimizer is a gradient scaler: pass it as scaler=, with the optimizer "
+                        "as optimizer=")
+    if optimizer is not None and not hasattr(optimizer, "param_groups"):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    if scaler is not None:
+        if not _is_scaler(scaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if optimizer is None:
+            raise ValueError("scaler needs an optimizer: it unscales the gradients and steps it")
+
+
+def _optimizer_key(optimizer) -> tuple:
+    """Which optimizer (and how many parameters it holds) was last checked: the check runs on
+    the first step with an optimizer, and again when another one (or a grown one) comes."""
+    return id(optimizer), sum(len(g["params"]) for g in optimizer.param_groups)
+
+
+def check_optimizer_covers(optimizer, named_params) -> None:
+    """Every trainable parameter in ``named_params`` must be in ``optimizer``'s param_groups.
+    An aux net / head parameter left out gets a gradient every step that no optimizer applies or
+    zeroes (it grows forever) while the head stays at its initialisation: raised, not warned -
+    to keep a head fixed on purpose, set requires_grad_(False) on its parameters (then it gets
+    no gradient at all). The usual cause: an optimizer built from the wrapped model's
+    parameters before wrapping it."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [n for n, p in named_params if p.requires_grad and id(p) not in held]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f", ... ({len(missing)} in all)"
+                                          if len(missing) > 4 else "")
+        raise ValueError(f"the optimizer does not hold the trainable parameters {shown}: their "
+                         f"gradients would never be applied nor zeroed. Build the optimizer "
+                         f"from net.parameters() (the LocalSequential's, which include the aux "
+                         f"nets and the head), or freeze them with requires_grad_(False)")
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .blocks import LocalSequential, MANHead
+from .blocks import LocalSequential, MANHead, _optimizer_key, check_optimizer_covers
 
 
 def partition(num_blocks: int, world_size: int) -> list:
@@ -83,6 +83,15 @@ class LocalPipeline:
         """This rank's part of one step: receive the activation (rank > 0), run the owned blocks'
         local steps, send the output on (unless last), step the optimizer. Returns the owned
         blocks' losses."""
+        if optimizer is not None and _optimizer_key(optimizer) != getattr(self, "_opt_key", None):
+            # the owned aux nets' / head's parameters must be in it (once per optimizer)
+            owned = [(f"aux.{i}.{n}", p)
+                     for i in range(self.start, min(self.stop, len(self.net.aux)))
+                     for n, p in self.net.aux[i].named_parameters()]
+            if self.is_last:
+                owned += [("head." + n, p) for n, p in self.net.head.named_parameters()]
+            check_optimizer_covers(optimizer, owned)
+            self._opt_key = _optimizer_key(optimizer)
         h = x if self.rank == 0 else self._recv(dtype)
         losses = []
         for i in range(self.start, self.stop):

@@ -51,19 +51,50 @@ class _LocalLinear(nn.Module):
 
     def _grads(self):
         """The .grad tensors the fused op writes into, and whether it adds to them (they
-        existed) or overwrites them (created here, uninitialised: the op fills them)."""
+        existed) or overwrites them (created here, uninitialised: the op fills them).
+
+        A parameter with requires_grad=False gets no .grad (nn.Linear's semantics: an optimizer
+        must not move a frozen weight); the op writes its gradient into a scratch buffer that is
+        dropped."""
         params = [self.weight] + ([self.bias] if self.bias is not None else [])
-        have = [p.grad is not None for p in params]
+        live = [p for p in params if p.requires_grad]
+        have = [p.grad is not None for p in live]
         if any(have) and not all(have):  # mixed: make the missing ones zeros and accumulate
-            for p in params:
+            for p in live:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
         accumulate = any(have)
+        out = []
         for p in params:
+            if not p.requires_grad:  # frozen: scratch (zeros: the op may add into it)
+                out.append(torch.zeros_like(p, memory_format=torch.contiguous_format))
+                continue
             if p.grad is None:
                 p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
-        gb = self.bias.grad if self.bias is not None else None
-        return (self.weight.grad, gb), accumulate
+            out.append(p.grad)
+        gb = out[1] if self.bias is not None else None
+        return (out[0], gb), accumulate
+
+    def _check_x(self, x, name: str = "x", features_only: bool = False) -> None:
+        """x must be a tensor [N, in_features] (features_only: [*, in_features], like
+        nn.Linear); the error names the argument, not the weight."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if features_only:
+            if x.dim() < 1 or x.shape[-1] != self.in_features:
+                raise ValueError(f"{name} must have shape [*, {self.in_features}] (in_features "
+                                 f"in the last dim), got {tuple(x.shape)}")
+        elif x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"{name} must have shape [N, {self.in_features}], got "
+                             f"{tuple(x.shape)}")
+
+    def _rowwise(self, fn, x: torch.Tensor) -> torch.Tensor:
+        """fn on the rows of x [*, in_features] (the last dim is the features, as nn.Linear):
+        leading dims flattened into rows for fn, restored on the output."""
+        self._check_x(x, features_only=True)
+        lead = x.shape[:-1]
+        out = fn(x.detach().reshape(-1, self.in_features))
+        return out.reshape(*lead, out.shape[-1])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -91,14 +122,16 @@ class FFLinear(_LocalLinear):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h = ReLU(W x_hat + b) for x [*, in_features] (x_hat: each row, along the last dim,
+        divided by its length); returns [*, out_features], detached."""
         w, b = self._params()
-        return reference.ff_forward(x.detach(), w, b, self.normalize, self.eps)
+        return self._rowwise(lambda r: reference.ff_forward(r, w, b, self.normalize, self.eps), x)
 
     @torch.no_grad()
     def goodness(self, x: torch.Tensor) -> torch.Tensor:
-        """g = sum_j h_j^2 per row (fp32; fp64 for fp64)."""
+        """g = sum_j h_j^2 for each row of x [*, in_features] -> [*] (fp32; fp64 for fp64)."""
         h = self.forward(x)
-        return h.to(reference.math_dtype(h.dtype)).pow(2).sum(1)
+        return h.to(reference.math_dtype(h.dtype)).pow(2).sum(-1)
 
     def local_step(self, x_pos: torch.Tensor, x_neg: torch.Tensor):
         for name, t in (("x_pos", x_pos), ("x_neg", x_neg)):
@@ -145,8 +178,9 @@ class FFClassEmbeddingLinear(_LocalLinear):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h = ReLU(W x_hat + b) for x [*, in_features] -> [*, out_features], detached."""
         w, b = self._params()
-        return reference.ff_forward(x.detach(), w, b, self.normalize, self.eps)
+        return self._rowwise(lambda r: reference.ff_forward(r, w, b, self.normalize, self.eps), x)
 
     @torch.no_grad()
     def scores(self, x: torch.Tensor, class_x: Optional[torch.Tensor] = None):
@@ -157,6 +191,9 @@ class FFClassEmbeddingLinear(_LocalLinear):
         return h.to(mdt) @ e.to(mdt).t() / self.temperature, h, e
 
     def local_step(self, x: torch.Tensor, y: torch.Tensor, class_x: Optional[torch.Tensor] = None):
+        self._check_x(x)
+        if class_x is not None:
+            self._check_x(class_x, "class_x")
         cx = self.class_inputs if class_x is None else class_x.detach()
         w, b = self._params()
         (gw, gb), acc = self._grads()
@@ -200,10 +237,13 @@ class TargetProjectionLinear(_LocalLinear):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h = act(W x + b) for x [*, in_features] -> [*, out_features], detached."""
+        self._check_x(x, features_only=True)
         w, b = self._params()
         return reference._act(F.linear(x.detach(), w, b), self.activation_id)
 
     def local_step(self, x: torch.Tensor, y: torch.Tensor):
+        self._check_x(x)  # before the op: a wrong width is x's fault, not the weight's
         w, b = self._params()
         (gw, gb), acc = self._grads()
         h, loss = ops.tp_linear_into(x.detach().to(w.dtype), w, b, self.proj, y, gw, gb,

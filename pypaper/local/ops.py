@@ -15,6 +15,7 @@ for that op). The
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import numbers
@@ -273,6 +274,16 @@ def _check_head(feat, weight, bias, y, name="feat"):
     check_labels(y, feat.shape[0], weight.shape[0], feat.device)
 
 
+def _autocast_off(feat: torch.Tensor):
+    """The head op computes in its own math dtype (fp32 for fp32 / bf16 / fp16): autocast must
+    not recast the torch ops it runs inside (the CPU op's matmul in bf16 under autocast failed
+    with "expected scalar type Float but found BFloat16"); a no-op context outside autocast."""
+    dev = feat.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
+
+
 def local_head(feat: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                y: torch.Tensor):
     """The local head of a block, fused: global average pool -> linear -> cross-entropy
@@ -289,20 +300,32 @@ def local_head(feat: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     backend = backend_for(feat)
     if backend == "reference":
         return reference.local_head(feat, weight, bias, y)
-    return _ops(backend)["head"](feat, weight, bias, y)
+    with _autocast_off(feat):
+        return _ops(backend)["head"](feat, weight, bias, y)
 
 
 def head_loss(feat: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
               y: torch.Tensor):
     """The differentiable loss of local_head: returns (loss, logits detached). Its backward is
     the broadcast of the fused grad_pooled over feat's spatial positions (and the fused
-    grad_weight / grad_bias): autograd keeps [N, C], not feat."""
+    grad_weight / grad_bias): autograd keeps [N, C], not feat.
+
+    Mixed precision: under torch.autocast on feat's device, a weight / bias of another dtype than
+    feat (fp32 master weights, bf16 / fp16 features) is cast to feat's dtype for the op, as
+    autocast casts nn.Linear's; the cast is differentiable, so the gradients reach the fp32
+    parameters in fp32. Outside autocast the dtypes must match."""
+    if (isinstance(feat, torch.Tensor) and isinstance(weight, torch.Tensor)
+            and weight.dtype != feat.dtype and feat.dtype in _FLOATS
+            and torch.is_autocast_enabled(feat.device.type)):
+        weight = weight.to(feat.dtype)
+        bias = None if bias is None else bias.to(feat.dtype)
     _check_head(feat, weight, bias, y)
     backend = backend_for(feat)
-    if backend == "reference":
-        loss, logits, _ = reference.head_loss(feat, weight, bias, y)
-        return loss, logits.detach()
-    out = _ops(backend)["head"](feat, weight, bias, y)
+    with _autocast_off(feat):
+        if backend == "reference":
+            loss, logits, _ = reference.head_loss(feat, weight, bias, y)
+            return loss, logits.detach()
+        out = _ops(backend)["head"](feat, weight, bias, y)
     return out[0], out[1]
 
 

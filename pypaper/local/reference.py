@@ -30,9 +30,10 @@ def _act(z: torch.Tensor, activation: int) -> torch.Tensor:
 
 
 def ff_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x_hat = x / (||x||_2 + eps), row by row (Hinton's FF layer normalisation: it removes the
-    goodness of the previous layer, so each layer must find new features)."""
-    return x / (x.norm(dim=1, keepdim=True) + eps)
+    """x_hat = x / (||x||_2 + eps), row by row (the norm along the last dim; Hinton's FF layer
+    normalisation: it removes the goodness of the previous layer, so each layer must find new
+    features)."""
+    return x / (x.norm(dim=-1, keepdim=True) + eps)
 
 
 def ff_forward(x, weight, bias, normalize=True, eps=1e-4):

@@ -77,3 +77,25 @@ def test_cuda_bad_labels():
     x, w, b = _cuda(*_inputs(4, 5, 3, torch.float32))
     with pytest.raises(ValueError, match="y must hold class labels"):
         L.tp_linear(x, w, b, torch.rand(2, 3).cuda(), torch.tensor([0, 1, 2, 0]).cuda())
+
+
+def test_local_sequential_cuda_autocast_fp16_with_grad_scaler():
+    # fp16 features from the blocks, fp32 head weights cast for the op; GradScaler unscales
+    # (not yet run: no GPU was lent when it was written)
+    torch.manual_seed(0)
+    from torch import nn
+    blocks = [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+              nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())]
+    x, y = torch.randn(8, 3, 8, 8).cuda(), torch.randint(0, 5, (8,)).cuda()
+    net = L.LocalSequential([b.cuda() for b in blocks], "dgl", num_classes=5,
+                            example_input=x[:2]).cuda()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        losses = net.train_step(x, y)
+    assert torch.isfinite(losses).all()
+    assert all(p.grad.dtype == torch.float32 for p in net.parameters() if p.requires_grad)
+    net.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.float16):
+        losses = net.train_step(x, y, opt, scaler=scaler)
+    assert torch.isfinite(losses).all()
