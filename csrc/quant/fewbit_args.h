@@ -130,7 +130,8 @@ inline void check_forward(const at::Tensor& x, const at::Tensor& borders, const 
   TORCH_CHECK(borders.device() == x.device(), "borders must be on ", x.device(), ", got ",
               borders.device());
   if (fold) {
-    TORCH_CHECK_VALUE(borders.numel() == 2, "fold=True needs 2 borders (an open interval), got ",
+    TORCH_CHECK_VALUE(borders.numel() == 2 || borders.numel() == kMaxFoldBorders,
+                      "fold=True needs 2 or 3 borders (an open interval, then +inf), got ",
                       borders.numel());
   } else {
     TORCH_CHECK_VALUE(borders.numel() + 1 <= (int64_t{1} << bits), borders.numel() + 1,

@@ -7,12 +7,19 @@
 // piecewise-constant q with 2^b levels and keep, per element, the b-bit index of its piece.
 //
 // Code of an element. Borders t_0 < t_1 < ... < t_{P-2} cut the real line into P pieces; the
-// piece of x is the number of borders strictly below it, #{j : x > t_j}. The code is the piece,
-// or with `fold` its parity: the exact two-level derivatives that are nonzero on an open interval
-// (ReLU6, Hardtanh, Hardsigmoid) have three pieces and two levels, borders (lo, below(hi)) where
-// below(hi) is the largest value of the math type under hi, so that x in (lo, hi) <=> code 1,
-// matching torch's backward (zero where x <= lo or x >= hi) bit for bit.
-// A NaN input compares false everywhere: piece 0.
+// piece of x is the number of borders strictly below it, #{j : !(x <= t_j)}. The code is the
+// piece, or with `fold` its parity: the exact two-level derivatives that are nonzero on an open
+// interval (ReLU6, Hardtanh, Hardsigmoid) have three pieces and two levels, borders (lo,
+// below(hi)) where below(hi) is the largest value of the math type under hi, so that x in
+// (lo, hi) <=> code 1, matching torch's backward (zero where x <= lo or x >= hi) bit for bit.
+// A NaN input counts as above every border (!(NaN <= t) is true): the top piece. That is where
+// torch's ReLU backward puts it (its mask x <= 0 is false for NaN); a third border +inf with
+// `fold` (Hardtanh: NaN -> code 1, passing the gradient as torch does) or a second one
+// (LeakyReLU: borders (0, +inf), NaN -> code 0, the slope) moves NaN to the code torch's
+// backward gives it, since no number but NaN is above +inf. Fold takes 2 or 3 borders.
+//
+// Backward: dx = (level == 0) ? 0 : dy * level, a select as in torch's backward of ReLU,
+// Hardtanh and Hardsigmoid: +0, not NaN for an infinite or NaN dy, nor -0 for a negative one.
 //
 // Layout of the codes of n elements with b bits each: exactly ceil(b*n/8) bytes, in blocks of
 // 32 elements. Block B holds elements [32B, 32B + r), r = min(32, n - 32B), and starts at bit
@@ -29,16 +36,17 @@
 namespace pypaper {
 namespace fewbit {
 
-// At most 4 bits: 16 pieces, 15 borders.
+// At most 4 bits: 16 pieces, 15 borders; with fold 2 or 3 borders.
 constexpr int kMaxBits = 4;
 constexpr int kMaxBorders = (1 << kMaxBits) - 1;
+constexpr int kMaxFoldBorders = 3;
 constexpr int64_t kBlock = 32;
 
-// The piece of x: the number of borders below it (borders sorted ascending).
+// The piece of x: the number of borders below it (borders sorted ascending); NaN is above all.
 template <typename T>
 PYPAPER_HD int piece_of(T x, const T* borders, int num_borders) {
   int p = 0;
-  for (int j = 0; j < num_borders; ++j) p += (x > borders[j]) ? 1 : 0;
+  for (int j = 0; j < num_borders; ++j) p += !(x <= borders[j]) ? 1 : 0;
   return p;
 }
 
@@ -46,6 +54,12 @@ template <typename T>
 PYPAPER_HD int code_of(T x, const T* borders, int num_borders, bool fold) {
   const int p = piece_of(x, borders, num_borders);
   return fold ? (p & 1) : p;
+}
+
+// The backward's product: 0 where the level is 0 (whatever dy is), else dy * level.
+template <typename T>
+PYPAPER_HD T scale_grad(T dy, T level) {
+  return level == T(0) ? T(0) : dy * level;
 }
 
 // Bytes of the codes of n elements at b bits.

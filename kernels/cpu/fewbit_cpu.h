@@ -1,5 +1,6 @@
 // Torch-free CPU loops of the few-bit backward activations: pack the b-bit codes of x, and the
-// backward dx = levels[code] * dy. Layout and code: kernels/common/fewbit_pack.h.
+// backward dx = levels[code] * dy (0 where the level is 0). Layout and code:
+// kernels/common/fewbit_pack.h.
 //
 // Both are memory-bound streams, so the AVX2 path does a block of 32 elements as four 8-lane
 // vectors: the piece is a sum of compare masks, each bit plane one movemask per vector; in the
@@ -83,7 +84,7 @@ inline void backward_block_scalar(const In* gy, const uint8_t* planes, In* gx, i
       const int64_t pos = k * r + j;
       c |= ((planes[pos >> 3] >> (pos & 7)) & 1) << k;
     }
-    gx[j] = pypaper::cpu::store_as<In>(math_value<In, T>(gy[j]) * levels[c]);
+    gx[j] = pypaper::cpu::store_as<In>(scale_grad<T>(math_value<In, T>(gy[j]), levels[c]));
   }
 }
 
@@ -118,8 +119,8 @@ inline void store8(In* p, __m256 v) {
 inline __m256i piece8(__m256 x, const __m256* bord, int nb, bool fold) {
   __m256i p = _mm256_setzero_si256();
   for (int j = 0; j < nb; ++j) {
-    // mask lanes are -1: subtracting counts them
-    p = _mm256_sub_epi32(p, _mm256_castps_si256(_mm256_cmp_ps(x, bord[j], _CMP_GT_OQ)));
+    // mask lanes are -1: subtracting counts them. !(x <= border): NaN counts (unordered: true)
+    p = _mm256_sub_epi32(p, _mm256_castps_si256(_mm256_cmp_ps(x, bord[j], _CMP_NLE_UQ)));
   }
   if (fold) p = _mm256_and_si256(p, _mm256_set1_epi32(1));
   return p;
@@ -183,7 +184,10 @@ inline void backward_blocks_avx2(const In* gy, const uint8_t* codes, In* gx, int
       uint32_t bytes[kMaxBits];
       for (int k = 0; k < bits; ++k) bytes[k] = (planes[k] >> (8 * v)) & 0xffu;
       const int64_t o = B * kBlock + 8 * v;
-      store8(gx + o, _mm256_mul_ps(load8(gy + o), level8(bytes, bits, lo, hi)));
+      const __m256 lv = level8(bytes, bits, lo, hi);
+      // scale_grad: lanes whose level is 0 get +0 (not inf * 0 = NaN, nor -0)
+      const __m256 nonzero = _mm256_cmp_ps(lv, _mm256_setzero_ps(), _CMP_NEQ_OQ);
+      store8(gx + o, _mm256_and_ps(_mm256_mul_ps(load8(gy + o), lv), nonzero));
     }
   }
 }
@@ -215,7 +219,7 @@ void pack_range(const In* x, uint8_t* codes, int64_t begin, int64_t end,
   }
 }
 
-// dx[i] = levels[code_i] * dy[i] for i in [begin, end) (same alignment rule as pack_range: a
+// dx[i] = levels[code_i] * dy[i] (0 where the level is 0) for i in [begin, end) (same alignment rule as pack_range: a
 // partial block is the last one), rounded once to the storage type.
 template <typename In, typename T>
 void backward_range(const In* gy, const uint8_t* codes, In* gx, int64_t begin, int64_t end,

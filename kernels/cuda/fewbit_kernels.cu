@@ -18,7 +18,8 @@
 // of a block read the same words (broadcast loads). code = sum_k (word_k >> j & 1) << k, which is
 // read_code for a full block; the partial block goes through read_code itself. levels (<= 16) are
 // staged in shared memory; dx = levels[code] * dy is one multiply in the math type and one
-// round-to-nearest-even to the storage type, as the CPU loop (nothing to contract into an FMA).
+// round-to-nearest-even to the storage type, as the CPU loop (nothing to contract into an FMA),
+// or 0 where the level is 0 (fewbit::scale_grad: a select, as torch's ReLU backward).
 #include "fewbit_kernels.cuh"
 #include "device_common.cuh"
 
@@ -43,12 +44,20 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---- storage and math types --------------------------------------------------------------------
 
-// +inf pads the border list to a compile-time length: x > +inf is false for every x (NaN too), so
-// a padded border never counts and code_of is unchanged, while the compare loop unrolls over
-// registers.
+// +inf pads the border list to a compile-time length, so that the compare loop unrolls over
+// registers; code_padded counts only the nb real borders (a NaN x is above every border,
+// padding included), which is fewbit::code_of on the nb borders.
 __device__ __forceinline__ void set_inf(float& v) { v = __int_as_float(0x7f800000); }
 __device__ __forceinline__ void set_inf(double& v) {
   v = __longlong_as_double(0x7ff0000000000000LL);
+}
+
+template <int MAXB, bool FOLD, typename T>
+__device__ __forceinline__ int code_padded(T x, const T (&bord)[MAXB], int nb) {
+  int p = 0;
+#pragma unroll
+  for (int j = 0; j < MAXB; ++j) p += (j < nb && !(x <= bord[j])) ? 1 : 0;
+  return FOLD ? (p & 1) : p;
 }
 
 // A plane word at p, little-endian (the stream order; the GPU is little-endian too).
@@ -86,14 +95,14 @@ __device__ __forceinline__ void or_at(uint64_t& lo, uint64_t& hi, uint32_t w, in
 
 // ---- pack --------------------------------------------------------------------------------------
 
-// MAXB = the most borders the op allows: 2 with fold, else 2^BITS - 1.
+// MAXB = the most borders the op allows: 3 with fold, else 2^BITS - 1.
 template <typename In, int BITS, bool FOLD>
 __global__ void __launch_bounds__(kThreads)
     fewbit_pack_kernel(const In* __restrict__ x, uint8_t* __restrict__ codes, int64_t n,
                        const typename MathOf<In>::type* __restrict__ borders, int nb,
                        bool aligned4) {
   using T = typename MathOf<In>::type;
-  constexpr int kMaxB = FOLD ? 2 : (1 << BITS) - 1;
+  constexpr int kMaxB = FOLD ? fewbit::kMaxFoldBorders : (1 << BITS) - 1;
   T bord[kMaxB];
 #pragma unroll
   for (int j = 0; j < kMaxB; ++j) {
@@ -123,7 +132,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int u = 0; u < kTile; ++u) {
       if (u < here) {
-        const uint32_t c = static_cast<uint32_t>(fewbit::code_of(xv[u], bord, kMaxB, FOLD));
+        const uint32_t c = static_cast<uint32_t>(code_padded<kMaxB, FOLD>(xv[u], bord, nb));
 #pragma unroll
         for (int k = 0; k < BITS; ++k) {
           const uint32_t w = __ballot_sync(kFullMask, (c >> k) & 1u);
@@ -141,7 +150,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t first = nfull * fewbit::kBlock;
     uint32_t c = 0;
     if (lane < r) {
-      c = static_cast<uint32_t>(fewbit::code_of(to_math(x[first + lane]), bord, kMaxB, FOLD));
+      c = static_cast<uint32_t>(code_padded<kMaxB, FOLD>(to_math(x[first + lane]), bord, nb));
     }
     const uint32_t valid = (1u << r) - 1u;
     uint64_t lo = 0, hi = 0;  // the tail's bit stream: bit k*r + j = bit k of c_j
@@ -190,7 +199,7 @@ __global__ void __launch_bounds__(kThreads)
       int c = 0;
 #pragma unroll
       for (int k = 0; k < kMaxBits; ++k) c |= static_cast<int>((w[k] >> v) & 1u) << k;
-      store(out.v[v], to_math(g.v[v]) * lv[c]);
+      store(out.v[v], fewbit::scale_grad<T>(to_math(g.v[v]), lv[c]));
     }
     *reinterpret_cast<Pack<In, VEC>*>(gx + e0) = out;
   }
@@ -200,7 +209,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t i = first + global_thread();
   if (i < n) {
     const int c = fewbit::read_code(codes, i, n, bits);
-    store(gx[i], to_math(gy[i]) * lv[c]);
+    store(gx[i], fewbit::scale_grad<T>(to_math(gy[i]), lv[c]));
   }
 }
 
@@ -241,7 +250,9 @@ cudaError_t launch_fewbit_pack(FloatType type, const void* x, uint8_t* codes, in
                                const void* borders, int nb, int bits, bool fold,
                                cudaStream_t stream) {
   if (bits < 1 || bits > kMaxBits || nb < 1 || n < 0) return cudaErrorInvalidValue;
-  if (fold ? nb != 2 : nb + 1 > (1 << bits)) return cudaErrorInvalidValue;
+  if (fold ? (nb != 2 && nb != fewbit::kMaxFoldBorders) : nb + 1 > (1 << bits)) {
+    return cudaErrorInvalidValue;
+  }
   if (n == 0) return cudaSuccess;
   int sms = 0;
   cudaError_t err = sm_count(&sms);

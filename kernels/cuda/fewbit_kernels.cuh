@@ -22,13 +22,15 @@ namespace pypaper {
 namespace gpu {
 
 // codes (packed_bytes(n, bits) bytes) = the b-bit codes of x under `borders`: piece =
-// #{j : x > borders[j]}, or its parity when `fold` (then nb == 2). 1 <= bits <= 4, 1 <= nb,
-// nb + 1 <= 2^bits unless fold. The forward's y = f(x) is torch's own kernel, not launched here.
+// #{j : !(x <= borders[j])} (NaN: nb), or its parity when `fold` (then nb is 2 or 3).
+// 1 <= bits <= 4, 1 <= nb, nb + 1 <= 2^bits unless fold. The forward's y = f(x) is torch's own
+// kernel, not launched here.
 cudaError_t launch_fewbit_pack(FloatType type, const void* x, uint8_t* codes, int64_t n,
                                const void* borders, int nb, int bits, bool fold,
                                cudaStream_t stream);
 
-// gx = levels[code_i] * gy (math type, one rounding to the storage type), codes as packed above.
+// gx = levels[code_i] * gy, or 0 where levels[code_i] == 0 (math type, one rounding to the
+// storage type), codes as packed above.
 // codes may have any alignment (a byte offset into a larger buffer).
 cudaError_t launch_fewbit_backward(FloatType type, const void* gy, const uint8_t* codes, void* gx,
                                    int64_t n, const void* levels, int bits, cudaStream_t stream);

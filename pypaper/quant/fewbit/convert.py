@@ -5,15 +5,25 @@
 
 Swapped: torch.nn's GELU, SiLU, Mish, ELU, SELU, Softplus, Sigmoid, Tanh, LogSigmoid, Hardswish,
 ReLU, LeakyReLU, ReLU6, Hardtanh, Hardsigmoid modules; HuggingFace transformers' activation
-modules whose forward is one of those torch functions (GELUActivation, GELUTanh /
-PytorchGELUTanh, SiLUActivation, MishActivation, ...); and module attributes holding the torch
-functions themselves (e.g. ``self.act_fn = F.gelu`` in older model code). Activations written
-out by hand (e.g. HF's NewGELUActivation, a tanh formula that torch's gelu(approximate="tanh")
-matches only to rounding) are left alone, so the forward of a converted model is unchanged bit
-for bit. ``filter_fn(module, fully_qualified_name) -> bool`` restricts the swap (torchao style).
+modules whose forward is one of those torch functions (GELUActivation and GELUTanh /
+PytorchGELUTanh when their ``act`` is F.gelu, SiLUActivation, MishActivation, ...); and module
+attributes holding the torch functions themselves (e.g. ``self.act_fn = F.gelu`` in older model
+code), replaced by a FunctionActivation that takes the function's own arguments: calls with
+arguments the few-bit activation implements (``approximate='tanh'``, ``negative_slope=0.2``,
+``alpha=``, ``inplace=False``, ... by keyword or position) use it, any other call
+(``inplace=True``, ``out=``, a non-float tensor, an unknown argument) runs the original function.
+Activations written out by hand (HF's NewGELUActivation / "gelu_new", "gelu_fast", "quick_gelu",
+GELUTanh(use_gelu_tanh_python=True), ...: formulas that torch's functions match only to
+rounding) are left alone, so the forward of a converted model is unchanged bit for bit; convert
+warns when it finds nothing to convert. Converting a converted model again with another ``bits``
+rebuilds the activations it converted before. ``filter_fn(module, fully_qualified_name) -> bool``
+restricts the swap (torchao style).
 """
 from __future__ import annotations
 
+import functools
+import math
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -21,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import modules as M
+from . import ops, tables
 
 _ORIGINAL = "_fewbit_original"
 
@@ -73,7 +84,13 @@ def _from_hf_module(m: nn.Module, bits: int) -> Optional[nn.Module]:
         # its .act is F.gelu unless it was built with use_gelu_python (a hand-written erf form)
         return M.GELU(bits=bits) if getattr(m, "act", None) is F.gelu else None
     if name in ("GELUTanh", "PytorchGELUTanh"):
-        return M.GELU("tanh", bits=bits)
+        # .act is functools.partial(F.gelu, approximate="tanh") unless built with
+        # use_gelu_tanh_python (a hand-written tanh formula); versions without .act call
+        # F.gelu(x, approximate="tanh") in forward
+        act = getattr(m, "act", _MISSING)
+        if act is _MISSING or _is_gelu_tanh(act):
+            return M.GELU("tanh", bits=bits)
+        return None
     if name == "SiLUActivation":
         return M.SiLU(bits=bits)
     if name == "MishActivation":
@@ -81,52 +98,197 @@ def _from_hf_module(m: nn.Module, bits: int) -> Optional[nn.Module]:
     return None
 
 
+_MISSING = object()
+
+
+def _is_gelu_tanh(act) -> bool:
+    return (isinstance(act, functools.partial) and act.func is F.gelu and not act.args
+            and act.keywords == {"approximate": "tanh"})
+
+
+# ---- torch functions held as attributes --------------------------------------------------------
+
+# The arguments after the input of each torch activation function: (name, default, positional).
+_KW, _POS = False, True
+_INPLACE = ("inplace", False, _POS)
+_SIGNATURES = {
+    F.gelu: ("gelu", (("approximate", "none", _KW),)),
+    F.silu: ("silu", (_INPLACE,)),
+    F.mish: ("mish", (_INPLACE,)),
+    F.elu: ("elu", (("alpha", 1.0, _POS), _INPLACE)),
+    F.selu: ("selu", (_INPLACE,)),
+    F.softplus: ("softplus", (("beta", 1.0, _POS), ("threshold", 20.0, _POS))),
+    torch.sigmoid: ("sigmoid", ()), F.sigmoid: ("sigmoid", ()),
+    torch.tanh: ("tanh", ()), F.tanh: ("tanh", ()),
+    F.logsigmoid: ("logsigmoid", ()),
+    F.hardswish: ("hardswish", (_INPLACE,)),
+    F.relu: ("relu", (_INPLACE,)), torch.relu: ("relu", ()),
+    F.relu6: ("relu6", (_INPLACE,)),
+    F.hardsigmoid: ("hardsigmoid", (_INPLACE,)),
+    F.leaky_relu: ("leaky_relu", (("negative_slope", 0.01, _POS), _INPLACE)),
+    F.hardtanh: ("hardtanh", (("min_val", -1.0, _POS), ("max_val", 1.0, _POS), _INPLACE)),
+}
+
+
+def _number(v) -> Optional[float]:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _table_key(kind: str, values: dict) -> Optional[tuple]:
+    """(activation name, params) of the few-bit op for a call with these argument values, or
+    None when the few-bit activation does not implement them (the original function runs)."""
+    if values.get("inplace", False) is not False:
+        return None  # in place: the caller may rely on x being overwritten
+    if kind == "gelu":
+        a = values["approximate"]
+        return {"none": ("gelu", ()), "tanh": ("gelu_tanh", ())}.get(a) \
+            if isinstance(a, str) else None
+    if kind == "relu6":
+        return "hardtanh", (0.0, 6.0)
+    numbers = tuple(_number(v) for k, v in values.items() if k != "inplace")
+    if any(v is None for v in numbers):
+        return None
+    if kind == "hardtanh" and not numbers[0] < numbers[1]:
+        return None
+    return kind, numbers
+
+
+class FunctionActivation(M.FewBitActivation):
+    """Stands in for a torch activation function held as a module attribute (``self.act =
+    F.gelu``): called like that function. Arguments the few-bit activation implements (by
+    keyword or position, e.g. ``approximate='tanh'``, ``negative_slope=0.2``, ``inplace=False``)
+    run it (tables for non-default values are built at first use and kept); any other call runs
+    the original function (``fn``), torch's own forward and backward."""
+
+    def __init__(self, fn, bits: Optional[int] = tables.DEFAULT_BITS):
+        kind, signature = _SIGNATURES[fn]
+        key = _table_key(kind, {k: d for k, d, _ in signature})
+        self.name = key[0]
+        super().__init__(key[1], bits)
+        object.__setattr__(self, "fn", fn)  # a function, not a submodule
+        self.kind, self.signature = kind, signature
+        self.requested_bits = tables.check_bits(bits)
+        self._tables = {key: self.approximation}
+
+    def extra_repr(self) -> str:
+        name = getattr(self.fn, "__qualname__", None) or repr(self.fn)
+        module = getattr(self.fn, "__module__", None) or "torch"
+        return f"{module}.{name}, bits={self.requested_bits}"
+
+    def _bind(self, args, kwargs):
+        """(x, argument values) of a call, or None when it is not a plain call of the function
+        with a float tensor (the original function then decides what it means)."""
+        if args:
+            x, rest = args[0], args[1:]
+        elif "input" in kwargs:
+            x, rest = kwargs["input"], ()
+            kwargs = {k: v for k, v in kwargs.items() if k != "input"}
+        else:
+            return None
+        if not isinstance(x, torch.Tensor) or x.dtype not in ops._FLOATS:
+            return None
+        positional = [name for name, _, pos in self.signature if pos]
+        if len(rest) > len(positional):
+            return None
+        values = {name: default for name, default, _ in self.signature}
+        values.update(zip(positional, rest))
+        given = set(positional[:len(rest)])
+        for k, v in kwargs.items():
+            if k not in values or k in given:
+                return None
+            values[k] = v
+        return x, values
+
+    def forward(self, *args, **kwargs):
+        bound = self._bind(args, kwargs)
+        key = _table_key(self.kind, bound[1]) if bound is not None else None
+        if key is None:
+            return self.fn(*args, **kwargs)
+        approx = self._tables.get(key)
+        if approx is None:
+            if torch.compiler.is_compiling():  # a table built while tracing: constants
+                return ops.activation(bound[0], key[0], self.requested_bits, params=key[1])
+            approx = tables.approximation(key[0], self.requested_bits, key[1])
+            self._tables[key] = approx
+        return ops.apply(bound[0], approx)
+
+
 def _from_function(fn, bits: int) -> Optional[nn.Module]:
-    """The few-bit module of a torch activation function held as an attribute, or None."""
-    table = {
-        F.gelu: lambda: M.GELU(bits=bits), F.silu: lambda: M.SiLU(bits=bits),
-        F.mish: lambda: M.Mish(bits=bits), F.elu: lambda: M.ELU(bits=bits),
-        F.selu: lambda: M.SELU(bits=bits), F.softplus: lambda: M.Softplus(bits=bits),
-        torch.sigmoid: lambda: M.Sigmoid(bits=bits), F.sigmoid: lambda: M.Sigmoid(bits=bits),
-        torch.tanh: lambda: M.Tanh(bits=bits), F.tanh: lambda: M.Tanh(bits=bits),
-        F.logsigmoid: lambda: M.LogSigmoid(bits=bits), F.hardswish: lambda: M.Hardswish(bits=bits),
-        F.relu: M.ReLU, torch.relu: M.ReLU, F.relu6: M.ReLU6, F.hardsigmoid: M.Hardsigmoid,
-        F.leaky_relu: M.LeakyReLU, F.hardtanh: M.Hardtanh,
-    }
+    """The few-bit stand-in of a torch activation function held as an attribute, or None."""
     try:
-        make = table.get(fn)
+        known = fn in _SIGNATURES
     except TypeError:  # unhashable attribute
         return None
-    return make() if make is not None else None
+    return FunctionActivation(fn, bits) if known else None
 
 
-def _check_bits(bits) -> None:
+def _check_bits(bits) -> int:
+    if bits is None:
+        return tables.DEFAULT_BITS
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 4:
         raise ValueError(f"bits must be an int in 1..4, got {bits!r}")
+    return bits
 
 
-def convert(model: nn.Module, bits: int = 2,
+def _rebuilt(current: nn.Module, bits: int) -> Optional[nn.Module]:
+    """A module made by an earlier convert, rebuilt from its original with ``bits`` (None when
+    it already has those bits)."""
+    original = getattr(current, _ORIGINAL)
+    if isinstance(original, nn.Module):
+        new = _from_module(original, bits)
+    else:
+        new = _from_function(original, bits)
+    if new is None or _bits_of(new) == _bits_of(current):
+        return None
+    object.__setattr__(new, _ORIGINAL, original)
+    return new
+
+
+def _bits_of(m: nn.Module):
+    return getattr(m, "requested_bits", None) or m.bits
+
+
+def convert(model: nn.Module, bits: Optional[int] = tables.DEFAULT_BITS,
             filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
     """Replace model's activations with few-bit ones in place (see the module docstring);
-    returns model. The state_dict is unchanged: activations have no parameters."""
+    returns model. The state_dict is unchanged: activations have no parameters. ``bits=None``
+    means the default, 2. Activations converted by an earlier call are rebuilt with ``bits``
+    (revert still restores the originals). Warns when the model has no convertible
+    activation."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_bits(bits)
+    bits = _check_bits(bits)
     if isinstance(model, M.FewBitActivation):
         raise ValueError("model is itself a few-bit activation; convert its parent")
-    replaced = set()  # modules swapped out: left untouched, so that revert restores them as they were
+    replaced = set()  # modules swapped out: left untouched, so revert restores them as they were
+    converted = 0  # activations converted now or by an earlier call (and kept by filter_fn)
     for parent_name, parent in list(model.named_modules()):
         if isinstance(parent, M.FewBitActivation) or id(parent) in replaced:
             continue
         prefix = parent_name + "." if parent_name else ""
         for attr, child in list(parent._modules.items()):
-            if child is None or (filter_fn is not None and not filter_fn(child, prefix + attr)):
+            if child is None:
+                continue
+            original = getattr(child, _ORIGINAL, None)
+            if original is not None:  # converted before: rebuilt with these bits
+                seen = original if isinstance(original, nn.Module) else parent
+                if filter_fn is not None and not filter_fn(seen, prefix + attr):
+                    continue
+                converted += 1
+                new = _rebuilt(child, bits)
+                if new is not None:
+                    setattr(parent, attr, new)
+                continue
+            if filter_fn is not None and not filter_fn(child, prefix + attr):
                 continue
             new = _from_module(child, bits)
             if new is not None:
                 object.__setattr__(new, _ORIGINAL, child)
                 replaced.update(id(m) for m in child.modules())
                 setattr(parent, attr, new)
+                converted += 1
         for attr, value in list(vars(parent).items()):
             if attr.startswith("_") or not callable(value) or isinstance(value, nn.Module):
                 continue
@@ -137,6 +299,14 @@ def convert(model: nn.Module, bits: int = 2,
                 object.__setattr__(new, _ORIGINAL, value)
                 object.__delattr__(parent, attr)
                 setattr(parent, attr, new)
+                converted += 1
+    if converted == 0:
+        warnings.warn(
+            f"pypaper.quant.fewbit.convert: no activation of {type(model).__name__} was converted. "
+            "Only torch's activation modules and functions (and HF modules that call them) are "
+            "swapped; activations written out by hand (e.g. HF's NewGELUActivation 'gelu_new', "
+            "'gelu_fast', 'quick_gelu') are left alone, so that the forward stays bit-identical.",
+            UserWarning, stacklevel=2)
     return model
 
 

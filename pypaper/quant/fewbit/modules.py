@@ -10,9 +10,12 @@ codes are taken, and the saved codes make an in-place result pointless memory-wi
 tables.fit_density); ``grid=(lo, hi, n)`` sets the DP grid.
 
 ReLU, LeakyReLU, ReLU6, Hardtanh and Hardsigmoid are exact with one bit (torch's own backward,
-bit for bit) and take no ``bits``.
+bit for bit): they accept ``bits=`` (1..4 or None, so that code written for the approximated
+ones works) and ignore it. ``bits=None`` means the default, 2, everywhere.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 from torch import nn
 
@@ -24,7 +27,8 @@ class FewBitActivation(nn.Module):
 
     name: str = ""
 
-    def __init__(self, params=(), bits: int = 2, density=None, grid=None):
+    def __init__(self, params=(), bits: Optional[int] = tables.DEFAULT_BITS, density=None,
+                 grid=None):
         super().__init__()
         self.approximation = tables.approximation(self.name, bits, params, density, grid)
 
@@ -42,18 +46,23 @@ class FewBitActivation(nn.Module):
 
 
 class GELU(FewBitActivation):
-    def __init__(self, approximate: str = "none", *, bits: int = 2, density=None, grid=None):
+    def __init__(self, approximate: str = "none", *, bits: Optional[int] = 2, density=None,
+                 grid=None):
         if approximate not in ("none", "tanh"):
             raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
         self.name = "gelu" if approximate == "none" else "gelu_tanh"
         self.approximate = approximate
         super().__init__((), bits, density, grid)
 
+    def extra_repr(self) -> str:
+        rest = super().extra_repr()
+        return rest if self.approximate == "none" else f"approximate='tanh', {rest}"
+
 
 class SiLU(FewBitActivation):
     name = "silu"
 
-    def __init__(self, inplace: bool = False, *, bits: int = 2, density=None, grid=None):
+    def __init__(self, inplace: bool = False, *, bits: Optional[int] = 2, density=None, grid=None):
         super().__init__((), bits, density, grid)
         self.inplace = inplace
 
@@ -61,7 +70,7 @@ class SiLU(FewBitActivation):
 class Mish(FewBitActivation):
     name = "mish"
 
-    def __init__(self, inplace: bool = False, *, bits: int = 2, density=None, grid=None):
+    def __init__(self, inplace: bool = False, *, bits: Optional[int] = 2, density=None, grid=None):
         super().__init__((), bits, density, grid)
         self.inplace = inplace
 
@@ -69,7 +78,7 @@ class Mish(FewBitActivation):
 class ELU(FewBitActivation):
     name = "elu"
 
-    def __init__(self, alpha: float = 1.0, inplace: bool = False, *, bits: int = 2,
+    def __init__(self, alpha: float = 1.0, inplace: bool = False, *, bits: Optional[int] = 2,
                  density=None, grid=None):
         super().__init__((alpha,), bits, density, grid)
         self.alpha, self.inplace = alpha, inplace
@@ -78,7 +87,7 @@ class ELU(FewBitActivation):
 class SELU(FewBitActivation):
     name = "selu"
 
-    def __init__(self, inplace: bool = False, *, bits: int = 2, density=None, grid=None):
+    def __init__(self, inplace: bool = False, *, bits: Optional[int] = 2, density=None, grid=None):
         super().__init__((), bits, density, grid)
         self.inplace = inplace
 
@@ -86,7 +95,7 @@ class SELU(FewBitActivation):
 class Softplus(FewBitActivation):
     name = "softplus"
 
-    def __init__(self, beta: float = 1.0, threshold: float = 20.0, *, bits: int = 2,
+    def __init__(self, beta: float = 1.0, threshold: float = 20.0, *, bits: Optional[int] = 2,
                  density=None, grid=None):
         super().__init__((beta, threshold), bits, density, grid)
         self.beta, self.threshold = beta, threshold
@@ -95,39 +104,40 @@ class Softplus(FewBitActivation):
 class Sigmoid(FewBitActivation):
     name = "sigmoid"
 
-    def __init__(self, *, bits: int = 2, density=None, grid=None):
+    def __init__(self, *, bits: Optional[int] = 2, density=None, grid=None):
         super().__init__((), bits, density, grid)
 
 
 class Tanh(FewBitActivation):
     name = "tanh"
 
-    def __init__(self, *, bits: int = 2, density=None, grid=None):
+    def __init__(self, *, bits: Optional[int] = 2, density=None, grid=None):
         super().__init__((), bits, density, grid)
 
 
 class LogSigmoid(FewBitActivation):
     name = "logsigmoid"
 
-    def __init__(self, *, bits: int = 2, density=None, grid=None):
+    def __init__(self, *, bits: Optional[int] = 2, density=None, grid=None):
         super().__init__((), bits, density, grid)
 
 
 class Hardswish(FewBitActivation):
     name = "hardswish"
 
-    def __init__(self, inplace: bool = False, *, bits: int = 2, density=None, grid=None):
+    def __init__(self, inplace: bool = False, *, bits: Optional[int] = 2, density=None, grid=None):
         super().__init__((), bits, density, grid)
         self.inplace = inplace
 
 
-# ---- exact with one bit ---------------------------------------------------------------------
+# ---- exact with one bit: bits= (1..4 or None) is accepted and ignored ------------------------
 
 
 class ReLU(FewBitActivation):
     name = "relu"
 
-    def __init__(self, inplace: bool = False):
+    def __init__(self, inplace: bool = False, *, bits: Optional[int] = None):
+        tables.check_bits(bits)
         super().__init__((), 1)
         self.inplace = inplace
 
@@ -135,7 +145,9 @@ class ReLU(FewBitActivation):
 class LeakyReLU(FewBitActivation):
     name = "leaky_relu"
 
-    def __init__(self, negative_slope: float = 1e-2, inplace: bool = False):
+    def __init__(self, negative_slope: float = 1e-2, inplace: bool = False, *,
+                 bits: Optional[int] = None):
+        tables.check_bits(bits)
         super().__init__((negative_slope,), 1)
         self.negative_slope, self.inplace = negative_slope, inplace
 
@@ -143,7 +155,9 @@ class LeakyReLU(FewBitActivation):
 class Hardtanh(FewBitActivation):
     name = "hardtanh"
 
-    def __init__(self, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False):
+    def __init__(self, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False, *,
+                 bits: Optional[int] = None):
+        tables.check_bits(bits)
         if not min_val < max_val:
             raise ValueError(f"min_val must be below max_val, got {min_val} and {max_val}")
         super().__init__((min_val, max_val), 1)
@@ -151,13 +165,14 @@ class Hardtanh(FewBitActivation):
 
 
 class ReLU6(Hardtanh):
-    def __init__(self, inplace: bool = False):
-        super().__init__(0.0, 6.0, inplace)
+    def __init__(self, inplace: bool = False, *, bits: Optional[int] = None):
+        super().__init__(0.0, 6.0, inplace, bits=bits)
 
 
 class Hardsigmoid(FewBitActivation):
     name = "hardsigmoid"
 
-    def __init__(self, inplace: bool = False):
+    def __init__(self, inplace: bool = False, *, bits: Optional[int] = None):
+        tables.check_bits(bits)
         super().__init__((), 1)
         self.inplace = inplace

@@ -6,11 +6,13 @@
 y = f(x) exactly (torch's own kernel); the backward multiplies the incoming gradient by the level
 of the piece each x fell in, read from ceil(b*n/8) saved bytes instead of the float input
 (Novikov et al., "Few-Bit Backward", ICML 2023). Backends (pypaper/_backend.py): the C++ kernel on
-CPU, the CUDA kernel then Triton on GPU, the plain-PyTorch reference anywhere.
+CPU, the CUDA kernel then Triton on GPU, the plain-PyTorch reference anywhere. When no gradient
+can flow to x (grad mode off, or x does not require grad) the ops are torch's activation on the
+contiguous x and nothing is packed or saved.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -47,21 +49,39 @@ def check_input(x) -> None:
         raise TypeError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
 
 
-def apply(x: torch.Tensor, approx: Approximation) -> torch.Tensor:
-    """y = f(x), with ``approx.levels[code(x)]`` as f'(x) in the backward (see ``activation``)."""
-    check_input(x)
-    borders, levels = approx.tensors(x.dtype, x.device)
+def _needs_codes(x: torch.Tensor) -> bool:
+    """Whether a backward can reach x: otherwise the forward alone is wanted."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _plain(x: torch.Tensor, name: str, params) -> torch.Tensor:
+    """torch's activation on the contiguous x: the y of the few-bit op, without the codes."""
+    return reference.activation(x.contiguous(), name, params)
+
+
+def _run(x, name, params, borders, levels, bits, fold) -> torch.Tensor:
     backend = backend_for(x)
     if backend == "reference":
-        return reference.fewbit_activation(x, approx.name, approx.params, borders, levels,
-                                           approx.bits, approx.fold)
-    y, _ = _op("fewbit_forward", backend)(x, approx.name, list(approx.params), borders, levels,
-                                          approx.bits, approx.fold)
+        return reference.fewbit_activation(x, name, params, borders, levels, bits, fold)
+    y, _ = _op("fewbit_forward", backend)(x, name, list(params), borders, levels, bits, fold)
     return y
 
 
-def activation(x: torch.Tensor, name: str, bits: int = 2, *, params: Sequence[float] = (),
-               density=None) -> torch.Tensor:
+def apply(x: torch.Tensor, approx: Approximation) -> torch.Tensor:
+    """y = f(x), with ``approx.levels[code(x)]`` as f'(x) in the backward (see ``activation``)."""
+    check_input(x)
+    if not _needs_codes(x):
+        return _plain(x, approx.name, approx.params)
+    borders, levels = approx.tensors(x.dtype, x.device)
+    return _run(x, approx.name, approx.params, borders, levels, approx.bits, approx.fold)
+
+
+# bits -> bits: indexing a tuple turns a dynamic int (SymInt) under torch.compile into a constant
+_SPECIALIZE = (0, 1, 2, 3, 4)
+
+
+def activation(x: torch.Tensor, name: str, bits: Optional[int] = tables.DEFAULT_BITS, *,
+               params: Sequence[float] = (), density=None) -> torch.Tensor:
     """A pointwise activation whose backward keeps ``bits`` bits per element.
 
     Forward: y = f(x), computed by torch's own kernel: identical to torch's call on the
@@ -76,8 +96,22 @@ def activation(x: torch.Tensor, name: str, bits: int = 2, *, params: Sequence[fl
             sigmoid, tanh, logsigmoid, hardswish; and the exact 1-bit ones relu, leaky_relu
             (negative_slope), hardtanh (min_val, max_val; relu6 is hardtanh(0, 6)), hardsigmoid,
             whose backward equals torch's bit for bit whatever ``bits`` says.
-        bits: 1..4.
+        bits: 1..4 (None: the default, 2).
         density: None (standard normal), a callable on numpy arrays, or observed input samples
             (fitted by tables.fit_density).
+
+    Under torch.compile (fullgraph too) the table of the default density is looked up once
+    while tracing (tables.table_constants) and enters the graph as constants.
     """
+    if torch.compiler.is_compiling() and density is None:
+        check_input(x)
+        params = tables.check_name(name, params)
+        bits = _SPECIALIZE[tables.check_bits(bits)]
+        if not _needs_codes(x):
+            return _plain(x, name, params)
+        b, fold, borders, levels = tables.table_constants(name, bits, params,
+                                                          x.dtype == torch.float64)
+        mdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return _run(x, name, params, torch.tensor(borders, dtype=mdt, device=x.device),
+                    torch.tensor(levels, dtype=mdt, device=x.device), b, fold)
     return apply(x, tables.approximation(name, bits, params, density))

@@ -3,12 +3,14 @@
 Same semantics as the C++/CUDA/Triton ops of csrc/schemas.cpp (``pypaper::fewbit_forward``,
 ``pypaper::fewbit_backward``); the layout is kernels/common/fewbit_pack.h:
 
-    piece(x) = #{j : x > borders[j]}          code = piece, or piece % 2 when ``fold``
+    piece(x) = #{j : not x <= borders[j]}     code = piece, or piece % 2 when ``fold``
+    (NaN is above every border: the top piece; fold takes 2 or 3 borders)
     n codes of b bits -> ceil(b*n/8) bytes, in blocks of 32 elements; block B (r = its length,
     32 but for the last) starts at bit 32*b*B, and bit k of element j of the block is at bit
     k*r + j (bit i of the stream = bit i%8 of byte i//8, LSB first)
 
-    backward: grad_x = levels[code] * grad   (math in levels' dtype, rounded once to grad's dtype)
+    backward: grad_x = 0 if levels[code] == 0 else levels[code] * grad   (math in levels' dtype,
+              rounded once to grad's dtype; a select, as torch's ReLU/Hardtanh backward)
 """
 from __future__ import annotations
 
@@ -60,9 +62,10 @@ def activation(x: torch.Tensor, name: str, params: Sequence[float]) -> torch.Ten
 
 
 def codes_of(x: torch.Tensor, borders: torch.Tensor, fold: bool) -> torch.Tensor:
-    """The int64 code of every element of x (flattened): the number of borders below it."""
+    """The int64 code of every element of x (flattened): the number of borders below it (all of
+    them for NaN)."""
     xm = x.reshape(-1).to(borders.dtype)
-    piece = (xm.unsqueeze(1) > borders.unsqueeze(0)).sum(dim=1)
+    piece = (~(xm.unsqueeze(1) <= borders.unsqueeze(0))).sum(dim=1)
     return piece % 2 if fold else piece
 
 
@@ -98,16 +101,20 @@ def unpack(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
 
 def fewbit_forward(x: torch.Tensor, name: str, params: Sequence[float], borders: torch.Tensor,
                    levels: torch.Tensor, bits: int, fold: bool):
-    """(y, packed codes): y = f(x) exactly, codes of x under ``borders``."""
-    y = activation(x, name, params).contiguous()
+    """(y, packed codes): y = f(x) exactly (torch's call on the contiguous x, as the C++, CUDA
+    and Triton ops), codes of x under ``borders``."""
+    y = activation(x.contiguous(), name, params)
     return y, pack(codes_of(x, borders, fold), bits)
 
 
 def fewbit_backward(grad: torch.Tensor, codes: torch.Tensor, levels: torch.Tensor,
                     bits: int) -> torch.Tensor:
-    """grad_x = levels[code] * grad, math in levels' dtype, one rounding to grad's dtype."""
+    """grad_x = levels[code] * grad (0 where the level is 0), math in levels' dtype, one rounding
+    to grad's dtype."""
     c = unpack(codes, grad.numel(), bits)
-    return (grad.reshape(-1).to(levels.dtype) * levels[c]).to(grad.dtype).reshape(grad.shape)
+    lv = levels[c]
+    gx = torch.where(lv == 0, torch.zeros_like(lv), grad.reshape(-1).to(levels.dtype) * lv)
+    return gx.to(grad.dtype).reshape(grad.shape)
 
 
 class _FewBitFunction(torch.autograd.Function):

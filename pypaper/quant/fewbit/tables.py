@@ -9,7 +9,12 @@ the activation in float64, and cached per (activation, params, bits) for the def
 
 The 1-bit exact ones need no DP: their derivative takes two values, so one bit per element gives
 torch's backward bit for bit: ReLU (0 | 1 above 0), LeakyReLU (slope | 1 above 0), Hardtanh/ReLU6
-(1 on the open interval (min, max), else 0), Hardsigmoid (1/6 on (-3, 3), else 0).
+(1 on the open interval (min, max), else 0), Hardsigmoid (1/6 on (-3, 3), else 0). A NaN input
+counts as above every border (kernels/common/fewbit_pack.h), and the borders are chosen so that
+NaN gets torch's gradient too: ReLU and Hardtanh pass it, LeakyReLU multiplies it by the slope,
+Hardsigmoid gives 0 (a +inf border after the interval, with ``fold``, moves NaN to the parity
+torch uses). The approximated ones give NaN the top piece's level (torch's gradient is NaN there:
+b bits have no spare code for it).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ PARAMS = {
     "relu": 0, "leaky_relu": 1, "hardtanh": 2, "hardsigmoid": 0,
 }
 EXACT = ("relu", "leaky_relu", "hardtanh", "hardsigmoid")
+DEFAULT_BITS = 2
 APPROXIMATED = tuple(n for n in PARAMS if n not in EXACT)
 
 # The default grid: the standard normal puts 1e-15 of its mass outside [-8, 8]; 2048 points
@@ -53,6 +59,9 @@ def check_name(name: str, params: Sequence[float]) -> tuple:
 
 
 def check_bits(bits) -> int:
+    """bits as an int in 1..4; None means the default (2)."""
+    if bits is None:
+        return DEFAULT_BITS
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 4:
         raise ValueError(f"bits must be an int in 1..4, got {bits!r}")
     return bits
@@ -60,7 +69,8 @@ def check_bits(bits) -> int:
 
 class Approximation:
     """A piecewise-constant derivative: ``borders`` (ascending), ``levels`` (2^bits values),
-    ``fold`` (code = parity of the piece: a two-level derivative on an open interval), and its
+    ``fold`` (code = parity of the piece: a two-level derivative on an open interval; borders 1
+    and 2, when there, are the interval's end and +inf), and its
     weighted L2 ``error`` against f' under the density it was fitted for (0 when exact)."""
 
     def __init__(self, name: str, params: tuple, bits: int, borders: Sequence[float],
@@ -79,14 +89,14 @@ class Approximation:
 
     def tensors(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(borders, levels) in the math dtype of inputs of ``dtype`` (fp64 for fp64, else fp32)
-        on ``device``. With ``fold`` the upper border is the largest value of that dtype below
-        the interval's end, so that ``x > border`` means x >= end."""
+        on ``device``. With ``fold`` a finite second border (the interval's end) becomes the
+        largest value of that dtype below it, so that ``x > border`` means x >= end."""
         mdt = torch.float64 if dtype == torch.float64 else torch.float32
         key = (mdt, torch.device(device))
         hit = self._tensors.get(key)
         if hit is None:
             b = torch.tensor(self.borders, dtype=mdt)
-            if self.fold:
+            if self.fold and math.isfinite(self.borders[1]):
                 b[1] = torch.nextafter(b[1], torch.tensor(-math.inf, dtype=mdt))
             hit = (b.to(device), torch.tensor(self.levels, dtype=mdt).to(device))
             if not torch.compiler.is_compiling():
@@ -95,16 +105,22 @@ class Approximation:
 
 
 def exact_approximation(name: str, params: tuple) -> Approximation:
-    """The 1-bit table of an activation whose derivative has two values."""
+    """The 1-bit table of an activation whose derivative has two values. A NaN input counts as
+    above every border: relu's lands on level 1 (torch passes the gradient: x <= 0 is false);
+    leaky_relu's on the slope (torch: x > 0 is false) by a +inf border folded back to code 0;
+    hardtanh's on level 1 (torch: x <= min or x >= max is false) by a +inf border folded to
+    code 1; hardsigmoid's on 0 (torch: -3 < x < 3 is false), the folded parity of 2 borders."""
+    inf = math.inf
     if name == "relu":
         return Approximation(name, params, 1, (0.0,), (0.0, 1.0), exact=True)
     if name == "leaky_relu":
-        return Approximation(name, params, 1, (0.0,), (params[0], 1.0), exact=True)
+        return Approximation(name, params, 1, (0.0, inf), (params[0], 1.0), fold=True,
+                             exact=True)
     if name == "hardtanh":
         lo, hi = params
         if not lo < hi:
             raise ValueError(f"hardtanh needs min_val < max_val, got {lo} and {hi}")
-        return Approximation(name, params, 1, (lo, hi), (0.0, 1.0), fold=True, exact=True)
+        return Approximation(name, params, 1, (lo, hi, inf), (0.0, 1.0), fold=True, exact=True)
     if name == "hardsigmoid":
         return Approximation(name, params, 1, (-3.0, 3.0), (0.0, _ONE_SIXTH_F32), fold=True,
                              exact=True)
@@ -198,11 +214,24 @@ def _default_table(name: str, params: tuple, bits: int) -> Approximation:
     return optimal_approximation(name, bits, params)
 
 
-def approximation(name: str, bits: int = 2, params: Sequence[float] = (),
+@torch.compiler.assume_constant_result
+def table_constants(name: str, bits: int, params: tuple, math64: bool) -> tuple:
+    """(bits, fold, borders, levels) of ``approximation(name, bits, params)`` as Python numbers,
+    the borders as ``Approximation.tensors`` holds them for the math dtype (fp64 when ``math64``,
+    else fp32). Marked a constant result for torch.compile: dynamo runs it once while tracing
+    instead of tracing the cached numpy DP behind it (which it cannot), so the functional form
+    ``activation(x, name, bits)`` compiles with fullgraph=True."""
+    approx = approximation(name, bits, params)
+    mdt = torch.float64 if math64 else torch.float32
+    borders, levels = approx.tensors(mdt, "cpu")
+    return approx.bits, approx.fold, tuple(borders.tolist()), tuple(levels.tolist())
+
+
+def approximation(name: str, bits: Optional[int] = DEFAULT_BITS, params: Sequence[float] = (),
                   density: DensityLike = None, grid=None) -> Approximation:
     """The table an activation uses: exact (1 bit) for ReLU, LeakyReLU, Hardtanh (ReLU6) and
     Hardsigmoid, whatever ``bits`` says; otherwise the DP optimum for ``bits`` and ``density``
-    (cached for the default density and grid)."""
+    (cached for the default density and grid). ``bits=None`` means the default, 2."""
     params = check_name(name, params)
     bits = check_bits(bits)
     if name in EXACT:

@@ -13,9 +13,10 @@ approximation q of f' that every x fell in, and multiply the incoming gradient b
 Math (kernels/common/fewbit_pack.h; the plain-PyTorch spec is reference.py, matched bit for bit):
 
     y      = f(x)                               torch's own kernel (reference.activation)
-    piece  = #{t : x > borders[t]}              x widened exactly to the math type (fp32; fp64
-    code   = piece, or piece & 1 when fold      for fp64); NaN compares false: piece 0
-    grad_x = (grad.to(math) * levels[code]).to(grad.dtype)      one multiply, one rounding
+    piece  = #{t : not x <= borders[t]}         x widened exactly to the math type (fp32; fp64
+    code   = piece, or piece & 1 when fold      for fp64); NaN is above every border
+    grad_x = (0 if levels[code] == 0 else grad.to(math) * levels[code]).to(grad.dtype)
+                                                one multiply (or a select), one rounding
 
 Packed layout of n codes of b bits: ceil(b*n/8) bytes in blocks of 32 elements. Block B (r = its
 length: 32, or n - 32B for the last) starts at bit 32*b*B = byte 4*b*B of the stream, and bit k
@@ -145,8 +146,8 @@ def _check_forward(x, activation, params, borders, levels, bits, fold) -> int:
                          f"{tuple(borders.shape)}")
     _check_table(borders, "borders", x)
     if fold:
-        if borders.numel() != 2:
-            raise ValueError("fold=True needs 2 borders (an open interval), got "
+        if borders.numel() not in (2, 3):
+            raise ValueError("fold=True needs 2 or 3 borders (an open interval, then +inf), got "
                              f"{borders.numel()}")
     elif borders.numel() + 1 > (1 << bits):
         raise ValueError(f"{borders.numel() + 1} pieces do not fit in {bits} bits")
@@ -187,14 +188,15 @@ if triton is not None:
 
     @triton.jit
     def _code_of(x, borders_ptr, NB: tl.constexpr, FOLD: tl.constexpr):
-        """uint32 code of x (math type): #{t : x > borders[t]}, its parity when FOLD. A static loop
+        """uint32 code of x (math type): #{t : not x <= borders[t]} (NaN: all), its parity when
+        FOLD. A static loop
         over the NB <= 15 borders, each one scalar load shared by the whole tile. (The count
         cannot overflow: sanitize_overflow=False spares the interpreter an int64 overflow check
         of every add.)"""
         piece = tl.zeros(x.shape, dtype=tl.uint32)
         for t in tl.static_range(NB):
-            piece = tl.add(piece, (x > tl.load(borders_ptr + t)).to(tl.uint32),
-                           sanitize_overflow=False)
+            below = (x <= tl.load(borders_ptr + t)).to(tl.uint32)
+            piece = tl.add(piece, below ^ 1, sanitize_overflow=False)
         if FOLD:
             piece = piece & 1
         return piece
@@ -264,7 +266,9 @@ if triton is not None:
             code |= ((byte.to(tl.int32) >> (local & 7)) & 1) << k
         lv = tl.load(levels_ptr + code, mask=mask, other=0.0)
         g = _load_as(grad_ptr + e, mask, lv.dtype, BF16_BITS)
-        _store_as(out_ptr + e, _mul(g, lv, USE_RN), mask, BF16_BITS)
+        # level 0 gives 0 whatever grad is (a select, as torch's ReLU backward)
+        gx = tl.where(lv == 0, tl.zeros_like(lv), _mul(g, lv, USE_RN))
+        _store_as(out_ptr + e, gx, mask, BF16_BITS)
 
     # Interpreted (TRITON_INTERPRET=1 at import) or compiled.
 
@@ -301,7 +305,7 @@ if triton is not None:
     @triton_op("pypaper::fewbit_backward_triton", mutates_args=())
     def fewbit_backward_triton(grad: torch.Tensor, codes: torch.Tensor, levels: torch.Tensor,
                                bits: int) -> torch.Tensor:
-        """grad_x = levels[code] * grad: math in levels' dtype (fp32, fp64 for fp64), rounded
+        """grad_x = levels[code] * grad (0 where the level is 0): math in levels' dtype (fp32, fp64 for fp64), rounded
         once to grad's dtype."""
         _check_device("fewbit_backward_triton", grad)
         bits = _check_backward(grad, codes, levels, bits)

@@ -1,4 +1,6 @@
 """convert / revert on torch and HuggingFace models."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,7 +73,8 @@ def test_filter_fn_and_function_attributes():
     x = torch.randn(3, 4)
     want = model(x)
     fb.convert(model, filter_fn=lambda m, name: name.startswith("0."))
-    assert isinstance(model[0].act_fn, fb.SiLU) and isinstance(model[0].out_act, fb.Tanh)
+    assert isinstance(model[0].act_fn, fb.FunctionActivation) and model[0].act_fn.fn is F.silu
+    assert model[0].act_fn.approximation.name == "silu" and isinstance(model[0].out_act, fb.Tanh)
     assert model[1].act_fn is F.silu and isinstance(model[1].out_act, nn.Tanh)
     assert torch.equal(model(x), want)
     fb.revert(model)
@@ -107,3 +110,227 @@ def test_huggingface_bert_from_config():
     assert not any(isinstance(m, fb.FewBitActivation) for m in model.modules())
     model.eval()
     assert torch.equal(model(ids).logits, want)
+
+
+# ---- function attributes take the function's own arguments ---------------------------------------
+
+
+class _Calls(nn.Module):
+    """self.act = fn, called as ``call(self.act, h)`` (older model code)."""
+
+    def __init__(self, fn, call):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.act = fn
+        self.call = call
+
+    def forward(self, x):
+        return self.call(self.act, self.fc(x))
+
+
+def _saves_codes(model, x):
+    """(y, grad of x, whether autograd saved uint8 codes: the few-bit backward ran)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.dtype)
+        return t
+
+    xr = x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(xr)
+    (gx,) = torch.autograd.grad(y, xr, torch.ones_like(y))
+    return y, gx, torch.uint8 in saved
+
+
+# (function, call, (name, params) the few-bit op must use, or None: the original function runs)
+_FUNCTION_CALLS = [
+    (F.gelu, lambda a, h: a(h), ("gelu", ())),
+    (F.gelu, lambda a, h: a(h, approximate="tanh"), ("gelu_tanh", ())),
+    (F.gelu, lambda a, h: a(h, approximate="none"), ("gelu", ())),
+    (F.gelu, lambda a, h: a(input=h, approximate="tanh"), ("gelu_tanh", ())),
+    (F.leaky_relu, lambda a, h: a(h, negative_slope=0.2), ("leaky_relu", (0.2,))),
+    (F.leaky_relu, lambda a, h: a(h, 0.2), ("leaky_relu", (0.2,))),
+    (F.leaky_relu, lambda a, h: a(h, 0.2, False), ("leaky_relu", (0.2,))),
+    (F.elu, lambda a, h: a(h, alpha=0.5), ("elu", (0.5,))),
+    (F.softplus, lambda a, h: a(h, 2, 10), ("softplus", (2.0, 10.0))),
+    (F.hardtanh, lambda a, h: a(h, -2.0, max_val=2.0), ("hardtanh", (-2.0, 2.0))),
+    (F.relu6, lambda a, h: a(h, inplace=False), ("hardtanh", (0.0, 6.0))),
+    (F.silu, lambda a, h: a(h, False), ("silu", ())),
+    (torch.tanh, lambda a, h: a(h), ("tanh", ())),
+    # not implemented by the few-bit op: torch's own function, forward and backward
+    (F.relu, lambda a, h: a(h, inplace=True), None),
+    (F.elu, lambda a, h: a(h, 0.5, True), None),
+    (F.hardtanh, lambda a, h: a(h, -2.0, 2.0, True), None),
+    (F.leaky_relu, lambda a, h: a(h, torch.tensor(0.2)), None),
+    (F.hardtanh, lambda a, h: a(h, 2.0, 2.0), None),
+]
+
+
+@pytest.mark.parametrize("fn,call,want", _FUNCTION_CALLS,
+                         ids=[f"{i}-{f.__name__}" for i, (f, _, _) in enumerate(_FUNCTION_CALLS)])
+def test_function_attribute_takes_the_functions_arguments(fn, call, want):
+    torch.manual_seed(0)
+    model = _Calls(fn, call)
+    x = torch.randn(16, 8) * 2
+    y_torch, g_torch, _ = _saves_codes(model, x)
+    fb.convert(model, bits=3)
+    assert isinstance(model.act, fb.FunctionActivation) and model.act.fn is fn
+    y, g, few = _saves_codes(model, x)
+    assert torch.equal(y, y_torch)  # the forward is torch's either way
+    if want is None:
+        assert not few and torch.equal(g, g_torch)  # the original function ran
+    else:
+        assert few
+        h = model.fc(x).detach().requires_grad_()
+        name, params = want
+        (gh,) = torch.autograd.grad(fb.activation(h, name, 3, params=params), h,
+                                    torch.ones(16, 8))
+        xr = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(model.fc(xr), xr, gh)
+        assert torch.equal(g, gx)
+    fb.revert(model)
+    assert model.act is fn
+
+
+def test_function_attribute_passes_errors_through():
+    """A call the original function rejects raises what it raises."""
+    model = _Calls(F.gelu, lambda a, h: a(h, approximate="fast"))
+    x = torch.randn(2, 8)
+    with pytest.raises(Exception) as plain:
+        model(x)
+    fb.convert(model)
+    with pytest.raises(type(plain.value)):
+        model(x)
+    model2 = _Calls(F.gelu, lambda a, h: a(h, "tanh"))  # approximate is keyword-only
+    fb.convert(model2)
+    with pytest.raises(TypeError):
+        model2(x)
+    model3 = _Calls(torch.sigmoid, lambda a, h: a(h, out=torch.empty_like(h)))
+    fb.convert(model3)
+    with torch.no_grad():
+        assert torch.equal(model3(x), torch.sigmoid(model3.fc(x)))  # out= runs torch.sigmoid
+
+
+# ---- HuggingFace activations: converted only when their forward is torch's function --------------
+
+
+def test_every_hf_activation_keeps_its_forward_bit_for_bit():
+    activations = pytest.importorskip("transformers.activations")
+    converted = set()
+    for key in activations.ACT2CLS:
+        torch.manual_seed(0)
+        try:
+            act = activations.ACT2FN[key]
+        except Exception:  # noqa: BLE001 - an optional dependency of one activation
+            continue
+        model = nn.Sequential(nn.Linear(8, 8), act)
+        for dtype in (torch.float32, torch.bfloat16):
+            model.to(dtype)
+            x = (torch.randn(64, 8) * 3).to(dtype)
+            model.zero_grad()
+            want = model(x.clone().requires_grad_())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # convert warns for the ones it leaves alone
+                fb.convert(model, bits=2)
+            got = model(x.clone().requires_grad_())
+            assert torch.equal(got, want), key
+            if isinstance(model[1], fb.FewBitActivation):
+                converted.add(key)
+            fb.revert(model)
+    assert {"gelu", "gelu_pytorch_tanh", "silu", "mish", "relu", "tanh"} <= converted
+    assert not converted & {"gelu_python", "gelu_python_tanh", "gelu_new", "gelu_fast",
+                            "quick_gelu", "gelu_accurate"}
+
+
+def test_hf_gelu_tanh_python_is_left_alone():
+    activations = pytest.importorskip("transformers.activations")
+    if "gelu_python_tanh" not in activations.ACT2CLS:
+        pytest.skip("this transformers has no GELUTanh(use_gelu_tanh_python=True)")
+    model = nn.Sequential(activations.ACT2FN["gelu_python_tanh"],
+                          activations.ACT2FN["gelu_pytorch_tanh"])
+    fb.convert(model)
+    assert not isinstance(model[0], fb.FewBitActivation)
+    assert isinstance(model[1], fb.GELU) and model[1].approximate == "tanh"
+
+
+# ---- nothing to convert; converting again --------------------------------------------------------
+
+
+def test_convert_warns_when_nothing_was_converted():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg)  # NewGELUActivation: a hand-written formula
+    with pytest.warns(UserWarning, match="written out by hand"):
+        fb.convert(model)
+    assert not any(isinstance(m, fb.FewBitActivation) for m in model.modules())
+    with pytest.warns(UserWarning, match="no activation of Sequential was converted"):
+        fb.convert(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.warns(UserWarning, match="no activation"):
+        fb.convert(_mlp(), filter_fn=lambda m, name: False)
+
+
+def test_convert_again_rebuilds_with_the_new_bits():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = _mlp()
+            self.act_fn = F.silu
+
+        def forward(self, x):
+            return self.act_fn(self.seq(x))
+
+    torch.manual_seed(0)
+    model = Block()
+    x = torch.randn(8, 8)
+    want = model(x)
+    fb.convert(model, bits=2)
+    assert model.seq[1].bits == 2 and model.act_fn.bits == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # already-converted activations count: no warning
+        fb.convert(model, bits=4)
+    assert model.seq[1].bits == 4 and model.seq[5].bits == 4 and model.act_fn.bits == 4
+    assert model.seq[3].bits == 1 and model.seq[5].approximation.params == (0.5,)
+    assert model.act_fn.fn is F.silu
+    relu6 = model.seq[3]
+    fb.convert(model, bits=3, filter_fn=lambda m, name: not name.startswith("seq.1"))
+    assert model.seq[1].bits == 4 and model.seq[5].bits == 3 and model.act_fn.bits == 3
+    assert model.seq[3] is relu6  # exact: nothing to rebuild
+    assert torch.equal(model(x), want)
+    fb.revert(model)
+    assert type(model.seq[1]) is nn.GELU and model.act_fn is F.silu
+    assert [type(m) for m in model.seq] == [type(m) for m in _mlp()]
+    assert torch.equal(model(x), want)
+
+
+def test_convert_bits_none_is_the_default():
+    model = fb.convert(_mlp(), bits=None)
+    assert model[1].bits == 2
+
+
+def test_function_attributes_compile_fullgraph():
+    """Tables for non-default arguments are first needed while tracing: they enter as constants."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.act = F.gelu
+            self.act2 = F.leaky_relu
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.act(h, approximate="tanh") + self.act2(h, 0.2) + self.act(h)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = fb.convert(Block(), bits=3)
+    x = torch.randn(4, 8)
+    y = torch.compile(model, fullgraph=True)(x)
+    y.sum().backward()
+    grad = model.fc.weight.grad.clone()
+    model.zero_grad()
+    want = model(x)
+    want.sum().backward()
+    assert torch.allclose(y, want, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(grad, model.fc.weight.grad, rtol=1e-5, atol=1e-6)

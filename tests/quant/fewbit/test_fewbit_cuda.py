@@ -98,8 +98,9 @@ def check_forward(ops, ref, x, name, params, borders, levels, bits, fold):
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_random_borders_matches_reference(ops, ref, dtype, bits, fold):
-    """Every border count the op allows (2 with fold, else 1 .. 2^b - 1: padded borders)."""
-    counts = [2] if fold else sorted({1, 2 ** bits - 1, max(1, 2 ** bits - 2)})
+    """Every border count the op allows (2 or 3 with fold, else 1 .. 2^b - 1: padded borders,
+    which a NaN x must not count)."""
+    counts = [2, 3] if fold else sorted({1, 2 ** bits - 1, max(1, 2 ** bits - 2)})
     for nb in counts:
         borders = random_borders(nb, dtype)
         levels = random_levels(bits, dtype)
@@ -179,7 +180,7 @@ def grads(n, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_matches_reference(ops, ref, dtype, bits):
     levels = random_levels(bits, dtype)
-    levels[0] = 0.0  # a zero level: 0 * inf = NaN, 0 * -x = -0
+    levels[0] = 0.0  # a zero level: 0 for every grad (inf, NaN and negative ones too)
     for n in SIZES + [BIG]:
         g = grads(n, dtype)
         nbytes = (n * bits + 7) // 8

@@ -21,7 +21,9 @@ def test_forward_bit_exact_with_torch(spec, dtype):
     ours, twin = _pair(*spec)
     for n in (0, 1, 7, 129, 70001):  # 70001: several chunks and a partial block
         x = inputs(n, dtype)
-        assert torch.equal(ours(x), twin(x)), n  # y is torch's own call on x
+        assert torch.equal(ours(x), twin(x)), n  # no grad: torch's own call on x
+        y = ours(x.clone().requires_grad_())  # the few-bit op: y is torch's own call too
+        assert torch.equal(y.detach(), twin(x)), n
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -186,3 +188,120 @@ def test_torch_compile_fullgraph():
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
     for p, w in zip(model.parameters(), grads):
         assert torch.allclose(p.grad, w, rtol=1e-5, atol=1e-6)
+
+
+# ---- no gradient wanted: torch's activation, nothing packed --------------------------------------
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _calls(fn, x):
+    with _OpLog() as log:
+        y = fn(x)
+    return y, log.names
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_no_grad_runs_torchs_activation_and_packs_nothing(backend, monkeypatch):
+    def no_pack(*a, **k):
+        raise AssertionError("codes packed without a backward to use them")
+
+    cases = [(fb.GELU(bits=3), torch.nn.GELU()), (fb.GELU("tanh"), torch.nn.GELU("tanh")),
+             (fb.ReLU6(), torch.nn.ReLU6()), (fb.Softplus(2.0, 5.0), torch.nn.Softplus(2.0, 5.0)),
+             (lambda t: fb.activation(t, "silu", 4), torch.nn.SiLU())]
+    x = inputs(1000, torch.float32)[:999].reshape(27, 37).t()  # non-contiguous too
+    with pypaper.use_backend(backend):
+        for ours, twin in cases:
+            y, names = _calls(ours, x.clone().requires_grad_())
+            assert any("fewbit" in n for n in names) or backend == "reference"
+            monkeypatch.setattr(reference, "pack", no_pack)
+            for make_x, ctx in ((lambda: x.clone(), torch.enable_grad),
+                                (lambda: x.clone().requires_grad_(), torch.no_grad),
+                                (lambda: x.clone().requires_grad_(), torch.inference_mode)):
+                saved = []
+                with ctx(), torch.autograd.graph.saved_tensors_hooks(
+                        lambda t: saved.append(t) or t, lambda t: t):
+                    got, names = _calls(ours, make_x())
+                assert not [n for n in names if "pypaper" in n or "fewbit" in n], names
+                assert saved == [] and not got.requires_grad
+                assert torch.equal(got, twin(x.contiguous()))  # the op's y, as with grad
+                assert torch.equal(got, y.detach())
+            monkeypatch.undo()
+
+
+def test_no_grad_under_torch_compile():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), fb.GELU(bits=2), fb.ReLU())
+    x = torch.randn(8, 16)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        want = model(x)
+        assert torch.allclose(compiled(x), want, rtol=1e-6, atol=1e-6)
+    compiled(x).sum().backward()
+    assert model[0].weight.grad is not None
+
+
+# ---- the functional form under torch.compile(fullgraph=True) -------------------------------------
+
+
+def test_functional_form_compiles_fullgraph():
+    torch._dynamo.reset()
+
+    def f(x, bits):
+        return (fb.activation(x, "gelu", bits) + fb.activation(x, "gelu", 3)
+                + fb.activation(x, "leaky_relu", params=(0.2,))
+                + fb.activation(x, "hardtanh", 1, params=(-1.0, 2.0)))
+
+    compiled = torch.compile(f, fullgraph=True)
+    for dtype, bits in ((torch.float32, 2), (torch.float32, 4), (torch.float32, 1),
+                        (torch.float64, 3), (torch.float32, None)):
+        # a changing int argument becomes dynamic (a SymInt): still one constant table
+        x = inputs(300, dtype).requires_grad_()
+        y = compiled(x, bits)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        y_eager = f(x, bits)
+        (g_eager,) = torch.autograd.grad(y_eager.sum(), x)
+        assert torch.allclose(y, y_eager, rtol=1e-6, atol=1e-6), (dtype, bits)  # fused adds
+        assert torch.allclose(g, g_eager, rtol=0, atol=0), (dtype, bits)
+    with torch.no_grad():
+        x = torch.randn(40)
+        assert torch.allclose(compiled(x, 2), f(x, 2), rtol=1e-6, atol=1e-6)
+
+
+# ---- repr, bits= on the exact ones, bits=None ----------------------------------------------------
+
+
+def test_repr_shows_tanh_gelu():
+    assert "approximate='tanh'" in repr(fb.GELU("tanh", bits=3))
+    assert repr(fb.GELU("tanh", bits=3)) == "GELU(approximate='tanh', bits=3)"
+    assert repr(fb.GELU(bits=3)) == "GELU(bits=3)"
+
+
+@pytest.mark.parametrize("cls", [fb.ReLU, fb.LeakyReLU, fb.ReLU6, fb.Hardtanh, fb.Hardsigmoid])
+def test_exact_modules_accept_and_ignore_bits(cls):
+    x = inputs(100, torch.float32).requires_grad_()
+    want = cls()(x)
+    for bits in (None, 1, 2, 3, 4):
+        m = cls(bits=bits)
+        assert m.bits == 1 and m.approximation.exact
+        assert torch.equal(m(x), want)
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match="bits"):
+            cls(bits=bad)
+
+
+def test_bits_none_means_the_default():
+    x = inputs(100, torch.float32).requires_grad_()
+    assert fb.GELU(bits=None).bits == 2 and fb.SiLU(bits=None).bits == 2
+    assert fb.approximation("gelu", None) is fb.approximation("gelu", 2)
+    g1, g2 = (torch.autograd.grad(fb.activation(x, "mish", b), x, torch.ones(100))[0]
+              for b in (None, 2))
+    assert torch.equal(g1, g2)

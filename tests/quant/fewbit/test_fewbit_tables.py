@@ -144,6 +144,8 @@ def test_unknown_activation_and_bad_inputs_raise():
         op.fewbit_forward(torch.randn(4), "gelu", [], b, l[:3], 2, False)
     with pytest.raises(TypeError, match="borders must be Float"):
         op.fewbit_forward(torch.randn(4), "gelu", [], b.double(), l, 2, False)
+    with pytest.raises(ValueError, match="fold=True needs 2 or 3 borders"):
+        op.fewbit_forward(torch.randn(4), "gelu", [], torch.arange(4.0), l, 2, True)
     with pytest.raises(ValueError, match="do not fit in 1 bits"):
         op.fewbit_forward(torch.randn(4), "gelu", [], b, l[:2], 1, False)
     with pytest.raises(ValueError, match="codes must be a 1-D tensor of ceil"):
