@@ -48,7 +48,9 @@ def _uint8_activation(x, approx):
 def _provider(name, fn, x, xg, g, modes, backend=None) -> Provider:
     calls = {}
     if "fwd" in modes:
-        calls["fwd"] = lambda: fn(x)
+        # the training forward (x requires grad): without a gradient to come the few-bit ops
+        # run torch's activation alone and pack nothing
+        calls["fwd"] = lambda: fn(xg)
     if "bwd" in modes:
         calls["bwd"] = backward_only(lambda: fn(xg), [xg], g)
     if "fwd+bwd" in modes:
@@ -112,7 +114,7 @@ def activation_case(name, bits, numel, dtype, device, modes=harness.MODES) -> Ca
         bytes_moved={m: v for m, v in (("fwd", 2 * t + c), ("bwd", 2 * t + c),
                                        ("fwd+bwd", 4 * t + 2 * c)) if m in modes},
         providers=lambda: _providers(numel, dtype, device, modes, _TORCH[name], approx),
-        bytes_note="fwd: x read + y and the packed codes written; bwd: grad_y and codes read + "
+        bytes_note="fwd (x requires grad): x read + y and the packed codes written; bwd: grad_y and codes read + "
                    "grad_x written (torch's own backward reads x instead of the codes)",
         baseline="torch",
     )

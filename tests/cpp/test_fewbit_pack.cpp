@@ -114,7 +114,7 @@ static void check_pack_and_backward(int bits, bool fold, std::mt19937& rng) {
     }
     EXPECT(scalar_ok);
 
-    // backward: gx = store(gy * levels[code]), one rounding
+    // backward: gx = store(level == 0 ? 0 : gy * level), one rounding
     const size_t un = static_cast<size_t>(n);
     std::vector<In> gy(un), gx(un), gx2(un);
     std::normal_distribution<float> normal(0.0f, 2.0f);
@@ -126,7 +126,8 @@ static void check_pack_and_backward(int bits, bool fold, std::mt19937& rng) {
     bool bw_ok = true;
     for (int64_t i = 0; i < n; ++i) {
       const size_t s = static_cast<size_t>(i);
-      const T prod = fewbit::cpu::math_value<In, T>(gy[s]) * levels[static_cast<size_t>(want[s])];
+      const T prod = scale_grad<T>(fewbit::cpu::math_value<In, T>(gy[s]),
+                                   levels[static_cast<size_t>(want[s])]);
       const In w = pypaper::cpu::store_as<In>(prod);
       bw_ok = bw_ok && std::memcmp(&gx[s], &w, sizeof(In)) == 0 &&
               std::memcmp(&gx2[s], &w, sizeof(In)) == 0;
@@ -147,25 +148,39 @@ static void test_cpu_loops_write_the_layout() {
   }
 }
 
-// Strict compares: x equal to a border is below it; NaN is piece 0; padding with +inf borders
-// (what the CUDA pack kernel does to unroll over a fixed count) changes no code.
+// Strict compares: x equal to a border is below it; NaN is above every border (the top piece);
+// a +inf border is passed by NaN only.
 static void test_code_of_edges() {
   const float b[3] = {-1.0f, 0.0f, 2.0f};
   const float inf = std::numeric_limits<float>::infinity();
-  const float padded[7] = {-1.0f, 0.0f, 2.0f, inf, inf, inf, inf};
+  const float with_inf[4] = {-1.0f, 0.0f, 2.0f, inf};
   const float xs[] = {-2.0f, -1.0f, -0.5f, 0.0f, -0.0f, 1e-45f, 2.0f, 2.5f, inf, -inf, NAN};
-  const int want[] = {0, 0, 1, 1, 1, 2, 2, 3, 3, 0, 0};
+  const int want[] = {0, 0, 1, 1, 1, 2, 2, 3, 3, 0, 3};
   for (size_t i = 0; i < sizeof(xs) / sizeof(xs[0]); ++i) {
     EXPECT(code_of(xs[i], b, 3, false) == want[i]);
-    EXPECT(code_of(xs[i], padded, 7, false) == want[i]);
+    EXPECT(code_of(xs[i], with_inf, 4, false) == want[i] + (std::isnan(xs[i]) ? 1 : 0));
     EXPECT(code_of(xs[i], b, 3, true) == (want[i] & 1));
   }
+}
+
+// The backward's select: a zero level gives +0 for any dy (NaN, inf, negative), else dy * level.
+static void test_scale_grad() {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float dys[] = {NAN, inf, -inf, -1.5f, -0.0f, 0.0f};
+  for (float dy : dys) {
+    const float z = scale_grad(dy, 0.0f);
+    EXPECT(z == 0.0f && !std::signbit(z));
+    const float mz = scale_grad(dy, -0.0f);
+    EXPECT(mz == 0.0f && !std::signbit(mz));
+  }
+  EXPECT(scale_grad(-1.5f, 2.0f) == -3.0f && std::isnan(scale_grad(NAN, 0.5f)));
 }
 
 int main() {
   test_positions_follow_spec_and_tile_the_stream();
   test_cpu_loops_write_the_layout();
   test_code_of_edges();
+  test_scale_grad();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return EXIT_FAILURE;

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -214,7 +215,6 @@ def _default_table(name: str, params: tuple, bits: int) -> Approximation:
     return optimal_approximation(name, bits, params)
 
 
-@torch.compiler.assume_constant_result
 def table_constants(name: str, bits: int, params: tuple, math64: bool) -> tuple:
     """(bits, fold, borders, levels) of ``approximation(name, bits, params)`` as Python numbers,
     the borders as ``Approximation.tensors`` holds them for the math dtype (fp64 when ``math64``,
@@ -225,6 +225,16 @@ def table_constants(name: str, bits: int, params: tuple, math64: bool) -> tuple:
     mdt = torch.float64 if math64 else torch.float32
     borders, levels = approx.tensors(mdt, "cpu")
     return approx.bits, approx.fold, tuple(borders.tolist()), tuple(levels.tolist())
+
+
+# torch.compiler.assume_constant_result(table_constants), without importing torch._dynamo at
+# import time (it pulls in triton: seconds, and tests/test_backend.py keeps `import pypaper` free
+# of it). The decorator only sets this attribute (torch/_dynamo/decorators.py); the fullgraph
+# test of the functional form (tests/quant/fewbit) fails if that ever stops being enough.
+if "torch._dynamo" in sys.modules:
+    table_constants = torch.compiler.assume_constant_result(table_constants)
+else:
+    table_constants._dynamo_marked_constant = True
 
 
 def approximation(name: str, bits: Optional[int] = DEFAULT_BITS, params: Sequence[float] = (),
