@@ -2,11 +2,22 @@
 loops."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import pypaper.local as L
 from pypaper.local.blocks import recalibrate_batchnorm
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Single-threaded torch for a test module that imports this fixture: its timings and
+    reductions do not depend on the machine's core count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def digits_split(seed: int = 0, test_fraction: float = 0.25):

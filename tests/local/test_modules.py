@@ -10,15 +10,7 @@ from torch import nn
 import pypaper.local as L
 from pypaper.local import reference as R
 
-from .helpers import cnn_blocks, mlp_blocks
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from .helpers import cnn_blocks, mlp_blocks, one_thread  # noqa: F401 (autouse fixture)
 
 
 def test_fflinear_local_step_accumulates_the_ff_gradient():

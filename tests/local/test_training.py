@@ -9,18 +9,10 @@ from torch import nn
 
 import pypaper.local as L
 
-from .helpers import (accuracy, cnn_blocks, digits_split, mlp_blocks, train_backprop, train_ff,
-                      train_local)
+from .helpers import (accuracy, cnn_blocks, digits_split, mlp_blocks, one_thread,  # noqa: F401
+                      train_backprop, train_ff, train_local)
 
 pytest.importorskip("sklearn")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

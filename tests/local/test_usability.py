@@ -12,15 +12,7 @@ from pypaper.local import reference as R
 from pypaper.local.blocks import _map_to_vector
 from pypaper.local.distributed import LocalPipeline
 
-from .helpers import digits_split, mlp_blocks
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from .helpers import digits_split, mlp_blocks, one_thread  # noqa: F401 (autouse fixture)
 
 
 def _cnn(side=8, classes=10):
