@@ -12,7 +12,8 @@
 namespace py = pybind11;
 
 namespace pypaper {
-void register_fewbit(py::module_& m);  // csrc/quant/fewbit_py.cpp
+void register_fewbit(py::module_& m);        // csrc/quant/fewbit_py.cpp
+void register_block_cache(py::module_& m);   // csrc/block_cache_py.cpp
 }
 
 #define PYPAPER_STR_(x) #x
@@ -81,4 +82,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info,
         "How this extension was built: compiler, OpenMP, SIMD level, CUDA kernels, torch version");
   pypaper::register_fewbit(m);
+  pypaper::register_block_cache(m);
 }

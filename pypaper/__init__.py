@@ -11,8 +11,9 @@ from . import snn
 from . import wtacrs
 from . import hopfield
 from . import local
+from . import memory
 from . import nn, ops
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "BackendUnavailable", "build_info", "hopfield", "local", "nn", "ops", "quant",
+__all__ = ["BACKENDS", "BackendUnavailable", "build_info", "hopfield", "local", "memory", "nn", "ops", "quant",
            "snn", "use_backend", "wtacrs"]

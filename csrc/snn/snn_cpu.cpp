@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../../kernels/cpu/snn_cpu.h"
+#include "../block_cache.h"
 #include "snn_args.h"
 
 namespace pypaper {
@@ -62,10 +63,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
   const NeuronParam vth = prepare_param(vth_in, x, "v_threshold");
   const at::Tensor v_init = contiguous_or_undefined(v_init_in);
   const int64_t steps = x.size(0), neurons = neurons_of(x);
-  at::Tensor spikes = at::empty(x.sizes(), x.options());
-  at::Tensor h_seq = keep_h ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  // The [T, N] outputs come from the block cache (csrc/block_cache.h): a training loop asks for
+  // the same sizes every step, and fresh pages cost more than this kernel's own pass over them.
+  at::Tensor spikes = empty_cached(x.sizes(), x.options());
+  at::Tensor h_seq = keep_h ? empty_cached(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor v_last = at::empty(state_shape(x), x.options());
-  at::Tensor v_seq = store_v_seq ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor v_seq =
+      store_v_seq ? empty_cached(x.sizes(), x.options()) : at::empty({0}, x.options());
   dispatch_storage(x.scalar_type(), [&](auto tag) {
     using In = decltype(tag);
     using T = typename cpu::acc_type<In>::type;
@@ -150,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
   const NeuronParam vth = prepare_param(vth_in, h, "v_threshold");
   const int64_t steps = h.size(0), neurons = neurons_of(h);
   const int64_t chunks = cpu::lif_num_chunks(neurons);
-  at::Tensor gx = at::empty(h.sizes(), h.options());
+  at::Tensor gx = empty_cached(h.sizes(), h.options());
   at::Tensor gv_init = at::empty(state_shape(h), h.options());
   const auto mopts = decay.values.options();
   at::Tensor gk_n, gth_n;

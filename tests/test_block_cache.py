@@ -1,0 +1,181 @@
+"""pypaper's CPU block cache (csrc/block_cache.h, pypaper/memory.py): large outputs of the LIF op
+come from it; freed blocks are reused; results are the same with it off; the counters, limit and
+environment variable do what they say; the tensors behave as any tensor."""
+import copy
+import os
+import pickle
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import pypaper
+from pypaper import memory, snn
+
+pytestmark = pytest.mark.skipif(not pypaper._ext.LOADED, reason="pypaper._C is not built")
+
+T, N = 4, 1 << 16  # a [T, N] fp32 output is 1 MiB: the smallest size the cache takes
+MIB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _restore_limit():
+    limit = memory.cache_info()["limit_bytes"]
+    memory.set_cache_limit(256 * MIB)
+    memory.empty_cache()
+    yield
+    memory.set_cache_limit(limit)
+
+
+def _x(seed=0, steps=T, n=N):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(steps, n, generator=g) + 0.6
+
+
+def _spikes(x):
+    return snn.lif_multi_step(x, tau=2.0, surrogate_function=snn.surrogate.ATan())[0]
+
+
+def test_a_freed_output_is_reused():
+    s = _spikes(_x())
+    ptr = s.data_ptr()
+    info = memory.cache_info()
+    assert info["live_bytes"] >= s.numel() * 4
+    del s
+    after_free = memory.cache_info()
+    assert after_free["cached_bytes"] >= T * N * 4 and after_free["cached_blocks"] >= 1
+    s2 = _spikes(_x(1))
+    assert s2.data_ptr() == ptr
+    assert memory.cache_info()["hits"] == after_free["hits"] + 1
+
+
+def test_small_outputs_do_not_use_the_cache():
+    before = memory.cache_info()
+    s = _spikes(_x(steps=2, n=1000))
+    del s
+    assert memory.cache_info() == before
+
+
+def test_results_are_the_same_with_the_cache_off():
+    x = _x(3).requires_grad_()
+    g = torch.randn_like(x)
+
+    def run():
+        s, v, _ = snn.lif_multi_step(x, tau=2.0, surrogate_function=snn.surrogate.ATan())
+        return (s, v) + torch.autograd.grad(s, x, g)
+
+    on = run()
+    hits = memory.cache_info()["hits"]
+    on_again = run()
+    assert memory.cache_info()["hits"] > hits  # the second run took blocks from the free list
+    memory.set_cache_limit(0)
+    assert memory.cache_info()["cached_bytes"] == 0
+    off = run()
+    assert memory.cache_info()["cached_bytes"] == 0
+    for a, b, c in zip(on, on_again, off):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_limit_zero_caches_nothing():
+    memory.set_cache_limit(0)
+    before = memory.cache_info()
+    s = _spikes(_x())
+    del s
+    info = memory.cache_info()
+    assert info["cached_bytes"] == 0 and info["hits"] == before["hits"]
+    assert info["misses"] == before["misses"]  # plain torch.empty: the cache is not asked
+
+
+def test_blocks_above_the_limit_are_freed():
+    memory.set_cache_limit(MIB // 2)  # smaller than one block
+    s = _spikes(_x())
+    del s
+    assert memory.cache_info()["cached_bytes"] == 0
+    memory.set_cache_limit(256 * MIB)
+    a, b = _spikes(_x()), _spikes(_x(1))
+    del a, b
+    assert memory.cache_info()["cached_blocks"] == 2
+    memory.set_cache_limit(3 * MIB)  # 2 MiB blocks: one fits
+    assert memory.cache_info()["cached_blocks"] == 1
+    memory.empty_cache()
+    assert memory.cache_info()["cached_bytes"] == 0
+
+
+def test_cached_outputs_behave_as_tensors():
+    s = _spikes(_x())
+    ref = s.clone()
+    assert torch.equal(pickle.loads(pickle.dumps(s)), ref)
+    assert torch.equal(copy.deepcopy(s), ref)
+    s.resize_(2 * T, N)  # the storage grows through the cache's allocator
+    assert torch.equal(s[:T], ref)
+    s.resize_(1, 3)
+    assert torch.equal(s, ref.view(-1)[:3].view(1, 3))
+    s = _spikes(_x())
+    assert torch.equal(torch.from_numpy(s.numpy().copy()), ref)  # (numpy() pins the size)
+    s.share_memory_()
+    assert s.is_shared()
+
+
+def test_threads_share_the_cache_safely():
+    xs = [_x(i) for i in range(4)]
+    want = [_spikes(x) for x in xs]
+    base_live = memory.cache_info()["live_bytes"]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(10):
+                if not torch.equal(_spikes(xs[i]), want[i]):
+                    errors.append(f"thread {i}: wrong spikes")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert memory.cache_info()["live_bytes"] == base_live
+
+
+def test_profiler_sees_the_allocations():
+    x = _x()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        s = _spikes(x)
+        del s
+    mem = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage != 0]
+    assert any(m >= T * N * 4 for m in mem)
+
+
+def test_bad_limits_raise():
+    with pytest.raises(ValueError, match="limit_bytes must be >= 0"):
+        memory.set_cache_limit(-1)
+    with pytest.raises(TypeError, match="limit_bytes must be an int"):
+        memory.set_cache_limit(1.5)
+
+
+def _run_with_env(value, code):
+    env = dict(os.environ, PYPAPER_CPU_CACHE_MB=value)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_environment_variable_sets_the_limit():
+    code = ("import torch, pypaper\n"
+            "from pypaper import memory, snn\n"
+            "print(memory.cache_info()['limit_bytes'])\n"
+            "s = snn.lif_multi_step(torch.randn(4, 1 << 16))[0]\n"
+            "del s\n"
+            "print(memory.cache_info()['cached_bytes'])\n")
+    r = _run_with_env("0", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "0"]
+    r = _run_with_env("64", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(64 * MIB), str(2 * MIB)]
+    r = _run_with_env("lots", code)
+    assert r.returncode != 0 and "PYPAPER_CPU_CACHE_MB" in r.stderr
