@@ -106,21 +106,29 @@ def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype) -> torch.Tensor:
     return value.to(mdt)
 
 
-def _check_values(decay: torch.Tensor, decay_is_tau: bool, vth: torch.Tensor,
-                  v_reset: Optional[float], decay_name: str, vth_name: str) -> None:
-    d = decay.detach()
+def _check_values(decay, decay_is_tau: bool, vth, v_reset: Optional[float], decay_name: str,
+                  vth_name: str) -> None:
+    """Range checks of the decay and threshold, each a number (checked in Python: the tensor ops
+    cost ~30 us a call, a fifth of the op's fixed cost) or a tensor."""
+    def bounds(v):  # (min, max, all finite)
+        if _is_number(v):
+            return float(v), float(v), math.isfinite(v)
+        d = v.detach()
+        if d.numel() == 0:  # a per-neuron parameter over zero features
+            return math.inf, -math.inf, True
+        return float(d.min()), float(d.max()), bool(torch.all(torch.isfinite(d)))
+
+    lo, hi, finite = bounds(decay)
     if decay_is_tau:
-        if not bool(torch.all(torch.isfinite(d) & (d > 1))):
-            raise ValueError(f"{decay_name} must be finite and > 1, got min {float(d.min())}")
-    elif not bool(torch.all(torch.isfinite(d) & (d > 0) & (d <= 1))):
-        raise ValueError(f"{decay_name}: k = 1/tau must lie in (0, 1], got "
-                         f"[{float(d.min())}, {float(d.max())}]")
-    t = vth.detach()
-    if not bool(torch.all(torch.isfinite(t))):
+        if not (finite and lo > 1):
+            raise ValueError(f"{decay_name} must be finite and > 1, got min {lo}")
+    elif not (finite and lo > 0 and hi <= 1):
+        raise ValueError(f"{decay_name}: k = 1/tau must lie in (0, 1], got [{lo}, {hi}]")
+    lo, _, finite = bounds(vth)
+    if not finite:
         raise ValueError(f"{vth_name} must be finite")
-    if v_reset is not None and not bool(torch.all(t > v_reset)):
-        raise ValueError(f"{vth_name} must be greater than v_reset ({v_reset}), got min "
-                         f"{float(t.min())}")
+    if v_reset is not None and not lo > v_reset:
+        raise ValueError(f"{vth_name} must be greater than v_reset ({v_reset}), got min {lo}")
 
 
 def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau=None, k=None,
@@ -167,7 +175,9 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
     decay = _param(decay_value, decay_name, x_seq, mdt)
     vth = _param(v_threshold, threshold_name, x_seq, mdt)
     if _checking():
-        _check_values(decay, decay_is_tau, vth, v_reset, decay_name, threshold_name)
+        _check_values(decay_value if _is_number(decay_value) else decay, decay_is_tau,
+                      v_threshold if _is_number(v_threshold) else vth, v_reset, decay_name,
+                      threshold_name)
     if v is not None:
         if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(x_seq.shape[1:]):
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
