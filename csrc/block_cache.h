@@ -7,12 +7,14 @@
 // spends on the same bytes) and up to 6 ms when transparent huge pages are off. PyTorch's CUDA
 // allocator caches blocks for the same reason; on the CPU torch does not.
 //
-// What: blocks of at least kMinBytes are rounded up to 2 MiB, aligned to 2 MiB (and advised as
-// huge pages where Linux allows), and on free go to a free list instead of back to the system, up
-// to a limit; the next request of the same size (within 1/8) takes one back. Smaller requests go to
-// torch's CPU allocator unchanged. The limit is PYPAPER_CPU_CACHE_MB (0 turns the cache off), by
-// default an eighth of physical memory, at most 4 GiB; pypaper.memory changes it, reports the
-// counters and empties the cache.
+// What: requests of at least 1 MiB get blocks of their own (rounded up to 64 KiB; from 16 MiB on to
+// whole 2 MiB huge pages, aligned and advised as huge pages where Linux allows), which on free go
+// to a free list instead of back to the system; the next request of the same size (within 1/8)
+// takes one back. When the free list would exceed its limit, the least recently freed blocks are
+// freed first. Smaller requests go to torch's CPU allocator unchanged. The limit is
+// PYPAPER_CPU_CACHE_MB (0 turns the cache off), read when pypaper is imported, by default an
+// eighth of physical memory, at most 4 GiB; pypaper.memory changes it, reports the counters and
+// empties the cache.
 #pragma once
 #include <ATen/core/Tensor.h>
 

@@ -2,6 +2,7 @@
 come from it; freed blocks are reused; results are the same with it off; the counters, limit and
 environment variable do what they say; the tensors behave as any tensor."""
 import copy
+import multiprocessing
 import os
 import pickle
 import subprocess
@@ -97,25 +98,87 @@ def test_blocks_above_the_limit_are_freed():
     a, b = _spikes(_x()), _spikes(_x(1))
     del a, b
     assert memory.cache_info()["cached_blocks"] == 2
-    memory.set_cache_limit(3 * MIB)  # 2 MiB blocks: one fits
+    memory.set_cache_limit(MIB + MIB // 2)  # 1 MiB blocks: one fits
     assert memory.cache_info()["cached_blocks"] == 1
     memory.empty_cache()
     assert memory.cache_info()["cached_bytes"] == 0
 
 
-def test_cached_outputs_behave_as_tensors():
+def test_stale_sizes_are_evicted_for_new_ones():
+    memory.set_cache_limit(3 * MIB)
+    olds = [_spikes(_x(i)) for i in range(3)]  # three 1 MiB blocks fill the limit
+    del olds
+    assert memory.cache_info()["cached_bytes"] == 3 * MIB
+    before = memory.cache_info()
+    for i in range(5):  # a new shape: 2 MiB outputs
+        s = _spikes(_x(i, steps=2 * T))
+        del s
+    after = memory.cache_info()
+    assert after["misses"] == before["misses"] + 1  # only the first one is new
+    assert after["hits"] == before["hits"] + 4
+    assert after["cached_bytes"] <= 3 * MIB
+
+
+def test_blocks_are_rounded_to_64_kib_below_16_mib():
+    base = memory.cache_info()["live_bytes"]
+    s = snn.lif_multi_step(torch.randn(1, MIB // 4 + 1))[0]  # 1 MiB + 4 bytes
+    assert memory.cache_info()["live_bytes"] - base == MIB + 64 * 1024
+    del s
+    big = snn.lif_multi_step(torch.randn(1, 4 * MIB + 1))[0]  # 16 MiB + 4 bytes: huge pages
+    assert memory.cache_info()["live_bytes"] - base == 16 * MIB + 2 * MIB
+    del big
+
+
+def test_a_failed_allocation_counts_nothing():
     s = _spikes(_x())
+    before = memory.cache_info()
+    with pytest.raises(torch.OutOfMemoryError, match="out of CPU memory"):
+        s.resize_(1 << 50)  # 4 PiB
+    assert memory.cache_info() == before
+    del s
+
+
+def test_cached_outputs_behave_as_tensors(tmp_path):
+    base = memory.cache_info()
+    s = _spikes(_x())
+    assert memory.cache_info()["live_bytes"] == base["live_bytes"] + T * N * 4  # from the cache
     ref = s.clone()
     assert torch.equal(pickle.loads(pickle.dumps(s)), ref)
     assert torch.equal(copy.deepcopy(s), ref)
+    torch.save(s, tmp_path / "s.pt")
+    assert torch.equal(torch.load(tmp_path / "s.pt"), ref)
+    lazy = torch._lazy_clone(s)  # copy-on-write clone: needs the data pointer as the context
+    assert torch.equal(lazy, ref)
     s.resize_(2 * T, N)  # the storage grows through the cache's allocator
-    assert torch.equal(s[:T], ref)
+    assert memory.cache_info()["live_bytes"] >= base["live_bytes"] + 2 * T * N * 4
+    assert torch.equal(s[:T], ref) and torch.equal(lazy, ref)
     s.resize_(1, 3)
     assert torch.equal(s, ref.view(-1)[:3].view(1, 3))
     s = _spikes(_x())
     assert torch.equal(torch.from_numpy(s.numpy().copy()), ref)  # (numpy() pins the size)
     s.share_memory_()
     assert s.is_shared()
+    with torch.inference_mode():
+        t = _spikes(_x())
+    assert t.is_inference() and torch.equal(t, ref)
+
+
+def _child_spikes(x, queue):
+    torch.set_num_threads(1)  # as DataLoader workers do: GNU OpenMP is not fork-safe
+    queue.put(_spikes(x).sum().item())
+
+
+def test_a_forked_child_uses_the_cache():
+    x = _x()
+    held = _spikes(x)  # cache state the child inherits: one live block, one free
+    del held
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_child_spikes, args=(x, queue))
+    p.start()
+    got = queue.get(timeout=60)
+    p.join(timeout=60)
+    assert p.exitcode == 0 and got == _spikes(x).sum().item()
 
 
 def test_threads_share_the_cache_safely():
@@ -176,6 +239,8 @@ def test_environment_variable_sets_the_limit():
     assert r.stdout.split() == ["0", "0"]
     r = _run_with_env("64", code)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == [str(64 * MIB), str(2 * MIB)]
-    r = _run_with_env("lots", code)
-    assert r.returncode != 0 and "PYPAPER_CPU_CACHE_MB" in r.stderr
+    assert r.stdout.split() == [str(64 * MIB), str(MIB)]
+    for bad in ("lots", "-1", "99999999999999999999", str(1 << 44)):
+        r = _run_with_env(bad, "import pypaper\n")  # fails at import, naming the variable
+        assert r.returncode != 0 and "ValueError" in r.stderr
+        assert "PYPAPER_CPU_CACHE_MB" in r.stderr, (bad, r.stderr)
