@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../../kernels/cpu/fewbit_cpu.h"
+#include "../block_cache.h"
 #include "fewbit_args.h"
 
 namespace pypaper {
@@ -44,9 +45,11 @@ std::tuple<at::Tensor, at::Tensor> fewbit_forward_cpu(const at::Tensor& x_in,
   const Act act = parse_activation(std::string(activation), p);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor borders = borders_in.contiguous();
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  // Outputs from the block cache (csrc/block_cache.h): a training step asks for the same sizes
+  // every step, and fresh pages of a big tensor cost more than a pass over it.
+  at::Tensor y = empty_cached(x.sizes(), x.options());
   const int64_t n = x.numel();
-  at::Tensor codes = at::empty({packed_bytes(n, bits)}, x.options().dtype(at::kByte));
+  at::Tensor codes = empty_cached({packed_bytes(n, bits)}, x.options().dtype(at::kByte));
   if (n == 0) return {y, codes};
   const int nb = static_cast<int>(borders.numel());
   const int b = static_cast<int>(bits);
@@ -77,7 +80,7 @@ at::Tensor fewbit_backward_cpu(const at::Tensor& grad_in, const at::Tensor& code
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor codes = codes_in.contiguous();
   const at::Tensor levels = levels_in.contiguous();
-  at::Tensor gx = at::empty_like(grad, at::MemoryFormat::Contiguous);
+  at::Tensor gx = empty_cached(grad.sizes(), grad.options());
   const int64_t n = grad.numel();
   if (n == 0) return gx;
   const int b = static_cast<int>(bits);

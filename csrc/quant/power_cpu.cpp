@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../../kernels/cpu/power_quant_cpu.h"
+#include "../block_cache.h"
 #include "power_args.h"
 
 namespace pypaper {
@@ -62,7 +63,7 @@ at::Tensor power_quantize_cpu(const at::Tensor& x_in, const at::Tensor& max_abs,
   check_float(x_in, "x");
   const at::Tensor x = x_in.contiguous();
   auto p = prepare(x.numel(), x, max_abs, exponent, qmax, x.scalar_type());
-  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor q = empty_cached(x.sizes(), x.options().dtype(at::kChar));
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* xp = x.data_ptr<T>();
@@ -83,7 +84,7 @@ at::Tensor power_dequantize_cpu(const at::Tensor& codes_in, const at::Tensor& ma
               dtype);
   const at::Tensor codes = codes_in.contiguous();
   auto p = prepare(codes.numel(), codes, max_abs, exponent, qmax, dtype);
-  at::Tensor y = at::empty(codes.sizes(), codes.options().dtype(dtype));
+  at::Tensor y = empty_cached(codes.sizes(), codes.options().dtype(dtype));
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int8_t* qp = codes.data_ptr<int8_t>();
@@ -101,7 +102,7 @@ at::Tensor power_fake_quantize_cpu(const at::Tensor& x_in, const at::Tensor& max
   check_float(x_in, "x");
   const at::Tensor x = x_in.contiguous();
   auto p = prepare(x.numel(), x, max_abs, exponent, qmax, x.scalar_type());
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_cached(x.sizes(), x.options());
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* xp = x.data_ptr<T>();
@@ -129,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_fake_quantize_backward_cpu(
   const auto ex = exponents_of(exponent);
   const bool need_sums = need_max_grad || need_exponent_grad;
   const int64_t C = p.layout.channels, n = x.numel();
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = empty_cached(x.sizes(), x.options());
   // Tasks: every channel split into `parts` chunks (one per channel when there are many
   // channels), each with its own partial sums; added up in a fixed order after (deterministic).
   const int64_t inner = p.layout.inner;

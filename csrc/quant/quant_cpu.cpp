@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../../kernels/cpu/quant_cpu.h"
+#include "../block_cache.h"
 #include "quant_args.h"
 
 namespace pypaper {
@@ -47,7 +48,7 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x_in, const at::Tensor& scale,
   const QuantLayout L = layout_for(x, axis, group_size);
   const auto p = prepare_params(x, scale, zero_point, L, math_type_of(x));
   const int64_t seed_v = seed_or_zero_cpu(seed);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_cached(x.sizes(), x.options());
   dispatch_storage(x.scalar_type(), [&](auto tag) {
     using In = decltype(tag);
     using T = typename cpu::acc_type<In>::type;
@@ -83,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
   const auto p = prepare_params(x, scale, zero_point, L, mt);
   const int64_t seed_v = seed_or_zero_cpu(seed);
   const bool need_sz = need_scale_grad || need_zero_point_grad;
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = empty_cached(x.sizes(), x.options());
   at::Tensor gs = at::zeros({L.channels}, x.options().dtype(at::kDouble));
   at::Tensor gz = at::zeros({L.channels}, x.options().dtype(at::kDouble));
   const int64_t n = x.numel();
@@ -178,7 +179,7 @@ at::Tensor quantize_cpu(const at::Tensor& x_in, const at::Tensor& scale,
       std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
       if (shape.empty()) shape.push_back(1);
       shape.back() = (last + 1) / 2;
-      q = at::empty(shape, x.options().dtype(at::kByte));
+      q = empty_cached(shape, x.options().dtype(at::kByte));
       uint8_t* qp = q.data_ptr<uint8_t>();
       at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(last, 1)),
                        [&](int64_t b, int64_t e) {
@@ -186,13 +187,13 @@ at::Tensor quantize_cpu(const at::Tensor& x_in, const at::Tensor& scale,
                        });
       if (x.dim() == 0) q = q.view(c10::IntArrayRef{});  // 0-dim x: 0-dim codes
     } else if (is_signed) {
-      q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+      q = empty_cached(x.sizes(), x.options().dtype(at::kChar));
       int8_t* qp = q.data_ptr<int8_t>();
       at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
         cpu::quantize_range<In, int8_t>(xp, qp + b, sp, zp, L, qmin, qmax, b, e);
       });
     } else {
-      q = at::empty(x.sizes(), x.options().dtype(at::kByte));
+      q = empty_cached(x.sizes(), x.options().dtype(at::kByte));
       uint8_t* qp = q.data_ptr<uint8_t>();
       at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
         cpu::quantize_range<In, uint8_t>(xp, qp + b, sp, zp, L, qmin, qmax, b, e);
@@ -209,7 +210,7 @@ at::Tensor dequantize_cpu(const at::Tensor& data_in, const at::Tensor& scale,
   const auto shape = dequantize_shape(data_in, qmin, qmax, packed, last_dim, dtype);
   const at::Tensor data = data_in.contiguous();
   const bool is_signed = qmin < 0;
-  at::Tensor y = at::empty(shape, data.options().dtype(dtype));
+  at::Tensor y = empty_cached(shape, data.options().dtype(dtype));
   const QuantLayout L = layout_for(y, axis, group_size);
   const auto p = prepare_params(y, scale, zero_point, L, math_type_of(y));
   dispatch_storage(dtype, [&](auto tag) {
