@@ -39,9 +39,15 @@ namespace cpu {
 // what the DRAM pages of rows 1 MB apart need; below 128 the per-chunk setup starts to show.
 constexpr int64_t kLifChunk = 128;
 
-// Rows are prefetched this many time steps ahead (2: 5.1 -> 4.9 ms against 1 in the same setting;
-// 4 no better).
+// The forward prefetches rows this many time steps ahead into L1 (2: 5.1 -> 4.9 ms fwd + bwd
+// against 1 in the same setting; 4 no better, nor an L2 prefetch further ahead).
 constexpr int64_t kLifPrefetchSteps = 2;
+
+// The backward, whose arithmetic per element is about twice the forward's, prefetches in two
+// levels: into L2 this many steps ahead, into L1 one step ahead (cold inputs, T = 32, 2^18
+// neurons: backward 2.88 -> 2.69 ms; one level at 2 steps left the DRAM requests too few while it
+// computed; the pure streaming floor of its pattern is 2.46-2.50 ms, bench/membw.py).
+constexpr int64_t kLifBackwardL2Steps = 4;
 
 // Outputs of at least this many bytes are written with non-temporal stores: they are far bigger
 // than the caches, and streaming stores skip the read-for-ownership a normal store pays (which
@@ -81,6 +87,17 @@ inline void prefetch_row(const void* p, int64_t n) {
 #if defined(__AVX__)
   const char* c = static_cast<const char*>(p);
   for (int64_t i = 0; i < n; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
+// The same into L2 only (a DRAM request that does not hold an L1 fill buffer for its whole trip).
+inline void prefetch_row_l2(const void* p, int64_t n) {
+#if defined(__AVX__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < n; i += 64) _mm_prefetch(c + i, _MM_HINT_T1);
 #else
   (void)p;
   (void)n;
@@ -382,9 +399,14 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
     std::fill(gth, gth + len, T(0));
     for (int64_t t = a.steps - 1; t >= 0; --t) {
       const int64_t off = t * N + n0;
-      if (t >= kLifPrefetchSteps) {  // the rows a later step of the reverse scan reads
-        prefetch_row(a.grad_spikes + off - kLifPrefetchSteps * N, len * int64_t(sizeof(In)));
-        prefetch_row(a.h_seq + off - kLifPrefetchSteps * N, len * int64_t(sizeof(In)));
+      const int64_t row_bytes = len * int64_t(sizeof(In));
+      if (t >= kLifBackwardL2Steps) {  // rows later steps of the reverse scan read
+        prefetch_row_l2(a.grad_spikes + off - kLifBackwardL2Steps * N, row_bytes);
+        prefetch_row_l2(a.h_seq + off - kLifBackwardL2Steps * N, row_bytes);
+      }
+      if (t >= 1) {
+        prefetch_row(a.grad_spikes + off - N, row_bytes);
+        prefetch_row(a.h_seq + off - N, row_bytes);
       }
       if (a.grad_v_seq) add_row(carry, a.grad_v_seq + off, len);
       In* gx = a.stream ? gx_row : a.grad_x + off;
