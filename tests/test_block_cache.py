@@ -244,3 +244,31 @@ def test_environment_variable_sets_the_limit():
         r = _run_with_env(bad, "import pypaper\n")  # fails at import, naming the variable
         assert r.returncode != 0 and "ValueError" in r.stderr
         assert "PYPAPER_CPU_CACHE_MB" in r.stderr, (bad, r.stderr)
+
+
+def _grad_of(fn, x):
+    x = x.detach().clone().requires_grad_()
+    y = fn(x)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    return y, gx
+
+
+@pytest.mark.parametrize("op", ["fake_quantize", "quantize", "fewbit_gelu"])
+def test_other_families_take_their_big_outputs_from_the_cache(op):
+    from pypaper import quant
+    from pypaper.quant import fewbit
+
+    x = torch.randn(1024, 1024)  # 4 MiB (the int8 codes: 1 MiB)
+    base = memory.cache_info()["live_bytes"]
+    if op == "fake_quantize":
+        out = _grad_of(lambda t: quant.fake_quantize(t, 0.05, 0, bits=8), x)  # y and grad_x
+        want = 2 * x.numel() * 4
+    elif op == "quantize":
+        out = quant.quantize(x, bits=8)  # int8 codes
+        want = x.numel()
+    else:
+        out = _grad_of(lambda t: fewbit.activation(t, "gelu", bits=2), x)  # y, codes, grad_x
+        want = 2 * x.numel() * 4
+    assert memory.cache_info()["live_bytes"] - base >= want
+    del out
+    assert memory.cache_info()["live_bytes"] == base
