@@ -133,7 +133,7 @@ int main(int argc, char** argv) {
       {"read 2 streams", {a, b, nullptr, nullptr}, false},
       {"write 1 stream", {nullptr, nullptr, c, nullptr}, false},
       {"copy (1 read, 1 write)", {a, nullptr, c, nullptr}, false},
-      {"1 read, 2 writes (LIF forward)", {a, nullptr, c, d}, false},
+      {"1 read, 2 writes (LIF forward keeping H)", {a, nullptr, c, d}, false},
       {"2 reads, 1 write (LIF backward)", {a, b, c, nullptr}, true}};
   for (const Pattern& p : patterns) {
     const int streams = (p.s.a != nullptr) + (p.s.b != nullptr) + (p.s.dst != nullptr) +

@@ -151,8 +151,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
     const c10::optional<at::Tensor>& v_init_in, const at::Tensor& decay_in,
     const at::Tensor& vth_in, c10::optional<double> v_reset, int64_t surrogate, double alpha,
     bool decay_input, bool decay_is_tau, bool detach_reset, bool sltt, bool need_decay_grad,
-    bool need_threshold_grad) {
-  check_x(h_in, "h_seq");
+    bool need_threshold_grad, bool recompute) {
+  // recompute: h_in is the forward's input x (it kept no H); the loops rerun the forward per chunk.
+  check_x(h_in, recompute ? "x" : "h_seq");
   check_state(v_init_in, h_in, "v_init");
   check_scalars(surrogate, alpha, v_reset);
   TORCH_CHECK(grad_spikes_in.sizes() == h_in.sizes() &&
@@ -198,7 +199,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
     a.grad_spikes = cptr<In>(gs);
     a.grad_v_last = cptr<In>(gvl);
     a.grad_v_seq = cptr<In>(gvs);
-    a.h_seq = cptr<In>(h);
+    at::Tensor k_values;
+    if (recompute) {  // the rerun charges as the forward did (see lif_forward_cpu)
+      a.x_seq = cptr<In>(h);
+      a.charge_decay = dp;
+      a.charge_div = decay_is_tau;
+      if (decay_is_tau && all_powers_of_two(dp, decay.values.numel())) {
+        k_values = at::reciprocal(decay.values);
+        a.charge_decay = k_values.template data_ptr<T>();
+        a.charge_div = false;
+      }
+    } else {
+      a.h_seq = cptr<In>(h);
+    }
     a.v_init = cptr<In>(v_init);
     a.decay = dp;
     a.decay_period = decay.period;

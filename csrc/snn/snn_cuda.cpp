@@ -104,7 +104,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cuda(
     const c10::optional<at::Tensor>& v_init_in, const at::Tensor& decay_in,
     const at::Tensor& vth_in, c10::optional<double> v_reset, int64_t surrogate, double alpha,
     bool decay_input, bool decay_is_tau, bool detach_reset, bool sltt, bool need_decay_grad,
-    bool need_threshold_grad) {
+    bool need_threshold_grad, bool recompute) {
+  TORCH_CHECK(!recompute, "lif_backward(recompute=True) (rerunning the forward from x instead of "
+              "reading a kept H) has no CUDA kernel: run lif_forward with keep_h=True on CUDA");
   check_x(h_in, "h_seq");
   check_cuda(h_in, "h_seq");
   check_state(v_init_in, h_in, "v_init");

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "../common/snn_math.h"
 #include "float16.h"
@@ -287,8 +288,15 @@ struct LifBackwardArgs {
   const In* grad_spikes;  // [T, N]
   const In* grad_v_last;  // [N] or nullptr (zero)
   const In* grad_v_seq;   // [T, N] or nullptr (zero)
-  const In* h_seq;        // [T, N], from the forward
-  const In* v_init;       // [N] or nullptr (rest); read only for the decay gradient
+  const In* h_seq;        // [T, N], from the forward (unused when x_seq is set)
+  const In* v_init;       // [N] or nullptr (rest); read for the decay gradient and by x_seq
+  // Recompute mode: the forward kept no H; x_seq is its input [T, N], and each chunk reruns the
+  // forward over its T rows (from v_init) into an L1/L2 buffer before its reverse scan, with the
+  // same operations, so H is the forward's to the bit. charge_decay / charge_div: the decay the
+  // rerun charges with (k = 1/tau where every tau is a power of two, as the forward does).
+  const In* x_seq;
+  const T* charge_decay;
+  bool charge_div;
   const T* decay;
   int64_t decay_period;
   const T* vth;
@@ -356,6 +364,46 @@ inline double sum_in_order(const T* v, int64_t len) {
   return acc;
 }
 
+// Recompute mode: H[t] of one chunk for every t into hbuf ([T][kLifChunk]), rerunning the forward
+// (lif_forward_row's operations) from v (the membrane before step 0; overwritten). The rows of x
+// are prefetched as in the backward.
+template <bool DI, bool DIV, bool HARD, typename In, typename T>
+void lif_rerun_chunk(const In* x, int64_t N, int64_t n0, int64_t len, int64_t steps,
+                     T* __restrict v, const T* __restrict k, const T* __restrict th, T vr,
+                     In* __restrict hbuf) {
+  const int64_t row_bytes = len * int64_t(sizeof(In));
+  for (int64_t t = 0; t < steps; ++t) {
+    const In* __restrict xr = x + t * N + n0;
+    if (t + kLifBackwardL2Steps < steps) prefetch_row_l2(xr + kLifBackwardL2Steps * N, row_bytes);
+    if (t + 1 < steps) prefetch_row(xr + N, row_bytes);
+    In* __restrict hr = hbuf + t * kLifChunk;
+    for (int64_t j = 0; j < len; ++j) {
+      const T h = snn::charge<DI, DIV>(v[j], static_cast<T>(to_float(xr[j])), k[j], vr);
+      const T s = snn::fire(h, th[j]);
+      hr[j] = store_h<In>(h, s, th[j]);
+      v[j] = snn::reset<HARD>(h, s, th[j], vr);
+    }
+  }
+}
+
+template <typename In, typename T>
+void lif_rerun(const LifBackwardArgs<In, T>& a, int64_t n0, int64_t len, T* v, const T* k,
+               const T* th, In* hbuf) {
+  const int key = (a.decay_input ? 4 : 0) | (a.charge_div ? 2 : 0) | (a.hard ? 1 : 0);
+  const int64_t N = a.neurons, st = a.steps;
+  const T vr = a.v_reset;
+  switch (key) {
+    case 0: lif_rerun_chunk<false, false, false>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
+    case 1: lif_rerun_chunk<false, false, true>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
+    case 2: lif_rerun_chunk<false, true, false>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
+    case 3: lif_rerun_chunk<false, true, true>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
+    case 4: lif_rerun_chunk<true, false, false>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
+    case 5: lif_rerun_chunk<true, false, true>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
+    case 6: lif_rerun_chunk<true, true, false>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
+    default: lif_rerun_chunk<true, true, true>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
+  }
+}
+
 template <bool HARD, snn::Surrogate SURR, bool NEEDP, typename In, typename T>
 void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1) {
   alignas(64) T carry[kLifChunk];
@@ -369,13 +417,28 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
   alignas(64) T vinit[kLifChunk];
   alignas(64) T dec[kLifChunk];
   alignas(64) In gx_row[kLifChunk];  // staging row for the streamed stores
+  alignas(64) T vrun[kLifChunk];      // recompute mode: the rerun's membrane
+  alignas(64) T krun[kLifChunk];      // recompute mode: the rerun's decay
   const int64_t N = a.neurons;
   const T dr = a.detach_reset ? T(0) : T(1);
+  const bool rerun = a.x_seq != nullptr;
+  // Recompute mode: the chunk's H rows, T x kLifChunk (16 KB at T = 32 in fp32: L1).
+  std::vector<In> hbuf(rerun ? static_cast<size_t>(a.steps * kLifChunk) : 0);
+  const int64_t hstride = rerun ? kLifChunk : N;  // from one step's H row to the next
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t n0 = c * kLifChunk;
     const int64_t len = std::min(kLifChunk, N - n0);
     fill_param(th, a.vth, a.vth_period, n0, len);
     fill_param(dec, a.decay, a.decay_period, n0, len);
+    if (rerun) {
+      fill_param(krun, a.charge_decay, a.decay_period, n0, len);
+      if (a.v_init) {
+        load_row(vrun, a.v_init + n0, len);
+      } else {
+        std::fill(vrun, vrun + len, a.v_reset);
+      }
+      lif_rerun(a, n0, len, vrun, krun, th, hbuf.data());
+    }
     for (int64_t j = 0; j < len; ++j) {
       const auto co = snn::decay_coef(dec[j], a.decay_input, a.div, a.sltt);
       cx[j] = co.cx;
@@ -402,22 +465,23 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
       const int64_t row_bytes = len * int64_t(sizeof(In));
       if (t >= kLifBackwardL2Steps) {  // rows later steps of the reverse scan read
         prefetch_row_l2(a.grad_spikes + off - kLifBackwardL2Steps * N, row_bytes);
-        prefetch_row_l2(a.h_seq + off - kLifBackwardL2Steps * N, row_bytes);
+        if (!rerun) prefetch_row_l2(a.h_seq + off - kLifBackwardL2Steps * N, row_bytes);
       }
       if (t >= 1) {
         prefetch_row(a.grad_spikes + off - N, row_bytes);
-        prefetch_row(a.h_seq + off - N, row_bytes);
+        if (!rerun) prefetch_row(a.h_seq + off - N, row_bytes);
       }
+      const In* h = rerun ? hbuf.data() + t * kLifChunk : a.h_seq + off;
       if (a.grad_v_seq) add_row(carry, a.grad_v_seq + off, len);
       In* gx = a.stream ? gx_row : a.grad_x + off;
       if (t > 0) {
-        lif_backward_row<HARD, SURR, NEEDP, false>(a.grad_spikes + off, a.h_seq + off,
-                                                   a.h_seq + off - N, vinit, carry, th, cx, cv,
+        lif_backward_row<HARD, SURR, NEEDP, false>(a.grad_spikes + off, h, h - hstride, vinit,
+                                                   carry, th, cx, cv,
                                                    ch, cr, gk, gth, gx, a.v_reset, a.alpha, dr,
                                                    len);
       } else {
-        lif_backward_row<HARD, SURR, NEEDP, true>(a.grad_spikes + off, a.h_seq + off,
-                                                  a.h_seq + off, vinit, carry, th, cx, cv, ch,
+        lif_backward_row<HARD, SURR, NEEDP, true>(a.grad_spikes + off, h, h, vinit, carry,
+                                                  th, cx, cv, ch,
                                                   cr, gk, gth, gx, a.v_reset, a.alpha, dr, len);
       }
       if (a.stream) stream_bytes(a.grad_x + off, gx_row, len * int64_t(sizeof(In)));

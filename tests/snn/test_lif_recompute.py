@@ -1,0 +1,128 @@
+"""The CPU backward that reruns the forward from x (lif_forward keep_h=False, lif_backward
+recompute=True) gives the gradients of the backward that reads a kept H, to the bit: every
+surrogate x hard/soft reset x decay_input x detach_reset, SLTT, v_init, per-neuron and learnable
+tau / k / threshold, store_v_seq with a gradient through V, 16-bit and fp64 inputs, T = 1, chunk
+tails, many time steps, and the streamed-store sizes."""
+import pytest
+import torch
+
+from pypaper import snn
+from pypaper.snn import reference
+
+from .helpers import CONFIGS, config_id, inputs
+
+FWD = torch.ops.pypaper.lif_forward.default
+BWD = torch.ops.pypaper.lif_backward.default
+
+pytestmark = pytest.mark.skipif(snn.ops.backend_for(torch.zeros(1, 1)) != "cpu",
+                                reason="the C++ CPU kernel is not built")
+
+
+def _grads(x, v0, decay, vth, keep_h, g_s, g_v, g_q, *, v_reset=0.0, sid=1, alpha=2.0,
+           decay_input=True, decay_is_tau=True, detach_reset=False, sltt=False,
+           store_v_seq=False):
+    leaves = [t for t in (x, v0, decay, vth) if t is not None and t.requires_grad]
+    s, v, _, q = FWD(x, v0, decay, vth, v_reset, sid, alpha, decay_input, decay_is_tau,
+                     detach_reset, sltt, store_v_seq, keep_h)
+    outs, grads = [s, v], [g_s, g_v]
+    if store_v_seq:
+        outs.append(q)
+        grads.append(g_q)
+    return (s, v) + torch.autograd.grad(outs, leaves, grads)
+
+
+def _compare(x, v0=None, decay=None, vth=None, **kw):
+    mdt = reference.default_math_dtype(x.dtype)
+    decay = torch.tensor(2.0, dtype=mdt) if decay is None else decay
+    vth = torch.tensor(1.0, dtype=mdt) if vth is None else vth
+    g = torch.Generator().manual_seed(3)
+    g_s = torch.randn(x.shape, generator=g).to(x.dtype)
+    g_v = torch.randn(x.shape[1:], generator=g).to(x.dtype)
+    g_q = torch.randn(x.shape, generator=g).to(x.dtype)
+    kept = _grads(x, v0, decay, vth, True, g_s, g_v, g_q, **kw)
+    rerun = _grads(x, v0, decay, vth, False, g_s, g_v, g_q, **kw)
+    assert len(kept) == len(rerun)
+    for a, b in zip(kept, rerun):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("sltt", [False, True])
+def test_every_configuration(cfg, sltt):
+    sid = reference.SURROGATE_IDS[cfg["surrogate"]]
+    x = inputs((7, 3, 45)).requires_grad_()
+    v0 = (torch.rand(3, 45) * 0.5).requires_grad_()
+    _compare(x, v0, v_reset=cfg["v_reset"], sid=sid, alpha=2.0,
+             decay_input=cfg["decay_input"], detach_reset=cfg["detach_reset"], sltt=sltt)
+
+
+@pytest.mark.parametrize("decay_is_tau,decay_value", [(True, 2.0), (True, 3.0), (False, 0.4)])
+def test_learnable_per_neuron_parameters_and_v_seq(decay_is_tau, decay_value):
+    x = inputs((6, 4, 3, 5)).requires_grad_()
+    v0 = (torch.rand(4, 3, 5) * 0.5).requires_grad_()
+    decay = torch.full((3, 5), decay_value).add_(torch.rand(3, 5) * 0.1).requires_grad_()
+    vth = (torch.rand(3, 5) * 0.5 + 0.8).requires_grad_()
+    _compare(x, v0, decay, vth, decay_is_tau=decay_is_tau, store_v_seq=True)
+    _compare(x, v0, torch.tensor(decay_value, requires_grad=True),
+             torch.tensor(1.0, requires_grad=True), decay_is_tau=decay_is_tau, v_reset=None,
+             decay_input=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_other_dtypes(dtype):
+    x = inputs((9, 2, 70), dtype).requires_grad_()
+    _compare(x, store_v_seq=True)
+    _compare(x, v_reset=None, sid=0, alpha=4.0)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (2, 1), (3, 129), (40, 2, 130), (200, 5)])
+def test_shapes(shape):
+    _compare(inputs(shape).requires_grad_())
+
+
+def test_streamed_sizes():
+    # [T, N] outputs of 16 MiB and more take the streamed stores in both passes.
+    _compare(inputs((4, 1 << 20)).requires_grad_(), v0=torch.rand(1 << 20))
+
+
+def test_a_model_trains_the_same():
+    """The neuron layers (lif_multi_step: no H kept on the CPU) against the op with H kept."""
+    torch.manual_seed(0)
+    x = inputs((8, 16, 20))
+    lin = torch.nn.Linear(20, 20)
+    plif = snn.neuron.ParametricLIFNode(step_mode="m")
+    out = plif(lin(x))
+    out.sum().backward()
+    got = [p.grad.clone() for p in (*lin.parameters(), *plif.parameters())]
+    for p in (*lin.parameters(), *plif.parameters()):
+        p.grad = None
+    h = lin(x)
+    k = torch.sigmoid(plif.w)
+    s = FWD(h, None, k, torch.tensor(1.0), 0.0, 0, 4.0, True, False, False, False, False,
+            True)[0]
+    s.sum().backward()
+    want = [p.grad for p in (*lin.parameters(), *plif.parameters())]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_the_rerun_needs_x_unchanged():
+    """x is what the backward reruns the forward from: changing it in place is caught."""
+    x = inputs((4, 3)).requires_grad_()
+    y = x * 1.0
+    s = snn.lif_multi_step(y)[0]
+    y.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        s.sum().backward()
+
+
+def test_direct_backward_op_call_with_recompute():
+    x = inputs((5, 2, 3))
+    decay, vth = torch.tensor(2.0), torch.tensor(1.0)
+    s, v, h, _ = FWD(x, None, decay, vth, 0.0, 1, 2.0, True, True, False, False, False, True)
+    g = torch.randn_like(x)
+    args = (None, decay, vth, 0.0, 1, 2.0, True, True, False, False, False, False)
+    from_h = BWD(g, None, None, h, *args)
+    from_x = BWD(g, None, None, x, *args, recompute=True)
+    for a, b in zip(from_h, from_x):
+        assert torch.equal(a, b)
