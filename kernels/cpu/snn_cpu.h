@@ -367,15 +367,17 @@ inline double sum_in_order(const T* v, int64_t len) {
 // Recompute mode: H[t] of one chunk for every t into hbuf ([T][kLifChunk]), rerunning the forward
 // (lif_forward_row's operations) from v (the membrane before step 0; overwritten). The rows of x
 // are prefetched as in the backward.
+// gs: grad_spikes; its rows the reverse scan reads first are prefetched during the rerun.
 template <bool DI, bool DIV, bool HARD, typename In, typename T>
-void lif_rerun_chunk(const In* x, int64_t N, int64_t n0, int64_t len, int64_t steps,
-                     T* __restrict v, const T* __restrict k, const T* __restrict th, T vr,
-                     In* __restrict hbuf) {
+void lif_rerun_chunk(const In* x, const In* gs, int64_t N, int64_t n0, int64_t len,
+                     int64_t steps, T* __restrict v, const T* __restrict k,
+                     const T* __restrict th, T vr, In* __restrict hbuf) {
   const int64_t row_bytes = len * int64_t(sizeof(In));
   for (int64_t t = 0; t < steps; ++t) {
     const In* __restrict xr = x + t * N + n0;
     if (t + kLifBackwardL2Steps < steps) prefetch_row_l2(xr + kLifBackwardL2Steps * N, row_bytes);
     if (t + 1 < steps) prefetch_row(xr + N, row_bytes);
+    if (t < kLifBackwardL2Steps) prefetch_row_l2(gs + (steps - 1 - t) * N + n0, row_bytes);
     In* __restrict hr = hbuf + t * kLifChunk;
     for (int64_t j = 0; j < len; ++j) {
       const T h = snn::charge<DI, DIV>(v[j], static_cast<T>(to_float(xr[j])), k[j], vr);
@@ -388,19 +390,36 @@ void lif_rerun_chunk(const In* x, int64_t N, int64_t n0, int64_t len, int64_t st
 
 template <typename In, typename T>
 void lif_rerun(const LifBackwardArgs<In, T>& a, int64_t n0, int64_t len, T* v, const T* k,
-               const T* th, In* hbuf) {
+               const T* th, In* hb) {
   const int key = (a.decay_input ? 4 : 0) | (a.charge_div ? 2 : 0) | (a.hard ? 1 : 0);
   const int64_t N = a.neurons, st = a.steps;
   const T vr = a.v_reset;
   switch (key) {
-    case 0: lif_rerun_chunk<false, false, false>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
-    case 1: lif_rerun_chunk<false, false, true>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
-    case 2: lif_rerun_chunk<false, true, false>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
-    case 3: lif_rerun_chunk<false, true, true>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
-    case 4: lif_rerun_chunk<true, false, false>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
-    case 5: lif_rerun_chunk<true, false, true>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
-    case 6: lif_rerun_chunk<true, true, false>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
-    default: lif_rerun_chunk<true, true, true>(a.x_seq, N, n0, len, st, v, k, th, vr, hbuf); break;
+    case 0:
+      lif_rerun_chunk<false, false, false>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr,
+                                           hb);
+      break;
+    case 1:
+      lif_rerun_chunk<false, false, true>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr, hb);
+      break;
+    case 2:
+      lif_rerun_chunk<false, true, false>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr, hb);
+      break;
+    case 3:
+      lif_rerun_chunk<false, true, true>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr, hb);
+      break;
+    case 4:
+      lif_rerun_chunk<true, false, false>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr, hb);
+      break;
+    case 5:
+      lif_rerun_chunk<true, false, true>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr, hb);
+      break;
+    case 6:
+      lif_rerun_chunk<true, true, false>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr, hb);
+      break;
+    default:
+      lif_rerun_chunk<true, true, true>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr, hb);
+      break;
   }
 }
 
@@ -470,6 +489,22 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
       if (t >= 1) {
         prefetch_row(a.grad_spikes + off - N, row_bytes);
         if (!rerun) prefetch_row(a.h_seq + off - N, row_bytes);
+      }
+      if (t < kLifBackwardL2Steps && c + 1 < c1) {
+        // The rows the next chunk reads first (its rerun's first x rows, or its scan's last
+        // grad_S / H rows), so it does not start on a memory latency per row.
+        const int64_t n1 = n0 + kLifChunk;
+        const int64_t next_bytes = std::min(kLifChunk, N - n1) * int64_t(sizeof(In));
+        if (rerun) {
+          const int64_t r = kLifBackwardL2Steps - 1 - t;
+          if (r < a.steps) prefetch_row_l2(a.x_seq + r * N + n1, next_bytes);
+        } else {
+          const int64_t r = a.steps - kLifBackwardL2Steps + t;
+          if (r >= 0) {
+            prefetch_row_l2(a.grad_spikes + r * N + n1, next_bytes);
+            prefetch_row_l2(a.h_seq + r * N + n1, next_bytes);
+          }
+        }
       }
       const In* h = rerun ? hbuf.data() + t * kLifChunk : a.h_seq + off;
       if (a.grad_v_seq) add_row(carry, a.grad_v_seq + off, len);
