@@ -12,9 +12,9 @@
 // chunk size is fixed - not derived from the thread count - so the reduced parameter gradients
 // (per-chunk partial sums, added in chunk order) are the same bits on any number of threads.
 //
-// The loops move 12 bytes per neuron-step forward (X in; S, H out; 8 when nothing will be
-// differentiated and H is not kept) and 12 backward (gS, H in; gX out), so they are bound by
-// memory bandwidth: outputs too big for the caches go through a
+// The loops move 8 bytes per neuron-step forward (X in; S out; 12 when H is kept for a backward
+// that reads it) and 12 backward (gS and X in, H rerun per chunk in L1 from X - or H in - ; gX
+// out), so they are bound by memory bandwidth: outputs too big for the caches go through a
 // staging row in L1 and out with non-temporal stores (stream_bytes), which saves the
 // read-for-ownership of every written cache line.
 #pragma once
