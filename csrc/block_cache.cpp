@@ -74,18 +74,15 @@ class BlockCache final : public c10::Allocator {
         p = it->second->ptr;
         unlink_locked(it);
         ++hits_;
-        live_[p] = bytes;
-        live_bytes_ += bytes;
+        track_locked(p, bytes);
       }
     }
     if (p == nullptr) {
       p = fresh(bytes);  // may throw: nothing is counted before it succeeds
       std::lock_guard<std::mutex> lock(mutex_);
       ++misses_;
-      live_[p] = bytes;
-      live_bytes_ += bytes;
+      track_locked(p, bytes);
     }
-    report(p, static_cast<int64_t>(bytes));
     // The context is the data pointer itself (torch's copy-on-write clone requires it); the size
     // is looked up in live_ on release.
     return {p, p, &BlockCache::release, c10::Device(c10::DeviceType::CPU)};
@@ -98,6 +95,11 @@ class BlockCache final : public c10::Allocator {
   BlockCacheInfo info() {
     std::lock_guard<std::mutex> lock(mutex_);
     return info_locked();
+  }
+
+  int64_t limit() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return limit_;
   }
 
   void set_limit(int64_t bytes) {
@@ -213,9 +215,11 @@ class BlockCache final : public c10::Allocator {
     }
   }
 
-  void report(void* p, int64_t delta) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    report_locked(p, delta);
+  // A block handed out: counted live and reported to the profiler. Holds the lock.
+  void track_locked(void* p, size_t bytes) {
+    live_[p] = bytes;
+    live_bytes_ += bytes;
+    report_locked(p, static_cast<int64_t>(bytes));
   }
 
   std::mutex mutex_;
@@ -231,7 +235,7 @@ class BlockCache final : public c10::Allocator {
 
 at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options) {
   TORCH_INTERNAL_ASSERT(options.device().is_cpu(), "empty_cached is for CPU tensors");
-  if (BlockCache::get().info().limit_bytes == 0) return at::empty(sizes, options);
+  if (BlockCache::get().limit() == 0) return at::empty(sizes, options);
   const size_t nbytes =
       at::detail::computeStorageNbytesContiguous(sizes, options.dtype().itemsize());
   // Resizable, with the cache as its allocator: resize_ allocates the new size from it.

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../../kernels/cpu/snn_cpu.h"
@@ -60,6 +61,19 @@ bool all_powers_of_two(const T* v, int64_t n) {
   return n > 0;
 }
 
+// The decay the forward loop charges with: tau itself ("/ tau", div), or k = 1 / tau ("* k") when
+// the decay is k already or every tau is a power of two. `keep` holds the reciprocals.
+template <typename T>
+std::pair<const T*, bool> charge_decay(const NeuronParam& decay, bool decay_is_tau,
+                                       at::Tensor& keep) {
+  const T* dp = decay.values.template data_ptr<T>();
+  if (decay_is_tau && all_powers_of_two(dp, decay.values.numel())) {
+    keep = at::reciprocal(decay.values);  // exact
+    return {keep.template data_ptr<T>(), false};
+  }
+  return {dp, decay_is_tau};
+}
+
 at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->contiguous() : at::Tensor();
 }
@@ -90,17 +104,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
     const T* dp = decay.values.template data_ptr<T>();
     const T* tp = vth.values.template data_ptr<T>();
     check_param_values(dp, decay.values.numel(), decay_is_tau, tp, vth.values.numel(), v_reset);
-    bool div = decay_is_tau;
     at::Tensor k_values;
-    if (div && all_powers_of_two(dp, decay.values.numel())) {
-      k_values = at::reciprocal(decay.values);  // exact
-      dp = k_values.template data_ptr<T>();
-      div = false;
-    }
+    const auto [charge_dp, div] = charge_decay<T>(decay, decay_is_tau, k_values);
     cpu::LifForwardArgs<In, T> a{};
     a.x = cptr<In>(x);
     a.v_init = cptr<In>(v_init);
-    a.decay = dp;
+    a.decay = charge_dp;
     a.decay_period = decay.period;
     a.vth = tp;
     a.vth_period = vth.period;
@@ -202,13 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
     at::Tensor k_values;
     if (recompute) {  // the rerun charges as the forward did (see lif_forward_cpu)
       a.x_seq = cptr<In>(h);
-      a.charge_decay = dp;
-      a.charge_div = decay_is_tau;
-      if (decay_is_tau && all_powers_of_two(dp, decay.values.numel())) {
-        k_values = at::reciprocal(decay.values);
-        a.charge_decay = k_values.template data_ptr<T>();
-        a.charge_div = false;
-      }
+      std::tie(a.charge_decay, a.charge_div) = charge_decay<T>(decay, decay_is_tau, k_values);
     } else {
       a.h_seq = cptr<In>(h);
     }

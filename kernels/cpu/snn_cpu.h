@@ -256,29 +256,36 @@ void lif_forward_chunks(const LifForwardArgs<In, T>& a, int64_t c0, int64_t c1) 
   if (a.stream) stream_fence();
 }
 
-template <bool KEEP_H, typename In, typename T>
-void lif_forward_flags(int key, const LifForwardArgs<In, T>& a, int64_t c0, int64_t c1) {
-  switch (key) {
-    case 0: lif_forward_chunks<false, false, false, KEEP_H>(a, c0, c1); break;
-    case 1: lif_forward_chunks<false, false, true, KEEP_H>(a, c0, c1); break;
-    case 2: lif_forward_chunks<false, true, false, KEEP_H>(a, c0, c1); break;
-    case 3: lif_forward_chunks<false, true, true, KEEP_H>(a, c0, c1); break;
-    case 4: lif_forward_chunks<true, false, false, KEEP_H>(a, c0, c1); break;
-    case 5: lif_forward_chunks<true, false, true, KEEP_H>(a, c0, c1); break;
-    case 6: lif_forward_chunks<true, true, false, KEEP_H>(a, c0, c1); break;
-    default: lif_forward_chunks<true, true, true, KEEP_H>(a, c0, c1); break;
+// Calls f(DI, DIV, HARD) with the three charge / reset flags as compile-time constants
+// (std::bool_constant), so each loop is instantiated per variant and has no branch inside.
+template <typename F>
+void with_charge_flags(bool decay_input, bool div, bool hard, F&& f) {
+  using Y = std::true_type;
+  using N = std::false_type;
+  switch ((decay_input ? 4 : 0) | (div ? 2 : 0) | (hard ? 1 : 0)) {
+    case 0: f(N{}, N{}, N{}); break;
+    case 1: f(N{}, N{}, Y{}); break;
+    case 2: f(N{}, Y{}, N{}); break;
+    case 3: f(N{}, Y{}, Y{}); break;
+    case 4: f(Y{}, N{}, N{}); break;
+    case 5: f(Y{}, N{}, Y{}); break;
+    case 6: f(Y{}, Y{}, N{}); break;
+    default: f(Y{}, Y{}, Y{}); break;
   }
 }
 
 // Runs chunks [c0, c1) with the variant the flags select.
 template <typename In, typename T>
 void lif_forward(const LifForwardArgs<In, T>& a, int64_t c0, int64_t c1) {
-  const int key = (a.decay_input ? 4 : 0) | (a.div ? 2 : 0) | (a.hard ? 1 : 0);
-  if (a.h_seq == nullptr) {
-    lif_forward_flags<false>(key, a, c0, c1);
-  } else {
-    lif_forward_flags<true>(key, a, c0, c1);
-  }
+  with_charge_flags(a.decay_input, a.div, a.hard, [&](auto di, auto div, auto hard) {
+    constexpr bool DI = decltype(di)::value, DIV = decltype(div)::value;
+    constexpr bool HARD = decltype(hard)::value;
+    if (a.h_seq == nullptr) {
+      lif_forward_chunks<DI, DIV, HARD, false>(a, c0, c1);
+    } else {
+      lif_forward_chunks<DI, DIV, HARD, true>(a, c0, c1);
+    }
+  });
 }
 
 // ---- backward ----------------------------------------------------------------------------------
@@ -390,37 +397,13 @@ void lif_rerun_chunk(const In* x, const In* gs, int64_t N, int64_t n0, int64_t l
 
 template <typename In, typename T>
 void lif_rerun(const LifBackwardArgs<In, T>& a, int64_t n0, int64_t len, T* v, const T* k,
-               const T* th, In* hb) {
-  const int key = (a.decay_input ? 4 : 0) | (a.charge_div ? 2 : 0) | (a.hard ? 1 : 0);
-  const int64_t N = a.neurons, st = a.steps;
-  const T vr = a.v_reset;
-  switch (key) {
-    case 0:
-      lif_rerun_chunk<false, false, false>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr,
-                                           hb);
-      break;
-    case 1:
-      lif_rerun_chunk<false, false, true>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr, hb);
-      break;
-    case 2:
-      lif_rerun_chunk<false, true, false>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr, hb);
-      break;
-    case 3:
-      lif_rerun_chunk<false, true, true>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr, hb);
-      break;
-    case 4:
-      lif_rerun_chunk<true, false, false>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr, hb);
-      break;
-    case 5:
-      lif_rerun_chunk<true, false, true>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr, hb);
-      break;
-    case 6:
-      lif_rerun_chunk<true, true, false>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr, hb);
-      break;
-    default:
-      lif_rerun_chunk<true, true, true>(a.x_seq, a.grad_spikes, N, n0, len, st, v, k, th, vr, hb);
-      break;
-  }
+               const T* th, In* hbuf) {
+  with_charge_flags(a.decay_input, a.charge_div, a.hard, [&](auto di, auto div, auto hard) {
+    constexpr bool DI = decltype(di)::value, DIV = decltype(div)::value;
+    constexpr bool HARD = decltype(hard)::value;
+    lif_rerun_chunk<DI, DIV, HARD>(a.x_seq, a.grad_spikes, a.neurons, n0, len, a.steps, v, k, th,
+                                   a.v_reset, hbuf);
+  });
 }
 
 template <bool HARD, snn::Surrogate SURR, bool NEEDP, typename In, typename T>
