@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
     a.decay_input = decay_input;
     a.div = div;
     a.hard = v_reset.has_value();
-    a.stream = 2 * x.numel() * x.element_size() >= cpu::kStreamBytes;
+    a.stream = x.numel() * x.element_size() >= cpu::kStreamBytes;  // per [T, N] output
     at::parallel_for(0, cpu::lif_num_chunks(neurons), chunk_grain(steps),
                      [&](int64_t c0, int64_t c1) { cpu::lif_forward(a, c0, c1); });
   });

@@ -197,9 +197,9 @@ def test_per_neuron_parameters_over_zero_features(backend):
 
 
 def test_large_outputs_take_the_streamed_store_path():
-    """Outputs of 16 MiB and more are written with non-temporal stores (rows here are not 32-byte
-    aligned): the same values as the reference."""
-    x = inputs((8, 1023, 515)).requires_grad_()
+    """Outputs of 512 KiB and more are written with non-temporal stores (rows here are not
+    32-byte aligned): the same values as the reference."""
+    x = inputs((8, 255, 131)).requires_grad_()  # 1 MiB per [T, N] tensor
     s, v, _ = lif_multi_step(x, tau=1.5, surrogate_function=surrogate_of("ATan"))
     g = torch.randn_like(s)
     (s * g).sum().backward()
