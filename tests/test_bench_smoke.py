@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark suite (bench/): it runs, reports every provider, writes CSV and
 PNG. No timing is asserted: the machines are shared and noisy."""
 import csv
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,20 @@ def test_cli_quick_fewbit(tmp_path):
     assert saved["torch"] == 4 * 65536 and saved["uint8-codes"] == 65536 + 16
     assert saved["pypaper"] == saved["reference"] == 65536 // 4 + 16
     assert all(r["baseline"] == "torch" for r in rows)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("snntorch") is None, reason="snntorch not installed")
+def test_snn_bound_reports_the_floor_and_the_fixed_costs():
+    cmd = [sys.executable, "-m", "bench.snn_bound", "--neurons", "512", "--rounds", "1",
+           "--membw-reps", "1"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "memory floor (bench.membw, 1 MiB per stream, cold):" in out.stdout
+    for name in ("built-in", "contract", "pypaper"):
+        row = [line for line in out.stdout.splitlines() if line.startswith(f"| {name} |")]
+        assert len(row) == 1, out.stdout
+        ms, bound = (float(v) for v in row[0].split("|")[2:4])
+        assert 0 < ms < bound  # the bound adds the floor
 
 
 @pytest.mark.parametrize("n", range(1, 8))
