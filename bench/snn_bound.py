@@ -10,7 +10,7 @@ sum of two things this script measures in one run:
 2. the fixed cost of one call and its backward through PyTorch, in the state a training step
    leaves the machine in: timed on a 16-element input right after a snntorch forward + backward
    has filled the caches with its own data (as in the benchmark, where every provider runs between
-   the others). Three ops:
+   the others; snntorch itself always runs right after another provider, as there). Three ops:
    - "built-in": torch's x * 2 (C++ kernel, C++ autograd): what any op pays at the least;
    - "contract": an op that does nothing, registered as ../shared/DESIGN.md asks of every pypaper
      op (torch.library schema, a CPU kernel, torch.library.register_autograd with a backward
@@ -124,12 +124,18 @@ def measure(steps: int, neurons: int, rounds: int) -> dict:
         big["spikingjelly fwd+bwd"] = _fwd_bwd(sj, xg, g)
     for call in (*fixed.values(), *big.values(), peer):  # warm-up: first calls build caches
         call()
+    # snntorch always runs right after another provider's full-size fwd+bwd, as in the benchmark
+    # (back to back with itself it is up to 1.7x slower here), and each fixed cost right after
+    # snntorch, whose fwd+bwd leaves the caches full of its own data.
     samples = {}
-    for r in range(rounds):
-        order = list(fixed.items()) + list(big.items())
-        order = order[r % len(order):] + order[:r % len(order)]
-        for name, call in order:
-            samples.setdefault("snntorch fwd+bwd", []).append(_ms(peer))  # fills the caches
+    bigs = list(big.items())
+    k = 0
+    for _ in range(rounds):
+        for name, call in fixed.items():
+            big_name, big_call = bigs[k % len(bigs)]
+            k += 1
+            samples.setdefault(big_name, []).append(_ms(big_call))
+            samples.setdefault("snntorch fwd+bwd", []).append(_ms(peer))
             samples.setdefault(name, []).append(_ms(call))
     return {k: statistics.median(v) for k, v in samples.items()}
 

@@ -58,7 +58,9 @@ inline NeuronParam prepare_param(const at::Tensor& p, const at::Tensor& x, const
   const auto feat = x.sizes().slice(2);
   TORCH_CHECK(p.numel() == 1 || p.sizes() == feat, name, " has shape ", p.sizes(),
               ", expected one element or the feature shape x.shape[2:] = ", feat);
-  return NeuronParam{p.to(math_type_of(x)).contiguous(), p.numel() == 1 ? 1 : features_of(x)};
+  const at::ScalarType mt = math_type_of(x);  // .to() only where it converts: it dispatches
+  return NeuronParam{(p.scalar_type() == mt ? p : p.to(mt)).contiguous(),
+                     p.numel() == 1 ? 1 : features_of(x)};
 }
 
 // v_init: the membrane before step 0, shape x.shape[1:], x's dtype and device.

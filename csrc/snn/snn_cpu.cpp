@@ -3,13 +3,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/reciprocal.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -62,16 +61,28 @@ bool all_powers_of_two(const T* v, int64_t n) {
 }
 
 // The decay the forward loop charges with: tau itself ("/ tau", div), or k = 1 / tau ("* k") when
-// the decay is k already or every tau is a power of two. `keep` holds the reciprocals.
+// the decay is k already or every tau is a power of two. `keep` holds the reciprocals, computed
+// here rather than by an ATen op: one ATen call costs ~50 us when the caches hold another layer's
+// data, which is where a training step finds them (a tenth of this op's fixed cost there).
 template <typename T>
 std::pair<const T*, bool> charge_decay(const NeuronParam& decay, bool decay_is_tau,
-                                       at::Tensor& keep) {
+                                       std::vector<T>& keep) {
   const T* dp = decay.values.template data_ptr<T>();
-  if (decay_is_tau && all_powers_of_two(dp, decay.values.numel())) {
-    keep = at::reciprocal(decay.values);  // exact
-    return {keep.template data_ptr<T>(), false};
+  const int64_t n = decay.values.numel();
+  if (decay_is_tau && all_powers_of_two(dp, n)) {
+    keep.resize(n);
+    for (int64_t i = 0; i < n; ++i) keep[i] = T(1) / dp[i];  // exact
+    return {keep.data(), false};
   }
   return {dp, decay_is_tau};
+}
+
+// Zeros of the given shape and options: an empty tensor and a memset (all-zero bytes are +0 in
+// every float type), for the same reason: no TensorIterator fill for these few values.
+at::Tensor zeros_shaped(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor z = at::empty(sizes, options);
+  if (z.nbytes() > 0) std::memset(z.data_ptr(), 0, z.nbytes());
+  return z;
 }
 
 at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
@@ -104,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
     const T* dp = decay.values.template data_ptr<T>();
     const T* tp = vth.values.template data_ptr<T>();
     check_param_values(dp, decay.values.numel(), decay_is_tau, tp, vth.values.numel(), v_reset);
-    at::Tensor k_values;
+    std::vector<T> k_values;
     const auto [charge_dp, div] = charge_decay<T>(decay, decay_is_tau, k_values);
     cpu::LifForwardArgs<In, T> a{};
     a.x = cptr<In>(x);
@@ -135,11 +146,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
 at::Tensor finish_param_grad(const at::Tensor& param, const NeuronParam& p, const at::Tensor& per_n,
                              const std::vector<double>& partial) {
   // A per-neuron parameter over zero features (period 0) has an empty gradient.
-  if (param.numel() == 0) return at::zeros(param.sizes(), param.options());
+  if (param.numel() == 0) return zeros_shaped(param.sizes(), param.options());
   at::Tensor g;
   if (p.period > 1) {
     const int64_t n = per_n.numel();
-    g = n == 0 ? at::zeros({p.period}, per_n.options())
+    g = n == 0 ? zeros_shaped({p.period}, per_n.options())
                : at::sum(per_n.view({n / p.period, p.period}), {0});
   } else {
     double acc = 0.0;
@@ -208,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
     a.grad_spikes = cptr<In>(gs);
     a.grad_v_last = cptr<In>(gvl);
     a.grad_v_seq = cptr<In>(gvs);
-    at::Tensor k_values;
+    std::vector<T> k_values;
     if (recompute) {  // the rerun charges as the forward did (see lif_forward_cpu)
       a.x_seq = cptr<In>(h);
       std::tie(a.charge_decay, a.charge_div) = charge_decay<T>(decay, decay_is_tau, k_values);
@@ -241,9 +252,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
                      [&](int64_t c0, int64_t c1) { cpu::lif_backward(a, c0, c1); });
   });
   at::Tensor g_decay = need_decay_grad ? finish_param_grad(decay_in, decay, gk_n, gk_c)
-                                       : at::zeros(decay_in.sizes(), decay_in.options());
+                                       : zeros_shaped(decay_in.sizes(), decay_in.options());
   at::Tensor g_vth = need_threshold_grad ? finish_param_grad(vth_in, vth, gth_n, gth_c)
-                                         : at::zeros(vth_in.sizes(), vth_in.options());
+                                         : zeros_shaped(vth_in.sizes(), vth_in.options());
   return {gx, gv_init, g_decay, g_vth};
 }
 
