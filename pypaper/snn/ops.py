@@ -10,6 +10,7 @@ then Triton, then the reference (each taken only where it exists: see _REASONS).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import numbers
@@ -89,6 +90,14 @@ def _check_x(x_seq) -> None:
                          f"{tuple(x_seq.shape)}")
 
 
+@functools.lru_cache(maxsize=64)
+def _scalar(value: float, sign: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim tensor of a number parameter (tau, v_threshold), made once per value: creating it
+    is an ATen call, ~50 us when another layer's data fills the caches. The ops only read it (the
+    backward keeps it); ``sign`` keeps -0.0 apart from 0.0."""
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
 def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype) -> torch.Tensor:
     """A neuron parameter as a tensor of the math dtype on x's device: one value, or one per
     neuron of shape x.shape[2:] (broadcast over the batch)."""
@@ -96,7 +105,10 @@ def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype) -> torch.Tensor:
     if _is_number(value):
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
-        return torch.tensor(float(value), dtype=mdt, device=x.device)
+        if not _checking():  # traced: a constant of the graph
+            return torch.tensor(float(value), dtype=mdt, device=x.device)
+        v = float(value)
+        return _scalar(v, math.copysign(1.0, v), mdt, x.device)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
     if not value.is_floating_point():
