@@ -343,3 +343,21 @@ def test_gradients_when_only_some_outputs_are_used(used):
             assert o is None or torch.all(o == 0)
         else:
             torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-10)
+
+
+def test_number_parameters_are_cached_per_value():
+    """lif_multi_step makes the tensor of a number tau / v_threshold once per value: the same
+    results as fresh tensors, a new value gets its own, -0.0 stays apart from 0.0."""
+    from pypaper.snn import ops
+
+    x = inputs((5, 3, 4))
+    for tau, vth in ((2.0, 1.0), (3.0, 0.5), (2.0, 1.0), (4, 1)):
+        got = lif_multi_step(x, tau=tau, v_threshold=vth)[0]
+        with pypaper.use_backend("reference"):
+            want = lif_multi_step(x, tau=tau, v_threshold=vth)[0]
+        assert torch.equal(got, want)
+    a = ops._param(0.0, "v_threshold", x, torch.float32)
+    b = ops._param(-0.0, "v_threshold", x, torch.float32)
+    assert a is not b and torch.signbit(b) and not torch.signbit(a)
+    assert ops._param(0.0, "v_threshold", x, torch.float32) is a
+    assert ops._param(0.0, "v_threshold", x, torch.float64) is not a
