@@ -33,15 +33,12 @@ from pathlib import Path
 
 from . import harness  # noqa: F401  (first: sets THP_MEM_ALLOC_ENABLE before torch loads)
 from . import membw
+from .snn import BATCH, TAU, _snntorch, _spikingjelly
 
 import torch  # noqa: E402
 
 import pypaper  # noqa: E402,F401
 from pypaper import snn  # noqa: E402
-
-TAU = 2.0
-BATCH = 16
-
 
 def _contract_noop():
     """x -> empty_like(x) as a torch.library op with register_autograd, backward another op."""
@@ -57,38 +54,6 @@ def _contract_noop():
         "pypaper_bound::noop", lambda ctx, g: torch.ops.pypaper_bound.noop_backward(g),
         setup_context=lambda ctx, inputs, output: None, lib=lib)
     return lib, torch.ops.pypaper_bound.noop
-
-
-def _snntorch_step():
-    import snntorch
-    from snntorch import surrogate
-
-    leaky = snntorch.Leaky(beta=1.0 - 1.0 / TAU, spike_grad=surrogate.atan(),
-                           reset_mechanism="zero")
-
-    def run(x):
-        mem = leaky.init_leaky()
-        out = []
-        for t in range(x.shape[0]):
-            spk, mem = leaky(x[t], mem)
-            out.append(spk)
-        return torch.stack(out)
-
-    return run
-
-
-def _spikingjelly_step():
-    if importlib.util.find_spec("spikingjelly") is None:
-        return None
-    from spikingjelly.activation_based import functional, neuron, surrogate
-
-    node = neuron.LIFNode(tau=TAU, surrogate_function=surrogate.ATan(), step_mode="m")
-
-    def run(x):
-        functional.reset_net(node)
-        return node(x)
-
-    return run
 
 
 def _fwd_bwd(fn, xg, g):
@@ -114,8 +79,8 @@ def measure(steps: int, neurons: int, rounds: int) -> dict:
     sur = snn.surrogate.ATan()
     lif = lambda t: snn.lif_multi_step(t, tau=TAU, surrogate_function=sur)[0]  # noqa: E731
     _lib, noop = _contract_noop()
-    peer = _fwd_bwd(_snntorch_step(), xg, g)
-    sj = _spikingjelly_step()
+    peer = _fwd_bwd(_snntorch()[0], xg, g)  # the benchmark's own providers
+    sj = _spikingjelly()[0]
     fixed = {"built-in": _fwd_bwd(lambda t: t * 2, small, gs),
              "contract": _fwd_bwd(noop, small, gs),
              "pypaper": _fwd_bwd(lif, small, gs)}
