@@ -135,8 +135,8 @@ def main(argv=None) -> int:
         sj = m["spikingjelly fwd+bwd"]
         print(f"spikingjelly fwd+bwd: {sj:.2f} ms; pypaper = {sj / m['pypaper fwd+bwd']:.1f}x "
               f"spikingjelly")
-    print("\n| fixed cost of one call + backward (16 elements, after snntorch) | ms | floor + it, ms "
-          "| snntorch / that | spikingjelly / that |\n|---|---:|---:|---:|---:|")
+    print("\n| fixed cost of one call + backward (16 elements, after snntorch) | ms "
+          "| floor + it, ms | snntorch / that | spikingjelly / that |\n|---|---:|---:|---:|---:|")
     for name in ("built-in", "contract", "pypaper"):
         bound = floor + m[name]
         sj_ratio = f"{m['spikingjelly fwd+bwd'] / bound:.1f}x" if "spikingjelly fwd+bwd" in m \

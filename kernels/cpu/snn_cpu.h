@@ -46,9 +46,12 @@ constexpr int64_t kLifPrefetchSteps = 2;
 
 // The backward, whose arithmetic per element is about twice the forward's, prefetches in two
 // levels: into L2 this many steps ahead, into L1 one step ahead (cold inputs, T = 32, 2^18
-// neurons: backward 2.88 -> 2.69 ms; one level at 2 steps left the DRAM requests too few while it
-// computed; the pure streaming floor of its pattern is 2.46-2.50 ms, bench/membw.py).
-constexpr int64_t kLifBackwardL2Steps = 4;
+// neurons: backward 2.88 -> 2.69 ms with 4 steps; one level at 2 steps left the DRAM requests too
+// few while it computed; the pure streaming floor of its pattern is 2.46-2.64 ms, bench/membw.py).
+// 6 rather than 4: right after a SpikingJelly fwd + bwd, as in the benchmark, backward
+// 3.13-3.16 -> 3.04-3.09 ms (24-30 interleaved rounds each; 8 and 12 no better, 3 worse), and no
+// worse standalone.
+constexpr int64_t kLifBackwardL2Steps = 6;
 
 // An output of at least this many bytes is written with non-temporal stores, which skip the
 // read-for-ownership a normal store pays (as much bandwidth as the write itself) and do not evict
