@@ -63,20 +63,35 @@ constexpr int64_t kLifBackwardL2Steps = 6;
 // trained with either is within 2% (T = 32..500, 128..1024 features), streamed no slower.
 constexpr int64_t kStreamBytes = int64_t{512} << 10;
 
-// dst[0, n) = src[0, n) with non-temporal 32-byte stores where dst is aligned; the head and tail
-// bytes are copied normally. The caller ends its task with stream_fence().
+// dst[0, n) = src[0, n) with non-temporal stores of whole 64-byte lines where dst is aligned (32
+// bytes without AVX-512); the head and tail bytes are copied normally. The caller ends its task
+// with stream_fence(). Whole lines against two 32-byte halves per line, T = 32: one thread on
+// 4 KiB pages, x in cache, forward 0.69 -> 0.25 ns per neuron-step and backward 0.97 -> 0.53 at
+// 2^12 neurons (0.75 -> 0.61 and 1.22 -> 0.99 at 2^18); two threads on huge pages, in-process,
+// 1-4% (2^12..2^18 neurons, cold or hot inputs).
 inline void stream_bytes(void* dst, const void* src, int64_t n) {
 #if defined(__AVX__)
   auto* d = static_cast<char*>(dst);
   const auto* s = static_cast<const char*>(src);
-  const int64_t head = std::min<int64_t>(n, (32 - reinterpret_cast<uintptr_t>(d) % 32) % 32);
-  std::memcpy(d, s, head);
+#if defined(__AVX512F__)
+  constexpr int64_t kStore = 64;
+#else
+  constexpr int64_t kStore = 32;
+#endif
+  const int64_t head =
+      std::min<int64_t>(n, (kStore - reinterpret_cast<uintptr_t>(d) % kStore) % kStore);
+  if (head > 0) std::memcpy(d, s, head);
   int64_t i = head;
-  for (; i + 32 <= n; i += 32) {
+  for (; i + kStore <= n; i += kStore) {
+#if defined(__AVX512F__)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i),
+                        _mm512_loadu_si512(reinterpret_cast<const void*>(s + i)));
+#else
     _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i),
                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+#endif
   }
-  std::memcpy(d + i, s + i, n - i);
+  if (i < n) std::memcpy(d + i, s + i, n - i);
 #else
   std::memcpy(dst, src, n);
 #endif
