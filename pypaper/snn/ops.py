@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from . import reference
+from . import _registration, reference
 from .surrogate import surrogate_spec
 
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -45,8 +45,6 @@ def _triton_reason(device: torch.device) -> Optional[str]:
     """Why the Triton LIF kernels cannot run on ``device`` (None if they can)."""
     if importlib.util.find_spec("pypaper.snn.triton_kernels") is None:
         return "there is no Triton kernel for the LIF ops (pypaper/snn/triton_kernels.py)"
-    from . import _registration
-
     ok, why = _registration.load_triton().triton_available(device)
     return None if ok else why
 
@@ -221,12 +219,7 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
         extra["keep_h"] = False
     args = (x_seq, v, decay, vth, v_reset, sid, alpha, decay_input, decay_is_tau, detach_reset,
             sltt, store_v_seq)
-    if needs_grad or not _checking():
-        spikes, v_last, _, v_seq = _op(backend)(*args, **extra)
-    else:
-        # Nothing to differentiate: skip the Autograd key, whose Python kernel would only
-        # redispatch (as torch.library's no-grad path does; ~16 us a call, more when another
-        # layer's data fills the caches).
-        with torch._C._AutoDispatchBelowAutograd():
-            spikes, v_last, _, v_seq = _op(backend)(*args, **extra)
+    # Nothing to differentiate: the call skips the Autograd key (its Python kernel would only
+    # redispatch).
+    spikes, v_last, _, v_seq = _registration.call_op(_op(backend), args, extra, needs_grad)
     return spikes, v_last, (v_seq if store_v_seq else None)
