@@ -40,26 +40,27 @@ TORCH_LIBRARY(pypaper, m) {
   // (shape x.shape[2:], broadcast over the batch). v_reset None = soft reset. surrogate: the id of
   // kernels/common/snn_math.h (0 Sigmoid, 1 ATan, 2 PiecewiseQuadratic, 3 PiecewiseExp,
   // 4 SoftSign, 5 SuperSpike, 6 Erf, 7 Rect) with its alpha. sltt: the backward drops the
-  // temporal gradient path (Meng et al., ICCV 2023).
+  // temporal gradient path (Meng et al., ICCV 2023). flags: the op's bools as bits
+  // (csrc/snn/snn_args.h LifFlag, pypaper/snn/op_flags.py): decay_input, decay_is_tau,
+  // detach_reset, sltt, and for the forward store_v_seq, keep_h; one int instead of six
+  // arguments, since every schema argument costs time on torch.library's Python autograd path.
   // Returns (spikes, v_last, h_seq, v_seq): h_seq is the pre-fire membrane H[t], the one value per
   // neuron-step the backward keeps; v_seq is V[t] after reset when store_v_seq, else shape [0].
-  // keep_h=False: h_seq is shape [0] and never written (8 instead of 12 bytes per neuron-step);
-  // on the CPU the backward then reruns the forward from x (lif_backward recompute=True).
+  // without keep_h: h_seq is shape [0] and never written (8 instead of 12 bytes per neuron-step);
+  // on the CPU the backward then reruns the forward from x (lif_backward with recompute).
   m.def(
       "lif_forward(Tensor x, Tensor? v_init, Tensor decay, Tensor v_threshold, float? v_reset, "
-      "int surrogate, float alpha, bool decay_input, bool decay_is_tau, bool detach_reset, "
-      "bool sltt, bool store_v_seq, bool keep_h=True) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int surrogate, float alpha, int flags) -> (Tensor, Tensor, Tensor, Tensor)");
   // The reverse scan: (grad_x, grad_v_init, grad_decay, grad_v_threshold); the parameter
   // gradients are summed over time and batch inside the kernel (zeros when not asked for).
-  // recompute=True: h_seq holds the forward's x instead of H, and v_init its v_init; each chunk of
+  // flags: decay_input .. sltt as for the forward, need_decay_grad, need_threshold_grad, and
+  // recompute: h_seq holds the forward's x instead of H, and v_init its v_init; each chunk of
   // neurons reruns the forward into a cache-resident buffer first (CPU only): 20 bytes per
   // neuron-step over forward and backward instead of 24, the same results to the bit.
   m.def(
       "lif_backward(Tensor grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor h_seq, "
       "Tensor? v_init, Tensor decay, Tensor v_threshold, float? v_reset, int surrogate, "
-      "float alpha, bool decay_input, bool decay_is_tau, bool detach_reset, bool sltt, "
-      "bool need_decay_grad, bool need_threshold_grad, bool recompute=False) -> "
-      "(Tensor, Tensor, Tensor, Tensor)");
+      "float alpha, int flags) -> (Tensor, Tensor, Tensor, Tensor)");
   // ---- snn.delays: learnable synaptic delays (Hammouamri et al., ICLR 2024), kernels/common/delay_math.h
   // x: [T, N, C_in] (time-major); weight, position: [C_out, C_in]; bias: [C_out] or None.
   // y[t, n, o] = b[o] + sum_i w[o, i] sum_d g_{o,i}(d) x[t - d, n, i], x[t < 0] = 0, d < max_delay:

@@ -14,6 +14,40 @@
 namespace pypaper {
 namespace snn {
 
+// The bools of lif_forward / lif_backward travel as one int, `flags` (bit set = true), not as
+// nine schema arguments: torch.library's Python autograd path of an op costs ~9 us more per
+// schema argument when another layer's data fills the caches, as in a training step (do-nothing
+// ops right after a snntorch fwd + bwd: 13 arguments 0.58 ms, 8 arguments 0.54 ms; hot ~54 us for
+// 13 against 7). The bits are pypaper/snn/op_flags.py's.
+enum LifFlag : int64_t {
+  kDecayInput = 1 << 0,        // charge H = V + (X - (V - Vr)) / tau, else V - (V - Vr)/tau + X
+  kDecayIsTau = 1 << 1,        // decay holds tau ("/ tau"), else k = 1/tau ("* k")
+  kDetachReset = 1 << 2,       // S is detached in the reset term (backward)
+  kSltt = 1 << 3,              // SLTT: no temporal gradient path (backward)
+  kStoreVSeq = 1 << 4,         // forward: also return V[t] for every t
+  kKeepH = 1 << 5,             // forward: return H[t] for the backward
+  kNeedDecayGrad = 1 << 6,     // backward: the decay's gradient is wanted
+  kNeedThresholdGrad = 1 << 7, // backward: the threshold's gradient is wanted
+  kRecompute = 1 << 8,         // backward: h_seq holds x; rerun the forward per chunk (CPU)
+};
+constexpr int64_t kLifForwardFlags =
+    kDecayInput | kDecayIsTau | kDetachReset | kSltt | kStoreVSeq | kKeepH;
+constexpr int64_t kLifBackwardFlags = kDecayInput | kDecayIsTau | kDetachReset | kSltt |
+                                      kNeedDecayGrad | kNeedThresholdGrad | kRecompute;
+
+struct LifFlags {
+  int64_t bits;
+  bool has(LifFlag f) const { return (bits & f) != 0; }
+};
+
+// flags of the op `op`, which takes the bits in `allowed`; anything else is a caller's mistake.
+inline LifFlags lif_flags(int64_t flags, int64_t allowed, const char* op) {
+  TORCH_CHECK(flags >= 0 && (flags & ~allowed) == 0, op, ": flags ", flags,
+              " has bits this op does not take (allowed: ", allowed,
+              "; pypaper/snn/op_flags.py builds them)");
+  return LifFlags{flags};
+}
+
 inline bool is_float_type(at::ScalarType st) {
   return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
 }

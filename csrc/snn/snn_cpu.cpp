@@ -92,8 +92,10 @@ at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& v_init_in,
     const at::Tensor& decay_in, const at::Tensor& vth_in, c10::optional<double> v_reset,
-    int64_t surrogate, double alpha, bool decay_input, bool decay_is_tau, bool /*detach_reset*/,
-    bool /*sltt*/, bool store_v_seq, bool keep_h) {
+    int64_t surrogate, double alpha, int64_t flags) {
+  const LifFlags f = lif_flags(flags, kLifForwardFlags, "lif_forward");
+  const bool decay_input = f.has(kDecayInput), decay_is_tau = f.has(kDecayIsTau);
+  const bool store_v_seq = f.has(kStoreVSeq), keep_h = f.has(kKeepH);
   check_x(x_in);
   check_state(v_init_in, x_in, "v_init");
   check_scalars(surrogate, alpha, v_reset);
@@ -170,8 +172,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
     const c10::optional<at::Tensor>& grad_v_seq_in, const at::Tensor& h_in,
     const c10::optional<at::Tensor>& v_init_in, const at::Tensor& decay_in,
     const at::Tensor& vth_in, c10::optional<double> v_reset, int64_t surrogate, double alpha,
-    bool decay_input, bool decay_is_tau, bool detach_reset, bool sltt, bool need_decay_grad,
-    bool need_threshold_grad, bool recompute) {
+    int64_t flags) {
+  const LifFlags f = lif_flags(flags, kLifBackwardFlags, "lif_backward");
+  const bool decay_input = f.has(kDecayInput), decay_is_tau = f.has(kDecayIsTau);
+  const bool detach_reset = f.has(kDetachReset), sltt = f.has(kSltt);
+  const bool need_decay_grad = f.has(kNeedDecayGrad);
+  const bool need_threshold_grad = f.has(kNeedThresholdGrad);
+  const bool recompute = f.has(kRecompute);
   // recompute: h_in is the forward's input x (it kept no H); the loops rerun the forward per chunk.
   check_x(h_in, recompute ? "x" : "h_seq");
   check_state(v_init_in, h_in, "v_init");

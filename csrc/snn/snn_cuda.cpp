@@ -49,8 +49,10 @@ void check_cuda(const at::Tensor& x, const char* name) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cuda(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& v_init_in,
     const at::Tensor& decay_in, const at::Tensor& vth_in, c10::optional<double> v_reset,
-    int64_t surrogate, double alpha, bool decay_input, bool decay_is_tau, bool /*detach_reset*/,
-    bool /*sltt*/, bool store_v_seq, bool keep_h) {
+    int64_t surrogate, double alpha, int64_t flags) {
+  const LifFlags f = lif_flags(flags, kLifForwardFlags, "lif_forward");
+  const bool decay_input = f.has(kDecayInput), decay_is_tau = f.has(kDecayIsTau);
+  const bool store_v_seq = f.has(kStoreVSeq), keep_h = f.has(kKeepH);
   check_x(x_in);
   check_cuda(x_in, "x");
   check_state(v_init_in, x_in, "v_init");
@@ -103,10 +105,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cuda(
     const c10::optional<at::Tensor>& grad_v_seq_in, const at::Tensor& h_in,
     const c10::optional<at::Tensor>& v_init_in, const at::Tensor& decay_in,
     const at::Tensor& vth_in, c10::optional<double> v_reset, int64_t surrogate, double alpha,
-    bool decay_input, bool decay_is_tau, bool detach_reset, bool sltt, bool need_decay_grad,
-    bool need_threshold_grad, bool recompute) {
-  TORCH_CHECK(!recompute, "lif_backward(recompute=True) (rerunning the forward from x instead of "
-              "reading a kept H) has no CUDA kernel: run lif_forward with keep_h=True on CUDA");
+    int64_t flags) {
+  const LifFlags f = lif_flags(flags, kLifBackwardFlags, "lif_backward");
+  const bool decay_input = f.has(kDecayInput), decay_is_tau = f.has(kDecayIsTau);
+  const bool detach_reset = f.has(kDetachReset), sltt = f.has(kSltt);
+  const bool need_decay_grad = f.has(kNeedDecayGrad);
+  const bool need_threshold_grad = f.has(kNeedThresholdGrad);
+  const bool recompute = f.has(kRecompute);
+  TORCH_CHECK(!recompute, "lif_backward with the recompute flag (rerunning the forward from x "
+              "instead of reading a kept H) has no CUDA kernel: run lif_forward with the keep_h "
+              "flag on CUDA");
   check_x(h_in, "h_seq");
   check_cuda(h_in, "h_seq");
   check_state(v_init_in, h_in, "v_init");

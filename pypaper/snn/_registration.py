@@ -5,31 +5,33 @@ torch.compile(fullgraph=True); the autograd backward is itself an op (lif_backwa
 backward compiles too. What autograd keeps for the backward: h_seq (H[t], one value per
 neuron-step in x's dtype), the two parameter tensors (one value or one per feature), and v_init
 only when the decay needs its gradient (its step-0 term dH/dk reads V[-1]). On the CPU the forward
-runs with keep_h=False and writes no h_seq at all: autograd keeps x (and v_init) instead, and the
-backward reruns the forward from them (lif_backward recompute=True).
+runs without keep_h and writes no h_seq at all: autograd keeps x (and v_init) instead, and the
+backward reruns the forward from them (lif_backward with the recompute flag).
+
+The ops take their bools as one int, ``flags`` (pypaper/snn/op_flags.py).
 """
 from __future__ import annotations
 
 import torch
 
+from . import op_flags
 
-def _fake_lif_forward(x, v_init, decay, v_threshold, v_reset, surrogate, alpha, decay_input,
-                      decay_is_tau, detach_reset, sltt, store_v_seq, keep_h=True):
+
+def _fake_lif_forward(x, v_init, decay, v_threshold, v_reset, surrogate, alpha, flags):
     torch._check(x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
                  lambda: f"x must be a floating tensor, got {x.dtype}")
     torch._check(x.dim() >= 2, lambda: "x must have shape [T, N, *]")
     spikes = torch.empty_like(x, memory_format=torch.contiguous_format)
-    h_seq = (torch.empty_like(x, memory_format=torch.contiguous_format) if keep_h
-             else x.new_empty((0,)))
+    h_seq = (torch.empty_like(x, memory_format=torch.contiguous_format)
+             if flags & op_flags.KEEP_H else x.new_empty((0,)))
     v_last = x.new_empty(x.shape[1:])
-    v_seq = (torch.empty_like(x, memory_format=torch.contiguous_format) if store_v_seq
-             else x.new_empty((0,)))
+    v_seq = (torch.empty_like(x, memory_format=torch.contiguous_format)
+             if flags & op_flags.STORE_V_SEQ else x.new_empty((0,)))
     return spikes, v_last, h_seq, v_seq
 
 
 def _fake_lif_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, v_init, decay, v_threshold,
-                       v_reset, surrogate, alpha, decay_input, decay_is_tau, detach_reset, sltt,
-                       need_decay_grad, need_threshold_grad, recompute=False):
+                       v_reset, surrogate, alpha, flags):
     torch._check(grad_spikes.shape == h_seq.shape, lambda: "grad_spikes must match h_seq")
     return (torch.empty_like(h_seq, memory_format=torch.contiguous_format),
             h_seq.new_empty(h_seq.shape[1:]),
@@ -38,9 +40,11 @@ def _fake_lif_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, v_init, deca
 
 
 def _lif_setup(ctx, inputs, output):
-    (x, v_init, decay, v_threshold, v_reset, surrogate, alpha, decay_input, decay_is_tau,
-     detach_reset, sltt, store_v_seq) = inputs[:12]
-    ctx.keep_h = inputs[12] if len(inputs) > 12 else True  # the Triton op has no keep_h
+    x, v_init, decay, v_threshold, v_reset, surrogate, alpha, flags = inputs
+    ctx.scalars = (v_reset, surrogate, alpha)
+    ctx.dynamics = flags & op_flags.DYNAMICS
+    ctx.keep_h = bool(flags & op_flags.KEEP_H)
+    ctx.store_v_seq = bool(flags & op_flags.STORE_V_SEQ)
     ctx.num_inputs = len(inputs)
     _, _, h_seq, _ = output
     ctx.mark_non_differentiable(h_seq)
@@ -50,49 +54,49 @@ def _lif_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     need_decay = ctx.needs_input_grad[2]
     # A CPU forward that kept no H: the backward reruns the forward from x (and v_init), chunk by
-    # chunk in cache, instead of reading a stored H (lif_backward recompute=True): x is kept in
+    # chunk in cache, instead of reading a stored H (lif_backward's recompute flag): x is kept in
     # H's place, so the bytes kept are the same, and 4 fewer bytes per neuron-step are moved.
     ctx.recompute = not ctx.keep_h and x.device.type == "cpu"
     keep_v = (need_decay or ctx.recompute) and v_init is not None
     ctx.keep_v = keep_v
     ctx.save_for_backward(x if ctx.recompute else h_seq, decay, v_threshold,
                           *((v_init,) if keep_v else ()))
-    ctx.args = (v_reset, surrogate, alpha, decay_input, decay_is_tau, detach_reset, sltt)
-    ctx.store_v_seq = store_v_seq
 
 
-def call_op(op, args, kwargs, through_autograd: bool):
-    """op(*args, **kwargs); without through_autograd the call skips the Autograd key, as
-    torch.library's own no-grad path does, without its Python redispatch (~15 us a call, ~70 us
-    when another layer's data fills the caches). Only where no graph is built over the call, and
-    not while tracing (torch.compile sees the op with its autograd)."""
+def call_op(op, args, through_autograd: bool):
+    """op(*args); without through_autograd the call skips the Autograd key, as torch.library's
+    own no-grad path does, without its Python redispatch (~15 us a call, ~70 us when another
+    layer's data fills the caches). Only where no graph is built over the call, and not while
+    tracing (torch.compile sees the op with its autograd)."""
     if through_autograd or torch.compiler.is_compiling():
-        return op(*args, **kwargs)
+        return op(*args)
     with torch._C._AutoDispatchBelowAutograd():  # the private guard torch.library uses
-        return op(*args, **kwargs)
+        return op(*args)
 
 
 def _make_lif_backward(backward_op):
     def backward(ctx, g_spikes, g_v_last, g_h, g_v_seq):
         if not ctx.keep_h and not ctx.recompute:
-            raise RuntimeError("pypaper::lif_forward ran with keep_h=False, which keeps no H for "
-                               "the backward (only the CPU backward can rerun the forward "
-                               "instead): call it with keep_h=True to differentiate it")
+            raise RuntimeError("pypaper::lif_forward ran without the keep_h flag, which keeps no "
+                               "H for the backward (only the CPU backward can rerun the forward "
+                               "instead): set op_flags.KEEP_H to differentiate it")
         saved = ctx.saved_tensors
-        h_seq, decay, v_threshold = saved[:3]
+        h_seq, decay, v_threshold = saved[:3]  # h_seq holds x when ctx.recompute
         v_init = saved[3] if ctx.keep_v else None
         need_x, need_v, need_decay, need_vth = ctx.needs_input_grad[:4]
         if g_spikes is None:
             g_spikes = torch.zeros_like(h_seq)
         g_v_seq = g_v_seq.contiguous() if (ctx.store_v_seq and g_v_seq is not None) else None
         g_v_last = g_v_last.contiguous() if g_v_last is not None else None
-        extra = {"recompute": True} if ctx.recompute else {}  # h_seq holds x then
+        flags = (ctx.dynamics | (op_flags.NEED_DECAY_GRAD if need_decay else 0)
+                 | (op_flags.NEED_THRESHOLD_GRAD if need_vth else 0)
+                 | (op_flags.RECOMPUTE if ctx.recompute else 0))
         args = (g_spikes.contiguous(), g_v_last, g_v_seq, h_seq, v_init, decay, v_threshold,
-                *ctx.args, need_decay, need_vth)
+                *ctx.scalars, flags)
         # create_graph=True builds a graph over this backward: then through the backward op's
         # autograd, which refuses to be differentiated (_no_double_backward) instead of answering
         # a wrong second derivative.
-        gx, gv, gd, gt = call_op(backward_op, args, extra, torch.is_grad_enabled())
+        gx, gv, gd, gt = call_op(backward_op, args, torch.is_grad_enabled())
         return (gx if need_x else None, gv if need_v else None, gd if need_decay else None,
                 gt if need_vth else None) + (None,) * (ctx.num_inputs - 4)
 

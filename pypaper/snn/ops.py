@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from . import _registration, reference
+from . import _registration, op_flags, reference
 from .surrogate import surrogate_spec
 
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -209,17 +209,16 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
                                         surrogate_fn=fn)
     sid, alpha = spec
     # The forward writes no H (8 bytes per neuron-step instead of 12) when nothing will be
-    # differentiated (native ops; the Triton op always keeps it), and always on the CPU, whose
-    # backward reruns the forward from x instead: fwd + bwd then move 20 bytes per neuron-step
-    # instead of 24 (T = 32, 2^18 neurons, cold inputs: 4.8 -> 4.1 ms in the standalone loop).
+    # differentiated, and never on the CPU, whose backward reruns the forward from x instead:
+    # fwd + bwd then move 20 bytes per neuron-step instead of 24 (T = 32, 2^18 neurons, cold
+    # inputs: 4.8 -> 4.1 ms in the standalone loop).
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x_seq, v, decay, vth))
-    extra = {}
-    if backend == "cpu" or (backend != "triton" and not needs_grad):
-        extra["keep_h"] = False
-    args = (x_seq, v, decay, vth, v_reset, sid, alpha, decay_input, decay_is_tau, detach_reset,
-            sltt, store_v_seq)
+    keep_h = backend != "cpu" and needs_grad
+    args = (x_seq, v, decay, vth, v_reset, sid, alpha,
+            op_flags.forward_flags(decay_input, decay_is_tau, detach_reset, sltt, store_v_seq,
+                                   keep_h))
     # Nothing to differentiate: the call skips the Autograd key (its Python kernel would only
     # redispatch).
-    spikes, v_last, _, v_seq = _registration.call_op(_op(backend), args, extra, needs_grad)
+    spikes, v_last, _, v_seq = _registration.call_op(_op(backend), args, needs_grad)
     return spikes, v_last, (v_seq if store_v_seq else None)

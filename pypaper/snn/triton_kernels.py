@@ -1,16 +1,16 @@
 """Triton twins of the fused multi-step LIF ops, as ``torch.library.triton_op`` ops.
 
 Ops (the signatures of csrc/schemas.cpp's lif_forward / lif_backward, so backend selection in
-ops.py can pick either; autograd is registered by _registration.load_triton):
+ops.py can pick either; autograd is registered by _registration.load_triton; flags: the bools as
+bits, pypaper/snn/op_flags.py):
 
-    pypaper::lif_forward_triton(x, v_init, decay, v_threshold, v_reset, surrogate, alpha,
-                                decay_input, decay_is_tau, detach_reset, sltt, store_v_seq)
+    pypaper::lif_forward_triton(x, v_init, decay, v_threshold, v_reset, surrogate, alpha, flags)
         -> (spikes, v_last, h_seq, v_seq)
     pypaper::lif_backward_triton(grad_spikes, grad_v_last, grad_v_seq, h_seq, v_init, decay,
-                                 v_threshold, v_reset, surrogate, alpha, decay_input,
-                                 decay_is_tau, detach_reset, sltt, need_decay_grad,
-                                 need_threshold_grad)
+                                 v_threshold, v_reset, surrogate, alpha, flags)
         -> (grad_x, grad_v_init, grad_decay, grad_v_threshold)
+
+The backward reads a kept H: the recompute flag (rerun the forward from x) is the C++ op's only.
 
 Math: kernels/common/snn_math.h, written again here in the same operation order (SpikingJelly's
 LIFNode / ParametricLIFNode; PLIF: Fang et al., ICCV 2021; SLTT: Meng et al., ICCV 2023):
@@ -45,6 +45,7 @@ from typing import Optional
 import torch
 
 from .._triton import HAVE_TRITON, tl, triton, triton_available  # noqa: F401
+from . import op_flags
 
 __all__ = ["HAVE_TRITON", "triton_available", "block_for", "num_warps_for"]
 
@@ -339,10 +340,10 @@ if triton is not None:
     @triton.jit(do_not_specialize=["steps", "vr_bits"])
     def _lif_forward_kernel(x_ptr, v0_ptr, decay_ptr, vth_ptr, s_ptr, h_ptr, vs_ptr, vl_ptr,
                             steps, neurons, decay_period, vth_period, vr_bits,
-                            HAS_V0: tl.constexpr, STORE_V: tl.constexpr, DI: tl.constexpr,
-                            DIV: tl.constexpr, HARD: tl.constexpr, STORE: tl.constexpr,
-                            F64: tl.constexpr, IDX64: tl.constexpr, USE_RN: tl.constexpr,
-                            BLOCK: tl.constexpr):
+                            HAS_V0: tl.constexpr, STORE_V: tl.constexpr, KEEP_H: tl.constexpr,
+                            DI: tl.constexpr, DIV: tl.constexpr, HARD: tl.constexpr,
+                            STORE: tl.constexpr, F64: tl.constexpr, IDX64: tl.constexpr,
+                            USE_RN: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         if IDX64:
             pid = pid.to(tl.int64)
@@ -361,7 +362,8 @@ if triton is not None:
             h = _charge(v, _load(x_ptr + off, mask, mt, STORE), k, vr, DI, DIV, USE_RN)
             s = _fire(h, th)
             _store(s_ptr + off, s, mask, STORE)
-            _store_h(h_ptr + off, h, s, th, mask, STORE)
+            if KEEP_H:
+                _store_h(h_ptr + off, h, s, th, mask, STORE)
             v = _reset(h, s, th, vr, HARD, USE_RN)
             if STORE_V:
                 _store(vs_ptr + off, v, mask, STORE)
@@ -484,14 +486,18 @@ if triton is not None:
     @triton_op("pypaper::lif_forward_triton", mutates_args=())
     def lif_forward_triton(x: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor,
                            v_threshold: torch.Tensor, v_reset: Optional[float], surrogate: int,
-                           alpha: float, decay_input: bool, decay_is_tau: bool,
-                           detach_reset: bool, sltt: bool, store_v_seq: bool
+                           alpha: float, flags: int
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(spikes, v_last, h_seq, v_seq) of the LIF scan over x [T, N, *] (see the module doc);
-        h_seq is H[t], what the backward keeps; v_seq is V[t] when store_v_seq, else shape [0].
+        h_seq is H[t], what the backward keeps (keep_h; else shape [0]); v_seq is V[t] when
+        store_v_seq, else shape [0].
         The parameter values (tau > 1, 0 < k <= 1, v_threshold > v_reset) are the Python
         wrapper's checks: reading them here would synchronize with the GPU."""
         _check_device("lif_forward_triton", x)
+        op_flags.check(flags, op_flags.FORWARD, "lif_forward_triton")
+        decay_input = bool(flags & op_flags.DECAY_INPUT)
+        decay_is_tau = bool(flags & op_flags.DECAY_IS_TAU)
+        store_v_seq, keep_h = bool(flags & op_flags.STORE_V_SEQ), bool(flags & op_flags.KEEP_H)
         _check_x(x)
         _check_state(v_init, x, "v_init")
         _check_scalars(surrogate, alpha, v_reset)
@@ -501,7 +507,7 @@ if triton is not None:
         mt = dec.dtype
         steps, neurons = x.shape[0], _neurons(x)
         spikes = torch.empty_like(x)
-        h_seq = torch.empty_like(x)
+        h_seq = torch.empty_like(x) if keep_h else x.new_empty((0,))
         v_last = x.new_empty(x.shape[1:])
         v_seq = torch.empty_like(x) if store_v_seq else x.new_empty((0,))
         if neurons == 0 or not _launches(x):
@@ -511,9 +517,10 @@ if triton is not None:
         xs = _as_storage(x)
         wrap_triton(_lif_forward_kernel)[(programs,)](
             xs, _as_storage(v0) if v0 is not None else xs, dec, vth, _as_storage(spikes),
-            _as_storage(h_seq), _as_storage(v_seq) if store_v_seq else xs, _as_storage(v_last),
-            steps, neurons, dperiod, tperiod, _scalar_bits(v_reset or 0.0, mt),
-            HAS_V0=v0 is not None, STORE_V=store_v_seq, DI=decay_input, DIV=decay_is_tau,
+            _as_storage(h_seq) if keep_h else xs, _as_storage(v_seq) if store_v_seq else xs,
+            _as_storage(v_last), steps, neurons, dperiod, tperiod,
+            _scalar_bits(v_reset or 0.0, mt), HAS_V0=v0 is not None, STORE_V=store_v_seq,
+            KEEP_H=keep_h, DI=decay_input, DIV=decay_is_tau,
             HARD=v_reset is not None, STORE=_storage_code(x.dtype), F64=mt == torch.float64,
             IDX64=idx64, USE_RN=_USE_RN, BLOCK=block, num_warps=num_warps_for(block))
         return spikes, v_last, h_seq, v_seq
@@ -523,14 +530,22 @@ if triton is not None:
                             grad_v_seq: Optional[torch.Tensor], h_seq: torch.Tensor,
                             v_init: Optional[torch.Tensor], decay: torch.Tensor,
                             v_threshold: torch.Tensor, v_reset: Optional[float], surrogate: int,
-                            alpha: float, decay_input: bool, decay_is_tau: bool,
-                            detach_reset: bool, sltt: bool, need_decay_grad: bool,
-                            need_threshold_grad: bool
+                            alpha: float, flags: int
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(grad_x, grad_v_init, grad_decay, grad_v_threshold): the reverse scan over the stored
         H (see the module doc); the parameter gradients are summed over time and batch (zeros
         when not asked for)."""
         _check_device("lif_backward_triton", h_seq)
+        op_flags.check(flags, op_flags.BACKWARD, "lif_backward_triton")
+        if flags & op_flags.RECOMPUTE:
+            raise ValueError("lif_backward_triton with the recompute flag (rerunning the forward "
+                             "from x instead of reading a kept H) has no Triton kernel: run the "
+                             "forward with the keep_h flag")
+        decay_input = bool(flags & op_flags.DECAY_INPUT)
+        decay_is_tau = bool(flags & op_flags.DECAY_IS_TAU)
+        detach_reset, sltt = bool(flags & op_flags.DETACH_RESET), bool(flags & op_flags.SLTT)
+        need_decay_grad = bool(flags & op_flags.NEED_DECAY_GRAD)
+        need_threshold_grad = bool(flags & op_flags.NEED_THRESHOLD_GRAD)
         _check_x(h_seq, "h_seq")
         _check_state(v_init, h_seq, "v_init")
         _check_scalars(surrogate, alpha, v_reset)

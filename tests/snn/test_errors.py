@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pypaper.snn import lif_multi_step, neuron, sltt
+from pypaper.snn import lif_multi_step, neuron, op_flags, sltt
 
 
 @pytest.mark.parametrize("x", [torch.arange(12).reshape(3, 4), torch.ones(3, 4, dtype=torch.bool)])
@@ -103,29 +103,46 @@ def test_op_checks_in_cpp():
     """Direct torch.ops calls are checked in C++ (TORCH_CHECK), never a crash."""
     op = torch.ops.pypaper.lif_forward
     one = torch.tensor(1.0)
+    f = op_flags.forward_flags(True, True, False, False, False)
     with pytest.raises(RuntimeError, match="x must be a float32, float64, float16 or bfloat16"):
-        op(torch.ones(3, 4, dtype=torch.int32), None, one * 2, one, 0.0, 0, 4.0, True, True,
-           False, False, False)
+        op(torch.ones(3, 4, dtype=torch.int32), None, one * 2, one, 0.0, 0, 4.0, f)
     with pytest.raises(RuntimeError, match=r"x must have shape \[T, N, \*\]"):
-        op(torch.ones(4), None, one * 2, one, 0.0, 0, 4.0, True, True, False, False, False)
+        op(torch.ones(4), None, one * 2, one, 0.0, 0, 4.0, f)
     with pytest.raises(RuntimeError, match="tau must be finite and > 1"):
-        op(torch.ones(3, 4), None, one * 0.5, one, 0.0, 0, 4.0, True, True, False, False, False)
+        op(torch.ones(3, 4), None, one * 0.5, one, 0.0, 0, 4.0, f)
     with pytest.raises(RuntimeError, match="must be greater than v_reset"):
-        op(torch.ones(3, 4), None, one * 2, one, 1.5, 0, 4.0, True, True, False, False, False)
+        op(torch.ones(3, 4), None, one * 2, one, 1.5, 0, 4.0, f)
     with pytest.raises(RuntimeError, match="surrogate must be an id in"):
-        op(torch.ones(3, 4), None, one * 2, one, 0.0, 8, 4.0, True, True, False, False, False)
+        op(torch.ones(3, 4), None, one * 2, one, 0.0, 8, 4.0, f)
     with pytest.raises(RuntimeError, match="alpha must be positive"):
-        op(torch.ones(3, 4), None, one * 2, one, 0.0, 1, -1.0, True, True, False, False, False)
+        op(torch.ones(3, 4), None, one * 2, one, 0.0, 1, -1.0, f)
     with pytest.raises(RuntimeError, match=r"v_threshold has shape \[3\], expected one element"):
-        op(torch.ones(3, 2, 4), None, one * 2, torch.ones(3), 0.0, 1, 1.0, True, True, False,
-           False, False)
+        op(torch.ones(3, 2, 4), None, one * 2, torch.ones(3), 0.0, 1, 1.0, f)
     with pytest.raises(RuntimeError, match="v_init has dtype"):
-        op(torch.ones(3, 4), torch.zeros(4, dtype=torch.float64), one * 2, one, 0.0, 1, 1.0,
-           True, True, False, False, False)
+        op(torch.ones(3, 4), torch.zeros(4, dtype=torch.float64), one * 2, one, 0.0, 1, 1.0, f)
+    bf = op_flags.backward_flags(True, True, False, False, True, True)
     with pytest.raises(RuntimeError, match="grad_spikes must match h_seq"):
         torch.ops.pypaper.lif_backward(torch.ones(2, 4), None, None, torch.ones(3, 4), None,
-                                       one * 2, one, 0.0, 1, 1.0, True, True, False, False,
-                                       True, True)
+                                       one * 2, one, 0.0, 1, 1.0, bf)
+
+
+@pytest.mark.parametrize("flags", [op_flags.NEED_DECAY_GRAD, op_flags.RECOMPUTE, 1 << 9, -1])
+def test_lif_forward_rejects_flags_it_does_not_take(flags):
+    one = torch.tensor(1.0)
+    bad = op_flags.DECAY_IS_TAU | flags
+    with pytest.raises(RuntimeError, match=f"lif_forward: flags {bad} has bits this op does not "
+                                           "take"):
+        torch.ops.pypaper.lif_forward(torch.ones(3, 4), None, one * 2, one, 0.0, 1, 2.0, bad)
+
+
+@pytest.mark.parametrize("flags", [op_flags.KEEP_H, op_flags.STORE_V_SEQ, 1 << 9])
+def test_lif_backward_rejects_flags_it_does_not_take(flags):
+    one = torch.tensor(1.0)
+    bad = op_flags.DECAY_IS_TAU | flags
+    with pytest.raises(RuntimeError, match=f"lif_backward: flags {bad} has bits this op does not "
+                                           "take"):
+        torch.ops.pypaper.lif_backward(torch.ones(3, 4), None, None, torch.ones(3, 4), None,
+                                       one * 2, one, 0.0, 1, 2.0, bad)
 
 
 def test_online_helper_arguments():

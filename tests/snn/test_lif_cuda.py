@@ -19,6 +19,8 @@ import itertools
 import pytest
 import torch
 
+from pypaper.snn import op_flags
+
 from .helpers import inputs, surrogate_of
 
 pytestmark = [
@@ -91,7 +93,8 @@ def _params(shape, dtype, per_neuron, div):
 
 def _fwd_args(x, v0, decay, vth, v_reset, sid=1, alpha=2.0, di=True, div=True, detach=False,
               sltt=False, store_v=True):
-    return (x, v0, decay, vth, v_reset, sid, alpha, di, div, detach, sltt, store_v)
+    return (x, v0, decay, vth, v_reset, sid, alpha,
+            op_flags.forward_flags(di, div, detach, sltt, store_v))
 
 
 # ---- forward -------------------------------------------------------------------------------------
@@ -120,7 +123,8 @@ def test_empty(ops, shape):
     for g, w in zip(got, want):
         _assert_same(g, w)
     bargs = (torch.randn(shape), torch.randn(shape[1:]), torch.randn(shape), want[2], v0,
-             torch.tensor(2.0), vth, 0.0, 1, 2.0, True, True, False, False, True, True)
+             torch.tensor(2.0), vth, 0.0, 1, 2.0,
+             op_flags.backward_flags(True, True, False, False, True, True))
     got, want = _both(ops.lif_backward, bargs)
     for g, w in zip(got, want):
         _assert_same(g, w)
@@ -163,7 +167,8 @@ def _backward_args(ops, dtype, shape, sid, vr, di, div, detach, sltt, per_neuron
     gs = torch.randn(shape, dtype=torch.float64).to(dtype)
     gvl = torch.randn(shape[1:], dtype=torch.float64).to(dtype)
     gvs = torch.randn(shape, dtype=torch.float64).to(dtype) if with_v_seq else None
-    return (gs, gvl, gvs, h, v0, decay, vth, vr, sid, alpha, di, div, detach, sltt) + need
+    return (gs, gvl, gvs, h, v0, decay, vth, vr, sid, alpha,
+            op_flags.backward_flags(di, div, detach, sltt, *need))
 
 
 def _check_backward(ops, args, dtype):
@@ -295,7 +300,7 @@ def test_opcheck_backward_cuda(ops):
     _, _, h, _ = ops.lif_forward(*_fwd_args(x, None, two, one, None, div=False))
     args = (torch.randn(4, 3, 5, device="cuda"), torch.randn(3, 5, device="cuda"),
             torch.randn(4, 3, 5, device="cuda"), h, torch.rand(3, 5, device="cuda"), two, one,
-            None, 1, 2.0, True, False, False, False, True, True)
+            None, 1, 2.0, op_flags.backward_flags(True, False, False, False, True, True))
     torch.library.opcheck(ops.lif_backward.default, args)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pypaper
-from pypaper.snn import lif_multi_step, neuron, reference
+from pypaper.snn import lif_multi_step, neuron, op_flags, reference
 
 from .helpers import inputs, surrogate_of
 
@@ -12,12 +12,18 @@ OP = torch.ops.pypaper.lif_forward.default
 
 
 def _args(x, v0=None, decay=None, vth=None, v_reset=0.0, sid=1, alpha=2.0, decay_input=True,
-          decay_is_tau=True, detach_reset=False, sltt=False, store_v_seq=False):
+          decay_is_tau=True, detach_reset=False, sltt=False, store_v_seq=False, keep_h=True):
     mdt = reference.default_math_dtype(x.dtype)
     decay = torch.tensor(2.0, dtype=mdt) if decay is None else decay
     vth = torch.tensor(1.0, dtype=mdt) if vth is None else vth
-    return (x, v0, decay, vth, v_reset, sid, alpha, decay_input, decay_is_tau, detach_reset,
-            sltt, store_v_seq)
+    return (x, v0, decay, vth, v_reset, sid, alpha,
+            op_flags.forward_flags(decay_input, decay_is_tau, detach_reset, sltt, store_v_seq,
+                                   keep_h))
+
+
+def _without_h(args):
+    """The same call without the keep_h flag."""
+    return (*args[:-1], args[-1] & ~op_flags.KEEP_H)
 
 
 def _samples():
@@ -42,28 +48,29 @@ def test_opcheck_lif_forward(args):
 
 @pytest.mark.parametrize("args", [a for a in _samples() if not a[0].requires_grad])
 def test_opcheck_lif_forward_without_h(args):
-    torch.library.opcheck(OP, (*args, False))
+    torch.library.opcheck(OP, _without_h(args))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("v_reset,store_v_seq", [(0.0, False), (None, True)])
 def test_keep_h_false_writes_no_h_and_changes_nothing_else(dtype, v_reset, store_v_seq):
-    """keep_h=False (a forward nothing will differentiate) returns an empty h_seq; spikes, v_last
-    and v_seq are the keep_h=True forward's to the bit. Big enough for the streamed stores."""
+    """Without keep_h (a forward nothing will differentiate) the op returns an empty h_seq;
+    spikes, v_last and v_seq are the keep_h forward's to the bit. Big enough for the streamed
+    stores."""
     for shape in ((5, 3, 7), (4, 2, 1 << 20)):
         x = inputs(shape, dtype)
         v0 = torch.rand(shape[1:]).to(dtype)
         args = _args(x, v0, v_reset=v_reset, store_v_seq=store_v_seq)
         s1, v1, h1, q1 = OP(*args)
-        s0, v0_, h0, q0 = OP(*args, False)
+        s0, v0_, h0, q0 = OP(*_without_h(args))
         assert h1.shape == x.shape and h0.shape == (0,)
         assert torch.equal(s0, s1) and torch.equal(v0_, v1) and torch.equal(q0, q1)
 
 
 @pytest.mark.parametrize("args", list(_samples()))
 def test_opcheck_lif_forward_without_h_differentiated(args):
-    """keep_h=False on the CPU: the backward reruns the forward from x (opcheck runs it)."""
-    torch.library.opcheck(OP, (*args, False))
+    """Without keep_h on the CPU: the backward reruns the forward from x (opcheck runs it)."""
+    torch.library.opcheck(OP, _without_h(args))
 
 
 def _keep_h_of_call(fn):
@@ -76,7 +83,7 @@ def _keep_h_of_call(fn):
                 full = func._schema.arguments
                 bound = dict(zip((a.name for a in full), args))
                 bound.update(kwargs or {})
-                seen.append(bound.get("keep_h", True))
+                seen.append(bool(bound["flags"] & op_flags.KEEP_H))
             return func(*args, **(kwargs or {}))
 
     with Spy():
@@ -101,8 +108,8 @@ def test_opcheck_lif_backward():
     _, _, h, _ = OP(*_args(x, v_reset=None))
     v0 = torch.rand(3, 5)
     args = (torch.randn(4, 3, 5), torch.randn(3, 5), torch.randn(4, 3, 5), h, v0,
-            torch.full((5,), 0.4), torch.full((5,), 1.0), None, 1, 2.0, True, False, False, False,
-            True, True)
+            torch.full((5,), 0.4), torch.full((5,), 1.0), None, 1, 2.0,
+            op_flags.backward_flags(True, False, False, False, True, True))
     torch.library.opcheck(torch.ops.pypaper.lif_backward.default, args)
 
 

@@ -1,5 +1,5 @@
-"""The CPU backward that reruns the forward from x (lif_forward keep_h=False, lif_backward
-recompute=True) gives the gradients of the backward that reads a kept H, to the bit: every
+"""The CPU backward that reruns the forward from x (lif_forward without the keep_h flag,
+lif_backward with the recompute flag) gives the gradients of the backward that reads a kept H, to the bit: every
 surrogate x hard/soft reset x decay_input x detach_reset, SLTT, v_init, per-neuron and learnable
 tau / k / threshold, store_v_seq with a gradient through V, 16-bit and fp64 inputs, T = 1, chunk
 tails, many time steps, and the streamed-store sizes."""
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pypaper import snn
-from pypaper.snn import reference
+from pypaper.snn import op_flags, reference
 
 from .helpers import CONFIGS, config_id, inputs
 
@@ -22,8 +22,9 @@ def _grads(x, v0, decay, vth, keep_h, g_s, g_v, g_q, *, v_reset=0.0, sid=1, alph
            decay_input=True, decay_is_tau=True, detach_reset=False, sltt=False,
            store_v_seq=False):
     leaves = [t for t in (x, v0, decay, vth) if t is not None and t.requires_grad]
-    s, v, _, q = FWD(x, v0, decay, vth, v_reset, sid, alpha, decay_input, decay_is_tau,
-                     detach_reset, sltt, store_v_seq, keep_h)
+    s, v, _, q = FWD(x, v0, decay, vth, v_reset, sid, alpha,
+                     op_flags.forward_flags(decay_input, decay_is_tau, detach_reset, sltt,
+                                            store_v_seq, keep_h))
     outs, grads = [s, v], [g_s, g_v]
     if store_v_seq:
         outs.append(q)
@@ -98,8 +99,8 @@ def test_a_model_trains_the_same():
         p.grad = None
     h = lin(x)
     k = torch.sigmoid(plif.w)
-    s = FWD(h, None, k, torch.tensor(1.0), 0.0, 0, 4.0, True, False, False, False, False,
-            True)[0]
+    s = FWD(h, None, k, torch.tensor(1.0), 0.0, 0, 4.0,
+            op_flags.forward_flags(True, False, False, False, False, True))[0]
     s.sum().backward()
     want = [p.grad for p in (*lin.parameters(), *plif.parameters())]
     for a, b in zip(got, want):
@@ -119,10 +120,12 @@ def test_the_rerun_needs_x_unchanged():
 def test_direct_backward_op_call_with_recompute():
     x = inputs((5, 2, 3))
     decay, vth = torch.tensor(2.0), torch.tensor(1.0)
-    s, v, h, _ = FWD(x, None, decay, vth, 0.0, 1, 2.0, True, True, False, False, False, True)
+    s, v, h, _ = FWD(x, None, decay, vth, 0.0, 1, 2.0,
+                     op_flags.forward_flags(True, True, False, False, False, True))
     g = torch.randn_like(x)
-    args = (None, decay, vth, 0.0, 1, 2.0, True, True, False, False, False, False)
-    from_h = BWD(g, None, None, h, *args)
-    from_x = BWD(g, None, None, x, *args, recompute=True)
+    args = (None, decay, vth, 0.0, 1, 2.0)
+    flags = op_flags.backward_flags(True, True, False, False, False, False)
+    from_h = BWD(g, None, None, h, *args, flags)
+    from_x = BWD(g, None, None, x, *args, flags | op_flags.RECOMPUTE)
     for a, b in zip(from_h, from_x):
         assert torch.equal(a, b)

@@ -27,7 +27,7 @@ pytest.importorskip("triton")
 
 import pypaper  # noqa: E402
 from pypaper import _ext  # noqa: E402
-from pypaper.snn import _registration, backend_for, lif_multi_step  # noqa: E402
+from pypaper.snn import _registration, backend_for, lif_multi_step, op_flags  # noqa: E402
 
 from .helpers import inputs, surrogate_of  # noqa: E402
 
@@ -97,7 +97,8 @@ def _params(shape, dtype, per_neuron, div):
 
 def _fwd_args(x, v0, decay, vth, v_reset, sid=1, alpha=2.0, di=True, div=True, detach=False,
               sltt=False, store_v=True):
-    return (x, v0, decay, vth, v_reset, sid, alpha, di, div, detach, sltt, store_v)
+    return (x, v0, decay, vth, v_reset, sid, alpha,
+            op_flags.forward_flags(di, div, detach, sltt, store_v))
 
 
 # ---- forward: bit for bit ------------------------------------------------------------------------
@@ -126,6 +127,35 @@ def test_forward_matches_cpp_bit_for_bit(dtype, vr, di, div, pn, v0, shape):
     assert 0 < float(spikes.float().mean()) < 1  # neurons fire and rest: the reset matters
     for g, w, name in zip(got, want, ("spikes", "v_last", "h_seq", "v_seq")):
         _assert_same(g, w, name)
+
+
+@pytest.mark.parametrize("store_v", [False, True])
+def test_forward_without_keep_h(store_v):
+    """Without the keep_h flag the Triton forward writes no H (h_seq has shape [0]) and returns
+    the C++ op's spikes, v_last and v_seq to the bit."""
+    x = inputs((5, 3, 33), scale=1.0, shift=0.7)
+    args = _fwd_args(x, None, torch.tensor(2.0), torch.tensor(1.0), 0.0, store_v=store_v)
+    args = (*args[:-1], args[-1] & ~op_flags.KEEP_H)
+    got, want = _both(ops.lif_forward_triton, ops.lif_forward, args)
+    assert got[2].shape == (0,) and want[2].shape == (0,)
+    for g, w, name in zip(got, want, ("spikes", "v_last", "h_seq", "v_seq")):
+        _assert_same(g, w, name)
+
+
+def test_ops_reject_flags_they_do_not_take():
+    x = inputs((3, 4)).to(DEVICE)
+    one = torch.tensor(1.0, device=DEVICE)
+    f = op_flags.forward_flags(True, True, False, False, False)
+    with pytest.raises(ValueError, match="lif_forward_triton: flags .* has bits"):
+        ops.lif_forward_triton(x, None, one * 2, one, 0.0, 1, 2.0, f | op_flags.RECOMPUTE)
+    _, _, h, _ = ops.lif_forward_triton(x, None, one * 2, one, 0.0, 1, 2.0, f)
+    b = op_flags.backward_flags(True, True, False, False, False, False)
+    with pytest.raises(ValueError, match="lif_backward_triton: flags .* has bits"):
+        ops.lif_backward_triton(x, None, None, h, None, one * 2, one, 0.0, 1, 2.0,
+                                b | op_flags.KEEP_H)
+    with pytest.raises(ValueError, match="recompute flag .* has no Triton kernel"):
+        ops.lif_backward_triton(x, None, None, h, None, one * 2, one, 0.0, 1, 2.0,
+                                b | op_flags.RECOMPUTE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -160,8 +190,8 @@ def test_empty_and_single_step(shape):
         _assert_same(g, w)
     h = want[2]
     bargs = (torch.randn(shape), torch.randn(shape[1:]), torch.randn(shape), h, v0,
-             torch.tensor(2.0), torch.tensor(1.0), 0.0, 1, 2.0, True, True, False, False, True,
-             True)
+             torch.tensor(2.0), torch.tensor(1.0), 0.0, 1, 2.0,
+             op_flags.backward_flags(True, True, False, False, True, True))
     got, want = _both(ops.lif_backward_triton, ops.lif_backward, bargs)
     for g, w in zip(got, want):
         _assert_close(g, w, torch.float32)
@@ -179,7 +209,8 @@ def _backward_case(dtype, shape, sid, vr, di, div, detach, sltt, per_neuron, wit
     gs = torch.randn(shape, dtype=torch.float64).to(dtype)
     gvl = torch.randn(shape[1:], dtype=torch.float64).to(dtype)
     gvs = torch.randn(shape, dtype=torch.float64).to(dtype) if with_v_seq else None
-    return (gs, gvl, gvs, h, v0, decay, vth, vr, sid, alpha, di, div, detach, sltt, True, True)
+    return (gs, gvl, gvs, h, v0, decay, vth, vr, sid, alpha,
+            op_flags.backward_flags(di, div, detach, sltt, True, True))
 
 
 def _check_backward(args, dtype):
@@ -240,8 +271,8 @@ def test_backward_without_optional_gradients():
     x = inputs((4, 3, 6))
     decay, vth = torch.tensor(2.0), torch.full((6,), 1.0)
     _, _, h, _ = ops.lif_forward(*_fwd_args(x, None, decay, vth, 0.0))
-    args = (torch.randn(4, 3, 6), None, None, h, None, decay, vth, 0.0, 2, 1.0, True, True,
-            False, False, False, False)
+    args = (torch.randn(4, 3, 6), None, None, h, None, decay, vth, 0.0, 2, 1.0,
+            op_flags.backward_flags(True, True, False, False, False, False))
     got, want = _both(ops.lif_backward_triton, ops.lif_backward, args)
     for g, w in zip(got, want):
         _assert_same(g, w)
@@ -342,8 +373,8 @@ def test_bad_arguments_raise_and_name_the_argument():
         ops.lif_forward_triton(*_fwd_args(x[0, 0], None, two, one, 0.0))
     _, _, h, _ = ops.lif_forward_triton(*_fwd_args(x, None, two, one, 0.0))
     with pytest.raises(ValueError, match="grad_spikes must match h_seq"):
-        ops.lif_backward_triton(h[:2], None, None, h, None, two, one, 0.0, 1, 2.0, True, True,
-                                False, False, True, True)
+        ops.lif_backward_triton(h[:2], None, None, h, None, two, one, 0.0, 1, 2.0,
+                                op_flags.backward_flags(True, True, False, False, True, True))
 
 
 def test_cpu_tensors_without_the_interpreter_say_why(monkeypatch):
