@@ -118,7 +118,7 @@ def register_native() -> None:
     torch.library.register_fake("pypaper::lif_forward")(_fake_lif_forward)
     torch.library.register_fake("pypaper::lif_backward")(_fake_lif_backward)
     torch.library.register_autograd("pypaper::lif_forward",
-                                    _make_lif_backward(torch.ops.pypaper.lif_backward),
+                                    _make_lif_backward(torch.ops.pypaper.lif_backward.default),
                                     setup_context=_lif_setup)
     torch.library.register_autograd("pypaper::lif_backward", _no_double_backward,
                                     setup_context=_setup_nothing)
@@ -138,7 +138,7 @@ def load_triton():
         if getattr(triton_kernels, "HAVE_TRITON", False):
             torch.library.register_autograd(
                 "pypaper::lif_forward_triton",
-                _make_lif_backward(torch.ops.pypaper.lif_backward_triton),
+                _make_lif_backward(torch.ops.pypaper.lif_backward_triton.default),
                 setup_context=_lif_setup)
             torch.library.register_autograd("pypaper::lif_backward_triton", _no_double_backward,
                                             setup_context=_setup_nothing)

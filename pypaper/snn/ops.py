@@ -52,15 +52,31 @@ def _triton_reason(device: torch.device) -> Optional[str]:
 _REASONS = {"cpu": _cpu_reason, "cuda": _cuda_reason, "triton": _triton_reason}
 
 
-def backend_for(x: torch.Tensor) -> str:
-    """The backend lif_multi_step would use for x now."""
-    return _backend.select(x.device, _DEFAULT_ORDER.get(x.device.type, ("reference",)), _REASONS)
+# The default backend per (device type, index): what the kernels that exist can serve does not
+# change after import, and choosing again cost ~40 us a call when another layer's data fills the
+# caches (a training step). An explicit request (context manager, PYPAPER_BACKEND) is not cached.
+_DEFAULTS: dict = {}
+
+
+def backend_for(x: torch.Tensor, device: Optional[torch.device] = None) -> str:
+    """The backend lif_multi_step would use for x now (``device``: x.device, when known)."""
+    device = x.device if device is None else device
+    if _backend.requested() is not None:
+        return _backend.select(device, (), _REASONS)
+    key = (device.type, device.index)
+    name = _DEFAULTS.get(key)
+    if name is None:
+        name = _backend.select(device, _DEFAULT_ORDER.get(device.type, ("reference",)), _REASONS)
+        if name != "reference":  # the reference's fallback warning stays with select
+            _DEFAULTS[key] = name
+    return name
 
 
 def _op(backend: str):
+    """The op's overload itself (calling the packet adds a Python frame)."""
     if backend == "triton":
-        return torch.ops.pypaper.lif_forward_triton
-    return torch.ops.pypaper.lif_forward
+        return torch.ops.pypaper.lif_forward_triton.default
+    return torch.ops.pypaper.lif_forward.default
 
 
 # ---- argument checks ------------------------------------------------------------------------------
@@ -70,11 +86,6 @@ def _is_number(v) -> bool:
     if t is float or t is int:  # the common case, without the ABC check below (~2 us each)
         return True
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def _checking() -> bool:
-    """Value checks read tensor data; torch.compile traces without it."""
-    return not torch.compiler.is_compiling()
 
 
 def _check_x(x_seq) -> None:
@@ -96,17 +107,18 @@ def _scalar(value: float, sign: float, dtype: torch.dtype, device: torch.device)
     return torch.tensor(value, dtype=dtype, device=device)
 
 
-def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype) -> torch.Tensor:
-    """A neuron parameter as a tensor of the math dtype on x's device: one value, or one per
-    neuron of shape x.shape[2:] (broadcast over the batch)."""
-    feat = tuple(x.shape[2:])
+def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype, device: torch.device,
+           tracing: bool) -> torch.Tensor:
+    """A neuron parameter as a tensor of the math dtype on x's device (``device``): one value, or
+    one per neuron of shape x.shape[2:] (broadcast over the batch)."""
     if _is_number(value):
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
-        if not _checking():  # traced: a constant of the graph
-            return torch.tensor(float(value), dtype=mdt, device=x.device)
+        if tracing:  # a constant of the graph
+            return torch.tensor(float(value), dtype=mdt, device=device)
         v = float(value)
-        return _scalar(v, math.copysign(1.0, v), mdt, x.device)
+        return _scalar(v, math.copysign(1.0, v), mdt, device)
+    feat = tuple(x.shape[2:])
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
     if not value.is_floating_point():
@@ -114,8 +126,8 @@ def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype) -> torch.Tensor:
     if value.numel() != 1 and tuple(value.shape) != feat:
         raise ValueError(f"{name} has shape {tuple(value.shape)}, expected () (one value) or the "
                          f"feature shape x.shape[2:] = {feat} (one per neuron)")
-    if value.device != x.device:
-        raise ValueError(f"{name} is on {value.device} but x_seq is on {x.device}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but x_seq is on {device}")
     return value.to(mdt)
 
 
@@ -183,12 +195,14 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
     if v_reset is not None and (not _is_number(v_reset) or not math.isfinite(v_reset)):
         raise ValueError(f"v_reset must be a finite number or None, got {v_reset!r}")
     mdt = reference.default_math_dtype(x_seq.dtype)
+    device = x_seq.device
+    tracing = torch.compiler.is_compiling()  # value checks read tensor data: not while tracing
     decay_is_tau = k is None
     decay_name = tau_name or ("tau" if decay_is_tau else "k")
     decay_value = (2.0 if tau is None else tau) if decay_is_tau else k
-    decay = _param(decay_value, decay_name, x_seq, mdt)
-    vth = _param(v_threshold, threshold_name, x_seq, mdt)
-    if _checking():
+    decay = _param(decay_value, decay_name, x_seq, mdt, device, tracing)
+    vth = _param(v_threshold, threshold_name, x_seq, mdt, device, tracing)
+    if not tracing:
         _check_values(decay_value if _is_number(decay_value) else decay, decay_is_tau,
                       v_threshold if _is_number(v_threshold) else vth, v_reset, decay_name,
                       threshold_name)
@@ -197,10 +211,10 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"v has shape {got}, expected x_seq.shape[1:] = "
                              f"{tuple(x_seq.shape[1:])}")
-        v = v.to(dtype=x_seq.dtype, device=x_seq.device)
+        v = v.to(dtype=x_seq.dtype, device=device)
     spec = surrogate_spec(surrogate_function)
     v_reset = None if v_reset is None else float(v_reset)
-    backend = backend_for(x_seq)
+    backend = backend_for(x_seq, device)
     if spec is None or backend == "reference":
         sid, alpha = spec if spec is not None else (0, 1.0)
         fn = surrogate_function if spec is None else None

@@ -18,6 +18,19 @@ def test_default_on_cpu_is_the_cpp_kernel_and_reference_on_request():
         assert torch.equal(a, b)
 
 
+def test_cached_default_never_hides_a_later_request(monkeypatch):
+    """The default backend is chosen once per device; a request made after that still wins."""
+    x = torch.randn(3, 4) + 0.5
+    assert backend_for(x) == "cpu" and backend_for(x) == "cpu"
+    monkeypatch.setenv("PYPAPER_BACKEND", "reference")
+    assert backend_for(x) == "reference"
+    monkeypatch.setenv("PYPAPER_BACKEND", "cuda")
+    with pytest.raises(pypaper.BackendUnavailable, match="needs CUDA tensors"):
+        lif_multi_step(x)
+    monkeypatch.delenv("PYPAPER_BACKEND")
+    assert backend_for(x) == "cpu"
+
+
 def test_explicit_requests_that_cannot_run_say_why():
     x = torch.randn(3, 4)
     with pypaper.use_backend("cuda"):

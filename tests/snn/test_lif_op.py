@@ -363,8 +363,10 @@ def test_number_parameters_are_cached_per_value():
         with pypaper.use_backend("reference"):
             want = lif_multi_step(x, tau=tau, v_threshold=vth)[0]
         assert torch.equal(got, want)
-    a = ops._param(0.0, "v_threshold", x, torch.float32)
-    b = ops._param(-0.0, "v_threshold", x, torch.float32)
+    cpu = x.device
+    a = ops._param(0.0, "v_threshold", x, torch.float32, cpu, False)
+    b = ops._param(-0.0, "v_threshold", x, torch.float32, cpu, False)
     assert a is not b and torch.signbit(b) and not torch.signbit(a)
-    assert ops._param(0.0, "v_threshold", x, torch.float32) is a
-    assert ops._param(0.0, "v_threshold", x, torch.float64) is not a
+    assert ops._param(0.0, "v_threshold", x, torch.float32, cpu, False) is a
+    assert ops._param(0.0, "v_threshold", x, torch.float64, cpu, False) is not a
+    assert ops._param(0.0, "v_threshold", x, torch.float32, cpu, True) is not a  # traced
