@@ -35,9 +35,11 @@ constexpr int64_t kLifForwardFlags =
 constexpr int64_t kLifBackwardFlags = kDecayInput | kDecayIsTau | kDetachReset | kSltt |
                                       kNeedDecayGrad | kNeedThresholdGrad | kRecompute;
 
+// The flags unpacked (the bits an op does not take are false).
 struct LifFlags {
-  int64_t bits;
-  bool has(LifFlag f) const { return (bits & f) != 0; }
+  bool decay_input, decay_is_tau, detach_reset, sltt;  // both ops
+  bool store_v_seq, keep_h;                            // lif_forward
+  bool need_decay_grad, need_threshold_grad, recompute;  // lif_backward
 };
 
 // flags of the op `op`, which takes the bits in `allowed`; anything else is a caller's mistake.
@@ -45,7 +47,10 @@ inline LifFlags lif_flags(int64_t flags, int64_t allowed, const char* op) {
   TORCH_CHECK(flags >= 0 && (flags & ~allowed) == 0, op, ": flags ", flags,
               " has bits this op does not take (allowed: ", allowed,
               "; pypaper/snn/op_flags.py builds them)");
-  return LifFlags{flags};
+  const auto has = [flags](int64_t bit) { return (flags & bit) != 0; };
+  return LifFlags{has(kDecayInput),    has(kDecayIsTau),     has(kDetachReset),
+                  has(kSltt),          has(kStoreVSeq),      has(kKeepH),
+                  has(kNeedDecayGrad), has(kNeedThresholdGrad), has(kRecompute)};
 }
 
 inline bool is_float_type(at::ScalarType st) {

@@ -94,31 +94,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
     const at::Tensor& decay_in, const at::Tensor& vth_in, c10::optional<double> v_reset,
     int64_t surrogate, double alpha, int64_t flags) {
   const LifFlags f = lif_flags(flags, kLifForwardFlags, "lif_forward");
-  const bool decay_input = f.has(kDecayInput), decay_is_tau = f.has(kDecayIsTau);
-  const bool store_v_seq = f.has(kStoreVSeq), keep_h = f.has(kKeepH);
   check_x(x_in);
   check_state(v_init_in, x_in, "v_init");
   check_scalars(surrogate, alpha, v_reset);
   const at::Tensor x = x_in.contiguous();
-  const NeuronParam decay = prepare_param(decay_in, x, decay_is_tau ? "tau" : "k");
+  const NeuronParam decay = prepare_param(decay_in, x, f.decay_is_tau ? "tau" : "k");
   const NeuronParam vth = prepare_param(vth_in, x, "v_threshold");
   const at::Tensor v_init = contiguous_or_undefined(v_init_in);
   const int64_t steps = x.size(0), neurons = neurons_of(x);
   // The [T, N] outputs come from the block cache (csrc/block_cache.h): a training loop asks for
   // the same sizes every step, and fresh pages cost more than this kernel's own pass over them.
   at::Tensor spikes = empty_cached(x.sizes(), x.options());
-  at::Tensor h_seq = keep_h ? empty_cached(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor h_seq = f.keep_h ? empty_cached(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor v_last = at::empty(state_shape(x), x.options());
   at::Tensor v_seq =
-      store_v_seq ? empty_cached(x.sizes(), x.options()) : at::empty({0}, x.options());
+      f.store_v_seq ? empty_cached(x.sizes(), x.options()) : at::empty({0}, x.options());
   dispatch_storage(x.scalar_type(), [&](auto tag) {
     using In = decltype(tag);
     using T = typename cpu::acc_type<In>::type;
     const T* dp = decay.values.template data_ptr<T>();
     const T* tp = vth.values.template data_ptr<T>();
-    check_param_values(dp, decay.values.numel(), decay_is_tau, tp, vth.values.numel(), v_reset);
+    check_param_values(dp, decay.values.numel(), f.decay_is_tau, tp, vth.values.numel(), v_reset);
     std::vector<T> k_values;
-    const auto [charge_dp, div] = charge_decay<T>(decay, decay_is_tau, k_values);
+    const auto [charge_dp, div] = charge_decay<T>(decay, f.decay_is_tau, k_values);
     cpu::LifForwardArgs<In, T> a{};
     a.x = cptr<In>(x);
     a.v_init = cptr<In>(v_init);
@@ -127,13 +125,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
     a.vth = tp;
     a.vth_period = vth.period;
     a.spikes = mptr<In>(spikes);
-    a.h_seq = keep_h ? mptr<In>(h_seq) : nullptr;
-    a.v_seq = store_v_seq ? mptr<In>(v_seq) : nullptr;
+    a.h_seq = f.keep_h ? mptr<In>(h_seq) : nullptr;
+    a.v_seq = f.store_v_seq ? mptr<In>(v_seq) : nullptr;
     a.v_last = mptr<In>(v_last);
     a.steps = steps;
     a.neurons = neurons;
     a.v_reset = static_cast<T>(v_reset.value_or(0.0));
-    a.decay_input = decay_input;
+    a.decay_input = f.decay_input;
     a.div = div;
     a.hard = v_reset.has_value();
     a.stream = x.numel() * x.element_size() >= cpu::kStreamBytes;  // per [T, N] output
@@ -174,13 +172,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
     const at::Tensor& vth_in, c10::optional<double> v_reset, int64_t surrogate, double alpha,
     int64_t flags) {
   const LifFlags f = lif_flags(flags, kLifBackwardFlags, "lif_backward");
-  const bool decay_input = f.has(kDecayInput), decay_is_tau = f.has(kDecayIsTau);
-  const bool detach_reset = f.has(kDetachReset), sltt = f.has(kSltt);
-  const bool need_decay_grad = f.has(kNeedDecayGrad);
-  const bool need_threshold_grad = f.has(kNeedThresholdGrad);
-  const bool recompute = f.has(kRecompute);
   // recompute: h_in is the forward's input x (it kept no H); the loops rerun the forward per chunk.
-  check_x(h_in, recompute ? "x" : "h_seq");
+  check_x(h_in, f.recompute ? "x" : "h_seq");
   check_state(v_init_in, h_in, "v_init");
   check_scalars(surrogate, alpha, v_reset);
   TORCH_CHECK(grad_spikes_in.sizes() == h_in.sizes() &&
@@ -199,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
   const at::Tensor gvl = contiguous_or_undefined(grad_v_last_in);
   const at::Tensor gvs = contiguous_or_undefined(grad_v_seq_in);
   const at::Tensor v_init = contiguous_or_undefined(v_init_in);
-  const NeuronParam decay = prepare_param(decay_in, h, decay_is_tau ? "tau" : "k");
+  const NeuronParam decay = prepare_param(decay_in, h, f.decay_is_tau ? "tau" : "k");
   const NeuronParam vth = prepare_param(vth_in, h, "v_threshold");
   const int64_t steps = h.size(0), neurons = neurons_of(h);
   const int64_t chunks = cpu::lif_num_chunks(neurons);
@@ -208,11 +201,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
   const auto mopts = decay.values.options();
   at::Tensor gk_n, gth_n;
   std::vector<double> gk_c, gth_c;
-  if (need_decay_grad) {
+  if (f.need_decay_grad) {
     if (decay.period > 1) gk_n = at::empty({neurons}, mopts);
     else gk_c.assign(chunks, 0.0);
   }
-  if (need_threshold_grad) {
+  if (f.need_threshold_grad) {
     if (vth.period > 1) gth_n = at::empty({neurons}, mopts);
     else gth_c.assign(chunks, 0.0);
   }
@@ -221,15 +214,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
     using T = typename cpu::acc_type<In>::type;
     const T* dp = decay.values.template data_ptr<T>();
     const T* tp = vth.values.template data_ptr<T>();
-    check_param_values(dp, decay.values.numel(), decay_is_tau, tp, vth.values.numel(), v_reset);
+    check_param_values(dp, decay.values.numel(), f.decay_is_tau, tp, vth.values.numel(), v_reset);
     cpu::LifBackwardArgs<In, T> a{};
     a.grad_spikes = cptr<In>(gs);
     a.grad_v_last = cptr<In>(gvl);
     a.grad_v_seq = cptr<In>(gvs);
     std::vector<T> k_values;
-    if (recompute) {  // the rerun charges as the forward did (see lif_forward_cpu)
+    if (f.recompute) {  // the rerun charges as the forward did (see lif_forward_cpu)
       a.x_seq = cptr<In>(h);
-      std::tie(a.charge_decay, a.charge_div) = charge_decay<T>(decay, decay_is_tau, k_values);
+      std::tie(a.charge_decay, a.charge_div) = charge_decay<T>(decay, f.decay_is_tau, k_values);
     } else {
       a.h_seq = cptr<In>(h);
     }
@@ -241,27 +234,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
     a.grad_x = mptr<In>(gx);
     a.grad_v_init = mptr<In>(gv_init);
     a.grad_decay_n = mptr<T>(gk_n);
-    a.grad_decay_chunk = need_decay_grad && decay.period == 1 ? gk_c.data() : nullptr;
+    a.grad_decay_chunk = f.need_decay_grad && decay.period == 1 ? gk_c.data() : nullptr;
     a.grad_vth_n = mptr<T>(gth_n);
-    a.grad_vth_chunk = need_threshold_grad && vth.period == 1 ? gth_c.data() : nullptr;
+    a.grad_vth_chunk = f.need_threshold_grad && vth.period == 1 ? gth_c.data() : nullptr;
     a.steps = steps;
     a.neurons = neurons;
     a.v_reset = static_cast<T>(v_reset.value_or(0.0));
     a.alpha = static_cast<T>(alpha);
     a.surrogate = static_cast<int32_t>(surrogate);
-    a.decay_input = decay_input;
-    a.div = decay_is_tau;
+    a.decay_input = f.decay_input;
+    a.div = f.decay_is_tau;
     a.hard = v_reset.has_value();
-    a.detach_reset = detach_reset;
-    a.sltt = sltt;
+    a.detach_reset = f.detach_reset;
+    a.sltt = f.sltt;
     a.stream = h.numel() * h.element_size() >= cpu::kStreamBytes;
     at::parallel_for(0, chunks, chunk_grain(steps),
                      [&](int64_t c0, int64_t c1) { cpu::lif_backward(a, c0, c1); });
   });
-  at::Tensor g_decay = need_decay_grad ? finish_param_grad(decay_in, decay, gk_n, gk_c)
-                                       : zeros_shaped(decay_in.sizes(), decay_in.options());
-  at::Tensor g_vth = need_threshold_grad ? finish_param_grad(vth_in, vth, gth_n, gth_c)
-                                         : zeros_shaped(vth_in.sizes(), vth_in.options());
+  at::Tensor g_decay = f.need_decay_grad ? finish_param_grad(decay_in, decay, gk_n, gk_c)
+                                         : zeros_shaped(decay_in.sizes(), decay_in.options());
+  at::Tensor g_vth = f.need_threshold_grad ? finish_param_grad(vth_in, vth, gth_n, gth_c)
+                                           : zeros_shaped(vth_in.sizes(), vth_in.options());
   return {gx, gv_init, g_decay, g_vth};
 }
 

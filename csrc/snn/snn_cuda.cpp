@@ -51,22 +51,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cuda(
     const at::Tensor& decay_in, const at::Tensor& vth_in, c10::optional<double> v_reset,
     int64_t surrogate, double alpha, int64_t flags) {
   const LifFlags f = lif_flags(flags, kLifForwardFlags, "lif_forward");
-  const bool decay_input = f.has(kDecayInput), decay_is_tau = f.has(kDecayIsTau);
-  const bool store_v_seq = f.has(kStoreVSeq), keep_h = f.has(kKeepH);
   check_x(x_in);
   check_cuda(x_in, "x");
   check_state(v_init_in, x_in, "v_init");
   check_scalars(surrogate, alpha, v_reset);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
-  const NeuronParam decay = prepare_param(decay_in, x, decay_is_tau ? "tau" : "k");
+  const NeuronParam decay = prepare_param(decay_in, x, f.decay_is_tau ? "tau" : "k");
   const NeuronParam vth = prepare_param(vth_in, x, "v_threshold");
   const at::Tensor v_init = contiguous_or_undefined(v_init_in);
   const int64_t steps = x.size(0), neurons = neurons_of(x);
   at::Tensor spikes = at::empty(x.sizes(), x.options());
-  at::Tensor h_seq = keep_h ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor h_seq = f.keep_h ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor v_last = at::empty(state_shape(x), x.options());
-  at::Tensor v_seq = store_v_seq ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor v_seq =
+      f.store_v_seq ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   gpu::LifForwardParams p{};
   p.x = cptr(x);
   p.v_init = cptr(v_init);
@@ -75,14 +74,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cuda(
   p.vth = cptr(vth.values);
   p.vth_period = vth.period;
   p.spikes = mptr(spikes);
-  p.h_seq = keep_h ? mptr(h_seq) : nullptr;
-  p.v_seq = store_v_seq ? mptr(v_seq) : nullptr;
+  p.h_seq = f.keep_h ? mptr(h_seq) : nullptr;
+  p.v_seq = f.store_v_seq ? mptr(v_seq) : nullptr;
   p.v_last = mptr(v_last);
   p.steps = steps;
   p.neurons = neurons;
   p.v_reset = v_reset.value_or(0.0);
-  p.decay_input = decay_input;
-  p.div = decay_is_tau;
+  p.decay_input = f.decay_input;
+  p.div = f.decay_is_tau;
   p.hard = v_reset.has_value();
   C10_CUDA_CHECK(gpu::launch_lif_forward(float_type(x.scalar_type()), p,
                                          c10::cuda::getCurrentCUDAStream().stream()));
@@ -107,12 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cuda(
     const at::Tensor& vth_in, c10::optional<double> v_reset, int64_t surrogate, double alpha,
     int64_t flags) {
   const LifFlags f = lif_flags(flags, kLifBackwardFlags, "lif_backward");
-  const bool decay_input = f.has(kDecayInput), decay_is_tau = f.has(kDecayIsTau);
-  const bool detach_reset = f.has(kDetachReset), sltt = f.has(kSltt);
-  const bool need_decay_grad = f.has(kNeedDecayGrad);
-  const bool need_threshold_grad = f.has(kNeedThresholdGrad);
-  const bool recompute = f.has(kRecompute);
-  TORCH_CHECK(!recompute, "lif_backward with the recompute flag (rerunning the forward from x "
+  TORCH_CHECK(!f.recompute, "lif_backward with the recompute flag (rerunning the forward from x "
               "instead of reading a kept H) has no CUDA kernel: run lif_forward with the keep_h "
               "flag on CUDA");
   check_x(h_in, "h_seq");
@@ -136,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cuda(
   const at::Tensor gvl = contiguous_or_undefined(grad_v_last_in);
   const at::Tensor gvs = contiguous_or_undefined(grad_v_seq_in);
   const at::Tensor v_init = contiguous_or_undefined(v_init_in);
-  const NeuronParam decay = prepare_param(decay_in, h, decay_is_tau ? "tau" : "k");
+  const NeuronParam decay = prepare_param(decay_in, h, f.decay_is_tau ? "tau" : "k");
   const NeuronParam vth = prepare_param(vth_in, h, "v_threshold");
   const int64_t steps = h.size(0), neurons = neurons_of(h);
   int64_t partials = 0;
@@ -146,11 +140,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cuda(
   const auto mopts = decay.values.options();
   const auto dopts = h.options().dtype(at::kDouble);
   at::Tensor gk_n, gk_p, gth_n, gth_p;
-  if (need_decay_grad) {
+  if (f.need_decay_grad) {
     if (decay.period > 1) gk_n = at::empty({neurons}, mopts);
     else gk_p = at::empty({partials}, dopts);
   }
-  if (need_threshold_grad) {
+  if (f.need_threshold_grad) {
     if (vth.period > 1) gth_n = at::empty({neurons}, mopts);
     else gth_p = at::empty({partials}, dopts);
   }
@@ -175,17 +169,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cuda(
   p.v_reset = v_reset.value_or(0.0);
   p.alpha = alpha;
   p.surrogate = static_cast<int32_t>(surrogate);
-  p.decay_input = decay_input;
-  p.div = decay_is_tau;
+  p.decay_input = f.decay_input;
+  p.div = f.decay_is_tau;
   p.hard = v_reset.has_value();
-  p.detach_reset = detach_reset;
-  p.sltt = sltt;
+  p.detach_reset = f.detach_reset;
+  p.sltt = f.sltt;
   C10_CUDA_CHECK(gpu::launch_lif_backward(float_type(h.scalar_type()), p,
                                           c10::cuda::getCurrentCUDAStream().stream()));
-  at::Tensor g_decay = need_decay_grad
+  at::Tensor g_decay = f.need_decay_grad
                            ? finish_param_grad(decay_in, decay, neurons, gk_n, gk_p)
                            : at::zeros(decay_in.sizes(), decay_in.options());
-  at::Tensor g_vth = need_threshold_grad
+  at::Tensor g_vth = f.need_threshold_grad
                          ? finish_param_grad(vth_in, vth, neurons, gth_n, gth_p)
                          : at::zeros(vth_in.sizes(), vth_in.options());
   return {gx, gv_init, g_decay, g_vth};
