@@ -14,7 +14,8 @@
 //
 // The loops move 8 bytes per neuron-step forward (X in; S out; 12 when H is kept for a backward
 // that reads it) and 12 backward (gS and X in, H rerun per chunk in L1 from X - or H in - ; gX
-// out), so they are bound by memory bandwidth: outputs too big for the caches go through a
+// out; the rerun of the next chunk runs alongside the reverse scan of this one), so they are
+// bound by memory bandwidth: outputs too big for the caches go through a
 // staging row in L1 and out with non-temporal stores (stream_bytes), which saves the
 // read-for-ownership of every written cache line.
 #pragma once
@@ -407,41 +408,62 @@ inline double sum_in_order(const T* v, int64_t len) {
   return acc;
 }
 
-// Recompute mode: H[t] of one chunk for every t into hbuf ([T][kLifChunk]), rerunning the forward
-// (lif_forward_row's operations) from v (the membrane before step 0; overwritten). The rows of x
-// are prefetched as in the backward.
-// gs: grad_spikes; its rows the reverse scan reads first are prefetched during the rerun.
+// Recompute mode: H[t] of one row of a chunk from x's row t (lif_forward_row's operations), the
+// chunk's membrane v carried from row t - 1.
 template <bool DI, bool DIV, bool HARD, typename In, typename T>
-void lif_rerun_chunk(const In* x, const In* gs, int64_t N, int64_t n0, int64_t len,
-                     int64_t steps, T* __restrict v, const T* __restrict k,
-                     const T* __restrict th, T vr, In* __restrict hbuf) {
-  const int64_t row_bytes = len * int64_t(sizeof(In));
-  for (int64_t t = 0; t < steps; ++t) {
-    const In* __restrict xr = x + t * N + n0;
-    if (t + kLifBackwardL2Steps < steps) prefetch_row_l2(xr + kLifBackwardL2Steps * N, row_bytes);
-    if (t + 1 < steps) prefetch_row(xr + N, row_bytes);
-    if (t < kLifBackwardL2Steps) prefetch_row_l2(gs + (steps - 1 - t) * N + n0, row_bytes);
-    In* __restrict hr = hbuf + t * kLifChunk;
-    for (int64_t j = 0; j < len; ++j) {
-      const T h = snn::charge<DI, DIV>(v[j], static_cast<T>(to_float(xr[j])), k[j], vr);
-      const T s = snn::fire(h, th[j]);
-      hr[j] = store_h<In>(h, s, th[j]);
-      v[j] = snn::reset<HARD>(h, s, th[j], vr);
-    }
+void lif_rerun_row(const In* __restrict xr, In* __restrict hr, T* __restrict v,
+                   const T* __restrict k, const T* __restrict th, T vr, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) {
+    const T h = snn::charge<DI, DIV>(v[j], static_cast<T>(to_float(xr[j])), k[j], vr);
+    const T s = snn::fire(h, th[j]);
+    hr[j] = store_h<In>(h, s, th[j]);
+    v[j] = snn::reset<HARD>(h, s, th[j], vr);
   }
 }
 
 template <typename In, typename T>
-void lif_rerun(const LifBackwardArgs<In, T>& a, int64_t n0, int64_t len, T* v, const T* k,
-               const T* th, In* hbuf) {
-  with_charge_flags(a.decay_input, a.charge_div, a.hard, [&](auto di, auto div, auto hard) {
-    constexpr bool DI = decltype(di)::value, DIV = decltype(div)::value;
-    constexpr bool HARD = decltype(hard)::value;
-    lif_rerun_chunk<DI, DIV, HARD>(a.x_seq, a.grad_spikes, a.neurons, n0, len, a.steps, v, k, th,
-                                   a.v_reset, hbuf);
+using LifRerunRow = void (*)(const In*, In*, T*, const T*, const T*, T, int64_t);
+
+// The rerun row of the variant the flags select, chosen once per task (a call per row of 128
+// neurons instead of a template parameter of the backward loop per charge variant).
+template <typename In, typename T>
+LifRerunRow<In, T> lif_rerun_row_for(bool decay_input, bool div, bool hard) {
+  LifRerunRow<In, T> f = nullptr;
+  with_charge_flags(decay_input, div, hard, [&](auto di, auto dv, auto hd) {
+    f = &lif_rerun_row<decltype(di)::value, decltype(dv)::value, decltype(hd)::value, In, T>;
   });
+  return f;
 }
 
+// Recompute mode, the state of the chunk whose forward is being rerun: its membrane, decay (as
+// the forward charges) and threshold.
+template <typename T>
+struct LifRerunState {
+  alignas(64) T v[kLifChunk];
+  alignas(64) T k[kLifChunk];
+  alignas(64) T th[kLifChunk];
+};
+
+template <typename In, typename T>
+void lif_rerun_start(const LifBackwardArgs<In, T>& a, LifRerunState<T>& r, int64_t n0,
+                     int64_t len) {
+  fill_param(r.k, a.charge_decay, a.decay_period, n0, len);
+  fill_param(r.th, a.vth, a.vth_period, n0, len);
+  if (a.v_init) {
+    load_row(r.v, a.v_init + n0, len);
+  } else {
+    std::fill(r.v, r.v + len, a.v_reset);
+  }
+}
+
+// The reverse scan over chunks [c0, c1). Recompute mode (x_seq set) is software-pipelined: the
+// forward of chunk c0 is rerun alone first; then each step of chunk c's reverse scan also reruns
+// one step of chunk c + 1's forward (into the other of two H buffers). Both kinds of work then
+// run all the time, and with them the three streams (x of the next chunk, grad_S in and grad_X
+// out of this one), instead of a phase that only reads x followed by one that reads grad_S and
+// writes grad_X. T = 32, 2^18 neurons, 2 threads, the same bits: right after a SpikingJelly
+// fwd + bwd, as in the benchmark, backward 3.20-3.22 -> 2.99-3.02 ms (40 interleaved rounds, two
+// runs); after a 256 MiB sweep 3.15 -> 2.85 ms; in cache (2^12-2^14 neurons) unchanged.
 template <bool HARD, snn::Surrogate SURR, bool NEEDP, typename In, typename T>
 void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1) {
   alignas(64) T carry[kLifChunk];
@@ -455,34 +477,49 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
   alignas(64) T vinit[kLifChunk];
   alignas(64) T dec[kLifChunk];
   alignas(64) In gx_row[kLifChunk];  // staging row for the streamed stores
-  alignas(64) T vrun[kLifChunk];      // recompute mode: the rerun's membrane
-  alignas(64) T krun[kLifChunk];      // recompute mode: the rerun's decay
-  const int64_t N = a.neurons;
+  LifRerunState<T> run;               // recompute mode: the chunk being rerun
+  constexpr int64_t L2 = kLifBackwardL2Steps;
+  const int64_t N = a.neurons, steps = a.steps;
+  const int64_t isize = static_cast<int64_t>(sizeof(In));
   const T dr = a.detach_reset ? T(0) : T(1);
   const bool rerun = a.x_seq != nullptr;
-  // Recompute mode: the chunk's H rows, T x kLifChunk (16 KB at T = 32 in fp32: L1).
-  std::vector<In> hbuf(rerun ? static_cast<size_t>(a.steps * kLifChunk) : 0);
+  const LifRerunRow<In, T> rerun_row =
+      rerun ? lif_rerun_row_for<In, T>(a.decay_input, a.charge_div, a.hard) : nullptr;
+  // Recompute mode: H rows of the chunk being scanned and of the next, T x kLifChunk each (16 KB
+  // each at T = 32 in fp32: L1).
+  std::vector<In> hbuf(rerun ? static_cast<size_t>(2 * steps * kLifChunk) : 0);
+  In* h_cur = hbuf.data();
+  In* h_next = rerun ? h_cur + steps * kLifChunk : nullptr;
   const int64_t hstride = rerun ? kLifChunk : N;  // from one step's H row to the next
+  if (rerun && c0 < c1) {  // the first chunk's forward, alone
+    const int64_t n0 = c0 * kLifChunk, len = std::min(kLifChunk, N - n0);
+    const int64_t row_bytes = len * isize;
+    lif_rerun_start(a, run, n0, len);
+    for (int64_t t = 0; t < steps; ++t) {
+      const In* xr = a.x_seq + t * N + n0;
+      if (t + L2 < steps) prefetch_row_l2(xr + L2 * N, row_bytes);
+      if (t + 1 < steps) prefetch_row(xr + N, row_bytes);
+      if (t < L2) prefetch_row_l2(a.grad_spikes + (steps - 1 - t) * N + n0, row_bytes);
+      rerun_row(xr, h_cur + t * kLifChunk, run.v, run.k, run.th, a.v_reset, len);
+    }
+  }
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t n0 = c * kLifChunk;
     const int64_t len = std::min(kLifChunk, N - n0);
-    fill_param(th, a.vth, a.vth_period, n0, len);
-    fill_param(dec, a.decay, a.decay_period, n0, len);
-    if (rerun) {
-      fill_param(krun, a.charge_decay, a.decay_period, n0, len);
-      if (a.v_init) {
-        load_row(vrun, a.v_init + n0, len);
-      } else {
-        std::fill(vrun, vrun + len, a.v_reset);
+    const int64_t row_bytes = len * isize;
+    // The parameters and their coefficients, for the whole chunk width: again for every chunk
+    // only when they differ per neuron (one value for all is the common case, and filling them
+    // per chunk cost ~3% of the backward, the coefficients dividing).
+    if (c == c0 || a.vth_period != 1 || a.decay_period != 1) {
+      fill_param(th, a.vth, a.vth_period, n0, kLifChunk);
+      fill_param(dec, a.decay, a.decay_period, n0, kLifChunk);
+      for (int64_t j = 0; j < kLifChunk; ++j) {
+        const auto co = snn::decay_coef(dec[j], a.decay_input, a.div, a.sltt);
+        cx[j] = co.cx;
+        cv[j] = co.cv;
+        ch[j] = co.ch;
+        cr[j] = co.cr;
       }
-      lif_rerun(a, n0, len, vrun, krun, th, hbuf.data());
-    }
-    for (int64_t j = 0; j < len; ++j) {
-      const auto co = snn::decay_coef(dec[j], a.decay_input, a.div, a.sltt);
-      cx[j] = co.cx;
-      cv[j] = co.cv;
-      ch[j] = co.ch;
-      cr[j] = co.cr;
     }
     if (NEEDP) {
       if (a.v_init) {
@@ -498,34 +535,50 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
     }
     std::fill(gk, gk + len, T(0));
     std::fill(gth, gth + len, T(0));
-    for (int64_t t = a.steps - 1; t >= 0; --t) {
+    // The next chunk (n1, len1), whose forward recompute mode reruns alongside this scan.
+    const int64_t n1 = n0 + kLifChunk;
+    const int64_t len1 = c + 1 < c1 ? std::min(kLifChunk, N - n1) : 0;
+    const int64_t next_bytes = len1 * isize;
+    const bool pipelined = rerun && len1 > 0;
+    if (pipelined) lif_rerun_start(a, run, n1, len1);
+    for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t off = t * N + n0;
-      const int64_t row_bytes = len * int64_t(sizeof(In));
-      if (t >= kLifBackwardL2Steps) {  // rows later steps of the reverse scan read
-        prefetch_row_l2(a.grad_spikes + off - kLifBackwardL2Steps * N, row_bytes);
-        if (!rerun) prefetch_row_l2(a.h_seq + off - kLifBackwardL2Steps * N, row_bytes);
+      if (t >= L2) {  // rows later steps of the reverse scan read
+        prefetch_row_l2(a.grad_spikes + off - L2 * N, row_bytes);
+        if (!rerun) prefetch_row_l2(a.h_seq + off - L2 * N, row_bytes);
       }
       if (t >= 1) {
         prefetch_row(a.grad_spikes + off - N, row_bytes);
         if (!rerun) prefetch_row(a.h_seq + off - N, row_bytes);
       }
-      if (t < kLifBackwardL2Steps && c + 1 < c1) {
-        // The rows the next chunk reads first (its rerun's first x rows, or its scan's last
-        // grad_S / H rows), so it does not start on a memory latency per row.
-        const int64_t n1 = n0 + kLifChunk;
-        const int64_t next_bytes = std::min(kLifChunk, N - n1) * int64_t(sizeof(In));
-        if (rerun) {
-          const int64_t r = kLifBackwardL2Steps - 1 - t;
-          if (r < a.steps) prefetch_row_l2(a.x_seq + r * N + n1, next_bytes);
-        } else {
-          const int64_t r = a.steps - kLifBackwardL2Steps + t;
-          if (r >= 0) {
-            prefetch_row_l2(a.grad_spikes + r * N + n1, next_bytes);
-            prefetch_row_l2(a.h_seq + r * N + n1, next_bytes);
+      if (pipelined) {
+        const int64_t r = steps - 1 - t;  // the next chunk's forward step
+        const In* xr = a.x_seq + r * N + n1;
+        if (r + L2 < steps) prefetch_row_l2(xr + L2 * N, next_bytes);
+        if (r + 1 < steps) prefetch_row(xr + N, next_bytes);
+        if (t < L2) {
+          // What the next iteration reads first: the next chunk's last grad_S rows (its scan)
+          // and the chunk after it's first x rows (its rerun).
+          if (steps - L2 + t >= 0) {
+            prefetch_row_l2(a.grad_spikes + (steps - L2 + t) * N + n1, next_bytes);
+          }
+          const int64_t n2 = n1 + kLifChunk;
+          if (c + 2 < c1 && L2 - 1 - t < steps) {
+            prefetch_row_l2(a.x_seq + (L2 - 1 - t) * N + n2,
+                            std::min(kLifChunk, N - n2) * isize);
           }
         }
+        rerun_row(xr, h_next + r * kLifChunk, run.v, run.k, run.th, a.v_reset, len1);
+      } else if (!rerun && t < L2 && len1 > 0) {
+        // The rows the next chunk's scan reads first (its last grad_S / H rows), so it does not
+        // start on a memory latency per row.
+        const int64_t r = steps - L2 + t;
+        if (r >= 0) {
+          prefetch_row_l2(a.grad_spikes + r * N + n1, next_bytes);
+          prefetch_row_l2(a.h_seq + r * N + n1, next_bytes);
+        }
       }
-      const In* h = rerun ? hbuf.data() + t * kLifChunk : a.h_seq + off;
+      const In* h = rerun ? h_cur + t * kLifChunk : a.h_seq + off;
       if (a.grad_v_seq) add_row(carry, a.grad_v_seq + off, len);
       In* gx = a.stream ? gx_row : a.grad_x + off;
       if (t > 0) {
@@ -538,8 +591,9 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
                                                   th, cx, cv, ch,
                                                   cr, gk, gth, gx, a.v_reset, a.alpha, dr, len);
       }
-      if (a.stream) stream_bytes(a.grad_x + off, gx_row, len * int64_t(sizeof(In)));
+      if (a.stream) stream_bytes(a.grad_x + off, gx_row, row_bytes);
     }
+    if (rerun) std::swap(h_cur, h_next);
     store_row(a.grad_v_init + n0, carry, len);
     if (NEEDP) {
       if (a.grad_decay_n) std::memcpy(a.grad_decay_n + n0, gk, sizeof(T) * len);

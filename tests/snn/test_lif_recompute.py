@@ -6,10 +6,11 @@ tails, many time steps, and the streamed-store sizes."""
 import pytest
 import torch
 
+import pypaper
 from pypaper import snn
 from pypaper.snn import op_flags, reference
 
-from .helpers import CONFIGS, config_id, inputs
+from .helpers import CONFIGS, GRAD_TOL, config_id, inputs
 
 FWD = torch.ops.pypaper.lif_forward.default
 BWD = torch.ops.pypaper.lif_backward.default
@@ -79,6 +80,36 @@ def test_other_dtypes(dtype):
 @pytest.mark.parametrize("shape", [(1, 3), (2, 1), (3, 129), (40, 2, 130), (200, 5)])
 def test_shapes(shape):
     _compare(inputs(shape).requires_grad_())
+
+
+@pytest.mark.parametrize("steps", [3, 6, 11])
+def test_pipelined_rerun_across_many_chunks(steps):
+    """The backward reruns chunk c + 1's forward while it scans chunk c: many chunks per task,
+    tasks on several threads, fewer and more steps than the prefetch distance, per-neuron
+    parameters that differ from chunk to chunk, a v_init, and a chunk tail."""
+    feat = 12000  # 2 x 12000 neurons: 188 chunks of 128, the last one partial; 2-4 tasks
+    x = inputs((steps, 2, feat)).requires_grad_()
+    v0 = (torch.rand(2, feat) * 0.5).requires_grad_()
+    decay = (torch.rand(feat) * 2 + 1.5).requires_grad_()
+    vth = (torch.rand(feat) * 0.5 + 0.8).requires_grad_()
+    threads = torch.get_num_threads()
+    try:
+        for n in sorted({1, 2, threads}):
+            torch.set_num_threads(n)
+            _compare(x, v0, decay, vth)
+            _compare(x, v0, decay.detach(), vth.detach(), v_reset=None, sid=3)
+    finally:
+        torch.set_num_threads(threads)
+    # and the gradients against the plain-PyTorch loop
+    leaves = (x, v0, decay, vth)
+    got = torch.autograd.grad(snn.lif_multi_step(x, v0, tau=decay, v_threshold=vth)[0].sum(),
+                              leaves)
+    with pypaper.use_backend("reference"):
+        want = torch.autograd.grad(
+            snn.lif_multi_step(x, v0, tau=decay, v_threshold=vth)[0].sum(), leaves)
+    for a, b in zip(got, want):
+        tol = GRAD_TOL[torch.float32]
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 def test_streamed_sizes():
