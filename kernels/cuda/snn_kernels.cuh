@@ -55,7 +55,7 @@ struct LifForwardParams {
   int64_t vth_period;
   void* spikes;  // [T, N]
   void* h_seq;   // [T, N]: H[t], rounded so that Theta(H - Vth) recomputes S (16-bit storage);
-                 // nullptr: not kept (keep_h=False, nothing will be differentiated)
+                 // nullptr: not kept (no keep_h flag: nothing will be differentiated)
   void* v_seq;   // [T, N] or nullptr
   void* v_last;  // [N]
   int64_t steps, neurons;
