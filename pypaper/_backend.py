@@ -51,12 +51,40 @@ def use_backend(name: str) -> Iterator[None]:
         _stack().pop()
 
 
+_ENV_NAME = "PYPAPER_BACKEND"
+
+
+def _env_value() -> str:
+    """PYPAPER_BACKEND as os.environ holds it now ("" when unset).
+
+    Read on every call, so that setting it takes effect at once. When it is unset (the common
+    case), ``os.environ.get`` finds out by raising and catching a KeyError inside os.py, ~30 us a
+    call when another layer's data fills the caches (a training step; a tenth of the LIF op's
+    whole fixed cost): so the lookup goes to the dict os.environ keeps its (encoded) variables in,
+    where CPython has it, and through os.environ otherwise."""
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if type(data) is not dict:
+        return env.get(_ENV_NAME, "")
+    raw = data.get(_ENV_KEY)
+    return "" if raw is None else env.decodevalue(raw)
+
+
+try:  # the key as os.environ stores it (bytes on POSIX, upper-case str on Windows)
+    _ENV_KEY = os.environ.encodekey(_ENV_NAME)
+except AttributeError:  # not CPython's os._Environ: _env_value uses os.environ.get
+    _ENV_KEY = _ENV_NAME
+
+
 def requested() -> Optional[str]:
     """The explicitly requested backend (context manager, then PYPAPER_BACKEND), or None."""
-    st = _stack()
+    st = getattr(_local, "stack", None)
     if st:
         return st[-1]
-    env = os.environ.get("PYPAPER_BACKEND", "").strip().lower()
+    env = _env_value()
+    if not env:
+        return None
+    env = env.strip().lower()
     if env in ("", "auto", "default"):
         return None
     if env not in BACKENDS:

@@ -32,6 +32,33 @@ def test_env_var(monkeypatch):
         backend_for(torch.randn(3))
 
 
+def test_env_var_is_read_on_every_call(monkeypatch):
+    """_backend reads PYPAPER_BACKEND from the dict behind os.environ (no KeyError when it is
+    unset): a change, a removal, padding and case, and an os.environ without that dict all count."""
+    from pypaper import _backend
+
+    x = torch.randn(3)
+    monkeypatch.delenv("PYPAPER_BACKEND", raising=False)
+    assert _backend.requested() is None
+    monkeypatch.setenv("PYPAPER_BACKEND", " Reference ")
+    assert _backend.requested() == "reference" and backend_for(x) == "reference"
+    monkeypatch.setenv("PYPAPER_BACKEND", "cpu")
+    assert _backend.requested() == "cpu"
+    for unset in ("", "  ", "auto", "DEFAULT"):
+        monkeypatch.setenv("PYPAPER_BACKEND", unset)
+        assert _backend.requested() is None
+    monkeypatch.delenv("PYPAPER_BACKEND")
+    assert _backend.requested() is None and backend_for(x) == "cpu"
+
+    class PlainEnviron(dict):  # what another Python's os.environ might be: no _data dict
+        pass
+
+    monkeypatch.setattr(os, "environ", PlainEnviron(PYPAPER_BACKEND="reference"))
+    assert _backend.requested() == "reference"
+    monkeypatch.setattr(os, "environ", PlainEnviron())
+    assert _backend.requested() is None
+
+
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="backend must be one of"):
         with pypaper.use_backend("tpu"):

@@ -52,7 +52,7 @@ def _triton_reason(device: torch.device) -> Optional[str]:
 _REASONS = {"cpu": _cpu_reason, "cuda": _cuda_reason, "triton": _triton_reason}
 
 
-# The default backend per (device type, index): what the kernels that exist can serve does not
+# The default backend per device: what the kernels that exist can serve does not
 # change after import, and choosing again cost ~40 us a call when another layer's data fills the
 # caches (a training step). An explicit request (context manager, PYPAPER_BACKEND) is not cached.
 _DEFAULTS: dict = {}
@@ -63,12 +63,11 @@ def backend_for(x: torch.Tensor, device: Optional[torch.device] = None) -> str:
     device = x.device if device is None else device
     if _backend.requested() is not None:
         return _backend.select(device, (), _REASONS)
-    key = (device.type, device.index)
-    name = _DEFAULTS.get(key)
+    name = _DEFAULTS.get(device)
     if name is None:
         name = _backend.select(device, _DEFAULT_ORDER.get(device.type, ("reference",)), _REASONS)
         if name != "reference":  # the reference's fallback warning stays with select
-            _DEFAULTS[key] = name
+            _DEFAULTS[device] = name
     return name
 
 
@@ -226,8 +225,9 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
     # differentiated, and never on the CPU, whose backward reruns the forward from x instead:
     # fwd + bwd then move 20 bytes per neuron-step instead of 24 (T = 32, 2^18 neurons, cold
     # inputs: 4.8 -> 4.1 ms in the standalone loop).
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x_seq, v, decay, vth))
+    needs_grad = torch.is_grad_enabled() and (
+        x_seq.requires_grad or decay.requires_grad or vth.requires_grad
+        or (v is not None and v.requires_grad))
     keep_h = backend != "cpu" and needs_grad
     args = (x_seq, v, decay, vth, v_reset, sid, alpha,
             op_flags.forward_flags(decay_input, decay_is_tau, detach_reset, sltt, store_v_seq,
