@@ -52,9 +52,9 @@ def _triton_reason(device: torch.device) -> Optional[str]:
 _REASONS = {"cpu": _cpu_reason, "cuda": _cuda_reason, "triton": _triton_reason}
 
 
-# The default backend per device: what the kernels that exist can serve does not
-# change after import, and choosing again cost ~40 us a call when another layer's data fills the
-# caches (a training step). An explicit request (context manager, PYPAPER_BACKEND) is not cached.
+# The default backend per device: what the kernels that exist can serve does not change after
+# import, and choosing again cost ~40 us a call when another layer's data fills the caches (a
+# training step). An explicit request (context manager, PYPAPER_BACKEND) is not cached.
 _DEFAULTS: dict = {}
 
 
