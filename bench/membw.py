@@ -69,6 +69,19 @@ def latest_peers(path: Path = SNN_CSV) -> dict:
     return {r["provider"]: float(r["median_ms"]) for r in rows if r["timestamp"] == newest}
 
 
+def default_threads(requested=None) -> int:
+    """The OpenMP threads to time with: as asked, else torch's intra-op threads (what the ops
+    use), else every core."""
+    if requested is not None:
+        return requested
+    try:
+        import torch
+
+        return torch.get_num_threads()
+    except ImportError:
+        return os.cpu_count() or 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.membw", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,14 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="OpenMP threads (default: torch's intra-op threads, else all cores)")
     args = p.parse_args(argv)
-    threads = args.threads
-    if threads is None:
-        try:
-            import torch
-
-            threads = torch.get_num_threads()
-        except ImportError:
-            threads = os.cpu_count() or 1
+    threads = default_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure(build(Path(tmp)), args.mib, args.reps, threads)
     print(f"## memory-bandwidth floor, {threads} threads, {args.mib} MiB per stream, cold buffers, "

@@ -119,6 +119,24 @@ def test_snn_bound_reports_the_floor_and_the_fixed_costs():
         assert 0 < ms < bound  # the bound adds the floor
 
 
+def test_lif_loops_reports_arithmetic_and_memory_for_both_modes():
+    cmd = [sys.executable, "-m", "bench.lif_loops", "--neurons", "8192", "--reps", "1",
+           "--threads", "1"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for mode in ("rerun", "keep_h"):
+        for case in ("in cache", "cold", "memory floor"):
+            row = [line for line in out.stdout.splitlines()
+                   if line.startswith(f"| {mode} | {case} |")]
+            assert len(row) >= 1, out.stdout
+            fwd, bwd, both = (float(v) for v in row[-1].split("|")[5:8])
+            assert fwd > 0 and bwd > 0 and both == pytest.approx(fwd + bwd, abs=2e-3)
+        for part in ("fwd", "bwd"):
+            line = [x for x in out.stdout.splitlines() if x.startswith(f"- {mode} {part}: cold")]
+            assert len(line) == 1 and ("bound by arithmetic" in line[0]
+                                       or "bound by memory" in line[0]), out.stdout
+
+
 @pytest.mark.parametrize("n", range(1, 8))
 def test_balanced_orders_are_a_williams_design(n):
     """Every round is a permutation; per cycle every provider is first equally often and comes
