@@ -52,6 +52,24 @@ def test_a_freed_output_is_reused():
     assert memory.cache_info()["hits"] == after_free["hits"] + 1
 
 
+def test_state_outputs_of_a_mib_come_from_the_cache_too():
+    """v_last [N] of the forward and grad_v_init [N] of the backward: at 2^18 fp32 neurons 1 MiB
+    each, which glibc maps and zeroes again on some calls (~256 page faults each)."""
+    x = _x(steps=2, n=MIB // 4).requires_grad_()
+
+    def step():
+        s, v, _ = snn.lif_multi_step(x, tau=2.0, surrogate_function=snn.surrogate.ATan())
+        live = memory.cache_info()["live_bytes"]
+        torch.autograd.grad(s, x, torch.ones_like(s))
+        return live
+
+    step()  # every block now sits in the free list
+    hits = memory.cache_info()["hits"]
+    live = step()
+    assert live >= (2 + 1) * MIB  # spikes [2, N] and v_last [N]
+    assert memory.cache_info()["hits"] == hits + 4  # spikes, v_last, grad_x, grad_v_init
+
+
 def test_small_outputs_do_not_use_the_cache():
     before = memory.cache_info()
     s = _spikes(_x(steps=2, n=1000))

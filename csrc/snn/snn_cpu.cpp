@@ -106,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
   // the same sizes every step, and fresh pages cost more than this kernel's own pass over them.
   at::Tensor spikes = empty_cached(x.sizes(), x.options());
   at::Tensor h_seq = f.keep_h ? empty_cached(x.sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor v_last = at::empty(state_shape(x), x.options());
+  at::Tensor v_last = empty_cached(state_shape(x), x.options());
   at::Tensor v_seq =
       f.store_v_seq ? empty_cached(x.sizes(), x.options()) : at::empty({0}, x.options());
   dispatch_storage(x.scalar_type(), [&](auto tag) {
@@ -197,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
   const int64_t steps = h.size(0), neurons = neurons_of(h);
   const int64_t chunks = cpu::lif_num_chunks(neurons);
   at::Tensor gx = empty_cached(h.sizes(), h.options());
-  at::Tensor gv_init = at::empty(state_shape(h), h.options());
+  at::Tensor gv_init = empty_cached(state_shape(h), h.options());
   const auto mopts = decay.values.options();
   at::Tensor gk_n, gth_n;
   std::vector<double> gk_c, gth_c;
