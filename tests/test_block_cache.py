@@ -70,6 +70,27 @@ def test_state_outputs_of_a_mib_come_from_the_cache_too():
     assert memory.cache_info()["hits"] == hits + 4  # spikes, v_last, grad_x, grad_v_init
 
 
+def test_per_neuron_parameter_sums_come_from_the_cache():
+    """Per-neuron tau and threshold: the backward sums their gradients per neuron ([N], 1 MiB
+    each at 2^18 fp32 neurons) before reducing over the batch."""
+    x = _x(steps=2, n=MIB // 4).view(2, 4, MIB // 16).requires_grad_()
+    tau = torch.full((MIB // 16,), 2.5, requires_grad=True)
+    vth = torch.full((MIB // 16,), 1.0, requires_grad=True)
+
+    def step():
+        s, _, _ = snn.lif_multi_step(x, tau=tau, v_threshold=vth,
+                                     surrogate_function=snn.surrogate.ATan())
+        return torch.autograd.grad(s, (x, tau, vth), torch.ones_like(s))
+
+    first = [g.clone() for g in step()]  # every block now sits in the free list
+    hits = memory.cache_info()["hits"]
+    again = step()
+    # spikes, v_last, grad_x, grad_v_init and the two per-neuron sums
+    assert memory.cache_info()["hits"] == hits + 6
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
 def test_small_outputs_do_not_use_the_cache():
     before = memory.cache_info()
     s = _spikes(_x(steps=2, n=1000))

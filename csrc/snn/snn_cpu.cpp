@@ -202,11 +202,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
   at::Tensor gk_n, gth_n;
   std::vector<double> gk_c, gth_c;
   if (f.need_decay_grad) {
-    if (decay.period > 1) gk_n = at::empty({neurons}, mopts);
+    if (decay.period > 1) gk_n = empty_cached({neurons}, mopts);
     else gk_c.assign(chunks, 0.0);
   }
   if (f.need_threshold_grad) {
-    if (vth.period > 1) gth_n = at::empty({neurons}, mopts);
+    if (vth.period > 1) gth_n = empty_cached({neurons}, mopts);
     else gth_c.assign(chunks, 0.0);
   }
   dispatch_storage(h.scalar_type(), [&](auto tag) {
