@@ -102,8 +102,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
   const NeuronParam vth = prepare_param(vth_in, x, "v_threshold");
   const at::Tensor v_init = contiguous_or_undefined(v_init_in);
   const int64_t steps = x.size(0), neurons = neurons_of(x);
-  // The [T, N] outputs come from the block cache (csrc/block_cache.h): a training loop asks for
-  // the same sizes every step, and fresh pages cost more than this kernel's own pass over them.
+  // The outputs come from the block cache (csrc/block_cache.h; it hands requests under 1 MiB to
+  // torch's allocator): a training loop asks for the same sizes every step, and fresh pages cost
+  // more than this kernel's own pass over them. That holds for the [N] state too: glibc maps and
+  // zeroes a 1 MiB v_last again on about half the calls (~256 page faults each).
   at::Tensor spikes = empty_cached(x.sizes(), x.options());
   at::Tensor h_seq = f.keep_h ? empty_cached(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor v_last = empty_cached(state_shape(x), x.options());
