@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -35,13 +35,8 @@ CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-trappin
 
 
 def build(out_dir: Path) -> Path:
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        raise SystemExit("no C++ compiler found (set CXX)")
-    arch = os.environ.get("PYPAPER_CPU_ARCH", "-march=native").split()
-    exe = out_dir / "lif_loops"
-    subprocess.run([cxx, *CXX_FLAGS, *arch, str(SOURCE), "-o", str(exe)], check=True)
-    return exe
+    arch = shlex.split(os.environ.get("PYPAPER_CPU_ARCH", "-march=native"))  # as setup.py reads it
+    return membw.compile_tool(SOURCE, out_dir / "lif_loops", CXX_FLAGS + arch)
 
 
 def measure(exe: Path, steps: int, neurons: int, reps: int, threads: int) -> list:

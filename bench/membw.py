@@ -31,14 +31,17 @@ SNN_CSV = HERE / "results" / "snn.csv"
 LIF_KERNEL = "LIF multi-step T=32"
 
 
-def build(out_dir: Path) -> Path:
+def compile_tool(source: Path, exe: Path, flags: list) -> Path:
+    """Builds one torch-free timing tool of bench/tools with $CXX (else c++ / g++)."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         raise SystemExit("no C++ compiler found (set CXX)")
-    exe = out_dir / "membw"
-    subprocess.run([cxx, "-O3", "-march=native", "-fopenmp", str(SOURCE), "-o", str(exe)],
-                   check=True)
+    subprocess.run([cxx, *flags, str(source), "-o", str(exe)], check=True)
     return exe
+
+
+def build(out_dir: Path) -> Path:
+    return compile_tool(SOURCE, out_dir / "membw", ["-O3", "-march=native", "-fopenmp"])
 
 
 def measure(exe: Path, mib: int, reps: int, threads: int) -> dict:
