@@ -124,18 +124,20 @@ inline void check_scalars(int64_t surrogate, double alpha, const c10::optional<d
 }
 
 // Values of the (prepared, contiguous, host-readable) parameters: tau > 1 (decay_is_tau) or
-// 0 < k <= 1, finite thresholds above v_reset for a hard reset. Reads the data: CPU tensors here;
+// 0 < k <= 1 (k = 0 too without decay_input: no leak, H = V + X, the IF neuron), finite
+// thresholds above v_reset for a hard reset. Reads the data: CPU tensors here;
 // a CUDA implementation checks a host copy of these small tensors or leaves it to Python.
 template <typename T>
-inline void check_param_values(const T* decay, int64_t nd, bool decay_is_tau, const T* vth,
-                               int64_t nv, const c10::optional<double>& v_reset) {
+inline void check_param_values(const T* decay, int64_t nd, bool decay_is_tau, bool decay_input,
+                               const T* vth, int64_t nv, const c10::optional<double>& v_reset) {
   for (int64_t i = 0; i < nd; ++i) {
     const double d = static_cast<double>(decay[i]);
     if (decay_is_tau) {
       TORCH_CHECK(std::isfinite(d) && d > 1.0, "tau must be finite and > 1, got ", d);
     } else {
-      TORCH_CHECK(std::isfinite(d) && d > 0.0 && d <= 1.0, "k = 1/tau must be in (0, 1], got ",
-                  d);
+      TORCH_CHECK(std::isfinite(d) && (d > 0.0 || (d == 0.0 && !decay_input)) && d <= 1.0,
+                  "k = 1/tau must be in ", decay_input ? "(0, 1]" : "[0, 1] (0: no leak, IF)",
+                  ", got ", d);
     }
   }
   for (int64_t i = 0; i < nv; ++i) {

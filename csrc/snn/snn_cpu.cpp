@@ -116,7 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
     using T = typename cpu::acc_type<In>::type;
     const T* dp = decay.values.template data_ptr<T>();
     const T* tp = vth.values.template data_ptr<T>();
-    check_param_values(dp, decay.values.numel(), f.decay_is_tau, tp, vth.values.numel(), v_reset);
+    check_param_values(dp, decay.values.numel(), f.decay_is_tau, f.decay_input, tp,
+                       vth.values.numel(), v_reset);
     std::vector<T> k_values;
     const auto [charge_dp, div] = charge_decay<T>(decay, f.decay_is_tau, k_values);
     cpu::LifForwardArgs<In, T> a{};
@@ -216,7 +217,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
     using T = typename cpu::acc_type<In>::type;
     const T* dp = decay.values.template data_ptr<T>();
     const T* tp = vth.values.template data_ptr<T>();
-    check_param_values(dp, decay.values.numel(), f.decay_is_tau, tp, vth.values.numel(), v_reset);
+    check_param_values(dp, decay.values.numel(), f.decay_is_tau, f.decay_input, tp,
+                       vth.values.numel(), v_reset);
     cpu::LifBackwardArgs<In, T> a{};
     a.grad_spikes = cptr<In>(gs);
     a.grad_v_last = cptr<In>(gvl);

@@ -1,6 +1,6 @@
 """pypaper.snn: spiking neurons with a fused time loop, drop-in for SpikingJelly.
 
-    from pypaper.snn import neuron, surrogate, functional
+    from pypaper.snn import neuron, layer, surrogate, functional   # SpikingJelly's module names
     lif = neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), step_mode="m")
     spikes = lif(x_seq)                      # x_seq: [T, N, *]
     functional.reset_net(model)              # between samples
@@ -13,15 +13,15 @@ Kernels: C++ kernels/cpu/snn_cpu.h; the shared per-element math kernels/common/s
 plain-PyTorch reference pypaper/snn/reference.py.
 """
 from .. import _ext
-from . import _registration, functional, neuron, reference, sltt, surrogate
+from . import _registration, functional, layer, neuron, reference, sltt, surrogate
 from .functional import detach_net, reset_net, set_step_mode
-from .neuron import LIFNode, ParametricLIFNode
+from .neuron import IFNode, LIFNode, ParametricLIFNode
 from .ops import backend_for, lif_multi_step
 from .delays import DelayedLinear  # learnable synaptic delays (pypaper/snn/delays.py)
 
 if _ext.LOADED:
     _registration.register_native()
 
-__all__ = ["LIFNode", "ParametricLIFNode", "backend_for", "detach_net", "functional",
-           "lif_multi_step", "neuron", "reference", "reset_net", "set_step_mode", "sltt",
-           "surrogate"]
+__all__ = ["DelayedLinear", "IFNode", "LIFNode", "ParametricLIFNode", "backend_for", "detach_net",
+           "functional", "layer", "lif_multi_step", "neuron", "reference", "reset_net",
+           "set_step_mode", "sltt", "surrogate"]

@@ -5,12 +5,52 @@
     functional.set_step_mode(model, "m")   # every neuron to single- ('s') or multi-step ('m')
     functional.detach_net(model)           # cut carried state from the graph (truncated BPTT)
     functional.set_backend(model, "cupy")  # SpikingJelly 0.0.0.0.14's backend names, accepted
+    functional.seq_to_ann_forward(x_seq, stateless)      # [T, N, *] through a layer in one call
+    functional.multi_step_forward(x_seq, single_step)    # ... or once per time step
 """
 from __future__ import annotations
 
 import warnings
+from typing import Callable, Sequence, Union
 
+import torch
 from torch import nn
+
+_Layers = Union[nn.Module, Sequence[Callable], Callable]
+
+
+def _chain(layers: _Layers) -> Callable:
+    if isinstance(layers, (list, tuple)):
+        def run(x):
+            for f in layers:
+                x = f(x)
+            return x
+        return run
+    return layers
+
+
+def seq_to_ann_forward(x_seq: torch.Tensor, stateless_module: _Layers):
+    """Run stateless layers on a sequence in one call: [T, N, *] is flattened to [T * N, *],
+    passed through ``stateless_module`` (a module, a callable, or a list / tuple of them, applied
+    in order) and split back to [T, N, *'] (a tuple output is split element-wise). One conv over
+    T * N samples instead of T convs over N."""
+    if not isinstance(x_seq, torch.Tensor) or x_seq.dim() < 2:
+        shape = tuple(x_seq.shape) if isinstance(x_seq, torch.Tensor) else type(x_seq).__name__
+        raise ValueError(f"x_seq must be a tensor [T, N, *] (at least 2 dims), got {shape}")
+    tn = x_seq.shape[:2]
+    y = _chain(stateless_module)(x_seq.flatten(0, 1))
+    if isinstance(y, tuple):
+        return tuple(t.unflatten(0, tn) for t in y)
+    return y.unflatten(0, tn)
+
+
+def multi_step_forward(x_seq: torch.Tensor, single_step_module: _Layers) -> torch.Tensor:
+    """Run single-step layers once per time step: y[t] = single_step_module(x_seq[t]),
+    stacked to [T, N, *'] (state carries from step to step inside stateful modules)."""
+    if not isinstance(x_seq, torch.Tensor) or x_seq.dim() < 1:
+        raise ValueError("x_seq must be a tensor [T, ...]")
+    f = _chain(single_step_module)
+    return torch.stack([f(x_seq[t]) for t in range(x_seq.shape[0])])
 
 
 def reset_net(net: nn.Module) -> None:
@@ -33,6 +73,8 @@ _KEEP_STEP_MODE_CONTAINERS = frozenset((
 
 def _keeps_step_mode(m: nn.Module) -> bool:
     cls = type(m)
+    if getattr(cls, "keeps_children_step_mode", False):  # pypaper.snn.layer's containers
+        return True
     return cls.__name__ in _KEEP_STEP_MODE_CONTAINERS and cls.__module__.startswith("spikingjelly")
 
 
@@ -85,4 +127,5 @@ def set_backend(net: nn.Module, backend: str, instance=(nn.Module,)) -> None:
                               f"(supported: {supported}); it keeps backend={m.backend!r}")
 
 
-__all__ = ["detach_net", "reset_net", "set_backend", "set_step_mode"]
+__all__ = ["detach_net", "multi_step_forward", "reset_net", "seq_to_ann_forward", "set_backend",
+           "set_step_mode"]

@@ -1,6 +1,6 @@
-"""LIF and parametric LIF neurons, drop-in for ``spikingjelly.activation_based.neuron``.
+"""IF, LIF and parametric LIF neurons, drop-in for ``spikingjelly.activation_based.neuron``.
 
-Same constructor arguments, defaults and state semantics as SpikingJelly's LIFNode and
+Same constructor arguments, defaults and state semantics as SpikingJelly's IFNode, LIFNode and
 ParametricLIFNode: ``step_mode='s'`` takes one step [N, *], ``'m'`` a sequence [T, N, *]; the
 membrane ``v`` is the float rest value until the first step, then a tensor that carries across
 calls (and across modes) until ``reset()`` (or ``pypaper.snn.reset_net(model)``). Every call runs
@@ -225,6 +225,31 @@ class BaseNode(nn.Module):
                 f"step_mode={self.step_mode}, sltt={self.sltt}")
 
 
+class IFNode(BaseNode):
+    """Integrate-and-fire neuron, drop-in for SpikingJelly's IFNode: no leak,
+
+        H = V + X;   S = Theta(H - V_threshold);   reset as LIFNode's (hard, or soft for None).
+
+    The fused LIF op with k = 1/tau = 0 and no input decay: V - (V - V_reset) * 0 + X is V + X
+    to the bit, so spikes and membrane equal SpikingJelly's in fp32 and the backward is the same
+    reverse scan (dH/dV = 1, dH/dX = 1).
+    """
+
+    decay_input = False
+
+    def __init__(self, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
+                 surrogate_function: Optional[nn.Module] = None, detach_reset: bool = False,
+                 step_mode: str = "s", store_v_seq: bool = False, *, backend: str = "torch",
+                 sltt: bool = False, learnable_threshold: bool = False,
+                 threshold_shape: Optional[Sequence[int]] = None):
+        super().__init__(v_threshold, v_reset, surrogate_function, detach_reset, step_mode,
+                         store_v_seq, backend=backend, sltt=sltt,
+                         learnable_threshold=learnable_threshold, threshold_shape=threshold_shape)
+
+    def _decay(self) -> dict:
+        return {"k": 0.0, "tau_name": "k"}
+
+
 class LIFNode(BaseNode):
     """Leaky integrate-and-fire neuron, drop-in for SpikingJelly's LIFNode.
 
@@ -297,4 +322,4 @@ class ParametricLIFNode(BaseNode):
         return super().extra_repr() + f", tau={tau}"
 
 
-__all__ = ["BaseNode", "LIFNode", "ParametricLIFNode"]
+__all__ = ["BaseNode", "IFNode", "LIFNode", "ParametricLIFNode"]

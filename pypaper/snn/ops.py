@@ -131,9 +131,11 @@ def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype, device: torch.de
 
 
 def _check_values(decay, decay_is_tau: bool, vth, v_reset: Optional[float], decay_name: str,
-                  vth_name: str) -> None:
+                  vth_name: str, decay_input: bool = True) -> None:
     """Range checks of the decay and threshold, each a number (checked in Python: the tensor ops
-    cost ~30 us a call, a fifth of the op's fixed cost) or a tensor."""
+    cost ~30 us a call, a fifth of the op's fixed cost) or a tensor. k = 0 (no leak) is allowed
+    without decay_input: H = V - (V - Vr) * 0 + X = V + X, SpikingJelly's IFNode, to the bit;
+    with decay_input it would make H = V, a neuron that never integrates."""
     def bounds(v):  # (min, max, all finite)
         if _is_number(v):
             return float(v), float(v), math.isfinite(v)
@@ -146,8 +148,9 @@ def _check_values(decay, decay_is_tau: bool, vth, v_reset: Optional[float], deca
     if decay_is_tau:
         if not (finite and lo > 1):
             raise ValueError(f"{decay_name} must be finite and > 1, got min {lo}")
-    elif not (finite and lo > 0 and hi <= 1):
-        raise ValueError(f"{decay_name}: k = 1/tau must lie in (0, 1], got [{lo}, {hi}]")
+    elif not (finite and (lo > 0 or (lo == 0 and not decay_input)) and hi <= 1):
+        where = "(0, 1]" if decay_input else "[0, 1] (0: no leak, IF)"
+        raise ValueError(f"{decay_name}: k = 1/tau must lie in {where}, got [{lo}, {hi}]")
     lo, _, finite = bounds(vth)
     if not finite:
         raise ValueError(f"{vth_name} must be finite")
@@ -182,6 +185,7 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
         tau: the time constant (> 1), a number or a tensor of shape () or x_seq.shape[2:] (one per
             neuron, broadcast over the batch); divides, like SpikingJelly's LIFNode. Default 2.
         k: instead of tau, 1/tau in (0, 1] (multiplies; PLIF passes sigmoid(w)). Differentiable.
+            k = 0 with decay_input=False is the integrate-and-fire neuron, H = V + X (IFNode).
         v_threshold: number or tensor of shape () or x_seq.shape[2:]; differentiable.
         store_v_seq: also return V[t] for every step.
         tau_name / threshold_name: the argument names used in error messages.
@@ -204,7 +208,7 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
     if not tracing:
         _check_values(decay_value if _is_number(decay_value) else decay, decay_is_tau,
                       v_threshold if _is_number(v_threshold) else vth, v_reset, decay_name,
-                      threshold_name)
+                      threshold_name, decay_input)
     if v is not None:
         if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(x_seq.shape[1:]):
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__

@@ -256,6 +256,24 @@ def test_backward_flags_and_dtypes(dtype, vr, di, div, detach, sltt, pn, sid):
     _check_backward(args, dtype)
 
 
+@pytest.mark.parametrize("vr", [0.0, None], ids=["hard", "soft"])
+def test_integrate_and_fire_k_zero(vr):
+    """IFNode's case: k = 0 without decay_input (H = V + X). Forward to the bit, backward too
+    (ATan has no exp)."""
+    shape = (6, 3, 21)
+    x = inputs(shape, scale=1.0, shift=0.3)
+    v0 = torch.rand(shape[1:]) * 0.5
+    zero, vth = torch.tensor(0.0), torch.rand(21) * 0.5 + 0.75
+    fwd = _fwd_args(x, v0, zero, vth, vr, di=False, div=False)
+    got, want = _both(ops.lif_forward_triton, ops.lif_forward, fwd)
+    assert 0 < float(want[0].mean()) < 1
+    for g, w, name in zip(got, want, ("spikes", "v_last", "h_seq", "v_seq")):
+        _assert_same(g, w, name)
+    bwd = (torch.randn(shape), torch.randn(shape[1:]), None, want[2], v0, zero, vth, vr, 1, 2.0,
+           op_flags.backward_flags(False, False, False, False, True, True))
+    _check_backward(bwd, torch.float32)
+
+
 def test_backward_fp64_scalars_are_not_rounded_to_fp32():
     """alpha = 0.3 and v_reset = -0.1 have no exact fp32 value: passed as fp64 bits, the fp64
     gradients equal the C++ op's to the bit."""

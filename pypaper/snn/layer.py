@@ -1,0 +1,348 @@
+"""Stateless layers with a step mode, drop-in for ``spikingjelly.activation_based.layer``.
+
+A SpikingJelly model imports its layers next to its neurons,
+
+    from spikingjelly.activation_based import neuron, layer, functional, surrogate
+    net = nn.Sequential(layer.Conv2d(1, 8, 3, padding=1), layer.BatchNorm2d(8), neuron.IFNode(),
+                        layer.MaxPool2d(2), layer.Flatten(), layer.Linear(8 * 14 * 14, 10),
+                        neuron.LIFNode())
+    functional.set_step_mode(net, "m")
+
+and runs unchanged with ``from pypaper.snn import neuron, layer, functional, surrogate``: the same
+class names, constructor arguments (positions included: ``step_mode`` follows torch's arguments,
+as in SpikingJelly) and defaults, the same parameter and buffer names (a SpikingJelly state_dict
+loads), the same results.
+
+step_mode 's' runs the torch layer on one step [N, *]. step_mode 'm' takes a sequence [T, N, *]:
+a stateless layer sees every step at once, flattened to [T * N, *] (one conv / pool / norm call
+for the whole sequence instead of T), and the result is split back into [T, N, *]
+(``functional.seq_to_ann_forward``). BatchNorm therefore normalises over time and batch together,
+as in SpikingJelly. ``Dropout`` is the one layer here with state: its mask is drawn at the first
+step and kept for every step until ``reset()`` (Rathi et al. 2020; SpikingJelly's semantics).
+
+Containers: ``SeqToANNContainer`` (flatten T into the batch around its children),
+``MultiStepContainer`` (run single-step children once per step), ``StepModeContainer``. Their
+children stay in step mode 's'; ``functional.set_step_mode`` leaves them alone.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import multi_step_forward, seq_to_ann_forward
+
+_STEP_MODES = ("s", "m")
+
+
+class StepModule:
+    """A ``step_mode`` ('s' or 'm') checked on assignment, shown in the repr."""
+
+    supported_step_modes = _STEP_MODES
+
+    @property
+    def step_mode(self) -> str:
+        return self._step_mode
+
+    @step_mode.setter
+    def step_mode(self, value: str) -> None:
+        if value not in self.supported_step_modes:
+            raise ValueError(f"{type(self).__name__}: step_mode must be one of "
+                             f"{self.supported_step_modes}, got {value!r}")
+        self._step_mode = value
+
+    def extra_repr(self) -> str:
+        inner = super().extra_repr()
+        return f"{inner}, step_mode={self.step_mode}" if inner else f"step_mode={self.step_mode}"
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_positional(torch_cls: type) -> int:
+    """How many of ``torch_cls``'s constructor arguments SpikingJelly's wrapper takes before its
+    ``step_mode``: all but torch's factory keywords (device, dtype), which SpikingJelly lacks."""
+    n = 0
+    for p in list(inspect.signature(torch_cls.__init__).parameters.values())[1:]:
+        if p.kind is not p.POSITIONAL_OR_KEYWORD or p.name in ("device", "dtype"):
+            break
+        n += 1
+    return n
+
+
+class _SeqToANN(StepModule):
+    """A torch layer with a step mode; 'm' runs it once on [T * N, *] (seq_to_ann_forward).
+
+    ``_m_ranks``: the input ranks step mode 'm' accepts (None: any), with ``_m_shape`` naming
+    them in the error, as SpikingJelly's checks do."""
+
+    _m_ranks: Optional[tuple] = None
+    _m_shape = "[T, N, *]"
+
+    def __init__(self, *args, step_mode: str = "s", **kwargs):
+        torch_cls = next(c for c in type(self).__mro__
+                         if c.__module__.startswith("torch.nn") and issubclass(c, nn.Module))
+        n = _torch_positional(torch_cls)
+        if len(args) > n:  # SpikingJelly's positional step_mode, right after torch's arguments
+            if len(args) > n + 1 or "step_mode" in kwargs:
+                raise TypeError(f"{type(self).__name__} takes at most {n + 1} positional "
+                                f"arguments ({torch_cls.__name__}'s {n} and step_mode), got "
+                                f"{len(args)}")
+            step_mode = args[n]
+            args = args[:n]
+        super().__init__(*args, **kwargs)
+        self.step_mode = step_mode
+
+    def forward(self, x):
+        if self.step_mode == "s":
+            return super().forward(x)
+        if self._m_ranks is not None and x.dim() not in self._m_ranks:
+            raise ValueError(f"{type(self).__name__} in step_mode 'm' expects x of shape "
+                             f"{self._m_shape}, got shape {tuple(x.shape)}")
+        return seq_to_ann_forward(x, super().forward)
+
+
+_1D, _2D, _3D = ((4,), "[T, N, C, L]"), ((5,), "[T, N, C, H, W]"), ((6,), "[T, N, C, D, H, W]")
+
+
+class Linear(_SeqToANN, nn.Linear):
+    """nn.Linear with a step mode. nn.Linear maps the last dim of any rank, so 'm' needs no
+    flattening: [T, N, in] -> [T, N, out] in one matmul either way."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class Flatten(_SeqToANN, nn.Flatten):
+    """nn.Flatten with a step mode: in 'm' start_dim counts from [T * N, ...], so the default
+    flattens [T, N, C, H, W] to [T, N, C * H * W]."""
+
+
+class Conv1d(_SeqToANN, nn.Conv1d):
+    _m_ranks, _m_shape = _1D
+
+
+class Conv2d(_SeqToANN, nn.Conv2d):
+    _m_ranks, _m_shape = _2D
+
+
+class Conv3d(_SeqToANN, nn.Conv3d):
+    _m_ranks, _m_shape = _3D
+
+
+class ConvTranspose1d(_SeqToANN, nn.ConvTranspose1d):
+    _m_ranks, _m_shape = _1D
+
+
+class ConvTranspose2d(_SeqToANN, nn.ConvTranspose2d):
+    _m_ranks, _m_shape = _2D
+
+
+class ConvTranspose3d(_SeqToANN, nn.ConvTranspose3d):
+    _m_ranks, _m_shape = _3D
+
+
+class BatchNorm1d(_SeqToANN, nn.BatchNorm1d):
+    """Statistics over T * N (and L) together in step mode 'm'."""
+    _m_ranks, _m_shape = (3, 4), "[T, N, C] or [T, N, C, L]"
+
+
+class BatchNorm2d(_SeqToANN, nn.BatchNorm2d):
+    """Statistics over T * N * H * W together in step mode 'm'."""
+    _m_ranks, _m_shape = _2D
+
+
+class BatchNorm3d(_SeqToANN, nn.BatchNorm3d):
+    _m_ranks, _m_shape = _3D
+
+
+class GroupNorm(_SeqToANN, nn.GroupNorm):
+    pass
+
+
+class MaxPool1d(_SeqToANN, nn.MaxPool1d):
+    _m_ranks, _m_shape = _1D
+
+
+class MaxPool2d(_SeqToANN, nn.MaxPool2d):
+    _m_ranks, _m_shape = _2D
+
+
+class MaxPool3d(_SeqToANN, nn.MaxPool3d):
+    _m_ranks, _m_shape = _3D
+
+
+class AvgPool1d(_SeqToANN, nn.AvgPool1d):
+    _m_ranks, _m_shape = _1D
+
+
+class AvgPool2d(_SeqToANN, nn.AvgPool2d):
+    _m_ranks, _m_shape = _2D
+
+
+class AvgPool3d(_SeqToANN, nn.AvgPool3d):
+    _m_ranks, _m_shape = _3D
+
+
+class AdaptiveAvgPool1d(_SeqToANN, nn.AdaptiveAvgPool1d):
+    _m_ranks, _m_shape = _1D
+
+
+class AdaptiveAvgPool2d(_SeqToANN, nn.AdaptiveAvgPool2d):
+    _m_ranks, _m_shape = _2D
+
+
+class AdaptiveAvgPool3d(_SeqToANN, nn.AdaptiveAvgPool3d):
+    _m_ranks, _m_shape = _3D
+
+
+class Upsample(_SeqToANN, nn.Upsample):
+    pass
+
+
+class VotingLayer(StepModule, nn.Module):
+    """Population voting: the mean of each group of ``voting_size`` consecutive outputs,
+    [..., C * voting_size] -> [..., C] (SpikingJelly's VotingLayer)."""
+
+    def __init__(self, voting_size: int = 10, step_mode: str = "s"):
+        super().__init__()
+        if isinstance(voting_size, bool) or not isinstance(voting_size, int) or voting_size < 1:
+            raise ValueError(f"voting_size must be a positive int, got {voting_size!r}")
+        self.voting_size = voting_size
+        self.step_mode = step_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a mean over the last dim's groups is the same in 's' and 'm': no flattening needed
+        v = self.voting_size
+        if x.shape[-1] % v:
+            raise ValueError(f"VotingLayer: the last dim ({x.shape[-1]}) must be a multiple of "
+                             f"voting_size ({v})")
+        return F.avg_pool1d(x.reshape(-1, 1, x.shape[-1]), v, v).reshape(*x.shape[:-1], -1)
+
+    def extra_repr(self) -> str:
+        return f"voting_size={self.voting_size}, " + super().extra_repr()
+
+
+class Dropout(StepModule, nn.Module):
+    """Dropout whose mask is drawn once per sample sequence: at the first step after
+    ``reset()``, then kept for every step (in 'm' mode one [N, *] mask for all T steps) until the
+    next ``reset()`` (``functional.reset_net``). Per-step masks would average dropout out over
+    the sequence (Rathi et al., "Enabling Spike-based Backpropagation for Training Deep Neural
+    Network Architectures", 2020). The mask holds 0 or 1 / (1 - p), drawn as
+    F.dropout(ones) draws it, so a seeded run draws what SpikingJelly's does; eval: identity."""
+
+    def __init__(self, p: float = 0.5, step_mode: str = "s"):
+        super().__init__()
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ValueError(f"p must be a number in [0, 1), got {p!r}")
+        self.p = float(p)
+        self.step_mode = step_mode
+        self.register_buffer("mask", None, persistent=False)  # moves with .to(), not saved
+
+    def create_mask(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(torch.ones_like(x), self.p, training=True)
+
+    def reset(self) -> None:
+        self.mask = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        step = x if self.step_mode == "s" else x[0]
+        if self.mask is None or self.mask.shape != step.shape:  # new sequence or batch size
+            self.mask = self.create_mask(step.detach())
+        return x * self.mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, " + super().extra_repr()
+
+
+class Dropout2d(Dropout):
+    """Dropout of whole channels ([N, C, H, W]: one draw per (n, c)), kept over time like
+    Dropout's mask."""
+
+    def __init__(self, p: float = 0.2, step_mode: str = "s"):
+        super().__init__(p, step_mode)
+
+    def create_mask(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout2d(torch.ones_like(x), self.p, training=True)
+
+
+# ---- containers ------------------------------------------------------------------------------
+
+def _check_single_step_children(container: nn.Sequential) -> None:
+    for m in container:
+        if getattr(m, "step_mode", "s") != "s":
+            raise ValueError(f"{type(m).__name__} inside {type(container).__name__} must have "
+                             f"step_mode 's' (the container handles the time dim), got "
+                             f"{m.step_mode!r}")
+
+
+class _MultiStepOnly(StepModule):
+    supported_step_modes = ("m",)
+
+    @property
+    def step_mode(self) -> str:
+        return "m"
+
+    @step_mode.setter
+    def step_mode(self, value: str) -> None:
+        if value != "m":
+            raise ValueError(f"{type(self).__name__} runs a sequence [T, N, *] only: step_mode "
+                             f"must be 'm', got {value!r}")
+
+
+class SeqToANNContainer(_MultiStepOnly, nn.Sequential):
+    """Stateless children run once on [T * N, *]: x_seq [T, N, *] -> [T, N, *']."""
+
+    keeps_children_step_mode = True
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        _check_single_step_children(self)
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        return seq_to_ann_forward(x_seq, super().forward)
+
+
+class MultiStepContainer(_MultiStepOnly, nn.Sequential):
+    """Single-step children run once per time step: y[t] = children(x_seq[t])."""
+
+    keeps_children_step_mode = True
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        _check_single_step_children(self)
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        return multi_step_forward(x_seq, super().forward)
+
+
+class StepModeContainer(StepModule, nn.Sequential):
+    """Children written for one step, run in this container's step mode: 's' as they are; 'm'
+    once per step if ``stateful`` (their state carries over t), else once on [T * N, *]."""
+
+    keeps_children_step_mode = True
+
+    def __init__(self, stateful: bool, step_mode: str = "s", *args):
+        super().__init__(*args)
+        self.stateful = bool(stateful)
+        _check_single_step_children(self)
+        self.step_mode = step_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step_mode == "s":
+            return super().forward(x)
+        if self.stateful:
+            return multi_step_forward(x, super().forward)
+        return seq_to_ann_forward(x, super().forward)
+
+
+__all__ = ["AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AvgPool1d",
+           "AvgPool2d", "AvgPool3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Conv1d",
+           "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Dropout",
+           "Dropout2d", "Flatten", "GroupNorm", "Linear", "MaxPool1d", "MaxPool2d", "MaxPool3d",
+           "MultiStepContainer", "SeqToANNContainer", "StepModeContainer", "StepModule",
+           "Upsample", "VotingLayer"]
