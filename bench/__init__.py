@@ -8,6 +8,7 @@ FAMILIES = {
     "quant": "bench.quant",
     "fewbit": "bench.fewbit",
     "snn": "bench.snn",
+    "delays": "bench.delays",
     "wtacrs": "bench.wtacrs",
     "hopfield": "bench.hopfield",
     "local": "bench.local",

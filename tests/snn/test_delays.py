@@ -90,6 +90,39 @@ def test_dense_gemm_path_matches(shape, sigma, monkeypatch):
 
 
 @needs_op
+@pytest.mark.parametrize("env,sigma,want_conv", [
+    (None, 7.0, True), (None, 6.6, False), (None, 0.23, False), (None, 0.0, False),
+    ("gather", 7.0, False), ("dense", 7.0, False), ("conv", 0.23, True), ("conv", 0.0, True)])
+def test_cpu_path_choice(env, sigma, want_conv, monkeypatch):
+    """By default the CPU backend runs the convolution exactly when every window is every tap
+    (R = ceil(3 sigma) >= K: K = 21, sigma 7); PYPAPER_DELAY_PATH forces a path. Either path
+    gives the op's results and gradients."""
+    K = 21
+    x, w, p, b = make(30, 2, 5, 3, K)
+    w.requires_grad_(), p.requires_grad_()
+    ran_conv = []
+    real = R.delayed_linear
+
+    def spy(*args, **kw):
+        ran_conv.append(True)
+        return real(*args, **kw)
+
+    if env is not None:
+        monkeypatch.setenv("PYPAPER_DELAY_PATH", env)
+    else:
+        monkeypatch.delenv("PYPAPER_DELAY_PATH", raising=False)
+    monkeypatch.setattr(R, "delayed_linear", spy)
+    y = D.delayed_linear(x, w, p, b, max_delay=K, sigma=sigma)
+    gw, gp = torch.autograd.grad(y.sum(), (w, p), materialize_grads=True)  # sigma 0: no grad p
+    assert bool(ran_conv) == want_conv
+    monkeypatch.setenv("PYPAPER_DELAY_PATH", "gather")
+    y_g = D.delayed_linear(x, w, p, b, max_delay=K, sigma=sigma)
+    for got, want, name in zip((y, gw, gp), (y_g, *torch.autograd.grad(y_g.sum(), (w, p))),
+                               ("y", "grad w", "grad position")):
+        close(got, want, torch.float64, name)
+
+
+@needs_op
 @pytest.mark.parametrize("sigma", [0.0, 0.5, 3.0])
 def test_forward_fp32(sigma):
     x, w, p, b = make(50, 4, 64, 32, 25, spikes=True, integer=sigma == 0)
