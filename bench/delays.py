@@ -43,15 +43,15 @@ def _dcls_layer(c_in, c_out, sigma, device):
 
     layer = Dcls1d(c_in, c_out, kernel_count=1, dilated_kernel_size=K, bias=False,
                    version="gauss").to(device)
-    with torch.no_grad():
-        layer.SIG.fill_(sigma)
+    with torch.no_grad():  # rounded: SNN-delays rounds P and keeps SIG at its final 0.23
+        layer.SIG.fill_(sigma if sigma > 0 else SIGMA_FINAL)
     layer.SIG.requires_grad_(False)
 
     def run(x):  # [T, N, C] -> [N, C, T], causal padding, conv, back to [T, N, C]
         y = layer(F.pad(x.permute(1, 2, 0), (K - 1, 0)))
         return y.permute(2, 0, 1)
 
-    return (run, [layer.weight, layer.P]), None
+    return (run, [layer.weight] if sigma == 0 else [layer.weight, layer.P]), None
 
 
 def _providers(batch, c_in, c_out, sigma, device, modes) -> list:
@@ -64,6 +64,9 @@ def _providers(batch, c_in, c_out, sigma, device, modes) -> list:
     if sigma == 0:
         with torch.no_grad():
             position.round_()
+
+    # after round_delays() the positions are fixed: only the weights learn
+    trained = [weight] if sigma == 0 else [weight, position]
 
     def op(t):
         return delays.delayed_linear(t, weight, position, None, max_delay=K, sigma=sigma)
@@ -90,10 +93,10 @@ def _providers(batch, c_in, c_out, sigma, device, modes) -> list:
                     p.saved_bytes = saved_bytes(lambda: fn(xg), exclude=params)
         return p
 
-    out = [make("pypaper", op, [weight, position])]
-    dcls, why = _dcls_layer(c_in, c_out, sigma if sigma > 0 else SIGMA_FINAL, device)
+    out = [make("pypaper", op, trained)]
+    dcls, why = _dcls_layer(c_in, c_out, sigma, device)
     out.append(make("dcls", *dcls) if dcls else unavailable("dcls", why))
-    out.append(make("reference", op, [weight, position], backend="reference"))
+    out.append(make("reference", op, trained, backend="reference"))
     lin = nn.Linear(c_in, c_out, bias=False).to(device)
     out.append(make("linear", lin, list(lin.parameters())))
     return out

@@ -105,6 +105,28 @@ def test_cli_quick_fewbit(tmp_path):
     assert all(r["baseline"] == "torch" for r in rows)
 
 
+def test_cli_quick_delays(tmp_path):
+    """The DelayedLinear cases: every provider reported (dcls timed where installed, else named
+    as missing), the same result rows for both sigmas, dcls the baseline."""
+    cmd = [sys.executable, "-m", "bench", "--quick", "--family", "delays", "--device", "cpu",
+           "--numel", "51200", "--repeats", "1", "--csv-dir", str(tmp_path), "--no-progress",
+           "--no-plot"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    have_dcls = importlib.util.find_spec("DCLS") is not None
+    for label in ("sigma 7", "sigma 0.23"):
+        for mode in ("fwd", "fwd+bwd"):
+            for prov in ("pypaper", "reference", "linear"):
+                assert f"| DelayedLinear K=21 {label} | 100x2x256x256 | float32 | {mode} | {prov} |" \
+                    in out.stdout, out.stdout
+    assert ("dcls is not installed" in out.stdout) != have_dcls
+    rows = _rows(tmp_path / "delays.csv")
+    assert all(r["baseline"] == "dcls" for r in rows)
+    saved = {r["provider"]: int(r["saved_bytes"]) for r in rows
+             if r["mode"] == "fwd+bwd" and "0.23" in r["kernel"]}
+    assert saved["pypaper"] == 100 * 2 * 256 * 4  # the gather keeps x only
+
+
 @pytest.mark.skipif(importlib.util.find_spec("snntorch") is None, reason="snntorch not installed")
 def test_snn_bound_reports_the_floor_and_the_fixed_costs():
     cmd = [sys.executable, "-m", "bench.snn_bound", "--neurons", "512", "--rounds", "1",

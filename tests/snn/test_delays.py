@@ -20,6 +20,13 @@ needs_op = pytest.mark.skipif(not HAVE_OP, reason="pypaper._C without the delay 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
 
 
+@pytest.fixture(autouse=True)
+def _gather_path(monkeypatch):
+    """These tests check the gather kernel: keep the CPU backend on it at every sigma (by default
+    it runs wide windows as a convolution; test_cpu_path_choice checks that choice)."""
+    monkeypatch.setenv("PYPAPER_DELAY_PATH", "gather")
+
+
 def close(got, want, dtype, what=""):
     got, want = got.detach(), want.detach()
     scale = float(want.abs().max()) if want.numel() else 0.0
@@ -91,12 +98,13 @@ def test_dense_gemm_path_matches(shape, sigma, monkeypatch):
 
 @needs_op
 @pytest.mark.parametrize("env,sigma,want_conv", [
-    (None, 7.0, True), (None, 6.6, False), (None, 0.23, False), (None, 0.0, False),
+    (None, 7.0, True), (None, 2.4, True), (None, 2.3, False), (None, 0.23, False),
+    (None, 0.0, False),
     ("gather", 7.0, False), ("dense", 7.0, False), ("conv", 0.23, True), ("conv", 0.0, True)])
 def test_cpu_path_choice(env, sigma, want_conv, monkeypatch):
-    """By default the CPU backend runs the convolution exactly when every window is every tap
-    (R = ceil(3 sigma) >= K: K = 21, sigma 7); PYPAPER_DELAY_PATH forces a path. Either path
-    gives the op's results and gradients."""
+    """By default the CPU backend runs the convolution when the windows span most taps (2R >=
+    3K/4, R = ceil(3 sigma): K = 21, R >= 8, sigma > 7/3); PYPAPER_DELAY_PATH forces a path.
+    Either path gives the op's results and gradients."""
     K = 21
     x, w, p, b = make(30, 2, 5, 3, K)
     w.requires_grad_(), p.requires_grad_()
