@@ -133,9 +133,14 @@ def _check_inputs(x, weight, position, bias) -> None:
             raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
 
 
+_DELAY_PATHS = ("auto", "gather", "conv", "dense")
+
+
 def _runs_as_convolution(max_delay: int, sigma: float) -> bool:
     """Whether the CPU backend computes the layer as one dense convolution (see the module doc)."""
     path = os.environ.get("PYPAPER_DELAY_PATH", "auto")
+    if path not in _DELAY_PATHS:
+        raise ValueError(f"PYPAPER_DELAY_PATH must be one of {_DELAY_PATHS}, got {path!r}")
     if path == "conv":
         return True
     if path != "auto":

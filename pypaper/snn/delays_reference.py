@@ -53,10 +53,10 @@ def delayed_linear(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor
                    truncate: bool = True) -> torch.Tensor:
     """y [T, N, C_out] from x [T, N, C_in]: causal conv1d over time with the dense kernel."""
     K = int(max_delay)
-    if x.shape[0] == 0:  # no steps: conv1d refuses an input shorter than its kernel
-        y = x @ weight.t()
-        return y if bias is None else y + bias
     k = dense_kernel(weight, position, sigma, K, truncate)
+    if x.shape[0] == 0:  # no steps: conv1d refuses an input shorter than its kernel
+        y = torch.einsum("tni,oik->tno", x, k)  # empty, with weight and position in the graph
+        return y if bias is None else y + bias
     xs = x.permute(1, 2, 0)                      # [N, C_in, T]
     xs = F.pad(xs, (K - 1, 0))                   # causal: x[t < 0] = 0
     # conv1d correlates: out[t] = sum_j k'[j] xpad[t + j] = sum_j k'[j] x[t + j - (K-1)], so the

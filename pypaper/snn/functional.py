@@ -19,26 +19,37 @@ from torch import nn
 _Layers = Union[nn.Module, Sequence[Callable], Callable]
 
 
-def _chain(layers: _Layers) -> Callable:
+def _apply(x, layers: _Layers):
+    """SpikingJelly's order: a tuple input is unpacked into the first layer's arguments; each
+    later layer (of a list / tuple) gets the previous output as its one argument."""
+    args = x if isinstance(x, tuple) else (x,)
     if isinstance(layers, (list, tuple)):
-        def run(x):
-            for f in layers:
-                x = f(x)
-            return x
-        return run
-    return layers
+        for f in layers:
+            x = f(*args)
+            args = (x,)
+        return x
+    return layers(*args)
 
 
-def seq_to_ann_forward(x_seq: torch.Tensor, stateless_module: _Layers):
+def seq_to_ann_forward(x_seq, stateless_module: _Layers):
     """Run stateless layers on a sequence in one call: [T, N, *] is flattened to [T * N, *],
     passed through ``stateless_module`` (a module, a callable, or a list / tuple of them, applied
     in order) and split back to [T, N, *'] (a tuple output is split element-wise). One conv over
-    T * N samples instead of T convs over N."""
-    if not isinstance(x_seq, torch.Tensor) or x_seq.dim() < 2:
-        shape = tuple(x_seq.shape) if isinstance(x_seq, torch.Tensor) else type(x_seq).__name__
-        raise ValueError(f"x_seq must be a tensor [T, N, *] (at least 2 dims), got {shape}")
-    tn = x_seq.shape[:2]
-    y = _chain(stateless_module)(x_seq.flatten(0, 1))
+    T * N samples instead of T convs over N. ``x_seq`` may be a tuple of such tensors with the
+    same [T, N] (pooled values and their indices, say): each is flattened and the first layer
+    takes them as its arguments, as in SpikingJelly."""
+    items = x_seq if isinstance(x_seq, tuple) else (x_seq,)
+    for t in items:
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"x_seq must be a tensor [T, N, *] (at least 2 dims) or a tuple of "
+                             f"them, got {shape}")
+    tn = items[0].shape[:2]
+    if any(t.shape[:2] != tn for t in items[1:]):
+        raise ValueError(f"the tensors of x_seq must share their [T, N] leading dims, got "
+                         f"{[tuple(t.shape[:2]) for t in items]}")
+    flat = tuple(t.flatten(0, 1) for t in items)
+    y = _apply(flat if isinstance(x_seq, tuple) else flat[0], stateless_module)
     if isinstance(y, tuple):
         return tuple(t.unflatten(0, tn) for t in y)
     return y.unflatten(0, tn)
@@ -49,8 +60,7 @@ def multi_step_forward(x_seq: torch.Tensor, single_step_module: _Layers) -> torc
     stacked to [T, N, *'] (state carries from step to step inside stateful modules)."""
     if not isinstance(x_seq, torch.Tensor) or x_seq.dim() < 1:
         raise ValueError("x_seq must be a tensor [T, ...]")
-    f = _chain(single_step_module)
-    return torch.stack([f(x_seq[t]) for t in range(x_seq.shape[0])])
+    return torch.stack([_apply(x_seq[t], single_step_module) for t in range(x_seq.shape[0])])
 
 
 def reset_net(net: nn.Module) -> None:
@@ -79,8 +89,8 @@ def _keeps_step_mode(m: nn.Module) -> bool:
 
 
 def step_mode_modules(net: nn.Module) -> list:
-    """The modules set_step_mode sets: those with a ``step_mode``, not inside a SpikingJelly
-    container that fixes its children's mode (each module once)."""
+    """The modules set_step_mode sets: those with a ``step_mode``, not inside a container that
+    fixes its children's mode (SpikingJelly's, or pypaper.snn.layer's; each module once)."""
     out, seen, stack = [], set(), [net]
     while stack:
         m = stack.pop()
@@ -96,8 +106,10 @@ def step_mode_modules(net: nn.Module) -> list:
 
 def set_step_mode(net: nn.Module, step_mode: str) -> None:
     """Set ``step_mode`` ('s' or 'm') on every submodule that has one, except the children of
-    SpikingJelly's StepModeContainer / MultiStepContainer / SeqToANNContainer / TLast* /
-    recurrent containers (SpikingJelly's rule: their children keep the mode they need)."""
+    StepModeContainer / MultiStepContainer / SeqToANNContainer (SpikingJelly's or
+    pypaper.snn.layer's) and SpikingJelly's TLast* / recurrent containers (SpikingJelly's rule:
+    their children keep the mode they need). SpikingJelly's own set_step_mode does not know
+    pypaper's containers: swap ``functional`` together with ``layer``."""
     if step_mode not in ("s", "m"):
         raise ValueError(f"step_mode must be 's' or 'm', got {step_mode!r}")
     for m in step_mode_modules(net):

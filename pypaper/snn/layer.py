@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 from typing import Optional
 
 import torch
@@ -72,6 +73,22 @@ def _torch_positional(torch_cls: type) -> int:
     return n
 
 
+def _torch_layer(cls: type) -> type:
+    return next(c for c in cls.__mro__
+                if c.__module__.startswith("torch.nn") and issubclass(c, nn.Module))
+
+
+def _signature(torch_cls: type) -> inspect.Signature:
+    """torch's constructor arguments with ``step_mode`` after the positional ones SpikingJelly
+    takes (device and dtype, torch's extras, keyword-only after it)."""
+    params = list(inspect.signature(torch_cls.__init__).parameters.values())[1:]
+    n = _torch_positional(torch_cls)
+    step = inspect.Parameter("step_mode", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="s")
+    rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind is p.POSITIONAL_OR_KEYWORD
+            else p for p in params[n:]]
+    return inspect.Signature(params[:n] + [step] + rest)
+
+
 class _SeqToANN(StepModule):
     """A torch layer with a step mode; 'm' runs it once on [T * N, *] (seq_to_ann_forward).
 
@@ -81,9 +98,12 @@ class _SeqToANN(StepModule):
     _m_ranks: Optional[tuple] = None
     _m_shape = "[T, N, *]"
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.__signature__ = _signature(_torch_layer(cls))  # for inspect, IDEs, config tools
+
     def __init__(self, *args, step_mode: str = "s", **kwargs):
-        torch_cls = next(c for c in type(self).__mro__
-                         if c.__module__.startswith("torch.nn") and issubclass(c, nn.Module))
+        torch_cls = _torch_layer(type(self))
         n = _torch_positional(torch_cls)
         if len(args) > n:  # SpikingJelly's positional step_mode, right after torch's arguments
             if len(args) > n + 1 or "step_mode" in kwargs:
@@ -208,17 +228,17 @@ class VotingLayer(StepModule, nn.Module):
 
     def __init__(self, voting_size: int = 10, step_mode: str = "s"):
         super().__init__()
-        if isinstance(voting_size, bool) or not isinstance(voting_size, int) or voting_size < 1:
+        if (isinstance(voting_size, bool) or not isinstance(voting_size, numbers.Integral)
+                or voting_size < 1):
             raise ValueError(f"voting_size must be a positive int, got {voting_size!r}")
-        self.voting_size = voting_size
+        self.voting_size = int(voting_size)
         self.step_mode = step_mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # a mean over the last dim's groups is the same in 's' and 'm': no flattening needed
+        # a mean over the last dim's groups is the same in 's' and 'm': no flattening needed.
+        # Leftover features (the last dim not a multiple of voting_size) are dropped, as
+        # avg_pool1d drops them in SpikingJelly's.
         v = self.voting_size
-        if x.shape[-1] % v:
-            raise ValueError(f"VotingLayer: the last dim ({x.shape[-1]}) must be a multiple of "
-                             f"voting_size ({v})")
         return F.avg_pool1d(x.reshape(-1, 1, x.shape[-1]), v, v).reshape(*x.shape[:-1], -1)
 
     def extra_repr(self) -> str:
@@ -231,15 +251,30 @@ class Dropout(StepModule, nn.Module):
     next ``reset()`` (``functional.reset_net``). Per-step masks would average dropout out over
     the sequence (Rathi et al., "Enabling Spike-based Backpropagation for Training Deep Neural
     Network Architectures", 2020). The mask holds 0 or 1 / (1 - p), drawn as
-    F.dropout(ones) draws it, so a seeded run draws what SpikingJelly's does; eval: identity."""
+    F.dropout(ones) draws it, so a seeded run draws what SpikingJelly's does; eval: identity.
+    An input of another shape (a new batch size without reset()) draws a new mask, where
+    SpikingJelly's raises a broadcast error.
+
+    The mask is state, not a buffer (as SpikingJelly's memories): it appears after the first
+    step, and a buffer list that grows would break tools that pair two copies' buffers
+    (AveragedModel(use_buffers=True), DDP's buffer broadcast) and state_dict round trips. It
+    follows .to() / .half() like the neurons' membrane."""
 
     def __init__(self, p: float = 0.5, step_mode: str = "s"):
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        if isinstance(p, torch.Tensor) and p.numel() == 1:
+            p = p.item()
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
             raise ValueError(f"p must be a number in [0, 1), got {p!r}")
         self.p = float(p)
         self.step_mode = step_mode
-        self.register_buffer("mask", None, persistent=False)  # moves with .to(), not saved
+        self.mask = None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if isinstance(self.mask, torch.Tensor):
+            self.mask = fn(self.mask)
+        return self
 
     def create_mask(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(torch.ones_like(x), self.p, training=True)

@@ -108,7 +108,7 @@ class BaseNode(nn.Module):
         """{"tau": ...} or {"k": ...} for ops.lif_multi_step, plus the name used in errors."""
         raise NotImplementedError(
             f"{type(self).__name__}: pypaper's BaseNode runs the fused LIF op and needs _decay() "
-            f"(LIFNode, ParametricLIFNode); neurons with dynamics of their own (a neuronal_charge) "
+            f"(IFNode, LIFNode, ParametricLIFNode); neurons with dynamics of their own (a neuronal_charge) "
             f"subclass spikingjelly.activation_based.neuron.BaseNode, which mixes with pypaper's")
 
     # ---- what SpikingJelly's MemoryModule does with the state ---------------------------------

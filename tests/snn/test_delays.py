@@ -130,6 +130,21 @@ def test_cpu_path_choice(env, sigma, want_conv, monkeypatch):
         close(got, want, torch.float64, name)
 
 
+def test_delay_path_is_checked_and_empty_sequences_keep_the_graph(monkeypatch):
+    monkeypatch.setenv("PYPAPER_DELAY_PATH", "Conv")
+    x, w, p, b = make(3, 2, 4, 3, 5)
+    with pytest.raises(ValueError, match="PYPAPER_DELAY_PATH must be one of"):
+        D.delayed_linear(x, w, p, b, max_delay=5, sigma=2.0)
+    for path in ("auto", "conv", "gather"):  # T = 0 on each path: empty, gradients zero
+        monkeypatch.setenv("PYPAPER_DELAY_PATH", path)
+        x0 = torch.zeros(0, 2, 4, dtype=torch.float64)
+        wg, pg = w.clone().requires_grad_(), p.clone().requires_grad_()
+        y = D.delayed_linear(x0, wg, pg, b, max_delay=5, sigma=2.0)
+        assert y.shape == (0, 2, 3)
+        gw, gp = torch.autograd.grad(y.sum(), (wg, pg), materialize_grads=True)
+        assert not gw.any() and not gp.any()
+
+
 @needs_op
 @pytest.mark.parametrize("sigma", [0.0, 0.5, 3.0])
 def test_forward_fp32(sigma):

@@ -81,32 +81,39 @@ def test_matches_spikingjelly(name, args, shape):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def _sj_names(cls):
-    return list(inspect.signature(cls).parameters)
-
-
 def test_constructor_arguments_match_spikingjelly():
-    """SpikingJelly's wrappers take torch's arguments, then step_mode, in that order; ours take
-    the same positions (step_mode may come positionally) and the same defaults."""
+    """SpikingJelly's wrappers take torch's arguments, then step_mode, in that order: ours
+    declare the same signature (names, order, defaults), and built from SpikingJelly's whole
+    positional argument list (step_mode 'm' last) they are the same layer (same repr)."""
     sj_layer = pytest.importorskip("spikingjelly.activation_based.layer")
+    args_of = {name: args for name, args, _ in CASES}
+    args_of.update(Dropout=(), Dropout2d=())
+    checked = 0
     for name in layer.__all__:
         if name == "StepModule" or not hasattr(sj_layer, name):
             continue
         theirs = inspect.signature(getattr(sj_layer, name)).parameters
-        cls = getattr(layer, name)
-        torch_cls = next((c for c in cls.__mro__ if c.__module__.startswith("torch.nn")), None)
-        if issubclass(cls, layer._SeqToANN):
-            torch_params = list(inspect.signature(torch_cls.__init__).parameters.values())[1:]
-            n = layer._torch_positional(torch_cls)
-            ours = {p.name: p.default for p in torch_params[:n]}
-            ours["step_mode"] = "s"
+        ours = inspect.signature(getattr(layer, name)).parameters
+        positional = [n for n, p in ours.items()
+                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+        assert positional == list(theirs), name
+        for arg in theirs:
+            assert ours[arg].default == theirs[arg].default, (name, arg)
+        if name not in args_of:
+            continue  # the containers: checked in test_containers
+        given = args_of[name]
+        rest = [p.default for p in list(theirs.values())[len(given):-1]]
+        full = (*given, *rest, "m")
+        a, b = getattr(layer, name)(*full), getattr(sj_layer, name)(*full)
+        assert a.step_mode == b.step_mode == "m", name
+        if isinstance(a, layer._SeqToANN):  # torch's repr of the arguments, plus step_mode
+            ra, rb = (repr(m).replace(" ", "").replace(",step_mode=m", "") for m in (a, b))
+            assert ra == rb, (name, repr(a), repr(b))
         else:
-            ours = {n: p.default for n, p in inspect.signature(cls).parameters.items()}
-        assert list(ours) == list(theirs), name
-        for arg, default in ours.items():
-            if arg == "args":
-                continue
-            assert default == theirs[arg].default, (name, arg)
+            for attr in ("p", "voting_size"):
+                assert getattr(a, attr, None) == getattr(b, attr, None), (name, attr)
+        checked += 1
+    assert checked == len(CASES) + 2
 
 
 def test_positional_step_mode_and_extra_positionals():
@@ -129,10 +136,37 @@ def test_bad_step_mode_and_rank_raise_clear_errors():
     bn = layer.BatchNorm1d(3, step_mode="m")
     with pytest.raises(ValueError, match=r"\[T, N, C\] or \[T, N, C, L\]"):
         bn(torch.randn(2, 3))
-    with pytest.raises(ValueError, match="must be a multiple of voting_size"):
-        layer.VotingLayer(4)(torch.randn(2, 6))
+    v = layer.VotingLayer(4)(torch.arange(12.0).view(2, 6))  # leftovers dropped, as in SJ
+    assert torch.equal(v, torch.tensor([[1.5], [7.5]]))
     with pytest.raises(ValueError, match="x_seq must be a tensor"):
         layer.Flatten(step_mode="m")(torch.randn(5))
+
+
+def test_seq_to_ann_forward_takes_tuples_as_spikingjelly_does():
+    x = torch.randn(3, 2, 1, 4, 4)
+    pooled, idx = functional.seq_to_ann_forward(x, nn.MaxPool2d(2, return_indices=True))
+    assert pooled.shape == idx.shape == (3, 2, 1, 2, 2)
+    y = functional.seq_to_ann_forward((pooled, idx), [nn.MaxUnpool2d(2), nn.Flatten()])
+    assert y.shape == (3, 2, 16)
+    want = torch.stack([nn.MaxUnpool2d(2)(p, i).flatten(1) for p, i in zip(pooled, idx)])
+    assert torch.equal(y, want)
+    sj = pytest.importorskip("spikingjelly.activation_based.functional")
+    assert torch.equal(sj.seq_to_ann_forward((pooled, idx), [nn.MaxUnpool2d(2), nn.Flatten()]), y)
+    with pytest.raises(ValueError, match="must share their"):
+        functional.seq_to_ann_forward((pooled, idx[:2]), nn.MaxUnpool2d(2))
+
+
+def test_dropout_mask_is_state_not_a_buffer():
+    """The mask appears at the first step: as a buffer it would change the buffer list between
+    copies of a model (AveragedModel(use_buffers=True), DDP) and land in state_dicts."""
+    net = nn.Sequential(layer.Linear(4, 4), layer.Dropout(0.5), layer.BatchNorm1d(4))
+    avg = torch.optim.swa_utils.AveragedModel(net, use_buffers=True)
+    net(torch.randn(2, 4))
+    assert net[1].mask is not None and "1.mask" not in dict(net.named_buffers())
+    avg.update_parameters(net)
+    net.double()
+    assert net[1].mask.dtype == torch.float64  # follows .to() like a neuron's membrane
+    assert list(net.state_dict()) == list(avg.module.state_dict())
 
 
 def test_dropout_mask_is_held_over_time_until_reset():
@@ -156,6 +190,7 @@ def test_dropout_mask_is_held_over_time_until_reset():
     assert torch.equal(per_channel.amax(-1), per_channel.amin(-1))  # whole channels dropped
     with pytest.raises(ValueError, match=r"p must be a number in \[0, 1\)"):
         layer.Dropout(1.0)
+    assert layer.Dropout(torch.tensor(0.25)).p == 0.25 and layer.VotingLayer(torch.tensor(3).item()).voting_size == 3
 
 
 @pytest.mark.parametrize("name,p", [("Dropout", 0.5), ("Dropout2d", 0.2)])

@@ -258,8 +258,8 @@ def test_backward_flags_and_dtypes(dtype, vr, di, div, detach, sltt, pn, sid):
 
 @pytest.mark.parametrize("vr", [0.0, None], ids=["hard", "soft"])
 def test_integrate_and_fire_k_zero(vr):
-    """IFNode's case: k = 0 without decay_input (H = V + X). Forward to the bit, backward too
-    (ATan has no exp)."""
+    """IFNode's case: k = 0 without decay_input (H = V + X). Forward to the bit; grad_x and
+    grad_v_init to the bit (ATan has no exp), the parameter sums to GRAD_TOL."""
     shape = (6, 3, 21)
     x = inputs(shape, scale=1.0, shift=0.3)
     v0 = torch.rand(shape[1:]) * 0.5
