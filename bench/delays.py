@@ -16,6 +16,7 @@ Providers:
 Causal padding (K - 1 steps before, none after) for dcls, so that every provider computes
 [T, N, C_in] -> [T, N, C_out]; SNN-delays also pads (K - 1) // 2 steps after, 10% more output.
 """
+import contextlib
 import importlib.util
 
 from . import harness  # first: sets THP_MEM_ALLOC_ENABLE before torch loads
@@ -77,20 +78,10 @@ def _providers(batch, c_in, c_out, sigma, device, modes) -> list:
             calls["fwd"] = lambda: fn(x)
         if "fwd+bwd" in modes:
             calls["fwd+bwd"] = forward_backward(lambda: fn(xg), [xg, *params], g)
-        if backend is not None:
-            def wrap(call):
-                def run():
-                    with pypaper.use_backend(backend):
-                        return call()
-                return run
-            calls = {m: wrap(c) for m, c in calls.items()}
-        p = Provider(name, calls)
+        p = Provider(name, harness.on_backend(calls, backend))
         if "fwd+bwd" in modes:
-            if backend is None:
+            with pypaper.use_backend(backend) if backend else contextlib.nullcontext():
                 p.saved_bytes = saved_bytes(lambda: fn(xg), exclude=params)
-            else:
-                with pypaper.use_backend(backend):
-                    p.saved_bytes = saved_bytes(lambda: fn(xg), exclude=params)
         return p
 
     out = [make("pypaper", op, trained)]

@@ -55,13 +55,7 @@ def _provider(name, fn, x, xg, g, modes, backend=None) -> Provider:
         calls["bwd"] = backward_only(lambda: fn(xg), [xg], g)
     if "fwd+bwd" in modes:
         calls["fwd+bwd"] = forward_backward(lambda: fn(xg), [xg], g)
-    if backend is not None:
-        def wrap(call):
-            def run():
-                with pypaper.use_backend(backend):
-                    return call()
-            return run
-        calls = {m: wrap(c) for m, c in calls.items()}
+    calls = harness.on_backend(calls, backend)
     p = Provider(name, calls)
     if backend is not None:
         with pypaper.use_backend(backend):

@@ -294,6 +294,22 @@ def backward_only(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Te
     return call
 
 
+def on_backend(calls: dict, backend) -> dict:
+    """``calls`` (mode -> callable), each run under pypaper.use_backend(backend); unchanged when
+    backend is None (the device's default)."""
+    if backend is None:
+        return calls
+    import pypaper
+
+    def wrap(call):
+        def run():
+            with pypaper.use_backend(backend):
+                return call()
+        return run
+
+    return {m: wrap(c) for m, c in calls.items()}
+
+
 def forward_backward(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor],
                      grad: torch.Tensor) -> Callable[[], object]:
     """A call that runs forward then backward (what one training step pays)."""

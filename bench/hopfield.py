@@ -38,13 +38,7 @@ def _calls(fn, inputs, grad_inputs, g, modes, backend=None):
         calls["bwd"] = backward_only(lambda: fn(*grad_inputs), grad_inputs, g)
     if "fwd+bwd" in modes:
         calls["fwd+bwd"] = forward_backward(lambda: fn(*grad_inputs), grad_inputs, g)
-    if backend is not None:
-        def wrap(call):
-            def run():
-                with pypaper.use_backend(backend):
-                    return call()
-            return run
-        calls = {m: wrap(c) for m, c in calls.items()}
+    calls = harness.on_backend(calls, backend)
     return calls
 
 
