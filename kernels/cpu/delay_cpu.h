@@ -118,6 +118,21 @@ inline void by_group(int64_t g, F&& f) {
 
 }  // namespace delay_impl
 
+// dst [C, R] = src [R, C] transposed, tiles [t0, t1) of B x B (numbered row-major over the
+// ceil(R/B) x ceil(C/B) grid): each tile is read along its rows and written along its columns
+// while it sits in L1. The op's [T, N, C] -> [C, T*N] layout change (csrc/snn/delay_cpu.cpp).
+template <int64_t B, typename T>
+inline void transpose_tiles(const T* __restrict src, T* __restrict dst, int64_t R, int64_t C,
+                            int64_t t0, int64_t t1) {
+  const int64_t tc = (C + B - 1) / B;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t r0 = (t / tc) * B, c0 = (t % tc) * B;
+    const int64_t r1 = std::min(R, r0 + B), c1 = std::min(C, c0 + B);
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t r = r0; r < r1; ++r) dst[c * R + r] = src[r * C + c];
+  }
+}
+
 // Per-synapse tables for synapses [s0, s1): first tap lo[s], tap count cnt[s], and the
 // coefficients coef[s*M + j] = w[s] * g_s(lo[s] + j) (M = delay::max_taps(sigma, K)).
 template <typename T>

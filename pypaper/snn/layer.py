@@ -100,10 +100,11 @@ class _SeqToANN(StepModule):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.__signature__ = _signature(_torch_layer(cls))  # for inspect, IDEs, config tools
+        cls._torch_cls = _torch_layer(cls)
+        cls.__signature__ = _signature(cls._torch_cls)  # for inspect, IDEs, config tools
 
     def __init__(self, *args, step_mode: str = "s", **kwargs):
-        torch_cls = _torch_layer(type(self))
+        torch_cls = self._torch_cls
         n = _torch_positional(torch_cls)
         if len(args) > n:  # SpikingJelly's positional step_mode, right after torch's arguments
             if len(args) > n + 1 or "step_mode" in kwargs:
@@ -315,9 +316,17 @@ def _check_single_step_children(container: nn.Sequential) -> None:
                              f"{m.step_mode!r}")
 
 
-class _MultiStepOnly(StepModule):
-    supported_step_modes = ("m",)
+class _Container(StepModule, nn.Sequential):
+    """A Sequential whose children are written for one step: set_step_mode leaves them alone."""
 
+    keeps_children_step_mode = True
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        _check_single_step_children(self)
+
+
+class _MultiStepOnly(_Container):
     @property
     def step_mode(self) -> str:
         return "m"
@@ -329,42 +338,27 @@ class _MultiStepOnly(StepModule):
                              f"must be 'm', got {value!r}")
 
 
-class SeqToANNContainer(_MultiStepOnly, nn.Sequential):
+class SeqToANNContainer(_MultiStepOnly):
     """Stateless children run once on [T * N, *]: x_seq [T, N, *] -> [T, N, *']."""
-
-    keeps_children_step_mode = True
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        _check_single_step_children(self)
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         return seq_to_ann_forward(x_seq, super().forward)
 
 
-class MultiStepContainer(_MultiStepOnly, nn.Sequential):
+class MultiStepContainer(_MultiStepOnly):
     """Single-step children run once per time step: y[t] = children(x_seq[t])."""
-
-    keeps_children_step_mode = True
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        _check_single_step_children(self)
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         return multi_step_forward(x_seq, super().forward)
 
 
-class StepModeContainer(StepModule, nn.Sequential):
+class StepModeContainer(_Container):
     """Children written for one step, run in this container's step mode: 's' as they are; 'm'
     once per step if ``stateful`` (their state carries over t), else once on [T * N, *]."""
-
-    keeps_children_step_mode = True
 
     def __init__(self, stateful: bool, step_mode: str = "s", *args):
         super().__init__(*args)
         self.stateful = bool(stateful)
-        _check_single_step_children(self)
         self.step_mode = step_mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -108,8 +108,9 @@ class BaseNode(nn.Module):
         """{"tau": ...} or {"k": ...} for ops.lif_multi_step, plus the name used in errors."""
         raise NotImplementedError(
             f"{type(self).__name__}: pypaper's BaseNode runs the fused LIF op and needs _decay() "
-            f"(IFNode, LIFNode, ParametricLIFNode); neurons with dynamics of their own (a neuronal_charge) "
-            f"subclass spikingjelly.activation_based.neuron.BaseNode, which mixes with pypaper's")
+            f"(IFNode, LIFNode, ParametricLIFNode); neurons with dynamics of their own (a "
+            f"neuronal_charge) subclass spikingjelly.activation_based.neuron.BaseNode, which mixes "
+            f"with pypaper's")
 
     # ---- what SpikingJelly's MemoryModule does with the state ---------------------------------
 
