@@ -200,6 +200,71 @@ def layer_case(steps, n, device, modes=QUICK_MODES) -> Case:
     )
 
 
+# ---- SpikingJelly's default step_mode 's': the network stepped once per time step ------------
+
+
+def _single_step_neurons():
+    """name -> (make a neuron, reset it) or (None, reason): pypaper's and SpikingJelly's LIFNode
+    in step_mode 's' (both libraries' default), snntorch's Leaky (single-step by design)."""
+    out = {"pypaper": (lambda: snn.LIFNode(tau=TAU, surrogate_function=snn.surrogate.ATan()),
+                       snn.reset_net)}
+    _, why = _spikingjelly()
+    if why is None:
+        from spikingjelly.activation_based import functional, neuron, surrogate
+
+        out["spikingjelly"] = (lambda: neuron.LIFNode(tau=TAU, surrogate_function=surrogate.ATan()),
+                               functional.reset_net)
+    else:
+        out["spikingjelly"] = (None, why)
+    if importlib.util.find_spec("snntorch") is None:
+        out["snntorch"] = (None, "snntorch is not installed")
+    else:
+        import snntorch
+        from snntorch import surrogate as st_surrogate
+
+        out["snntorch"] = (lambda: snntorch.Leaky(beta=1.0 - 1.0 / TAU, spike_grad=st_surrogate.atan(),
+                                                  reset_mechanism="zero", init_hidden=True),
+                           lambda m: m.reset_hidden())
+    return out
+
+
+def _single_step_providers(steps, n, device, modes) -> list:
+    torch.manual_seed(0)
+    lin = nn.Linear(n, n).to(device)
+    x = torch.rand(steps, BATCH, n, device=device)
+    xg = x.detach().clone().requires_grad_()
+    g = torch.randn(steps, BATCH, n, device=device)
+    params = list(lin.parameters())
+    out = []
+    for name, (make_neuron, reset) in _single_step_neurons().items():
+        if make_neuron is None:
+            out.append(unavailable(name, reset))
+            continue
+        node = make_neuron().to(device)
+
+        def run(t, node=node, reset=reset):
+            reset(node)
+            return torch.stack([node(lin(xt)) for xt in t.unbind(0)])
+
+        out.append(_provider(name, run, x, xg, g, modes, params))
+    return out
+
+
+def single_step_case(steps, n, device, modes=QUICK_MODES) -> Case:
+    """Linear(n, n) + LIF stepped T times from Python, one call per layer per step (a model
+    written for SpikingJelly with its default step_mode 's'): the per-call cost of the op,
+    its autograd and the module shows here, not the fused time loop."""
+    lif = steps * BATCH * n * 4
+    return Case(
+        f"Linear({n},{n})+LIF single-step loop T={steps}", (steps, BATCH, n), torch.float32,
+        device, bytes_moved={m: v for m, v in (("fwd", 2 * lif), ("bwd", 3 * lif),
+                                                ("fwd+bwd", 5 * lif)) if m in modes},
+        providers=lambda: _single_step_providers(steps, n, device, modes),
+        bytes_note="the LIF part only, as above",
+        baseline="spikingjelly",
+    )
+
+
 # ---- SLTT online training against BPTT: memory as T grows ------------------------------------
 
 
@@ -260,16 +325,20 @@ def sltt_case(steps, n, device) -> Case:
 
 
 def cases(device: str = "cpu", quick: bool = False, numel: int = 1 << 23) -> list:
-    """Quick: T = 32 with 2^18 neurons (the issue's figure), fp32, fwd and fwd+bwd.
+    """Quick: T = 32 with 2^18 neurons (the issue's figure), fp32, fwd and fwd+bwd,
+    and the single-step loop (Linear(1024, 1024) + LIF, step_mode 's', T = 32).
     Full: T in {4, 8, 16, 32, 64} at 2^18 neurons, 2^16 and 2^20 at T = 32, bf16, the Linear+LIF
-    shapes (T = 500, n in {512, 1024, 2048}) and SLTT vs BPTT memory for T in {8, 32, 128}.
+    shapes (T = 500, n in {512, 1024, 2048}), the single-step loop for n in {256, 1024, 4096}
+    and SLTT vs BPTT memory for T in {8, 32, 128}.
     ``numel`` (neuron-steps) scales the quick case for smoke tests: neurons = numel / 32."""
     f32 = torch.float32
     if quick:
-        return [lif_case(32, max(BATCH, numel // 32), f32, device, QUICK_MODES)]
+        return [lif_case(32, max(BATCH, numel // 32), f32, device, QUICK_MODES),
+                single_step_case(32, 1024 if numel >= 1 << 20 else 64, device)]
     out = [lif_case(t, 1 << 18, f32, device) for t in (4, 8, 16, 32, 64)]
     out += [lif_case(32, 1 << 16, f32, device), lif_case(32, 1 << 20, f32, device),
             lif_case(32, 1 << 18, torch.bfloat16, device)]
     out += [layer_case(500, n, device) for n in (512, 1024, 2048)]
+    out += [single_step_case(32, n, device) for n in (256, 1024, 4096)]
     out += [sltt_case(t, 1024, device) for t in (8, 32, 128)]
     return out

@@ -103,6 +103,51 @@ def _make_lif_backward(backward_op):
     return backward
 
 
+def _eager_function(op, backward_op):
+    """A torch.autograd.Function with the same forward, saved tensors and backward as the op's
+    registered autograd (_lif_setup, _make_lif_backward), for eager calls that build a graph.
+    Through the Autograd key a call pays torch.library's Python wrapper (argument defaults filled
+    per call, a redispatch, its own Function): T = 1, 16 neurons, on the Zen 4 guest 80 us forward
+    and 196 us forward + backward against 20 us without grad. A training loop in SpikingJelly's
+    default step_mode 's' pays that once per layer per time step."""
+    backward = _make_lif_backward(backward_op)
+
+    # forward(ctx, ...) rather than a setup_context: with one, every apply binds its arguments
+    # to forward's signature through inspect (~30 us).
+    class LifMultiStep(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            output = call_op(op, args, False)
+            _lif_setup(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    return LifMultiStep
+
+
+_EAGER: dict = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def call_with_grad(op, backward_op, args):
+    """op(*args) building the autograd graph: through _eager_function's Function when nothing
+    can tell the difference (no torch.compile / export / jit.trace, no dispatch mode such as
+    FakeTensorMode or make_fx's, no functorch transform, plain tensors), else through the op's
+    Autograd key."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0
+            or torch._C._get_tracing_state() is not None
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or any(a is not None and type(a) not in _PLAIN for a in args[:4])):
+        return op(*args)
+    fn = _EAGER.get(op)
+    if fn is None:
+        fn = _EAGER[op] = _eager_function(op, backward_op)
+    return fn.apply(*args)
+
+
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(
         "pypaper.snn's LIF op has no double backward (its gradient uses the surrogate derivative "

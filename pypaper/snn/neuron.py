@@ -198,7 +198,7 @@ class BaseNode(nn.Module):
             same = (isinstance(self.v_seq, torch.Tensor) and self.v_seq.shape[1:] == step.shape[1:]
                     and self.v_seq.dtype == step.dtype and self.v_seq.device == step.device)
             self.v_seq = torch.cat((self.v_seq, step)) if same else step.clone()
-        return spikes[0]
+        return spikes.squeeze(0)  # a view: select's backward would zero-fill a [1, N] gradient per step
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         if isinstance(x_seq, torch.Tensor):

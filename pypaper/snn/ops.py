@@ -78,6 +78,12 @@ def _op(backend: str):
     return torch.ops.pypaper.lif_forward.default
 
 
+def _backward_op(backend: str):
+    if backend == "triton":
+        return torch.ops.pypaper.lif_backward_triton.default
+    return torch.ops.pypaper.lif_backward.default
+
+
 # ---- argument checks ------------------------------------------------------------------------------
 
 def _is_number(v) -> bool:
@@ -237,6 +243,10 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
             op_flags.forward_flags(decay_input, decay_is_tau, detach_reset, sltt, store_v_seq,
                                    keep_h))
     # Nothing to differentiate: the call skips the Autograd key (its Python kernel would only
-    # redispatch).
-    spikes, v_last, _, v_seq = _registration.call_op(_op(backend), args, needs_grad)
+    # redispatch); else, in eager mode, the same autograd without torch.library's wrapper.
+    if needs_grad:
+        spikes, v_last, _, v_seq = _registration.call_with_grad(_op(backend),
+                                                                _backward_op(backend), args)
+    else:
+        spikes, v_last, _, v_seq = _registration.call_op(_op(backend), args, False)
     return spikes, v_last, (v_seq if store_v_seq else None)
