@@ -48,8 +48,26 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_floating_point() else x.to(torch.get_default_dtype())
 
 
+# SpikingJelly's places for a neuron's own dynamics: 0.0.0.0.14's per-step hooks (2.0 keeps them
+# in SimpleBaseNode) and 2.0's functional steps. pypaper's nodes never call them (the fused op runs
+# the LIF dynamics), so a subclass defining one would be silently ignored.
+_SPIKINGJELLY_DYNAMICS = ("neuronal_charge", "neuronal_fire", "neuronal_reset",
+                          "single_step_functional_forward", "multi_step_functional_forward")
+
+
 class BaseNode(nn.Module):
     """State, step modes and the call into the fused op; subclasses give the decay."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        hooks = [name for name in _SPIKINGJELLY_DYNAMICS if name in cls.__dict__]
+        if hooks:
+            raise TypeError(
+                f"{cls.__name__} defines {', '.join(hooks)}: pypaper's {cls.__mro__[1].__name__} "
+                f"runs the fused LIF kernel and never calls SpikingJelly's dynamics hooks. A neuron "
+                f"with dynamics of its own subclasses spikingjelly.activation_based.neuron's "
+                f"BaseNode / SimpleBaseNode (it mixes with pypaper's layers and neurons); to change "
+                f"the input, override single_step_forward / multi_step_forward and call super()")
 
     def __init__(self, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
                  surrogate_function: Optional[nn.Module] = None, detach_reset: bool = False,

@@ -155,3 +155,21 @@ def test_online_helper_arguments():
         sltt.train_step_online(torch.nn.Linear(4, 3), x, y, loss)
     with pytest.raises(ValueError, match=r"x_seq must be a tensor of shape \[T, N, \*\]"):
         sltt.train_step_online(model, torch.randn(4), y, loss)
+
+
+@pytest.mark.parametrize("hook", ["neuronal_charge", "neuronal_fire", "neuronal_reset",
+                                  "single_step_functional_forward"])
+def test_subclass_with_spikingjelly_dynamics_hook_is_refused(hook):
+    """SpikingJelly's per-step hooks would be silently ignored by the fused op: a subclass that
+    defines one fails at class definition, naming the hook."""
+    with pytest.raises(TypeError, match=f"defines {hook}: pypaper's LIFNode runs the fused"):
+        type("MyLIF", (neuron.LIFNode,), {hook: lambda self, *a: None})
+
+
+def test_subclass_overriding_the_step_forward_still_works():
+    class Scaled(neuron.LIFNode):
+        def single_step_forward(self, x):
+            return super().single_step_forward(2 * x)
+
+    x = torch.full((3, 4), 0.6)
+    assert torch.equal(Scaled()(x), neuron.LIFNode()(2 * x))
