@@ -170,13 +170,19 @@ def lif_case(steps, neurons, dtype, device, modes=harness.MODES) -> Case:
 # ---- Linear(n, n) + LIF, the Open Neuromorphic library benchmark shape -------------------------
 
 
-def _layer_providers(steps, n, device, modes) -> list:
+def _linear_inputs(steps, n, device):
+    """Linear(n, n), its input x [T, 16, n] (and a copy that needs grad), the output gradient
+    and the Linear's parameters: the Linear+LIF cases' setup, seeded."""
     torch.manual_seed(0)
     lin = nn.Linear(n, n).to(device)
     x = torch.rand(steps, BATCH, n, device=device)
     xg = x.detach().clone().requires_grad_()
     g = torch.randn(steps, BATCH, n, device=device)
-    params = list(lin.parameters())
+    return lin, x, xg, g, list(lin.parameters())
+
+
+def _layer_providers(steps, n, device, modes) -> list:
+    lin, x, xg, g, params = _linear_inputs(steps, n, device)
 
     def make(name, neuron_fn, backend):
         if neuron_fn is None:
@@ -229,12 +235,7 @@ def _single_step_neurons():
 
 
 def _single_step_providers(steps, n, device, modes) -> list:
-    torch.manual_seed(0)
-    lin = nn.Linear(n, n).to(device)
-    x = torch.rand(steps, BATCH, n, device=device)
-    xg = x.detach().clone().requires_grad_()
-    g = torch.randn(steps, BATCH, n, device=device)
-    params = list(lin.parameters())
+    lin, x, xg, g, params = _linear_inputs(steps, n, device)
     out = []
     for name, (make_neuron, reset) in _single_step_neurons().items():
         if make_neuron is None:

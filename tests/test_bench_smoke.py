@@ -127,6 +127,29 @@ def test_cli_quick_delays(tmp_path):
     assert saved["pypaper"] == 100 * 2 * 256 * 4  # the gather keeps x only
 
 
+def test_cli_quick_snn(tmp_path):
+    """Both quick cases (the fused multi-step LIF and the single-step loop): every provider
+    reported, timed where its library is installed, SpikingJelly the baseline; the single-step
+    loop keeps less for backward with pypaper (x per step, not x and H) than SpikingJelly."""
+    cmd = [sys.executable, "-m", "bench", "--quick", "--family", "snn", "--device", "cpu",
+           "--numel", "16384", "--repeats", "1", "--csv-dir", str(tmp_path), "--no-progress",
+           "--no-plot", "--providers", "pypaper,spikingjelly,snntorch"]  # no torch.compile (minutes)
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    loop = "Linear(64,64)+LIF single-step loop T=32"
+    for mode in ("fwd", "fwd+bwd"):
+        for prov in ("pypaper", "spikingjelly", "snntorch"):
+            assert f"| LIF multi-step T=32 | 32x16x32 | float32 | {mode} | {prov} |" in out.stdout
+            assert f"| {loop} | 32x16x64 | float32 | {mode} | {prov} |" in out.stdout, out.stdout
+    rows = _rows(tmp_path / "snn.csv")
+    assert all(r["baseline"] == "spikingjelly" for r in rows)
+    loop_rows = {r["provider"]: r for r in rows if r["kernel"] == loop and r["mode"] == "fwd+bwd"}
+    have_sj = importlib.util.find_spec("spikingjelly") is not None
+    assert bool(loop_rows["spikingjelly"]["median_ms"]) == have_sj
+    if have_sj:
+        assert int(loop_rows["pypaper"]["saved_bytes"]) < int(loop_rows["spikingjelly"]["saved_bytes"])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("snntorch") is None, reason="snntorch not installed")
 def test_snn_bound_reports_the_floor_and_the_fixed_costs():
     cmd = [sys.executable, "-m", "bench.snn_bound", "--neurons", "512", "--rounds", "1",
