@@ -60,10 +60,16 @@ class BaseNode(nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        hooks = [name for name in _SPIKINGJELLY_DYNAMICS if name in cls.__dict__]
-        if hooks:
+        # The user's classes in the MRO (mixins included); a class that also overrides a step
+        # forward may call its hooks itself.
+        users = [k for k in cls.__mro__ if k.__module__ != __name__ and k not in (nn.Module, object)]
+        hooks = [h for h in _SPIKINGJELLY_DYNAMICS if any(h in k.__dict__ for k in users)]
+        steps = any(f in k.__dict__ for k in users
+                    for f in ("forward", "single_step_forward", "multi_step_forward"))
+        if hooks and not steps:
+            base = next(k for k in cls.__mro__ if k.__module__ == __name__)
             raise TypeError(
-                f"{cls.__name__} defines {', '.join(hooks)}: pypaper's {cls.__mro__[1].__name__} "
+                f"{cls.__name__} defines {', '.join(hooks)}: pypaper's {base.__name__} "
                 f"runs the fused LIF kernel and never calls SpikingJelly's dynamics hooks. A neuron "
                 f"with dynamics of its own subclasses spikingjelly.activation_based.neuron's "
                 f"BaseNode / SimpleBaseNode (it mixes with pypaper's layers and neurons); to change "

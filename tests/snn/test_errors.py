@@ -166,6 +166,27 @@ def test_subclass_with_spikingjelly_dynamics_hook_is_refused(hook):
         type("MyLIF", (neuron.LIFNode,), {hook: lambda self, *a: None})
 
 
+def test_subclass_with_a_hook_from_a_mixin_is_refused():
+    class ChargeMixin:
+        def neuronal_charge(self, x):
+            pass
+
+    with pytest.raises(TypeError, match="defines neuronal_charge: pypaper's LIFNode runs the"):
+        type("Mixed", (ChargeMixin, neuron.LIFNode), {})
+
+
+def test_subclass_calling_its_own_hook_from_its_step_forward_is_accepted():
+    class Own(neuron.LIFNode):
+        def neuronal_charge(self, x):
+            return 2 * x
+
+        def single_step_forward(self, x):
+            return super().single_step_forward(self.neuronal_charge(x))
+
+    x = torch.full((3, 4), 0.6)
+    assert torch.equal(Own()(x), neuron.LIFNode()(2 * x))
+
+
 def test_subclass_overriding_the_step_forward_still_works():
     class Scaled(neuron.LIFNode):
         def single_step_forward(self, x):
