@@ -132,3 +132,19 @@ def test_jit_trace_records_the_op():
     out = traced(x)
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_forward_mode_ad_raises_instead_of_dropping_tangents(requires_grad):
+    """The op has no forward-mode rule: a dual input raises, naming the argument, rather than
+    returning outputs without tangents; inputs without tangents under a dual level run as
+    usual."""
+    import torch.autograd.forward_ad as fw
+
+    x = inputs((4, 3)).requires_grad_(requires_grad)
+    with fw.dual_level():
+        dual = fw.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="no forward-mode AD rule .* x_seq is a dual"):
+            lif_multi_step(dual, surrogate_function=surrogate.ATan())
+        spikes, _, _ = lif_multi_step(x.detach(), surrogate_function=surrogate.ATan())
+    assert torch.equal(spikes, lif_multi_step(x.detach(), surrogate_function=surrogate.ATan())[0])
