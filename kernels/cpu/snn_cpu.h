@@ -254,8 +254,9 @@ void lif_forward_chunks(const LifForwardArgs<In, T>& a, int64_t c0, int64_t c1) 
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t n0 = c * kLifChunk;
     const int64_t len = std::min(kLifChunk, N - n0);
-    fill_param(k, a.decay, a.decay_period, n0, len);
-    fill_param(th, a.vth, a.vth_period, n0, len);
+    // One value for all neurons (the common case): filled once per task, as the backward does.
+    if (c == c0 || a.decay_period != 1) fill_param(k, a.decay, a.decay_period, n0, len);
+    if (c == c0 || a.vth_period != 1) fill_param(th, a.vth, a.vth_period, n0, len);
     if (a.v_init) {
       load_row(v, a.v_init + n0, len);
     } else {
