@@ -16,6 +16,8 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import nn
 
+from . import spikingjelly_fallback
+
 _Layers = Union[nn.Module, Sequence[Callable], Callable]
 
 
@@ -141,3 +143,7 @@ def set_backend(net: nn.Module, backend: str, instance=(nn.Module,)) -> None:
 
 __all__ = ["detach_net", "multi_step_forward", "reset_net", "seq_to_ann_forward", "set_backend",
            "set_step_mode"]
+
+
+# Names this module lacks come from SpikingJelly (pypaper/snn/spikingjelly_fallback.py).
+__getattr__ = spikingjelly_fallback.forwarder(__name__, "functional")

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import spikingjelly_fallback
 from .functional import multi_step_forward, seq_to_ann_forward
 
 _STEP_MODES = ("s", "m")
@@ -375,3 +376,7 @@ __all__ = ["AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AvgPo
            "Dropout2d", "Flatten", "GroupNorm", "Linear", "MaxPool1d", "MaxPool2d", "MaxPool3d",
            "MultiStepContainer", "SeqToANNContainer", "StepModeContainer", "StepModule",
            "Upsample", "VotingLayer"]
+
+
+# Names this module lacks come from SpikingJelly (pypaper/snn/spikingjelly_fallback.py).
+__getattr__ = spikingjelly_fallback.forwarder(__name__, "layer")

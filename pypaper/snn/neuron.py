@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, spikingjelly_fallback
 from .surrogate import Sigmoid
 
 _STEP_MODES = ("s", "m")
@@ -348,3 +348,7 @@ class ParametricLIFNode(BaseNode):
 
 
 __all__ = ["BaseNode", "IFNode", "LIFNode", "ParametricLIFNode"]
+
+
+# Names this module lacks come from SpikingJelly (pypaper/snn/spikingjelly_fallback.py).
+__getattr__ = spikingjelly_fallback.forwarder(__name__, "neuron")

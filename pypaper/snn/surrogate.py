@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import reference
+from . import reference, spikingjelly_fallback
 from .reference import SURROGATE_IDS
 
 
@@ -152,3 +152,7 @@ def surrogate_spec(fn) -> Optional[tuple[int, float]]:
 
 __all__ = ["ATan", "Erf", "PiecewiseExp", "PiecewiseQuadratic", "Rect", "Sigmoid", "SoftSign",
            "SuperSpike", "SurrogateFunctionBase", "heaviside", "surrogate_spec"]
+
+
+# Names this module lacks come from SpikingJelly (pypaper/snn/spikingjelly_fallback.py).
+__getattr__ = spikingjelly_fallback.forwarder(__name__, "surrogate")
