@@ -104,3 +104,16 @@ def test_without_spikingjelly_the_error_says_so(monkeypatch):
                                              "spikingjelly.activation_based.neuron .*failed to "
                                              "import .*ModuleNotFoundError"):
         neuron.QIFNode
+
+
+def test_the_names_the_agreement_tests_compare_are_pypapers_own():
+    """The agreement tests (test_layer.py, test_surrogate.py, ...) look layers and surrogates up
+    by name; a name pypaper lost would now resolve to SpikingJelly's class and compare it with
+    itself. Each such name, and each module's __all__, must be defined by pypaper."""
+    from . import helpers, test_layer
+
+    names = {(layer, c[0]) for c in test_layer.CASES} | {(layer, "Dropout"), (layer, "Dropout2d")}
+    names |= {(surrogate, s) for s in helpers.SURROGATES}
+    names |= {(m, n) for m in (neuron, layer, surrogate, functional) for n in m.__all__}
+    for module, name in names:
+        assert name in vars(module), f"{module.__name__}.{name} is not pypaper's"
