@@ -135,11 +135,10 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def call_with_grad(op, backward_op, args):
     """op(*args) building the autograd graph: through _eager_function's Function when nothing
     can tell the difference (no torch.compile / export / jit.trace, no dispatch mode such as
-    FakeTensorMode or make_fx's, no functorch transform, no forward-mode AD level, plain
-    tensors), else through the op's Autograd key."""
+    FakeTensorMode or make_fx's, no functorch transform, plain tensors; ops.lif_multi_step has
+    refused dual tensors already), else through the op's Autograd key."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0
             or torch._C._get_tracing_state() is not None
-            or torch.autograd.forward_ad._current_level >= 0
             or torch._C._functorch.peek_interpreter_stack() is not None
             or any(a is not None and type(a) not in _PLAIN for a in args[:4])):
         return op(*args)

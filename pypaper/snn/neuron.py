@@ -62,7 +62,8 @@ class BaseNode(nn.Module):
         super().__init_subclass__(**kwargs)
         # The user's classes in the MRO (mixins included); a class that also overrides a step
         # forward may call its hooks itself.
-        users = [k for k in cls.__mro__ if k.__module__ != __name__ and k not in (nn.Module, object)]
+        users = [k for k in cls.__mro__
+                 if k.__module__ != __name__ and k not in (nn.Module, object)]
         hooks = [h for h in _SPIKINGJELLY_DYNAMICS if any(h in k.__dict__ for k in users)]
         steps = any(f in k.__dict__ for k in users
                     for f in ("forward", "single_step_forward", "multi_step_forward"))
@@ -70,10 +71,11 @@ class BaseNode(nn.Module):
             base = next(k for k in cls.__mro__ if k.__module__ == __name__)
             raise TypeError(
                 f"{cls.__name__} defines {', '.join(hooks)}: pypaper's {base.__name__} "
-                f"runs the fused LIF kernel and never calls SpikingJelly's dynamics hooks. A neuron "
-                f"with dynamics of its own subclasses spikingjelly.activation_based.neuron's "
-                f"BaseNode / SimpleBaseNode (it mixes with pypaper's layers and neurons); to change "
-                f"the input, override single_step_forward / multi_step_forward and call super()")
+                f"runs the fused LIF kernel and never calls SpikingJelly's dynamics hooks. A "
+                f"neuron with dynamics of its own subclasses spikingjelly.activation_based."
+                f"neuron's BaseNode / SimpleBaseNode (it mixes with pypaper's layers and "
+                f"neurons); to change the input, override single_step_forward / "
+                f"multi_step_forward and call super()")
 
     def __init__(self, v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
                  surrogate_function: Optional[nn.Module] = None, detach_reset: bool = False,
@@ -222,7 +224,8 @@ class BaseNode(nn.Module):
             same = (isinstance(self.v_seq, torch.Tensor) and self.v_seq.shape[1:] == step.shape[1:]
                     and self.v_seq.dtype == step.dtype and self.v_seq.device == step.device)
             self.v_seq = torch.cat((self.v_seq, step)) if same else step.clone()
-        return spikes.squeeze(0)  # a view: select's backward would zero-fill a [1, N] gradient per step
+        # A view: select's backward (spikes[0]) would zero-fill a [1, N] gradient every step.
+        return spikes.squeeze(0)
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         if isinstance(x_seq, torch.Tensor):

@@ -2,7 +2,8 @@
 builds a graph goes through a torch.autograd.Function of its own instead of the op's Autograd key
 (torch.library's wrapper costs ~4x the op's fixed cost per call). Both must be the same autograd:
 same outputs, same gradients to the bit, same saved tensors; and every setting the Function cannot
-serve (a dispatch mode, torch.compile, functorch, tensor subclasses) must keep the registered one."""
+serve (a dispatch mode, torch.compile, functorch, tensor subclasses) must keep the registered
+one."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -1,4 +1,5 @@
-"""What pypaper.snn does not implement comes from SpikingJelly (pypaper/snn/spikingjelly_fallback.py):
+"""What pypaper.snn does not implement comes from SpikingJelly
+(pypaper/snn/spikingjelly_fallback.py):
 a model that uses SpikingJelly's rarer neurons, layers, surrogates or functions still runs after
 the import swap, mixed with pypaper's fused ones, and gives SpikingJelly's results."""
 import pytest
