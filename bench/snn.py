@@ -150,14 +150,19 @@ def _lif_providers(steps, neurons, dtype, device, modes) -> list:
     return out + _peer_providers(make, x, steps)
 
 
+def _lif_bytes(tensor_bytes, modes) -> dict:
+    """Bytes the LIF op moves per mode, from the bytes of one [T, N] tensor: fwd X in, S out;
+    bwd grad_S and X (or H) in, grad_X out; fwd+bwd both (the backward reruns from X)."""
+    return {m: k * tensor_bytes for m, k in (("fwd", 2), ("bwd", 3), ("fwd+bwd", 5)) if m in modes}
+
+
 def lif_case(steps, neurons, dtype, device, modes=harness.MODES) -> Case:
     """The LIF neuron alone on x [T, 16, neurons/16]."""
     e = torch.empty((), dtype=dtype).element_size()
     per_step = neurons * e
     return Case(
         f"LIF multi-step T={steps}", (steps, BATCH, neurons // BATCH), dtype, device,
-        bytes_moved={m: v for m, v in (("fwd", 2 * steps * per_step), ("bwd", 3 * steps * per_step),
-                                       ("fwd+bwd", 5 * steps * per_step)) if m in modes},
+        bytes_moved=_lif_bytes(steps * per_step, modes),
         providers=lambda: _lif_providers(steps, neurons, dtype, device, modes),
         bytes_note="fwd (x needs no grad): X read + S written; fwd+bwd: X read + S written, then "
                    "X and grad_S read + grad_X written (the least: the backward reruns the forward "
@@ -198,8 +203,7 @@ def layer_case(steps, n, device, modes=QUICK_MODES) -> Case:
     lif = steps * BATCH * n * 4
     return Case(
         f"Linear({n},{n})+LIF T={steps}", (steps, BATCH, n), torch.float32, device,
-        bytes_moved={m: v for m, v in (("fwd", 2 * lif), ("bwd", 3 * lif), ("fwd+bwd", 5 * lif))
-                     if m in modes},
+        bytes_moved=_lif_bytes(lif, modes),
         providers=lambda: _layer_providers(steps, n, device, modes),
         bytes_note="the LIF part only, as above (the Linear's GEMM dominates)",
         baseline="spikingjelly",
@@ -258,8 +262,7 @@ def single_step_case(steps, n, device, modes=QUICK_MODES) -> Case:
     lif = steps * BATCH * n * 4
     return Case(
         f"Linear({n},{n})+LIF single-step loop T={steps}", (steps, BATCH, n), torch.float32,
-        device, bytes_moved={m: v for m, v in (("fwd", 2 * lif), ("bwd", 3 * lif),
-                                                ("fwd+bwd", 5 * lif)) if m in modes},
+        device, bytes_moved=_lif_bytes(lif, modes),
         providers=lambda: _single_step_providers(steps, n, device, modes),
         bytes_note="the LIF part only, as above",
         baseline="spikingjelly",

@@ -72,17 +72,12 @@ def backend_for(x: torch.Tensor, device: Optional[torch.device] = None) -> str:
     return name
 
 
-def _op(backend: str):
-    """The op's overload itself (calling the packet adds a Python frame)."""
+def _ops(backend: str):
+    """The forward and backward ops' overloads themselves (calling the packet adds a frame)."""
+    ops = torch.ops.pypaper
     if backend == "triton":
-        return torch.ops.pypaper.lif_forward_triton.default
-    return torch.ops.pypaper.lif_forward.default
-
-
-def _backward_op(backend: str):
-    if backend == "triton":
-        return torch.ops.pypaper.lif_backward_triton.default
-    return torch.ops.pypaper.lif_backward.default
+        return ops.lif_forward_triton.default, ops.lif_backward_triton.default
+    return ops.lif_forward.default, ops.lif_backward.default
 
 
 # ---- argument checks ------------------------------------------------------------------------------
@@ -257,9 +252,9 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
                                    keep_h))
     # Nothing to differentiate: the call skips the Autograd key (its Python kernel would only
     # redispatch); else, in eager mode, the same autograd without torch.library's wrapper.
+    forward_op, backward_op = _ops(backend)
     if needs_grad:
-        spikes, v_last, _, v_seq = _registration.call_with_grad(_op(backend),
-                                                                _backward_op(backend), args)
+        spikes, v_last, _, v_seq = _registration.call_with_grad(forward_op, backward_op, args)
     else:
-        spikes, v_last, _, v_seq = _registration.call_op(_op(backend), args, False)
+        spikes, v_last, _, v_seq = _registration.call_op(forward_op, args, False)
     return spikes, v_last, (v_seq if store_v_seq else None)
