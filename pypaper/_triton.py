@@ -33,6 +33,19 @@ HAVE_TRITON = triton is not None
 _NO_DEVICE = "triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
 
 
+def triton_op(name: str, fn=None, /, *, mutates_args, schema=None):
+    """torch.library.triton_op, and the op's torch.func kernel (pypaper/_autograd.py): the
+    Autograd kernel a triton_op is born with fails under every torch.func transform."""
+    from . import _autograd
+
+    def define(f):
+        opdef = torch.library.triton_op(name, mutates_args=mutates_args, schema=schema)(f)
+        _autograd.register_functorch(name)
+        return opdef
+
+    return define(fn) if fn is not None else define
+
+
 def triton_available(device: torch.device) -> tuple[bool, str]:
     """(True, "") when pypaper's Triton ops can run on tensors of ``device``, else (False, why)."""
     if triton is None:

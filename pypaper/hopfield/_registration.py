@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _autograd
+
 
 def _math(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -79,11 +81,11 @@ def _setup_nothing(ctx, inputs, output):
 def register_native() -> None:
     torch.library.register_fake("pypaper::hopfield_retrieve")(_fake_retrieve)
     torch.library.register_fake("pypaper::hopfield_retrieve_backward")(_fake_retrieve_backward)
-    torch.library.register_autograd("pypaper::hopfield_retrieve",
-                                    _make_backward(torch.ops.pypaper.hopfield_retrieve_backward),
-                                    setup_context=_setup)
-    torch.library.register_autograd("pypaper::hopfield_retrieve_backward", _no_double_backward,
-                                    setup_context=_setup_nothing)
+    _autograd.register_autograd("pypaper::hopfield_retrieve",
+                                _make_backward(torch.ops.pypaper.hopfield_retrieve_backward),
+                                setup_context=_setup)
+    _autograd.register_autograd("pypaper::hopfield_retrieve_backward", _no_double_backward,
+                                setup_context=_setup_nothing)
 
 
 _triton_module = None
@@ -102,9 +104,11 @@ def load_triton():
             triton_kernels.hopfield_retrieve_triton.register_fake(_fake_retrieve)
             triton_kernels.hopfield_retrieve_backward_triton.register_fake(
                 _fake_retrieve_backward)
-            torch.library.register_autograd(
+            _autograd.register_autograd(
                 "pypaper::hopfield_retrieve_triton",
                 _make_backward(torch.ops.pypaper.hopfield_retrieve_backward_triton),
                 setup_context=_setup)
+            _autograd.register_autograd("pypaper::hopfield_retrieve_backward_triton",
+                                        _no_double_backward, setup_context=_setup_nothing)
         _triton_module = triton_kernels
     return _triton_module

@@ -55,7 +55,9 @@ def num_warps_for(block_d: int) -> int:
 if HAVE_TRITON:
     import os
 
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
+
+    from .._triton import triton_op  # torch.library's, plus its torch.func kernel
 
     _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

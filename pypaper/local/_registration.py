@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .. import _autograd
+
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -153,8 +155,8 @@ def register_autograd(suffix: str = "") -> None:
              ("local_head", _head_backward, _head_setup)]
     for name, backward, setup in table:
         if hasattr(torch.ops.pypaper, name + suffix):
-            torch.library.register_autograd(f"pypaper::{name}{suffix}", backward,
-                                            setup_context=setup)
+            _autograd.register_autograd(f"pypaper::{name}{suffix}", backward,
+                                        setup_context=setup)
 
 
 def _fake_ff_out(x, weight, bias, num_pos, threshold, normalize, eps, accumulate, h,

@@ -53,7 +53,9 @@ def ops() -> dict:
 
 
 if HAVE_TRITON:
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
+
+    from .._triton import triton_op  # torch.library's, plus its torch.func kernel
 
     from .._triton import _launches
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _autograd
+
 _INT_CODE = {True: torch.int8, False: torch.uint8}
 
 
@@ -113,12 +115,12 @@ def register_native() -> None:
     torch.library.register_fake("pypaper::fake_quantize_backward")(_fake_fake_quantize_backward)
     torch.library.register_fake("pypaper::quantize")(_fake_quantize_codes)
     torch.library.register_fake("pypaper::dequantize")(_fake_dequantize)
-    torch.library.register_autograd("pypaper::fake_quantize",
-                                    _make_fq_backward(lib.fake_quantize_backward),
-                                    setup_context=_fq_setup)
-    torch.library.register_autograd("pypaper::dequantize", _dq_backward, setup_context=_dq_setup)
-    torch.library.register_autograd("pypaper::fake_quantize_backward", _no_double_backward,
-                                    setup_context=_setup_nothing)
+    _autograd.register_autograd("pypaper::fake_quantize",
+                                _make_fq_backward(lib.fake_quantize_backward),
+                                setup_context=_fq_setup)
+    _autograd.register_autograd("pypaper::dequantize", _dq_backward, setup_context=_dq_setup)
+    _autograd.register_autograd("pypaper::fake_quantize_backward", _no_double_backward,
+                                setup_context=_setup_nothing)
 
 
 _triton_module = None
@@ -133,12 +135,12 @@ def load_triton():
 
         if triton_kernels.HAVE_TRITON:
             ops = torch.ops.pypaper
-            torch.library.register_autograd(
+            _autograd.register_autograd(
                 "pypaper::fake_quantize_triton", _make_fq_backward(ops.fake_quantize_backward_triton),
                 setup_context=_fq_setup)
-            torch.library.register_autograd("pypaper::dequantize_triton", _dq_backward,
-                                            setup_context=_dq_setup)
-            torch.library.register_autograd("pypaper::fake_quantize_backward_triton",
-                                            _no_double_backward, setup_context=_setup_nothing)
+            _autograd.register_autograd("pypaper::dequantize_triton", _dq_backward,
+                                        setup_context=_dq_setup)
+            _autograd.register_autograd("pypaper::fake_quantize_backward_triton",
+                                        _no_double_backward, setup_context=_setup_nothing)
         _triton_module = triton_kernels
     return _triton_module

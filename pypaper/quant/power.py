@@ -49,7 +49,7 @@ from typing import Optional, Union
 
 import torch
 
-from .. import _backend, _ext
+from .. import _autograd, _backend, _ext
 
 __all__ = ["bits_to_qmax", "channel_max_abs", "power_dequantize", "power_fake_quantize",
            "power_quantize", "reference_codes", "reference_dequantize",
@@ -352,11 +352,11 @@ def _register_native() -> None:
     torch.library.register_fake("pypaper::power_dequantize")(_fake_dequantize)
     torch.library.register_fake("pypaper::power_fake_quantize")(_fake_fake_quantize)
     torch.library.register_fake("pypaper::power_fake_quantize_backward")(_fake_backward)
-    torch.library.register_autograd("pypaper::power_fake_quantize",
-                                    _make_fq_backward(ops.power_fake_quantize_backward),
-                                    setup_context=_fq_setup)
-    torch.library.register_autograd("pypaper::power_fake_quantize_backward", _double_backward,
-                                    setup_context=_dbl_setup)
+    _autograd.register_autograd("pypaper::power_fake_quantize",
+                                _make_fq_backward(ops.power_fake_quantize_backward),
+                                setup_context=_fq_setup)
+    _autograd.register_autograd("pypaper::power_fake_quantize_backward", _double_backward,
+                                setup_context=_dbl_setup)
 
 
 _register_native()
@@ -372,12 +372,12 @@ def load_triton():
 
         if power_triton.HAVE_TRITON:
             ops = torch.ops.pypaper
-            torch.library.register_autograd(
+            _autograd.register_autograd(
                 "pypaper::power_fake_quantize_triton",
                 _make_fq_backward(ops.power_fake_quantize_backward_triton),
                 setup_context=_fq_setup)
-            torch.library.register_autograd("pypaper::power_fake_quantize_backward_triton",
-                                            _double_backward, setup_context=_dbl_setup)
+            _autograd.register_autograd("pypaper::power_fake_quantize_backward_triton",
+                                        _double_backward, setup_context=_dbl_setup)
         _triton_module = power_triton
     return _triton_module
 

@@ -33,7 +33,9 @@ def num_warps_for(block: int) -> int:
 
 
 if triton is not None:
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
+
+    from .._triton import triton_op  # torch.library's, plus its torch.func kernel
 
     from .._triton import _launches
     from .power import power_tables

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _autograd
 from . import qlinear_reference as reference
 
 
@@ -78,12 +79,12 @@ def _wo4_backward(ctx, grad):
 
 
 def _register_autograd(suffix: str) -> None:
-    torch.library.register_autograd(f"pypaper::int8_dynamic_linear{suffix}", _dyn_backward,
-                                    setup_context=_dyn_setup)
-    torch.library.register_autograd(f"pypaper::int8_weight_only_linear{suffix}", _wo8_backward,
-                                    setup_context=_wo8_setup)
-    torch.library.register_autograd(f"pypaper::int4_weight_only_linear{suffix}", _wo4_backward,
-                                    setup_context=_wo4_setup)
+    _autograd.register_autograd(f"pypaper::int8_dynamic_linear{suffix}", _dyn_backward,
+                                setup_context=_dyn_setup)
+    _autograd.register_autograd(f"pypaper::int8_weight_only_linear{suffix}", _wo8_backward,
+                                setup_context=_wo8_setup)
+    _autograd.register_autograd(f"pypaper::int4_weight_only_linear{suffix}", _wo4_backward,
+                                setup_context=_wo4_setup)
 
 
 def register_native() -> None:

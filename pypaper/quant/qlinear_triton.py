@@ -37,7 +37,9 @@ def blocks(m: int, n: int, k: int) -> tuple[int, int, int]:
 
 
 if HAVE_TRITON:
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
+
+    from .._triton import triton_op  # torch.library's, plus its torch.func kernel
 
     from .._triton import _USE_RN, _launches, _mul, _rint
 

@@ -197,7 +197,9 @@ def _check_seed(seed: Optional[torch.Tensor], x: torch.Tensor) -> None:
 
 
 if triton is not None:
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
+
+    from .._triton import triton_op  # torch.library's, plus its torch.func kernel
 
     from .._triton import (_USE_RN, _add, _bf16_bits, _bits, _floor, _launches, _load_as, _mul,
                            _rint, _store_as, _uniform)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _autograd
 from . import op_flags
 
 
@@ -162,11 +163,11 @@ def register_native() -> None:
     """Fake kernels and autograd of the C++ (and, when built, CUDA) LIF ops."""
     torch.library.register_fake("pypaper::lif_forward")(_fake_lif_forward)
     torch.library.register_fake("pypaper::lif_backward")(_fake_lif_backward)
-    torch.library.register_autograd("pypaper::lif_forward",
-                                    _make_lif_backward(torch.ops.pypaper.lif_backward.default),
-                                    setup_context=_lif_setup)
-    torch.library.register_autograd("pypaper::lif_backward", _no_double_backward,
-                                    setup_context=_setup_nothing)
+    _autograd.register_autograd("pypaper::lif_forward",
+                                _make_lif_backward(torch.ops.pypaper.lif_backward.default),
+                                setup_context=_lif_setup)
+    _autograd.register_autograd("pypaper::lif_backward", _no_double_backward,
+                                setup_context=_setup_nothing)
 
 
 _triton_module = None
@@ -181,11 +182,11 @@ def load_triton():
         from . import triton_kernels  # noqa: F401  (absent until the Triton twin lands)
 
         if getattr(triton_kernels, "HAVE_TRITON", False):
-            torch.library.register_autograd(
+            _autograd.register_autograd(
                 "pypaper::lif_forward_triton",
                 _make_lif_backward(torch.ops.pypaper.lif_backward_triton.default),
                 setup_context=_lif_setup)
-            torch.library.register_autograd("pypaper::lif_backward_triton", _no_double_backward,
-                                            setup_context=_setup_nothing)
+            _autograd.register_autograd("pypaper::lif_backward_triton", _no_double_backward,
+                                        setup_context=_setup_nothing)
         _triton_module = triton_kernels
     return _triton_module

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _autograd
+
 _FLOATS = (torch.float32, torch.float64)
 
 
@@ -60,6 +62,6 @@ def register_native() -> None:
     """Fake kernels and autograd of the C++ delay ops."""
     torch.library.register_fake("pypaper::delay_linear")(_fake_delay_linear)
     torch.library.register_fake("pypaper::delay_linear_backward")(_fake_delay_linear_backward)
-    torch.library.register_autograd("pypaper::delay_linear", _backward, setup_context=_setup)
-    torch.library.register_autograd("pypaper::delay_linear_backward", _no_double_backward,
-                                    setup_context=_setup_nothing)
+    _autograd.register_autograd("pypaper::delay_linear", _backward, setup_context=_setup)
+    _autograd.register_autograd("pypaper::delay_linear_backward", _no_double_backward,
+                                setup_context=_setup_nothing)

@@ -17,9 +17,8 @@ import numbers
 from typing import Optional
 
 import torch
-from torch.autograd import forward_ad
 
-from .. import _backend
+from .. import _autograd, _backend
 from . import _registration, op_flags, reference
 from .surrogate import surrogate_spec
 
@@ -160,16 +159,6 @@ def _check_values(decay, decay_is_tau: bool, vth, v_reset: Optional[float], deca
         raise ValueError(f"{vth_name} must be greater than v_reset ({v_reset}), got min {lo}")
 
 
-def _refuse_tangents(*tensors) -> None:
-    """Forward-mode AD (torch.autograd.forward_ad) is on: the op has no forward-mode rule, and a
-    call that builds no graph would return outputs without tangents, silently."""
-    for name, t in zip(("x_seq", "v", "tau / k", "v_threshold"), tensors):
-        if t is not None and forward_ad.unpack_dual(t).tangent is not None:
-            raise NotImplementedError(
-                f"lif_multi_step has no forward-mode AD rule (jvp), and {name} is a dual tensor; "
-                f"use reverse mode (backward / torch.autograd.grad)")
-
-
 def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau=None, k=None,
                    v_threshold=1.0, v_reset: Optional[float] = 0.0, surrogate_function=None,
                    decay_input: bool = True, detach_reset: bool = False, sltt: bool = False,
@@ -237,12 +226,15 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
                                         decay_is_tau, detach_reset, sltt, store_v_seq,
                                         surrogate_fn=fn)
     sid, alpha = spec
+    # The eager path below skips the op's Autograd kernel, which refuses tangents for the other
+    # paths (pypaper/_autograd.py): the same check here.
+    if _autograd.forward_ad_active():
+        _autograd.refuse_tangents("lif_multi_step", ("x_seq", "v", "tau / k", "v_threshold"),
+                                  (x_seq, v, decay, vth))
     # The forward writes no H (8 bytes per neuron-step instead of 12) when nothing will be
     # differentiated, and never on the CPU, whose backward reruns the forward from x instead:
     # fwd + bwd then move 20 bytes per neuron-step instead of 24 (T = 32, 2^18 neurons, cold
     # inputs: 4.8 -> 4.1 ms in the standalone loop).
-    if forward_ad._current_level >= 0:
-        _refuse_tangents(x_seq, v, decay, vth)
     needs_grad = torch.is_grad_enabled() and (
         x_seq.requires_grad or decay.requires_grad or vth.requires_grad
         or (v is not None and v.requires_grad))

@@ -195,7 +195,9 @@ def _finish_param_grad(param, period, neurons, mt, per_n, partial) -> torch.Tens
 
 
 if triton is not None:
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
+
+    from .._triton import triton_op  # torch.library's, plus its torch.func kernel
 
     # mul.rn / div.rn in inline PTX (one IEEE rounding, never contracted, no FTZ) and the
     # interpreter's tracing guard: shared with the quant kernels, one place for those tricks.

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _autograd
+
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -103,9 +105,9 @@ def register_fakes() -> None:
 
 def register_native() -> None:
     register_fakes()
-    torch.library.register_autograd("pypaper::wtacrs_linear",
-                                    _make_linear_backward(torch.ops.pypaper.wtacrs_linear_backward),
-                                    setup_context=_linear_setup)
+    _autograd.register_autograd("pypaper::wtacrs_linear",
+                                _make_linear_backward(torch.ops.pypaper.wtacrs_linear_backward),
+                                setup_context=_linear_setup)
 
 
 _triton_module = None
@@ -119,7 +121,7 @@ def load_triton():
         from . import triton_kernels
 
         if triton_kernels.HAVE_TRITON:
-            torch.library.register_autograd(
+            _autograd.register_autograd(
                 "pypaper::wtacrs_linear_triton",
                 _make_linear_backward(torch.ops.pypaper.wtacrs_linear_backward_triton),
                 setup_context=_linear_setup)

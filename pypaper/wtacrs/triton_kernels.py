@@ -112,7 +112,9 @@ def _check_indices(indices: torch.Tensor, n: int) -> None:
 
 
 if triton is not None:
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
+
+    from .._triton import triton_op  # torch.library's, plus its torch.func kernel
 
     from .._triton import _bf16_bits, _bits, _launches, _load_as, _pcg, _store_as
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ... import _autograd
+
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -68,10 +70,10 @@ def _make_backward_backward(backward_op):
 
 def register_autograd(forward_name: str, backward_name: str, backward_op) -> None:
     """Autograd of a (forward, backward) pair: the C++/CUDA ops or their Triton twins."""
-    torch.library.register_autograd(forward_name, _make_forward_backward(backward_op),
-                                    setup_context=_forward_setup)
-    torch.library.register_autograd(backward_name, _make_backward_backward(backward_op),
-                                    setup_context=_backward_setup)
+    _autograd.register_autograd(forward_name, _make_forward_backward(backward_op),
+                                setup_context=_forward_setup)
+    _autograd.register_autograd(backward_name, _make_backward_backward(backward_op),
+                                setup_context=_backward_setup)
 
 
 def register_native() -> None:

@@ -129,10 +129,16 @@ def exact_approximation(name: str, params: tuple) -> Approximation:
 
 
 def derivative(name: str, params: tuple, x: np.ndarray) -> np.ndarray:
-    """f'(x) in float64 from torch's own autograd formula of the activation."""
-    t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(reference.activation(t, name, params).sum(), t)
-    return g.numpy()
+    """f'(x) in float64 from torch's own autograd formula of the activation. A table is built on
+    the first call that needs it, which may be inside torch.no_grad, inference_mode or a torch.func
+    transform (torch.func.grad would wrap the gradient in a tensor without storage for numpy):
+    this small autograd runs outside all three."""
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+    with temporarily_clear_interpreter_stack(), torch.inference_mode(False), torch.enable_grad():
+        t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad(reference.activation(t, name, params).sum(), t)
+        return g.numpy()
 
 
 def standard_normal(x: np.ndarray) -> np.ndarray:

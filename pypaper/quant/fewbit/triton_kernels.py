@@ -179,7 +179,9 @@ def _check_device(op: str, t: torch.Tensor) -> None:
 
 
 if triton is not None:
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
+
+    from ..._triton import triton_op  # torch.library's, plus its torch.func kernel
 
     # Device helpers shared with the quant kernels (one place for the exactness tricks):
     # _load_as / _store_as (bf16 as int16 bit patterns under the interpreter), _mul (mul.rn PTX on

@@ -1,0 +1,244 @@
+"""register_autograd for every pypaper op: torch.library's, plus torch.func and forward-mode AD.
+
+Each family registers its backward with ``pypaper._autograd.register_autograd(qualname, backward,
+setup_context=...)``, the signature of ``torch.library.register_autograd``, and gets two kernels:
+
+- **Autograd**: what torch.library registers (an autograd.Function whose forward redispatches below
+  Autograd and calls setup_context; backward calls the registered backward), written here without
+  its per-call costs, plus one check: no pypaper op has a forward-mode rule, and torch.library's
+  kernel runs a call whose inputs carry tangents (``torch.autograd.forward_ad``,
+  ``torch.func.jvp``, ``jacfwd``) but do not require grad without autograd, so its outputs came
+  back without a tangent: a jvp of zero, silently. The kernel raises NotImplementedError naming
+  the op and the argument instead.
+- **FuncTorchDynamicLayerFrontMode**, the key torch.func transforms dispatch on. torch.library's
+  Function has its context code inside ``forward(ctx, ...)``; functorch accepts only a Function
+  with a ``setup_context`` staticmethod ("In order to use an autograd.Function with functorch
+  transforms ... it must override the setup_context staticmethod": pytorch issues 168393, 170834,
+  179652, open), so ``torch.func.grad`` over any custom op failed. Under ``grad`` / ``vjp`` /
+  ``jacrev`` this kernel applies a Function in that form, built from the same setup_context and
+  backward; under ``vmap`` it runs the op once per sample (the batching fallback's loop): so
+  per-sample gradients (``vmap(grad(...))``), ``functional_call`` + ``grad`` and ``jacrev`` work
+  and equal autograd's.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import _C
+from torch._library import custom_ops as _custom_ops
+from torch._library import utils as _library_utils
+from torch._functorch import pyfunctorch as _pyfunctorch
+from torch._functorch import vmap as _vmap
+from torch.utils import _pytree
+from torch.autograd import forward_ad
+
+_LIBS: dict = {}  # namespace -> the torch.library.Library holding the kernels registered here
+
+
+def _lib(namespace: str):
+    if namespace not in _LIBS:
+        _LIBS[namespace] = torch.library.Library(namespace, "FRAGMENT")
+    return _LIBS[namespace]
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (torch.autograd.forward_ad.dual_level, which
+    torch.func.jvp and jacfwd open too). A module global: costs nothing to ask per call."""
+    return forward_ad._current_level >= 0
+
+
+def refuse_tangents(op: str, names, values) -> None:
+    """Raises NotImplementedError when a tensor among values (or in a list among them) carries a
+    forward-mode tangent: op has no jvp, and the call would drop the tangent."""
+    for name, v in zip(names, values):
+        items = v if isinstance(v, (list, tuple)) else (v,)
+        for t in items:
+            if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
+                raise NotImplementedError(
+                    f"{op} has no forward-mode AD rule (jvp), and its argument {name!r} carries a "
+                    f"tangent (torch.autograd.forward_ad / torch.func.jvp / jacfwd); use reverse "
+                    f"mode: backward, torch.autograd.grad, torch.func.grad / vjp / jacrev")
+
+
+def _eager_function(overload, backward, setup_context, num_args):
+    """The op as an old-style torch.autograd.Function (context set inside forward, as
+    torch.library's generated one does: a setup_context staticmethod would cost ~30 us a call to
+    bind arguments). Its first argument is the dispatch keyset to redispatch below Autograd with."""
+    schema = overload._schema
+
+    def forward(ctx, keyset, *args):
+        with _C._AutoDispatchBelowAutograd():
+            output = overload.redispatch(keyset & _C._after_autograd_keyset, *args)
+        if setup_context is not None:
+            # the dispatcher drops trailing arguments equal to their defaults
+            inputs = args if len(args) == num_args else _library_utils.fill_defaults(
+                schema, args, {})[0]
+            setup_context(ctx=ctx, inputs=inputs, output=output)
+        return output
+
+    def backward_(ctx, *grads):
+        needs = ctx.needs_input_grad
+        ctx.needs_input_grad = needs[1:]  # the keyset's entry off: one per op input
+        try:
+            result = backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs
+        return (None, *result) if isinstance(result, tuple) else (None, result)
+
+    # grad_fn: <namespace>_<op>Backward, e.g. pypaper_lif_forwardBackward
+    return type(f"{overload._namespace}_{overload._opname}", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward_),
+    })
+
+
+def _functorch_function(overload, backward, setup_context):
+    """The op as a torch.autograd.Function in the form functorch's grad transform accepts. Under
+    an outer vmap (per-sample gradients, jacrev) functorch vmaps the Function as a whole
+    (generate_vmap_rule): its forward and backward then call the ops on batched tensors, which
+    reach the ops' vmap path (_vmap_per_sample)."""
+    name = f"{overload._namespace}_{overload._opname}_functorch"
+
+    def forward(*args):
+        return overload(*args)
+
+    def setup(ctx, inputs, output):
+        if setup_context is not None:
+            setup_context(ctx=ctx, inputs=inputs, output=output)
+
+    return type(name, (torch.autograd.Function,), {
+        "generate_vmap_rule": True,
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup),
+        "backward": staticmethod(backward),
+    })
+
+
+def _vmap_per_sample(interpreter, overload, args):
+    """overload(*args) under the vmap transform ``interpreter``: once per sample, one transform
+    level down, outputs stacked along a new dim 0 (the batch dim of every output)."""
+    level = interpreter.level()
+    unwrapped, in_dims = _vmap.unwrap_batched(args, level)
+    flat_dims = _pytree.tree_leaves(in_dims, is_leaf=lambda d: d is None)
+    if all(d is None for d in flat_dims):  # nothing batched at this level
+        with interpreter.lower():
+            return overload(*unwrapped)
+
+    def sample(i):
+        return _pytree.tree_map(lambda a, d: a if d is None else a.select(d, i), unwrapped,
+                                in_dims, is_leaf=lambda x: x is None)
+
+    with interpreter.lower():
+        outs = [overload(*sample(i)) for i in range(interpreter.batch_size())]
+        stacked = _pytree.tree_map(lambda *o: torch.stack(o), *outs)
+    return _vmap.wrap_batched(stacked, 0, level)
+
+
+_RULES: dict = {}  # qualname -> (backward, setup_context) of the ops registered here
+_FUNCTORCH_FNS: dict = {}  # qualname -> the Function of _functorch_function, built on first use
+_COVERED: set = set()  # qualnames whose FuncTorchDynamicLayerFrontMode kernel is registered
+
+
+def _names(overload):
+    schema = overload._schema
+    if any(a.kwarg_only for a in schema.arguments):
+        raise NotImplementedError(f"{overload}: keyword-only arguments are not supported here")
+    return [a.name for a in schema.arguments]
+
+
+def _make_autograd_kernel(overload, backward, setup_context):
+    qualname = f"{overload._namespace}::{overload._opname}"
+    names = _names(overload)
+    eager_fn = _eager_function(overload, backward, setup_context, len(names))
+
+    # torch.library's kernel (torch/_library/autograd.py) without its per-call costs (an
+    # out-variant check, a dataclass, the defaults filled in on every call): a 16-element op,
+    # Zen 5 guest, 10.6 -> 8.0 us a call without grad, 15.9 -> 13.3 us forward with grad.
+    def autograd_kernel(keyset, *args):
+        if forward_ad._current_level >= 0:
+            refuse_tangents(qualname, names, args)
+        if _C.is_grad_enabled() and _C._any_requires_grad(*args):
+            return eager_fn.apply(keyset, *args)
+        with _C._AutoDispatchBelowAutograd():
+            return overload.redispatch(keyset & _C._after_autograd_keyset, *args)
+
+    return autograd_kernel
+
+
+def _make_functorch_kernel(overload):
+    """The op's kernel at FuncTorchDynamicLayerFrontMode, the key torch.func transforms dispatch
+    on while one is active (it replaces, for this op, functorch's front fallback, which hands the
+    call to the innermost transform):
+    - grad / vjp / jacrev, an op with a backward: the op is applied as a Function here, outside
+      any autograd kernel (inside one, functorch's custom_function_call no longer sees the
+      transform). Its forward calls the op again one transform level down; with none left the
+      call takes the Autograd kernel.
+    - grad, an op without one (integer codes, sampling indices, norms used as constants): run one
+      level down, its outputs constants at this level, as eager autograd treats them.
+    - vmap: the op runs once per sample one level down and the outputs are stacked (what torch's
+      batching fallback does for an op without a batching rule).
+    - jvp / jacfwd: refused when a tangent reaches the op, else run one level down.
+    """
+    qualname = f"{overload._namespace}::{overload._opname}"
+    schema = overload._schema
+    names = _names(overload)
+
+    def functorch_kernel(*args):
+        if forward_ad._current_level >= 0:
+            refuse_tangents(qualname, names, args)
+        interpreter = _pyfunctorch.retrieve_current_functorch_interpreter()
+        kind = interpreter.key()
+        if kind == _pyfunctorch.TransformType.Vmap:
+            return _vmap_per_sample(interpreter, overload, args)
+        rule = _RULES.get(qualname)
+        if kind == _pyfunctorch.TransformType.Grad and rule is not None:
+            fn = _FUNCTORCH_FNS.get(qualname)
+            if fn is None:
+                fn = _FUNCTORCH_FNS[qualname] = _functorch_function(overload, *rule)
+            full, _ = _library_utils.fill_defaults(schema, args, {})
+            return fn.apply(*full)
+        if kind in (_pyfunctorch.TransformType.Grad, _pyfunctorch.TransformType.Jvp):
+            with interpreter.lower():
+                return overload(*args)
+        raise NotImplementedError(f"{qualname} does not support torch.func.{kind.name.lower()}")
+
+    return functorch_kernel
+
+
+def _quiet_impl(lib, name, kernel, key, **kw):
+    """lib.impl, where the op may have a kernel at key already (a triton_op's own Autograd
+    kernel): the dispatcher's warning that one was overridden (once per process) is expected."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        lib.impl(name, kernel, key, **kw)
+
+
+def register_functorch(qualname: str) -> None:
+    """Registers the op's torch.func kernel (_make_functorch_kernel), once. Every pypaper
+    triton_op gets it when defined (pypaper._triton.triton_op): a triton_op's own Autograd kernel
+    fails under any transform; register_autograd gives it to the ops with a backward."""
+    if qualname in _COVERED:
+        return
+    overload = _library_utils.lookup_op(qualname)
+    _lib(overload._namespace).impl(overload._opname, _make_functorch_kernel(overload),
+                                   "FuncTorchDynamicLayerFrontMode")
+    _COVERED.add(qualname)
+
+
+def register_autograd(qualname: str, backward, *, setup_context=None) -> None:
+    """torch.library.register_autograd(qualname, backward, setup_context=setup_context), with an
+    Autograd kernel that also refuses forward-mode tangents and a kernel for torch.func
+    transforms (see the module docstring). qualname: "pypaper::<op>" (default overload), a
+    schema op of csrc/schemas.cpp or a torch.library.triton_op."""
+    overload = _library_utils.lookup_op(qualname)
+    kernel = _make_autograd_kernel(overload, backward, setup_context)
+    _RULES[qualname] = (backward, setup_context)
+    _FUNCTORCH_FNS.pop(qualname, None)
+    register_functorch(qualname)
+    opdef = _custom_ops._maybe_get_opdef(qualname)
+    if opdef is not None:
+        # a triton_op keeps its backward on its CustomOpDef too (opcheck reads it there)
+        opdef.register_autograd(backward, setup_context=setup_context)
+    _quiet_impl(_lib(overload._namespace), overload._opname, kernel, "Autograd",
+                with_keyset=True)

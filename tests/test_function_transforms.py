@@ -1,0 +1,335 @@
+"""torch.func transforms and forward-mode AD over every family's ops (pypaper/_autograd.py).
+
+- torch.func.grad over an op equals torch.autograd.grad through the same op;
+- vmap(grad(...)) (per-sample gradients) equals a loop of torch.autograd.grad over the samples;
+- forward-mode AD (forward_ad dual tensors, torch.func.jvp, jacfwd) raises NotImplementedError
+  naming the op and the argument, where torch.library's autograd kernel returned the outputs
+  without a tangent (a jvp of zero, silently).
+"""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.func as func
+
+import pypaper
+from pypaper import _ext
+
+pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="pypaper._C not built")
+
+
+def _fq(x):
+    return pypaper.ops.fake_quantize(x, 0.05, 0, 8)
+
+
+def _power(x):
+    return pypaper.ops.power_fake_quantize(x, 2.0, 4, 3.0)
+
+
+def _fewbit(x):
+    return pypaper.ops.fewbit_activation(x, "gelu")
+
+
+_KV = torch.Generator().manual_seed(1)
+_K = torch.randn(1, 2, 6, 8, generator=_KV)
+_V = torch.randn(1, 2, 6, 8, generator=_KV)
+
+
+def _hopfield(q):  # q: [L, d] -> the op's [B, H, L, d]
+    q4 = q.reshape(1, 1, *q.shape).expand(1, 2, *q.shape)
+    return pypaper.ops.hopfield_retrieve(q4, _K, _V, beta=0.5)
+
+
+_W = torch.randn(5, 8, generator=_KV)
+_B = torch.randn(5, generator=_KV)
+
+
+def _wtacrs(x):  # x: [N, 8]; every row kept: the sampled grad_W is then exact
+    n = x.shape[0]
+    idx = torch.arange(n)
+    return pypaper.ops.wtacrs_linear(x, _W, _B, x.detach(), idx)
+
+
+def _lif(x):  # x: [T, N]
+    return pypaper.snn.lif_multi_step(x * 2.0, tau=2.0)[0]
+
+
+_POS = torch.tensor([[0.5, 2.0, 1.2, 0.0, 3.0, 2.5, 1.0, 0.2],
+                     [1.5, 0.0, 2.2, 1.0, 0.7, 3.1, 2.0, 1.4],
+                     [2.5, 1.0, 0.1, 3.0, 2.0, 0.4, 1.7, 2.9],
+                     [0.0, 0.5, 1.5, 2.5, 3.5, 1.2, 0.8, 2.2],
+                     [3.0, 2.0, 1.0, 0.0, 0.6, 1.6, 2.6, 3.6]])
+
+
+def _delay(x):  # x: [T, N, 8] -> [T, N, 5]
+    return pypaper.snn.delays.delayed_linear(x, _W, _POS, _B, max_delay=4, sigma=0.3)
+
+
+# name, function of one tensor, shape of the tensor (the per-sample shape for vmap)
+CASES = [
+    ("fake_quantize", _fq, (4, 7)),
+    ("power_fake_quantize", _power, (4, 7)),
+    ("fewbit_activation", _fewbit, (4, 7)),
+    ("hopfield_retrieve", _hopfield, (3, 8)),
+    ("wtacrs_linear", _wtacrs, (3, 8)),
+    ("lif_multi_step", _lif, (6, 5)),
+    ("delayed_linear", _delay, (6, 2, 8)),
+]
+IDS = [c[0] for c in CASES]
+
+
+def _data(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g)
+
+
+def _loss_fn(f, shape):
+    out_w = None
+
+    def loss(x):
+        nonlocal out_w
+        y = f(x)
+        if out_w is None:
+            out_w = _data(y.shape, seed=7)  # a fixed, non-uniform upstream gradient
+        return (y * out_w).sum()
+
+    return loss
+
+
+@pytest.mark.parametrize("name,f,shape", CASES, ids=IDS)
+def test_func_grad_equals_autograd(name, f, shape):
+    x = _data(shape)
+    loss = _loss_fn(f, shape)
+    xr = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(loss(xr), xr)
+    got = func.grad(loss)(x)
+    assert expected.abs().sum() > 0, "a zero gradient would not test anything"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,f,shape", CASES, ids=IDS)
+def test_vjp_and_jacrev(name, f, shape):
+    x = _data(shape)
+    xr = x.clone().requires_grad_()
+    y = f(xr)
+    v = _data(y.shape, seed=3)
+    (expected,) = torch.autograd.grad(y, xr, v)
+    out, vjp_fn = func.vjp(f, x)
+    torch.testing.assert_close(out, y.detach())
+    torch.testing.assert_close(vjp_fn(v)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,f,shape", [c for c in CASES if c[0] in
+                                          ("fake_quantize", "lif_multi_step", "hopfield_retrieve")],
+                         ids=["fake_quantize", "hopfield_retrieve", "lif_multi_step"])
+def test_jacrev_rows_are_vjps(name, f, shape):
+    x = _data(shape)
+    jac = func.jacrev(f)(x)  # [*y.shape, *x.shape]
+    xr = x.clone().requires_grad_()
+    y = f(xr)
+    flat = jac.reshape(y.numel(), x.numel())
+    for i in (0, y.numel() // 2, y.numel() - 1):
+        e = torch.zeros(y.numel())
+        e[i] = 1.0
+        (row,) = torch.autograd.grad(y, xr, e.reshape(y.shape), retain_graph=True)
+        torch.testing.assert_close(flat[i], row.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,f,shape", CASES, ids=IDS)
+def test_per_sample_grads(name, f, shape):
+    """vmap(grad(loss)) over a batch of samples: the per-sample gradients equal one
+    torch.autograd.grad per sample (the op itself runs once per sample)."""
+    batch = torch.stack([_data(shape, seed=s) for s in range(3)])
+    loss = _loss_fn(f, shape)
+    loss(batch[0])  # fixes the upstream gradient's shape outside vmap
+    got = func.vmap(func.grad(loss))(batch)
+    for s in range(batch.shape[0]):
+        xr = batch[s].clone().requires_grad_()
+        (expected,) = torch.autograd.grad(loss(xr), xr)
+        torch.testing.assert_close(got[s], expected, rtol=1e-5, atol=1e-6)
+
+
+# Ops whose call without requires_grad is torch's own composite, which has a forward-mode rule: the
+# few-bit activation without grad is torch's activation (the few-bit codes only shape its
+# backward), so its jvp is the exact derivative's.
+_EXACT_JVP = {"fewbit_activation": lambda x: torch.nn.functional.gelu(x)}
+REFUSED = [c for c in CASES if c[0] not in _EXACT_JVP]
+
+
+@pytest.mark.parametrize("name,f,shape", REFUSED, ids=[c[0] for c in REFUSED])
+def test_forward_ad_refused(name, f, shape):
+    x = _data(shape)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="no forward-mode AD rule"):
+            f(dual)
+        # with requires_grad too (then the call builds a graph as well)
+        dual = fwAD.make_dual(x.clone().requires_grad_(), torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="no forward-mode AD rule"):
+            f(dual)
+
+
+@pytest.mark.parametrize("name,f,shape", REFUSED, ids=[c[0] for c in REFUSED])
+def test_func_jvp_refused(name, f, shape):
+    x = _data(shape)
+    with pytest.raises(NotImplementedError, match="no forward-mode AD rule"):
+        func.jvp(f, (x,), (torch.ones_like(x),))
+
+
+@pytest.mark.parametrize("name", sorted(_EXACT_JVP))
+def test_jvp_of_plain_path_is_exact(name):
+    f = dict((c[0], c[1]) for c in CASES)[name]
+    x, t = _data((4, 7)), _data((4, 7), seed=5)
+    _, got = func.jvp(f, (x,), (t,))
+    _, expected = func.jvp(_EXACT_JVP[name], (x,), (t,))
+    torch.testing.assert_close(got, expected)
+
+
+def test_refusal_names_op_and_argument():
+    x = _data((4, 7))
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match=r"pypaper::fake_quantize .*'x'"):
+            _fq(dual)
+    with pytest.raises(NotImplementedError, match=r"jacfwd|jvp"):
+        func.jacfwd(_hopfield)(_data((3, 8)))
+
+
+def _models():
+    torch.manual_seed(0)
+    q = pypaper.quant.Int8DynamicLinear.from_float(torch.nn.Linear(6, 8))
+    return {
+        "int8_dynamic_linear": (torch.nn.Sequential(torch.nn.Linear(6, 6), q), (4, 6)),
+        "delayed_linear": (torch.nn.Sequential(torch.nn.Linear(6, 8),
+                                               pypaper.snn.DelayedLinear(8, 4, 3)), (5, 1, 6)),
+        "lif_node": (torch.nn.Sequential(torch.nn.Linear(6, 8),
+                                         pypaper.snn.LIFNode(step_mode="m")), (5, 2, 6)),
+        "hopfield_layer": (torch.nn.Sequential(pypaper.hopfield.HopfieldLayer(6, quantity=4)),
+                           (1, 3, 6)),
+    }
+
+
+MODELS = sorted(_models())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_module_per_sample_grads(name):
+    """functional_call + vmap(grad) over a model with a pypaper layer, as per-sample-gradient
+    code (DP-SGD, influence functions) writes it: every parameter's gradient per sample equals
+    a loop of autograd over single samples."""
+    model, shape = _models()[name]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    xs = torch.randn(3, *shape)
+
+    def loss(p, x):
+        pypaper.snn.reset_net(model)  # a neuron's membrane state must not cross samples
+        y = func.functional_call(model, p, (x,))
+        # a fixed weighting of the outputs (spikes: y.square() has a zero gradient wherever no
+        # neuron fires)
+        return (y * torch.linspace(-1.0, 2.0, y.numel()).reshape(y.shape)).sum()
+
+    got = func.vmap(func.grad(loss), in_dims=(None, 0))(params, xs)
+    pypaper.snn.reset_net(model)
+    for s in range(xs.shape[0]):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), xs[s]).backward()
+        for k, p in model.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, k
+            torch.testing.assert_close(got[k][s], p.grad, rtol=1e-5, atol=1e-5)
+
+
+# DelayedLinear at its default width runs as torch's dense convolution on the CPU (no pypaper
+# op in the call): forward-mode AD then works, and must give the true directional derivative.
+_MODEL_EXACT_JVP = {"delayed_linear"}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_module_forward_ad(name):
+    model, shape = _models()[name]
+    x = torch.randn(*shape)
+    t = torch.randn(*shape)
+    if name not in _MODEL_EXACT_JVP:
+        with fwAD.dual_level():
+            with pytest.raises(NotImplementedError, match="no forward-mode AD rule"):
+                model(fwAD.make_dual(x, t))
+        return
+    model = model.double()
+    x, t = x.double(), t.double()
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(model(fwAD.make_dual(x, t))).tangent
+    eps = 1e-6
+    fd = (model(x + eps * t) - model(x - eps * t)) / (2 * eps)
+    torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap_grad"])
+def test_fewbit_table_built_inside_transform(transform):
+    """A few-bit table is built (autograd of torch's activation, then numpy) on the first call
+    that needs it, which may come inside a torch.func transform."""
+    from pypaper.quant.fewbit import tables
+
+    tables._default_table.cache_clear()
+    x = _data((4, 7))
+
+    def loss(a):
+        return (pypaper.ops.fewbit_activation(a, "silu", 3) * a).sum()
+
+    g = func.grad(loss)
+    got = g(x) if transform == "grad" else func.vmap(g)(x)
+    assert tables._default_table.cache_info().currsize == 1
+    xr = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(loss(xr), xr)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("name", ["fake_quantize", "hopfield_retrieve", "lif_multi_step"])
+def test_triton_twin_under_grad_and_vmap(name):
+    """The Triton twins are torch.library.triton_ops (CustomOpDef): their Autograd kernel is
+    replaced after the fact (pypaper/_autograd.py); under the interpreter on CPU tensors."""
+    pytest.importorskip("triton")
+    f, shape = {c[0]: (c[1], c[2]) for c in CASES}[name]
+    batch = torch.stack([_data(shape, seed=s) for s in range(2)])
+    loss = _loss_fn(f, shape)
+    with pypaper.use_backend("triton"):
+        loss(batch[0])
+        got = func.vmap(func.grad(loss))(batch)
+        for s in range(batch.shape[0]):
+            xr = batch[s].clone().requires_grad_()
+            y = f(xr)
+            assert "triton" in type(y.grad_fn).__name__ or name == "lif_multi_step"
+            (expected,) = torch.autograd.grad(loss(xr), xr)
+            torch.testing.assert_close(got[s], expected, rtol=1e-5, atol=1e-6)
+        x = batch[0]
+        with fwAD.dual_level():
+            with pytest.raises(NotImplementedError, match="no forward-mode AD rule"):
+                f(fwAD.make_dual(x, torch.ones_like(x)))
+
+
+def test_every_triton_op_has_the_functorch_kernel():
+    """A triton_op's own Autograd kernel fails under any torch.func transform, even for an op
+    without a backward: each of pypaper's gets pypaper/_autograd.py's kernel when defined."""
+    pytest.importorskip("triton")
+    from torch._library import custom_ops
+
+    from pypaper import _autograd
+
+    with pypaper.use_backend("triton"):  # imports Triton modules (the others' tests do more)
+        _fq(_data((2, 3)))
+        pypaper.ops.wtacrs_row_norms(_data((2, 3)))
+    ours = [n for n in custom_ops.OPDEFS if n.startswith("pypaper::")]
+    assert ours and set(ours) <= _autograd._COVERED
+
+
+def test_op_without_backward_under_vmap_and_grad():
+    """wtacrs_row_norms (no backward: the sampler's scores) inside a transformed function: a
+    constant at the grad level as in eager autograd, per sample under vmap."""
+    x = _data((3, 4, 7))
+
+    def loss(a):
+        return (a * pypaper.ops.wtacrs_row_norms(a)[:, None]).sum()
+
+    got = func.vmap(func.grad(loss))(x)
+    for s in range(3):
+        xr = x[s].clone().requires_grad_()
+        (expected,) = torch.autograd.grad(loss(xr), xr)
+        torch.testing.assert_close(got[s], expected)
+        torch.testing.assert_close(got[s], x[s].norm(dim=1, keepdim=True).expand(4, 7))
