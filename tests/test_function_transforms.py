@@ -64,6 +64,13 @@ def _delay(x):  # x: [T, N, 8] -> [T, N, 5]
     return pypaper.snn.delays.delayed_linear(x, _W, _POS, _B, max_delay=4, sigma=0.3)
 
 
+_XFF = torch.randn(6, 8, generator=_KV)
+
+
+def _ff(w):  # the Forward-Forward layer learns from its local loss: a function of its weight
+    return pypaper.ops.local_ff_linear(_XFF, w, _B, num_pos=3)[1]
+
+
 # name, function of one tensor, shape of the tensor (the per-sample shape for vmap)
 CASES = [
     ("fake_quantize", _fq, (4, 7)),
@@ -73,13 +80,14 @@ CASES = [
     ("wtacrs_linear", _wtacrs, (3, 8)),
     ("lif_multi_step", _lif, (6, 5)),
     ("delayed_linear", _delay, (6, 2, 8)),
+    ("local_ff_linear", _ff, (5, 8)),
 ]
 IDS = [c[0] for c in CASES]
 
 
 def _data(shape, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g)
+    return torch.randn(tuple(shape), generator=g)
 
 
 def _loss_fn(f, shape):
@@ -333,3 +341,15 @@ def test_op_without_backward_under_vmap_and_grad():
         (expected,) = torch.autograd.grad(loss(xr), xr)
         torch.testing.assert_close(got[s], expected)
         torch.testing.assert_close(got[s], x[s].norm(dim=1, keepdim=True).expand(4, 7))
+
+
+def test_compiled_grad():
+    """torch.compile(torch.func.grad(f), fullgraph=True) over an op equals the eager transform."""
+    x = _data((6, 5))
+
+    def f(a):
+        return (pypaper.ops.fake_quantize(a, 0.05, 0, 8) * a).sum()
+
+    torch._dynamo.reset()
+    got = torch.compile(func.grad(f), fullgraph=True)(x)
+    torch.testing.assert_close(got, func.grad(f)(x))
