@@ -353,3 +353,43 @@ def test_compiled_grad():
     torch._dynamo.reset()
     got = torch.compile(func.grad(f), fullgraph=True)(x)
     torch.testing.assert_close(got, func.grad(f)(x))
+
+
+# The local family's reference computes its layer gradients with torch.autograd.grad on detached
+# leaves inside the forward: it does not compose with torch.func (its C++ / Triton ops do).
+REFERENCE_CASES = [c for c in CASES if c[0] != "local_ff_linear"]
+
+
+@pytest.mark.parametrize("name,f,shape", REFERENCE_CASES, ids=[c[0] for c in REFERENCE_CASES])
+def test_reference_backend_per_sample_grads(name, f, shape):
+    """The plain-PyTorch reference (PYPAPER_BACKEND=reference, or no pypaper._C) keeps its
+    autograd.Functions in the form torch.func accepts (setup_context, generate_vmap_rule)."""
+    batch = torch.stack([_data(shape, seed=s) for s in range(2)])
+    loss = _loss_fn(f, shape)
+    with pypaper.use_backend("reference"):
+        loss(batch[0])
+        got = func.vmap(func.grad(loss))(batch)
+        for s in range(batch.shape[0]):
+            xr = batch[s].clone().requires_grad_()
+            (expected,) = torch.autograd.grad(loss(xr), xr)
+            torch.testing.assert_close(got[s], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bitlinear_per_sample_grads():
+    """BitLinear's straight-through step (an autograd.Function in every backend) under
+    functional_call + vmap(grad)."""
+    torch.manual_seed(0)
+    model = pypaper.quant.BitLinear(6, 4, bits=3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    xs = torch.randn(3, 2, 6)
+
+    def loss(p, x):
+        y = func.functional_call(model, p, (x,))
+        return (y * torch.linspace(-1.0, 2.0, y.numel()).reshape(y.shape)).sum()
+
+    got = func.vmap(func.grad(loss), in_dims=(None, 0))(params, xs)
+    for s in range(3):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), xs[s]).backward()
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(got[k][s], p.grad, rtol=1e-5, atol=1e-5)

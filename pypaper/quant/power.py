@@ -258,11 +258,18 @@ def _reference_terms(x, max_abs, exponent, qmax: int, ste: bool = True):
 
 
 class _ReferenceFakeQuantize(torch.autograd.Function):
+    # setup_context + generate_vmap_rule: the form torch.func transforms accept
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, max_abs, exponent, qmax, ste):
+    def forward(x, max_abs, exponent, qmax, ste):
+        return reference_fake_quantize(x, max_abs, exponent, qmax)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, max_abs, exponent, qmax, ste = inputs
         ctx.save_for_backward(x, max_abs, exponent)
         ctx.qmax, ctx.ste = qmax, ste
-        return reference_fake_quantize(x, max_abs, exponent, qmax)
 
     @staticmethod
     def backward(ctx, grad):

@@ -95,6 +95,8 @@ def surrogate_primitive(x: torch.Tensor, surrogate_id: int, alpha: float) -> tor
 class SpikeFunction(torch.autograd.Function):
     """S = Theta(x) (1 where x >= 0) forward, grad * sigma'(x) backward."""
 
+    generate_vmap_rule = True  # torch.func.vmap over it (per-sample gradients)
+
     @staticmethod
     def forward(x, surrogate_id, alpha):
         return (x >= 0).to(x.dtype)

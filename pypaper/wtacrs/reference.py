@@ -142,13 +142,20 @@ def linear_backward(grad_y, weight, x_kept, indices, need_input, need_weight, ne
 
 
 class _Linear(torch.autograd.Function):
-    """y = F.linear(x, W, b); the backward of linear_backward (the reference backend)."""
+    """y = F.linear(x, W, b); the backward of linear_backward (the reference backend).
+    (setup_context and generate_vmap_rule: the form torch.func transforms accept.)"""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, weight, bias, x_kept, indices):
+    def forward(x, weight, bias, x_kept, indices):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, x_kept, indices = inputs
         ctx.save_for_backward(weight, x_kept, indices)
         ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, gy):

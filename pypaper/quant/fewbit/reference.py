@@ -82,10 +82,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """int codes [n] -> uint8 [ceil(bits*n/8)] in the layout above."""
     n = codes.numel()
     nbytes = (n * bits + 7) // 8
-    stream = torch.zeros(nbytes * 8, dtype=torch.int64, device=codes.device)
     k = torch.arange(bits, dtype=torch.int64, device=codes.device)
     bit_vals = (codes.reshape(-1, 1).to(torch.int64) >> k) & 1  # [n, bits]
-    stream[bit_positions(n, bits, codes.device).reshape(-1)] = bit_vals.reshape(-1)
+    # out of place (index_put, not stream[...] = ...): runs under torch.func.vmap too
+    stream = torch.zeros(nbytes * 8, dtype=torch.int64, device=codes.device).index_put(
+        (bit_positions(n, bits, codes.device).reshape(-1),), bit_vals.reshape(-1))
     weights = 1 << torch.arange(8, dtype=torch.int64, device=codes.device)
     return (stream.reshape(nbytes, 8) * weights).sum(dim=1).to(torch.uint8)
 
@@ -118,21 +119,29 @@ def fewbit_backward(grad: torch.Tensor, codes: torch.Tensor, levels: torch.Tenso
 
 
 class _FewBitFunction(torch.autograd.Function):
-    """Autograd of the reference backend: saves only the packed codes."""
+    """Autograd of the reference backend: saves only the packed codes. (setup_context and
+    generate_vmap_rule: the form torch.func transforms accept.)"""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, name, params, borders, levels, bits, fold):
+    def forward(x, name, params, borders, levels, bits, fold):
         y, codes = fewbit_forward(x, name, params, borders, levels, bits, fold)
-        ctx.save_for_backward(codes, levels)
-        ctx.bits = bits
-        return y
+        return y, codes
 
     @staticmethod
-    def backward(ctx, grad):
+    def setup_context(ctx, inputs, output):
+        _, codes = output
+        ctx.mark_non_differentiable(codes)
+        ctx.save_for_backward(codes, inputs[4])
+        ctx.bits = inputs[5]
+
+    @staticmethod
+    def backward(ctx, grad, _grad_codes):
         codes, levels = ctx.saved_tensors
         return fewbit_backward(grad, codes, levels, ctx.bits), None, None, None, None, None, None
 
 
 def fewbit_activation(x, name, params, borders, levels, bits, fold) -> torch.Tensor:
     """The reference backend of pypaper.quant.fewbit.activation (differentiable)."""
-    return _FewBitFunction.apply(x, name, tuple(params), borders, levels, bits, fold)
+    return _FewBitFunction.apply(x, name, tuple(params), borders, levels, bits, fold)[0]

@@ -18,6 +18,7 @@ b bits have no spare code for it).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
@@ -96,10 +97,11 @@ class Approximation:
         key = (mdt, torch.device(device))
         hit = self._tensors.get(key)
         if hit is None:
-            b = torch.tensor(self.borders, dtype=mdt)
-            if self.fold and math.isfinite(self.borders[1]):
-                b[1] = torch.nextafter(b[1], torch.tensor(-math.inf, dtype=mdt))
-            hit = (b.to(device), torch.tensor(self.levels, dtype=mdt).to(device))
+            with _outside_transforms():
+                b = torch.tensor(self.borders, dtype=mdt)
+                if self.fold and math.isfinite(self.borders[1]):
+                    b[1] = torch.nextafter(b[1], torch.tensor(-math.inf, dtype=mdt))
+                hit = (b.to(device), torch.tensor(self.levels, dtype=mdt).to(device))
             if not torch.compiler.is_compiling():
                 self._tensors[key] = hit
         return hit
@@ -128,14 +130,27 @@ def exact_approximation(name: str, params: tuple) -> Approximation:
     raise ValueError(f"{name!r} has no exact 1-bit table")
 
 
+@contextlib.contextmanager
+def _outside_transforms():
+    """Runs the block as if no torch.func transform and no dispatch mode were active: what a
+    table builds there (numpy of an autograd gradient, tensors cached for later calls) must be
+    plain tensors, not wrapped ones (a tensor without storage for numpy; a cached tensor that
+    outlives its transform)."""
+    if torch.compiler.is_compiling():  # dynamo traces the block as it is
+        yield
+        return
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with temporarily_clear_interpreter_stack(), _disable_current_modes():
+        yield
+
+
 def derivative(name: str, params: tuple, x: np.ndarray) -> np.ndarray:
     """f'(x) in float64 from torch's own autograd formula of the activation. A table is built on
-    the first call that needs it, which may be inside torch.no_grad, inference_mode or a torch.func
-    transform (torch.func.grad would wrap the gradient in a tensor without storage for numpy):
-    this small autograd runs outside all three."""
-    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
-
-    with temporarily_clear_interpreter_stack(), torch.inference_mode(False), torch.enable_grad():
+    the first call that needs it, which may be inside torch.no_grad or inference_mode (this small
+    autograd runs with grad enabled) or a torch.func transform (see _outside_transforms)."""
+    with _outside_transforms(), torch.inference_mode(False), torch.enable_grad():
         t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
         (g,) = torch.autograd.grad(reference.activation(t, name, params).sum(), t)
         return g.numpy()

@@ -140,7 +140,7 @@ def test_calibrate_learns_and_freeze_keeps_the_function():
 def test_mnist_power_vs_uniform_and_learned():
     """Real check: a trained MLP on 1000 held-out MNIST digits. At 4 bits the searched power
     quantizer stays within 1 point of fp32 with a lower weight error than uniform 4 bits; at 2
-    bits the learned (data-driven) variant recovers most of what the data-free one loses."""
+    bits the learned (data-driven) variant wins back part of what the data-free one loses."""
     model = trained_mlp()
     fp = accuracy(model)
     assert fp > 90.0
@@ -158,7 +158,9 @@ def test_mnist_power_vs_uniform_and_learned():
     learn2 = replace_linears(copy.deepcopy(model), {n: PowerExponentConfig(2, learn=True)
                                                     for n in names})
     (X, _), _ = mnist_split()
-    calibrate(learn2, [X[i:i + 128] for i in range(0, 512, 128)], steps=100)
+    # 200 steps (calibrate's default): with 100 the cosine schedule ends early and the margin
+    # depends on the machine (a Zen 5 guest: +1.9 points at 100 steps, +8.1 at 200, +11.9 at 400)
+    calibrate(learn2, [X[i:i + 128] for i in range(0, 512, 128)], steps=200)
     freeze(learn2)
     acc_free2, acc_learn2 = accuracy(free2), accuracy(learn2)
     print(f"fp32 {fp:.1f}  power4 {acc_p4:.1f}  uniform4 {acc_u4:.1f}  "
