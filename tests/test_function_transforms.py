@@ -103,6 +103,18 @@ def _loss_fn(f, shape):
     return loss
 
 
+def _assert_per_sample_grads(f, shape, samples=3):
+    """vmap(grad(loss)) over `samples` inputs equals one torch.autograd.grad per input."""
+    batch = torch.stack([_data(shape, seed=s) for s in range(samples)])
+    loss = _loss_fn(f, shape)
+    loss(batch[0])  # fixes the upstream gradient's shape outside vmap
+    got = func.vmap(func.grad(loss))(batch)
+    for s in range(samples):
+        xr = batch[s].clone().requires_grad_()
+        (expected,) = torch.autograd.grad(loss(xr), xr)
+        torch.testing.assert_close(got[s], expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name,f,shape", CASES, ids=IDS)
 def test_func_grad_equals_autograd(name, f, shape):
     x = _data(shape)
@@ -146,14 +158,7 @@ def test_jacrev_rows_are_vjps(name, f, shape):
 def test_per_sample_grads(name, f, shape):
     """vmap(grad(loss)) over a batch of samples: the per-sample gradients equal one
     torch.autograd.grad per sample (the op itself runs once per sample)."""
-    batch = torch.stack([_data(shape, seed=s) for s in range(3)])
-    loss = _loss_fn(f, shape)
-    loss(batch[0])  # fixes the upstream gradient's shape outside vmap
-    got = func.vmap(func.grad(loss))(batch)
-    for s in range(batch.shape[0]):
-        xr = batch[s].clone().requires_grad_()
-        (expected,) = torch.autograd.grad(loss(xr), xr)
-        torch.testing.assert_close(got[s], expected, rtol=1e-5, atol=1e-6)
+    _assert_per_sample_grads(f, shape)
 
 
 # Ops whose call without requires_grad is torch's own composite, which has a forward-mode rule: the
@@ -295,18 +300,11 @@ def test_triton_twin_under_grad_and_vmap(name):
     replaced after the fact (pypaper/_autograd.py); under the interpreter on CPU tensors."""
     pytest.importorskip("triton")
     f, shape = {c[0]: (c[1], c[2]) for c in CASES}[name]
-    batch = torch.stack([_data(shape, seed=s) for s in range(2)])
-    loss = _loss_fn(f, shape)
     with pypaper.use_backend("triton"):
-        loss(batch[0])
-        got = func.vmap(func.grad(loss))(batch)
-        for s in range(batch.shape[0]):
-            xr = batch[s].clone().requires_grad_()
-            y = f(xr)
-            assert "triton" in type(y.grad_fn).__name__ or name == "lif_multi_step"
-            (expected,) = torch.autograd.grad(loss(xr), xr)
-            torch.testing.assert_close(got[s], expected, rtol=1e-5, atol=1e-6)
-        x = batch[0]
+        y = f(_data(shape).requires_grad_())
+        assert "triton" in type(y.grad_fn).__name__ or name == "lif_multi_step"
+        _assert_per_sample_grads(f, shape, samples=2)
+        x = _data(shape)
         with fwAD.dual_level():
             with pytest.raises(NotImplementedError, match="no forward-mode AD rule"):
                 f(fwAD.make_dual(x, torch.ones_like(x)))
@@ -364,15 +362,8 @@ REFERENCE_CASES = [c for c in CASES if c[0] != "local_ff_linear"]
 def test_reference_backend_per_sample_grads(name, f, shape):
     """The plain-PyTorch reference (PYPAPER_BACKEND=reference, or no pypaper._C) keeps its
     autograd.Functions in the form torch.func accepts (setup_context, generate_vmap_rule)."""
-    batch = torch.stack([_data(shape, seed=s) for s in range(2)])
-    loss = _loss_fn(f, shape)
     with pypaper.use_backend("reference"):
-        loss(batch[0])
-        got = func.vmap(func.grad(loss))(batch)
-        for s in range(batch.shape[0]):
-            xr = batch[s].clone().requires_grad_()
-            (expected,) = torch.autograd.grad(loss(xr), xr)
-            torch.testing.assert_close(got[s], expected, rtol=1e-5, atol=1e-6)
+        _assert_per_sample_grads(f, shape, samples=2)
 
 
 def test_bitlinear_per_sample_grads():
