@@ -115,6 +115,24 @@ def _functorch_function(overload, backward, setup_context):
     })
 
 
+def _lowered_constant(interpreter, overload, args):
+    """overload(*args) one transform level below a grad / jvp ``interpreter``, its outputs
+    constants at that level (what functorch does with an op that has no autograd): the level's
+    wrappers come off the arguments and go back on the outputs."""
+    level = interpreter.level()
+
+    def unwrap(t):
+        return _C._functorch._unwrap_for_grad(t, level) if isinstance(t, torch.Tensor) else t
+
+    def wrap(t):
+        return _C._functorch._wrap_for_grad(t, level) if isinstance(t, torch.Tensor) else t
+
+    unwrapped = _pytree.tree_map(unwrap, args)
+    with interpreter.lower():
+        out = overload(*unwrapped)
+    return _pytree.tree_map(wrap, out)
+
+
 def _vmap_per_sample(interpreter, overload, args):
     """overload(*args) under the vmap transform ``interpreter``: once per sample, one transform
     level down, outputs stacked along a new dim 0 (the batch dim of every output)."""
@@ -199,8 +217,7 @@ def _make_functorch_kernel(overload):
             full, _ = _library_utils.fill_defaults(schema, args, {})
             return fn.apply(*full)
         if kind in (_pyfunctorch.TransformType.Grad, _pyfunctorch.TransformType.Jvp):
-            with interpreter.lower():
-                return overload(*args)
+            return _lowered_constant(interpreter, overload, args)
         raise NotImplementedError(f"{qualname} does not support torch.func.{kind.name.lower()}")
 
     return functorch_kernel
@@ -242,3 +259,35 @@ def register_autograd(qualname: str, backward, *, setup_context=None) -> None:
         opdef.register_autograd(backward, setup_context=setup_context)
     _quiet_impl(_lib(overload._namespace), overload._opname, kernel, "Autograd",
                 with_keyset=True)
+
+
+_CONSTANT: set = set()  # qualnames registered with register_constant
+
+
+def register_constant(qualname: str) -> None:
+    """An op whose outputs are not differentiable (integer codes, sampled indices and their
+    weights): its Autograd kernel runs it below autograd, so its outputs never require grad and no
+    graph node is made, and torch.func transforms treat them as constants. Without an Autograd
+    kernel, torch's fallback for the C++ op made outputs that warn when backpropagated ("may
+    lead to silently incorrect behavior", a deprecated path)."""
+    overload = _library_utils.lookup_op(qualname)
+
+    def kernel(keyset, *args):
+        with _C._AutoDispatchBelowAutograd():
+            return overload.redispatch(keyset & _C._after_autograd_keyset, *args)
+
+    register_functorch(qualname)
+    _quiet_impl(_lib(overload._namespace), overload._opname, kernel, "Autograd",
+                with_keyset=True)
+    _CONSTANT.add(qualname)
+
+
+def register_no_backward(qualname: str, reason: str) -> None:
+    """An op with floating outputs and no backward (a step of another op's backward, or of a
+    sampler that its callers run on detached inputs): differentiating through it raises
+    NotImplementedError naming it and ``reason``, instead of torch's fallback for a C++ op
+    without autograd (a warning and a zero gradient)."""
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"{qualname} has no backward: {reason}")
+
+    register_autograd(qualname, backward)

@@ -326,19 +326,31 @@ def test_every_triton_op_has_the_functorch_kernel():
 
 
 def test_op_without_backward_under_vmap_and_grad():
-    """wtacrs_row_norms (no backward: the sampler's scores) inside a transformed function: a
-    constant at the grad level as in eager autograd, per sample under vmap."""
-    x = _data((3, 4, 7))
+    """wtacrs_select (the sampler's choice of rows: a constant) inside a transformed function
+    gives the gradient of the rows it picks, per sample under vmap; wtacrs_row_norms has no
+    backward, and differentiating through it raises instead of giving zero."""
+    x = _data((3, 6, 7))
+    seed = torch.tensor([3], dtype=torch.int64)
 
     def loss(a):
-        return (a * pypaper.ops.wtacrs_row_norms(a)[:, None]).sum()
+        idx, _ = torch.ops.pypaper.wtacrs_select(a.detach().norm(dim=1), 3, True, seed)
+        return (a[idx] * a[idx]).sum()
 
     got = func.vmap(func.grad(loss))(x)
     for s in range(3):
         xr = x[s].clone().requires_grad_()
         (expected,) = torch.autograd.grad(loss(xr), xr)
         torch.testing.assert_close(got[s], expected)
-        torch.testing.assert_close(got[s], x[s].norm(dim=1, keepdim=True).expand(4, 7))
+        assert (expected != 0).any(dim=1).sum() == 3  # the 3 rows picked
+    t = _data((6, 7), seed=9)  # jvp through it: the constant op runs one level down
+    _, tangent = func.jvp(loss, (x[0],), (t,))
+    torch.testing.assert_close(tangent, (func.grad(loss)(x[0]) * t).sum())
+    xr = x[0].clone().requires_grad_()
+    norms = pypaper.ops.wtacrs_row_norms(xr)
+    with pytest.raises(NotImplementedError, match="wtacrs_row_norms has no backward"):
+        norms.sum().backward()
+    with pytest.raises(NotImplementedError, match="wtacrs_row_norms has no backward"):
+        func.grad(lambda a: pypaper.ops.wtacrs_row_norms(a).sum())(x[0])
 
 
 def test_compiled_grad():
@@ -384,3 +396,21 @@ def test_bitlinear_per_sample_grads():
         loss(dict(model.named_parameters()), xs[s]).backward()
         for k, p in model.named_parameters():
             torch.testing.assert_close(got[k][s], p.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_every_functional_native_op_has_an_explicit_autograd():
+    """Each functional pypaper op has pypaper's Autograd kernel: a backward, a constant (integer
+    codes, the sampler's choice) or one that refuses to be differentiated. None is left to torch's
+    fallback for C++ ops without autograd (a deprecated path that warns and gives zeros). The
+    local family's *_out ops write into their arguments and are called with explicit gradients.
+    (The Triton twins without a backward keep the triton_op kernel, whose backward raises.)"""
+    from pypaper import _autograd
+
+    names = {n for n in torch._C._dispatch_get_all_op_names()
+             if n.startswith("pypaper::") and not n.endswith("_triton")}  # C++ / CUDA ops
+    mutating = {n for n in names if any(a.alias_info is not None and a.alias_info.is_write
+                                         for a in torch._library.utils.lookup_op(n)._schema.arguments)}
+    assert mutating == {"pypaper::local_ff_linear_out", "pypaper::local_ff_sf_linear_out",
+                        "pypaper::local_tp_linear_out"}
+    missing = names - mutating - set(_autograd._RULES) - _autograd._CONSTANT
+    assert not missing, sorted(missing)

@@ -121,6 +121,7 @@ def register_native() -> None:
     _autograd.register_autograd("pypaper::dequantize", _dq_backward, setup_context=_dq_setup)
     _autograd.register_autograd("pypaper::fake_quantize_backward", _no_double_backward,
                                 setup_context=_setup_nothing)
+    _autograd.register_constant("pypaper::quantize")  # integer codes
 
 
 _triton_module = None

@@ -364,6 +364,10 @@ def _register_native() -> None:
                                 setup_context=_fq_setup)
     _autograd.register_autograd("pypaper::power_fake_quantize_backward", _double_backward,
                                 setup_context=_dbl_setup)
+    _autograd.register_constant("pypaper::power_quantize")  # int8 codes
+    _autograd.register_no_backward(
+        "pypaper::power_dequantize", "it decodes frozen int8 codes; to learn max_abs or the "
+        "exponent differentiate power_fake_quantize")
 
 
 _register_native()

@@ -94,6 +94,7 @@ def register_native() -> None:
     torch.library.register_fake("pypaper::int8_weight_only_linear")(_fake_int8_wo)
     torch.library.register_fake("pypaper::int4_weight_only_linear")(_fake_int4_wo)
     _register_autograd("")
+    _autograd.register_constant("pypaper::int8_dynamic_linear_int32")  # int32 accumulators
 
 
 _triton_module = None

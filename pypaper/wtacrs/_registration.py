@@ -105,6 +105,16 @@ def register_fakes() -> None:
 
 def register_native() -> None:
     register_fakes()
+    # the sampler's decision: which rows, with which estimator weights
+    _autograd.register_constant("pypaper::wtacrs_select")
+    for name in ("row_norms", "gather_scale", "sample"):
+        _autograd.register_no_backward(
+            f"pypaper::wtacrs_{name}", "a step of the WTA-CRS sampler, which runs on detached "
+            "inputs (pypaper.wtacrs.WTACRSLinear); use torch ops to differentiate through it")
+    for name in ("sampled_grad_weight", "linear_backward"):
+        _autograd.register_no_backward(
+            f"pypaper::wtacrs_{name}", "a step of wtacrs_linear's backward (its double backward "
+            "runs on the reference formulas)")
     _autograd.register_autograd("pypaper::wtacrs_linear",
                                 _make_linear_backward(torch.ops.pypaper.wtacrs_linear_backward),
                                 setup_context=_linear_setup)
