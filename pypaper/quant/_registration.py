@@ -143,5 +143,6 @@ def load_triton():
                                         setup_context=_dq_setup)
             _autograd.register_autograd("pypaper::fake_quantize_backward_triton",
                                         _no_double_backward, setup_context=_setup_nothing)
+            _autograd.register_constant("pypaper::quantize_triton")
         _triton_module = triton_kernels
     return _triton_module

@@ -364,10 +364,15 @@ def _register_native() -> None:
                                 setup_context=_fq_setup)
     _autograd.register_autograd("pypaper::power_fake_quantize_backward", _double_backward,
                                 setup_context=_dbl_setup)
-    _autograd.register_constant("pypaper::power_quantize")  # int8 codes
+    _register_codecs("")
+
+
+def _register_codecs(suffix: str) -> None:
+    """quantize / dequantize, which have no backward (suffix "" or "_triton")."""
+    _autograd.register_constant(f"pypaper::power_quantize{suffix}")  # int8 codes
     _autograd.register_no_backward(
-        "pypaper::power_dequantize", "it decodes frozen int8 codes; to learn max_abs or the "
-        "exponent differentiate power_fake_quantize")
+        f"pypaper::power_dequantize{suffix}", "it decodes frozen int8 codes; to learn max_abs or "
+        "the exponent differentiate power_fake_quantize")
 
 
 _register_native()
@@ -389,6 +394,7 @@ def load_triton():
                 setup_context=_fq_setup)
             _autograd.register_autograd("pypaper::power_fake_quantize_backward_triton",
                                         _double_backward, setup_context=_dbl_setup)
+            _register_codecs("_triton")
         _triton_module = power_triton
     return _triton_module
 

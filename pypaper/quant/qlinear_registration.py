@@ -79,6 +79,7 @@ def _wo4_backward(ctx, grad):
 
 
 def _register_autograd(suffix: str) -> None:
+    _autograd.register_constant(f"pypaper::int8_dynamic_linear_int32{suffix}")  # int32 sums
     _autograd.register_autograd(f"pypaper::int8_dynamic_linear{suffix}", _dyn_backward,
                                 setup_context=_dyn_setup)
     _autograd.register_autograd(f"pypaper::int8_weight_only_linear{suffix}", _wo8_backward,
@@ -94,7 +95,6 @@ def register_native() -> None:
     torch.library.register_fake("pypaper::int8_weight_only_linear")(_fake_int8_wo)
     torch.library.register_fake("pypaper::int4_weight_only_linear")(_fake_int4_wo)
     _register_autograd("")
-    _autograd.register_constant("pypaper::int8_dynamic_linear_int32")  # int32 accumulators
 
 
 _triton_module = None

@@ -103,18 +103,24 @@ def register_fakes() -> None:
         torch.library.register_fake(lib + name)(fake)
 
 
-def register_native() -> None:
-    register_fakes()
+def _register_steps(suffix: str) -> None:
+    """The ops without a backward (suffix "" native, "_triton" the Triton twins)."""
     # the sampler's decision: which rows, with which estimator weights
-    _autograd.register_constant("pypaper::wtacrs_select")
+    _autograd.register_constant(f"pypaper::wtacrs_select{suffix}")
     for name in ("row_norms", "gather_scale", "sample"):
         _autograd.register_no_backward(
-            f"pypaper::wtacrs_{name}", "a step of the WTA-CRS sampler, which runs on detached "
-            "inputs (pypaper.wtacrs.WTACRSLinear); use torch ops to differentiate through it")
+            f"pypaper::wtacrs_{name}{suffix}", "a step of the WTA-CRS sampler, which runs on "
+            "detached inputs (pypaper.wtacrs.WTACRSLinear); use torch ops to differentiate "
+            "through it")
     for name in ("sampled_grad_weight", "linear_backward"):
         _autograd.register_no_backward(
-            f"pypaper::wtacrs_{name}", "a step of wtacrs_linear's backward (its double backward "
-            "runs on the reference formulas)")
+            f"pypaper::wtacrs_{name}{suffix}", "a step of wtacrs_linear's backward (its double "
+            "backward runs on the reference formulas)")
+
+
+def register_native() -> None:
+    register_fakes()
+    _register_steps("")
     _autograd.register_autograd("pypaper::wtacrs_linear",
                                 _make_linear_backward(torch.ops.pypaper.wtacrs_linear_backward),
                                 setup_context=_linear_setup)
@@ -131,6 +137,7 @@ def load_triton():
         from . import triton_kernels
 
         if triton_kernels.HAVE_TRITON:
+            _register_steps("_triton")
             _autograd.register_autograd(
                 "pypaper::wtacrs_linear_triton",
                 _make_linear_backward(torch.ops.pypaper.wtacrs_linear_backward_triton),
