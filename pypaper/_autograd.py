@@ -63,8 +63,9 @@ def refuse_tangents(op: str, names, values) -> None:
 
 def _eager_function(overload, backward, setup_context, num_args):
     """The op as an old-style torch.autograd.Function (context set inside forward, as
-    torch.library's generated one does: a setup_context staticmethod would cost ~30 us a call to
-    bind arguments). Its first argument is the dispatch keyset to redispatch below Autograd with."""
+    torch.library's generated one does: with a setup_context staticmethod every apply binds its
+    arguments through inspect, ~9 us more on a 1-argument Function). Its first argument is the
+    dispatch keyset to redispatch below Autograd with."""
     schema = overload._schema
 
     def forward(ctx, keyset, *args):
