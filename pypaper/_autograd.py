@@ -61,6 +61,12 @@ def refuse_tangents(op: str, names, values) -> None:
                     f"mode: backward, torch.autograd.grad, torch.func.grad / vjp / jacrev")
 
 
+def _below_autograd(overload, keyset, args):
+    """overload(*args) redispatched past the Autograd key (what every Autograd kernel here runs)."""
+    with _C._AutoDispatchBelowAutograd():
+        return overload.redispatch(keyset & _C._after_autograd_keyset, *args)
+
+
 def _eager_function(overload, backward, setup_context, num_args):
     """The op as an old-style torch.autograd.Function (context set inside forward, as
     torch.library's generated one does: with a setup_context staticmethod every apply binds its
@@ -69,8 +75,7 @@ def _eager_function(overload, backward, setup_context, num_args):
     schema = overload._schema
 
     def forward(ctx, keyset, *args):
-        with _C._AutoDispatchBelowAutograd():
-            output = overload.redispatch(keyset & _C._after_autograd_keyset, *args)
+        output = _below_autograd(overload, keyset, args)
         if setup_context is not None:
             # the dispatcher drops trailing arguments equal to their defaults
             inputs = args if len(args) == num_args else _library_utils.fill_defaults(
@@ -179,8 +184,7 @@ def _make_autograd_kernel(overload, backward, setup_context):
             refuse_tangents(qualname, names, args)
         if _C.is_grad_enabled() and _C._any_requires_grad(*args):
             return eager_fn.apply(keyset, *args)
-        with _C._AutoDispatchBelowAutograd():
-            return overload.redispatch(keyset & _C._after_autograd_keyset, *args)
+        return _below_autograd(overload, keyset, args)
 
     return autograd_kernel
 
@@ -274,8 +278,7 @@ def register_constant(qualname: str) -> None:
     overload = _library_utils.lookup_op(qualname)
 
     def kernel(keyset, *args):
-        with _C._AutoDispatchBelowAutograd():
-            return overload.redispatch(keyset & _C._after_autograd_keyset, *args)
+        return _below_autograd(overload, keyset, args)
 
     register_functorch(qualname)
     _quiet_impl(_lib(overload._namespace), overload._opname, kernel, "Autograd",
