@@ -16,13 +16,15 @@ setup_context=...)``, the signature of ``torch.library.register_autograd``, and 
   transforms ... it must override the setup_context staticmethod": pytorch issues 168393, 170834,
   179652, open), so ``torch.func.grad`` over any custom op failed. Under ``grad`` / ``vjp`` /
   ``jacrev`` this kernel applies a Function in that form, built from the same setup_context and
-  backward; under ``vmap`` it runs the op once per sample (the batching fallback's loop): so
+  backward; under ``vmap`` it runs the op's batching rule (``register_vmap``; the LIF ops have
+  one) or else the op once per sample (the batching fallback's loop): so
   per-sample gradients (``vmap(grad(...))``), ``functional_call`` + ``grad`` and ``jacrev`` work
   and equal autograd's.
 """
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import _C
@@ -140,14 +142,21 @@ def _lowered_constant(interpreter, overload, args):
 
 
 def _vmap_per_sample(interpreter, overload, args):
-    """overload(*args) under the vmap transform ``interpreter``: once per sample, one transform
-    level down, outputs stacked along a new dim 0 (the batch dim of every output)."""
+    """overload(*args) under the vmap transform ``interpreter``: through the op's batching rule
+    (register_vmap) when it has one, else once per sample, one transform level down, outputs
+    stacked along a new dim 0 (the batch dim of every output)."""
     level = interpreter.level()
     unwrapped, in_dims = _vmap.unwrap_batched(args, level)
     flat_dims = _pytree.tree_leaves(in_dims, is_leaf=lambda d: d is None)
     if all(d is None for d in flat_dims):  # nothing batched at this level
         with interpreter.lower():
             return overload(*unwrapped)
+    rule = _VMAP_RULES.get(f"{overload._namespace}::{overload._opname}")
+    if rule is not None:
+        info = _VmapInfo(interpreter.batch_size(), interpreter.randomness())
+        with interpreter.lower():
+            out, out_dims = rule(info, in_dims, *unwrapped)
+        return _vmap.wrap_batched(out, out_dims, level)
 
     def sample(i):
         return _pytree.tree_map(lambda a, d: a if d is None else a.select(d, i), unwrapped,
@@ -159,6 +168,7 @@ def _vmap_per_sample(interpreter, overload, args):
     return _vmap.wrap_batched(stacked, 0, level)
 
 
+_VMAP_RULES: dict = {}  # qualname -> batching rule (register_vmap)
 _RULES: dict = {}  # qualname -> (backward, setup_context) of the ops registered here
 _FUNCTORCH_FNS: dict = {}  # qualname -> the Function of _functorch_function, built on first use
 _COVERED: set = set()  # qualnames whose FuncTorchDynamicLayerFrontMode kernel is registered
@@ -199,7 +209,8 @@ def _make_functorch_kernel(overload):
       call takes the Autograd kernel.
     - grad, an op without one (integer codes, sampling indices, norms used as constants): run one
       level down, its outputs constants at this level, as eager autograd treats them.
-    - vmap: the op runs once per sample one level down and the outputs are stacked (what torch's
+    - vmap: the op's batching rule (register_vmap), or else the op runs once per sample one
+      level down and the outputs are stacked (what torch's
       batching fallback does for an op without a batching rule).
     - jvp / jacfwd: refused when a tangent reaches the op, else run one level down.
     """
@@ -246,6 +257,23 @@ def register_functorch(qualname: str) -> None:
     _lib(overload._namespace).impl(overload._opname, _make_functorch_kernel(overload),
                                    "FuncTorchDynamicLayerFrontMode")
     _COVERED.add(qualname)
+
+
+class _VmapInfo(NamedTuple):
+    """What a batching rule learns of the vmap it runs under (torch.library's VmapInfo)."""
+    batch_size: int
+    randomness: str
+
+
+def register_vmap(qualname: str, rule) -> None:
+    """The op's batching rule, in torch.library.register_vmap's form: ``rule(info, in_dims,
+    *args) -> (outputs, out_dims)``, where args are the op's arguments one vmap level down,
+    in_dims their batch dims (None: unbatched) and info.batch_size the batch size; out_dims
+    gives each output's batch dim (None: unbatched). Without one, vmap runs the op once per
+    sample. (torch.library.register_vmap's own kernel is never reached: the functorch kernel
+    of register_functorch takes the call first.)"""
+    register_functorch(qualname)
+    _VMAP_RULES[qualname] = rule
 
 
 def register_autograd(qualname: str, backward, *, setup_context=None) -> None:

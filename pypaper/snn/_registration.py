@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _autograd
-from . import op_flags
+from . import op_flags, vmap_rule
 
 
 def _fake_lif_forward(x, v_init, decay, v_threshold, v_reset, surrogate, alpha, flags):
@@ -168,6 +168,7 @@ def register_native() -> None:
                                 setup_context=_lif_setup)
     _autograd.register_autograd("pypaper::lif_backward", _no_double_backward,
                                 setup_context=_setup_nothing)
+    vmap_rule.register("pypaper::lif_forward", "pypaper::lif_backward")
 
 
 _triton_module = None
@@ -188,5 +189,6 @@ def load_triton():
                 setup_context=_lif_setup)
             _autograd.register_autograd("pypaper::lif_backward_triton", _no_double_backward,
                                         setup_context=_setup_nothing)
+            vmap_rule.register("pypaper::lif_forward_triton", "pypaper::lif_backward_triton")
         _triton_module = triton_kernels
     return _triton_module
