@@ -50,6 +50,15 @@ def forward_ad_active() -> bool:
     return forward_ad._current_level >= 0
 
 
+def values_of(t: torch.Tensor) -> torch.Tensor:
+    """t without torch.func's wrappers (vmap's batched tensor, grad's): the values of every
+    sample, which an argument check can read (``.item()`` / ``bool()`` of a batched tensor
+    raises under vmap). Outside a transform, t itself."""
+    while _C._functorch.is_functorch_wrapped_tensor(t):
+        t = _C._functorch.get_unwrapped(t)
+    return t
+
+
 def refuse_tangents(op: str, names, values) -> None:
     """Raises NotImplementedError when a tensor among values (or in a list among them) carries a
     forward-mode tangent: op has no jvp, and the call would drop the tangent."""
@@ -154,9 +163,12 @@ def _vmap_per_sample(interpreter, overload, args):
     rule = _VMAP_RULES.get(f"{overload._namespace}::{overload._opname}")
     if rule is not None:
         info = _VmapInfo(interpreter.batch_size(), interpreter.randomness())
+        full, _ = _library_utils.fill_defaults(overload._schema, unwrapped, {})
         with interpreter.lower():
-            out, out_dims = rule(info, in_dims, *unwrapped)
-        return _vmap.wrap_batched(out, out_dims, level)
+            result = rule(info, tuple(in_dims) + (None,) * (len(full) - len(in_dims)), *full)
+        if result is not NotImplemented:
+            out, out_dims = result
+            return _vmap.wrap_batched(out, out_dims, level)
 
     def sample(i):
         return _pytree.tree_map(lambda a, d: a if d is None else a.select(d, i), unwrapped,
@@ -269,8 +281,8 @@ def register_vmap(qualname: str, rule) -> None:
     """The op's batching rule, in torch.library.register_vmap's form: ``rule(info, in_dims,
     *args) -> (outputs, out_dims)``, where args are the op's arguments one vmap level down,
     in_dims their batch dims (None: unbatched) and info.batch_size the batch size; out_dims
-    gives each output's batch dim (None: unbatched). Without one, vmap runs the op once per
-    sample. (torch.library.register_vmap's own kernel is never reached: the functorch kernel
+    gives each output's batch dim (None: unbatched). Without one, or where the rule returns
+    NotImplemented (a case it does not fold), vmap runs the op once per sample. (torch.library.register_vmap's own kernel is never reached: the functorch kernel
     of register_functorch takes the call first.)"""
     register_functorch(qualname)
     _VMAP_RULES[qualname] = rule

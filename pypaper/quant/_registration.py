@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _autograd
+from . import vmap_rules
 
 _INT_CODE = {True: torch.int8, False: torch.uint8}
 
@@ -122,6 +123,7 @@ def register_native() -> None:
     _autograd.register_autograd("pypaper::fake_quantize_backward", _no_double_backward,
                                 setup_context=_setup_nothing)
     _autograd.register_constant("pypaper::quantize")  # integer codes
+    vmap_rules.register("fake_quantize")
 
 
 _triton_module = None
@@ -144,5 +146,6 @@ def load_triton():
             _autograd.register_autograd("pypaper::fake_quantize_backward_triton",
                                         _no_double_backward, setup_context=_setup_nothing)
             _autograd.register_constant("pypaper::quantize_triton")
+            vmap_rules.register("fake_quantize", "_triton")
         _triton_module = triton_kernels
     return _triton_module

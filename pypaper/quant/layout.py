@@ -16,6 +16,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from .._autograd import values_of
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -128,7 +130,7 @@ def check_params(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
         # that underflows in fp32) would give NaN or zeros silently. On CUDA this reads one bool
         # back from the device per call.
         mt = math_dtype(x.dtype)
-        s = scale.detach().to(mt)
+        s = values_of(scale.detach()).to(mt)  # every sample's under vmap
         tiny = torch.finfo(mt).tiny
         bad = ~(s >= tiny) | ~torch.isfinite(s)
         if bool(bad.any()):

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .. import _backend
+from .. import _autograd, _backend
 from . import reference
 from .layout import (check_bits, check_float_input, check_params, layout_of, math_dtype,
                      normalize_axis, param_shape, quant_range)
@@ -148,7 +148,7 @@ def _params_from_range(x: torch.Tensor, bits: int, axis, group_size, symmetric: 
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = ((hi - lo) / (qmax - qmin)).clamp_min(tiny)
         zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(scale).all()):
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(_autograd.values_of(scale)).all()):
         raise ValueError("x contains inf or NaN: no finite scale covers its range")
     return scale.reshape(shape), zero_point.reshape(shape)
 

@@ -50,6 +50,7 @@ from typing import Optional, Union
 import torch
 
 from .. import _autograd, _backend, _ext
+from . import vmap_rules
 
 __all__ = ["bits_to_qmax", "channel_max_abs", "power_dequantize", "power_fake_quantize",
            "power_quantize", "reference_codes", "reference_dequantize",
@@ -95,7 +96,7 @@ def _check_exponent(exponent: torch.Tensor, channels: int) -> None:
         raise ValueError(f"exponent must hold 1 or {channels} values (one per range), got "
                          f"{exponent.numel()}")
     if not torch.compiler.is_compiling():
-        e = exponent.detach()
+        e = _autograd.values_of(exponent.detach())  # every sample's under vmap
         if not bool(torch.isfinite(e).all()) or not bool((e > 0).all()):
             raise ValueError(f"exponent must be finite and > 0, got {e.reshape(-1)[:4].tolist()}")
 
@@ -105,7 +106,8 @@ def _check_max_abs(max_abs: torch.Tensor, numel: int) -> None:
     if c < 1 or numel % c:
         raise ValueError(f"max_abs has {c} values, which does not divide the {numel} elements of "
                          f"x (one range per leading channel: per tensor, or x.shape[0] values)")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(max_abs.detach()).all()):
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(
+            _autograd.values_of(max_abs.detach())).all()):
         raise ValueError("max_abs must be finite (x contains inf or NaN?)")
 
 
@@ -373,6 +375,7 @@ def _register_codecs(suffix: str) -> None:
     _autograd.register_no_backward(
         f"pypaper::power_dequantize{suffix}", "it decodes frozen int8 codes; to learn max_abs or "
         "the exponent differentiate power_fake_quantize")
+    vmap_rules.register("power", suffix)  # with the fake-quantize ops, registered before
 
 
 _register_native()

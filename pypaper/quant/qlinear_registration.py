@@ -14,6 +14,7 @@ import torch
 
 from .. import _autograd
 from . import qlinear_reference as reference
+from . import vmap_rules
 
 
 def _fake_int8_dynamic(x, w_packed, w_scale, w_colsum, bias, act_qmax):
@@ -86,6 +87,7 @@ def _register_autograd(suffix: str) -> None:
                                 setup_context=_wo8_setup)
     _autograd.register_autograd(f"pypaper::int4_weight_only_linear{suffix}", _wo4_backward,
                                 setup_context=_wo4_setup)
+    vmap_rules.register("linear", suffix)
 
 
 def register_native() -> None:

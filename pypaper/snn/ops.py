@@ -131,14 +131,6 @@ def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype, device: torch.de
     return value.to(mdt)
 
 
-def _unwrapped(t: torch.Tensor) -> torch.Tensor:
-    """t without torch.func's wrappers (vmap's batched tensor, grad's): the values of every
-    sample, which a range check can read (.item() on a batched tensor raises)."""
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
-    return t
-
-
 def _check_values(decay, decay_is_tau: bool, vth, v_reset: Optional[float], decay_name: str,
                   vth_name: str, decay_input: bool = True) -> None:
     """Range checks of the decay and threshold, each a number (checked in Python: the tensor ops
@@ -148,7 +140,7 @@ def _check_values(decay, decay_is_tau: bool, vth, v_reset: Optional[float], deca
     def bounds(v):  # (min, max, all finite)
         if _is_number(v):
             return float(v), float(v), math.isfinite(v)
-        d = _unwrapped(v.detach())
+        d = _autograd.values_of(v.detach())
         if d.numel() == 0:  # a per-neuron parameter over zero features
             return math.inf, -math.inf, True
         return float(d.min()), float(d.max()), bool(torch.all(torch.isfinite(d)))
