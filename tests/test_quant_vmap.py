@@ -185,3 +185,46 @@ def test_power_codec_fold(calls):
         cs, ys = codec(x[s])
         assert torch.equal(c[s], cs) and torch.equal(y[s], ys)
     assert calls == {"pypaper::power_quantize": 1, "pypaper::power_dequantize": 1}
+
+
+# Found in review: each gave a result other than the per-sample loop's before its fix.
+
+@pytest.mark.parametrize("shape", [(4, 4, 64), (5, 3, 64)])
+def test_quantized_linear_batch_not_first(shape, calls):
+    """vmap(in_dims=1) over x [M, B, K]: the rule moves the batch first before folding rows."""
+    layer, op = _linears()["int8_dynamic"]
+    x = _rand(*shape, seed=11)
+    got = func.vmap(layer, in_dims=1)(x)
+    want = torch.stack([layer(x[:, b]) for b in range(shape[1])])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert calls == {op: 1}
+
+
+@pytest.mark.parametrize("sample_shape,channels", [((2, 3), 3), ((6, 2), 4), ((4, 3), 2)])
+def test_power_channels_across_rows(sample_shape, channels, calls):
+    """C ranges over a sample whose leading dim C does not divide: each range spans parts of
+    rows, which the folded layout would break; the rule leaves those to the loop."""
+    m = torch.linspace(1.0, 3.0, channels)
+    f = lambda xs: pypaper.ops.power_fake_quantize(xs, 1.5, 4, m)  # noqa: E731
+    x = _rand(B, *sample_shape, seed=12) * 2
+    assert torch.equal(func.vmap(f)(x), _loop(f, (x,), (0,)))
+    g = func.vmap(func.grad(lambda xs: f(xs).sum()))(x)
+    assert torch.equal(g, _loop(func.grad(lambda xs: f(xs).sum()), (x,), (0,)))
+    folds = sample_shape[0] % channels == 0
+    assert calls.get("pypaper::power_fake_quantize", 0) == (2 if folds else 0)
+
+
+def test_packed_codes_of_scalar_samples():
+    """4-bit codes of 0-d samples: one code per sample, as the op alone gives it (packing
+    pairs along the batch dim was wrong)."""
+    ops = torch.ops.pypaper
+    s, z = torch.tensor(0.2), torch.tensor(0, dtype=torch.int32)
+    f = lambda xs: ops.quantize(xs, s, z, -8, 7, None, None, True)  # noqa: E731
+    x = _rand(5, seed=13)
+    assert torch.equal(func.vmap(f)(x), torch.stack([f(v) for v in x]))
+    d = torch.tensor([3], dtype=torch.uint8)
+    dq = lambda c: ops.dequantize(c, s, z, -8, 7, None, None, True, 1, torch.float32)  # noqa: E731
+    with pytest.raises(RuntimeError):
+        dq(d[0])
+    with pytest.raises(RuntimeError):
+        func.vmap(dq)(d)

@@ -41,15 +41,27 @@ def elementwise_rule(op, batched, out_dims, axis=None, refuse=None, channels_at=
     one as the batch goes first; ``channels_at``: position of a parameter with one value per
     leading channel (the power ops' max_abs: x as [C, inner]); when it has more than one, the
     batch goes second instead, after the leading dim, so that the channels stay leading;
-    ``refuse(args)``: true for a call the rule does not fold."""
+    ``refuse(args, sample_dims)``: true for a call the rule does not fold (sample_dims: the
+    dims of one sample of the first batched tensor)."""
     def rule(info, in_dims, *args):
-        if not _only_batched(in_dims, batched) or (refuse is not None and refuse(args)):
-            return NotImplemented
-        args = list(args)
         first = batched[0]
         sample_dims = args[first].dim() - (in_dims[first] is not None)
-        per_channel = channels_at is not None and args[channels_at].numel() > 1
-        at = 1 if per_channel and sample_dims >= 1 else 0
+        if not _only_batched(in_dims, batched) or (refuse is not None
+                                                   and refuse(args, sample_dims)):
+            return NotImplemented
+        args = list(args)
+        at = 0
+        if channels_at is not None and args[channels_at].numel() > 1:
+            # channels are the leading elements of each sample: the batch goes after the
+            # leading dim, which only keeps them whole when they split that dim evenly (C = 3
+            # over a [2, 3] sample spans parts of rows)
+            shape = list(args[first].shape)
+            if in_dims[first] is not None:
+                del shape[in_dims[first]]
+            lead = shape[0] if shape else 1
+            if lead % args[channels_at].numel():
+                return NotImplemented
+            at = 1
         for i in batched:
             if args[i] is not None:
                 args[i] = _front(args[i], in_dims[i], info.batch_size).movedim(0, at)
@@ -69,6 +81,7 @@ def linear_rule(op, rows_out: bool = False):
     def rule(info, in_dims, x, *rest):
         if not _only_batched(in_dims, (0,)) or x.dim() != 3:
             return NotImplemented
+        x = x.movedim(in_dims[0], 0)
         b, m = x.shape[0], x.shape[1]
         out = op(x.reshape(b * m, x.shape[2]), *rest)
         if rows_out:
@@ -79,31 +92,26 @@ def linear_rule(op, rows_out: bool = False):
     return rule
 
 
-def _grouped_or_seeded(group_at, seed_at):
-    return lambda args: args[group_at] is not None or (seed_at is not None
-                                                        and args[seed_at] is not None)
-
-
 def _register_fake_quantize(suffix: str) -> None:
     ops = torch.ops.pypaper
     # fake_quantize(x, scale, zero_point, qmin, qmax, axis, group_size, seed, grad_factor)
     _autograd.register_vmap(f"pypaper::fake_quantize{suffix}", elementwise_rule(
         getattr(ops, f"fake_quantize{suffix}").default, (0,), 0, axis=5,
-        refuse=_grouped_or_seeded(6, 7)))
+        refuse=lambda a, nd: a[6] is not None or a[7] is not None))
     # fake_quantize_backward(grad, x, scale, zero_point, qmin, qmax, axis, group_size, seed,
     #                        grad_factor, need_scale_grad, need_zero_point_grad)
     _autograd.register_vmap(f"pypaper::fake_quantize_backward{suffix}", elementwise_rule(
         getattr(ops, f"fake_quantize_backward{suffix}").default, (0, 1), (0, None, None), axis=6,
-        refuse=lambda a: a[7] is not None or a[8] is not None or a[10] or a[11]))
+        refuse=lambda a, nd: a[7] is not None or a[8] is not None or a[10] or a[11]))
     # quantize(x, scale, zero_point, qmin, qmax, axis, group_size, pack): codes; packing pairs
     # codes along the last dim, which a 0-d sample does not have
     _autograd.register_vmap(f"pypaper::quantize{suffix}", elementwise_rule(
         getattr(ops, f"quantize{suffix}").default, (0,), 0, axis=5,
-        refuse=lambda a: a[6] is not None or (a[7] and a[0].dim() == 0)))
+        refuse=lambda a, nd: a[6] is not None or (a[7] and nd == 0)))
     # dequantize(data, scale, zero_point, qmin, qmax, axis, group_size, packed, last_dim, dtype)
     _autograd.register_vmap(f"pypaper::dequantize{suffix}", elementwise_rule(
         getattr(ops, f"dequantize{suffix}").default, (0,), 0, axis=5,
-        refuse=lambda a: a[6] is not None))
+        refuse=lambda a, nd: a[6] is not None or (a[7] and nd == 0)))
 
 
 def _register_power(suffix: str) -> None:
@@ -115,7 +123,7 @@ def _register_power(suffix: str) -> None:
     #                              need_exponent_grad, ste)
     _autograd.register_vmap(f"pypaper::power_fake_quantize_backward{suffix}", elementwise_rule(
         getattr(ops, f"power_fake_quantize_backward{suffix}").default, (0, 1), (0, None, None),
-        refuse=lambda a: a[5] or a[6], channels_at=2))
+        refuse=lambda a, nd: a[5] or a[6], channels_at=2))
     # power_quantize(x, max_abs, exponent, qmax) -> int8 codes;
     # power_dequantize(codes, max_abs, exponent, qmax, dtype)
     _autograd.register_vmap(f"pypaper::power_quantize{suffix}", elementwise_rule(

@@ -62,7 +62,7 @@ def _parameter(p: torch.Tensor, dim: Optional[int], batch: int, features: tuple,
     if dim is None and not per_sample:
         return p if p.numel() == 1 else p.expand(batch, *features)
     p = _front(p, dim, batch)
-    if p[0].numel() == 1:
+    if p.shape[1:].numel() == 1:
         p = p.reshape(batch, *([1] * len(features)))
     return p.expand(batch, *features)
 
