@@ -51,6 +51,20 @@ def measure(exe: Path, steps: int, neurons: int, reps: int, threads: int) -> lis
     return rows
 
 
+def _prefetch_hint() -> str:
+    """The far-prefetch hint the loops use here: lif_prefetch_nta_default's choice (the env
+    override, else the non-temporal hint on AMD CPUs)."""
+    env = os.environ.get("PYPAPER_LIF_PREFETCH")
+    if env in ("nta", "l2"):
+        return f"{env} (PYPAPER_LIF_PREFETCH)"
+    try:
+        with open("/proc/cpuinfo") as f:
+            amd = "AuthenticAMD" in f.read(4096)
+    except OSError:
+        amd = False
+    return "nta (AMD CPU)" if amd else "l2"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.lif_loops", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,7 +92,9 @@ def main(argv=None) -> int:
     print(f"## LIF loops, T = {steps}, fp32, ATan: arithmetic (in cache) against memory (cold), "
           f"{threads} threads\n")
     print(f"ns per neuron-step (wall time / (T x neurons)); `cold` at {neurons} neurons; the "
-          "floor is bench.membw's, same run, same streams, nothing computed.\n")
+          "floor is bench.membw's, same run, same streams, nothing computed. Far prefetches: "
+          f"{_prefetch_hint()} (kernels/cpu/snn_cpu.h lif_prefetch_nta_default; "
+          "PYPAPER_LIF_PREFETCH=nta|l2 chooses).\n")
     print("| mode | case | threads | neurons | fwd ns | bwd ns | fwd+bwd ns |\n"
           "|---|---|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -103,6 +103,7 @@ Timing run(Buffers& b, bool keep_h, int threads, int reps, char* flush) {
   fa.decay_input = true;
   fa.hard = true;
   fa.stream = stream;
+  fa.prefetch_nta = pypaper::cpu::lif_prefetch_nta_default();
   LifBackwardArgs<float, float> ba{};
   ba.grad_spikes = b.gs;
   ba.h_seq = keep_h ? b.h : nullptr;
@@ -122,6 +123,7 @@ Timing run(Buffers& b, bool keep_h, int threads, int reps, char* flush) {
   ba.div = true;
   ba.hard = true;
   ba.stream = stream;
+  ba.prefetch_nta = pypaper::cpu::lif_prefetch_nta_default();
   const int64_t chunks = pypaper::cpu::lif_num_chunks(b.neurons);
   auto parallel = [&](auto&& body) {
 #pragma omp parallel num_threads(threads)

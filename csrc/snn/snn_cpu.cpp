@@ -138,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
     a.div = div;
     a.hard = v_reset.has_value();
     a.stream = x.numel() * x.element_size() >= cpu::kStreamBytes;  // per [T, N] output
+    a.prefetch_nta = cpu::lif_prefetch_nta_default();
     at::parallel_for(0, cpu::lif_num_chunks(neurons), chunk_grain(steps),
                      [&](int64_t c0, int64_t c1) { cpu::lif_forward(a, c0, c1); });
   });
@@ -252,6 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
     a.detach_reset = f.detach_reset;
     a.sltt = f.sltt;
     a.stream = h.numel() * h.element_size() >= cpu::kStreamBytes;
+    a.prefetch_nta = cpu::lif_prefetch_nta_default();
     at::parallel_for(0, chunks, chunk_grain(steps),
                      [&](int64_t c0, int64_t c1) { cpu::lif_backward(a, c0, c1); });
   });

@@ -21,6 +21,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -124,14 +125,50 @@ inline void prefetch_row(const void* p, int64_t n) {
 #endif
 }
 
-// The same into L2 only (a DRAM request that does not hold an L1 fill buffer for its whole trip).
-inline void prefetch_row_l2(const void* p, int64_t n) {
+// The same, further ahead: into L2 only (a DRAM request that does not hold an L1 fill buffer for
+// its whole trip), or with the non-temporal hint (`nta`), which on AMD Zen keeps the streamed
+// rows from displacing what L2 and L3 hold (lif_prefetch_nta_default).
+inline void prefetch_row_l2(const void* p, int64_t n, bool nta) {
 #if defined(__AVX__)
   const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < n; i += 64) _mm_prefetch(c + i, _MM_HINT_T1);
+  if (nta) {
+    for (int64_t i = 0; i < n; i += 64) _mm_prefetch(c + i, _MM_HINT_NTA);
+  } else {
+    for (int64_t i = 0; i < n; i += 64) _mm_prefetch(c + i, _MM_HINT_T1);
+  }
 #else
   (void)p;
   (void)n;
+  (void)nta;
+#endif
+}
+
+// Whether the loops' far prefetches (prefetch_row_l2) use the non-temporal hint: on AMD CPUs,
+// else into L2. PYPAPER_LIF_PREFETCH=nta or =l2 overrides (read on every call, so that one
+// process can compare the two). AMD EPYC Zen 5 guest, 2 threads, T = 32, 2^18 neurons, fp32,
+// the two hints alternating in one process: fwd + bwd through autograd right after a
+// SpikingJelly fwd + bwd (the benchmark's setting) 6.54 / 6.71 ms with L2 hints, 5.46 / 5.86
+// with NTA (30-40 rounds, two runs); inside a model (three x * w + b -> LIFNode blocks, fwd +
+// bwd, the ops' own time under the profiler) forward 1.73-1.99 -> 1.49-1.70 ms, backward
+// 3.16-3.42 -> 2.83-3.35; the loops alone on cold buffers unchanged (bench.lif_loops). Where
+// the same op runs back to back on the same input, the L2 hints win (4.33 against 4.87 ms): the
+// rows they leave in L3 (AMD's L2 victims) serve the next call. Our reading: what NTA saves is
+// the eviction of the dirty lines other layers leave in L2 and L3, written back to DRAM during
+// the op when L2 hints make room for the prefetched rows. The 2-core Xeon of the README's first
+// tables keeps the L2 hints it was tuned with (NTA not measured there).
+inline bool lif_prefetch_nta_default() {
+  if (const char* e = std::getenv("PYPAPER_LIF_PREFETCH")) {
+    if (std::strcmp(e, "nta") == 0) return true;
+    if (std::strcmp(e, "l2") == 0) return false;
+  }
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
+  return amd;
+#else
+  return false;
 #endif
 }
 
@@ -216,6 +253,7 @@ struct LifForwardArgs {
   T v_reset;  // the hard-reset potential; 0 for a soft reset (the charge's Vr)
   bool decay_input, div, hard;
   bool stream;  // non-temporal stores of spikes, h_seq, v_seq (each >= kStreamBytes)
+  bool prefetch_nta = false;  // prefetch_row_l2's hint (lif_prefetch_nta_default)
 };
 
 // One forward step over a row of neurons; KEEP_H: whether H is written for the backward.
@@ -269,10 +307,11 @@ void lif_forward_chunks(const LifForwardArgs<In, T>& a, int64_t c0, int64_t c1) 
       }
       const int64_t t2 = t + kLifForwardL2Steps;  // the row kLifForwardL2Steps rows later
       if (t2 < a.steps) {
-        prefetch_row_l2(a.x + off + kLifForwardL2Steps * N, len * row_bytes);
+        prefetch_row_l2(a.x + off + kLifForwardL2Steps * N, len * row_bytes, a.prefetch_nta);
       } else if (c + 1 < c1 && t2 - a.steps < a.steps) {  // in the next chunk
         const int64_t n1 = n0 + kLifChunk;
-        prefetch_row_l2(a.x + (t2 - a.steps) * N + n1, std::min(kLifChunk, N - n1) * row_bytes);
+        prefetch_row_l2(a.x + (t2 - a.steps) * N + n1, std::min(kLifChunk, N - n1) * row_bytes,
+                        a.prefetch_nta);
       }
       if (a.stream) {
         lif_forward_row<DI, DIV, HARD, KEEP_H>(a.x + off, s_row, h_row, v, k, th, a.v_reset, len);
@@ -361,6 +400,7 @@ struct LifBackwardArgs {
   int32_t surrogate;
   bool decay_input, div, hard, detach_reset, sltt;
   bool stream;  // non-temporal stores of grad_x (>= kStreamBytes)
+  bool prefetch_nta = false;  // prefetch_row_l2's hint (lif_prefetch_nta_default)
 };
 
 // One reverse step t over a chunk. FIRST: t == 0, V[t-1] is v_init (only read when NEEDP).
@@ -498,9 +538,11 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
     lif_rerun_start(a, run, n0, len);
     for (int64_t t = 0; t < steps; ++t) {
       const In* xr = a.x_seq + t * N + n0;
-      if (t + L2 < steps) prefetch_row_l2(xr + L2 * N, row_bytes);
+      if (t + L2 < steps) prefetch_row_l2(xr + L2 * N, row_bytes, a.prefetch_nta);
       if (t + 1 < steps) prefetch_row(xr + N, row_bytes);
-      if (t < L2) prefetch_row_l2(a.grad_spikes + (steps - 1 - t) * N + n0, row_bytes);
+      if (t < L2) {
+        prefetch_row_l2(a.grad_spikes + (steps - 1 - t) * N + n0, row_bytes, a.prefetch_nta);
+      }
       rerun_row(xr, h_cur + t * kLifChunk, run.v, run.k, run.th, a.v_reset, len);
     }
   }
@@ -545,8 +587,8 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
     for (int64_t t = steps - 1; t >= 0; --t) {
       const int64_t off = t * N + n0;
       if (t >= L2) {  // rows later steps of the reverse scan read
-        prefetch_row_l2(a.grad_spikes + off - L2 * N, row_bytes);
-        if (!rerun) prefetch_row_l2(a.h_seq + off - L2 * N, row_bytes);
+        prefetch_row_l2(a.grad_spikes + off - L2 * N, row_bytes, a.prefetch_nta);
+        if (!rerun) prefetch_row_l2(a.h_seq + off - L2 * N, row_bytes, a.prefetch_nta);
       }
       if (t >= 1) {
         prefetch_row(a.grad_spikes + off - N, row_bytes);
@@ -555,18 +597,18 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
       if (pipelined) {
         const int64_t r = steps - 1 - t;  // the next chunk's forward step
         const In* xr = a.x_seq + r * N + n1;
-        if (r + L2 < steps) prefetch_row_l2(xr + L2 * N, next_bytes);
+        if (r + L2 < steps) prefetch_row_l2(xr + L2 * N, next_bytes, a.prefetch_nta);
         if (r + 1 < steps) prefetch_row(xr + N, next_bytes);
         if (t < L2) {
           // What the next iteration reads first: the next chunk's last grad_S rows (its scan)
           // and the chunk after it's first x rows (its rerun).
           if (steps - L2 + t >= 0) {
-            prefetch_row_l2(a.grad_spikes + (steps - L2 + t) * N + n1, next_bytes);
+            prefetch_row_l2(a.grad_spikes + (steps - L2 + t) * N + n1, next_bytes, a.prefetch_nta);
           }
           const int64_t n2 = n1 + kLifChunk;
           if (c + 2 < c1 && L2 - 1 - t < steps) {
             prefetch_row_l2(a.x_seq + (L2 - 1 - t) * N + n2,
-                            std::min(kLifChunk, N - n2) * isize);
+                            std::min(kLifChunk, N - n2) * isize, a.prefetch_nta);
           }
         }
         rerun_row(xr, h_next + r * kLifChunk, run.v, run.k, run.th, a.v_reset, len1);
@@ -575,8 +617,8 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
         // start on a memory latency per row.
         const int64_t r = steps - L2 + t;
         if (r >= 0) {
-          prefetch_row_l2(a.grad_spikes + r * N + n1, next_bytes);
-          prefetch_row_l2(a.h_seq + r * N + n1, next_bytes);
+          prefetch_row_l2(a.grad_spikes + r * N + n1, next_bytes, a.prefetch_nta);
+          prefetch_row_l2(a.h_seq + r * N + n1, next_bytes, a.prefetch_nta);
         }
       }
       const In* h = rerun ? h_cur + t * kLifChunk : a.h_seq + off;
