@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _autograd
+from . import vmap_rule
 
 
 def _math(dtype):
@@ -86,6 +87,7 @@ def register_native() -> None:
                                 setup_context=_setup)
     _autograd.register_autograd("pypaper::hopfield_retrieve_backward", _no_double_backward,
                                 setup_context=_setup_nothing)
+    vmap_rule.register()
 
 
 _triton_module = None
@@ -110,5 +112,6 @@ def load_triton():
                 setup_context=_setup)
             _autograd.register_autograd("pypaper::hopfield_retrieve_backward_triton",
                                         _no_double_backward, setup_context=_setup_nothing)
+            vmap_rule.register("_triton")
         _triton_module = triton_kernels
     return _triton_module
