@@ -26,3 +26,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def vmap_calls(monkeypatch):
+    """How often each batching rule (pypaper/_autograd.py register_vmap) folded a call: a dict
+    qualname -> count of the calls it did not hand back as NotImplemented. The Triton twins'
+    rules are registered when their modules load: those are loaded first, where Triton is."""
+    from pypaper import _autograd
+    from pypaper.hopfield import _registration as hopfield_registration
+    from pypaper.snn import _registration as snn_registration
+
+    for load in (hopfield_registration.load_triton, snn_registration.load_triton):
+        try:
+            load()
+        except ImportError:
+            pass
+    counts = {}
+    for name, rule in list(_autograd._VMAP_RULES.items()):
+        def counted(info, in_dims, *args, _rule=rule, _name=name):
+            out = _rule(info, in_dims, *args)
+            if out is not NotImplemented:
+                counts[_name] = counts.get(_name, 0) + 1
+            return out
+
+        monkeypatch.setitem(_autograd._VMAP_RULES, name, counted)
+    return counts

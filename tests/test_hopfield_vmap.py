@@ -6,7 +6,7 @@ import torch
 import torch.func as func
 
 import pypaper
-from pypaper import _autograd, _ext
+from pypaper import _ext
 from pypaper.hopfield import HopfieldLayer
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="pypaper._C not built")
@@ -16,29 +16,6 @@ V, B, H, L, S, D = 3, 2, 2, 4, 5, 8
 
 def _rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    """How often each hopfield rule folded a call (the Triton twins' rules are registered when
-    their module loads: loaded first)."""
-    try:
-        from pypaper.hopfield import _registration
-        _registration.load_triton()
-    except ImportError:
-        pass
-    counts = {}
-    for name in [n for n in _autograd._VMAP_RULES if "hopfield" in n]:
-        rule = _autograd._VMAP_RULES[name]
-
-        def counted(info, in_dims, *args, _rule=rule, _name=name):
-            out = _rule(info, in_dims, *args)
-            if out is not NotImplemented:
-                counts[_name] = counts.get(_name, 0) + 1
-            return out
-
-        monkeypatch.setitem(_autograd._VMAP_RULES, name, counted)
-    return counts
 
 
 def _retrieve(q, k, v, attn_mask=None, pad_mask=None, steps=0):
@@ -52,7 +29,7 @@ def _stack(fn, args, in_dims):
 
 
 @pytest.mark.parametrize("in_dims", [(0, 0, 0), (0, None, None), (None, 0, None), (2, 1, 0)])
-def test_forward_and_grads(in_dims, calls):
+def test_forward_and_grads(in_dims, vmap_calls):
     shapes = {0: (L, D), 1: (S, D), 2: (S, D)}
     args = []
     for i, d in enumerate(in_dims):
@@ -62,7 +39,7 @@ def test_forward_and_grads(in_dims, calls):
         args.append(t)
     got = func.vmap(_retrieve, in_dims=in_dims)(*args)
     torch.testing.assert_close(got, _stack(_retrieve, args, in_dims), rtol=1e-5, atol=1e-6)
-    assert calls == {"pypaper::hopfield_retrieve": 1}
+    assert vmap_calls == {"pypaper::hopfield_retrieve": 1}
     w = _rand(B, H, L, D, seed=20)
     loss = lambda q, k, v: (_retrieve(q, k, v) * w).sum()  # noqa: E731
     grads = func.vmap(func.grad(loss, argnums=(0, 1, 2)), in_dims=in_dims)(*args)
@@ -72,11 +49,11 @@ def test_forward_and_grads(in_dims, calls):
         want = torch.autograd.grad(loss(*sample), sample)
         for g, wnt in zip(grads, want):
             torch.testing.assert_close(g[s], wnt, rtol=1e-5, atol=1e-6)
-    assert calls["pypaper::hopfield_retrieve_backward"] == 1
+    assert vmap_calls["pypaper::hopfield_retrieve_backward"] == 1
 
 
 @pytest.mark.parametrize("mask_batched", [False, True])
-def test_masks(mask_batched, calls):
+def test_masks(mask_batched, vmap_calls):
     q, k, v = _rand(V, B, H, L, D, seed=1), _rand(B, H, S, D, seed=2), _rand(B, H, S, D, seed=3)
     attn = _rand(1, H, L, S, seed=4)
     pad = torch.zeros(B, S, dtype=torch.bool)
@@ -88,10 +65,10 @@ def test_masks(mask_batched, calls):
     got = func.vmap(_retrieve, in_dims=in_dims)(q, k, v, attn, pad)
     torch.testing.assert_close(got, _stack(_retrieve, (q, k, v, attn, pad), in_dims),
                                rtol=1e-5, atol=1e-6)
-    assert calls == {"pypaper::hopfield_retrieve": 1}
+    assert vmap_calls == {"pypaper::hopfield_retrieve": 1}
 
 
-def test_update_steps_run_per_sample(calls):
+def test_update_steps_run_per_sample(vmap_calls):
     """steps != 0: a head stops when the largest change over the op's batch is below eps, so the
     rule runs the samples one by one (padding the unbounded heads' states to the longest);
     outputs and per-sample gradients equal the samples run alone."""
@@ -108,10 +85,10 @@ def test_update_steps_run_per_sample(calls):
             qs = q[s].clone().requires_grad_()
             (want,) = torch.autograd.grad(loss(qs), qs)
             torch.testing.assert_close(got[s], want, rtol=1e-5, atol=1e-5)
-    assert "pypaper::hopfield_retrieve_backward" not in calls
+    assert "pypaper::hopfield_retrieve_backward" not in vmap_calls
 
 
-def test_hopfield_layer_per_sample_grads(calls):
+def test_hopfield_layer_per_sample_grads(vmap_calls):
     """functional_call + vmap(grad) over a HopfieldLayer (stored patterns as parameters)."""
     torch.manual_seed(0)
     layer = HopfieldLayer(6, quantity=4)
@@ -128,14 +105,14 @@ def test_hopfield_layer_per_sample_grads(calls):
         loss(dict(layer.named_parameters()), xs[s]).backward()
         for name, p in layer.named_parameters():
             torch.testing.assert_close(got[name][s], p.grad, rtol=1e-5, atol=1e-6)
-    assert calls.get("pypaper::hopfield_retrieve_backward") == 1
+    assert vmap_calls.get("pypaper::hopfield_retrieve_backward") == 1
 
 
-def test_triton_twin_takes_the_rule(calls):
+def test_triton_twin_takes_the_rule(vmap_calls):
     pytest.importorskip("triton")
     q, k, v = _rand(V, B, H, L, D, seed=50), _rand(B, H, S, D, seed=51), _rand(B, H, S, D, seed=52)
     with pypaper.use_backend("triton"):
         got = func.vmap(_retrieve, in_dims=(0, None, None))(q, k, v)
         want = _stack(_retrieve, (q, k, v), (0, None, None))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert calls == {"pypaper::hopfield_retrieve_triton": 1}
+    assert vmap_calls == {"pypaper::hopfield_retrieve_triton": 1}

@@ -15,7 +15,7 @@ import torch
 import torch.func as func
 
 import pypaper
-from pypaper import _autograd, _ext
+from pypaper import _ext
 from pypaper.snn import lif_multi_step, surrogate
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="pypaper._C not built")
@@ -173,23 +173,14 @@ def test_ensemble_of_plif_models():
     assert got["1.w"].abs().sum() > 0
 
 
-def test_each_op_runs_once_per_vmap(monkeypatch):
-    calls = {}
-    for name in ("pypaper::lif_forward", "pypaper::lif_backward"):
-        rule = _autograd._VMAP_RULES[name]
-
-        def counted(info, in_dims, *args, _rule=rule, _name=name):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _rule(info, in_dims, *args)
-
-        monkeypatch.setitem(_autograd._VMAP_RULES, name, counted)
+def test_each_op_runs_once_per_vmap(vmap_calls):
     x = _rand(B, T, N, F, seed=16)
 
     def loss(xs):
         return lif_multi_step(xs, tau=2.0, surrogate_function=surrogate.ATan())[0].sum()
 
     func.vmap(func.grad(loss))(x)
-    assert calls == {"pypaper::lif_forward": 1, "pypaper::lif_backward": 1}
+    assert vmap_calls == {"pypaper::lif_forward": 1, "pypaper::lif_backward": 1}
 
 
 def test_op_under_vmap_rejects_one_dim_samples():
