@@ -155,6 +155,10 @@ def _vmap_per_sample(interpreter, overload, args):
     (register_vmap) when it has one, else once per sample, one transform level down, outputs
     stacked along a new dim 0 (the batch dim of every output)."""
     level = interpreter.level()
+    # Tensors a grad level saved and then exited (vjp / jacrev inside the vmap) still wear that
+    # level's wrapper, through which unwrap_batched cannot see their batch dim: take it off
+    # first, as torch's own autograd.Function path does (unwrap_dead_wrappers).
+    args = _pytree.tree_map_only(torch.Tensor, _C._functorch.unwrap_if_dead, args)
     unwrapped, in_dims = _vmap.unwrap_batched(args, level)
     flat_dims = _pytree.tree_leaves(in_dims, is_leaf=lambda d: d is None)
     if all(d is None for d in flat_dims):  # nothing batched at this level
@@ -169,6 +173,11 @@ def _vmap_per_sample(interpreter, overload, args):
         if result is not NotImplemented:
             out, out_dims = result
             return _vmap.wrap_batched(out, out_dims, level)
+
+    if interpreter.batch_size() == 0:
+        raise NotImplementedError(
+            f"{overload._namespace}::{overload._opname} under vmap over zero samples: the op "
+            f"runs once per sample here, and with none the outputs' shapes are unknown")
 
     def sample(i):
         return _pytree.tree_map(lambda a, d: a if d is None else a.select(d, i), unwrapped,
@@ -282,8 +291,9 @@ def register_vmap(qualname: str, rule) -> None:
     *args) -> (outputs, out_dims)``, where args are the op's arguments one vmap level down,
     in_dims their batch dims (None: unbatched) and info.batch_size the batch size; out_dims
     gives each output's batch dim (None: unbatched). Without one, or where the rule returns
-    NotImplemented (a case it does not fold), vmap runs the op once per sample. (torch.library.register_vmap's own kernel is never reached: the functorch kernel
-    of register_functorch takes the call first.)"""
+    NotImplemented (a case it does not fold), vmap runs the op once per sample.
+    (torch.library.register_vmap's own kernel is never reached: the functorch kernel of
+    register_functorch takes the call first.)"""
     register_functorch(qualname)
     _VMAP_RULES[qualname] = rule
 

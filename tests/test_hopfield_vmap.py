@@ -116,3 +116,48 @@ def test_triton_twin_takes_the_rule(vmap_calls):
         want = _stack(_retrieve, (q, k, v), (0, None, None))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert vmap_calls == {"pypaper::hopfield_retrieve_triton": 1}
+
+
+# Found in review: each failed or gave a wrong shape before its fix.
+
+def test_zero_samples():
+    q, k, v = _rand(0, B, H, L, D), _rand(B, H, S, D, seed=1), _rand(B, H, S, D, seed=2)
+    assert func.vmap(lambda qq: _retrieve(qq, k, v))(q).shape == (0, B, H, L, D)
+    g = func.vmap(func.grad(lambda qq: _retrieve(qq, k, v).sum()))(q)
+    assert g.shape == (0, B, H, L, D)
+
+
+@pytest.mark.parametrize("steps", [0, 2, None])
+def test_vjp_and_jacrev_inside_vmap(steps):
+    """Per-sample vjp / jacrev: the tensors the inner grad level saved reach the op's vmap
+    kernel still wrapped by that (exited) level."""
+    dt = torch.float64
+    q = _rand(3, 1, H, 2, 3).to(dt)
+    k, v = _rand(1, H, 5, 3, seed=1).to(dt), _rand(1, H, 5, 2, seed=2).to(dt)
+    f = lambda x: pypaper.ops.hopfield_retrieve(x, k, v, beta=0.4, steps=steps,  # noqa: E731
+                                                eps=1e-6)
+
+    def per(x):
+        out, fn = func.vjp(f, x)
+        return fn(torch.ones_like(out))[0]
+
+    got = func.vmap(per)(q)
+    jac = func.vmap(func.jacrev(f))(q)
+    for s in range(3):
+        x = q[s].clone().requires_grad_()
+        (want,) = torch.autograd.grad(f(x).sum(), x)
+        torch.testing.assert_close(got[s], want)
+        torch.testing.assert_close(jac[s], torch.autograd.functional.jacobian(f, q[s]))
+
+
+def test_broadcast_pad_mask_of_the_op():
+    """The op takes a pad_mask of [1, S] (broadcast over its batch), folded or not."""
+    op = torch.ops.pypaper.hopfield_retrieve.default
+    q, k = _rand(V, B, H, L, D), _rand(B, H, S, D, seed=1)
+    pad = _rand(1, S, seed=2)
+    f = lambda qq, p: op(qq, k, k, [0.5], [0], [1e-4], None, p)[0]  # noqa: E731
+    got = func.vmap(f, in_dims=(0, None))(q, pad)
+    torch.testing.assert_close(got, torch.stack([f(q[s], pad) for s in range(V)]))
+    pads = _rand(V, 1, S, seed=3)
+    got = func.vmap(f)(q, pads)
+    torch.testing.assert_close(got, torch.stack([f(q[s], pads[s]) for s in range(V)]))

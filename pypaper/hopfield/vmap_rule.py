@@ -37,16 +37,22 @@ def _fold(t: Optional[torch.Tensor], dim: Optional[int], batch: int,
 
 
 def _mask(m, dim, batch, rows):
-    """attn_mask: unbatched and broadcast over the op's batch (leading size 1) it stays as it is;
-    otherwise folded like the inputs, a leading size 1 expanded to the rows."""
+    """attn_mask / pad_mask: unbatched and broadcast over the op's batch (leading size 1) it
+    stays as it is; otherwise folded like the inputs, a leading size 1 expanded to the rows."""
     if m is None or (dim is None and m.shape[0] == 1):
         return m
     return _fold(m, dim, batch, rows)
 
 
-def _split(t: torch.Tensor, at: int, batch: int) -> torch.Tensor:
-    """Dim ``at`` of size V*B -> two dims (V, B); the vmap batch is then dim ``at``."""
-    return t.reshape(*t.shape[:at], batch, t.shape[at] // batch if batch else 0, *t.shape[at + 1:])
+def _split(t: torch.Tensor, at: int, batch: int, rows: int) -> torch.Tensor:
+    """Dim ``at`` of size V*B -> two dims (V, B): ``batch`` V, ``rows`` B (given, not divided
+    out: V may be 0)."""
+    return t.reshape(*t.shape[:at], batch, rows, *t.shape[at + 1:])
+
+
+def _rows(t: torch.Tensor, dim: Optional[int]) -> int:
+    """B, the op's batch size: the leading size of one sample of t."""
+    return t.shape[1 if dim == 0 else 0] if dim is not None else t.shape[0]
 
 
 def _per_sample(op, n, in_dims, args):
@@ -79,13 +85,12 @@ def make_forward_rule(op):
             return _per_sample(op, n, tuple(in_dims) + (None,) * (8 - len(in_dims)),
                                (q, k, v, beta, steps, eps, attn_mask, pad_mask))
         dq, dk, dv, _, _, _, dm, dp = (tuple(in_dims) + (None,) * 8)[:8]
-        qf = _fold(q, dq, n)
-        rows = qf.shape[0] // n if n else 0
-        out, states, lse, nsteps = op(qf, _fold(k, dk, n), _fold(v, dv, n), beta, steps, eps,
-                                      _mask(attn_mask, dm, n, rows),
-                                      _fold(pad_mask, dp, n))
-        return ((_split(out, 0, n), _split(states, 1, n), _split(lse, 1, n), nsteps),
-                (0, 1, 1, None))
+        rows = _rows(q, dq)
+        out, states, lse, nsteps = op(_fold(q, dq, n), _fold(k, dk, n), _fold(v, dv, n), beta,
+                                      steps, eps, _mask(attn_mask, dm, n, rows),
+                                      _mask(pad_mask, dp, n, rows))
+        return ((_split(out, 0, n, rows), _split(states, 1, n, rows), _split(lse, 1, n, rows),
+                 nsteps), (0, 1, 1, None))
 
     return rule
 
@@ -98,7 +103,7 @@ def make_backward_rule(op):
             return NotImplemented  # step counts per sample: the forward ran sample by sample
         n = info.batch_size
         qf = _fold(q, d[1], n)
-        rows = qf.shape[0] // n if n else 0
+        rows = _rows(q, d[1])
         # states [steps, B, ...] and lse [steps + 1, B, ...]: the op's batch is their dim 1
         st = states.movedim(d[5], 0) if d[5] is not None else states.unsqueeze(0).expand(
             n, *states.shape)
@@ -107,8 +112,8 @@ def make_backward_rule(op):
         ls = ls.movedim(0, 1).reshape(ls.shape[1], n * ls.shape[2], *ls.shape[3:])
         gq, gk, gv = op(_fold(grad_out, d[0], n), qf, _fold(k, d[2], n), _fold(v, d[3], n),
                         _fold(out, d[4], n), st, ls, nsteps, beta,
-                        _mask(attn_mask, d[9], n, rows), _fold(pad_mask, d[10], n))
-        return (_split(gq, 0, n), _split(gk, 0, n), _split(gv, 0, n)), (0, 0, 0)
+                        _mask(attn_mask, d[9], n, rows), _mask(pad_mask, d[10], n, rows))
+        return (_split(gq, 0, n, rows), _split(gk, 0, n, rows), _split(gv, 0, n, rows)), (0, 0, 0)
 
     return rule
 
