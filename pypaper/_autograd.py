@@ -16,8 +16,8 @@ setup_context=...)``, the signature of ``torch.library.register_autograd``, and 
   transforms ... it must override the setup_context staticmethod": pytorch issues 168393, 170834,
   179652, open), so ``torch.func.grad`` over any custom op failed. Under ``grad`` / ``vjp`` /
   ``jacrev`` this kernel applies a Function in that form, built from the same setup_context and
-  backward; under ``vmap`` it runs the op's batching rule (``register_vmap``; the LIF ops have
-  one) or else the op once per sample (the batching fallback's loop): so
+  backward; under ``vmap`` it runs the op's batching rule (``register_vmap``: the LIF, quant and
+  hopfield ops have one) or else the op once per sample (the batching fallback's loop): so
   per-sample gradients (``vmap(grad(...))``), ``functional_call`` + ``grad`` and ``jacrev`` work
   and equal autograd's.
 """
@@ -114,7 +114,7 @@ def _functorch_function(overload, backward, setup_context):
     """The op as a torch.autograd.Function in the form functorch's grad transform accepts. Under
     an outer vmap (per-sample gradients, jacrev) functorch vmaps the Function as a whole
     (generate_vmap_rule): its forward and backward then call the ops on batched tensors, which
-    reach the ops' vmap path (_vmap_per_sample)."""
+    reach the ops' vmap path (_run_under_vmap)."""
     name = f"{overload._namespace}_{overload._opname}_functorch"
 
     def forward(*args):
@@ -150,7 +150,7 @@ def _lowered_constant(interpreter, overload, args):
     return _pytree.tree_map(wrap, out)
 
 
-def _vmap_per_sample(interpreter, overload, args):
+def _run_under_vmap(interpreter, overload, args):
     """overload(*args) under the vmap transform ``interpreter``: through the op's batching rule
     (register_vmap) when it has one, else once per sample, one transform level down, outputs
     stacked along a new dim 0 (the batch dim of every output)."""
@@ -231,8 +231,8 @@ def _make_functorch_kernel(overload):
     - grad, an op without one (integer codes, sampling indices, norms used as constants): run one
       level down, its outputs constants at this level, as eager autograd treats them.
     - vmap: the op's batching rule (register_vmap), or else the op runs once per sample one
-      level down and the outputs are stacked (what torch's
-      batching fallback does for an op without a batching rule).
+      level down and the outputs are stacked (what torch's batching fallback does for an op
+      without a batching rule).
     - jvp / jacfwd: refused when a tangent reaches the op, else run one level down.
     """
     qualname = f"{overload._namespace}::{overload._opname}"
@@ -245,7 +245,7 @@ def _make_functorch_kernel(overload):
         interpreter = _pyfunctorch.retrieve_current_functorch_interpreter()
         kind = interpreter.key()
         if kind == _pyfunctorch.TransformType.Vmap:
-            return _vmap_per_sample(interpreter, overload, args)
+            return _run_under_vmap(interpreter, overload, args)
         rule = _RULES.get(qualname)
         if kind == _pyfunctorch.TransformType.Grad and rule is not None:
             fn = _FUNCTORCH_FNS.get(qualname)

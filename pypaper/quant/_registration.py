@@ -123,7 +123,7 @@ def register_native() -> None:
     _autograd.register_autograd("pypaper::fake_quantize_backward", _no_double_backward,
                                 setup_context=_setup_nothing)
     _autograd.register_constant("pypaper::quantize")  # integer codes
-    vmap_rules.register("fake_quantize")
+    vmap_rules.register_fake_quantize()
 
 
 _triton_module = None
@@ -146,6 +146,6 @@ def load_triton():
             _autograd.register_autograd("pypaper::fake_quantize_backward_triton",
                                         _no_double_backward, setup_context=_setup_nothing)
             _autograd.register_constant("pypaper::quantize_triton")
-            vmap_rules.register("fake_quantize", "_triton")
+            vmap_rules.register_fake_quantize("_triton")
         _triton_module = triton_kernels
     return _triton_module

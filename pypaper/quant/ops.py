@@ -148,7 +148,8 @@ def _params_from_range(x: torch.Tensor, bits: int, axis, group_size, symmetric: 
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = ((hi - lo) / (qmax - qmin)).clamp_min(tiny)
         zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(_autograd.values_of(scale)).all()):
+    finite = torch.compiler.is_compiling() or bool(torch.isfinite(_autograd.values_of(scale)).all())
+    if not finite:
         raise ValueError("x contains inf or NaN: no finite scale covers its range")
     return scale.reshape(shape), zero_point.reshape(shape)
 

@@ -375,7 +375,7 @@ def _register_codecs(suffix: str) -> None:
     _autograd.register_no_backward(
         f"pypaper::power_dequantize{suffix}", "it decodes frozen int8 codes; to learn max_abs or "
         "the exponent differentiate power_fake_quantize")
-    vmap_rules.register("power", suffix)  # with the fake-quantize ops, registered before
+    vmap_rules.register_power(suffix)  # all four power ops (their autograd is registered by now)
 
 
 _register_native()

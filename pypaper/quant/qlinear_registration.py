@@ -87,7 +87,7 @@ def _register_autograd(suffix: str) -> None:
                                 setup_context=_wo8_setup)
     _autograd.register_autograd(f"pypaper::int4_weight_only_linear{suffix}", _wo4_backward,
                                 setup_context=_wo4_setup)
-    vmap_rules.register("linear", suffix)
+    vmap_rules.register_linear(suffix)
 
 
 def register_native() -> None:

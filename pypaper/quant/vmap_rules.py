@@ -92,7 +92,8 @@ def linear_rule(op, rows_out: bool = False):
     return rule
 
 
-def _register_fake_quantize(suffix: str) -> None:
+def register_fake_quantize(suffix: str = "") -> None:
+    """fake_quantize, its backward, quantize and dequantize (suffix "" or "_triton")."""
     ops = torch.ops.pypaper
     # fake_quantize(x, scale, zero_point, qmin, qmax, axis, group_size, seed, grad_factor)
     _autograd.register_vmap(f"pypaper::fake_quantize{suffix}", elementwise_rule(
@@ -114,7 +115,8 @@ def _register_fake_quantize(suffix: str) -> None:
         refuse=lambda a, nd: a[6] is not None or (a[7] and nd == 0)))
 
 
-def _register_power(suffix: str) -> None:
+def register_power(suffix: str = "") -> None:
+    """The power quantizer's four ops (suffix "" or "_triton")."""
     ops = torch.ops.pypaper
     # power_fake_quantize(x, max_abs, exponent, qmax, ste)
     _autograd.register_vmap(f"pypaper::power_fake_quantize{suffix}", elementwise_rule(
@@ -132,7 +134,8 @@ def _register_power(suffix: str) -> None:
         getattr(ops, f"power_dequantize{suffix}").default, (0,), 0, channels_at=1))
 
 
-def _register_linear(suffix: str) -> None:
+def register_linear(suffix: str = "") -> None:
+    """The quantized linear ops (suffix "" or "_triton")."""
     ops = torch.ops.pypaper
     for name in ("int8_dynamic_linear", "int8_weight_only_linear", "int4_weight_only_linear"):
         _autograd.register_vmap(f"pypaper::{name}{suffix}",
@@ -140,13 +143,3 @@ def _register_linear(suffix: str) -> None:
     _autograd.register_vmap(f"pypaper::int8_dynamic_linear_int32{suffix}",
                             linear_rule(getattr(ops, f"int8_dynamic_linear_int32{suffix}").default,
                                         rows_out=True))
-
-
-REGISTER = {"fake_quantize": _register_fake_quantize, "power": _register_power,
-            "linear": _register_linear}
-
-
-def register(group: str, suffix: str = "") -> None:
-    """Batching rules of one group of ops ("fake_quantize", "power", "linear"): the C++ ops
-    (suffix "") or their Triton twins ("_triton")."""
-    REGISTER[group](suffix)

@@ -168,7 +168,7 @@ def register_native() -> None:
                                 setup_context=_lif_setup)
     _autograd.register_autograd("pypaper::lif_backward", _no_double_backward,
                                 setup_context=_setup_nothing)
-    vmap_rule.register("pypaper::lif_forward", "pypaper::lif_backward")
+    vmap_rule.register()
 
 
 _triton_module = None
@@ -189,6 +189,6 @@ def load_triton():
                 setup_context=_lif_setup)
             _autograd.register_autograd("pypaper::lif_backward_triton", _no_double_backward,
                                         setup_context=_setup_nothing)
-            vmap_rule.register("pypaper::lif_forward_triton", "pypaper::lif_backward_triton")
+            vmap_rule.register("_triton")
         _triton_module = triton_kernels
     return _triton_module

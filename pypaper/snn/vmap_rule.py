@@ -124,9 +124,11 @@ def make_backward_rule(op):
     return rule
 
 
-def register(forward_qualname: str, backward_qualname: str) -> None:
-    """Batching rules for one pair of LIF ops (C++ or Triton; the same signatures)."""
-    forward = getattr(torch.ops.pypaper, forward_qualname.split("::")[1]).default
-    backward = getattr(torch.ops.pypaper, backward_qualname.split("::")[1]).default
-    _autograd.register_vmap(forward_qualname, make_forward_rule(forward))
-    _autograd.register_vmap(backward_qualname, make_backward_rule(backward))
+def register(suffix: str = "") -> None:
+    """Batching rules of lif_forward{suffix} and lif_backward{suffix} (the C++ ops, or with
+    "_triton" their Triton twins: the same signatures)."""
+    ops = torch.ops.pypaper
+    _autograd.register_vmap(f"pypaper::lif_forward{suffix}",
+                            make_forward_rule(getattr(ops, f"lif_forward{suffix}").default))
+    _autograd.register_vmap(f"pypaper::lif_backward{suffix}",
+                            make_backward_rule(getattr(ops, f"lif_backward{suffix}").default))
