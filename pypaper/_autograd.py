@@ -286,6 +286,24 @@ class _VmapInfo(NamedTuple):
     randomness: str
 
 
+def batch_first(t, dim, batch: int):
+    """For batching rules: t with its vmap batch dim first, [batch, *sample shape]; an unbatched
+    t (dim None) expanded to every sample (a view); None stays None."""
+    if t is None:
+        return None
+    if dim is None:
+        return t.unsqueeze(0).expand(batch, *t.shape)
+    return t.movedim(dim, 0)
+
+
+def sample_shape(t: torch.Tensor, dim) -> tuple:
+    """For batching rules: the shape of one sample of t (t's shape without its batch dim)."""
+    shape = list(t.shape)
+    if dim is not None:
+        del shape[dim]
+    return tuple(shape)
+
+
 def register_vmap(qualname: str, rule) -> None:
     """The op's batching rule, in torch.library.register_vmap's form: ``rule(info, in_dims,
     *args) -> (outputs, out_dims)``, where args are the op's arguments one vmap level down,

@@ -30,7 +30,7 @@ def _fold(t: Optional[torch.Tensor], dim: Optional[int], batch: int,
     tensor's own leading size."""
     if t is None:
         return None
-    t = t.unsqueeze(0).expand(batch, *t.shape) if dim is None else t.movedim(dim, 0)
+    t = _autograd.batch_first(t, dim, batch)
     if rows is not None and t.shape[1] != rows:
         t = t.expand(t.shape[0], rows, *t.shape[2:])
     return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
@@ -105,9 +105,8 @@ def make_backward_rule(op):
         qf = _fold(q, d[1], n)
         rows = _rows(q, d[1])
         # states [steps, B, ...] and lse [steps + 1, B, ...]: the op's batch is their dim 1
-        st = states.movedim(d[5], 0) if d[5] is not None else states.unsqueeze(0).expand(
-            n, *states.shape)
-        ls = lse.movedim(d[6], 0) if d[6] is not None else lse.unsqueeze(0).expand(n, *lse.shape)
+        st = _autograd.batch_first(states, d[5], n)
+        ls = _autograd.batch_first(lse, d[6], n)
         st = st.movedim(0, 1).reshape(st.shape[1], n * st.shape[2], *st.shape[3:])
         ls = ls.movedim(0, 1).reshape(ls.shape[1], n * ls.shape[2], *ls.shape[3:])
         gq, gk, gv = op(_fold(grad_out, d[0], n), qf, _fold(k, d[2], n), _fold(v, d[3], n),

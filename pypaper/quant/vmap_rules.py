@@ -21,13 +21,6 @@ import torch
 from .. import _autograd
 
 
-def _front(t, dim, batch):
-    """t with its batch dim first; unbatched: expanded (a view)."""
-    if dim is None:
-        return t.unsqueeze(0).expand(batch, *t.shape)
-    return t.movedim(dim, 0)
-
-
 def _only_batched(in_dims, positions) -> bool:
     """Whether no argument outside ``positions`` is batched."""
     return all(d is None for i, d in enumerate(in_dims) if i not in positions)
@@ -55,16 +48,14 @@ def elementwise_rule(op, batched, out_dims, axis=None, refuse=None, channels_at=
             # channels are the leading elements of each sample: the batch goes after the
             # leading dim, which only keeps them whole when they split that dim evenly (C = 3
             # over a [2, 3] sample spans parts of rows)
-            shape = list(args[first].shape)
-            if in_dims[first] is not None:
-                del shape[in_dims[first]]
+            shape = _autograd.sample_shape(args[first], in_dims[first])
             lead = shape[0] if shape else 1
             if lead % args[channels_at].numel():
                 return NotImplemented
             at = 1
         for i in batched:
             if args[i] is not None:
-                args[i] = _front(args[i], in_dims[i], info.batch_size).movedim(0, at)
+                args[i] = _autograd.batch_first(args[i], in_dims[i], info.batch_size).movedim(0, at)
         if axis is not None and args[axis] is not None and args[axis] >= 0:
             args[axis] += 1
         dims = out_dims if isinstance(out_dims, tuple) else (out_dims,)

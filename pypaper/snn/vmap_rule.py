@@ -28,18 +28,9 @@ from .. import _autograd
 from . import op_flags
 
 
-def _front(t: Optional[torch.Tensor], dim: Optional[int], batch: int) -> Optional[torch.Tensor]:
-    """t with its batch dim first, [B, *sample shape]; an unbatched t expanded (a view)."""
-    if t is None:
-        return None
-    if dim is None:
-        return t.unsqueeze(0).expand(batch, *t.shape)
-    return t.movedim(dim, 0)
-
-
 def _sequence(t, dim, batch):
     """[T, N, *F] per sample -> [T, N, B, *F] (None stays None)."""
-    t = _front(t, dim, batch)
+    t = _autograd.batch_first(t, dim, batch)
     if t is None:
         return None
     if t.dim() < 3:
@@ -50,7 +41,7 @@ def _sequence(t, dim, batch):
 
 def _state(t, dim, batch):
     """[N, *F] per sample -> [N, B, *F]."""
-    t = _front(t, dim, batch)
+    t = _autograd.batch_first(t, dim, batch)
     return None if t is None else t.movedim(0, 1)
 
 
@@ -61,7 +52,7 @@ def _parameter(p: torch.Tensor, dim: Optional[int], batch: int, features: tuple,
     value (any shape of numel 1) or of shape F, as the ops take it."""
     if dim is None and not per_sample:
         return p if p.numel() == 1 else p.expand(batch, *features)
-    p = _front(p, dim, batch)
+    p = _autograd.batch_first(p, dim, batch)
     if p.shape[1:].numel() == 1:
         p = p.reshape(batch, *([1] * len(features)))
     return p.expand(batch, *features)
@@ -77,13 +68,6 @@ def _parameter_grad(g: torch.Tensor, sample_shape: tuple, batch: int) -> torch.T
     return g
 
 
-def _sample_shape(p: torch.Tensor, dim: Optional[int]) -> tuple:
-    shape = list(p.shape)
-    if dim is not None:
-        del shape[dim]
-    return tuple(shape)
-
-
 def make_forward_rule(op):
     """The batching rule of lif_forward (``op``: the C++ or the Triton overload)."""
     def rule(info, in_dims, x, v_init, decay, v_threshold, v_reset, surrogate, alpha, flags):
@@ -95,7 +79,6 @@ def make_forward_rule(op):
                   _parameter(decay, dd, b, features, False),
                   _parameter(v_threshold, dt, b, features, False),
                   v_reset, surrogate, alpha, flags)
-        spikes, v_last, h_seq, v_seq = outs
         keep_h, store = flags & op_flags.KEEP_H, flags & op_flags.STORE_V_SEQ
         return outs, (2, 1, 2 if keep_h else None, 2 if store else None)
 
@@ -117,8 +100,8 @@ def make_backward_rule(op):
                             _parameter(decay, dd, b, features, need_d),
                             _parameter(v_threshold, dt, b, features, need_t),
                             v_reset, surrogate, alpha, flags)
-        gd = _parameter_grad(gd, _sample_shape(decay, dd), b)
-        gt = _parameter_grad(gt, _sample_shape(v_threshold, dt), b)
+        gd = _parameter_grad(gd, _autograd.sample_shape(decay, dd), b)
+        gt = _parameter_grad(gt, _autograd.sample_shape(v_threshold, dt), b)
         return (gx, gv, gd, gt), (2, 1, 0, 0)
 
     return rule
