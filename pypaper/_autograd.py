@@ -5,11 +5,11 @@ setup_context=...)``, the signature of ``torch.library.register_autograd``, and 
 
 - **Autograd**: what torch.library registers (an autograd.Function whose forward redispatches below
   Autograd and calls setup_context; backward calls the registered backward), written here without
-  its per-call costs, plus one check: no pypaper op has a forward-mode rule, and torch.library's
-  kernel runs a call whose inputs carry tangents (``torch.autograd.forward_ad``,
-  ``torch.func.jvp``, ``jacfwd``) but do not require grad without autograd, so its outputs came
-  back without a tangent: a jvp of zero, silently. The kernel raises NotImplementedError naming
-  the op and the argument instead.
+  its per-call costs, plus forward mode: torch.library's kernel runs a call whose inputs carry
+  tangents (``torch.autograd.forward_ad``, ``torch.func.jvp``, ``jacfwd``) but do not require
+  grad without autograd, so its outputs came back without a tangent: a jvp of zero, silently.
+  Here an op with a forward-mode rule (``register_jvp``: the LIF op) computes its tangents with
+  it; any other raises NotImplementedError naming the op and the argument.
 - **FuncTorchDynamicLayerFrontMode**, the key torch.func transforms dispatch on. torch.library's
   Function has its context code inside ``forward(ctx, ...)``; functorch accepts only a Function
   with a ``setup_context`` staticmethod ("In order to use an autograd.Function with functorch
@@ -65,11 +65,25 @@ def refuse_tangents(op: str, names, values) -> None:
     for name, v in zip(names, values):
         items = v if isinstance(v, (list, tuple)) else (v,)
         for t in items:
-            if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
+            if isinstance(t, torch.Tensor) and _carries_tangent(t):
                 raise NotImplementedError(
                     f"{op} has no forward-mode AD rule (jvp), and its argument {name!r} carries a "
                     f"tangent (torch.autograd.forward_ad / torch.func.jvp / jacfwd); use reverse "
                     f"mode: backward, torch.autograd.grad, torch.func.grad / vjp / jacrev")
+
+
+def _carries_tangent(t: torch.Tensor) -> bool:
+    try:
+        return forward_ad.unpack_dual(t).tangent is not None
+    except RuntimeError:
+        # a jvp level above a vmap (jacfwd, hessian's forward-over-reverse): unpack_dual has no
+        # batching rule, so the tangent cannot be read; such a level's inputs carry one.
+        return True
+
+
+def has_tangent(values) -> bool:
+    """Whether a tensor among values carries a forward-mode tangent at the current level."""
+    return any(isinstance(t, torch.Tensor) and _carries_tangent(t) for t in values)
 
 
 def _below_autograd(overload, keyset, args):
@@ -85,13 +99,17 @@ def _eager_function(overload, backward, setup_context, num_args):
     dispatch keyset to redispatch below Autograd with."""
     schema = overload._schema
 
+    qualname = f"{overload._namespace}::{overload._opname}"
+
     def forward(ctx, keyset, *args):
         output = _below_autograd(overload, keyset, args)
+        # the dispatcher drops trailing arguments equal to their defaults
+        inputs = args if len(args) == num_args else _library_utils.fill_defaults(
+            schema, args, {})[0]
         if setup_context is not None:
-            # the dispatcher drops trailing arguments equal to their defaults
-            inputs = args if len(args) == num_args else _library_utils.fill_defaults(
-                schema, args, {})[0]
             setup_context(ctx=ctx, inputs=inputs, output=output)
+        if forward_ad._current_level >= 0 and qualname in _JVP_RULES:
+            _save_for_jvp(ctx, inputs)
         return output
 
     def backward_(ctx, *grads):
@@ -103,11 +121,31 @@ def _eager_function(overload, backward, setup_context, num_args):
             ctx.needs_input_grad = needs
         return (None, *result) if isinstance(result, tuple) else (None, result)
 
+    def jvp_(ctx, *tangents):  # tangents[0]: the keyset's
+        return _JVP_RULES[qualname](_saved_for_jvp(ctx), tangents[1:])
+
     # grad_fn: <namespace>_<op>Backward, e.g. pypaper_lif_forwardBackward
     return type(f"{overload._namespace}_{overload._opname}", (torch.autograd.Function,), {
         "forward": staticmethod(forward),
         "backward": staticmethod(backward_),
+        "jvp": staticmethod(jvp_),
     })
+
+
+def _save_for_jvp(ctx, inputs) -> None:
+    """Keeps the op's inputs for its jvp rule: the tensors through ctx.save_for_forward (which
+    torch.func's jvp levels know how to carry), the rest as they are."""
+    ctx.save_for_forward(*[a for a in inputs if isinstance(a, torch.Tensor)])
+    ctx.jvp_inputs = tuple(a if not isinstance(a, torch.Tensor) else _TENSOR for a in inputs)
+
+
+def _saved_for_jvp(ctx) -> tuple:
+    """The inputs _save_for_jvp kept, in the op's argument order."""
+    tensors = iter(ctx.saved_tensors)
+    return tuple(next(tensors) if a is _TENSOR else a for a in ctx.jvp_inputs)
+
+
+_TENSOR = object()  # _save_for_jvp's placeholder of a saved tensor
 
 
 def _functorch_function(overload, backward, setup_context):
@@ -120,15 +158,23 @@ def _functorch_function(overload, backward, setup_context):
     def forward(*args):
         return overload(*args)
 
+    qualname = f"{overload._namespace}::{overload._opname}"
+
     def setup(ctx, inputs, output):
         if setup_context is not None:
             setup_context(ctx=ctx, inputs=inputs, output=output)
+        if qualname in _JVP_RULES:
+            _save_for_jvp(ctx, inputs)
+
+    def jvp(ctx, *tangents):
+        return _JVP_RULES[qualname](_saved_for_jvp(ctx), tangents)
 
     return type(name, (torch.autograd.Function,), {
         "generate_vmap_rule": True,
         "forward": staticmethod(forward),
         "setup_context": staticmethod(setup),
         "backward": staticmethod(backward),
+        "jvp": staticmethod(jvp),
     })
 
 
@@ -190,6 +236,7 @@ def _run_under_vmap(interpreter, overload, args):
 
 
 _VMAP_RULES: dict = {}  # qualname -> batching rule (register_vmap)
+_JVP_RULES: dict = {}  # qualname -> forward-mode rule (register_jvp)
 _RULES: dict = {}  # qualname -> (backward, setup_context) of the ops registered here
 _FUNCTORCH_FNS: dict = {}  # qualname -> the Function of _functorch_function, built on first use
 _COVERED: set = set()  # qualnames whose FuncTorchDynamicLayerFrontMode kernel is registered
@@ -212,7 +259,10 @@ def _make_autograd_kernel(overload, backward, setup_context):
     # Zen 5 guest, 10.6 -> 8.0 us a call without grad, 15.9 -> 13.3 us forward with grad.
     def autograd_kernel(keyset, *args):
         if forward_ad._current_level >= 0:
-            refuse_tangents(qualname, names, args)
+            if qualname not in _JVP_RULES:
+                refuse_tangents(qualname, names, args)
+            elif has_tangent(args):
+                return eager_fn.apply(keyset, *args)
         if _C.is_grad_enabled() and _C._any_requires_grad(*args):
             return eager_fn.apply(keyset, *args)
         return _below_autograd(overload, keyset, args)
@@ -233,21 +283,24 @@ def _make_functorch_kernel(overload):
     - vmap: the op's batching rule (register_vmap), or else the op runs once per sample one
       level down and the outputs are stacked (what torch's batching fallback does for an op
       without a batching rule).
-    - jvp / jacfwd: refused when a tangent reaches the op, else run one level down.
+    - jvp / jacfwd: an op with a jvp rule (register_jvp) is applied as a Function with that
+      jvp; any other is refused when a tangent reaches it, else run one level down.
     """
     qualname = f"{overload._namespace}::{overload._opname}"
     schema = overload._schema
     names = _names(overload)
 
     def functorch_kernel(*args):
-        if forward_ad._current_level >= 0:
+        with_jvp = qualname in _JVP_RULES
+        if forward_ad._current_level >= 0 and not with_jvp:
             refuse_tangents(qualname, names, args)
         interpreter = _pyfunctorch.retrieve_current_functorch_interpreter()
         kind = interpreter.key()
         if kind == _pyfunctorch.TransformType.Vmap:
             return _run_under_vmap(interpreter, overload, args)
         rule = _RULES.get(qualname)
-        if kind == _pyfunctorch.TransformType.Grad and rule is not None:
+        if rule is not None and (kind == _pyfunctorch.TransformType.Grad
+                                 or (kind == _pyfunctorch.TransformType.Jvp and with_jvp)):
             fn = _FUNCTORCH_FNS.get(qualname)
             if fn is None:
                 fn = _FUNCTORCH_FNS[qualname] = _functorch_function(overload, *rule)
@@ -332,6 +385,21 @@ def register_autograd(qualname: str, backward, *, setup_context=None) -> None:
         opdef.register_autograd(backward, setup_context=setup_context)
     _quiet_impl(_lib(overload._namespace), overload._opname, kernel, "Autograd",
                 with_keyset=True)
+
+
+def register_jvp(qualname: str, rule) -> None:
+    """The op's forward-mode AD rule: ``rule(inputs, tangents) -> output tangents``, where
+    inputs are the op's arguments (defaults filled in; tensors without tangents), tangents one
+    per argument (None where it has none) and the result one per output (a tensor of the
+    output's shape; None only for an output setup_context marks non-differentiable). Then torch.autograd.forward_ad, torch.func.jvp and
+    jacfwd (vmap over jvp) run through it instead of refusing the tangent. The op must have
+    been registered with register_autograd. Where a reverse-mode graph is built over a call
+    with tangents, the tangents are computed with differentiable torch ops by the rule, so
+    reverse-over-forward works as far as the rule's own ops do; forward-over-reverse (the
+    op's backward under a jvp, e.g. torch.func.hessian) needs a rule for the backward op too."""
+    if qualname not in _RULES:
+        raise ValueError(f"{qualname}: register_autograd first")
+    _JVP_RULES[qualname] = rule
 
 
 _CONSTANT: set = set()  # qualnames registered with register_constant

@@ -3,9 +3,10 @@
 - torch.func.grad over an op equals torch.autograd.grad through the same op;
 - vmap(grad(...)) (per-sample gradients) equals a loop of torch.autograd.grad over the samples;
 - vmap over vjp and jacrev (per-sample vjps and Jacobians) equal autograd per sample;
-- forward-mode AD (forward_ad dual tensors, torch.func.jvp, jacfwd) raises NotImplementedError
-  naming the op and the argument, where torch.library's autograd kernel returned the outputs
-  without a tangent (a jvp of zero, silently).
+- forward-mode AD (forward_ad dual tensors, torch.func.jvp, jacfwd): ops with a jvp rule
+  (register_jvp: the LIF op) give J t, the Jacobian autograd builds times the tangent; the
+  others raise NotImplementedError naming the op and the argument, where torch.library's
+  autograd kernel returned the outputs without a tangent (a jvp of zero, silently).
 """
 import importlib
 import importlib.util
@@ -169,7 +170,50 @@ def test_per_sample_grads(name, f, shape):
 # few-bit activation without grad is torch's activation (the few-bit codes only shape its
 # backward), so its jvp is the exact derivative's.
 _EXACT_JVP = {"fewbit_activation": lambda x: torch.nn.functional.gelu(x)}
-REFUSED = [c for c in CASES if c[0] not in _EXACT_JVP]
+# Ops with a forward-mode rule (register_jvp): their jvp is the Jacobian of their backward,
+# transposed (the surrogate derivative where a spike fires).
+_JVP_RULE = {"lif_multi_step"}
+REFUSED = [c for c in CASES if c[0] not in _EXACT_JVP and c[0] not in _JVP_RULE]
+WITH_RULE = [c for c in CASES if c[0] in _JVP_RULE]
+
+
+def _jacobian_times(f, x, t):
+    """J t from the Jacobian reverse mode builds, [*y.shape]."""
+    jac = torch.autograd.functional.jacobian(f, x)
+    y_shape = jac.shape[:jac.dim() - x.dim()]
+    return (jac.reshape(-1, x.numel()) @ t.reshape(-1)).reshape(y_shape)
+
+
+@pytest.mark.parametrize("name,f,shape", WITH_RULE, ids=[c[0] for c in WITH_RULE])
+def test_jvp_rule_is_jacobian_times_tangent(name, f, shape):
+    """Dual tensors (with and without requires_grad), torch.func.jvp and jacfwd agree with the
+    Jacobian autograd builds; the reverse-mode gradient of a call with tangents is unchanged."""
+    x, t = _data(shape), _data(shape, seed=5)
+    want = _jacobian_times(f, x, t)
+    assert want.abs().sum() > 0
+    xr = x.clone().requires_grad_()
+    with fwAD.dual_level():
+        y_plain = f(fwAD.make_dual(x, t))
+        y_graph = f(fwAD.make_dual(xr, t))
+        got_plain = fwAD.unpack_dual(y_plain).tangent
+        got_graph = fwAD.unpack_dual(y_graph).tangent
+        y_graph.sum().backward()
+    torch.testing.assert_close(got_plain, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_graph, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xr.grad, func.grad(lambda a: f(a).sum())(x))
+    out, got = func.jvp(f, (x,), (t,))
+    torch.testing.assert_close(out, f(x))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(func.jacfwd(f)(x), func.jacrev(f)(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,f,shape", WITH_RULE, ids=[c[0] for c in WITH_RULE])
+def test_forward_over_reverse_refused(name, f, shape):
+    """torch.func.hessian (jacfwd over jacrev) needs a jvp of the backward op, which has none:
+    a clear NotImplementedError naming it (before: functorch's "Batching rule not implemented
+    for aten::_unpack_dual")."""
+    with pytest.raises(NotImplementedError, match=r"_backward.* no forward-mode AD rule"):
+        func.hessian(lambda a: f(a).sum())(_data(shape))
 
 
 @pytest.mark.parametrize("name,f,shape", CASES, ids=IDS)
@@ -283,6 +327,8 @@ def test_module_per_sample_grads(name):
 # DelayedLinear at its default width runs as torch's dense convolution on the CPU (no pypaper
 # op in the call): forward-mode AD then works, and must give the true directional derivative.
 _MODEL_EXACT_JVP = {"delayed_linear"}
+# Layers whose op has a jvp rule: their tangent is J t of the Jacobian autograd builds.
+_MODEL_JVP_RULE = {"lif_node"}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -290,6 +336,18 @@ def test_module_forward_ad(name):
     model, shape = _models()[name]
     x = torch.randn(*shape)
     t = torch.randn(*shape)
+    if name in _MODEL_JVP_RULE:
+        def run(a):
+            pypaper.snn.reset_net(model)
+            return model(a)
+
+        want = _jacobian_times(run, x, t)
+        assert want.abs().sum() > 0
+        pypaper.snn.reset_net(model)
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(model(fwAD.make_dual(x, t))).tangent
+        torch.testing.assert_close(tangent, want, rtol=1e-5, atol=1e-6)
+        return
     if name not in _MODEL_EXACT_JVP:
         with fwAD.dual_level():
             with pytest.raises(NotImplementedError, match="no forward-mode AD rule"):
@@ -335,6 +393,13 @@ def test_triton_twin_under_grad_and_vmap(name):
         assert "triton" in type(y.grad_fn).__name__ or name == "lif_multi_step"
         _assert_per_sample_grads(f, shape, samples=2)
         x = _data(shape)
+        if name in _JVP_RULE:  # the twin has the same rule
+            t = _data(shape, seed=5)
+            with fwAD.dual_level():
+                got = fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
+            torch.testing.assert_close(got, _jacobian_times(f, x, t), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(func.jvp(f, (x,), (t,))[1], got)
+            return
         with fwAD.dual_level():
             with pytest.raises(NotImplementedError, match="no forward-mode AD rule"):
                 f(fwAD.make_dual(x, torch.ones_like(x)))

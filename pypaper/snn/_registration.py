@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _autograd
-from . import op_flags, vmap_rule
+from . import jvp_rule, op_flags, vmap_rule
 
 
 def _fake_lif_forward(x, v_init, decay, v_threshold, v_reset, surrogate, alpha, flags):
@@ -169,6 +169,7 @@ def register_native() -> None:
     _autograd.register_autograd("pypaper::lif_backward", _no_double_backward,
                                 setup_context=_setup_nothing)
     vmap_rule.register()
+    jvp_rule.register()
 
 
 _triton_module = None
@@ -190,5 +191,6 @@ def load_triton():
             _autograd.register_autograd("pypaper::lif_backward_triton", _no_double_backward,
                                         setup_context=_setup_nothing)
             vmap_rule.register("_triton")
+            jvp_rule.register("_triton")
         _triton_module = triton_kernels
     return _triton_module

@@ -226,11 +226,10 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
                                         decay_is_tau, detach_reset, sltt, store_v_seq,
                                         surrogate_fn=fn)
     sid, alpha = spec
-    # The eager path below skips the op's Autograd kernel, which refuses tangents for the other
-    # paths (pypaper/_autograd.py): the same check here.
-    if _autograd.forward_ad_active():
-        _autograd.refuse_tangents("lif_multi_step", ("x_seq", "v", "tau / k", "v_threshold"),
-                                  (x_seq, v, decay, vth))
+    # Forward-mode tangents (torch.autograd.forward_ad, torch.func.jvp / jacfwd) go through the
+    # op's Autograd kernel, which runs its jvp rule (pypaper/snn/jvp_rule.py); the eager paths
+    # below skip that kernel.
+    tangents = _autograd.forward_ad_active() and _autograd.has_tangent((x_seq, v, decay, vth))
     # The forward writes no H (8 bytes per neuron-step instead of 12) when nothing will be
     # differentiated, and never on the CPU, whose backward reruns the forward from x instead:
     # fwd + bwd then move 20 bytes per neuron-step instead of 24 (T = 32, 2^18 neurons, cold
@@ -245,7 +244,9 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
     # Nothing to differentiate: the call skips the Autograd key (its Python kernel would only
     # redispatch); else, in eager mode, the same autograd without torch.library's wrapper.
     forward_op, backward_op = _ops(backend)
-    if needs_grad:
+    if tangents:
+        spikes, v_last, _, v_seq = forward_op(*args)
+    elif needs_grad:
         spikes, v_last, _, v_seq = _registration.call_with_grad(forward_op, backward_op, args)
     else:
         spikes, v_last, _, v_seq = _registration.call_op(forward_op, args, False)

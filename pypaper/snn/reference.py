@@ -105,12 +105,19 @@ class SpikeFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, surrogate_id, alpha = inputs
         ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
         ctx.surrogate_id, ctx.alpha = surrogate_id, alpha
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return grad * surrogate_grad(x, ctx.surrogate_id, ctx.alpha), None, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, _surrogate_id, _alpha):
+        """Forward mode: the same surrogate Jacobian, dS = sigma'(x) dx."""
+        (x,) = ctx.saved_tensors
+        return x_tangent * surrogate_grad(x, ctx.surrogate_id, ctx.alpha)
 
 
 def spike(x: torch.Tensor, surrogate_id: int, alpha: float) -> torch.Tensor:

@@ -136,17 +136,25 @@ def test_jit_trace_records_the_op():
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_forward_mode_ad_raises_instead_of_dropping_tangents(requires_grad):
-    """The op has no forward-mode rule: a dual input raises, naming the argument, rather than
-    returning outputs without tangents; inputs without tangents under a dual level run as
-    usual."""
+def test_forward_mode_ad_takes_the_ops_jvp(requires_grad):
+    """A dual input leaves the eager fast path for the op's Autograd kernel, which runs its jvp
+    rule (pypaper/snn/jvp_rule.py): the outputs carry the tangent the reference's forward AD
+    gives (torch's own derivatives of the plain loop, the surrogate's jvp at the spike); inputs
+    without tangents under a dual level run as usual."""
     import torch.autograd.forward_ad as fw
 
-    x = inputs((4, 3)).requires_grad_(requires_grad)
+    x = inputs((4, 3)).double().requires_grad_(requires_grad)
+    t = inputs((4, 3)).double().flip(0)
+    kw = dict(surrogate_function=surrogate.ATan(), store_v_seq=True)
+    tangents = {}
+    for backend in ("cpu", "reference"):
+        with pypaper.use_backend(backend), fw.dual_level():
+            spikes, v_last, v_seq = lif_multi_step(fw.make_dual(x, t), **kw)
+            tangents[backend] = [fw.unpack_dual(o).tangent for o in (spikes, v_last, v_seq)]
+    assert all(g is not None for g in tangents["cpu"])
+    assert tangents["cpu"][0].abs().sum() > 0
+    for got, want in zip(tangents["cpu"], tangents["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     with fw.dual_level():
-        dual = fw.make_dual(x, torch.ones_like(x))
-        with pytest.raises(NotImplementedError,
-                           match="no forward-mode AD rule .* 'x_seq' carries a tangent"):
-            lif_multi_step(dual, surrogate_function=surrogate.ATan())
         spikes, _, _ = lif_multi_step(x.detach(), surrogate_function=surrogate.ATan())
     assert torch.equal(spikes, lif_multi_step(x.detach(), surrogate_function=surrogate.ATan())[0])

@@ -1,0 +1,95 @@
+"""Forward-mode AD of the fused LIF op (torch.autograd.forward_ad, torch.func.jvp, jacfwd).
+
+The tangent of the T-step recurrence of kernels/common/snn_math.h, carried forward in time next
+to the primal values (math in fp32, fp64 for fp64 inputs, as the kernels compute). With k the
+decay as a rate (k = 1/tau where the op divides by tau: dk = -dtau / tau^2), Vr the reset
+potential (0 in the charge of a soft reset), dr = 0 under detach_reset (S leaves the reset term)
+else 1, sg = sigma'(H - Vth) the surrogate derivative the backward uses, and dV[-1] the tangent of
+v_init (0 when there is none):
+
+    charge   decay_input:  dH = (1 - k) dV[t-1] + k dX + (X - (V[t-1] - Vr)) dk
+             otherwise:    dH = (1 - k) dV[t-1] + dX - (V[t-1] - Vr) dk
+             SLTT (Meng et al., ICCV 2023): V[t-1] enters the charge detached, no (1 - k) dV term
+    fire     dS = sg (dH - dVth)
+    reset    hard:         dV = (1 - S) dH + dr (Vr - H) dS
+             soft:         dV = dH - S dVth - dr Vth dS
+
+This is the Jacobian whose transpose the backward op applies (lif_backward), so a jvp and a vjp
+of the same call satisfy <J v, u> = <v, J^T u>: tests/snn/test_lif_jvp.py checks that and
+jacfwd against jacrev. The tangent loop runs T steps of torch ops (the reference's speed, not a
+fused kernel's); the primal outputs still come from the op's kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _autograd
+from . import op_flags, reference
+
+
+def lif_forward_jvp(inputs, tangents):
+    """register_jvp rule of lif_forward (and its Triton twin): tangents of (spikes, v_last,
+    h_seq, v_seq); h_seq is non-differentiable (None), v_seq empty unless stored."""
+    x, v_init, decay, vth, v_reset, sid, alpha, flags = inputs
+    dx, dv0, ddecay, dvth = tangents[:4]
+    decay_input = bool(flags & op_flags.DECAY_INPUT)
+    div = bool(flags & op_flags.DECAY_IS_TAU)
+    dr = 0.0 if flags & op_flags.DETACH_RESET else 1.0
+    sltt = bool(flags & op_flags.SLTT)
+    store_v_seq = bool(flags & op_flags.STORE_V_SEQ)
+    hard = v_reset is not None
+    vr = float(v_reset) if hard else 0.0
+    mdt = reference.default_math_dtype(x.dtype)
+    xm = x.to(mdt)
+    decay = decay.to(mdt)
+    vth = vth.to(mdt)
+    k = 1.0 / decay if div else decay
+    dk = None
+    if ddecay is not None:
+        dk = -ddecay.to(mdt) / (decay * decay) if div else ddecay.to(mdt)
+    dvth = None if dvth is None else dvth.to(mdt)
+    shape = x.shape[1:]
+    v = v_init.to(mdt) if v_init is not None else torch.full(shape, vr, dtype=mdt, device=x.device)
+    dv = dv0.to(mdt) if dv0 is not None else torch.zeros(shape, dtype=mdt, device=x.device)
+    ds_seq, dv_seq = [], []
+    for t in range(x.shape[0]):
+        # the primal step, in the kernels' operation order (the same S to the bit)
+        if decay_input:
+            d = xm[t] - (v - vr)
+            h = v + (d / decay if div else d * decay)
+            dh = k * dx[t].to(mdt) if dx is not None else torch.zeros_like(h)
+        else:
+            d = v - vr
+            h = v - (d / decay if div else d * decay) + xm[t]
+            dh = dx[t].to(mdt) if dx is not None else torch.zeros_like(h)
+            d = -d
+        if not sltt:
+            dh = dh + (1.0 - k) * dv
+        if dk is not None:
+            dh = dh + d * dk
+        z = h - vth
+        s = (z >= 0).to(mdt)
+        sg = reference.surrogate_grad(z, sid, alpha)
+        ds = sg * (dh if dvth is None else dh - dvth)
+        if hard:
+            v = s * vr + (1.0 - s) * h
+            dv = (1.0 - s) * dh + dr * (vr - h) * ds
+        else:
+            v = h - s * vth
+            dv = dh - dr * vth * ds
+            if dvth is not None:
+                dv = dv - s * dvth
+        ds_seq.append(ds)
+        if store_v_seq:
+            dv_seq.append(dv)
+    out = x.dtype
+    d_spikes = torch.stack(ds_seq).to(out) if ds_seq else torch.zeros_like(x)
+    d_v_seq = x.new_zeros((0,))  # the op's empty v_seq
+    if store_v_seq:
+        d_v_seq = torch.stack(dv_seq).to(out) if dv_seq else torch.zeros_like(x)
+    return d_spikes, dv.to(out), None, d_v_seq
+
+
+def register(suffix: str = "") -> None:
+    """The jvp rule of pypaper::lif_forward{suffix} (after its register_autograd)."""
+    _autograd.register_jvp(f"pypaper::lif_forward{suffix}", lif_forward_jvp)
