@@ -61,6 +61,13 @@ TORCH_LIBRARY(pypaper, m) {
       "lif_backward(Tensor grad_spikes, Tensor? grad_v_last, Tensor? grad_v_seq, Tensor h_seq, "
       "Tensor? v_init, Tensor decay, Tensor v_threshold, float? v_reset, int surrogate, "
       "float alpha, int flags) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Forward-mode derivative of lif_forward (pypaper/snn/jvp_rule.py): the tangents of (spikes,
+  // v_last, v_seq) given the tangents of x, v_init, decay and v_threshold (None: zero); v_seq's
+  // has shape [0] unless flags has store_v_seq. flags: lif_forward's, without keep_h.
+  m.def(
+      "lif_forward_jvp(Tensor x, Tensor? x_tangent, Tensor? v_init, Tensor? v_init_tangent, "
+      "Tensor decay, Tensor? decay_tangent, Tensor v_threshold, Tensor? v_threshold_tangent, "
+      "float? v_reset, int surrogate, float alpha, int flags) -> (Tensor, Tensor, Tensor)");
   // ---- snn.delays: learnable synaptic delays (Hammouamri et al., ICLR 2024), kernels/common/delay_math.h
   // x: [T, N, C_in] (time-major); weight, position: [C_out, C_in]; bias: [C_out] or None.
   // y[t, n, o] = b[o] + sum_i w[o, i] sum_d g_{o,i}(d) x[t - d, n, i], x[t < 0] = 0, d < max_delay:

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../../kernels/cpu/snn_cpu.h"
+#include "../../kernels/cpu/snn_jvp_cpu.h"
 #include "../block_cache.h"
 #include "snn_args.h"
 
@@ -264,11 +265,97 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(
   return {gx, gv_init, g_decay, g_vth};
 }
 
+// A tangent of a parameter, as the parameter is prepared (math type, contiguous); undefined when
+// there is none.
+at::Tensor prepare_tangent(const c10::optional<at::Tensor>& t, const at::Tensor& param,
+                           const at::Tensor& x, const char* name) {
+  if (!t.has_value()) return at::Tensor();
+  TORCH_CHECK(t->sizes() == param.sizes(), name, " has shape ", t->sizes(), ", expected ",
+              param.sizes());
+  return prepare_param(*t, x, name).values;
+}
+
+// Forward-mode derivative (kernels/cpu/snn_jvp_cpu.h): the tangents of (spikes, v_last, v_seq)
+// given tangents of x, v_init, the decay and the threshold (any may be None: zero).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward_jvp_cpu(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& x_tangent_in,
+    const c10::optional<at::Tensor>& v_init_in, const c10::optional<at::Tensor>& v_tangent_in,
+    const at::Tensor& decay_in, const c10::optional<at::Tensor>& decay_tangent_in,
+    const at::Tensor& vth_in, const c10::optional<at::Tensor>& vth_tangent_in,
+    c10::optional<double> v_reset, int64_t surrogate, double alpha, int64_t flags) {
+  const LifFlags f = lif_flags(flags, kLifForwardFlags & ~kKeepH, "lif_forward_jvp");
+  check_x(x_in);
+  if (x_tangent_in.has_value()) {
+    TORCH_CHECK(x_tangent_in->sizes() == x_in.sizes(), "x_tangent has shape ",
+                x_tangent_in->sizes(), ", expected x's ", x_in.sizes());
+    TORCH_CHECK(x_tangent_in->scalar_type() == x_in.scalar_type() &&
+                    x_tangent_in->device() == x_in.device(),
+                "x_tangent must have x's dtype and device");
+  }
+  check_state(v_init_in, x_in, "v_init");
+  check_state(v_tangent_in, x_in, "v_init_tangent");
+  check_scalars(surrogate, alpha, v_reset);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor dx = contiguous_or_undefined(x_tangent_in);
+  const NeuronParam decay = prepare_param(decay_in, x, f.decay_is_tau ? "tau" : "k");
+  const NeuronParam vth = prepare_param(vth_in, x, "v_threshold");
+  const at::Tensor ddecay = prepare_tangent(decay_tangent_in, decay_in, x, "decay_tangent");
+  const at::Tensor dvth = prepare_tangent(vth_tangent_in, vth_in, x, "v_threshold_tangent");
+  const at::Tensor v_init = contiguous_or_undefined(v_init_in);
+  const at::Tensor dv_init = contiguous_or_undefined(v_tangent_in);
+  const int64_t steps = x.size(0), neurons = neurons_of(x);
+  at::Tensor ds = empty_cached(x.sizes(), x.options());  // as the forward's outputs
+  at::Tensor dv_last = empty_cached(state_shape(x), x.options());
+  at::Tensor dv_seq =
+      f.store_v_seq ? empty_cached(x.sizes(), x.options()) : at::empty({0}, x.options());
+  dispatch_storage(x.scalar_type(), [&](auto tag) {
+    using In = decltype(tag);
+    using T = typename cpu::acc_type<In>::type;
+    const T* dp = decay.values.template data_ptr<T>();
+    const T* tp = vth.values.template data_ptr<T>();
+    check_param_values(dp, decay.values.numel(), f.decay_is_tau, f.decay_input, tp,
+                       vth.values.numel(), v_reset);
+    std::vector<T> k_values;
+    const auto [charge_dp, div] = charge_decay<T>(decay, f.decay_is_tau, k_values);
+    cpu::LifJvpArgs<In, T> a{};
+    a.x = cptr<In>(x);
+    a.x_tangent = cptr<In>(dx);
+    a.v_init = cptr<In>(v_init);
+    a.v_init_tangent = cptr<In>(dv_init);
+    a.decay = charge_dp;
+    a.div = div;
+    a.decay_tangent = ddecay.defined() ? ddecay.template data_ptr<T>() : nullptr;
+    a.decay_is_tau = f.decay_is_tau;
+    a.tau_or_k = dp;
+    a.decay_period = decay.period;
+    a.vth = tp;
+    a.vth_tangent = dvth.defined() ? dvth.template data_ptr<T>() : nullptr;
+    a.vth_period = vth.period;
+    a.spikes_tangent = mptr<In>(ds);
+    a.v_seq_tangent = f.store_v_seq ? mptr<In>(dv_seq) : nullptr;
+    a.v_last_tangent = mptr<In>(dv_last);
+    a.steps = steps;
+    a.neurons = neurons;
+    a.v_reset = static_cast<T>(v_reset.value_or(0.0));
+    a.alpha = static_cast<T>(alpha);
+    a.surrogate = static_cast<int32_t>(surrogate);
+    a.decay_input = f.decay_input;
+    a.hard = v_reset.has_value();
+    a.detach_reset = f.detach_reset;
+    a.sltt = f.sltt;
+    a.stream = x.numel() * x.element_size() >= cpu::kStreamBytes;
+    at::parallel_for(0, cpu::lif_num_chunks(neurons), chunk_grain(steps),
+                     [&](int64_t c0, int64_t c1) { cpu::lif_jvp(a, c0, c1); });
+  });
+  return {ds, dv_last, dv_seq};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pypaper, CPU, m) {
   m.impl("lif_forward", &lif_forward_cpu);
   m.impl("lif_backward", &lif_backward_cpu);
+  m.impl("lif_forward_jvp", &lif_forward_jvp_cpu);
 }
 
 }  // namespace snn

@@ -169,6 +169,7 @@ def register_native() -> None:
     _autograd.register_autograd("pypaper::lif_backward", _no_double_backward,
                                 setup_context=_setup_nothing)
     vmap_rule.register()
+    jvp_rule.register_native()
     jvp_rule.register()
 
 

@@ -16,20 +16,45 @@ v_init (0 when there is none):
 
 This is the Jacobian whose transpose the backward op applies (lif_backward), so a jvp and a vjp
 of the same call satisfy <J v, u> = <v, J^T u>: tests/snn/test_lif_jvp.py checks that and
-jacfwd against jacrev. The tangent loop runs T steps of torch ops (the reference's speed, not a
-fused kernel's); the primal outputs still come from the op's kernel.
+jacfwd against jacrev. On CPU tensors the tangents come from one fused pass
+(pypaper::lif_forward_jvp, kernels/cpu/snn_jvp_cpu.h); elsewhere, and under jacfwd's vmap, from
+`composite`, T steps of torch ops (the reference's speed). The primal outputs come from the op's
+own kernel either way.
 """
 from __future__ import annotations
 
 import torch
+from torch._functorch import pyfunctorch as _pyfunctorch
 
-from .. import _autograd
+from .. import _autograd, _ext
 from . import op_flags, reference
+
+
+def _fused(x) -> bool:
+    """Whether the C++ tangent kernel (pypaper::lif_forward_jvp) takes the call: CPU tensors,
+    and no vmap active (under jacfwd's vmap the composite runs all tangents in one batched pass,
+    where the op would run once per tangent)."""
+    if x.device.type != "cpu" or not _ext.LOADED:
+        return False
+    return not any(i.key() == _pyfunctorch.TransformType.Vmap
+                   for i in _pyfunctorch.retrieve_all_functorch_interpreters())
 
 
 def lif_forward_jvp(inputs, tangents):
     """register_jvp rule of lif_forward (and its Triton twin): tangents of (spikes, v_last,
     h_seq, v_seq); h_seq is non-differentiable (None), v_seq empty unless stored."""
+    x, v_init, decay, vth, v_reset, sid, alpha, flags = inputs
+    dx, dv0, ddecay, dvth = tangents[:4]
+    if _fused(x):
+        ds, dv_last, dv_seq = torch.ops.pypaper.lif_forward_jvp(
+            x, dx, v_init, dv0, decay, ddecay, vth, dvth, v_reset, sid, alpha,
+            flags & ~op_flags.KEEP_H)
+        return ds, dv_last, None, dv_seq
+    return composite(inputs, tangents)
+
+
+def composite(inputs, tangents):
+    """The rule in torch ops (any device, and under vmap): T steps of [N] tensors."""
     x, v_init, decay, vth, v_reset, sid, alpha, flags = inputs
     dx, dv0, ddecay, dvth = tangents[:4]
     decay_input = bool(flags & op_flags.DECAY_INPUT)
@@ -88,6 +113,24 @@ def lif_forward_jvp(inputs, tangents):
     if store_v_seq:
         d_v_seq = torch.stack(dv_seq).to(out) if dv_seq else torch.zeros_like(x)
     return d_spikes, dv.to(out), None, d_v_seq
+
+
+def _fake_lif_forward_jvp(x, x_tangent, v_init, v_init_tangent, decay, decay_tangent,
+                          v_threshold, v_threshold_tangent, v_reset, surrogate, alpha, flags):
+    torch._check(x.dim() >= 2, lambda: "x must have shape [T, N, *]")
+    v_seq = (torch.empty_like(x, memory_format=torch.contiguous_format)
+             if flags & op_flags.STORE_V_SEQ else x.new_empty((0,)))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[1:]), v_seq
+
+
+def register_native() -> None:
+    """Fake kernel and autograd of the C++ tangent op (its outputs are tangents: differentiate
+    the LIF op itself, not them)."""
+    torch.library.register_fake("pypaper::lif_forward_jvp")(_fake_lif_forward_jvp)
+    _autograd.register_no_backward(
+        "pypaper::lif_forward_jvp",
+        "it computes forward-mode tangents of lif_forward; reverse mode over them is not "
+        "supported (differentiate the LIF op with torch.func.jacrev / backward instead)")
 
 
 def register(suffix: str = "") -> None:

@@ -198,3 +198,110 @@ def test_triton_twin():
         got = _jvp(cfg, p, t)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- the C++ tangent kernel (pypaper::lif_forward_jvp, kernels/cpu/snn_jvp_cpu.h) --------------
+
+JVP_OP = torch.ops.pypaper.lif_forward_jvp.default
+
+
+def _jvp_op_args(cfg, p, t, store_v_seq=True, drop=()):
+    from pypaper.snn import op_flags
+
+    flags = op_flags.forward_flags(cfg["decay_input"], not cfg.get("use_k"), cfg["detach_reset"],
+                                   cfg.get("sltt", False), store_v_seq, keep_h=False)
+    sid, alpha = pypaper.snn.surrogate.surrogate_spec(getattr(surrogate, cfg["surrogate"])())
+    tan = {k: (None if k in drop else v) for k, v in t.items()}
+    return (p["x"], tan["x"], p["v"], tan["v"], p["decay"], tan["decay"], p["vth"], tan["vth"],
+            cfg["v_reset"], sid, alpha, flags)
+
+
+def _as_rule_call(args):
+    x, dx, v, dv, decay, ddecay, vth, dvth, v_reset, sid, alpha, flags = args
+    return (x, v, decay, vth, v_reset, sid, alpha, flags), (dx, dv, ddecay, dvth)
+
+
+@pytest.mark.parametrize("cfg", _FLAGS, ids=_flags_id)
+@pytest.mark.parametrize("per_neuron", [False, True], ids=["shared", "per_neuron"])
+def test_fused_kernel_equals_composite(cfg, per_neuron):
+    """The C++ loop against the torch-op composite of the same formulas (float64: only the
+    order of a few products differs)."""
+    from pypaper.snn import jvp_rule
+
+    p = _primals(cfg, per_neuron)
+    t = _tangents(p)
+    for drop in ((), ("x",), ("v", "decay"), ("vth",)):
+        args = _jvp_op_args(cfg, p, t, drop=drop)
+        got = JVP_OP(*args)
+        want = jvp_rule.composite(*_as_rule_call(args))
+        for a, b in zip(got, (want[0], want[1], want[3])):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernel_streamed_and_chunked(dtype):
+    """Shapes past one chunk of 128 neurons and past the streamed-store size, not multiples of
+    either; 16-bit storage with fp32 math."""
+    from pypaper.snn import jvp_rule
+
+    cfg = dict(surrogate="ATan", v_reset=0.0, decay_input=True, detach_reset=False)
+    for shape in ((3, 2, 333), (4, 1, (1 << 17) + 77)):
+        torch.manual_seed(0)
+        p = {"x": inputs(shape, dtype), "v": (torch.rand(shape[1:]) * 0.3).to(dtype),
+             "decay": torch.tensor(2.0), "vth": torch.tensor(1.0)}
+        t = {k: torch.randn(v.shape).to(v.dtype) for k, v in p.items()}
+        args = _jvp_op_args(cfg, p, t)
+        got = JVP_OP(*args)
+        want = jvp_rule.composite(*_as_rule_call(args))
+        for a, b in zip(got, (want[0], want[1], want[3])):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_which_path_runs(monkeypatch):
+    """Dual tensors and torch.func.jvp on CPU tensors take the fused kernel; jacfwd (a vmap over
+    jvp) the batched composite, once for all its tangents."""
+    from pypaper.snn import jvp_rule
+
+    calls = []
+    composite = jvp_rule.composite
+    monkeypatch.setattr(jvp_rule, "composite", lambda *a: (calls.append(1), composite(*a))[1])
+    x = inputs((4, 2, 3), torch.float64)
+    t = torch.ones_like(x)
+
+    def f(a):
+        return lif_multi_step(a, surrogate_function=surrogate.ATan())[0]
+
+    with fwAD.dual_level():
+        f(fwAD.make_dual(x, t))
+    func.jvp(f, (x,), (t,))
+    assert calls == []
+    func.jacfwd(f)(x)
+    assert calls == [1]
+
+
+def test_opcheck_fused_kernel():
+    cfg = dict(surrogate="Sigmoid", v_reset=None, decay_input=False, detach_reset=True)
+    p = _primals(cfg, per_neuron=True, dtype=torch.float32)
+    t = _tangents(p)
+    torch.library.opcheck(JVP_OP, _jvp_op_args(cfg, p, t))
+    torch.library.opcheck(JVP_OP, _jvp_op_args(cfg, p, t, store_v_seq=False, drop=("v", "vth")))
+
+
+def test_fused_kernel_checks_arguments():
+    cfg = dict(surrogate="ATan", v_reset=0.0, decay_input=True, detach_reset=False)
+    p = _primals(cfg, per_neuron=True, dtype=torch.float32)
+    t = _tangents(p)
+    args = list(_jvp_op_args(cfg, p, t))
+    bad = list(args)
+    bad[1] = t["x"][:-1]
+    with pytest.raises(RuntimeError, match="x_tangent"):
+        JVP_OP(*bad)
+    bad = list(args)
+    bad[5] = torch.ones(F + 1)
+    with pytest.raises(RuntimeError, match="decay_tangent"):
+        JVP_OP(*bad)
+    bad = list(args)
+    bad[-1] = args[-1] | pypaper.snn.op_flags.KEEP_H
+    with pytest.raises(RuntimeError, match="flags"):
+        JVP_OP(*bad)
