@@ -125,8 +125,10 @@ inline void check_scalars(int64_t surrogate, double alpha, const c10::optional<d
 
 // Values of the (prepared, contiguous, host-readable) parameters: tau > 1 (decay_is_tau) or
 // 0 < k <= 1 (k = 0 too without decay_input: no leak, H = V + X, the IF neuron), finite
-// thresholds above v_reset for a hard reset. Reads the data: CPU tensors here;
-// a CUDA implementation checks a host copy of these small tensors or leaves it to Python.
+// thresholds. Reads the data: CPU tensors here; a CUDA implementation checks a host copy of these
+// small tensors or leaves it to Python. A threshold at or below v_reset is computed as defined (the
+// neuron fires at every step): a learnable threshold can get there while it trains, and
+// pypaper/snn/ops.py refuses it only where the user passed it.
 template <typename T>
 inline void check_param_values(const T* decay, int64_t nd, bool decay_is_tau, bool decay_input,
                                const T* vth, int64_t nv, const c10::optional<double>& v_reset) {
@@ -143,8 +145,6 @@ inline void check_param_values(const T* decay, int64_t nd, bool decay_is_tau, bo
   for (int64_t i = 0; i < nv; ++i) {
     const double t = static_cast<double>(vth[i]);
     TORCH_CHECK(std::isfinite(t), "v_threshold must be finite, got ", t);
-    TORCH_CHECK(!v_reset.has_value() || t > *v_reset, "v_threshold (", t,
-                ") must be greater than v_reset (", *v_reset, ")");
   }
 }
 

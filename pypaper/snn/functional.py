@@ -87,7 +87,9 @@ def _keeps_step_mode(m: nn.Module) -> bool:
     cls = type(m)
     if getattr(cls, "keeps_children_step_mode", False):  # pypaper.snn.layer's containers
         return True
-    return cls.__name__ in _KEEP_STEP_MODE_CONTAINERS and cls.__module__.startswith("spikingjelly")
+    # SpikingJelly's containers and the user's subclasses of them (its rule is an isinstance)
+    return any(c.__name__ in _KEEP_STEP_MODE_CONTAINERS and c.__module__.startswith("spikingjelly")
+               for c in cls.__mro__)
 
 
 def step_mode_modules(net: nn.Module) -> list:
@@ -115,7 +117,10 @@ def set_step_mode(net: nn.Module, step_mode: str) -> None:
     if step_mode not in ("s", "m"):
         raise ValueError(f"step_mode must be 's' or 'm', got {step_mode!r}")
     for m in step_mode_modules(net):
-        m.step_mode = step_mode
+        # A module that runs in one mode only (SeqToANNContainer, MultiStepContainer: 'm') keeps
+        # it, as SpikingJelly's containers (which have no step_mode) are skipped by its rule.
+        if step_mode in getattr(m, "supported_step_modes", ("s", "m")):
+            m.step_mode = step_mode
 
 
 def detach_net(net: nn.Module) -> None:

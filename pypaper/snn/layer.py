@@ -328,6 +328,8 @@ class _Container(StepModule, nn.Sequential):
 
 
 class _MultiStepOnly(_Container):
+    supported_step_modes = ("m",)  # functional.set_step_mode(net, 's') leaves it in 'm'
+
     @property
     def step_mode(self) -> str:
         return "m"

@@ -114,7 +114,11 @@ def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype, device: torch.de
     if _is_number(value):
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
-        if tracing:  # a constant of the graph
+        # Not cached: a constant of a traced graph; a tensor made under inference_mode (it
+        # could never be saved for a later backward) or under a dispatch mode such as
+        # FakeTensorMode (a fake tensor): cached, either would poison every later call.
+        if (tracing or torch.is_inference_mode_enabled()
+                or torch._C._len_torch_dispatch_stack() != 0):
             return torch.tensor(float(value), dtype=mdt, device=device)
         v = float(value)
         return _scalar(v, math.copysign(1.0, v), mdt, device)
@@ -155,7 +159,11 @@ def _check_values(decay, decay_is_tau: bool, vth, v_reset: Optional[float], deca
     lo, _, finite = bounds(vth)
     if not finite:
         raise ValueError(f"{vth_name} must be finite")
-    if v_reset is not None and not lo > v_reset:
+    # A learnable threshold (a tensor that requires grad) may drift to v_reset or below while
+    # it trains: the neuron then fires at every step, which the kernels compute as well;
+    # refusing it would stop training mid-run. Its constructor value was checked.
+    learnable = isinstance(vth, torch.Tensor) and vth.requires_grad
+    if v_reset is not None and not learnable and not lo > v_reset:
         raise ValueError(f"{vth_name} must be greater than v_reset ({v_reset}), got min {lo}")
 
 
@@ -216,6 +224,10 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
             raise ValueError(f"v has shape {got}, expected x_seq.shape[1:] = "
                              f"{tuple(x_seq.shape[1:])}")
         v = v.to(dtype=x_seq.dtype, device=device)
+        if v.is_inference() and not torch.is_inference_mode_enabled():
+            # the membrane a call under inference_mode left (SpikingJelly continues from it):
+            # an inference tensor cannot be saved for this call's backward
+            v = v.clone()
     spec = surrogate_spec(surrogate_function)
     v_reset = None if v_reset is None else float(v_reset)
     backend = backend_for(x_seq, device)

@@ -138,8 +138,10 @@ def surrogate_spec(fn) -> Optional[tuple[int, float]]:
     if isinstance(fn, SurrogateFunctionBase):
         # a subclass of the user's own (surrogate_id -1) runs its spiking_function in Python
         # (also a subclass of a built-in that overrides spiking_function)
+        # (and a subclass that overrides forward, which the kernels would never call)
         own = getattr(type(fn).spiking_function, "_pypaper_surrogate_id", None)
-        ok = fn.spiking and fn.surrogate_id >= 0 and own == fn.surrogate_id
+        ok = (fn.spiking and fn.surrogate_id >= 0 and own == fn.surrogate_id
+              and type(fn).forward is SurrogateFunctionBase.forward)
         return (fn.surrogate_id, fn.alpha) if ok else None
     cls = type(fn)
     if cls.__module__.startswith("spikingjelly") and cls.__name__ in SURROGATE_IDS:

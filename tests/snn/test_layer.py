@@ -225,8 +225,12 @@ def test_containers():
     net = nn.Sequential(seq, ms, smc, neuron.LIFNode())
     functional.set_step_mode(net, "m")
     assert lif.step_mode == "s" and net[3].step_mode == "m" and smc.step_mode == "m"
+    # A SeqToANNContainer runs sequences only: set_step_mode(net, 's') leaves it in 'm' (as
+    # SpikingJelly's rule skips its containers), a direct assignment refuses.
+    functional.set_step_mode(net, "s")
+    assert seq.step_mode == "m" and ms.step_mode == "m" and net[3].step_mode == "s"
     with pytest.raises(ValueError, match="step_mode must be 'm'"):
-        functional.set_step_mode(net, "s")  # a SeqToANNContainer runs sequences only
+        seq.step_mode = "s"
     with pytest.raises(ValueError, match="inside SeqToANNContainer must have step_mode 's'"):
         layer.SeqToANNContainer(layer.Conv2d(2, 3, 3, step_mode="m"))
 

@@ -1,0 +1,101 @@
+"""Regressions from a review of the SpikingJelly drop-in (each failed before its fix): state and
+cached parameters across torch.inference_mode and FakeTensorMode, a learnable threshold that
+drifts below v_reset, SpikingJelly container subclasses under set_step_mode, multi-step-only
+containers under set_step_mode(net, 's'), and surrogate subclasses that override forward."""
+import pytest
+import torch
+
+from pypaper import _ext
+from pypaper.snn import functional, layer, neuron, surrogate
+
+pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="pypaper._C not built")
+
+
+def test_inference_mode_call_does_not_poison_later_training():
+    """The 0-d tensors of number parameters are cached per value: one made under
+    inference_mode was an inference tensor, which every later graph-building call then failed to
+    save for backward ("Inference tensors cannot be saved for backward"), fresh neurons too."""
+    x = torch.randn(4, 2, 3)
+    lif = neuron.LIFNode(tau=2.75, v_threshold=0.625, step_mode="m")  # values no other test uses
+    with torch.inference_mode():
+        lif(x)
+    functional.reset_net(lif)
+    xr = x.clone().requires_grad_()
+    neuron.LIFNode(tau=2.75, v_threshold=0.625, step_mode="m")(xr).sum().backward()
+    assert xr.grad is not None
+
+
+def test_fake_mode_call_does_not_poison_later_calls():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        neuron.LIFNode(tau=3.25, v_threshold=0.875, step_mode="m")(torch.randn(4, 2, 3))
+    out = neuron.LIFNode(tau=3.25, v_threshold=0.875, step_mode="m")(torch.randn(4, 2, 3))
+    assert type(out) is torch.Tensor
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+def test_membrane_left_by_inference_mode_continues_into_training(step_mode):
+    """SpikingJelly continues from the membrane an inference_mode call left; pypaper saved that
+    inference tensor for the backward and failed."""
+    lif = neuron.LIFNode(step_mode=step_mode)
+    x = torch.rand(4, 2, 3)
+    run = (lambda a: lif(a)) if step_mode == "m" else (lambda a: torch.stack([lif(s) for s in a]))
+    with torch.inference_mode():
+        run(x)
+    xr = x.clone().requires_grad_()
+    run(xr).sum().backward()
+    assert xr.grad is not None and torch.isfinite(xr.grad).all()
+
+
+def test_learnable_threshold_may_drift_below_v_reset():
+    """A learnable threshold is checked when constructed, not on every call: training drove it
+    below v_reset and the next forward raised mid-run."""
+    lif = neuron.LIFNode(step_mode="m", learnable_threshold=True, threshold_shape=(4,))
+    with torch.no_grad():
+        lif.v_threshold[1] = -0.25  # where SGD took it
+    x = torch.rand(3, 2, 4) * 0.3
+    out = lif(x)
+    out.sum().backward()
+    assert torch.all(out[:, :, 1] == 1)  # H >= 0 > threshold: fires at every step
+    with pytest.raises(ValueError, match="v_threshold"):
+        neuron.LIFNode(v_threshold=-0.25, learnable_threshold=True)
+
+
+def test_set_step_mode_respects_subclasses_of_spikingjelly_containers():
+    sjl = pytest.importorskip("spikingjelly.activation_based.layer")
+    sjn = pytest.importorskip("spikingjelly.activation_based.neuron")
+
+    class MyBlock(sjl.MultiStepContainer):
+        pass
+
+    inner = sjn.LIFNode()
+    net = torch.nn.Sequential(sjl.Linear(3, 4), MyBlock(inner))
+    functional.set_step_mode(net, "m")
+    assert inner.step_mode == "s" and net[0].step_mode == "m"
+
+
+def test_set_step_mode_single_leaves_multi_step_only_containers():
+    """SpikingJelly's SeqToANNContainer has no step_mode and set_step_mode(net, 's') skips it;
+    pypaper's raised, leaving the net half switched."""
+    net = torch.nn.Sequential(layer.SeqToANNContainer(torch.nn.Linear(3, 4)),
+                              neuron.LIFNode(step_mode="m"),
+                              layer.MultiStepContainer(neuron.IFNode()))
+    functional.set_step_mode(net, "s")
+    assert net[0].step_mode == "m" and net[1].step_mode == "s" and net[2].step_mode == "m"
+    with pytest.raises(ValueError, match="step_mode must be 'm'"):
+        net[0].step_mode = "s"
+
+
+def test_surrogate_subclass_overriding_forward_is_called():
+    class Shifted(surrogate.ATan):
+        def forward(self, x):
+            return super().forward(x - 0.5)
+
+    x = torch.full((3, 1, 1), 1.2)
+    got = neuron.LIFNode(step_mode="m", surrogate_function=Shifted())(x)
+    want = neuron.LIFNode(step_mode="m", surrogate_function=surrogate.ATan(),
+                          v_threshold=1.5)(x)
+    assert torch.equal(got, want) and got.flatten().tolist() == [0.0, 0.0, 0.0]
+    assert surrogate.surrogate_spec(Shifted()) is None
+    assert surrogate.surrogate_spec(surrogate.ATan()) is not None
