@@ -15,6 +15,7 @@ feature shape: x.shape[2:] in 'm' mode, x.shape[1:] in 's' mode (broadcast over 
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from typing import Optional, Sequence
@@ -44,7 +45,10 @@ def _shape(value, name: str) -> tuple:
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
     """Integer or bool input currents in torch's default float dtype, as SpikingJelly's
-    arithmetic (v + (x - v) / tau with a float v) promotes them."""
+    arithmetic (v + (x - v) / tau with a float v) promotes them. Complex input is refused
+    (SpikingJelly's heaviside raises on it; a cast would drop the imaginary part)."""
+    if x.is_complex():
+        raise TypeError(f"x must be a real tensor, got {x.dtype}")
     return x if x.is_floating_point() else x.to(torch.get_default_dtype())
 
 
@@ -157,6 +161,10 @@ class BaseNode(nn.Module):
             self.v = fn(self.v)
         if isinstance(self.v_seq, torch.Tensor):
             self.v_seq = fn(self.v_seq)
+        for name in self.__dict__.get("_memory_reset", {}):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, fn(value))
         return self
 
     # ---- state -----------------------------------------------------------------------------
@@ -178,9 +186,12 @@ class BaseNode(nn.Module):
         return 0.0 if self.v_reset is None else self.v_reset
 
     def reset(self) -> None:
-        """Back to rest: v is the float rest value again, v_seq None."""
+        """Back to rest: v is the float rest value again, v_seq None, and every memory a
+        subclass registered (register_memory) its reset value."""
         self.v = self.rest_value
         self.v_seq = None
+        for name, value in self.__dict__.get("_memory_reset", {}).items():
+            setattr(self, name, copy.deepcopy(value))
 
     def detach(self) -> None:
         """Cut the carried state from the graph (truncated BPTT)."""
@@ -188,6 +199,52 @@ class BaseNode(nn.Module):
             self.v = self.v.detach()
         if isinstance(self.v_seq, torch.Tensor):
             self.v_seq = self.v_seq.detach()
+        for name in self.__dict__.get("_memory_reset", {}):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.detach())
+
+    # ---- SpikingJelly's MemoryModule API, for state of a subclass's own ----------------------
+
+    def register_memory(self, name: str, value) -> None:
+        """A state variable of a subclass (a trace, a spike counter) that reset() sets back to
+        ``value`` (SpikingJelly's MemoryModule.register_memory). The membrane ``v`` is the
+        neuron's own."""
+        memories = self.__dict__.setdefault("_memory_reset", {})
+        if name in ("v", "v_seq") or (name not in memories and hasattr(self, name)):
+            raise ValueError(f"{name!r} is already an attribute of {type(self).__name__}")
+        memories[name] = copy.deepcopy(value)
+        setattr(self, name, copy.deepcopy(value))
+
+    def set_reset_value(self, name: str, value) -> None:
+        if name == "v":
+            raise ValueError("v resets to v_reset (0 for a soft reset): set v_reset instead")
+        self._memory(name)
+        self._memory_reset[name] = copy.deepcopy(value)
+
+    def get_reset_value(self, name: str):
+        if name == "v":
+            return self.rest_value
+        self._memory(name)
+        return self._memory_reset[name]
+
+    def _memory(self, name: str) -> None:
+        if name not in self.__dict__.get("_memory_reset", {}):
+            raise AttributeError(f"{type(self).__name__} has no memory {name!r} "
+                                 f"(register_memory adds one)")
+
+    def named_memories(self):
+        """(name, value) of the membrane ``v`` and of each registered memory."""
+        yield "v", self.v
+        for name in self.__dict__.get("_memory_reset", {}):
+            yield name, getattr(self, name)
+
+    def memories(self):
+        for _, value in self.named_memories():
+            yield value
+
+    def supported_step_mode(self) -> tuple:
+        return _STEP_MODES
 
     def _v_init(self, x_seq: torch.Tensor) -> Optional[torch.Tensor]:
         """The carried membrane for this input, or None for rest. As in SpikingJelly, a state of
@@ -216,8 +273,14 @@ class BaseNode(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         x = _as_float(x)
-        if x.dim() < 1:
-            raise ValueError("x must have shape [N, *] in step_mode 's' (at least 1 dim)")
+        if x.dim() == 0:  # one neuron, as SpikingJelly's elementwise step takes it
+            if isinstance(self.v, torch.Tensor) and self.v.dim() == 0:
+                self.v = self.v.reshape(1)
+            out = self.single_step_forward(x.reshape(1))
+            self.v = self.v.reshape(())
+            if isinstance(self.v_seq, torch.Tensor):
+                self.v_seq = self.v_seq.reshape(-1)
+            return out.reshape(())
         spikes, _ = self._run(x.unsqueeze(0), False)
         if self.store_v_seq:
             step = self.v.unsqueeze(0)

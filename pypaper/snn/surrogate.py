@@ -46,6 +46,8 @@ class SurrogateFunctionBase(nn.Module):
     def __init__(self, alpha: Optional[float] = None, spiking: bool = True):
         super().__init__()
         alpha = self.default_alpha if alpha is None else alpha
+        if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 and not alpha.requires_grad:
+            alpha = alpha.item()  # SpikingJelly takes a tensor alpha too (a constant here)
         if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
                 or not math.isfinite(alpha) or alpha <= 0):
             raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")

@@ -99,3 +99,50 @@ def test_surrogate_subclass_overriding_forward_is_called():
     assert torch.equal(got, want) and got.flatten().tolist() == [0.0, 0.0, 0.0]
     assert surrogate.surrogate_spec(Shifted()) is None
     assert surrogate.surrogate_spec(surrogate.ATan()) is not None
+
+
+def test_register_memory_api():
+    """SpikingJelly's MemoryModule API on pypaper's neurons: a subclass's own state variable,
+    reset with the neuron, moved by .to(), detached by detach()."""
+    class CountingLIF(neuron.LIFNode):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.register_memory("count", 0.0)
+
+        def forward(self, x):
+            out = super().forward(x)
+            self.count = self.count + out.sum()
+            return out
+
+    lif = CountingLIF(step_mode="m")
+    lif(torch.ones(4, 2, 3) * 1.5)
+    assert float(lif.count) > 0 and dict(lif.named_memories()).keys() == {"v", "count"}
+    assert len(list(lif.memories())) == 2
+    lif.double()
+    assert lif.count.dtype == torch.float64
+    lif.detach()
+    functional.reset_net(lif)
+    assert lif.count == 0.0 and lif.v == 0.0
+    lif.set_reset_value("count", 5.0)
+    assert lif.get_reset_value("count") == 5.0 and lif.get_reset_value("v") == 0.0
+    lif.reset()
+    assert lif.count == 5.0
+    with pytest.raises(ValueError, match="already an attribute"):
+        lif.register_memory("v", 1.0)
+    with pytest.raises(AttributeError, match="no memory 'trace'"):
+        lif.get_reset_value("trace")
+    assert lif.supported_step_mode() == ("s", "m")
+
+
+def test_zero_dim_input_single_step():
+    lif = neuron.LIFNode()
+    outs = [lif(torch.tensor(1.5)) for _ in range(3)]
+    sj = neuron.LIFNode(step_mode="m")(torch.full((3, 1), 1.5))[:, 0]
+    assert all(o.shape == () for o in outs) and torch.equal(torch.stack(outs), sj)
+    assert lif.v.shape == ()
+
+
+def test_tensor_alpha_and_complex_input():
+    assert surrogate.Sigmoid(alpha=torch.tensor(2.0)).alpha == 2.0
+    with pytest.raises(TypeError, match="real tensor"):
+        neuron.LIFNode(step_mode="m")(torch.ones(2, 3, dtype=torch.complex64))
