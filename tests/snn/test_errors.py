@@ -20,13 +20,13 @@ def test_integer_and_boolean_inputs(x):
 
 def test_rank_below_two():
     """The op needs [T, N, *]; a neuron in 'm' takes [T] as one neuron over time (its state 0-d,
-    as SpikingJelly's loop leaves it) and carries it to the next call; 's' needs [N, *]."""
+    as SpikingJelly's loop leaves it) and carries it to the next call; 's' takes [N, *] or, as
+    SpikingJelly's elementwise step does, a 0-d tensor (one neuron)."""
     with pytest.raises(ValueError, match=r"x_seq must have shape \[T, N, \*\]"):
         lif_multi_step(torch.randn(5))
     with pytest.raises(ValueError, match=r"x_seq must have shape \[T, N, \*\]"):
         neuron.LIFNode(step_mode="m")(torch.randn(()))
-    with pytest.raises(ValueError, match=r"x must have shape \[N, \*\]"):
-        neuron.LIFNode(step_mode="s")(torch.tensor(1.0))
+    assert neuron.LIFNode(step_mode="s")(torch.tensor(1.0)).shape == ()
     x = torch.rand(6) * 2
     lif, ref = neuron.LIFNode(step_mode="m", store_v_seq=True), neuron.LIFNode(step_mode="m")
     s = lif(x)
