@@ -17,11 +17,11 @@ from . import _registration, functional, layer, neuron, reference, sltt, surroga
 from .functional import detach_net, reset_net, set_step_mode
 from .neuron import IFNode, LIFNode, ParametricLIFNode
 from .ops import backend_for, lif_multi_step
-from .delays import DelayedLinear  # learnable synaptic delays (pypaper/snn/delays.py)
+from .delays import DelayedLinear, sigma_schedule  # learnable delays (pypaper/snn/delays.py)
 
 if _ext.LOADED:
     _registration.register_native()
 
 __all__ = ["DelayedLinear", "IFNode", "LIFNode", "ParametricLIFNode", "backend_for", "detach_net",
            "functional", "layer", "lif_multi_step", "neuron", "reference", "reset_net",
-           "set_step_mode", "sltt", "surrogate"]
+           "set_step_mode", "sigma_schedule", "sltt", "surrogate"]
