@@ -114,7 +114,7 @@ def test_cli_quick_delays(tmp_path):
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     have_dcls = importlib.util.find_spec("DCLS") is not None
-    for label in ("sigma 7", "sigma 0.23"):
+    for label in ("sigma 7.27 (DCLS SIG 7)", "sigma 0.5 (DCLS SIG 0.23)"):
         for mode in ("fwd", "fwd+bwd"):
             for prov in ("pypaper", "reference", "linear"):
                 assert f"| DelayedLinear K=21 {label} | 100x2x256x256 | float32 | {mode} | {prov} |" \

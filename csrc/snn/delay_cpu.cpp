@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -91,6 +92,13 @@ at::Tensor to_rows(const at::Tensor& x_in) {
   return out;
 }
 
+// sigma in the kernels' type T, saturated at T's largest value (a larger double does not convert;
+// that wide a Gaussian is flat over the window anyway: 1/sigma^2 = 0).
+template <typename T>
+T sigma_as(double sigma) {
+  return static_cast<T>(std::min(sigma, static_cast<double>(std::numeric_limits<T>::max())));
+}
+
 // Per-synapse tap tables (kernels/cpu/delay_cpu.h delay_tables), filled in parallel.
 struct Tables {
   std::vector<int64_t> lo, cnt;
@@ -98,7 +106,8 @@ struct Tables {
 };
 
 template <typename T>
-Tables make_tables(const at::Tensor& w, const at::Tensor& pos, T sigma, int64_t K, int64_t M) {
+Tables make_tables(const at::Tensor& w, const at::Tensor& pos, T sigma, int64_t R, int64_t K,
+                   int64_t M) {
   const int64_t S = w.numel();
   Tables t;
   t.lo.resize(S);
@@ -108,7 +117,7 @@ Tables make_tables(const at::Tensor& w, const at::Tensor& pos, T sigma, int64_t 
   const T* pp = pos.data_ptr<T>();
   T* cp = t.coef.data_ptr<T>();
   at::parallel_for(0, S, 1024, [&](int64_t b, int64_t e) {
-    cpu::delay_tables<T>(wp, pp, b, e, sigma, K, M, t.lo.data(), t.cnt.data(), cp);
+    cpu::delay_tables<T>(wp, pp, b, e, sigma, R, K, M, t.lo.data(), t.cnt.data(), cp);
   });
   return t;
 }
@@ -150,7 +159,9 @@ at::Tensor delay_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
   const int64_t T_ = x_in.size(0), N = x_in.size(1), C_in = x_in.size(2);
   const int64_t C_out = weight_in.size(0);
   const int64_t L = T_ * N;
-  const int64_t M = delay::max_taps(sigma, max_delay);
+  // One window radius for every kernel and dtype, from the double sigma (delay_math.h).
+  const int64_t R = delay::window_radius(sigma, max_delay);
+  const int64_t M = delay::max_taps(R, max_delay);
   at::Tensor yc = at::empty({C_out, T_, N}, x_in.options());
   if (L == 0 || C_out == 0) return yc.permute({1, 2, 0}).contiguous();
   if (use_dense(M, max_delay)) {
@@ -160,7 +171,7 @@ at::Tensor delay_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
     dispatch_float(x_in.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       const Tables tab = make_tables<T>(weight_in.contiguous(), position_in.contiguous(),
-                                        static_cast<T>(sigma), max_delay, M);
+                                        sigma_as<T>(sigma), R, max_delay, M);
       const at::Tensor wd = dense_taps<T>(tab, weight_in.numel(), M, max_delay, C_out, C_in,
                                           x_in.options());
       for (int64_t d = 0; d < std::min(max_delay, T_); ++d) {
@@ -174,7 +185,7 @@ at::Tensor delay_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   dispatch_float(x_in.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const Tables tab = make_tables<T>(w, pos, static_cast<T>(sigma), max_delay, M);
+    const Tables tab = make_tables<T>(w, pos, sigma_as<T>(sigma), R, max_delay, M);
     const int64_t chunks = (L + kChunk - 1) / kChunk;
     const int64_t blocks = (C_out + kRows - 1) / kRows;
     const T* xp = xc.data_ptr<T>();
@@ -207,23 +218,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delay_linear_backward
   TORCH_CHECK(grad_y.scalar_type() == x_in.scalar_type(), "grad_y must have x's dtype ",
               x_in.scalar_type(), ", got ", grad_y.scalar_type());
   const int64_t L = T_ * N;
-  const int64_t M = delay::max_taps(sigma, max_delay);
+  const int64_t R = delay::window_radius(sigma, max_delay);
+  const int64_t M = delay::max_taps(R, max_delay);
   at::Tensor gxc = at::zeros({C_in, T_, N}, x_in.options());
   at::Tensor gw = at::zeros_like(weight_in, at::MemoryFormat::Contiguous);
   at::Tensor gp = at::zeros_like(position_in, at::MemoryFormat::Contiguous);
   at::Tensor gb = at::zeros({C_out}, x_in.options());
-  if (L > 0 && C_out > 0 && C_in > 0 && use_dense(M, max_delay)) {
+  if (C_in == 0) {  // no synapses: y = bias, whose gradient is still sum over (t, n) of grad_y
+    if (need_bias_grad && L > 0 && C_out > 0) gb = grad_y.reshape({L, C_out}).sum(0);
+    return {gxc.permute({1, 2, 0}).contiguous(), gw, gp, gb};
+  }
+  if (L > 0 && C_out > 0 && use_dense(M, max_delay)) {
     const at::Tensor x2 = x_in.reshape({L, C_in}).contiguous();
     const at::Tensor gy2 = grad_y.reshape({L, C_out}).contiguous();
     const at::Tensor w = weight_in.contiguous(), pos = position_in.contiguous();
     at::Tensor gx2 = at::zeros({L, C_in}, x_in.options());
     dispatch_float(x_in.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      const T sg = static_cast<T>(sigma);
+      const T sg = sigma_as<T>(sigma);
       const int64_t S = w.numel();
       const int64_t D = std::min(max_delay, T_);
       if (need_x_grad) {
-        const Tables tab = make_tables<T>(w, pos, sg, max_delay, M);
+        const Tables tab = make_tables<T>(w, pos, sg, R, max_delay, M);
         const at::Tensor wd = dense_taps<T>(tab, S, M, max_delay, C_out, C_in, x_in.options());
         for (int64_t d = 0; d < D; ++d) {
           gx2.narrow(0, 0, (T_ - d) * N).addmm_(gy2.narrow(0, d * N, (T_ - d) * N), wd[d]);
@@ -241,7 +257,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delay_linear_backward
         const T* pp = pos.data_ptr<T>();
         T* gwp = gw.data_ptr<T>();
         T* gpp = gp.data_ptr<T>();
-        const int64_t R = delay::window_radius(sigma);
         at::parallel_for(0, S, 1024, [&](int64_t b0, int64_t b1) {
           std::vector<T> g(M), dg(M);
           for (int64_t s = b0; s < b1; ++s) {
@@ -262,17 +277,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delay_linear_backward
     });
     return {gx2.reshape({T_, N, C_in}), gw, gp, gb};
   }
-  if (L > 0 && C_out > 0 && C_in > 0) {
+  if (L > 0 && C_out > 0) {
     const at::Tensor gyc = to_rows(grad_y);
     const at::Tensor w = weight_in.contiguous(), pos = position_in.contiguous();
     const bool need_params = need_weight_grad || need_position_grad || need_bias_grad;
     const at::Tensor xc = (need_weight_grad || need_position_grad) ? to_rows(x_in) : at::Tensor();
     dispatch_float(x_in.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      const T sg = static_cast<T>(sigma);
+      const T sg = sigma_as<T>(sigma);
       const T* gyp = gyc.data_ptr<T>();
       if (need_x_grad) {
-        const Tables tab = make_tables<T>(w, pos, sg, max_delay, M);
+        const Tables tab = make_tables<T>(w, pos, sg, R, max_delay, M);
         const int64_t chunks = (L + kChunk - 1) / kChunk;
         const int64_t blocks = (C_in + kRows - 1) / kRows;
         T* gxp = gxc.data_ptr<T>();
@@ -304,8 +319,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delay_linear_backward
             const int64_t ob = it / blocks, blk = it % blocks;
             const int64_t o0 = ob * kRows, o1 = std::min(C_out, o0 + kRows);
             const int64_t i0 = blk * kRows, i1 = std::min(C_in, i0 + kRows);
-            cpu::delay_grad_params_block<T>(gyp, xp, wp, pp, sg, max_delay, M, C_in, N, L, o0,
-                                            o1, i0, i1, gwp, gpp, gbp, scratch.data());
+            cpu::delay_grad_params_block<T>(gyp, xp, wp, pp, sg, R, max_delay, M, C_in, N, L,
+                                            o0, o1, i0, i1, gwp, gpp, gbp, scratch.data());
           }
         });
       }

@@ -134,11 +134,11 @@ inline void transpose_tiles(const T* __restrict src, T* __restrict dst, int64_t 
 }
 
 // Per-synapse tables for synapses [s0, s1): first tap lo[s], tap count cnt[s], and the
-// coefficients coef[s*M + j] = w[s] * g_s(lo[s] + j) (M = delay::max_taps(sigma, K)).
+// coefficients coef[s*M + j] = w[s] * g_s(lo[s] + j). R = delay::window_radius of the op's double
+// sigma (never recomputed from the T-typed sigma), M = delay::max_taps(R, K).
 template <typename T>
-inline void delay_tables(const T* w, const T* pos, int64_t s0, int64_t s1, T sigma, int64_t K,
-                         int64_t M, int64_t* lo, int64_t* cnt, T* coef) {
-  const int64_t R = delay::window_radius(static_cast<double>(sigma));
+inline void delay_tables(const T* w, const T* pos, int64_t s0, int64_t s1, T sigma, int64_t R,
+                         int64_t K, int64_t M, int64_t* lo, int64_t* cnt, T* coef) {
   for (int64_t s = s0; s < s1; ++s) {
     T* c = coef + s * M;
     cnt[s] = delay::tap_weights<T>(pos[s], sigma, R, K, &lo[s], c, nullptr);
@@ -227,14 +227,13 @@ inline void delay_grad_x_block(const T* gyc, T* gxc, const int64_t* lo, const in
 //   gc_j = sum_{e >= d_j*N} gy[o, e] x[i, e - d_j*N]         (dL/dc for tap j)
 //   grad_w = sum_j g_j gc_j,  grad_p = w sum_j dg_j/dp gc_j   (zero where p is outside [0, K-1])
 // Row x[i] is reused from L1/L2 by every output of the block. Any of gw, gp, gb may be null (not
-// needed). scratch: 3*M values.
+// needed). R and M as for delay_tables; scratch: 3*M values.
 template <typename T>
 inline void delay_grad_params_block(const T* gyc, const T* xc, const T* w, const T* pos, T sigma,
-                                    int64_t K, int64_t M, int64_t C_in, int64_t N, int64_t L,
-                                    int64_t o0, int64_t o1, int64_t i0, int64_t i1, T* gw, T* gp,
-                                    T* gb, T* scratch) {
+                                    int64_t R, int64_t K, int64_t M, int64_t C_in, int64_t N,
+                                    int64_t L, int64_t o0, int64_t o1, int64_t i0, int64_t i1,
+                                    T* gw, T* gp, T* gb, T* scratch) {
   using namespace delay_impl;
-  const int64_t R = delay::window_radius(static_cast<double>(sigma));
   T* g = scratch;
   T* dg = scratch + M;
   T* gc = scratch + 2 * M;

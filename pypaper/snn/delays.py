@@ -12,16 +12,21 @@ around p, so p gets a gradient; sigma starts large (the delays explore) and is d
 0.5 (``sigma_schedule``); at the end ``round_delays()`` rounds the positions and the layer uses one
 integer delay per synapse (g one-hot, an exact shift).
 
-The kernel (kernels/cpu/delay_cpu.h) gathers only the taps each synapse needs: the Gaussian is
-truncated to the 2*ceil(3 sigma) taps around p and renormalised (kernels/common/delay_math.h has
-the window, and the bound on the output's jump when floor(p) crosses an integer), instead of
-convolving with a dense [C_out, C_in, max_delay] kernel as DCLS does. pypaper/snn/delays_reference.py is that dense convolution.
+sigma is the Gaussian's width itself. DCLS's 'gauss' kernel, which SNN-delays trains with, has
+width |SIG| + 0.27 for its parameter SIG (DCLS/construct/modules.py: SIG = SIG.abs() + 0.27):
+SNN-delays' SIG goes from K // 3 to 0.23, widths sigma = K // 3 + 0.27 to 0.5 here.
 
-When the windows span most of the K taps (2R >= 3K/4, early in training: SNN-delays starts at
-sigma = K // 3, R = K) the gather does about the convolution's work tap by tap, and the CPU backend
-runs the convolution itself (the reference's formulation, oneDNN's conv1d). Measured on the Zen 5
-test machine (T=100, N=128, 256x256, K=21, fwd+bwd): the gather takes ~60 ms + ~27 ms per tap of
-the average window, the convolution ~430 ms at any sigma: equal near 14 taps, two thirds of K;
+The kernel (kernels/cpu/delay_cpu.h) gathers only the taps each synapse needs: the Gaussian is
+truncated to the 2R taps around p, R = ceil(3 sigma) (at most K), and renormalised
+(kernels/common/delay_math.h has the window, and the bound on the output's jump when floor(p)
+crosses an integer), instead of convolving with a dense [C_out, C_in, max_delay] kernel as DCLS
+does. pypaper/snn/delays_reference.py is that dense convolution.
+
+When the windows span most of the K taps (2R >= 3K/4, early in training: SNN-delays starts at sigma
+= K // 3 + 0.27, R about K) the gather does about the convolution's work tap by tap, and the CPU
+backend runs the convolution itself (the reference's formulation, oneDNN's conv1d). Measured on the
+Zen 5 test machine (T=100, N=128, 256x256, K=21, fwd+bwd): the gather takes ~60 ms + ~27 ms per tap
+of the average window, the convolution ~430 ms at any sigma: equal near 14 taps, two thirds of K;
 the rule 2R >= 3K/4 switches where the average clipped window reaches about that.
 PYPAPER_DELAY_PATH overrides the choice: ``gather`` (always the C++ gather), ``conv`` (always the
 convolution), ``dense`` (the C++ op's one GEMM per tap).
@@ -35,6 +40,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -102,7 +108,10 @@ def _check_max_delay(max_delay) -> int:
 def _check_sigma(sigma) -> float:
     if not isinstance(sigma, numbers.Real) or isinstance(sigma, bool):
         raise TypeError(f"sigma must be a number, got {type(sigma).__name__}")
-    if not (math.isfinite(sigma) and sigma >= 0):
+    # Comparisons, not math.isfinite: under torch.compile a sigma that changed between calls
+    # arrives as a SymFloat, which math.isfinite rejects; comparing specialises on its value (one
+    # graph per sigma). NaN fails both comparisons.
+    if not (sigma >= 0 and sigma <= sys.float_info.max):
         raise ValueError(f"sigma must be finite and >= 0 (0: integer delays), got {sigma}")
     return float(sigma)
 
@@ -145,7 +154,8 @@ def _runs_as_convolution(max_delay: int, sigma: float) -> bool:
         return True
     if path != "auto":
         return False
-    return sigma > 0 and 8 * math.ceil(3 * sigma) >= 3 * max_delay  # 2R >= 3K/4
+    R = delays_reference.window_radius(sigma, max_delay)
+    return R > 0 and 8 * R >= 3 * max_delay  # 2R >= 3K/4
 
 
 def delayed_linear(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor,
@@ -156,16 +166,17 @@ def delayed_linear(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor
         y[t, n, o] = b[o] + sum_i w[o, i] sum_d g_{o,i}(d) x[t - d, n, i],  x[t < 0] = 0
 
     g_{o,i} is the normalised Gaussian of width ``sigma`` around clamp(position[o, i], 0,
-    max_delay - 1) over the integer taps d in [0, max_delay), truncated to the 2*ceil(3 sigma) taps
-    [floor(p) - R + 1, floor(p) + R] and renormalised there; ``sigma=0`` means integer delays, one
-    tap at round(p) (no position gradient). Gradients flow to x, weight, position (where
-    0 <= p <= max_delay - 1) and bias.
+    max_delay - 1) over the integer taps d in [0, max_delay), truncated to the 2R taps
+    [floor(p) - R + 1, floor(p) + R], R = min(ceil(3 sigma), max_delay), and renormalised there;
+    ``sigma=0`` means integer delays, one tap at round(p) (no position gradient), and a tiny sigma
+    its limit (below 1e-6 in float32, 1e-12 in float64: all weight on the nearest tap). Gradients
+    flow to x, weight, position (where 0 <= p <= max_delay - 1) and bias.
 
     Args:
         x: [T, N, C_in] floating tensor, time-major (SpikingJelly's multi-step layout).
         weight, position: [C_out, C_in]. bias: [C_out] or None.
         max_delay: K >= 1, the number of taps (delays 0 .. K-1 steps).
-        sigma: the Gaussian width in time steps, >= 0.
+        sigma: the Gaussian's width in time steps, >= 0 (DCLS's 'gauss' SIG + 0.27).
     Returns: [T, N, C_out] in x's dtype.
     """
     _check_inputs(x, weight, position, bias)
@@ -189,10 +200,12 @@ def sigma_schedule(epoch: int, epochs: int, sigma_init: float, sigma_final: floa
 
         sigma(e) = sigma_init * (sigma_final / sigma_init) ** min(1, e / decay_epochs)
 
-    decay_epochs defaults to epochs // 2 (SNN-delays decays over the first half of training,
-    multiplying sigma by a constant factor each epoch; the paper ends at ~0.5, their later code at
-    0.23). Call ``layer.set_sigma(sigma_schedule(...))`` each epoch, then ``round_delays()`` at
-    the end.
+    sigma is the Gaussian's width. decay_epochs defaults to epochs // 2 (SNN-delays decays over
+    the first half of training). Their code multiplies DCLS's SIG by a constant factor each epoch,
+    from K // 3 to 0.23, and DCLS's 'gauss' width is |SIG| + 0.27: widths K // 3 + 0.27 down to
+    0.5, the paper's final sigma. ``sigma_schedule(e, epochs, K // 3 + 0.27)`` has the same end
+    points, decaying the width itself geometrically. Call ``layer.set_sigma(sigma_schedule(...))``
+    each epoch, then ``round_delays()`` at the end.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -217,8 +230,9 @@ class DelayedLinear(nn.Module):
         in_features, out_features: C_in, C_out.
         max_delay: K >= 1; delays range over 0 .. K-1 time steps.
         bias: learn a bias (SNN-delays trains without one, behind a BatchNorm).
-        sigma_init: starting Gaussian width in steps; default max(K / 3, 0.5) (SNN-delays uses
-            K // 3). ``set_sigma`` or ``sigma_schedule`` decays it.
+        sigma_init: starting Gaussian width in steps; default max(K / 3, 0.5) (SNN-delays starts
+            at DCLS SIG = K // 3, a width of K // 3 + 0.27). ``set_sigma`` or ``sigma_schedule``
+            decays it.
 
     Initialisation (documented choices): weights as nn.Linear (Kaiming-uniform, bound
     1/sqrt(C_in); SNN-delays uses Kaiming-uniform with the ReLU gain, sqrt(6 / C_in) - scale
@@ -229,6 +243,11 @@ class DelayedLinear(nn.Module):
     optimizer step call ``clamp_positions_()`` (DCLS's clamp_parameters: the op clamps p to
     [0, K-1] and gives no position gradient outside); each epoch
     ``set_sigma(sigma_schedule(epoch, epochs, layer.sigma_init))``; at the end ``round_delays()``.
+
+    torch.compile specialises on sigma (a float argument of the op): each new value compiles once,
+    and torch._dynamo.config.recompile_limit (8 by default) bounds the values per compiled
+    function; with fullgraph=True the next one raises FailOnRecompileLimitHit. For a longer
+    schedule raise the limit to its number of distinct sigmas.
     """
 
     def __init__(self, in_features: int, out_features: int, max_delay: int, bias: bool = True,

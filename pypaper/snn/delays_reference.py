@@ -9,8 +9,12 @@ weight spread over the K = max_delay taps by a normalised Gaussian around its le
     y[t, n, o] = b[o] + sum_{i, d} k[o, i, d] x[t - d, n, i]          (x[t < 0] = 0)
 
 with p = clamp(position, 0, K - 1). ``truncate=True`` restricts the softmax to the window the
-kernels use (kernels/common/delay_math.h): the 2R taps [floor(p) - R + 1, floor(p) + R], R =
-ceil(3 sigma), clipped to [0, K - 1]. sigma == 0 is the rounded case: a one-hot tap at round(p).
+kernels use (kernels/common/delay_math.h): the 2R taps [floor(p) - R + 1, floor(p) + R] within
+[0, K - 1], R = ceil(3 sigma) at most K (``window_radius``). sigma == 0 is the rounded case: a
+one-hot tap at round(p). As in the kernels, the logits are taken relative to the nearest
+tap and sigma below ``SIGMA_FLOOR`` is evaluated at the floor (the limit sigma -> 0+, one-hot on
+the nearest tap; delay_math.h sigma_floor says why), so no sigma >= 0 gives NaN. sigma is the
+Gaussian's width: DCLS's 'gauss' kernel has width |SIG| + 0.27 for its parameter SIG.
 The window is piecewise constant in p, so autograd through this function gives the gradients the
 kernels compute. The whole kernel is materialised and convolved: O(K) work per synapse and step,
 which is what pypaper's gather kernel avoids.
@@ -24,6 +28,20 @@ import torch
 import torch.nn.functional as F
 
 
+# kernels/common/delay_math.h sigma_floor: below it every tap but the nearest has g == 0 exactly.
+SIGMA_FLOOR = {torch.float32: 1e-6, torch.float64: 1e-12}
+
+
+def window_radius(sigma: float, max_delay: int) -> int:
+    """R = ceil(3 sigma) in double (0 for sigma == 0), clamped to K = max_delay: floor(p) lies in
+    [0, K - 1], so every R >= K keeps all K taps (and a huge sigma gives no huge integer)."""
+    K = int(max_delay)
+    if not sigma > 0:
+        return 0
+    r = 3.0 * float(sigma)
+    return K if r >= K else math.ceil(r)
+
+
 def tap_weights(position: torch.Tensor, sigma: float, max_delay: int,
                 truncate: bool = True) -> torch.Tensor:
     """g[o, i, d], d = 0..max_delay-1: the normalised (truncated) Gaussian tap weights."""
@@ -33,12 +51,19 @@ def tap_weights(position: torch.Tensor, sigma: float, max_delay: int,
     if sigma == 0:
         idx = torch.round(p.detach()).long()
         return F.one_hot(idx, K).to(position.dtype)
-    logits = -0.5 * ((d - p.unsqueeze(-1)) / sigma) ** 2
+    s = max(float(sigma), SIGMA_FLOOR.get(position.dtype, SIGMA_FLOOR[torch.float32]))
+    u2 = (d - p.unsqueeze(-1)) ** 2
     if truncate:
-        R = math.ceil(3 * sigma)
+        R = window_radius(sigma, K)
         f = torch.floor(p.detach()).unsqueeze(-1)
         inside = (d >= f - R + 1) & (d <= f + R)
+        # relative to the nearest tap (exactly 0 there); softmax is shift-invariant, so the
+        # detached shift changes no gradient
+        near2 = u2.detach().masked_fill(~inside, float("inf")).amin(-1, keepdim=True)
+        logits = (-0.5 / (s * s)) * (u2 - near2)
         logits = logits.masked_fill(~inside, float("-inf"))
+    else:
+        logits = (-0.5 / (s * s)) * (u2 - u2.detach().amin(-1, keepdim=True))
     return torch.softmax(logits, dim=-1)
 
 
@@ -54,8 +79,10 @@ def delayed_linear(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor
     """y [T, N, C_out] from x [T, N, C_in]: causal conv1d over time with the dense kernel."""
     K = int(max_delay)
     k = dense_kernel(weight, position, sigma, K, truncate)
-    if x.shape[0] == 0:  # no steps: conv1d refuses an input shorter than its kernel
-        y = torch.einsum("tni,oik->tno", x, k)  # empty, with weight and position in the graph
+    if x.shape[0] == 0 or x.shape[2] == 0:
+        # no steps (conv1d refuses an input shorter than its kernel) or no input channels (its
+        # output would have 0 channels): y = bias, weight and position stay in the graph
+        y = torch.einsum("tni,oik->tno", x, k)
         return y if bias is None else y + bias
     xs = x.permute(1, 2, 0)                      # [N, C_in, T]
     xs = F.pad(xs, (K - 1, 0))                   # causal: x[t < 0] = 0

@@ -491,3 +491,169 @@ def test_learned_delays_solve_a_coincidence_task():
     assert acc_delay >= 0.85, (acc_delay, acc_plain)
     assert acc_delay >= acc_plain + 0.25, (acc_delay, acc_plain)
     assert int(net.syn.delays[0, 0] - net.syn.delays[0, 1]) == 6
+
+
+# ---- regressions: sigma at its edges, no inputs, torch.compile of a schedule, DCLS width ----
+
+PATHS = ("gather", "conv", "dense")
+
+
+def _path(path, monkeypatch):
+    if path in ("gather", "dense") and not HAVE_OP:
+        pytest.skip("pypaper._C without the delay ops")
+    monkeypatch.setenv("PYPAPER_DELAY_PATH", path)
+
+
+def _run(fn, inputs, gy):
+    """fn(*inputs) and its gradients (zeros where it has none) for the cotangent gy."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    grads = torch.autograd.grad(y, leaves, gy.to(y.dtype), allow_unused=True,
+                                materialize_grads=True)
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("sigma", [1 / 3, 2 / 3, 4 / 3, 8 / 3, 11 / 3],
+                         ids=["1/3", "2/3", "4/3", "8/3", "11/3"])
+def test_fp32_uses_the_fp64_window(path, sigma, monkeypatch):
+    """3 sigma an integer in double that float32 rounds up (3 * float32(1/3) = 1.00000003): the
+    float32 op must use R = ceil(3 sigma) of the double sigma, the reference's window. It used
+    R + 1 in float32 (wrong output, writes past the per-synapse buffers sized for R)."""
+    _path(path, monkeypatch)
+    K, T, N, C_in, C_out = 25, 20, 3, 6, 5
+    x, w, p, b = make(T, N, C_in, C_out, K)
+    gy = torch.randn(T, N, C_out, dtype=torch.float64)
+    want, want_g = _run(lambda *a: R.delayed_linear(*a, K, sigma), (x, w, p, b), gy)
+    got, got_g = _run(lambda *a: D.delayed_linear(*a, max_delay=K, sigma=sigma),
+                      [t.float() for t in (x, w, p, b)], gy)
+    assert got.dtype == torch.float32
+    close(got, want, torch.float32, "y")
+    for name, g1, g2 in zip("x weight position bias".split(), got_g, want_g):
+        close(g1, g2, torch.float32, f"grad {name}")
+
+
+def test_window_radius_is_clamped_and_computed_in_double():
+    for sigma, K, want in [(0.0, 5, 0), (1e-300, 5, 1), (1 / 3, 25, 1), (11 / 3, 25, 11),
+                           (0.34, 25, 2), (7.0, 21, 21), (4e18, 5, 5), (1e300, 5, 5)]:
+        assert R.window_radius(sigma, K) == want, (sigma, K)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiny_sigma_is_the_integer_limit(path, dtype, monkeypatch):
+    """sigma -> 0+: the Gaussian concentrates on the nearest tap (g = 1 there, dg/dp = 0), the
+    sigma = 0 layer, for positions away from half-integers. 1/sigma^2 overflows below ~5e-20
+    (float32) and ~1e-154 (float64): that gave NaN (0 * inf)."""
+    _path(path, monkeypatch)
+    K, T, N, C_in, C_out = 7, 9, 2, 4, 3
+    x, w, _, b = make(T, N, C_in, C_out, K)
+    p = (torch.randint(0, K, (C_out, C_in)).double()
+         + 0.6 * torch.rand(C_out, C_in, dtype=torch.float64) - 0.3)  # round(p) unambiguous
+    p[0, 0], p[0, 1] = -2.0, K + 1.0  # clamped to the end taps
+    gy = torch.randn(T, N, C_out, dtype=torch.float64)
+    inputs = [t.to(dtype) for t in (x, w, p, b)]
+    want, want_g = _run(lambda *a: D.delayed_linear(*a, max_delay=K, sigma=0.0), inputs, gy)
+    for sigma in (1e-7, 1e-20, 1e-30, 1e-160, 1e-300, 5e-324):
+        got, got_g = _run(lambda *a: D.delayed_linear(*a, max_delay=K, sigma=sigma), inputs, gy)
+        assert torch.isfinite(got).all() and all(torch.isfinite(g).all() for g in got_g), sigma
+        close(got, want, dtype, f"y at sigma {sigma}")
+        for name, g1, g2 in zip("x weight position bias".split(), got_g, want_g):
+            close(g1, g2, dtype, f"grad {name} at sigma {sigma}")
+        assert not got_g[2].any(), sigma  # one-hot: no position gradient
+        g_ref = R.tap_weights(p.to(dtype), sigma, K)
+        assert torch.equal(g_ref, R.tap_weights(p.to(dtype), 0.0, K)), sigma
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("sigma", [0.0, 0.7, 3.0])
+def test_no_input_features_gives_the_bias(path, sigma, monkeypatch):
+    """C_in = 0: y = bias broadcast over [T, N], grad bias = T*N per output (the gather and dense
+    paths returned a zero bias gradient, the convolution a [T, N, 0] output)."""
+    _path(path, monkeypatch)
+    T, N, C_out, K = 5, 3, 4, 6
+    x = torch.randn(T, N, 0, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(C_out, 0, dtype=torch.float64, requires_grad=True)
+    p = torch.rand(C_out, 0, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(C_out, dtype=torch.float64, requires_grad=True)
+    y = D.delayed_linear(x, w, p, b, max_delay=K, sigma=sigma)
+    assert y.shape == (T, N, C_out)
+    assert torch.equal(y, b.detach().expand(T, N, C_out))
+    gx, gw, gp, gb = torch.autograd.grad(y.sum(), (x, w, p, b), materialize_grads=True)
+    assert gx.shape == x.shape and gw.shape == w.shape and gp.shape == p.shape
+    assert torch.equal(gb, torch.full((C_out,), float(T * N), dtype=torch.float64))
+    y0 = D.delayed_linear(x, w, p, None, max_delay=K, sigma=sigma)
+    assert y0.shape == (T, N, C_out) and not y0.any()
+
+
+@pytest.mark.parametrize("path", ("auto",) + PATHS)
+@pytest.mark.parametrize("sigma", [4e18, 1e19, 1e300])
+def test_huge_sigma_spans_every_tap(path, sigma, monkeypatch):
+    """Any R >= K gives the whole window (every tap): R is clamped to K, so ceil(3 sigma) never
+    overflows int64 (the gather used a wrapped R at 4e18) or torch's int64 (the convolution
+    raised OverflowError from 1e19). The Gaussian is flat there: the untruncated reference."""
+    _path("gather" if path == "auto" else path, monkeypatch)
+    if path == "auto":
+        monkeypatch.delenv("PYPAPER_DELAY_PATH")
+    K, T, N, C_in, C_out = 5, 8, 2, 3, 4
+    x, w, p, b = make(T, N, C_in, C_out, K)
+    gy = torch.randn(T, N, C_out, dtype=torch.float64)
+    want, want_g = _run(lambda *a: R.delayed_linear(*a, K, sigma, truncate=False),
+                        (x, w, p, b), gy)
+    got, got_g = _run(lambda *a: D.delayed_linear(*a, max_delay=K, sigma=sigma), (x, w, p, b), gy)
+    close(got, want, torch.float64, "y")
+    for name, g1, g2 in zip("x weight position bias".split(), got_g, want_g):
+        close(g1, g2, torch.float64, f"grad {name}")
+    got32 = D.delayed_linear(x.float(), w.float(), p.float(), b.float(), max_delay=K, sigma=sigma)
+    close(got32, want, torch.float32, "y float32")
+
+
+@needs_op
+@pytest.mark.parametrize("path", ["auto", "gather"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_follows_a_sigma_schedule(dynamic, path, monkeypatch):
+    """fullgraph=True with sigma changing between calls (a sigma schedule, here 2 -> 1 -> 0.5:
+    by default the convolution, then the gather): each new value recompiles (torch.compile
+    specialises on the float), with dynamic=True from the first call."""
+    if path == "auto":
+        monkeypatch.delenv("PYPAPER_DELAY_PATH")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = DelayedLinear(4, 3, 6, dtype=torch.float64)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
+    x = torch.randn(7, 2, 4, dtype=torch.float64)
+    for sigma in (D.sigma_schedule(e, 4, 2.0) for e in range(3)):
+        layer.set_sigma(sigma)
+        want = layer(x)
+        want_g = torch.autograd.grad(want.sum(), list(layer.parameters()))
+        got = compiled(x)
+        got_g = torch.autograd.grad(got.sum(), list(layer.parameters()))
+        close(got, want, torch.float64, f"compiled y at sigma {sigma}")
+        for g1, g2 in zip(got_g, want_g):
+            close(g1, g2, torch.float64, f"compiled grad at sigma {sigma}")
+
+
+def test_bench_gives_pypaper_the_dcls_gauss_width():
+    """DCLS's 'gauss' kernel (what SNN-delays trains with) is a Gaussian of width |SIG| + 0.27
+    (DCLS/construct/modules.py); pypaper's sigma is the width. The benchmark's DCLS layer at SIG
+    s equals pypaper's untruncated Gaussian at sigma = bench.delays.width(s) = s + 0.27, with
+    the position p = K - 1 - (P + K // 2) (DCLS correlates over the causally padded input)."""
+    pytest.importorskip("DCLS")
+    from bench import delays as B
+
+    torch.manual_seed(0)
+    K = B.K
+    for sig in (B.SIG_FINAL, 1.0, B.SIG_INIT):
+        (run, params), why = B._dcls_layer(3, 2, sig, "cpu")
+        weight, P = params
+        with torch.no_grad():
+            P.uniform_(-(K // 2), K // 2)
+        x = torch.randn(12, 2, 3)
+        want = run(x).detach().double()
+        w = weight.detach()[..., 0].double()
+        p = (K - 1 - K // 2) - P.detach()[0, ..., 0].double()
+        assert B.width(sig) == pytest.approx(sig + 0.27)
+        got = R.delayed_linear(x.double(), w, p, None, K, B.width(sig), truncate=False)
+        assert float((got - want).abs().max()) <= 1e-5 * (float(want.abs().max()) + 1), sig
+        off = R.delayed_linear(x.double(), w, p, None, K, sig, truncate=False)
+        assert float((off - want).abs().max()) > 1e-3, sig  # the width is not SIG itself
