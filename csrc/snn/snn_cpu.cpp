@@ -90,19 +90,58 @@ at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->contiguous() : at::Tensor();
 }
 
+// The checked, prepared inputs of a forward pass (lif_forward, lif_forward_jvp).
+struct ForwardInputs {
+  at::Tensor x, v_init;
+  NeuronParam decay, vth;
+  int64_t steps, neurons;
+};
+
+ForwardInputs forward_inputs(const at::Tensor& x_in, const c10::optional<at::Tensor>& v_init_in,
+                             const at::Tensor& decay_in, const at::Tensor& vth_in,
+                             const LifFlags& f, int64_t surrogate, double alpha,
+                             const c10::optional<double>& v_reset) {
+  check_x(x_in);
+  check_state(v_init_in, x_in, "v_init");
+  check_scalars(surrogate, alpha, v_reset);
+  const at::Tensor x = x_in.contiguous();
+  return ForwardInputs{x, contiguous_or_undefined(v_init_in),
+                       prepare_param(decay_in, x, f.decay_is_tau ? "tau" : "k"),
+                       prepare_param(vth_in, x, "v_threshold"), x.size(0), neurons_of(x)};
+}
+
+// The parameters as a forward loop reads them, range-checked: the threshold, the decay argument
+// (tau or k) and the decay it charges with (charge_decay).
+template <typename T>
+struct ChargeParams {
+  const T* decay;
+  const T* vth;
+  const T* charge;
+  bool div;
+  std::vector<T> keep;  // charge's storage where it holds reciprocals
+};
+
+template <typename T>
+ChargeParams<T> charge_params(const ForwardInputs& in, const LifFlags& f,
+                              const c10::optional<double>& v_reset) {
+  ChargeParams<T> c;
+  c.decay = in.decay.values.template data_ptr<T>();
+  c.vth = in.vth.values.template data_ptr<T>();
+  check_param_values(c.decay, in.decay.values.numel(), f.decay_is_tau, f.decay_input, c.vth,
+                     in.vth.values.numel(), v_reset);
+  std::tie(c.charge, c.div) = charge_decay<T>(in.decay, f.decay_is_tau, c.keep);
+  return c;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& v_init_in,
     const at::Tensor& decay_in, const at::Tensor& vth_in, c10::optional<double> v_reset,
     int64_t surrogate, double alpha, int64_t flags) {
   const LifFlags f = lif_flags(flags, kLifForwardFlags, "lif_forward");
-  check_x(x_in);
-  check_state(v_init_in, x_in, "v_init");
-  check_scalars(surrogate, alpha, v_reset);
-  const at::Tensor x = x_in.contiguous();
-  const NeuronParam decay = prepare_param(decay_in, x, f.decay_is_tau ? "tau" : "k");
-  const NeuronParam vth = prepare_param(vth_in, x, "v_threshold");
-  const at::Tensor v_init = contiguous_or_undefined(v_init_in);
-  const int64_t steps = x.size(0), neurons = neurons_of(x);
+  const ForwardInputs in = forward_inputs(x_in, v_init_in, decay_in, vth_in, f, surrogate, alpha,
+                                          v_reset);
+  const at::Tensor& x = in.x;
+  const int64_t steps = in.steps, neurons = in.neurons;
   // The outputs come from the block cache (csrc/block_cache.h; it hands requests under 1 MiB to
   // torch's allocator): a training loop asks for the same sizes every step, and fresh pages cost
   // more than this kernel's own pass over them. That holds for the [N] state too: glibc maps and
@@ -115,19 +154,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
   dispatch_storage(x.scalar_type(), [&](auto tag) {
     using In = decltype(tag);
     using T = typename cpu::acc_type<In>::type;
-    const T* dp = decay.values.template data_ptr<T>();
-    const T* tp = vth.values.template data_ptr<T>();
-    check_param_values(dp, decay.values.numel(), f.decay_is_tau, f.decay_input, tp,
-                       vth.values.numel(), v_reset);
-    std::vector<T> k_values;
-    const auto [charge_dp, div] = charge_decay<T>(decay, f.decay_is_tau, k_values);
+    const ChargeParams<T> p = charge_params<T>(in, f, v_reset);
     cpu::LifForwardArgs<In, T> a{};
     a.x = cptr<In>(x);
-    a.v_init = cptr<In>(v_init);
-    a.decay = charge_dp;
-    a.decay_period = decay.period;
-    a.vth = tp;
-    a.vth_period = vth.period;
+    a.v_init = cptr<In>(in.v_init);
+    a.decay = p.charge;
+    a.decay_period = in.decay.period;
+    a.vth = p.vth;
+    a.vth_period = in.vth.period;
     a.spikes = mptr<In>(spikes);
     a.h_seq = f.keep_h ? mptr<In>(h_seq) : nullptr;
     a.v_seq = f.store_v_seq ? mptr<In>(v_seq) : nullptr;
@@ -136,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_forward_cpu(
     a.neurons = neurons;
     a.v_reset = static_cast<T>(v_reset.value_or(0.0));
     a.decay_input = f.decay_input;
-    a.div = div;
+    a.div = p.div;
     a.hard = v_reset.has_value();
     a.stream = x.numel() * x.element_size() >= cpu::kStreamBytes;  // per [T, N] output
     a.prefetch_nta = cpu::lif_prefetch_nta_default();
@@ -284,7 +318,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward_jvp_cpu(
     const at::Tensor& vth_in, const c10::optional<at::Tensor>& vth_tangent_in,
     c10::optional<double> v_reset, int64_t surrogate, double alpha, int64_t flags) {
   const LifFlags f = lif_flags(flags, kLifForwardFlags & ~kKeepH, "lif_forward_jvp");
-  check_x(x_in);
+  const ForwardInputs in = forward_inputs(x_in, v_init_in, decay_in, vth_in, f, surrogate, alpha,
+                                          v_reset);
   if (x_tangent_in.has_value()) {
     TORCH_CHECK(x_tangent_in->sizes() == x_in.sizes(), "x_tangent has shape ",
                 x_tangent_in->sizes(), ", expected x's ", x_in.sizes());
@@ -292,18 +327,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward_jvp_cpu(
                     x_tangent_in->device() == x_in.device(),
                 "x_tangent must have x's dtype and device");
   }
-  check_state(v_init_in, x_in, "v_init");
   check_state(v_tangent_in, x_in, "v_init_tangent");
-  check_scalars(surrogate, alpha, v_reset);
-  const at::Tensor x = x_in.contiguous();
+  const at::Tensor& x = in.x;
   const at::Tensor dx = contiguous_or_undefined(x_tangent_in);
-  const NeuronParam decay = prepare_param(decay_in, x, f.decay_is_tau ? "tau" : "k");
-  const NeuronParam vth = prepare_param(vth_in, x, "v_threshold");
   const at::Tensor ddecay = prepare_tangent(decay_tangent_in, decay_in, x, "decay_tangent");
   const at::Tensor dvth = prepare_tangent(vth_tangent_in, vth_in, x, "v_threshold_tangent");
-  const at::Tensor v_init = contiguous_or_undefined(v_init_in);
   const at::Tensor dv_init = contiguous_or_undefined(v_tangent_in);
-  const int64_t steps = x.size(0), neurons = neurons_of(x);
+  const int64_t steps = in.steps, neurons = in.neurons;
   at::Tensor ds = empty_cached(x.sizes(), x.options());  // as the forward's outputs
   at::Tensor dv_last = empty_cached(state_shape(x), x.options());
   at::Tensor dv_seq =
@@ -311,26 +341,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward_jvp_cpu(
   dispatch_storage(x.scalar_type(), [&](auto tag) {
     using In = decltype(tag);
     using T = typename cpu::acc_type<In>::type;
-    const T* dp = decay.values.template data_ptr<T>();
-    const T* tp = vth.values.template data_ptr<T>();
-    check_param_values(dp, decay.values.numel(), f.decay_is_tau, f.decay_input, tp,
-                       vth.values.numel(), v_reset);
-    std::vector<T> k_values;
-    const auto [charge_dp, div] = charge_decay<T>(decay, f.decay_is_tau, k_values);
+    const ChargeParams<T> p = charge_params<T>(in, f, v_reset);
     cpu::LifJvpArgs<In, T> a{};
     a.x = cptr<In>(x);
     a.x_tangent = cptr<In>(dx);
-    a.v_init = cptr<In>(v_init);
+    a.v_init = cptr<In>(in.v_init);
     a.v_init_tangent = cptr<In>(dv_init);
-    a.decay = charge_dp;
-    a.div = div;
+    a.decay = p.charge;
+    a.div = p.div;
     a.decay_tangent = ddecay.defined() ? ddecay.template data_ptr<T>() : nullptr;
     a.decay_is_tau = f.decay_is_tau;
-    a.tau_or_k = dp;
-    a.decay_period = decay.period;
-    a.vth = tp;
+    a.tau_or_k = p.decay;
+    a.decay_period = in.decay.period;
+    a.vth = p.vth;
     a.vth_tangent = dvth.defined() ? dvth.template data_ptr<T>() : nullptr;
-    a.vth_period = vth.period;
+    a.vth_period = in.vth.period;
     a.spikes_tangent = mptr<In>(ds);
     a.v_seq_tangent = f.store_v_seq ? mptr<In>(dv_seq) : nullptr;
     a.v_last_tangent = mptr<In>(dv_last);
