@@ -172,6 +172,54 @@ def lif_case(steps, neurons, dtype, device, modes=harness.MODES) -> Case:
     )
 
 
+# ---- forward mode: the jvp of the LIF neuron ----------------------------------------------------
+
+
+def _jvp_providers(steps, neurons, dtype, device) -> list:
+    from torch.autograd import forward_ad
+    from pypaper.snn import jvp_rule, op_flags
+
+    shape = (steps, BATCH, neurons // BATCH)
+    x = (torch.randn(shape, device=device) + 0.6).to(dtype)
+    t = torch.randn_like(x)
+
+    def dual():  # spikes and their tangent through pypaper's rule (the fused kernel on CPU)
+        with forward_ad.dual_level():
+            return forward_ad.unpack_dual(_pypaper(forward_ad.make_dual(x, t))).tangent
+
+    tau, vth = torch.tensor(TAU, device=device), torch.tensor(1.0, device=device)
+    sid, alpha = snn.surrogate.surrogate_spec(_ATAN)
+    flags = op_flags.forward_flags(True, True, False, False, False, False)
+
+    def composite():  # the same primal op, the tangent from the rule's torch-op composite
+        _pypaper(x)
+        return jvp_rule.composite((x, None, tau, vth, 0.0, sid, alpha, flags), (t, None, None, None))
+
+    def reference():
+        with pypaper.use_backend("reference"):
+            return dual()
+
+    out = [Provider("pypaper", {"fwd": dual}), Provider("pypaper-composite", {"fwd": composite}),
+           Provider("reference", {"fwd": reference})]
+    out.append(unavailable("spikingjelly", "its surrogate autograd.Functions define no jvp: "
+                                           "forward-mode AD through its neurons raises"))
+    return out
+
+
+def jvp_case(steps, neurons, dtype, device) -> Case:
+    """Spikes and their forward-mode tangent (torch.autograd.forward_ad) on x [T, 16, neurons/16]
+    with a tangent on x; "fwd" is the one forward-mode pass."""
+    e = torch.empty((), dtype=dtype).element_size()
+    return Case(
+        f"LIF jvp (forward-mode AD) T={steps}", (steps, BATCH, neurons // BATCH), dtype, device,
+        bytes_moved={"fwd": 4 * steps * neurons * e},
+        providers=lambda: _jvp_providers(steps, neurons, dtype, device),
+        bytes_note="X and its tangent read, S and its tangent written (the fused tangent pass "
+                   "reruns the primal from X: one more read of X, not counted)",
+        baseline="reference",
+    )
+
+
 # ---- Linear(n, n) + LIF, the Open Neuromorphic library benchmark shape -------------------------
 
 
@@ -333,7 +381,7 @@ def cases(device: str = "cpu", quick: bool = False, numel: int = 1 << 23) -> lis
     and the single-step loop (Linear(1024, 1024) + LIF, step_mode 's', T = 32).
     Full: T in {4, 8, 16, 32, 64} at 2^18 neurons, 2^16 and 2^20 at T = 32, bf16, the Linear+LIF
     shapes (T = 500, n in {512, 1024, 2048}), the single-step loop for n in {256, 1024, 4096}
-    and SLTT vs BPTT memory for T in {8, 32, 128}.
+    SLTT vs BPTT memory for T in {8, 32, 128}, and the forward-mode jvp at T = 32, 2^18 neurons.
     ``numel`` (neuron-steps) scales the quick case for smoke tests: neurons = numel / 32."""
     f32 = torch.float32
     if quick:
@@ -345,4 +393,5 @@ def cases(device: str = "cpu", quick: bool = False, numel: int = 1 << 23) -> lis
     out += [layer_case(500, n, device) for n in (512, 1024, 2048)]
     out += [single_step_case(32, n, device) for n in (256, 1024, 4096)]
     out += [sltt_case(t, 1024, device) for t in (8, 32, 128)]
+    out.append(jvp_case(32, 1 << 18, f32, device))
     return out

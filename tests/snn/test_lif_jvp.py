@@ -305,3 +305,24 @@ def test_fused_kernel_checks_arguments():
     bad[-1] = args[-1] | pypaper.snn.op_flags.KEEP_H
     with pytest.raises(RuntimeError, match="flags"):
         JVP_OP(*bad)
+
+
+def test_fused_kernel_non_contiguous_and_compiled():
+    """Non-contiguous x and tangent (a transposed view) give the contiguous inputs' tangents;
+    the op traces under torch.compile(fullgraph=True) through its fake kernel."""
+    from pypaper.snn import op_flags
+
+    torch.manual_seed(0)
+    x = inputs((3, 5, 4)).transpose(1, 2)  # [T, 5, 4] viewed as [T, 4, 5]
+    t = torch.randn(3, 5, 4).transpose(1, 2)
+    assert not x.is_contiguous() and not t.is_contiguous()
+    tau, vth = torch.tensor(2.0), torch.tensor(1.0)
+    flags = op_flags.forward_flags(True, True, False, False, True, False)
+
+    def call(a, b):
+        return JVP_OP(a, b, None, None, tau, None, vth, None, 0.0, 1, 2.0, flags)
+
+    want = call(x.contiguous(), t.contiguous())
+    for got in (call(x, t), torch.compile(call, fullgraph=True)(x, t)):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
