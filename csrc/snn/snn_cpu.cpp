@@ -369,6 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward_jvp_cpu(
     a.detach_reset = f.detach_reset;
     a.sltt = f.sltt;
     a.stream = x.numel() * x.element_size() >= cpu::kStreamBytes;
+    a.prefetch_nta = cpu::lif_prefetch_nta_default();
     at::parallel_for(0, cpu::lif_num_chunks(neurons), chunk_grain(steps),
                      [&](int64_t c0, int64_t c1) { cpu::lif_jvp(a, c0, c1); });
   });

@@ -51,6 +51,7 @@ struct LifJvpArgs {
   int32_t surrogate;
   bool decay_input, hard, detach_reset, sltt;
   bool stream;  // non-temporal stores of the [T, N] outputs
+  bool prefetch_nta = false;  // prefetch_row_l2's hint (lif_prefetch_nta_default)
 };
 
 // One step over a row of a chunk. v, dv: the membrane and its tangent, carried.
@@ -140,6 +141,21 @@ void lif_jvp_chunks(const LifJvpArgs<In, T>& a, int64_t c0, int64_t c1) {
       if (t + kLifPrefetchSteps < a.steps) {
         prefetch_row(a.x + off + kLifPrefetchSteps * N, len * isize);
         if (a.x_tangent) prefetch_row(a.x_tangent + off + kLifPrefetchSteps * N, len * isize);
+      }
+      // and further ahead, as the forward loop does (into the next chunk near the end of one)
+      const int64_t t2 = t + kLifForwardL2Steps;
+      int64_t far = -1, far_len = 0;
+      if (t2 < a.steps) {
+        far = off + kLifForwardL2Steps * N;
+        far_len = len;
+      } else if (c + 1 < c1 && t2 - a.steps < a.steps) {
+        const int64_t n1 = n0 + kLifChunk;
+        far = (t2 - a.steps) * N + n1;
+        far_len = std::min(kLifChunk, N - n1);
+      }
+      if (far >= 0) {
+        prefetch_row_l2(a.x + far, far_len * isize, a.prefetch_nta);
+        if (a.x_tangent) prefetch_row_l2(a.x_tangent + far, far_len * isize, a.prefetch_nta);
       }
       const In* dx = a.x_tangent ? a.x_tangent + off : nullptr;
       In* ds = a.stream ? ds_row : a.spikes_tangent + off;
