@@ -122,6 +122,7 @@ def _eager_function(overload, backward, setup_context, num_args):
         return (None, *result) if isinstance(result, tuple) else (None, result)
 
     def jvp_(ctx, *tangents):  # tangents[0]: the keyset's
+        ctx.tangents_in = True  # for a backward that must know (see jvp_ran)
         return _JVP_RULES[qualname](_saved_for_jvp(ctx), tangents[1:])
 
     # grad_fn: <namespace>_<op>Backward, e.g. pypaper_lif_forwardBackward
@@ -148,6 +149,13 @@ def _saved_for_jvp(ctx) -> tuple:
 _TENSOR = object()  # _save_for_jvp's placeholder of a saved tensor
 
 
+def jvp_ran(ctx) -> bool:
+    """Whether the op's jvp rule ran for this call (its inputs carried tangents): a backward
+    that cannot carry them over (e.g. one reading a non-differentiable saved output) can refuse.
+    Inside the Function's forward the inputs show no tangents; the jvp runs after it."""
+    return getattr(ctx, "tangents_in", False)
+
+
 def _functorch_function(overload, backward, setup_context):
     """The op as a torch.autograd.Function in the form functorch's grad transform accepts. Under
     an outer vmap (per-sample gradients, jacrev) functorch vmaps the Function as a whole
@@ -167,6 +175,7 @@ def _functorch_function(overload, backward, setup_context):
             _save_for_jvp(ctx, inputs)
 
     def jvp(ctx, *tangents):
+        ctx.tangents_in = True
         return _JVP_RULES[qualname](_saved_for_jvp(ctx), tangents)
 
     return type(name, (torch.autograd.Function,), {

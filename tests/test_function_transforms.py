@@ -208,12 +208,22 @@ def test_jvp_rule_is_jacobian_times_tangent(name, f, shape):
 
 
 @pytest.mark.parametrize("name,f,shape", WITH_RULE, ids=[c[0] for c in WITH_RULE])
-def test_forward_over_reverse_refused(name, f, shape):
-    """torch.func.hessian (jacfwd over jacrev) needs a jvp of the backward op, which has none:
-    a clear NotImplementedError naming it (before: functorch's "Batching rule not implemented
-    for aten::_unpack_dual")."""
-    with pytest.raises(NotImplementedError, match=r"_backward.* no forward-mode AD rule"):
-        func.hessian(lambda a: f(a).sum())(_data(shape))
+def test_hessian_forward_over_reverse(name, f, shape):
+    """torch.func.hessian (jacfwd over jacrev: the jvp rule of the backward op) equals jacrev over
+    jacrev (its double backward) and the reference backend's Hessian (before the backward op had
+    rules: NotImplementedError)."""
+    x = _data(shape).double()
+
+    def loss(a):
+        return (f(a) * torch.linspace(-1.0, 1.0, f(a).numel(), dtype=a.dtype).reshape(
+            f(a).shape)).sum()
+
+    got = func.hessian(loss)(x)
+    with pypaper.use_backend("reference"):
+        want = func.jacrev(func.jacrev(loss))(x)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(func.jacrev(func.jacrev(loss))(x), want, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name,f,shape", CASES, ids=IDS)
@@ -399,6 +409,14 @@ def test_triton_twin_under_grad_and_vmap(name):
                 got = fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
             torch.testing.assert_close(got, _jacobian_times(f, x, t), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(func.jvp(f, (x,), (t,))[1], got)
+            # its backward reads the kept H[t], which has no graph back to x: second
+            # derivatives are refused (the CPU op's rerun-from-x backward has them)
+            with pytest.raises(NotImplementedError, match="kept H"):
+                func.hessian(lambda a: f(a).sum())(x)
+            xg = x.clone().requires_grad_()
+            (g,) = torch.autograd.grad(f(xg).sum() + (xg ** 3).sum(), xg, create_graph=True)
+            with pytest.raises(NotImplementedError, match="kept H"):
+                g.sum().backward()
             return
         with fwAD.dual_level():
             with pytest.raises(NotImplementedError, match="no forward-mode AD rule"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _autograd
-from . import jvp_rule, op_flags, vmap_rule
+from . import jvp_rule, op_flags, second_order, vmap_rule
 
 
 def _fake_lif_forward(x, v_init, decay, v_threshold, v_reset, surrogate, alpha, flags):
@@ -94,12 +94,23 @@ def _make_lif_backward(backward_op):
                  | (op_flags.RECOMPUTE if ctx.recompute else 0))
         args = (g_spikes.contiguous(), g_v_last, g_v_seq, h_seq, v_init, decay, v_threshold,
                 *ctx.scalars, flags)
-        # create_graph=True builds a graph over this backward: then through the backward op's
-        # autograd, which refuses to be differentiated (_no_double_backward) instead of answering
-        # a wrong second derivative.
-        gx, gv, gd, gt = call_op(backward_op, args, torch.is_grad_enabled())
-        return (gx if need_x else None, gv if need_v else None, gd if need_decay else None,
-                gt if need_vth else None) + (None,) * (ctx.num_inputs - 4)
+        # create_graph=True builds a graph over this backward, and forward-mode tangents reach
+        # it under forward-over-reverse: then through the backward op's autograd, whose
+        # derivatives are pypaper/snn/second_order.py's.
+        through = torch.is_grad_enabled() or (_autograd.forward_ad_active()
+                                              and _autograd.has_tangent(args[:7]))
+        if not ctx.recompute and _autograd.forward_ad_active() and (
+                _autograd.jvp_ran(ctx) or second_order.jvp_transform_active()):
+            # forward-over-reverse (hessian, dual tensors over a backward): the tangents of x's
+            # paths through the kept H cannot be had. Under torch.func's jvp levels whether x
+            # carries one cannot be read, so any refuses there.
+            second_order.refuse_kept_h(0, backward_op.name())
+        gx, gv, gd, gt = call_op(backward_op, args, through)
+        grads = (gx if need_x else None, gv if need_v else None, gd if need_decay else None,
+                 gt if need_vth else None)
+        if through and not ctx.recompute and torch.is_grad_enabled():
+            grads = second_order.guard_kept_h(grads, backward_op.name())
+        return grads + (None,) * (ctx.num_inputs - 4)
 
     return backward
 
@@ -149,16 +160,6 @@ def call_with_grad(op, backward_op, args):
     return fn.apply(*args)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "pypaper.snn's LIF op has no double backward (its gradient uses the surrogate derivative "
-        "of the spike); do not differentiate through its gradient (create_graph=True)")
-
-
-def _setup_nothing(ctx, inputs, output):
-    pass
-
-
 def register_native() -> None:
     """Fake kernels and autograd of the C++ (and, when built, CUDA) LIF ops."""
     torch.library.register_fake("pypaper::lif_forward")(_fake_lif_forward)
@@ -166,8 +167,7 @@ def register_native() -> None:
     _autograd.register_autograd("pypaper::lif_forward",
                                 _make_lif_backward(torch.ops.pypaper.lif_backward.default),
                                 setup_context=_lif_setup)
-    _autograd.register_autograd("pypaper::lif_backward", _no_double_backward,
-                                setup_context=_setup_nothing)
+    second_order.register()
     vmap_rule.register()
     jvp_rule.register_native()
     jvp_rule.register()
@@ -189,8 +189,7 @@ def load_triton():
                 "pypaper::lif_forward_triton",
                 _make_lif_backward(torch.ops.pypaper.lif_backward_triton.default),
                 setup_context=_lif_setup)
-            _autograd.register_autograd("pypaper::lif_backward_triton", _no_double_backward,
-                                        setup_context=_setup_nothing)
+            second_order.register("_triton")
             vmap_rule.register("_triton")
             jvp_rule.register("_triton")
         _triton_module = triton_kernels

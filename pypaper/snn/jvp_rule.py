@@ -30,12 +30,16 @@ from .. import _autograd, _ext
 from . import op_flags, reference
 
 
-def _fused(x) -> bool:
+def _fused(x, tensors) -> bool:
     """Whether the C++ tangent kernel (pypaper::lif_forward_jvp) takes the call: CPU tensors,
-    and no vmap active (under jacfwd's vmap the composite runs all tangents in one batched pass,
+    no graph to build over the tangents (``tensors``: the inputs and tangents), and no vmap
+    active (under jacfwd's vmap the composite runs all tangents in one batched pass,
     where the op would run once per tangent)."""
     if x.device.type != "cpu" or not _ext.LOADED:
         return False
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in tensors):
+        return False  # reverse mode over the tangents (the op has no backward; the composite has)
     return not any(i.key() == _pyfunctorch.TransformType.Vmap
                    for i in _pyfunctorch.retrieve_all_functorch_interpreters())
 
@@ -45,7 +49,7 @@ def lif_forward_jvp(inputs, tangents):
     h_seq, v_seq); h_seq is non-differentiable (None), v_seq empty unless stored."""
     x, v_init, decay, vth, v_reset, sid, alpha, flags = inputs
     dx, dv0, ddecay, dvth = tangents[:4]
-    if _fused(x):
+    if _fused(x, (x, v_init, decay, vth) + tuple(tangents[:4])):
         ds, dv_last, dv_seq = torch.ops.pypaper.lif_forward_jvp(
             x, dx, v_init, dv0, decay, ddecay, vth, dvth, v_reset, sid, alpha,
             flags & ~op_flags.KEEP_H)
@@ -79,13 +83,17 @@ def composite(inputs, tangents):
     ds_seq, dv_seq = [], []
     for t in range(x.shape[0]):
         # the primal step, in the kernels' operation order (the same S to the bit)
+        # (reverse mode over these tangents, jacrev(jacfwd), differentiates the primal too: it
+        # is the reference's, with the surrogate at the spike, SLTT's detached V[t-1] and
+        # detach_reset's detached S, so that derivative is the reference's second one)
+        vp = v.detach() if sltt else v
         if decay_input:
-            d = xm[t] - (v - vr)
-            h = v + (d / decay if div else d * decay)
+            d = xm[t] - (vp - vr)
+            h = vp + (d / decay if div else d * decay)
             dh = k * dx[t].to(mdt) if dx is not None else torch.zeros_like(h)
         else:
-            d = v - vr
-            h = v - (d / decay if div else d * decay) + xm[t]
+            d = vp - vr
+            h = vp - (d / decay if div else d * decay) + xm[t]
             dh = dx[t].to(mdt) if dx is not None else torch.zeros_like(h)
             d = -d
         if not sltt:
@@ -93,17 +101,18 @@ def composite(inputs, tangents):
         if dk is not None:
             dh = dh + d * dk
         z = h - vth
-        s = (z >= 0).to(mdt)
+        s = reference.spike(z, sid, alpha)
+        sr = s.detach() if dr == 0.0 else s
         sg = reference.surrogate_grad(z, sid, alpha)
         ds = sg * (dh if dvth is None else dh - dvth)
         if hard:
-            v = s * vr + (1.0 - s) * h
-            dv = (1.0 - s) * dh + dr * (vr - h) * ds
+            v = sr * vr + (1.0 - sr) * h
+            dv = (1.0 - sr) * dh + dr * (vr - h) * ds
         else:
-            v = h - s * vth
+            v = h - sr * vth
             dv = dh - dr * vth * ds
             if dvth is not None:
-                dv = dv - s * dvth
+                dv = dv - sr * dvth
         ds_seq.append(ds)
         if store_v_seq:
             dv_seq.append(dv)

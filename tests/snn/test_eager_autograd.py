@@ -97,13 +97,25 @@ def test_eager_function_saves_what_the_registered_autograd_saves():
     assert got[0] == (tuple(x.shape), True)
 
 
-def test_double_backward_still_refused():
-    x = inputs((4, 3)).requires_grad_()
-    spikes, _, _ = lif_multi_step(x, surrogate_function=surrogate.ATan())
+def test_double_backward_through_the_eager_function():
+    """The eager Function's backward under create_graph goes through the backward op's autograd
+    (its double backward, pypaper/snn/second_order.py): the reference's second derivative."""
+    x0 = inputs((4, 3), torch.float64)
+
+    def second(backend):
+        x = x0.clone().requires_grad_()
+        with pypaper.use_backend(backend):
+            spikes, _, _ = lif_multi_step(x, surrogate_function=surrogate.ATan())
+            (g,) = torch.autograd.grad((spikes * torch.arange(12.0).reshape(4, 3)).sum(), x,
+                                       create_graph=True)
+            (h,) = torch.autograd.grad((g * g).sum(), x)
+        return spikes, h
+
+    spikes, got = second("cpu")
     assert type(spikes.grad_fn).__name__ == "LifMultiStepBackward"
-    (g,) = torch.autograd.grad(spikes.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="no double backward"):
-        g.sum().backward()
+    _, want = second("reference")
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_single_step_loop_equals_multi_step():

@@ -140,12 +140,23 @@ def test_gradcheck_float64(v_reset, decay_input, div):
     assert torch.autograd.gradcheck(f, (x, v0, decay, vth), eps=1e-7, atol=1e-8)
 
 
-def test_double_backward_raises_a_clear_error():
-    x = inputs((3, 4)).requires_grad_()
-    s, v, _ = lif_multi_step(x)
-    (g,) = torch.autograd.grad((v * v).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="no double backward"):
-        g.sum().backward()
+def test_double_backward_is_the_reference_one():
+    """create_graph=True, then a backward through the gradient (tests/snn/test_second_order.py
+    covers every configuration)."""
+    def second(backend):
+        x = inputs((3, 4), torch.float64).requires_grad_()
+        with pypaper.use_backend(backend):
+            s, v, _ = lif_multi_step(x)
+            (g,) = torch.autograd.grad((v * v).sum() + s.sum(), x, create_graph=True)
+            (h,) = torch.autograd.grad((g * g).sum(), x)
+        return h
+
+    torch.manual_seed(3)
+    got = second("cpu")
+    torch.manual_seed(3)
+    want = second("reference")
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_torch_compile_fullgraph_training_step():

@@ -1,0 +1,202 @@
+"""Second-order AD of the fused LIF op: the backward op (lif_backward) differentiated again.
+
+Double backward (``torch.autograd.grad(..., create_graph=True)`` then a backward through the
+gradient: gradient penalties, MAML's meta-gradient, Hessian-vector products as HAWQ takes them)
+and forward-over-reverse (``torch.func.hessian`` = jacfwd(jacrev), jvp of a vjp) both need the
+derivatives of lif_backward. lif_backward computes, for fixed dynamics (the flags, v_reset, the
+surrogate),
+
+    B(gS, gVlast, gVseq, X, V0, decay, Vth) = J(X, V0, decay, Vth)^T (gS, gVlast, gVseq)
+
+the vjp of the LIF forward F(X, V0, decay, Vth) = (S, V[T-1], V[0..T-1]) with the surrogate
+derivative sigma'(H - Vth) standing for dS/dH (pypaper/snn/reference.py). B is linear in the
+output gradients and nonlinear in X, V0 and the parameters: its derivatives carry sigma'' (the
+derivative of the surrogate's derivative, as SpikingJelly's surrogate Functions give under
+create_graph, whose backward is written in differentiable torch ops) and the reset's products
+S * H. They are computed here as derivatives of the reference's vjp, in torch ops with
+torch.func (vjp of B for the double backward; for the jvp, hessian's, the transpose of that
+vjp): T steps of [N] tensors,
+the reference's speed. Only the first derivative has a fused kernel; a second one is asked for
+in meta-learning and curvature estimates, rarely per training step.
+
+The derivative with respect to X exists only where the backward reads X: on the CPU, whose
+backward reruns the forward from the kept x (lif_backward's RECOMPUTE flag). A GPU backward reads
+the kept H[t], an output of the forward that carries no graph back to x, so a second derivative
+through it would silently miss every path through H: it raises instead (NotImplementedError
+naming the remedy: the CPU, or ``pypaper.use_backend("reference")``).
+"""
+from __future__ import annotations
+
+import torch
+from torch._functorch import pyfunctorch as _pyfunctorch
+
+from .. import _autograd
+from . import op_flags, reference
+
+# lif_backward's arguments: the tensors it is differentiable in, then the constants.
+# (grad_spikes, grad_v_last, grad_v_seq, h_seq, v_init, decay, v_threshold) /
+# (v_reset, surrogate, alpha, flags)
+_NUM_TENSORS = 7
+
+
+def refuse_kept_h(flags: int, qualname: str) -> None:
+    """Raises NotImplementedError where lif_backward read the kept H[t] (no RECOMPUTE flag)."""
+    if not flags & op_flags.RECOMPUTE:
+        raise NotImplementedError(
+            f"{qualname} read the kept H[t] (the GPU backward), which carries no graph back to x: "
+            f"a second derivative through it (create_graph=True then backward, torch.func.hessian, "
+            f"forward-mode AD over a backward) would miss every path through H. Run the LIF layer "
+            f"on the CPU (its backward reruns the forward from x) or under "
+            f"pypaper.use_backend('reference') for second derivatives")
+
+
+class KeptHGuard(torch.autograd.Function):
+    """Identity on the gradients a kept-H backward returned under create_graph: differentiating
+    through them raises (refuse_kept_h) even where no input of lif_backward requires grad (then
+    autograd would not reach lif_backward's own double backward, and the paths through H would
+    be dropped without a word: the gradient of x alone has no graph at all). Eager autograd only:
+    under torch.func.jacrev over jacrev the gradient's graph is the transform's, which this
+    guard cannot join; there a kept-H backward gives no second derivative through H."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(qualname, anchor, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.qualname = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        refuse_kept_h(0, ctx.qualname)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        refuse_kept_h(0, ctx.qualname)
+
+
+def jvp_transform_active() -> bool:
+    """Whether a torch.func jvp level (jvp, jacfwd, hessian) is on the transform stack."""
+    return any(i.key() == _pyfunctorch.TransformType.Jvp
+               for i in _pyfunctorch.retrieve_all_functorch_interpreters())
+
+
+def guard_kept_h(grads, qualname: str):
+    """grads (a tuple with Nones) through KeptHGuard."""
+    present = [g for g in grads if g is not None]
+    # the anchor requires grad, so the guarded gradients do (and reach the guard's backward)
+    # even where nothing they were computed from does: x's own dependence went through H.
+    anchor = torch.zeros((), device=present[0].device, requires_grad=True) if present else None
+    guarded = iter(KeptHGuard.apply(qualname, anchor, *present) if present else ())
+    return tuple(None if g is None else next(guarded) for g in grads)
+
+
+def _first_order(constants):
+    """B as a function of its 7 tensor arguments (None where the call had none), in torch ops:
+    the vjp of the reference LIF loop. Returns (gx, gv_init, gdecay, gthreshold), each shaped
+    and typed as lif_backward's outputs."""
+    v_reset, sid, alpha, flags = constants
+    decay_input = bool(flags & op_flags.DECAY_INPUT)
+    decay_is_tau = bool(flags & op_flags.DECAY_IS_TAU)
+    detach_reset = bool(flags & op_flags.DETACH_RESET)
+    sltt = bool(flags & op_flags.SLTT)
+
+    def backward(g_spikes, g_v_last, g_v_seq, x, v_init, decay, vth):
+        store_v_seq = g_v_seq is not None
+        if v_init is None:  # at rest: Vr (0 for a soft reset), a constant of the call
+            v_init = torch.full(x.shape[1:], 0.0 if v_reset is None else v_reset,
+                                dtype=x.dtype, device=x.device)
+
+        def forward(x, v_init, decay, vth):
+            s, v_last, v_seq = reference.lif_multi_step(
+                x, v_init, decay, vth, v_reset, sid, alpha, decay_input, decay_is_tau,
+                detach_reset, sltt, store_v_seq)
+            return (s, v_last) + ((v_seq,) if store_v_seq else ())
+
+        outputs, pull = torch.func.vjp(forward, x, v_init, decay, vth)
+        cotangents = (g_spikes, torch.zeros_like(outputs[1]) if g_v_last is None else g_v_last)
+        if store_v_seq:
+            cotangents += (g_v_seq,)
+        return pull(cotangents)
+
+    return backward
+
+
+def _split(inputs):
+    tensors, constants = tuple(inputs[:_NUM_TENSORS]), tuple(inputs[_NUM_TENSORS:])
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    return tensors, constants, present
+
+
+def _bind(tensors, present, backward):
+    """backward as a function of the present tensors only (torch.func takes no None)."""
+    def fn(*values):
+        full = list(tensors)
+        for i, v in zip(present, values):
+            full[i] = v
+        return backward(*full)
+
+    return fn
+
+
+def _setup(ctx, inputs, output):
+    tensors, constants, present = _split(inputs)
+    ctx.constants, ctx.present = constants, present
+    ctx.save_for_backward(*[tensors[i] for i in present])
+
+
+def _make_double_backward(qualname: str):
+    def double_backward(ctx, *grads):
+        """d/d(inputs) of <grads, B(inputs)>: the vjp of B at the call's inputs."""
+        flags = ctx.constants[-1]
+        if not any(g is not None for g in grads):
+            return (None,) * (_NUM_TENSORS + len(ctx.constants))
+        refuse_kept_h(flags, qualname)
+        present = ctx.present
+        values = ctx.saved_tensors
+        tensors = [None] * _NUM_TENSORS
+        for i, v in zip(present, values):
+            tensors[i] = v
+        fn = _bind(tensors, present, _first_order(ctx.constants))
+        outputs, pull = torch.func.vjp(fn, *values)
+        cotangents = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype)
+                           for o, g in zip(outputs, grads))
+        pulled = pull(cotangents)
+        result = [None] * (_NUM_TENSORS + len(ctx.constants))
+        needs = ctx.needs_input_grad
+        for i, g in zip(present, pulled):
+            if needs[i]:
+                result[i] = g
+        return tuple(result)
+
+    return double_backward
+
+
+def _make_jvp(qualname: str):
+    def backward_jvp(inputs, tangents):
+        """register_jvp rule of lif_backward: J_B(inputs) . tangents. By reverse mode only (the
+        transpose of B's vjp: J_B t = d/du <J_B^T u, t>, linear in u, taken at u = 0), because
+        an eager forward-AD level (torch.autograd.forward_ad, where this rule runs for dual
+        tensors) cannot open a nested one for torch.func.jvp."""
+        tensors, constants, present = _split(inputs)
+        refuse_kept_h(constants[-1], qualname)
+        fn = _bind(tensors, present, _first_order(constants))
+        primals = tuple(tensors[i] for i in present)
+        tans = tuple(torch.zeros_like(tensors[i]) if tangents[i] is None else tangents[i]
+                     for i in present)
+        outputs, pull = torch.func.vjp(fn, *primals)
+        _, transpose = torch.func.vjp(pull, tuple(torch.zeros_like(o) for o in outputs))
+        (out,) = transpose(tans)
+        return tuple(out)
+
+    return backward_jvp
+
+
+def register(suffix: str = "") -> None:
+    """Double backward and jvp of pypaper::lif_backward{suffix} (the C++/CUDA op, or the Triton
+    twin with suffix "_triton")."""
+    qualname = f"pypaper::lif_backward{suffix}"
+    _autograd.register_autograd(qualname, _make_double_backward(qualname), setup_context=_setup)
+    _autograd.register_jvp(qualname, _make_jvp(qualname))
