@@ -220,6 +220,47 @@ def jvp_case(steps, neurons, dtype, device) -> Case:
     )
 
 
+# ---- second order: double backward (create_graph) through the LIF neuron -------------------------
+
+
+def _second_order_providers(steps, neurons, dtype, device) -> list:
+    shape = (steps, BATCH, neurons // BATCH)
+    x = (torch.randn(shape, device=device) + 0.6).to(dtype).requires_grad_()
+    w = torch.randn_like(x)
+
+    def hvp_like(fn):  # d/dx |dL/dx|^2 with L = <w, S(x)>: one forward, two backwards
+        def run():
+            (g,) = torch.autograd.grad((fn(x) * w).sum(), x, create_graph=True)
+            return torch.autograd.grad((g * g).sum(), x)[0]
+        return run
+
+    def reference(x):
+        with pypaper.use_backend("reference"):
+            return _pypaper(x)
+
+    out = [Provider("pypaper", {"fwd+bwd": hvp_like(_pypaper)}),
+           Provider("reference", {"fwd+bwd": hvp_like(reference)})]
+    sj, why = _spikingjelly()
+    out.append(Provider("spikingjelly", {"fwd+bwd": hvp_like(sj)}) if sj is not None
+               else unavailable("spikingjelly", why))
+    return out
+
+
+def second_order_case(steps, neurons, dtype, device) -> Case:
+    """Double backward on x [T, 16, neurons/16]: the gradient of |dL/dx|^2, L = <w, S(x)>
+    (create_graph=True, then a backward through the gradient; MAML and gradient penalties do
+    this). "fwd+bwd" is the whole: forward, first backward with its graph, second backward."""
+    e = torch.empty((), dtype=dtype).element_size()
+    return Case(
+        f"LIF double backward T={steps}", (steps, BATCH, neurons // BATCH), dtype, device,
+        bytes_moved={"fwd+bwd": 4 * steps * neurons * e},
+        providers=lambda: _second_order_providers(steps, neurons, dtype, device),
+        bytes_note="X read, S written, X's gradient written then read, its gradient written "
+                   "(the least any implementation moves; the torch-op loops move many times that)",
+        baseline="spikingjelly",
+    )
+
+
 # ---- Linear(n, n) + LIF, the Open Neuromorphic library benchmark shape -------------------------
 
 
@@ -381,7 +422,8 @@ def cases(device: str = "cpu", quick: bool = False, numel: int = 1 << 23) -> lis
     and the single-step loop (Linear(1024, 1024) + LIF, step_mode 's', T = 32).
     Full: T in {4, 8, 16, 32, 64} at 2^18 neurons, 2^16 and 2^20 at T = 32, bf16, the Linear+LIF
     shapes (T = 500, n in {512, 1024, 2048}), the single-step loop for n in {256, 1024, 4096}
-    SLTT vs BPTT memory for T in {8, 32, 128}, and the forward-mode jvp at T = 32, 2^18 neurons.
+    SLTT vs BPTT memory for T in {8, 32, 128}, the forward-mode jvp at T = 32, 2^18 neurons and
+    the double backward at T = 32, 2^16 neurons.
     ``numel`` (neuron-steps) scales the quick case for smoke tests: neurons = numel / 32."""
     f32 = torch.float32
     if quick:
@@ -394,4 +436,5 @@ def cases(device: str = "cpu", quick: bool = False, numel: int = 1 << 23) -> lis
     out += [single_step_case(32, n, device) for n in (256, 1024, 4096)]
     out += [sltt_case(t, 1024, device) for t in (8, 32, 128)]
     out.append(jvp_case(32, 1 << 18, f32, device))
+    out.append(second_order_case(32, 1 << 16, f32, device))
     return out

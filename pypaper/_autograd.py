@@ -169,6 +169,7 @@ def _functorch_function(overload, backward, setup_context):
     qualname = f"{overload._namespace}::{overload._opname}"
 
     def setup(ctx, inputs, output):
+        ctx.under_functorch = True  # a backward may tell this Function from the eager one
         if setup_context is not None:
             setup_context(ctx=ctx, inputs=inputs, output=output)
         if qualname in _JVP_RULES:

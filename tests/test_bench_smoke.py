@@ -197,3 +197,21 @@ def test_balanced_orders_are_a_williams_design(n):
     pairs = collections.Counter((r[i], r[i + 1]) for r in rows for i in range(n - 1))
     assert len(set(firsts.values())) == 1 and len(firsts) == n
     assert len(pairs) == n * (n - 1) and len(set(pairs.values())) <= 1
+
+
+def test_snn_second_order_case_times_every_provider(tmp_path):
+    """The full snn set's double-backward case, on a tiny shape: pypaper, the reference and
+    SpikingJelly (when installed) each run, and give the same second derivative."""
+    from bench import snn as snn_bench
+
+    case = snn_bench.second_order_case(4, 64, torch.float32, "cpu")
+    providers = {p.name: p for p in case.providers()}
+    assert {"pypaper", "reference", "spikingjelly"} <= set(providers)
+    got = {n: p.calls["fwd+bwd"]() for n, p in providers.items() if p.calls}
+    assert got["pypaper"].abs().sum() > 0
+    for name, value in got.items():
+        torch.testing.assert_close(value, got["reference"], rtol=1e-4, atol=1e-5, msg=name)
+    report = harness.run_family("snn", [case], "cpu", harness.Timing(repeats=2),
+                                csv_dir=tmp_path, progress=False,
+                                limits=harness.measure_limits("cpu", repeats=2, numel=1 << 16))
+    assert "| LIF double backward T=4 | 4x16x4 | float32 | fwd+bwd | pypaper |" in report.markdown

@@ -105,6 +105,16 @@ def _make_lif_backward(backward_op):
             # paths through the kept H cannot be had. Under torch.func's jvp levels whether x
             # carries one cannot be read, so any refuses there.
             second_order.refuse_kept_h(0, backward_op.name())
+        if (ctx.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not getattr(ctx, "under_functorch", False)
+                and torch._C._functorch.peek_interpreter_stack() is None
+                and not _autograd.forward_ad_active()):
+            # eager create_graph=True (MAML, gradient penalties, HVPs): the gradient with its
+            # graph, so the double backward is plain autograd (second_order.backward_with_graph)
+            grads = second_order.backward_with_graph(
+                (g_spikes, g_v_last, g_v_seq), h_seq, v_init, decay, v_threshold, ctx.scalars,
+                ctx.dynamics, (need_x, need_v, need_decay, need_vth))
+            return grads + (None,) * (ctx.num_inputs - 4)
         gx, gv, gd, gt = call_op(backward_op, args, through)
         grads = (gx if need_x else None, gv if need_v else None, gd if need_decay else None,
                  gt if need_vth else None)

@@ -62,7 +62,9 @@ def multi_step_forward(x_seq: torch.Tensor, single_step_module: _Layers) -> torc
     stacked to [T, N, *'] (state carries from step to step inside stateful modules)."""
     if not isinstance(x_seq, torch.Tensor) or x_seq.dim() < 1:
         raise ValueError("x_seq must be a tensor [T, ...]")
-    return torch.stack([_apply(x_seq[t], single_step_module) for t in range(x_seq.shape[0])])
+    # unbind rather than x_seq[t]: the backward of T selects writes T zero-filled [T, N, *]
+    # gradients (O(T^2) memory traffic), unbind's stacks the step gradients once
+    return torch.stack([_apply(xt, single_step_module) for xt in x_seq.unbind(0)])
 
 
 def reset_net(net: nn.Module) -> None:

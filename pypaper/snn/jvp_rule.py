@@ -81,20 +81,23 @@ def composite(inputs, tangents):
     v = v_init.to(mdt) if v_init is not None else torch.full(shape, vr, dtype=mdt, device=x.device)
     dv = dv0.to(mdt) if dv0 is not None else torch.zeros(shape, dtype=mdt, device=x.device)
     ds_seq, dv_seq = [], []
-    for t in range(x.shape[0]):
+    steps = x.shape[0]
+    xs = xm.unbind(0)  # not xm[t]: see reference.lif_multi_step
+    dxs = dx.to(mdt).unbind(0) if dx is not None else (None,) * steps
+    for xt, dxt in zip(xs, dxs):
         # the primal step, in the kernels' operation order (the same S to the bit)
         # (reverse mode over these tangents, jacrev(jacfwd), differentiates the primal too: it
         # is the reference's, with the surrogate at the spike, SLTT's detached V[t-1] and
         # detach_reset's detached S, so that derivative is the reference's second one)
         vp = v.detach() if sltt else v
         if decay_input:
-            d = xm[t] - (vp - vr)
+            d = xt - (vp - vr)
             h = vp + (d / decay if div else d * decay)
-            dh = k * dx[t].to(mdt) if dx is not None else torch.zeros_like(h)
+            dh = k * dxt if dxt is not None else torch.zeros_like(h)
         else:
             d = vp - vr
-            h = vp - (d / decay if div else d * decay) + xm[t]
-            dh = dx[t].to(mdt) if dx is not None else torch.zeros_like(h)
+            h = vp - (d / decay if div else d * decay) + xt
+            dh = dxt if dxt is not None else torch.zeros_like(h)
             d = -d
         if not sltt:
             dh = dh + (1.0 - k) * dv

@@ -150,17 +150,26 @@ def lif_multi_step(x_seq: torch.Tensor, v_init: Optional[torch.Tensor], decay: t
                                                             device=x.device)
     fire = surrogate_fn if surrogate_fn is not None else (lambda z: spike(z, surrogate_id, alpha))
     spikes, vs = [], []
-    for t in range(x.shape[0]):
+    # unbind, not x[t]: the backward of T selects writes T zero-filled [T, N] gradients (O(T^2)
+    # memory traffic: T = 32, 2^18 neurons, fwd + bwd 409 ms, double backward 1.07 s); unbind's
+    # stacks the T step gradients once
+    # Vr = 0 (the default, and every soft reset) skips the ops that add or multiply by it: the
+    # same values (v - 0 is v; S * 0 + (1 - S) H is (1 - S) H but for the sign of a zero) and
+    # fewer graph nodes, which a double backward differentiates again
+    for xt in x.unbind(0):
         vp = v.detach() if sltt else v
+        rel = vp - vr if vr != 0.0 else vp  # V - Vr
         if decay_input:
-            d = x[t] - (vp - vr)
+            d = xt - rel
             h = vp + (d / decay if decay_is_tau else d * decay)
         else:
-            d = vp - vr
-            h = vp - (d / decay if decay_is_tau else d * decay) + x[t]
+            h = vp - (rel / decay if decay_is_tau else rel * decay) + xt
         s = fire(h - vth)
         sr = s.detach() if detach_reset else s
-        v = sr * vr + (1.0 - sr) * h if hard else h - sr * vth
+        if hard:
+            v = sr * vr + (1.0 - sr) * h if vr != 0.0 else (1.0 - sr) * h
+        else:
+            v = h - sr * vth
         spikes.append(s)
         if store_v_seq:
             vs.append(v)

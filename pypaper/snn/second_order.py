@@ -124,6 +124,32 @@ def _first_order(constants):
     return backward
 
 
+def backward_with_graph(grads_out, x, v_init, decay, vth, scalars, dynamics, needs):
+    """The LIF op's backward under eager create_graph=True (CPU, where x was kept): autograd of
+    the reference loop rerun from x, with the graph built, so the double backward is plain
+    autograd over torch ops (SpikingJelly's cost; through lif_backward's own rule it was ~3x
+    that: torch.func nests a vjp in a vjp). grads_out: (grad_spikes, grad_v_last or None,
+    grad_v_seq or None); needs: which of (x, v_init, decay, vth) want a gradient."""
+    v_reset, sid, alpha = scalars
+    g_spikes, g_v_last, g_v_seq = grads_out
+    with torch.enable_grad():
+        s, v_last, v_seq = reference.lif_multi_step(
+            x, v_init, decay, vth, v_reset, sid, alpha, bool(dynamics & op_flags.DECAY_INPUT),
+            bool(dynamics & op_flags.DECAY_IS_TAU), bool(dynamics & op_flags.DETACH_RESET),
+            bool(dynamics & op_flags.SLTT), g_v_seq is not None)
+        outputs, cotangents = [s], [g_spikes]
+        if g_v_last is not None:
+            outputs.append(v_last)
+            cotangents.append(g_v_last)
+        if g_v_seq is not None:
+            outputs.append(v_seq)
+            cotangents.append(g_v_seq)
+        wanted = [t for t, need in zip((x, v_init, decay, vth), needs) if need]
+        grads = iter(torch.autograd.grad(outputs, wanted, cotangents, create_graph=True,
+                                         allow_unused=True, materialize_grads=True))
+    return tuple(next(grads) if need else None for need in needs)
+
+
 def _split(inputs):
     tensors, constants = tuple(inputs[:_NUM_TENSORS]), tuple(inputs[_NUM_TENSORS:])
     present = [i for i, t in enumerate(tensors) if t is not None]

@@ -228,12 +228,12 @@ def test_maml_meta_gradient_of_a_spiking_mlp():
     assert any((a - b).abs().max() > 1e-6 for a, b in zip(got, first_order))
 
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    start = float(meta_loss(params))
+    start = float(meta_loss(params).detach())
     for _ in range(15):
         opt.zero_grad()
         meta_loss(dict(model.named_parameters())).backward()
         opt.step()
-    assert float(meta_loss(dict(model.named_parameters()))) < start - 0.05
+    assert float(meta_loss(dict(model.named_parameters())).detach()) < start - 0.05
 
 
 SJ_SURROGATES = ["Sigmoid", "ATan", "PiecewiseQuadratic", "PiecewiseExp", "SoftSign",
