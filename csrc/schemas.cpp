@@ -73,13 +73,15 @@ TORCH_LIBRARY(pypaper, m) {
   // y[t, n, o] = b[o] + sum_i w[o, i] sum_d g_{o,i}(d) x[t - d, n, i], x[t < 0] = 0, d < max_delay:
   // g is the Gaussian of width sigma around clamp(position, 0, max_delay - 1), truncated to the
   // 2*ceil(3 sigma) taps of its window and renormalised; sigma == 0: one tap at round(position).
+  // sigma is a one-element floating CPU tensor read on the host: a tensor, not a float, so that
+  // torch.compile does not specialise a graph on each value of a sigma schedule.
   m.def(
       "delay_linear(Tensor x, Tensor weight, Tensor position, Tensor? bias, int max_delay, "
-      "float sigma) -> Tensor");
+      "Tensor sigma) -> Tensor");
   // (grad_x, grad_weight, grad_position, grad_bias); each is zeros when its need_* flag is off.
   m.def(
       "delay_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor position, "
-      "int max_delay, float sigma, bool need_x_grad, bool need_weight_grad, "
+      "int max_delay, Tensor sigma, bool need_x_grad, bool need_weight_grad, "
       "bool need_position_grad, bool need_bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   // ---- wtacrs: winner-take-all column-row sampling, kernels/common/wtacrs_math.h ---------------
   // Liu et al., NeurIPS 2023: grad_W = dY^T X estimated from k kept rows of X. x: [N, d] rows.

@@ -61,6 +61,16 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   }
 }
 
+// sigma arrives as a tensor (see schemas.cpp): one floating element on the CPU.
+double sigma_value(const at::Tensor& sigma) {
+  TORCH_CHECK(sigma.numel() == 1 && sigma.dim() <= 1,
+              "sigma must be a one-element tensor, got shape ", sigma.sizes());
+  TORCH_CHECK(at::isFloatingType(sigma.scalar_type()), "sigma must be a floating tensor, got ",
+              sigma.scalar_type());
+  TORCH_CHECK(sigma.device().is_cpu(), "sigma must be a CPU tensor, got ", sigma.device());
+  return sigma.item<double>();
+}
+
 template <typename F>
 void dispatch_float(at::ScalarType st, F&& f) {
   if (st == at::kDouble) {
@@ -132,12 +142,20 @@ Tables make_tables(const at::Tensor& w, const at::Tensor& pos, T sigma, int64_t 
 // This is the dense convolution's cost (K taps per synapse) at GEMM speed. Measured on the 2-core
 // AVX2 (AMD EPYC) build machine, T=100 N=32 C=256 K=25 fp32, interleaved runs under load: the
 // gather beats it at every sigma in the forward (sigma 0: ~4x, 0.5: ~4x, 3: ~2x) and matches it in
-// the backward at sigma 3 (MKL's sgemm reaches only ~14 GFMA/s per core on this CPU), so the
-// gather is the default; PYPAPER_DELAY_PATH=dense selects the GEMMs (for CPUs with a faster BLAS),
-// PYPAPER_DELAY_PATH=gather (or unset) the gather.
-bool use_dense(int64_t /*M*/, int64_t K) {
+// the backward at sigma 3 (MKL's sgemm reaches only ~14 GFMA/s per core on this CPU). On the
+// 2-core AVX-512 Xeon (2026-12-03, T=100 N=128 C=256 K=25, fwd+bwd): gather 1099 / 704 / 469 /
+// 352 ms at sigma 8.27 / 3.27 / 2 / 1.27, these GEMMs 345 / 356 / 342 / 346, oneDNN's conv1d
+// (the Python path, pypaper/snn/delays.py) 516 at every sigma.
+// The choice: PYPAPER_DELAY_PATH=dense -> GEMMs, =gather -> gather; otherwise (auto) the GEMMs
+// where the windows span most taps (2R >= 3K/4, the rule by which eager mode's Python runs the
+// convolution there instead of calling this op; under torch.compile sigma's value is read only
+// here, so this is where a compiled graph's wide windows are decided), else the gather.
+bool use_dense(int64_t R, int64_t K) {
+  if (K <= 1) return false;
   const char* env = std::getenv("PYPAPER_DELAY_PATH");
-  return K > 1 && env != nullptr && std::strcmp(env, "dense") == 0;
+  if (env != nullptr && std::strcmp(env, "dense") == 0) return true;
+  if (env != nullptr && std::strcmp(env, "gather") == 0) return false;
+  return R > 0 && 8 * R >= 3 * K;
 }
 
 template <typename T>
@@ -154,7 +172,8 @@ at::Tensor dense_taps(const Tables& tab, int64_t S, int64_t M, int64_t K, int64_
 
 at::Tensor delay_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                             const at::Tensor& position_in, const c10::optional<at::Tensor>& bias,
-                            int64_t max_delay, double sigma) {
+                            int64_t max_delay, const at::Tensor& sigma_t) {
+  const double sigma = sigma_value(sigma_t);
   check_args(x_in, weight_in, position_in, bias, max_delay, sigma);
   const int64_t T_ = x_in.size(0), N = x_in.size(1), C_in = x_in.size(2);
   const int64_t C_out = weight_in.size(0);
@@ -164,7 +183,7 @@ at::Tensor delay_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
   const int64_t M = delay::max_taps(R, max_delay);
   at::Tensor yc = at::empty({C_out, T_, N}, x_in.options());
   if (L == 0 || C_out == 0) return yc.permute({1, 2, 0}).contiguous();
-  if (use_dense(M, max_delay)) {
+  if (use_dense(R, max_delay)) {
     const at::Tensor x2 = x_in.reshape({L, C_in}).contiguous();
     at::Tensor y2 = at::zeros({L, C_out}, x_in.options());
     if (bias.has_value()) y2.add_(*bias);
@@ -207,8 +226,9 @@ at::Tensor delay_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delay_linear_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight_in,
-    const at::Tensor& position_in, int64_t max_delay, double sigma, bool need_x_grad,
+    const at::Tensor& position_in, int64_t max_delay, const at::Tensor& sigma_t, bool need_x_grad,
     bool need_weight_grad, bool need_position_grad, bool need_bias_grad) {
+  const double sigma = sigma_value(sigma_t);
   check_args(x_in, weight_in, position_in, c10::nullopt, max_delay, sigma);
   const int64_t T_ = x_in.size(0), N = x_in.size(1), C_in = x_in.size(2);
   const int64_t C_out = weight_in.size(0);
@@ -228,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delay_linear_backward
     if (need_bias_grad && L > 0 && C_out > 0) gb = grad_y.reshape({L, C_out}).sum(0);
     return {gxc.permute({1, 2, 0}).contiguous(), gw, gp, gb};
   }
-  if (L > 0 && C_out > 0 && use_dense(M, max_delay)) {
+  if (L > 0 && C_out > 0 && use_dense(R, max_delay)) {
     const at::Tensor x2 = x_in.reshape({L, C_in}).contiguous();
     const at::Tensor gy2 = grad_y.reshape({L, C_out}).contiguous();
     const at::Tensor w = weight_in.contiguous(), pos = position_in.contiguous();

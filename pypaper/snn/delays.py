@@ -31,6 +31,14 @@ the rule 2R >= 3K/4 switches where the average clipped window reaches about that
 PYPAPER_DELAY_PATH overrides the choice: ``gather`` (always the C++ gather), ``conv`` (always the
 convolution), ``dense`` (the C++ op's one GEMM per tap).
 
+Under torch.compile sigma is a tensor (``DelayedLinear`` keeps it as one; a Python number would
+make dynamo compile one graph per value of a schedule), and the graph does not read its value: on
+the CPU the C++ op makes the choice itself, running wide windows (the same rule) as one GEMM per
+tap instead of the convolution (on the 2-core AVX-512 Xeon 345 ms against the convolution's 516
+at the shape above with K=25; on the AVX2 EPYC the GEMMs were the slower, see
+csrc/snn/delay_cpu.cpp), and the reference (other devices) is written so that no shape depends
+on sigma (delays_reference.sigma_tensor_tap_weights).
+
 Backends: CPU -> the C++ op (default), then the reference; CUDA -> the reference (no CUDA or
 Triton kernel exists yet; an explicit request for one raises BackendUnavailable). float16 and
 bfloat16 inputs run in float32 and are cast back.
@@ -116,6 +124,25 @@ def _check_sigma(sigma) -> float:
     return float(sigma)
 
 
+def _check_sigma_tensor(sigma: torch.Tensor) -> None:
+    """A sigma tensor: one floating element on the CPU (the kernels read it on the host), not
+    requiring grad (sigma is a schedule, not learned). Its value is checked where it is read."""
+    if sigma.numel() != 1 or sigma.dim() > 1:
+        raise ValueError(f"sigma must be a number or a one-element tensor, got shape "
+                         f"{tuple(sigma.shape)}")
+    if not sigma.is_floating_point():
+        raise TypeError(f"sigma must be a floating tensor, got {sigma.dtype}")
+    if sigma.device.type != "cpu":
+        raise ValueError(f"sigma must be a CPU tensor (the kernels read it on the host), got "
+                         f"{sigma.device}")
+    if sigma.requires_grad:
+        raise ValueError("sigma must not require grad: it is set by a schedule, not learned")
+
+
+def _sigma_tensor(sigma: float) -> torch.Tensor:
+    return torch.tensor(sigma, dtype=torch.float64)
+
+
 def _check_inputs(x, weight, position, bias) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -145,14 +172,16 @@ def _check_inputs(x, weight, position, bias) -> None:
 _DELAY_PATHS = ("auto", "gather", "conv", "dense")
 
 
-def _runs_as_convolution(max_delay: int, sigma: float) -> bool:
-    """Whether the CPU backend computes the layer as one dense convolution (see the module doc)."""
+def _runs_as_convolution(max_delay: int, sigma: Optional[float]) -> bool:
+    """Whether the CPU backend computes the layer as one dense convolution (see the module doc).
+    sigma None: its value is not known here (a tensor under torch.compile), which takes the C++
+    op unless PYPAPER_DELAY_PATH=conv."""
     path = os.environ.get("PYPAPER_DELAY_PATH", "auto")
     if path not in _DELAY_PATHS:
         raise ValueError(f"PYPAPER_DELAY_PATH must be one of {_DELAY_PATHS}, got {path!r}")
     if path == "conv":
         return True
-    if path != "auto":
+    if path != "auto" or sigma is None:
         return False
     R = delays_reference.window_radius(sigma, max_delay)
     return R > 0 and 8 * R >= 3 * max_delay  # 2R >= 3K/4
@@ -160,7 +189,7 @@ def _runs_as_convolution(max_delay: int, sigma: float) -> bool:
 
 def delayed_linear(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor,
                    bias: Optional[torch.Tensor] = None, *, max_delay: int,
-                   sigma: float) -> torch.Tensor:
+                   sigma) -> torch.Tensor:
     """Linear layer with one learnable delay per synapse (Hammouamri et al., ICLR 2024).
 
         y[t, n, o] = b[o] + sum_i w[o, i] sum_d g_{o,i}(d) x[t - d, n, i],  x[t < 0] = 0
@@ -176,21 +205,35 @@ def delayed_linear(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor
         x: [T, N, C_in] floating tensor, time-major (SpikingJelly's multi-step layout).
         weight, position: [C_out, C_in]. bias: [C_out] or None.
         max_delay: K >= 1, the number of taps (delays 0 .. K-1 steps).
-        sigma: the Gaussian's width in time steps, >= 0 (DCLS's 'gauss' SIG + 0.27).
+        sigma: the Gaussian's width in time steps, >= 0 (DCLS's 'gauss' SIG + 0.27): a number, or
+            a one-element float CPU tensor. torch.compile specialises on a number (one graph per
+            value); a tensor is read by the kernels, so a schedule of sigmas runs in one graph
+            (``DelayedLinear`` keeps its sigma as such a tensor).
     Returns: [T, N, C_out] in x's dtype.
     """
-    _check_inputs(x, weight, position, bias)
     K = _check_max_delay(max_delay)
-    s = _check_sigma(sigma)
+    if isinstance(sigma, torch.Tensor):
+        _check_sigma_tensor(sigma)
+        value = None if torch.compiler.is_compiling() else _check_sigma(float(sigma))
+        return _delayed_linear(x, weight, position, bias, K, value, sigma.reshape(()))
+    return _delayed_linear(x, weight, position, bias, K, _check_sigma(sigma), None)
+
+
+def _delayed_linear(x, weight, position, bias, K: int, s: Optional[float],
+                    sigma_t: Optional[torch.Tensor]) -> torch.Tensor:
+    """delayed_linear with sigma's value s (None when unknown: under torch.compile) and/or its
+    tensor sigma_t (None: made from s for the C++ op)."""
+    _check_inputs(x, weight, position, bias)
     backend = backend_for(x)
     out_dtype = x.dtype
     mt = torch.float64 if x.dtype == torch.float64 else torch.float32
     xs, w, p = x.to(mt), weight.to(mt), position.to(mt)
     b = bias.to(mt) if bias is not None else None
     if backend == "reference" or (backend == "cpu" and _runs_as_convolution(K, s)):
-        y = delays_reference.delayed_linear(xs, w, p, b, K, s)
+        y = delays_reference.delayed_linear(xs, w, p, b, K, sigma_t if s is None else s)
     else:
-        y = torch.ops.pypaper.delay_linear(xs, w, p, b, K, s)
+        st = _sigma_tensor(s) if sigma_t is None else sigma_t
+        y = torch.ops.pypaper.delay_linear(xs, w, p, b, K, st)
     return y.to(out_dtype)
 
 
@@ -244,10 +287,9 @@ class DelayedLinear(nn.Module):
     [0, K-1] and gives no position gradient outside); each epoch
     ``set_sigma(sigma_schedule(epoch, epochs, layer.sigma_init))``; at the end ``round_delays()``.
 
-    torch.compile specialises on sigma (a float argument of the op): each new value compiles once,
-    and torch._dynamo.config.recompile_limit (8 by default) bounds the values per compiled
-    function; with fullgraph=True the next one raises FailOnRecompileLimitHit. For a longer
-    schedule raise the limit to its number of distinct sigmas.
+    Under torch.compile the layer hands its sigma to the op as a tensor, so a whole schedule runs
+    in one compiled graph (no recompile per sigma); on the CPU the C++ op then picks its path from
+    sigma's value (wide windows: one GEMM per tap, instead of eager mode's convolution).
     """
 
     def __init__(self, in_features: int, out_features: int, max_delay: int, bias: bool = True,
@@ -262,6 +304,11 @@ class DelayedLinear(nn.Module):
         if sigma_init is None:
             sigma_init = max(self.max_delay / 3.0, 0.5)
         self.sigma_init = _check_sigma(sigma_init)
+        # sigma lives twice: a float for Python (repr, path choice in eager mode) and a 0-dim
+        # float64 CPU tensor, a plain attribute (not a buffer: .to(device) / .half() leave it
+        # alone), which forward hands to the op. torch.compile reads the tensor as a graph input
+        # and guards on no value, so a sigma schedule runs in one compiled graph.
+        self._sigma_t = _sigma_tensor(self.sigma_init)
         self.sigma = self.sigma_init
         self.finalized = False
         kw = {"device": device, "dtype": dtype}
@@ -272,6 +319,22 @@ class DelayedLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
+
+    @property
+    def sigma(self) -> float:
+        """The Gaussian width in time steps (0: integer delays)."""
+        return self._sigma
+
+    @sigma.setter
+    def sigma(self, value: float) -> None:
+        self._sigma = _check_sigma(value)
+        t = self.__dict__.get("_sigma_t")
+        if t is None or t.is_inference():
+            # an inference tensor (made under torch.inference_mode) cannot be updated in place
+            self._sigma_t = _sigma_tensor(self._sigma)
+        else:
+            with torch.no_grad():
+                t.fill_(self._sigma)  # in place: a compiled graph reads the same tensor
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's rule
@@ -286,7 +349,7 @@ class DelayedLinear(nn.Module):
         """Set the Gaussian width (steps). 0 means integer delays (round(p), no position grad)."""
         if self.finalized:
             raise RuntimeError("the delays were rounded (round_delays()); sigma is fixed at 0")
-        self.sigma = _check_sigma(sigma)
+        self.sigma = sigma
 
     @torch.no_grad()
     def clamp_positions_(self) -> None:
@@ -313,13 +376,22 @@ class DelayedLinear(nn.Module):
         if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} input features (x.shape[-1]) but the layer "
                              f"has in_features = {self.in_features}")
-        return delayed_linear(x, self.weight, self.position, self.bias,
-                              max_delay=self.max_delay, sigma=self.sigma)
+        value = None if torch.compiler.is_compiling() else self._sigma
+        return _delayed_linear(x, self.weight, self.position, self.bias, self.max_delay, value,
+                               self._sigma_t)
 
     def get_extra_state(self):
-        return {"sigma": self.sigma, "finalized": self.finalized}
+        return {"sigma": self.sigma, "finalized": self.finalized, "max_delay": self.max_delay}
 
     def set_extra_state(self, state) -> None:
+        # positions are steps in [0, max_delay - 1]: a state saved with another max_delay would
+        # load into position's unchanged shape and be clamped silently (a state from before
+        # max_delay was saved has no key and loads as before)
+        saved = state.get("max_delay", self.max_delay)
+        if saved != self.max_delay:
+            raise ValueError(f"this state_dict was saved from a DelayedLinear with max_delay = "
+                             f"{saved}, this layer has max_delay = {self.max_delay}; build the "
+                             f"layer with max_delay={saved} to load it")
         self.sigma = float(state["sigma"])
         self.finalized = bool(state["finalized"])
 

@@ -42,10 +42,17 @@ def window_radius(sigma: float, max_delay: int) -> int:
     return K if r >= K else math.ceil(r)
 
 
-def tap_weights(position: torch.Tensor, sigma: float, max_delay: int,
+def tap_weights(position: torch.Tensor, sigma, max_delay: int,
                 truncate: bool = True) -> torch.Tensor:
-    """g[o, i, d], d = 0..max_delay-1: the normalised (truncated) Gaussian tap weights."""
+    """g[o, i, d], d = 0..max_delay-1: the normalised (truncated) Gaussian tap weights.
+
+    sigma is a number or a 0-dim tensor (``sigma_tensor_tap_weights``: the same numbers, read
+    by tensor ops only)."""
     K = int(max_delay)
+    if isinstance(sigma, torch.Tensor):
+        if not truncate:
+            raise ValueError("truncate=False takes sigma as a number")
+        return sigma_tensor_tap_weights(position, sigma, K)
     p = position.clamp(0, K - 1)
     d = torch.arange(K, dtype=position.dtype, device=position.device)
     if sigma == 0:
@@ -67,14 +74,44 @@ def tap_weights(position: torch.Tensor, sigma: float, max_delay: int,
     return torch.softmax(logits, dim=-1)
 
 
-def dense_kernel(weight: torch.Tensor, position: torch.Tensor, sigma: float, max_delay: int,
+def sigma_tensor_tap_weights(position: torch.Tensor, sigma: torch.Tensor,
+                             max_delay: int) -> torch.Tensor:
+    """``tap_weights(position, float(sigma), max_delay)`` without reading sigma's value in Python.
+
+    No shape depends on sigma: every synapse gets all K taps, those outside its window weigh 0,
+    and the rounded case (sigma == 0) is selected by ``torch.where``. So torch.compile traces one
+    graph for every sigma of a schedule (the number form specialises on each value). R, the
+    floor on sigma and -1 / (2 sigma^2) are computed in float64 from the 0-dim sigma, as the
+    number form computes them in Python, and the coefficient meets position's dtype the way a
+    Python number does: the same bits.
+    """
+    K = int(max_delay)
+    sig = sigma.detach().to(torch.float64)
+    p = position.clamp(0, K - 1)
+    d = torch.arange(K, dtype=position.dtype, device=position.device)
+    # R = min(ceil(3 sigma), K), at least 1 in the Gaussian branch (R = 0 is the rounded case,
+    # taken by the where below; an empty window would put NaN into that branch's backward)
+    R = torch.clamp(torch.ceil(3.0 * sig), min=1.0, max=float(K))
+    s = torch.clamp(sig, min=SIGMA_FLOOR.get(position.dtype, SIGMA_FLOOR[torch.float32]))
+    coef = -0.5 / (s * s)
+    u2 = (d - p.unsqueeze(-1)) ** 2
+    f = torch.floor(p.detach()).unsqueeze(-1)
+    inside = (d >= f - R.to(position.dtype) + 1) & (d <= f + R.to(position.dtype))
+    near2 = u2.detach().masked_fill(~inside, float("inf")).amin(-1, keepdim=True)
+    logits = (coef * (u2 - near2)).masked_fill(~inside, float("-inf"))
+    gauss = torch.softmax(logits, dim=-1)
+    rounded = F.one_hot(torch.round(p.detach()).long(), K).to(position.dtype)
+    return torch.where(sig.to(position.device) == 0, rounded, gauss)
+
+
+def dense_kernel(weight: torch.Tensor, position: torch.Tensor, sigma, max_delay: int,
                  truncate: bool = True) -> torch.Tensor:
     """The dense delay kernel k[o, i, d] = w[o, i] g_{o,i}(d), shape [C_out, C_in, max_delay]."""
     return weight.unsqueeze(-1) * tap_weights(position, sigma, max_delay, truncate)
 
 
 def delayed_linear(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor,
-                   bias: Optional[torch.Tensor], max_delay: int, sigma: float,
+                   bias: Optional[torch.Tensor], max_delay: int, sigma,
                    truncate: bool = True) -> torch.Tensor:
     """y [T, N, C_out] from x [T, N, C_in]: causal conv1d over time with the dense kernel."""
     K = int(max_delay)

@@ -19,6 +19,7 @@ def _fake_delay_linear(x, weight, position, bias, max_delay, sigma):
     torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[2],
                  lambda: "weight must have shape [C_out, C_in]")
     torch._check(max_delay >= 1, lambda: "max_delay must be >= 1")
+    torch._check(sigma.numel() == 1, lambda: "sigma must be a one-element tensor")
     return x.new_empty((x.shape[0], x.shape[1], weight.shape[0]))
 
 
@@ -32,14 +33,14 @@ def _fake_delay_linear_backward(grad_y, x, weight, position, max_delay, sigma, n
 
 def _setup(ctx, inputs, output):
     x, weight, position, bias, max_delay, sigma = inputs
-    ctx.save_for_backward(x, weight, position)
-    ctx.args = (max_delay, sigma)
+    ctx.save_for_backward(x, weight, position, sigma)
+    ctx.max_delay = max_delay
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_y):
-    x, weight, position = ctx.saved_tensors
-    max_delay, sigma = ctx.args
+    x, weight, position, sigma = ctx.saved_tensors
+    max_delay = ctx.max_delay
     need_x, need_w, need_p, need_b = ctx.needs_input_grad[:4]
     need_b = need_b and ctx.has_bias
     gx, gw, gp, gb = torch.ops.pypaper.delay_linear_backward(

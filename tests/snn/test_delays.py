@@ -27,6 +27,11 @@ def _gather_path(monkeypatch):
     monkeypatch.setenv("PYPAPER_DELAY_PATH", "gather")
 
 
+def S(sigma):
+    """sigma as the ops take it: a 0-dim float64 CPU tensor (csrc/schemas.cpp)."""
+    return torch.tensor(sigma, dtype=torch.float64)
+
+
 def close(got, want, dtype, what=""):
     got, want = got.detach(), want.detach()
     scale = float(want.abs().max()) if want.numel() else 0.0
@@ -72,7 +77,7 @@ def test_forward_matches_dense_conv_fp64(shape, sigma):
     T, N, C_in, C_out, K = shape
     x, w, p, b = make(T, N, C_in, C_out, K, integer=sigma == 0)
     want = R.delayed_linear(x, w, p, b, K, sigma)
-    got = torch.ops.pypaper.delay_linear(x, w, p, b, K, sigma)
+    got = torch.ops.pypaper.delay_linear(x, w, p, b, K, S(sigma))
     close(got, want, torch.float64, "y")
     got_nb = D.delayed_linear(x, w, p, None, max_delay=K, sigma=sigma)
     close(got_nb, R.delayed_linear(x, w, p, None, K, sigma), torch.float64, "y without bias")
@@ -87,13 +92,40 @@ def test_dense_gemm_path_matches(shape, sigma, monkeypatch):
     T, N, C_in, C_out, K = shape
     x, w, p, b = make(T, N, C_in, C_out, K, integer=sigma == 0)
     gy = torch.randn(T, N, C_out, dtype=torch.float64)
-    want = torch.ops.pypaper.delay_linear(x, w, p, b, K, sigma)
-    want_g = torch.ops.pypaper.delay_linear_backward(gy, x, w, p, K, sigma, True, True, True, True)
+    want = torch.ops.pypaper.delay_linear(x, w, p, b, K, S(sigma))
+    want_g = torch.ops.pypaper.delay_linear_backward(gy, x, w, p, K, S(sigma), True, True, True, True)
     monkeypatch.setenv("PYPAPER_DELAY_PATH", "dense")
-    close(torch.ops.pypaper.delay_linear(x, w, p, b, K, sigma), want, torch.float64, "dense y")
-    got_g = torch.ops.pypaper.delay_linear_backward(gy, x, w, p, K, sigma, True, True, True, True)
+    close(torch.ops.pypaper.delay_linear(x, w, p, b, K, S(sigma)), want, torch.float64, "dense y")
+    got_g = torch.ops.pypaper.delay_linear_backward(gy, x, w, p, K, S(sigma), True, True, True, True)
     for name, a, r in zip("x weight position bias".split(), got_g, want_g):
         close(a, r, torch.float64, f"dense grad {name}")
+
+
+@needs_op
+@pytest.mark.parametrize("sigma,want", [(7.0, "dense"), (2.4, "dense"), (2.3, "gather"),
+                                        (0.23, "gather"), (0.0, "gather")])
+def test_op_picks_its_path_from_sigma(sigma, want, monkeypatch):
+    """The C++ op itself (what a compiled graph calls: it alone reads sigma's value) runs wide
+    windows (2R >= 3K/4, eager mode's rule for the convolution) as one GEMM per tap, the rest by
+    the gather: bit for bit the path it names (the two sum in different orders)."""
+    K = 21
+    x, w, p, b = make(30, 2, 5, 3, K, integer=sigma == 0)
+    gy = torch.randn(30, 2, 3, dtype=torch.float64)
+
+    def run():
+        y = torch.ops.pypaper.delay_linear(x, w, p, b, K, S(sigma))
+        g = torch.ops.pypaper.delay_linear_backward(gy, x, w, p, K, S(sigma), True, True, True,
+                                                    True)
+        return (y, *g)
+
+    monkeypatch.delenv("PYPAPER_DELAY_PATH")
+    auto = run()
+    monkeypatch.setenv("PYPAPER_DELAY_PATH", want)
+    for a, r in zip(auto, run()):
+        assert torch.equal(a, r)
+    if sigma > 0:
+        monkeypatch.setenv("PYPAPER_DELAY_PATH", "gather" if want == "dense" else "dense")
+        assert not all(torch.equal(a, r) for a, r in zip(auto, run()))
 
 
 @needs_op
@@ -247,7 +279,7 @@ def test_gradcheck(K, sigma):
     inputs = [t.clone().requires_grad_() for t in (x, w, p, b)]
     if sigma == 0:  # p -> round(p): piecewise constant, zero gradient away from half-integers
         inputs[2] = p.round().add(0.2).clamp(max=K - 1).requires_grad_()
-    f = lambda x_, w_, p_, b_: torch.ops.pypaper.delay_linear(x_, w_, p_, b_, K, sigma)
+    f = lambda x_, w_, p_, b_: torch.ops.pypaper.delay_linear(x_, w_, p_, b_, K, S(sigma))
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8)
 
 
@@ -272,7 +304,7 @@ def test_opcheck(idx, requires_grad):
     x, w, p, b, K, sigma = _samples()[idx]
     args = [t.clone().requires_grad_(requires_grad) if t is not None else None
             for t in (x, w, p, b)]
-    torch.library.opcheck(torch.ops.pypaper.delay_linear, (*args, K, sigma))
+    torch.library.opcheck(torch.ops.pypaper.delay_linear, (*args, K, S(sigma)))
 
 
 @needs_op
@@ -280,7 +312,7 @@ def test_opcheck_backward():
     x, w, p, b, K, sigma = _samples()[0]
     gy = torch.randn(x.shape[0], x.shape[1], w.shape[0], dtype=torch.float64)
     torch.library.opcheck(torch.ops.pypaper.delay_linear_backward,
-                          (gy, x, w, p, K, sigma, True, True, True, True))
+                          (gy, x, w, p, K, S(sigma), True, True, True, True))
 
 
 @needs_op
@@ -365,13 +397,13 @@ def test_bad_inputs():
 def test_bad_inputs_reach_the_op_with_clear_errors():
     x, w, p, b = make(4, 2, 3, 2, 4)
     with pytest.raises(RuntimeError, match="max_delay must be >= 1"):
-        torch.ops.pypaper.delay_linear(x, w, p, b, 0, 0.5)
+        torch.ops.pypaper.delay_linear(x, w, p, b, 0, S(0.5))
     with pytest.raises(RuntimeError, match="input features"):
-        torch.ops.pypaper.delay_linear(x[..., :2], w, p, b, 4, 0.5)
+        torch.ops.pypaper.delay_linear(x[..., :2], w, p, b, 4, S(0.5))
     with pytest.raises(RuntimeError, match="x must be float32 or float64"):
-        torch.ops.pypaper.delay_linear(x.long(), w, p, b, 4, 0.5)
+        torch.ops.pypaper.delay_linear(x.long(), w, p, b, 4, S(0.5))
     with pytest.raises(RuntimeError, match="sigma"):
-        torch.ops.pypaper.delay_linear(x, w, p, b, 4, -0.5)
+        torch.ops.pypaper.delay_linear(x, w, p, b, 4, S(-0.5))
 
 
 # ---- module ---------------------------------------------------------------------------------------
@@ -608,29 +640,112 @@ def test_huge_sigma_spans_every_tap(path, sigma, monkeypatch):
     close(got32, want, torch.float32, "y float32")
 
 
-@needs_op
-@pytest.mark.parametrize("path", ["auto", "gather"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_torch_compile_follows_a_sigma_schedule(dynamic, path, monkeypatch):
-    """fullgraph=True with sigma changing between calls (a sigma schedule, here 2 -> 1 -> 0.5:
-    by default the convolution, then the gather): each new value recompiles (torch.compile
-    specialises on the float), with dynamic=True from the first call."""
-    if path == "auto":
-        monkeypatch.delenv("PYPAPER_DELAY_PATH")
+def test_torch_compile_runs_a_sigma_schedule_in_one_graph(dynamic, backend, monkeypatch):
+    """fullgraph=True over a 12-value sigma schedule (more than dynamo's default recompile limit
+    of 8), ending in the rounded delays, with recompile_limit=1: any recompile would raise. The
+    layer hands sigma to the op as a tensor, so no graph reads its value. Equal to eager at every
+    sigma, forward and gradients (for the wide windows eager mode runs the convolution, the
+    compiled graph the C++ op's GEMMs: the same numbers summed in another order)."""
+    if backend == "cpu" and not HAVE_OP:
+        pytest.skip("pypaper._C without the delay ops")
+    monkeypatch.delenv("PYPAPER_DELAY_PATH")
     torch._dynamo.reset()
     torch.manual_seed(0)
     layer = DelayedLinear(4, 3, 6, dtype=torch.float64)
     compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
     x = torch.randn(7, 2, 4, dtype=torch.float64)
-    for sigma in (D.sigma_schedule(e, 4, 2.0) for e in range(3)):
-        layer.set_sigma(sigma)
-        want = layer(x)
-        want_g = torch.autograd.grad(want.sum(), list(layer.parameters()))
-        got = compiled(x)
-        got_g = torch.autograd.grad(got.sum(), list(layer.parameters()))
-        close(got, want, torch.float64, f"compiled y at sigma {sigma}")
-        for g1, g2 in zip(got_g, want_g):
-            close(g1, g2, torch.float64, f"compiled grad at sigma {sigma}")
+    sigmas = [D.sigma_schedule(e, 12, 2.5, decay_epochs=11) for e in range(12)]
+    assert len(set(sigmas)) == 12
+    with pypaper.use_backend(backend), torch._dynamo.config.patch(recompile_limit=1):
+        for step, sigma in enumerate(sigmas + [None]):
+            if sigma is None:
+                layer.round_delays()
+            else:
+                layer.set_sigma(sigma)
+            want = layer(x)
+            want_g = torch.autograd.grad(want.sum(), list(layer.parameters()), allow_unused=True)
+            got = compiled(x)
+            got_g = torch.autograd.grad(got.sum(), list(layer.parameters()), allow_unused=True)
+            close(got, want, torch.float64, f"compiled y at step {step}")
+            for g1, g2 in zip(got_g, want_g):
+                if g2 is None:  # the rounded delays: no position gradient in eager
+                    assert g1 is None or not g1.any()
+                else:
+                    close(g1, g2, torch.float64, f"compiled grad at step {step}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sigma", SIGMAS + [1e-7, 1e-13, 2.0 / 3.0, 8.34, 1e300])
+def test_reference_takes_sigma_as_a_tensor(sigma, dtype):
+    """The reference with sigma a 0-dim tensor (what a compiled graph runs on non-CPU devices):
+    no shape depends on it, and it gives the number form's output and gradients bit for bit."""
+    K = 6
+    x, w, p, b = make(9, 2, 3, 4, K, dtype=dtype, integer=sigma == 0)
+    gy = torch.randn(9, 2, 4, dtype=dtype)
+    want, want_g = _run(lambda *a: R.delayed_linear(*a, K, sigma), (x, w, p, b), gy)
+    got, got_g = _run(lambda *a: R.delayed_linear(*a, K, S(sigma)), (x, w, p, b), gy)
+    assert torch.equal(got, want)
+    for name, g1, g2 in zip("x weight position bias".split(), got_g, want_g):
+        if g2 is None:
+            assert name == "position" and sigma == 0 and not g1.any()
+        else:
+            assert torch.equal(g1, g2), name
+
+
+@needs_op
+def test_functional_sigma_tensor_is_checked_and_matches_the_number():
+    x, w, p, b = make(5, 2, 3, 4, 6)
+    for sigma in (0.0, 0.7, 3.0):
+        want = D.delayed_linear(x, w, p, b, max_delay=6, sigma=sigma)
+        assert torch.equal(D.delayed_linear(x, w, p, b, max_delay=6, sigma=S(sigma)), want)
+        assert torch.equal(D.delayed_linear(x, w, p, b, max_delay=6, sigma=S([sigma])), want)
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
+        D.delayed_linear(x, w, p, b, max_delay=6, sigma=S(-1.0))
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
+        D.delayed_linear(x, w, p, b, max_delay=6, sigma=S(float("nan")))
+    with pytest.raises(ValueError, match="one-element"):
+        D.delayed_linear(x, w, p, b, max_delay=6, sigma=S([0.5, 0.5]))
+    with pytest.raises(TypeError, match="sigma must be a floating tensor"):
+        D.delayed_linear(x, w, p, b, max_delay=6, sigma=torch.tensor(1))
+    with pytest.raises(ValueError, match="sigma must not require grad"):
+        D.delayed_linear(x, w, p, b, max_delay=6, sigma=S(0.5).requires_grad_())
+    with pytest.raises(RuntimeError, match="sigma must be a one-element tensor"):
+        torch.ops.pypaper.delay_linear(x, w, p, b, 6, S([0.5, 0.5]))
+
+
+def test_module_sigma_tensor_follows_sigma_and_stays_float64_on_the_cpu():
+    layer = DelayedLinear(3, 2, 5, sigma_init=1.5)
+    assert layer._sigma_t.dtype == torch.float64 and float(layer._sigma_t) == 1.5
+    t = layer._sigma_t
+    layer.set_sigma(0.75)
+    assert layer._sigma_t is t and float(t) == 0.75 and layer.sigma == 0.75
+    layer.half().double()  # not a buffer: casts leave it alone
+    assert layer._sigma_t is t and t.dtype == torch.float64 and float(t) == 0.75
+    with pytest.raises(ValueError, match="sigma must be finite"):
+        layer.sigma = -1.0
+    assert layer.sigma == 0.75 and float(t) == 0.75
+    layer.round_delays()
+    assert float(t) == 0.0 and layer.sigma == 0.0
+    with torch.inference_mode():  # made under inference mode: its sigma tensor is replaced
+        inf_layer = DelayedLinear(3, 2, 5)
+    inf_layer.set_sigma(0.5)
+    assert float(inf_layer._sigma_t) == 0.5
+    assert "_sigma_t" not in layer.state_dict()
+
+
+def test_state_dict_from_another_max_delay_is_refused():
+    src = DelayedLinear(3, 2, 10)
+    dst = DelayedLinear(3, 2, 5)
+    with pytest.raises(ValueError, match="max_delay = 10.*max_delay = 5"):
+        dst.load_state_dict(src.state_dict())
+    same = DelayedLinear(3, 2, 10)
+    same.load_state_dict(src.state_dict())
+    assert torch.equal(same.position, src.position) and same.sigma == src.sigma
+    old = src.state_dict()  # a state saved before max_delay was kept still loads
+    old["_extra_state"] = {k: v for k, v in old["_extra_state"].items() if k != "max_delay"}
+    same.load_state_dict(old)
 
 
 def test_bench_gives_pypaper_the_dcls_gauss_width():
