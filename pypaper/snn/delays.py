@@ -328,13 +328,20 @@ class DelayedLinear(nn.Module):
     @sigma.setter
     def sigma(self, value: float) -> None:
         self._sigma = _check_sigma(value)
-        t = self.__dict__.get("_sigma_t")
-        if t is None or t.is_inference():
-            # an inference tensor (made under torch.inference_mode) cannot be updated in place
-            self._sigma_t = _sigma_tensor(self._sigma)
-        else:
-            with torch.no_grad():
-                t.fill_(self._sigma)  # in place: a compiled graph reads the same tensor
+        # A new tensor, not fill_: the op saves sigma for its backward, so a sigma set between a
+        # forward and its backward must leave that one alone (in place it raised autograd's
+        # version error), and a copy.copy of the layer must not share it. Dynamo reads the
+        # attribute on every call and guards on no tensor value: no recompile.
+        self._sigma_t = _sigma_tensor(self._sigma)
+
+    def __setstate__(self, state) -> None:
+        # a layer pickled before sigma became a property kept it as a plain float attribute
+        if "_sigma" not in state and "sigma" in state:
+            state = dict(state)
+            sigma = state.pop("sigma")
+            state["_sigma"] = float(sigma)
+            state["_sigma_t"] = _sigma_tensor(float(sigma))
+        super().__setstate__(state)
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's rule

@@ -87,6 +87,9 @@ def sigma_tensor_tap_weights(position: torch.Tensor, sigma: torch.Tensor,
     """
     K = int(max_delay)
     sig = sigma.detach().to(torch.float64)
+    # the number form's check (delays._check_sigma), without reading the value on the host
+    torch._assert_async((sig >= 0) & (sig <= torch.finfo(torch.float64).max),
+                        "sigma must be finite and >= 0 (0: integer delays)")
     p = position.clamp(0, K - 1)
     d = torch.arange(K, dtype=position.dtype, device=position.device)
     # R = min(ceil(3 sigma), K), at least 1 in the Gaussian branch (R = 0 is the rounded case,

@@ -720,19 +720,84 @@ def test_module_sigma_tensor_follows_sigma_and_stays_float64_on_the_cpu():
     assert layer._sigma_t.dtype == torch.float64 and float(layer._sigma_t) == 1.5
     t = layer._sigma_t
     layer.set_sigma(0.75)
-    assert layer._sigma_t is t and float(t) == 0.75 and layer.sigma == 0.75
+    t = layer._sigma_t
+    assert float(t) == 0.75 and layer.sigma == 0.75
     layer.half().double()  # not a buffer: casts leave it alone
     assert layer._sigma_t is t and t.dtype == torch.float64 and float(t) == 0.75
     with pytest.raises(ValueError, match="sigma must be finite"):
         layer.sigma = -1.0
-    assert layer.sigma == 0.75 and float(t) == 0.75
+    assert layer.sigma == 0.75 and float(layer._sigma_t) == 0.75
     layer.round_delays()
-    assert float(t) == 0.0 and layer.sigma == 0.0
-    with torch.inference_mode():  # made under inference mode: its sigma tensor is replaced
+    assert float(layer._sigma_t) == 0.0 and layer.sigma == 0.0
+    with torch.inference_mode():  # made under inference mode
         inf_layer = DelayedLinear(3, 2, 5)
     inf_layer.set_sigma(0.5)
     assert float(inf_layer._sigma_t) == 0.5
     assert "_sigma_t" not in layer.state_dict()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("sigma", [0.3, 7.0])  # the gather / the convolution in eager mode
+@pytest.mark.parametrize("compiled", [False, True])
+def test_sigma_set_between_forward_and_backward(compiled, sigma, backend, monkeypatch):
+    """The backward uses its forward's sigma when the schedule moves on (set_sigma) before it
+    runs. The op saves sigma's tensor for its backward: filling that tensor in place made autograd
+    raise its version error on the gather and every compiled path; the layer now swaps in a new
+    tensor. (round_delays changes the positions in place: autograd refuses that, rightly.)"""
+    if backend == "cpu" and not HAVE_OP:
+        pytest.skip("pypaper._C without the delay ops")
+    monkeypatch.delenv("PYPAPER_DELAY_PATH")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = DelayedLinear(4, 3, 21, sigma_init=sigma, dtype=torch.float64)
+    x = torch.randn(9, 2, 4, dtype=torch.float64)
+    run = torch.compile(layer, fullgraph=True) if compiled else layer
+    with pypaper.use_backend(backend):
+        want = torch.autograd.grad(layer(x).sum(), list(layer.parameters()))
+        y = run(x)
+        layer.set_sigma(sigma / 2)
+        got = torch.autograd.grad(y.sum(), list(layer.parameters()))
+        want_half = torch.autograd.grad(layer(x).sum(), list(layer.parameters()))
+        y = run(x)
+        layer.set_sigma(0.0)
+        got_half = torch.autograd.grad(y.sum(), list(layer.parameters()))
+    for g1, g2, w1, w2 in zip(got, got_half, want, want_half):
+        close(g1, w1, torch.float64, "grad after set_sigma")
+        close(g2, w2, torch.float64, "grad after set_sigma(0)")
+
+
+def test_copy_of_a_layer_has_its_own_sigma():
+    import copy
+    import pickle
+
+    layer = DelayedLinear(3, 4, 25, sigma_init=0.3, dtype=torch.float64)
+    x = torch.randn(12, 2, 3, dtype=torch.float64)
+    want = layer(x)
+    for dup in (copy.copy(layer), copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        dup.set_sigma(2.0)
+        assert layer.sigma == 0.3 and float(layer._sigma_t) == 0.3
+        assert torch.equal(layer(x), want)
+        assert float(dup._sigma_t) == 2.0
+    old = copy.copy(layer)  # a layer pickled when sigma was a plain float attribute
+    state = dict(old.__dict__)
+    state["sigma"] = state.pop("_sigma")
+    del state["_sigma_t"]
+    revived = DelayedLinear.__new__(DelayedLinear)
+    revived.__setstate__(state)
+    assert revived.sigma == 0.3 and torch.equal(revived(x), want)
+
+
+def test_compiled_reference_refuses_a_bad_sigma_tensor():
+    """Under torch.compile the value is not read on the host; the reference asserts it."""
+    torch._dynamo.reset()
+    x, w, p, b = make(5, 2, 3, 4, 6)
+    f = torch.compile(lambda s: D.delayed_linear(x, w, p, b, max_delay=6, sigma=s),
+                      fullgraph=True)
+    with pypaper.use_backend("reference"):
+        assert torch.isfinite(f(S(0.5))).all()
+        for bad in (-1.0, float("inf"), float("nan")):
+            with pytest.raises(RuntimeError, match="sigma must be finite and >= 0"):
+                f(S(bad))
 
 
 def test_state_dict_from_another_max_delay_is_refused():

@@ -65,8 +65,12 @@ def _double_backward(loss, p, backend):
     return [g.detach() for g in grads], second
 
 
-@pytest.mark.parametrize("cfg", CONFIGS + [dict(CONFIGS[2], sltt=True)],
-                         ids=[config_id(c) for c in CONFIGS] + ["sltt"])
+# hard resets to a nonzero potential (the helpers' configs reset to 0 or softly)
+_VR = [dict(CONFIGS[0], v_reset=-0.3), dict(CONFIGS[3], v_reset=0.4)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS + [dict(CONFIGS[2], sltt=True)] + _VR,
+                         ids=[config_id(c) for c in CONFIGS] + ["sltt", "vr-0.3", "vr0.4"])
 def test_double_backward_equals_the_reference(cfg):
     p = _params()
     loss = _loss_fn(cfg)
