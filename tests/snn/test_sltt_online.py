@@ -66,6 +66,40 @@ def test_online_gradients_equal_the_definition(k):
     assert res.output.shape == (N, C) and res.loss > 0
 
 
+@pytest.mark.parametrize("k", [None, 3])
+def test_online_input_gradients_equal_the_definition(k):
+    """Input gradients (a leaf x_seq that requires grad; each step backpropagates into its own
+    row, not through x_seq[t]) and a static input expanded over time (a non-leaf x_seq): both
+    equal the definition's, and add to a gradient already there."""
+    x = torch.randn(T, N, D) * 2
+    y = torch.randint(0, C, (N,))
+    model = _model()
+    twin = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(5)
+    xl = x.clone().requires_grad_()
+    xl.grad = torch.ones_like(x)
+    # no per-step accumulation into the [T, ...] leaf (each one a whole zero-filled gradient)
+    accumulated = []
+    xl.register_post_accumulate_grad_hook(lambda t: accumulated.append(1))
+    res = sltt.train_step_online(model, xl, y, torch.nn.functional.cross_entropy, k=k,
+                                 generator=gen)
+    assert not accumulated
+    xd = x.clone().requires_grad_()
+    _definition(twin, xd, y, set(res.trained_steps))
+    assert xd.grad.abs().sum() > 0
+    torch.testing.assert_close(xl.grad, xd.grad + 1, rtol=1e-5, atol=1e-6)
+    if k is not None:  # untrained steps get no gradient
+        skipped = [t for t in range(T) if t not in res.trained_steps]
+        assert torch.equal(xl.grad[skipped], torch.ones_like(x[skipped]))
+
+    x0 = x[0].clone().requires_grad_()
+    model, twin = _model(), _model()
+    sltt.train_step_online(model, x0.expand(T, N, D), y, torch.nn.functional.cross_entropy)
+    x0d = x[0].clone().requires_grad_()
+    _definition(twin, x0d.expand(T, N, D), y, set(range(T)))
+    torch.testing.assert_close(x0.grad, x0d.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_multi_step_sltt_equals_online():
     """The fused kernel with sltt=True over the whole sequence gives the online gradients."""
     x = torch.randn(T, N, D) * 2
