@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "../kernels/cpu/cpu_vendor.h"
+
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -81,6 +83,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pypaper native kernels (ops are registered in torch.ops.pypaper)";
   m.def("build_info", &build_info,
         "How this extension was built: compiler, OpenMP, SIMD level, CUDA kernels, torch version");
+  m.def("cpu_is_amd", &pypaper::cpu::cpu_is_amd,
+        "Whether the CPU is AMD's (kernels/cpu/cpu_vendor.h: the vendor-dependent defaults)");
   pypaper::register_fewbit(m);
   pypaper::register_block_cache(m);
 }

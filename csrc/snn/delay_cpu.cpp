@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../../kernels/cpu/cpu_vendor.h"
 #include "../../kernels/cpu/delay_cpu.h"
 
 namespace pypaper {
@@ -145,17 +146,21 @@ Tables make_tables(const at::Tensor& w, const at::Tensor& pos, T sigma, int64_t 
 // the backward at sigma 3 (MKL's sgemm reaches only ~14 GFMA/s per core on this CPU). On the
 // 2-core AVX-512 Xeon (2026-12-03, T=100 N=128 C=256 K=25, fwd+bwd): gather 1099 / 704 / 469 /
 // 352 ms at sigma 8.27 / 3.27 / 2 / 1.27, these GEMMs 345 / 356 / 342 / 346, oneDNN's conv1d
-// (the Python path, pypaper/snn/delays.py) 516 at every sigma.
-// The choice: PYPAPER_DELAY_PATH=dense -> GEMMs, =gather -> gather; otherwise (auto) the GEMMs
-// where the windows span most taps (2R >= 3K/4, the rule by which eager mode's Python runs the
-// convolution there instead of calling this op; under torch.compile sigma's value is read only
-// here, so this is where a compiled graph's wide windows are decided), else the gather.
+// (the Python path, pypaper/snn/delays.py) 516 at every sigma; at K=21 the GEMMs 311-321 ms at
+// every sigma, the gather 124 (sigma 0), 217-229 (R = 2), 314-316 (R = 3), 374 (R = 4).
+// So on Intel CPUs the GEMMs take every window of more than K/3 taps (6R > K); on AMD CPUs, where
+// MKL's sgemm ran at half the Xeon's rate or less (the benchmark's matmul column: 60-75 GFLOP/s
+// on the AVX2 EPYC, 92-185 on the Zen 5 guests, 254-346 on the Xeons), eager mode runs the
+// widest windows (2R >= 3K/4) as oneDNN's convolution instead of calling this op, and this op
+// takes the GEMMs only for those (reached there under torch.compile, where sigma's value is
+// read only here). PYPAPER_DELAY_PATH=dense / =gather force a path.
 bool use_dense(int64_t R, int64_t K) {
   if (K <= 1) return false;
   const char* env = std::getenv("PYPAPER_DELAY_PATH");
   if (env != nullptr && std::strcmp(env, "dense") == 0) return true;
   if (env != nullptr && std::strcmp(env, "gather") == 0) return false;
-  return R > 0 && 8 * R >= 3 * K;
+  if (R <= 0) return false;
+  return cpu::cpu_is_amd() ? 8 * R >= 3 * K : 6 * R > K;
 }
 
 template <typename T>

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../common/snn_math.h"
+#include "cpu_vendor.h"
 #include "float16.h"
 
 #if defined(__AVX__)
@@ -161,15 +162,7 @@ inline bool lif_prefetch_nta_default() {
     if (std::strcmp(e, "nta") == 0) return true;
     if (std::strcmp(e, "l2") == 0) return false;
   }
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool amd = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("amd") != 0;
-  }();
-  return amd;
-#else
-  return false;
-#endif
+  return cpu_is_amd();
 }
 
 inline int64_t lif_num_chunks(int64_t neurons) { return (neurons + kLifChunk - 1) / kLifChunk; }

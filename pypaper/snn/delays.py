@@ -22,22 +22,23 @@ truncated to the 2R taps around p, R = ceil(3 sigma) (at most K), and renormalis
 crosses an integer), instead of convolving with a dense [C_out, C_in, max_delay] kernel as DCLS
 does. pypaper/snn/delays_reference.py is that dense convolution.
 
-When the windows span most of the K taps (2R >= 3K/4, early in training: SNN-delays starts at sigma
-= K // 3 + 0.27, R about K) the gather does about the convolution's work tap by tap, and the CPU
-backend runs the convolution itself (the reference's formulation, oneDNN's conv1d). Measured on the
-Zen 5 test machine (T=100, N=128, 256x256, K=21, fwd+bwd): the gather takes ~60 ms + ~27 ms per tap
-of the average window, the convolution ~430 ms at any sigma: equal near 14 taps, two thirds of K;
-the rule 2R >= 3K/4 switches where the average clipped window reaches about that.
-PYPAPER_DELAY_PATH overrides the choice: ``gather`` (always the C++ gather), ``conv`` (always the
-convolution), ``dense`` (the C++ op's one GEMM per tap).
+When the windows span many of the K taps (early in training: SNN-delays starts at sigma = K // 3
++ 0.27, R about K) the gather does about a dense convolution's work tap by tap, and a dense
+formulation wins. Which one is the CPU's matter (csrc/snn/delay_cpu.cpp has the numbers): on Intel
+CPUs the C++ op runs every window of more than K/3 taps (6R > K) as one GEMM per tap (2026-12-03
+Xeon, T=100, N=128, 256x256, K=21, fwd+bwd: GEMMs 311-321 ms at any sigma, the gather 374 ms at R
+= 4 and 1007 at sigma 7.27, oneDNN's conv1d 452-467); on AMD CPUs, whose MKL sgemm ran at half
+that rate or less, the CPU backend runs the widest windows (2R >= 3K/4) as the convolution itself
+(the reference's formulation, oneDNN's conv1d; Zen 5 guest, same shape: the gather ~60 ms + ~27 ms
+per tap of the average window, the convolution ~430 ms at any sigma: equal near 14 taps, two
+thirds of K). PYPAPER_DELAY_PATH overrides the choice: ``gather`` (always the C++ gather),
+``conv`` (always the convolution), ``dense`` (always the C++ op's one GEMM per tap).
 
 Under torch.compile sigma is a tensor (``DelayedLinear`` keeps it as one; a Python number would
 make dynamo compile one graph per value of a schedule), and the graph does not read its value: on
-the CPU the C++ op makes the choice itself, running wide windows (the same rule) as one GEMM per
-tap instead of the convolution (on the 2-core AVX-512 Xeon 345 ms against the convolution's 516
-at the shape above with K=25; on the AVX2 EPYC the GEMMs were the slower, see
-csrc/snn/delay_cpu.cpp), and the reference (other devices) is written so that no shape depends
-on sigma (delays_reference.sigma_tensor_tap_weights).
+the CPU the C++ op makes the choice itself (on AMD CPUs its GEMMs stand in for the convolution),
+and the reference (other devices) is written so that no shape depends on sigma
+(delays_reference.sigma_tensor_tap_weights).
 
 Backends: CPU -> the C++ op (default), then the reference; CUDA -> the reference (no CUDA or
 Triton kernel exists yet; an explicit request for one raises BackendUnavailable). float16 and
@@ -181,10 +182,16 @@ def _runs_as_convolution(max_delay: int, sigma: Optional[float]) -> bool:
         raise ValueError(f"PYPAPER_DELAY_PATH must be one of {_DELAY_PATHS}, got {path!r}")
     if path == "conv":
         return True
-    if path != "auto" or sigma is None:
+    if path != "auto" or sigma is None or not cpu_is_amd():
         return False
     R = delays_reference.window_radius(sigma, max_delay)
     return R > 0 and 8 * R >= 3 * max_delay  # 2R >= 3K/4
+
+
+def cpu_is_amd() -> bool:
+    """The C++ kernels' vendor test (kernels/cpu/cpu_vendor.h): on AMD CPUs eager mode runs the
+    widest windows as oneDNN's convolution, elsewhere the C++ op picks GEMMs or the gather."""
+    return bool(_ext.LOADED and _ext._C.cpu_is_amd())
 
 
 def delayed_linear(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor,
@@ -289,7 +296,8 @@ class DelayedLinear(nn.Module):
 
     Under torch.compile the layer hands its sigma to the op as a tensor, so a whole schedule runs
     in one compiled graph (no recompile per sigma); on the CPU the C++ op then picks its path from
-    sigma's value (wide windows: one GEMM per tap, instead of eager mode's convolution).
+    sigma's value (on AMD CPUs its GEMMs for the widest windows, where eager mode runs the
+    convolution).
     """
 
     def __init__(self, in_features: int, out_features: int, max_delay: int, bias: bool = True,

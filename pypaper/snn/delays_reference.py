@@ -117,8 +117,13 @@ def delayed_linear(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor
                    bias: Optional[torch.Tensor], max_delay: int, sigma,
                    truncate: bool = True) -> torch.Tensor:
     """y [T, N, C_out] from x [T, N, C_in]: causal conv1d over time with the dense kernel."""
-    K = int(max_delay)
-    k = dense_kernel(weight, position, sigma, K, truncate)
+    return causal_conv(x, dense_kernel(weight, position, sigma, int(max_delay), truncate), bias)
+
+
+def causal_conv(x: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y[t, n, o] = b[o] + sum_{i, d} k[o, i, d] x[t - d, n, i] (x[t < 0] = 0) for a dense
+    kernel k [C_out, C_in, K]: conv1d over time."""
+    K = k.shape[-1]
     if x.shape[0] == 0 or x.shape[2] == 0:
         # no steps (conv1d refuses an input shorter than its kernel) or no input channels (its
         # output would have 0 channels): y = bias, weight and position stay in the graph

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _autograd
+from . import delays_reference
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -49,6 +50,46 @@ def _backward(ctx, grad_y):
             gb if need_b else None, None, None)
 
 
+def _jvp(inputs, tangents):
+    """Forward-mode rule of delay_linear (dual tensors, torch.func.jvp, jacfwd). The layer is
+    y = b + conv(x, k), k[o, i, d] = w[o, i] g(d; p[o, i]) (delays_reference), so
+
+        dy = db + conv(dx, k) + conv(x, dw g + w dg),   dg = g (dl - sum_d g dl) dp,
+
+    with dl = (d - p) / sigma^2 the logits' derivative in p (logits -(d - p)^2 / (2 sigma^2),
+    sigma at its floor as the kernels take it), zero where p lies outside [0, K - 1] (the clamp)
+    and for sigma == 0 (the rounded delays: g does not move with p). The tangent is computed with
+    the reference's dense convolution (the op's GEMM cost, not the gather's); the primal output is
+    the op's own."""
+    x, weight, position, bias, max_delay, sigma = inputs
+    dx, dw, dp, db = tangents[:4]
+    K = int(max_delay)
+    g = delays_reference.tap_weights(position, sigma, K)
+    terms = []
+    if dx is not None:
+        terms.append(delays_reference.causal_conv(dx, weight.unsqueeze(-1) * g, None))
+    dk = None if dw is None else dw.unsqueeze(-1) * g
+    if dp is not None:
+        sig = sigma.detach().to(torch.float64)
+        floor = delays_reference.SIGMA_FLOOR.get(position.dtype, 1e-6)
+        s = torch.clamp(sig, min=floor)
+        inv = (1.0 / (s * s)).to(position.dtype)
+        d = torch.arange(K, dtype=position.dtype, device=position.device)
+        dl = (d - position.clamp(0, K - 1).unsqueeze(-1)) * inv
+        inside = ((position >= 0) & (position <= K - 1)).to(position.dtype)
+        dg = g * (dl - (g * dl).sum(-1, keepdim=True)) * (dp * inside).unsqueeze(-1)
+        dg = torch.where(sig.to(position.device) == 0, torch.zeros_like(dg), dg)
+        dk = weight.unsqueeze(-1) * dg if dk is None else dk + weight.unsqueeze(-1) * dg
+    if dk is not None:
+        terms.append(delays_reference.causal_conv(x, dk, None))
+    out = x.new_zeros((x.shape[0], x.shape[1], weight.shape[0]))
+    for t in terms:
+        out = out + t
+    if db is not None:
+        out = out + db
+    return out
+
+
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(
         "pypaper.snn.DelayedLinear's op has no double backward; do not differentiate through its "
@@ -66,3 +107,4 @@ def register_native() -> None:
     _autograd.register_autograd("pypaper::delay_linear", _backward, setup_context=_setup)
     _autograd.register_autograd("pypaper::delay_linear_backward", _no_double_backward,
                                 setup_context=_setup_nothing)
+    _autograd.register_jvp("pypaper::delay_linear", _jvp)

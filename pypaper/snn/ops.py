@@ -115,10 +115,13 @@ def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype, device: torch.de
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
         # Not cached: a constant of a traced graph; a tensor made under inference_mode (it
-        # could never be saved for a later backward) or under a dispatch mode such as
-        # FakeTensorMode (a fake tensor): cached, either would poison every later call.
+        # could never be saved for a later backward), under a dispatch mode such as
+        # FakeTensorMode (a fake tensor) or inside a torch.func transform (a tensor wrapped for
+        # its level: a process whose first call was a hessian failed every later grad or
+        # jacrev with functorch's "escaped?" assert): cached, each would poison every later call.
         if (tracing or torch.is_inference_mode_enabled()
-                or torch._C._len_torch_dispatch_stack() != 0):
+                or torch._C._len_torch_dispatch_stack() != 0
+                or torch._C._functorch.peek_interpreter_stack() is not None):
             return torch.tensor(float(value), dtype=mdt, device=device)
         v = float(value)
         return _scalar(v, math.copysign(1.0, v), mdt, device)

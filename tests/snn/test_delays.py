@@ -102,13 +102,24 @@ def test_dense_gemm_path_matches(shape, sigma, monkeypatch):
 
 
 @needs_op
-@pytest.mark.parametrize("sigma,want", [(7.0, "dense"), (2.4, "dense"), (2.3, "gather"),
-                                        (0.23, "gather"), (0.0, "gather")])
-def test_op_picks_its_path_from_sigma(sigma, want, monkeypatch):
-    """The C++ op itself (what a compiled graph calls: it alone reads sigma's value) runs wide
-    windows (2R >= 3K/4, eager mode's rule for the convolution) as one GEMM per tap, the rest by
-    the gather: bit for bit the path it names (the two sum in different orders)."""
+@pytest.mark.parametrize("amd", [False, True])
+@pytest.mark.parametrize("sigma", [7.0, 2.4, 2.3, 1.2, 1.0, 0.23, 0.0])
+def test_op_picks_its_path_from_sigma(sigma, amd, monkeypatch):
+    """The C++ op itself (what a compiled graph calls: it alone reads sigma's value) runs every
+    window of more than K/3 taps (6R > K; K = 21: R >= 4, sigma > 1) as one GEMM per tap on Intel
+    CPUs, on AMD CPUs only the widest (2R >= 3K/4, where eager mode runs the convolution: R >= 8,
+    sigma > 7/3); the rest by the gather: bit for bit the path it names (the two sum in different
+    orders). Each vendor's rule is checked on the vendor this runs on."""
+    if amd != D.cpu_is_amd():
+        pytest.skip("the other vendor's rule")
     K = 21
+    R = D.delays_reference.window_radius(sigma, K)
+    dense = R > 0 and (8 * R >= 3 * K if amd else 6 * R > K)
+    want = "dense" if dense else "gather"
+    assert dense == {(False, 7.0): True, (False, 2.4): True, (False, 2.3): True,
+                     (False, 1.2): True, (False, 1.0): False, (True, 7.0): True,
+                     (True, 2.4): True, (True, 2.3): False, (True, 1.2): False}.get(
+                         (amd, sigma), False)
     x, w, p, b = make(30, 2, 5, 3, K, integer=sigma == 0)
     gy = torch.randn(30, 2, 3, dtype=torch.float64)
 
@@ -130,13 +141,16 @@ def test_op_picks_its_path_from_sigma(sigma, want, monkeypatch):
 
 @needs_op
 @pytest.mark.parametrize("env,sigma,want_conv", [
-    (None, 7.0, True), (None, 2.4, True), (None, 2.3, False), (None, 0.23, False),
+    (None, 7.0, "amd"), (None, 2.4, "amd"), (None, 2.3, False), (None, 0.23, False),
     (None, 0.0, False),
     ("gather", 7.0, False), ("dense", 7.0, False), ("conv", 0.23, True), ("conv", 0.0, True)])
 def test_cpu_path_choice(env, sigma, want_conv, monkeypatch):
-    """By default the CPU backend runs the convolution when the windows span most taps (2R >=
-    3K/4, R = ceil(3 sigma): K = 21, R >= 8, sigma > 7/3); PYPAPER_DELAY_PATH forces a path.
-    Either path gives the op's results and gradients."""
+    """By default the CPU backend runs the convolution on AMD CPUs when the windows span most
+    taps (2R >= 3K/4, R = ceil(3 sigma): K = 21, R >= 8, sigma > 7/3), elsewhere never (the C++
+    op's GEMMs); PYPAPER_DELAY_PATH forces a path. Either path gives the op's results and
+    gradients."""
+    if want_conv == "amd":
+        want_conv = D.cpu_is_amd()
     K = 21
     x, w, p, b = make(30, 2, 5, 3, K)
     w.requires_grad_(), p.requires_grad_()
@@ -811,6 +825,42 @@ def test_state_dict_from_another_max_delay_is_refused():
     old = src.state_dict()  # a state saved before max_delay was kept still loads
     old["_extra_state"] = {k: v for k, v in old["_extra_state"].items() if k != "max_delay"}
     same.load_state_dict(old)
+
+
+@needs_op
+@pytest.mark.parametrize("path", ["gather", "dense"])
+@pytest.mark.parametrize("sigma", [0.0, 0.3, 1.3, 9.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_mode_ad_equals_the_reference(dtype, sigma, path, monkeypatch):
+    """The op's jvp rule (delays_registration._jvp): dual tensors and torch.func.jvp give the
+    reference's forward-mode derivative in x, weight, position (some outside [0, K-1]: the
+    clamp) and bias, on either C++ path; jacfwd equals jacrev. Before the rule such a call raised
+    NotImplementedError (and on Intel CPUs the default width now reaches the op)."""
+    import torch.autograd.forward_ad as fwAD
+
+    monkeypatch.setenv("PYPAPER_DELAY_PATH", path)
+    K = 6
+    x, w, p, b = make(7, 2, 3, 4, K, dtype=dtype, integer=sigma == 0)
+    gen = torch.Generator().manual_seed(3)
+    ts = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype) for t in (x, w, p, b)]
+    f = lambda *a: D.delayed_linear(*a, max_delay=K, sigma=sigma)
+    want = torch.func.jvp(lambda *a: R.delayed_linear(*a, K, sigma), (x, w, p, b), tuple(ts))[1]
+    got = torch.func.jvp(f, (x, w, p, b), tuple(ts))[1]
+    with fwAD.dual_level():
+        dual = fwAD.unpack_dual(f(*[fwAD.make_dual(a, t) for a, t in zip((x, w, p, b), ts)]))
+    for g in (got, dual.tangent):
+        close(g, want, dtype, "tangent")
+    assert want.abs().sum() > 0
+    for i in range(4):  # one input at a time: the other tangents None
+        one = [t if j == i else torch.zeros_like(t) for j, t in enumerate(ts)]
+        w1 = torch.func.jvp(lambda *a: R.delayed_linear(*a, K, sigma), (x, w, p, b), tuple(one))[1]
+        with fwAD.dual_level():
+            args = [fwAD.make_dual(a, t) if j == i else a for j, (a, t) in enumerate(
+                zip((x, w, p, b), ts))]
+            close(fwAD.unpack_dual(f(*args)).tangent, w1, dtype, f"tangent of input {i}")
+    if dtype == torch.float64:
+        g = lambda pos: f(x, w, pos, b)
+        close(torch.func.jacfwd(g)(p), torch.func.jacrev(g)(p), dtype, "jacfwd")
 
 
 def test_bench_gives_pypaper_the_dcls_gauss_width():

@@ -322,3 +322,23 @@ def test_reverse_over_forward_equals_the_reference(cfg):
         (got,) = torch.autograd.grad(tangent, x)
     torch.testing.assert_close(got, (want.reshape(x.numel(), -1) @ t.reshape(-1)).reshape(
         x.shape), rtol=1e-10, atol=1e-12)
+
+
+def test_a_hessian_first_leaves_later_calls_working():
+    """The number parameters' tensor cache (ops._scalar) is not filled inside a torch.func
+    transform: a tensor made there is wrapped for that level, and a process whose first LIF call
+    was a hessian failed every later jacrev / grad with functorch's "escaped?" assert."""
+    from pypaper.snn import ops
+
+    ops._scalar.cache_clear()
+    x = torch.randn(4, 3, 5, dtype=torch.float64) + 0.6
+    w = torch.linspace(-1.0, 1.0, x.numel(), dtype=x.dtype).reshape(x.shape)
+
+    def loss(a):
+        return (lif_multi_step(a, tau=2.5, v_threshold=0.9)[0] * w).sum()
+
+    h = torch.func.hessian(loss)(x)
+    torch.testing.assert_close(torch.func.jacrev(torch.func.jacrev(loss))(x), h)
+    xr = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss(xr), xr)
+    torch.testing.assert_close(torch.func.grad(loss)(x), g)
