@@ -188,10 +188,14 @@ def _runs_as_convolution(max_delay: int, sigma: Optional[float]) -> bool:
     return R > 0 and 8 * R >= 3 * max_delay  # 2R >= 3K/4
 
 
+# read once at import: torch.compile cannot trace the pybind call (a number sigma compiles)
+_CPU_IS_AMD = bool(_ext.LOADED and _ext._C.cpu_is_amd())
+
+
 def cpu_is_amd() -> bool:
     """The C++ kernels' vendor test (kernels/cpu/cpu_vendor.h): on AMD CPUs eager mode runs the
     widest windows as oneDNN's convolution, elsewhere the C++ op picks GEMMs or the gather."""
-    return bool(_ext.LOADED and _ext._C.cpu_is_amd())
+    return _CPU_IS_AMD
 
 
 def delayed_linear(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor,

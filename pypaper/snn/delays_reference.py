@@ -55,9 +55,8 @@ def tap_weights(position: torch.Tensor, sigma, max_delay: int,
         return sigma_tensor_tap_weights(position, sigma, K)
     p = position.clamp(0, K - 1)
     d = torch.arange(K, dtype=position.dtype, device=position.device)
-    if sigma == 0:
-        idx = torch.round(p.detach()).long()
-        return F.one_hot(idx, K).to(position.dtype)
+    if sigma == 0:  # a comparison, not F.one_hot (whose index check vmap refuses)
+        return (d == torch.round(p.detach()).unsqueeze(-1)).to(position.dtype)
     s = max(float(sigma), SIGMA_FLOOR.get(position.dtype, SIGMA_FLOOR[torch.float32]))
     u2 = (d - p.unsqueeze(-1)) ** 2
     if truncate:
@@ -103,7 +102,8 @@ def sigma_tensor_tap_weights(position: torch.Tensor, sigma: torch.Tensor,
     near2 = u2.detach().masked_fill(~inside, float("inf")).amin(-1, keepdim=True)
     logits = (coef * (u2 - near2)).masked_fill(~inside, float("-inf"))
     gauss = torch.softmax(logits, dim=-1)
-    rounded = F.one_hot(torch.round(p.detach()).long(), K).to(position.dtype)
+    # a comparison, not F.one_hot (whose index check reads values: vmap refuses it)
+    rounded = (d == torch.round(p.detach()).unsqueeze(-1)).to(position.dtype)
     return torch.where(sig.to(position.device) == 0, rounded, gauss)
 
 
@@ -124,9 +124,10 @@ def causal_conv(x: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor]) 
     """y[t, n, o] = b[o] + sum_{i, d} k[o, i, d] x[t - d, n, i] (x[t < 0] = 0) for a dense
     kernel k [C_out, C_in, K]: conv1d over time."""
     K = k.shape[-1]
-    if x.shape[0] == 0 or x.shape[2] == 0:
-        # no steps (conv1d refuses an input shorter than its kernel) or no input channels (its
-        # output would have 0 channels): y = bias, weight and position stay in the graph
+    if x.shape[0] == 0 or x.shape[2] == 0 or k.shape[0] == 0:
+        # no steps (conv1d refuses an input shorter than its kernel), no input channels (its
+        # output would have 0 channels) or no outputs (conv1d refuses an empty weight):
+        # y = bias, weight and position stay in the graph
         y = torch.einsum("tni,oik->tno", x, k)
         return y if bias is None else y + bias
     xs = x.permute(1, 2, 0)                      # [N, C_in, T]

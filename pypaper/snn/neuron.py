@@ -252,6 +252,15 @@ class BaseNode(nn.Module):
         v = self.v
         shape = tuple(x_seq.shape[1:])
         if isinstance(v, torch.Tensor):
+            if (torch._C._functorch.is_functorch_wrapped_tensor(v)
+                    and torch._C._functorch.peek_interpreter_stack() is None):
+                # a membrane a call inside torch.func.vmap / grad left: its transform has exited
+                # (using it failed with functorch's internal assert)
+                raise RuntimeError(
+                    f"{type(self).__name__}'s membrane v was left by a call inside a torch.func "
+                    f"transform (vmap / grad / jacrev) that has exited; call "
+                    f"pypaper.snn.reset_net(model) (or neuron.reset()) before calling the model "
+                    f"outside it")
             return v if tuple(v.shape) == shape else None
         if float(v) == self.rest_value:
             return None

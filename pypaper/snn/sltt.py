@@ -71,29 +71,33 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
             optimizer.zero_grad()
         total, out_sum = 0.0, None
         # A leaf x_seq that requires grad (input gradients: adversarial training, saliency):
-        # each step backpropagates into a detached leaf of its own row, written into one [T, ...]
-        # buffer. Through x_seq[t] each step's backward would zero-fill a whole [T, ...] gradient
-        # to accumulate one row of it: O(T^2) memory traffic per call.
-        x_grad = (torch.zeros_like(x_seq) if x_seq.requires_grad and x_seq.grad_fn is None
-                  and torch.is_grad_enabled() else None)
+        # each step runs on a detached leaf of its own row; after the loop (a later step's
+        # backward can still reach an earlier row through state a model keeps outside its
+        # neurons) their gradients go into x_seq by one backward, which accumulates and runs
+        # x_seq's hooks as autograd does. Through x_seq[t] each step's backward zero-filled a
+        # whole [T, ...] gradient to accumulate one row of it: O(T^2) memory traffic per call.
+        rows = ({} if x_seq.requires_grad and x_seq.grad_fn is None and torch.is_grad_enabled()
+                else None)
         for t in range(steps):
             if t in chosen:
                 xt = x_seq[t]
-                if x_grad is not None:
-                    xt = xt.detach().requires_grad_()
+                if rows is not None:
+                    xt = rows[t] = xt.detach().requires_grad_()
                 out = model(xt)
                 loss = loss_fn(out, target) / steps
                 loss.backward()
                 total += float(loss.detach())
-                if x_grad is not None and xt.grad is not None:
-                    x_grad[t] = xt.grad
             else:
                 with torch.no_grad():
                     out = model(x_seq[t])
             out = out.detach()
             out_sum = out if out_sum is None else out_sum + out
-        if x_grad is not None:
-            x_seq.grad = x_grad if x_seq.grad is None else x_seq.grad + x_grad
+        if rows and any(r.grad is not None for r in rows.values()):
+            x_grad = torch.zeros_like(x_seq)
+            for t, r in rows.items():
+                if r.grad is not None:
+                    x_grad[t] = r.grad
+            x_seq.backward(x_grad)
         if optimizer is not None:
             optimizer.step()
     finally:

@@ -863,6 +863,39 @@ def test_forward_mode_ad_equals_the_reference(dtype, sigma, path, monkeypatch):
         close(torch.func.jacfwd(g)(p), torch.func.jacrev(g)(p), dtype, "jacfwd")
 
 
+@needs_op
+def test_jvp_under_vmap_and_empty_outputs():
+    """The jvp rule under vmap over positions (the sigma-tensor reference's rounded taps are a
+    comparison: F.one_hot's index check read values, which vmap refuses), equal to the reference;
+    and with no output channels (conv1d refuses an empty weight)."""
+    K = 5
+    x, w, p, b = make(6, 2, 3, 4, K)
+    st = S(0.7)
+    pb = torch.stack([p, p.flip(0)])
+    tb = torch.randn_like(pb)
+    for sigma in (st, S(0.0)):
+        g = lambda q: D.delayed_linear(x, w, q, b, max_delay=K, sigma=sigma)
+        r = lambda q: R.delayed_linear(x, w, q, b, K, float(sigma))
+        got = torch.func.vmap(lambda q, t: torch.func.jvp(g, (q,), (t,))[1])(pb, tb)
+        want = torch.func.vmap(lambda q, t: torch.func.jvp(r, (q,), (t,))[1])(pb, tb)
+        close(got, want, torch.float64, "vmap(jvp)")
+    w0, p0, b0 = w[:0], p[:0], b[:0]
+    y, t = torch.func.jvp(lambda a: D.delayed_linear(a, w0, p0, b0, max_delay=K, sigma=st),
+                          (x,), (torch.ones_like(x),))
+    assert y.shape == t.shape == (6, 2, 0)
+
+
+@needs_op
+def test_functional_number_sigma_compiles_fullgraph():
+    """A Python-number sigma under torch.compile(fullgraph=True): the CPU path choice reads the
+    vendor from a constant (its pybind call broke the graph)."""
+    torch._dynamo.reset()
+    x, w, p, b = make(4, 2, 3, 5, 5)
+    f = torch.compile(lambda a: D.delayed_linear(a, w, p, b, max_delay=5, sigma=0.7),
+                      fullgraph=True, backend="eager")
+    close(f(x), D.delayed_linear(x, w, p, b, max_delay=5, sigma=0.7), torch.float64, "y")
+
+
 def test_bench_gives_pypaper_the_dcls_gauss_width():
     """DCLS's 'gauss' kernel (what SNN-delays trains with) is a Gaussian of width |SIG| + 0.27
     (DCLS/construct/modules.py); pypaper's sigma is the width. The benchmark's DCLS layer at SIG

@@ -342,3 +342,17 @@ def test_a_hessian_first_leaves_later_calls_working():
     xr = x.clone().requires_grad_()
     (g,) = torch.autograd.grad(loss(xr), xr)
     torch.testing.assert_close(torch.func.grad(loss)(x), g)
+
+
+def test_membrane_left_by_a_transform_gives_a_clear_error():
+    """A neuron called inside torch.func.vmap keeps the transform's wrapped membrane; calling it
+    after the transform exited raised functorch's internal assert. Now a clear error naming the
+    remedy, and after reset_net it runs."""
+    m = neuron.LIFNode(step_mode="m")
+    xb = torch.randn(2, 4, 3, 5) + 0.6
+    torch.func.vmap(m)(xb)
+    with pytest.raises(RuntimeError, match="reset_net"):
+        m(xb[0])
+    pypaper.snn.reset_net(m)
+    m(xb[0]).sum()
+

@@ -78,12 +78,14 @@ def test_online_input_gradients_equal_the_definition(k):
     gen = torch.Generator().manual_seed(5)
     xl = x.clone().requires_grad_()
     xl.grad = torch.ones_like(x)
-    # no per-step accumulation into the [T, ...] leaf (each one a whole zero-filled gradient)
-    accumulated = []
+    # one accumulation into the [T, ...] leaf, not one per step (each a whole zero-filled
+    # gradient); its hooks run as autograd runs them
+    accumulated, hooked = [], []
     xl.register_post_accumulate_grad_hook(lambda t: accumulated.append(1))
+    xl.register_hook(lambda g: hooked.append(g.shape))
     res = sltt.train_step_online(model, xl, y, torch.nn.functional.cross_entropy, k=k,
                                  generator=gen)
-    assert not accumulated
+    assert len(accumulated) == 1 and hooked == [x.shape]
     xd = x.clone().requires_grad_()
     _definition(twin, xd, y, set(res.trained_steps))
     assert xd.grad.abs().sum() > 0
@@ -131,3 +133,44 @@ def test_sltt_k_is_reproducible_with_a_generator():
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
     assert len(set(runs[2][0])) == 2
+
+
+class _RunningSum(torch.nn.Module):
+    """State outside the neurons: each step sees the sum of the inputs so far, so a later step's
+    backward reaches earlier rows of x_seq."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.lin = torch.nn.Linear(D, C)
+        self.lif = neuron.LIFNode(surrogate_function=surrogate.ATan())
+        self.acc = None
+
+    def forward(self, x):
+        self.acc = x if self.acc is None else self.acc + x
+        return self.lif(self.lin(self.acc))
+
+    def reset(self):
+        self.acc = None
+
+
+def test_online_input_gradient_reaches_earlier_steps_through_model_state():
+    """A later step's backward that reaches an earlier row (here through a running sum the model
+    keeps) lands in x_seq's gradient, as it does through x_seq[t] (a non-leaf view of it)."""
+    x = torch.randn(4, N, D)
+    y = torch.randint(0, C, (N,))
+    ce = torch.nn.functional.cross_entropy
+
+    def run(through_view):
+        model = _RunningSum()
+        leaf = x.clone().requires_grad_()
+        xs = leaf[:] if through_view else leaf
+        model.reset()
+        sltt.train_step_online(model, xs, y, ce)
+        model.reset()
+        return leaf.grad
+
+    want, got = run(True), run(False)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want)
+
