@@ -316,11 +316,10 @@ class DelayedLinear(nn.Module):
         if sigma_init is None:
             sigma_init = max(self.max_delay / 3.0, 0.5)
         self.sigma_init = _check_sigma(sigma_init)
-        # sigma lives twice: a float for Python (repr, path choice in eager mode) and a 0-dim
-        # float64 CPU tensor, a plain attribute (not a buffer: .to(device) / .half() leave it
-        # alone), which forward hands to the op. torch.compile reads the tensor as a graph input
-        # and guards on no value, so a sigma schedule runs in one compiled graph.
-        self._sigma_t = _sigma_tensor(self.sigma_init)
+        # sigma lives twice (the setter keeps both): a float for Python (repr, path choice in
+        # eager mode) and a 0-dim float64 CPU tensor, a plain attribute (not a buffer: .to(device)
+        # / .half() leave it alone), which forward hands to the op. torch.compile reads the
+        # tensor as a graph input and guards on no value, so a sigma schedule runs in one graph.
         self.sigma = self.sigma_init
         self.finalized = False
         kw = {"device": device, "dtype": dtype}

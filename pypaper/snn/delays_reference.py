@@ -42,6 +42,18 @@ def window_radius(sigma: float, max_delay: int) -> int:
     return K if r >= K else math.ceil(r)
 
 
+def floored_sigma(sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-dim sigma in float64, raised to ``SIGMA_FLOOR`` of dtype (as the number form's max)."""
+    return torch.clamp(sigma.detach().to(torch.float64),
+                       min=SIGMA_FLOOR.get(dtype, SIGMA_FLOOR[torch.float32]))
+
+
+def _rounded_taps(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """One-hot at round(p) over the taps d (sigma == 0): a comparison, not F.one_hot, whose index
+    check reads values (vmap refuses it)."""
+    return (d == torch.round(p.detach()).unsqueeze(-1)).to(p.dtype)
+
+
 def tap_weights(position: torch.Tensor, sigma, max_delay: int,
                 truncate: bool = True) -> torch.Tensor:
     """g[o, i, d], d = 0..max_delay-1: the normalised (truncated) Gaussian tap weights.
@@ -55,8 +67,8 @@ def tap_weights(position: torch.Tensor, sigma, max_delay: int,
         return sigma_tensor_tap_weights(position, sigma, K)
     p = position.clamp(0, K - 1)
     d = torch.arange(K, dtype=position.dtype, device=position.device)
-    if sigma == 0:  # a comparison, not F.one_hot (whose index check vmap refuses)
-        return (d == torch.round(p.detach()).unsqueeze(-1)).to(position.dtype)
+    if sigma == 0:
+        return _rounded_taps(p, d)
     s = max(float(sigma), SIGMA_FLOOR.get(position.dtype, SIGMA_FLOOR[torch.float32]))
     u2 = (d - p.unsqueeze(-1)) ** 2
     if truncate:
@@ -94,7 +106,7 @@ def sigma_tensor_tap_weights(position: torch.Tensor, sigma: torch.Tensor,
     # R = min(ceil(3 sigma), K), at least 1 in the Gaussian branch (R = 0 is the rounded case,
     # taken by the where below; an empty window would put NaN into that branch's backward)
     R = torch.clamp(torch.ceil(3.0 * sig), min=1.0, max=float(K))
-    s = torch.clamp(sig, min=SIGMA_FLOOR.get(position.dtype, SIGMA_FLOOR[torch.float32]))
+    s = floored_sigma(sig, position.dtype)
     coef = -0.5 / (s * s)
     u2 = (d - p.unsqueeze(-1)) ** 2
     f = torch.floor(p.detach()).unsqueeze(-1)
@@ -102,9 +114,7 @@ def sigma_tensor_tap_weights(position: torch.Tensor, sigma: torch.Tensor,
     near2 = u2.detach().masked_fill(~inside, float("inf")).amin(-1, keepdim=True)
     logits = (coef * (u2 - near2)).masked_fill(~inside, float("-inf"))
     gauss = torch.softmax(logits, dim=-1)
-    # a comparison, not F.one_hot (whose index check reads values: vmap refuses it)
-    rounded = (d == torch.round(p.detach()).unsqueeze(-1)).to(position.dtype)
-    return torch.where(sig.to(position.device) == 0, rounded, gauss)
+    return torch.where(sig.to(position.device) == 0, _rounded_taps(p, d), gauss)
 
 
 def dense_kernel(weight: torch.Tensor, position: torch.Tensor, sigma, max_delay: int,

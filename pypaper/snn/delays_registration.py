@@ -65,26 +65,21 @@ def _jvp(inputs, tangents):
     dx, dw, dp, db = tangents[:4]
     K = int(max_delay)
     g = delays_reference.tap_weights(position, sigma, K)
-    terms = []
+    out = x.new_zeros((x.shape[0], x.shape[1], weight.shape[0]))
     if dx is not None:
-        terms.append(delays_reference.causal_conv(dx, weight.unsqueeze(-1) * g, None))
+        out = out + delays_reference.causal_conv(dx, weight.unsqueeze(-1) * g, None)
     dk = None if dw is None else dw.unsqueeze(-1) * g
     if dp is not None:
-        sig = sigma.detach().to(torch.float64)
-        floor = delays_reference.SIGMA_FLOOR.get(position.dtype, 1e-6)
-        s = torch.clamp(sig, min=floor)
+        s = delays_reference.floored_sigma(sigma, position.dtype)
         inv = (1.0 / (s * s)).to(position.dtype)
         d = torch.arange(K, dtype=position.dtype, device=position.device)
         dl = (d - position.clamp(0, K - 1).unsqueeze(-1)) * inv
         inside = ((position >= 0) & (position <= K - 1)).to(position.dtype)
         dg = g * (dl - (g * dl).sum(-1, keepdim=True)) * (dp * inside).unsqueeze(-1)
-        dg = torch.where(sig.to(position.device) == 0, torch.zeros_like(dg), dg)
+        dg = torch.where(sigma.to(position.device) == 0, torch.zeros_like(dg), dg)
         dk = weight.unsqueeze(-1) * dg if dk is None else dk + weight.unsqueeze(-1) * dg
     if dk is not None:
-        terms.append(delays_reference.causal_conv(x, dk, None))
-    out = x.new_zeros((x.shape[0], x.shape[1], weight.shape[0]))
-    for t in terms:
-        out = out + t
+        out = out + delays_reference.causal_conv(x, dk, None)
     if db is not None:
         out = out + db
     return out
