@@ -70,14 +70,17 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
         if optimizer is not None:
             optimizer.zero_grad()
         total, out_sum = 0.0, None
-        # A leaf x_seq that requires grad (input gradients: adversarial training, saliency):
-        # each step runs on a detached leaf of its own row; after the loop (a later step's
-        # backward can still reach an earlier row through state a model keeps outside its
-        # neurons) their gradients go into x_seq by one backward, which accumulates and runs
-        # x_seq's hooks as autograd does. Through x_seq[t] each step's backward zero-filled a
-        # whole [T, ...] gradient to accumulate one row of it: O(T^2) memory traffic per call.
-        rows = ({} if x_seq.requires_grad and x_seq.grad_fn is None and torch.is_grad_enabled()
-                else None)
+        # An x_seq that requires grad (a leaf: adversarial training, saliency; or an encoder's
+        # output): each step runs on a detached leaf of its own row; after the loop (a later
+        # step's backward can still reach an earlier row through state a model keeps outside its
+        # neurons) their gradients go into x_seq by one backward, which accumulates, runs
+        # x_seq's hooks and, for an encoder's output, backpropagates through the encoder once
+        # (the sum of the steps' row gradients, by linearity). Through x_seq[t] each step's
+        # backward zero-filled a whole [T, ...] gradient to accumulate one row of it (O(T^2)
+        # memory traffic per call), and an encoder's graph was freed by the first step's
+        # backward, so the second step raised autograd's "backward through the graph a second
+        # time".
+        rows = {} if x_seq.requires_grad and torch.is_grad_enabled() else None
         for t in range(steps):
             if t in chosen:
                 xt = x_seq[t]

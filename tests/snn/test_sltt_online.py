@@ -156,21 +156,47 @@ class _RunningSum(torch.nn.Module):
 
 def test_online_input_gradient_reaches_earlier_steps_through_model_state():
     """A later step's backward that reaches an earlier row (here through a running sum the model
-    keeps) lands in x_seq's gradient, as it does through x_seq[t] (a non-leaf view of it)."""
+    keeps) lands in x_seq's gradient: the helper's gradient equals one backward of the summed
+    per-step losses through one graph over all steps (SLTT neurons, 's' mode), for a leaf x_seq
+    and for a view of one (a non-leaf)."""
     x = torch.randn(4, N, D)
     y = torch.randint(0, C, (N,))
     ce = torch.nn.functional.cross_entropy
 
-    def run(through_view):
+    def run(view):
         model = _RunningSum()
         leaf = x.clone().requires_grad_()
-        xs = leaf[:] if through_view else leaf
-        model.reset()
-        sltt.train_step_online(model, xs, y, ce)
-        model.reset()
+        sltt.train_step_online(model, leaf[:] if view else leaf, y, ce)
         return leaf.grad
 
-    want, got = run(True), run(False)
-    assert want.abs().sum() > 0
-    torch.testing.assert_close(got, want)
+    model = _RunningSum()
+    model.lif.sltt = True
+    leaf = x.clone().requires_grad_()
+    sum(ce(model(leaf[t]), y) for t in range(4)).div(4).backward()
+    want = leaf.grad
+    assert want[0].abs().sum() > 0
+    for view in (False, True):
+        torch.testing.assert_close(run(view), want)
 
+
+def test_online_input_gradient_through_an_encoder():
+    """x_seq an encoder's output (a non-leaf whose graph saved tensors): one backward through the
+    encoder after the loop, with the steps' summed row gradients; through x_seq[t] the first
+    step's backward freed the encoder's graph and the second raised autograd's error."""
+    x = torch.randn(T, N, 7)
+    y = torch.randint(0, C, (N,))
+    ce = torch.nn.functional.cross_entropy
+    torch.manual_seed(2)
+    enc = torch.nn.Linear(7, D)
+    enc_twin = copy.deepcopy(enc)
+    model, twin = _model(), _model()
+    calls = []
+    enc.weight.register_hook(lambda g: calls.append(1))
+    sltt.train_step_online(model, enc(x), y, ce)
+    assert len(calls) == 1  # the encoder's backward ran once, not once per step
+    _definition(twin, enc_twin(x), y, set(range(T)))
+    assert enc_twin.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(enc.weight.grad, enc_twin.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(enc.bias.grad, enc_twin.bias.grad, rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
