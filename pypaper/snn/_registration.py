@@ -202,5 +202,6 @@ def load_triton():
             second_order.register("_triton")
             vmap_rule.register("_triton")
             jvp_rule.register("_triton")
+            jvp_rule.register_triton()
         _triton_module = triton_kernels
     return _triton_module

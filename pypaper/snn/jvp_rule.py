@@ -16,10 +16,11 @@ v_init (0 when there is none):
 
 This is the Jacobian whose transpose the backward op applies (lif_backward), so a jvp and a vjp
 of the same call satisfy <J v, u> = <v, J^T u>: tests/snn/test_lif_jvp.py checks that and
-jacfwd against jacrev. On CPU tensors the tangents come from one fused pass
-(pypaper::lif_forward_jvp, kernels/cpu/snn_jvp_cpu.h); elsewhere, and under jacfwd's vmap, from
-`composite`, T steps of torch ops (the reference's speed). The primal outputs come from the op's
-own kernel either way.
+jacfwd against jacrev. The tangents come from one fused pass: on CPU tensors the C++ loop
+(pypaper::lif_forward_jvp, kernels/cpu/snn_jvp_cpu.h), on GPU tensors and for the Triton twin the
+Triton kernel (pypaper::lif_forward_jvp_triton, pypaper/snn/triton_kernels.py); where neither runs,
+and under jacfwd's vmap, from `composite`, T steps of torch ops (the reference's speed). The
+primal outputs come from the op's own kernel either way.
 """
 from __future__ import annotations
 
@@ -30,31 +31,61 @@ from .. import _autograd, _ext
 from . import op_flags, reference
 
 
-def _fused(x, tensors) -> bool:
-    """Whether the C++ tangent kernel (pypaper::lif_forward_jvp) takes the call: CPU tensors,
-    no graph to build over the tangents (``tensors``: the inputs and tangents), and no vmap
-    active (under jacfwd's vmap the composite runs all tangents in one batched pass,
-    where the op would run once per tangent)."""
-    if x.device.type != "cpu" or not _ext.LOADED:
-        return False
+def _fusable(tensors) -> bool:
+    """Whether a fused tangent kernel may take the call: no graph to build over the tangents
+    (``tensors``: the inputs and tangents; the kernels have no backward, the composite has) and
+    no vmap active (under jacfwd's vmap the composite runs all tangents in one batched pass,
+    where a kernel would run once per tangent)."""
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                        for t in tensors):
-        return False  # reverse mode over the tangents (the op has no backward; the composite has)
+        return False
     return not any(i.key() == _pyfunctorch.TransformType.Vmap
                    for i in _pyfunctorch.retrieve_all_functorch_interpreters())
 
 
-def lif_forward_jvp(inputs, tangents):
-    """register_jvp rule of lif_forward (and its Triton twin): tangents of (spikes, v_last,
-    h_seq, v_seq); h_seq is non-differentiable (None), v_seq empty unless stored."""
-    x, v_init, decay, vth, v_reset, sid, alpha, flags = inputs
-    dx, dv0, ddecay, dvth = tangents[:4]
-    if _fused(x, (x, v_init, decay, vth) + tuple(tangents[:4])):
-        ds, dv_last, dv_seq = torch.ops.pypaper.lif_forward_jvp(
-            x, dx, v_init, dv0, decay, ddecay, vth, dvth, v_reset, sid, alpha,
-            flags & ~op_flags.KEEP_H)
-        return ds, dv_last, None, dv_seq
-    return composite(inputs, tangents)
+_TRITON_OK: dict = {}
+
+
+def _triton_jvp(device: torch.device) -> bool:
+    """Whether the Triton tangent kernel (pypaper::lif_forward_jvp_triton) runs on ``device``
+    (the C++ CUDA op has no tangent kernel of its own); asked once per device."""
+    ok = _TRITON_OK.get(device)
+    if ok is None:
+        from . import ops
+
+        ok = _TRITON_OK[device] = ops._triton_reason(device) is None
+    return ok
+
+
+def _fused_op(x, tensors, triton_rule: bool):
+    """The fused tangent op for this call, or None (the composite): the Triton kernel for the
+    Triton twin's rule and for GPU tensors where Triton runs, the C++ loop for CPU tensors."""
+    if not _fusable(tensors):
+        return None
+    if triton_rule or x.device.type == "cuda":
+        return torch.ops.pypaper.lif_forward_jvp_triton if _triton_jvp(x.device) else None
+    if x.device.type == "cpu" and _ext.LOADED:
+        return torch.ops.pypaper.lif_forward_jvp
+    return None
+
+
+def _rule(triton_rule: bool):
+    def lif_forward_jvp(inputs, tangents):
+        """register_jvp rule of lif_forward (and its Triton twin): tangents of (spikes, v_last,
+        h_seq, v_seq); h_seq is non-differentiable (None), v_seq empty unless stored."""
+        x, v_init, decay, vth, v_reset, sid, alpha, flags = inputs
+        dx, dv0, ddecay, dvth = tangents[:4]
+        op = _fused_op(x, (x, v_init, decay, vth) + tuple(tangents[:4]), triton_rule)
+        if op is not None:
+            ds, dv_last, dv_seq = op(x, dx, v_init, dv0, decay, ddecay, vth, dvth, v_reset, sid,
+                                     alpha, flags & ~op_flags.KEEP_H)
+            return ds, dv_last, None, dv_seq
+        return composite(inputs, tangents)
+
+    return lif_forward_jvp
+
+
+lif_forward_jvp = _rule(False)
 
 
 def composite(inputs, tangents):
@@ -135,16 +166,22 @@ def _fake_lif_forward_jvp(x, x_tangent, v_init, v_init_tangent, decay, decay_tan
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[1:]), v_seq
 
 
+_NO_BACKWARD = ("it computes forward-mode tangents of lif_forward; reverse mode over them is not "
+                "supported (differentiate the LIF op with torch.func.jacrev / backward instead)")
+
+
 def register_native() -> None:
     """Fake kernel and autograd of the C++ tangent op (its outputs are tangents: differentiate
     the LIF op itself, not them)."""
     torch.library.register_fake("pypaper::lif_forward_jvp")(_fake_lif_forward_jvp)
-    _autograd.register_no_backward(
-        "pypaper::lif_forward_jvp",
-        "it computes forward-mode tangents of lif_forward; reverse mode over them is not "
-        "supported (differentiate the LIF op with torch.func.jacrev / backward instead)")
+    _autograd.register_no_backward("pypaper::lif_forward_jvp", _NO_BACKWARD)
+
+
+def register_triton() -> None:
+    """Autograd of the Triton tangent op (its fake kernel is triton_op's)."""
+    _autograd.register_no_backward("pypaper::lif_forward_jvp_triton", _NO_BACKWARD)
 
 
 def register(suffix: str = "") -> None:
     """The jvp rule of pypaper::lif_forward{suffix} (after its register_autograd)."""
-    _autograd.register_jvp(f"pypaper::lif_forward{suffix}", lif_forward_jvp)
+    _autograd.register_jvp(f"pypaper::lif_forward{suffix}", _rule(suffix == "_triton"))

@@ -9,6 +9,11 @@ bits, pypaper/snn/op_flags.py):
     pypaper::lif_backward_triton(grad_spikes, grad_v_last, grad_v_seq, h_seq, v_init, decay,
                                  v_threshold, v_reset, surrogate, alpha, flags)
         -> (grad_x, grad_v_init, grad_decay, grad_v_threshold)
+    pypaper::lif_forward_jvp_triton(x, x_tangent, v_init, v_init_tangent, decay, decay_tangent,
+                                    v_threshold, v_threshold_tangent, v_reset, surrogate, alpha,
+                                    flags) -> (spikes_tangent, v_last_tangent, v_seq_tangent)
+        (forward-mode tangents, csrc/schemas.cpp's lif_forward_jvp; the jvp rule of
+        pypaper/snn/jvp_rule.py calls it for GPU tensors)
 
 The backward reads a kept H: the recompute flag (rerun the forward from x) is the C++ op's only.
 
@@ -339,6 +344,16 @@ if triton is not None:
     # the scalar bit patterns (values, not shapes). neurons is: N % 16 == 0 lets the row accesses
     # vectorize.
 
+    @triton.jit
+    def _neuron_block(neurons, IDX64: tl.constexpr, BLOCK: tl.constexpr):
+        """This program's index, its BLOCK neurons (int64 where [T, N] offsets need it) and
+        which of them exist."""
+        pid = tl.program_id(0)
+        if IDX64:
+            pid = pid.to(tl.int64)
+        n = pid * BLOCK + tl.arange(0, BLOCK)
+        return pid, n, n < neurons
+
     @triton.jit(do_not_specialize=["steps", "vr_bits"])
     def _lif_forward_kernel(x_ptr, v0_ptr, decay_ptr, vth_ptr, s_ptr, h_ptr, vs_ptr, vl_ptr,
                             steps, neurons, decay_period, vth_period, vr_bits,
@@ -346,11 +361,7 @@ if triton is not None:
                             DI: tl.constexpr, DIV: tl.constexpr, HARD: tl.constexpr,
                             STORE: tl.constexpr, F64: tl.constexpr, IDX64: tl.constexpr,
                             USE_RN: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        if IDX64:
-            pid = pid.to(tl.int64)
-        n = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = n < neurons
+        pid, n, mask = _neuron_block(neurons, IDX64, BLOCK)
         mt = decay_ptr.dtype.element_ty
         vr = _from_bits(vr_bits, F64)
         k = tl.load(decay_ptr + n % decay_period, mask=mask, other=1.0)
@@ -384,11 +395,7 @@ if triton is not None:
                              BLOCK: tl.constexpr):
         # K_MODE / TH_MODE: 0 gradient not needed, 1 one value per neuron into gk/gth_ptr[n],
         # 2 one fp64 partial sum per program into gk/gth_ptr[pid].
-        pid = tl.program_id(0)
-        if IDX64:
-            pid = pid.to(tl.int64)
-        n = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = n < neurons
+        pid, n, mask = _neuron_block(neurons, IDX64, BLOCK)
         mt = decay_ptr.dtype.element_ty
         vr = _from_bits(vr_bits, F64)
         alpha = _from_bits(alpha_bits, F64)
@@ -475,6 +482,90 @@ if triton is not None:
             tl.store(gth_ptr + n, gth, mask=mask)
         elif TH_MODE == 2:
             tl.store(gth_ptr + pid, tl.sum(tl.where(mask, gth, 0.0).to(tl.float64), axis=0))
+
+    @triton.jit(do_not_specialize=["steps", "vr_bits", "alpha_bits"])
+    def _lif_jvp_kernel(x_ptr, dx_ptr, v0_ptr, dv0_ptr, decay_ptr, ddecay_ptr, vth_ptr, dvth_ptr,
+                        ds_ptr, dvs_ptr, dvl_ptr, steps, neurons, decay_period, vth_period,
+                        vr_bits, alpha_bits,
+                        HAS_DX: tl.constexpr, HAS_V0: tl.constexpr, HAS_DV0: tl.constexpr,
+                        HAS_DK: tl.constexpr, HAS_DTH: tl.constexpr, STORE_V: tl.constexpr,
+                        DI: tl.constexpr, DIV: tl.constexpr, HARD: tl.constexpr,
+                        DETACH: tl.constexpr, SLTT: tl.constexpr, SURR: tl.constexpr,
+                        STORE: tl.constexpr, F64: tl.constexpr, IDX64: tl.constexpr,
+                        USE_RN: tl.constexpr, BLOCK: tl.constexpr):
+        # Forward-mode tangents next to the primal recurrence (kernels/cpu/snn_jvp_cpu.h's loop,
+        # the same operations in the same order; the math in pypaper/snn/jvp_rule.py):
+        #   dH = cx dX + cv dV[t-1] + ck dk,  dS = sg (dH - dVth),
+        #   dV = (1 - S) dH + dr (Vr - H) dS (hard)  or  dH - S dVth - dr Vth dS (soft),
+        # with k the rate (1/tau where the op divides), dk its tangent (-dtau / tau^2).
+        pid, n, mask = _neuron_block(neurons, IDX64, BLOCK)
+        mt = decay_ptr.dtype.element_ty
+        vr = _from_bits(vr_bits, F64)
+        alpha = _from_bits(alpha_bits, F64)
+        dec = tl.load(decay_ptr + n % decay_period, mask=mask, other=1.0)
+        th = tl.load(vth_ptr + n % vth_period, mask=mask, other=1.0)
+        one = tl.full([BLOCK], 1.0, mt)
+        zero = tl.zeros([BLOCK], dtype=mt)
+        if DIV:
+            rate = _div(one, dec, USE_RN)
+        else:
+            rate = dec
+        if DI:
+            cx = rate
+        else:
+            cx = one
+        if SLTT:
+            cv = zero
+        else:
+            cv = 1.0 - rate
+        if HAS_DK:
+            dk = tl.load(ddecay_ptr + n % decay_period, mask=mask, other=0.0)
+            if DIV:
+                dk = _div(-dk, _mul(dec, dec, USE_RN), USE_RN)
+        else:
+            dk = zero
+        if HAS_DTH:
+            dth = tl.load(dvth_ptr + n % vth_period, mask=mask, other=0.0)
+        else:
+            dth = zero
+        if DETACH:
+            dr = zero
+        else:
+            dr = one
+        if HAS_V0:
+            v = _load(v0_ptr + n, mask, mt, STORE)
+        else:
+            v = zero + vr
+        if HAS_DV0:
+            dv = _load(dv0_ptr + n, mask, mt, STORE)
+        else:
+            dv = zero
+        off = n
+        for _ in range(steps):
+            xj = _load(x_ptr + off, mask, mt, STORE)
+            h = _charge(v, xj, dec, vr, DI, DIV, USE_RN)
+            s = _fire(h, th)
+            if DI:
+                ck = xj - (v - vr)
+            else:
+                ck = -(v - vr)
+            if HAS_DX:
+                dxj = _load(dx_ptr + off, mask, mt, STORE)
+            else:
+                dxj = zero
+            dh = _mul(cx, dxj, USE_RN) + _mul(cv, dv, USE_RN) + _mul(ck, dk, USE_RN)
+            sg = _surrogate_grad(h - th, alpha, SURR, USE_RN)
+            ds = _mul(sg, dh - dth, USE_RN)
+            _store(ds_ptr + off, ds, mask, STORE)
+            v = _reset(h, s, th, vr, HARD, USE_RN)
+            if HARD:
+                dv = _mul(1.0 - s, dh, USE_RN) + _mul(_mul(dr, vr - h, USE_RN), ds, USE_RN)
+            else:
+                dv = dh - _mul(s, dth, USE_RN) - _mul(_mul(dr, th, USE_RN), ds, USE_RN)
+            if STORE_V:
+                _store(dvs_ptr + off, dv, mask, STORE)
+            off += neurons
+        _store(dvl_ptr + n, dv, mask, STORE)
 
     # Interpreted (TRITON_INTERPRET=1 at import) or compiled.
 
@@ -595,4 +686,72 @@ if triton is not None:
                              device=v_threshold.device))
         return gx, gv0, g_decay, g_vth
 
-    __all__ += ["lif_forward_triton", "lif_backward_triton"]
+    def _tangent_param(t: Optional[torch.Tensor], param: torch.Tensor, x: torch.Tensor,
+                       name: str) -> Optional[torch.Tensor]:
+        """A parameter's tangent as the kernel reads it (the parameter's shape, math type,
+        contiguous), or None (zero)."""
+        if t is None:
+            return None
+        if tuple(t.shape) != tuple(param.shape):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(param.shape)}")
+        return _param(t, x, name)[0]
+
+    @triton_op("pypaper::lif_forward_jvp_triton", mutates_args=())
+    def lif_forward_jvp_triton(x: torch.Tensor, x_tangent: Optional[torch.Tensor],
+                               v_init: Optional[torch.Tensor],
+                               v_init_tangent: Optional[torch.Tensor], decay: torch.Tensor,
+                               decay_tangent: Optional[torch.Tensor], v_threshold: torch.Tensor,
+                               v_threshold_tangent: Optional[torch.Tensor],
+                               v_reset: Optional[float], surrogate: int, alpha: float, flags: int
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(spikes_tangent, v_last_tangent, v_seq_tangent): forward-mode tangents of
+        lif_forward_triton's outputs (pypaper::lif_forward_jvp's schema and results; v_seq's
+        tangent has shape [0] unless store_v_seq). A tangent that is None is zero."""
+        _check_device("lif_forward_jvp_triton", x)
+        op_flags.check(flags, op_flags.FORWARD & ~op_flags.KEEP_H, "lif_forward_jvp_triton")
+        decay_input = bool(flags & op_flags.DECAY_INPUT)
+        decay_is_tau = bool(flags & op_flags.DECAY_IS_TAU)
+        detach_reset, sltt = bool(flags & op_flags.DETACH_RESET), bool(flags & op_flags.SLTT)
+        store_v_seq = bool(flags & op_flags.STORE_V_SEQ)
+        _check_x(x)
+        _check_state(v_init, x, "v_init")
+        _check_state(v_init_tangent, x, "v_init_tangent")
+        _check_scalars(surrogate, alpha, v_reset)
+        if x_tangent is not None:
+            if (x_tangent.shape != x.shape or x_tangent.dtype != x.dtype
+                    or x_tangent.device != x.device):
+                raise ValueError("x_tangent must match x in shape, dtype and device")
+        x = x.contiguous()
+        name = "tau" if decay_is_tau else "k"
+        dec, dperiod = _param(decay, x, name)
+        vth, tperiod = _param(v_threshold, x, "v_threshold")
+        ddec = _tangent_param(decay_tangent, decay, x, "decay_tangent")
+        dvth = _tangent_param(v_threshold_tangent, v_threshold, x, "v_threshold_tangent")
+        mt = dec.dtype
+        steps, neurons = x.shape[0], _neurons(x)
+        ds = torch.empty_like(x)
+        dv_last = x.new_empty(x.shape[1:])
+        dv_seq = torch.empty_like(x) if store_v_seq else x.new_empty((0,))
+        if neurons == 0 or not _launches(x):
+            return ds, dv_last, dv_seq
+        dx = x_tangent.contiguous() if x_tangent is not None else None
+        v0 = v_init.contiguous() if v_init is not None else None
+        dv0 = v_init_tangent.contiguous() if v_init_tangent is not None else None
+        block, programs, idx64 = _plan(x, steps, neurons)
+        xs = _as_storage(x)
+        wrap_triton(_lif_jvp_kernel)[(programs,)](
+            xs, _as_storage(dx) if dx is not None else xs,
+            _as_storage(v0) if v0 is not None else xs,
+            _as_storage(dv0) if dv0 is not None else xs, dec,
+            ddec if ddec is not None else dec, vth, dvth if dvth is not None else vth,
+            _as_storage(ds), _as_storage(dv_seq) if store_v_seq else xs, _as_storage(dv_last),
+            steps, neurons, dperiod, tperiod, _scalar_bits(v_reset or 0.0, mt),
+            _scalar_bits(alpha, mt), HAS_DX=dx is not None, HAS_V0=v0 is not None,
+            HAS_DV0=dv0 is not None, HAS_DK=ddec is not None, HAS_DTH=dvth is not None,
+            STORE_V=store_v_seq, DI=decay_input, DIV=decay_is_tau, HARD=v_reset is not None,
+            DETACH=detach_reset, SLTT=sltt, SURR=surrogate, STORE=_storage_code(x.dtype),
+            F64=mt == torch.float64, IDX64=idx64, USE_RN=_USE_RN, BLOCK=block,
+            num_warps=num_warps_for(block))
+        return ds, dv_last, dv_seq
+
+    __all__ += ["lif_forward_triton", "lif_backward_triton", "lif_forward_jvp_triton"]

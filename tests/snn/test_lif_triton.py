@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+import torch.func as func  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -297,6 +298,117 @@ def test_backward_without_optional_gradients():
     assert torch.equal(got[2], torch.zeros(())) and torch.equal(got[3], torch.zeros(6))
 
 
+# ---- forward-mode tangents (lif_forward_jvp_triton) ---------------------------------------------
+
+def _jvp_args(dtype, shape, sid, vr, di, div, detach, sltt, per_neuron, store_v,
+              drop=(), alpha=2.0):
+    """lif_forward_jvp's arguments: primals as the forward tests', tangents of every input
+    (``drop``: the ones left None)."""
+    x = inputs(shape, dtype, scale=1.0, shift=0.7)
+    decay, vth = _params(shape, dtype, per_neuron, div)
+    if vr is not None:
+        vth = vth.clamp_min(vr + 0.25)
+    v0 = (torch.rand(shape[1:], dtype=torch.float64) * 0.8).to(dtype)
+    tan = {"x": torch.randn(shape, dtype=torch.float64).to(dtype),
+           "v": torch.randn(shape[1:], dtype=torch.float64).to(dtype),
+           "decay": torch.randn(decay.shape, dtype=torch.float64).to(decay.dtype),
+           "vth": torch.randn(vth.shape, dtype=torch.float64).to(vth.dtype)}
+    tan = {k: (None if k in drop else t) for k, t in tan.items()}
+    return (x, tan["x"], v0, tan["v"], decay, tan["decay"], vth, tan["vth"], vr, sid, alpha,
+            op_flags.forward_flags(di, div, detach, sltt, store_v, keep_h=False))
+
+
+def _check_jvp(args, dtype):
+    """The Triton tangents against the C++ loop's: to the bit where the surrogate has no exp
+    (the same operations in the same order), else within GRAD_TOL."""
+    got, want = _both(ops.lif_forward_jvp_triton, ops.lif_forward_jvp, args)
+    assert float(want[0].abs().sum()) > 0
+    for g, w, name in zip(got, want, ("spikes_tangent", "v_last_tangent", "v_seq_tangent")):
+        if args[9] in EXP_SURROGATES:
+            _assert_close(g, w, dtype, name)
+        else:
+            _assert_same(g, w, name)
+
+
+@pytest.mark.parametrize("sid", range(8), ids=SURROGATE_NAMES)
+@pytest.mark.parametrize("vr", [0.0, None], ids=["hard", "soft"])
+def test_jvp_every_surrogate(sid, vr):
+    _check_jvp(_jvp_args(torch.float32, (5, 3, 37), sid, vr, di=True, div=True, detach=False,
+                         sltt=False, per_neuron=(sid % 2 == 0), store_v=(sid % 3 == 0)),
+               torch.float32)
+
+
+@pytest.mark.parametrize("dtype,vr,di,div,detach,sltt,pn,sid", BWD_CASES,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_jvp_flags_and_dtypes(dtype, vr, di, div, detach, sltt, pn, sid):
+    _check_jvp(_jvp_args(dtype, (6, 2, 3, 11), sid, vr, di, div, detach, sltt, pn,
+                         store_v=True), dtype)
+
+
+@pytest.mark.parametrize("drop", [("x",), ("v", "decay"), ("vth",), ("x", "v", "decay", "vth")],
+                         ids=lambda d: "-".join(d))
+def test_jvp_without_some_tangents(drop):
+    """A tangent left None is zero, as for the C++ op (all None: every tangent zero)."""
+    args = _jvp_args(torch.float32, (4, 3, 10), 1, 0.0, True, True, False, False, True,
+                     store_v=True, drop=drop)
+    got, want = _both(ops.lif_forward_jvp_triton, ops.lif_forward_jvp, args)
+    for g, w in zip(got, want):
+        _assert_same(g, w)
+    if len(drop) == 4:
+        assert all(not bool(g.any()) for g in got)
+
+
+def test_jvp_through_torch_func_takes_the_triton_kernel(monkeypatch):
+    """torch.func.jvp of lif_multi_step under use_backend('triton') runs the Triton tangent
+    kernel (not the torch-op composite) and gives the C++ backend's tangents; jacfwd (a vmap
+    over jvp) still takes the batched composite."""
+    from pypaper.snn import jvp_rule
+
+    calls = []
+    composite = jvp_rule.composite
+    monkeypatch.setattr(jvp_rule, "composite", lambda *a: (calls.append(1), composite(*a))[1])
+    x = inputs((5, 2, 9))
+    t = torch.randn(x.shape)
+    tau = torch.rand(9) + 1.5
+    dtau = torch.randn(9)
+
+    def f(a, tau):
+        s, v_last, _ = lif_multi_step(a, tau=tau, surrogate_function=surrogate_of("ATan"))
+        return s, v_last
+
+    def run(device, backend):
+        with pypaper.use_backend(backend):
+            return func.jvp(f, (x.to(device), tau.to(device)), (t.to(device), dtau.to(device)))
+
+    (s_t, v_t), (ds_t, dv_t) = run(DEVICE, "triton")
+    assert calls == []
+    (s_c, v_c), (ds_c, dv_c) = run("cpu", "cpu")
+    assert calls == []
+    for g, w in zip((s_t, v_t, ds_t, dv_t), (s_c, v_c, ds_c, dv_c)):
+        _assert_same(g.cpu(), w)
+    assert float(ds_c.abs().sum()) > 0
+    with pypaper.use_backend("triton"):
+        func.jacfwd(lambda a: f(a, tau.to(DEVICE))[0])(x[:2, :1].contiguous().to(DEVICE))
+    assert calls == [1]
+
+
+def test_jvp_bad_arguments_raise_and_name_the_argument():
+    args = list(_jvp_args(torch.float32, (3, 2, 4), 1, 0.0, True, True, False, False, True,
+                          store_v=False))
+    bad = list(args)
+    bad[1] = args[1][:-1]
+    with pytest.raises(ValueError, match="x_tangent must match x"):
+        ops.lif_forward_jvp_triton(*[_to(a, DEVICE) for a in bad])
+    bad = list(args)
+    bad[5] = torch.ones(5)
+    with pytest.raises(ValueError, match=r"decay_tangent has shape \(5,\)"):
+        ops.lif_forward_jvp_triton(*[_to(a, DEVICE) for a in bad])
+    bad = list(args)
+    bad[-1] = args[-1] | op_flags.KEEP_H
+    with pytest.raises(ValueError, match="lif_forward_jvp_triton: flags .* has bits"):
+        ops.lif_forward_jvp_triton(*[_to(a, DEVICE) for a in bad])
+
+
 # ---- autograd through the public op ------------------------------------------------------------
 
 @pytest.mark.parametrize("per_neuron,v_reset,sid", [(True, 0.0, 1), (False, None, 0),
@@ -369,6 +481,13 @@ def test_opcheck_triton(rg):
     vth = (torch.rand(5) + 0.5).to(DEVICE).requires_grad_(rg)
     torch.library.opcheck(ops.lif_forward_triton.default,
                           _fwd_args(x, None, k, vth, None, sid=6, di=False, div=False))
+
+
+@_COMPILED_ONLY
+def test_opcheck_triton_jvp():
+    args = _jvp_args(torch.float32, (4, 3, 5), 6, None, False, False, True, False, True,
+                     store_v=True)
+    torch.library.opcheck(ops.lif_forward_jvp_triton.default, [_to(a, DEVICE) for a in args])
 
 
 # ---- errors --------------------------------------------------------------------------------------
