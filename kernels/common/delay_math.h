@@ -99,6 +99,16 @@ PYPAPER_HD T round_half_even(T v) {
 // not needed).
 template <typename T>
 PYPAPER_HD int64_t tap_weights(T p_raw, T sigma, int64_t R, int64_t K, int64_t* lo, T* g, T* dg) {
+  if (!(p_raw == p_raw)) {
+    // A NaN position (a diverged step): one tap at delay 0 weighing NaN, so the synapse's
+    // outputs and gradients are NaN, as the reference's are. The tap index must not come from
+    // NaN: floor(NaN) cast to int64 is undefined (INT64_MIN on x86), and the window it gave
+    // wrote outside the per-synapse tables (heap corruption, a crash).
+    *lo = 0;
+    g[0] = p_raw;
+    if (dg) dg[0] = p_raw;
+    return 1;
+  }
   const T p = clamp_position(p_raw, K);
   if (R == 0) {
     *lo = static_cast<int64_t>(round_half_even(p));

@@ -377,8 +377,13 @@ class DelayedLinear(nn.Module):
     @torch.no_grad()
     def round_delays(self) -> "DelayedLinear":
         """Round the positions to integer delays and switch to the exact integer gather
-        (sigma = 0): one tap per synapse, as the paper does for inference."""
+        (sigma = 0): one tap per synapse, as the paper does for inference. The delays are fixed
+        from here: the forward no longer differentiates the positions and their .grad is
+        cleared, so an optimizer that keeps training the weights skips them (with a zero
+        gradient Adam's momentum and weight decay moved them off the integers, changing the
+        delays; reset_parameters() makes them learnable again)."""
         self.position.clamp_(0, self.max_delay - 1).round_()
+        self.position.grad = None
         self.sigma = 0.0
         self.finalized = True
         return self
@@ -395,7 +400,8 @@ class DelayedLinear(nn.Module):
             raise ValueError(f"x has {x.shape[-1]} input features (x.shape[-1]) but the layer "
                              f"has in_features = {self.in_features}")
         value = None if torch.compiler.is_compiling() else self._sigma
-        return _delayed_linear(x, self.weight, self.position, self.bias, self.max_delay, value,
+        position = self.position.detach() if self.finalized else self.position
+        return _delayed_linear(x, self.weight, position, self.bias, self.max_delay, value,
                                self._sigma_t)
 
     def get_extra_state(self):

@@ -50,8 +50,12 @@ def floored_sigma(sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _rounded_taps(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """One-hot at round(p) over the taps d (sigma == 0): a comparison, not F.one_hot, whose index
-    check reads values (vmap refuses it)."""
-    return (d == torch.round(p.detach()).unsqueeze(-1)).to(p.dtype)
+    check reads values (vmap refuses it). The taps do not move with p (their derivative is 0,
+    as round's), but stay in p's graph: a gradient of zeros, as the C++ op gives, not None. p is
+    clamped (finite or NaN): a NaN position gives NaN taps (0 * p), so the synapse's outputs are
+    NaN as at sigma > 0, not silently zero."""
+    hit = (d == torch.round(p.detach()).unsqueeze(-1)).to(p.dtype)
+    return hit + 0.0 * p.unsqueeze(-1)
 
 
 def tap_weights(position: torch.Tensor, sigma, max_delay: int,

@@ -658,8 +658,10 @@ def test_huge_sigma_spans_every_tap(path, sigma, monkeypatch):
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_torch_compile_runs_a_sigma_schedule_in_one_graph(dynamic, backend, monkeypatch):
     """fullgraph=True over a 12-value sigma schedule (more than dynamo's default recompile limit
-    of 8), ending in the rounded delays, with recompile_limit=1: any recompile would raise. The
-    layer hands sigma to the op as a tensor, so no graph reads its value. Equal to eager at every
+    of 8), ending in the rounded delays, with recompile_limit=2: one graph for the whole schedule
+    (a recompile per value would raise at the third) and one for the rounded layer, whose
+    forward detaches the fixed positions. The layer hands sigma to the op as a tensor, so no
+    graph reads its value. Equal to eager at every
     sigma, forward and gradients (for the wide windows eager mode runs the convolution, the
     compiled graph the C++ op's GEMMs: the same numbers summed in another order)."""
     if backend == "cpu" and not HAVE_OP:
@@ -672,7 +674,7 @@ def test_torch_compile_runs_a_sigma_schedule_in_one_graph(dynamic, backend, monk
     x = torch.randn(7, 2, 4, dtype=torch.float64)
     sigmas = [D.sigma_schedule(e, 12, 2.5, decay_epochs=11) for e in range(12)]
     assert len(set(sigmas)) == 12
-    with pypaper.use_backend(backend), torch._dynamo.config.patch(recompile_limit=1):
+    with pypaper.use_backend(backend), torch._dynamo.config.patch(recompile_limit=2):
         for step, sigma in enumerate(sigmas + [None]):
             if sigma is None:
                 layer.round_delays()
@@ -920,3 +922,70 @@ def test_bench_gives_pypaper_the_dcls_gauss_width():
         assert float((got - want).abs().max()) <= 1e-5 * (float(want.abs().max()) + 1), sig
         off = R.delayed_linear(x.double(), w, p, None, K, sig, truncate=False)
         assert float((off - want).abs().max()) > 1e-3, sig  # the width is not SIG itself
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("sigma", [0.5, 2.0, 0.0])
+def test_nan_position_gives_nan_not_a_crash(path, sigma, monkeypatch):
+    """A NaN position (a diverged optimizer step) makes its synapse's outputs NaN on every path
+    and backend, like the reference's Gaussian. The C++ kernels took the tap window from
+    floor(NaN) cast to int64 (undefined; INT64_MIN on x86): writes outside the per-synapse tables,
+    a segfault or glibc's "double free". At sigma = 0 the reference dropped the synapse (y = 0)."""
+    _path(path, monkeypatch)
+    x = torch.arange(1.0, 7.0).view(6, 1, 1).repeat(1, 2, 3)
+    w = torch.ones(2, 3)
+    p = torch.full((2, 3), 2.0)
+    p[0, 1] = float("nan")
+    gy = torch.ones(6, 2, 2)
+
+    def call(a, b, c):
+        return D.delayed_linear(a, b, c, None, max_delay=5, sigma=sigma)
+
+    for backend in ("cpu", "reference"):
+        with pypaper.use_backend(backend):
+            y, (gx, gw, gp) = _run(call, (x, w, p), gy)
+            healthy = call(x, w, p.nan_to_num(2.0))[:, :, 1]
+        assert bool(y[:, :, 0].isnan().all()), (backend, y[:, :, 0])
+        assert torch.equal(y[:, :, 1], healthy), backend  # the other output does not see it
+        assert bool(gw[0, 1].isnan()) and bool(gx.isnan().any()), backend
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_rounded_delays_stay_fixed_while_the_weights_train(backend, monkeypatch):
+    """After round_delays() the positions leave the graph and their .grad is cleared, so an
+    optimizer that keeps training the layer skips them: with the C++ op's zero gradient Adam's
+    momentum moved half of them off the integers (the delays changed) while the reference's
+    detached taps left them alone."""
+    monkeypatch.delenv("PYPAPER_DELAY_PATH")
+    torch.manual_seed(0)
+    layer = DelayedLinear(8, 4, max_delay=6)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.15)
+    x = torch.randn(12, 3, 8)
+    with pypaper.use_backend(backend):
+        for step in range(30):
+            if step == 10:
+                layer.round_delays()
+                delays = layer.delays.clone()
+                weight = layer.weight.detach().clone()
+            opt.zero_grad(set_to_none=False)  # a zeroed, not cleared, gradient
+            layer(x).square().mean().backward()
+            opt.step()
+    assert layer.position.grad is None
+    assert torch.equal(layer.delays, delays)
+    assert torch.equal(layer.position, layer.position.round())
+    assert not torch.equal(layer.weight, weight)  # the weights did train
+    layer.reset_parameters()  # learnable again
+    layer(x).sum().backward()
+    assert layer.position.grad is not None
+
+
+def test_reference_rounded_taps_give_a_zero_position_gradient():
+    """At sigma = 0 the reference gives the position a zero gradient (round's), as the C++ op
+    does, instead of leaving it out of the graph (backward raised when only p required grad)."""
+    x, w = torch.randn(5, 2, 3), torch.randn(4, 3)
+    p = (torch.rand(4, 3) * 4).requires_grad_()
+    for backend in ("cpu", "reference"):
+        with pypaper.use_backend(backend):
+            y = D.delayed_linear(x, w, p, None, max_delay=5, sigma=0.0)
+            (gp,) = torch.autograd.grad(y.sum(), (p,))
+        assert torch.equal(gp, torch.zeros_like(p)), backend
