@@ -148,9 +148,10 @@ def set_backend(net: nn.Module, backend: str, instance=(nn.Module,)) -> None:
                               f"(supported: {supported}); it keeps backend={m.backend!r}")
 
 
-__all__ = ["detach_net", "multi_step_forward", "reset_net", "seq_to_ann_forward", "set_backend",
-           "set_step_mode"]
+_OWN_NAMES = ["detach_net", "multi_step_forward", "reset_net", "seq_to_ann_forward", "set_backend",
+              "set_step_mode"]
 
 
 # Names this module lacks come from SpikingJelly (pypaper/snn/spikingjelly_fallback.py).
-__getattr__ = spikingjelly_fallback.forwarder(__name__, "functional")
+# __all__ too: pypaper's names, then SpikingJelly's (a star import gets both).
+__getattr__ = spikingjelly_fallback.forwarder(__name__, "functional", _OWN_NAMES)

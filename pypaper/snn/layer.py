@@ -372,13 +372,14 @@ class StepModeContainer(_Container):
         return seq_to_ann_forward(x, super().forward)
 
 
-__all__ = ["AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AvgPool1d",
-           "AvgPool2d", "AvgPool3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Conv1d",
-           "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Dropout",
-           "Dropout2d", "Flatten", "GroupNorm", "Linear", "MaxPool1d", "MaxPool2d", "MaxPool3d",
-           "MultiStepContainer", "SeqToANNContainer", "StepModeContainer", "StepModule",
-           "Upsample", "VotingLayer"]
+_OWN_NAMES = ["AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AvgPool1d",
+              "AvgPool2d", "AvgPool3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Conv1d",
+              "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Dropout",
+              "Dropout2d", "Flatten", "GroupNorm", "Linear", "MaxPool1d", "MaxPool2d", "MaxPool3d",
+              "MultiStepContainer", "SeqToANNContainer", "StepModeContainer", "StepModule",
+              "Upsample", "VotingLayer"]
 
 
 # Names this module lacks come from SpikingJelly (pypaper/snn/spikingjelly_fallback.py).
-__getattr__ = spikingjelly_fallback.forwarder(__name__, "layer")
+# __all__ too: pypaper's names, then SpikingJelly's (a star import gets both).
+__getattr__ = spikingjelly_fallback.forwarder(__name__, "layer", _OWN_NAMES)

@@ -98,6 +98,9 @@ class BaseNode(nn.Module):
             raise ValueError(f"v_threshold ({v_threshold}) must be greater than v_reset "
                              f"({v_reset})")
         self.v_reset = None if v_reset is None else float(v_reset)
+        # where reset() puts v: v_reset as constructed (SpikingJelly registers the memory v
+        # with it then; a later change of v_reset does not move it), set_reset_value('v', ...)
+        self._v_rest = 0.0 if v_reset is None else float(v_reset)
         if learnable_threshold or threshold_shape is not None:
             shape = _shape(threshold_shape or (), "threshold_shape")
             vth = torch.full(shape, float(v_threshold))
@@ -182,8 +185,13 @@ class BaseNode(nn.Module):
 
     @property
     def rest_value(self) -> float:
-        """The membrane at rest: v_reset, or 0 for a soft reset."""
-        return 0.0 if self.v_reset is None else self.v_reset
+        """Where reset() puts the membrane, as in SpikingJelly: v_reset as constructed (0 for a
+        soft reset), or what set_reset_value('v', value) set. Assigning v_reset later changes
+        the reset after a spike, not this."""
+        rest = self.__dict__.get("_v_rest")  # neurons pickled before it was kept
+        if rest is None:
+            return 0.0 if self.v_reset is None else self.v_reset
+        return rest
 
     def reset(self) -> None:
         """Back to rest: v is the float rest value again, v_seq None, and every memory a
@@ -217,8 +225,11 @@ class BaseNode(nn.Module):
         setattr(self, name, copy.deepcopy(value))
 
     def set_reset_value(self, name: str, value) -> None:
-        if name == "v":
-            raise ValueError("v resets to v_reset (0 for a soft reset): set v_reset instead")
+        if name == "v":  # SpikingJelly's own HalfThresholdIFNode-style trick
+            if not _finite_number(value):
+                raise ValueError(f"the reset value of v must be a finite number, got {value!r}")
+            self._v_rest = float(value)
+            return
         self._memory(name)
         self._memory_reset[name] = copy.deepcopy(value)
 
@@ -262,8 +273,8 @@ class BaseNode(nn.Module):
                     f"pypaper.snn.reset_net(model) (or neuron.reset()) before calling the model "
                     f"outside it")
             return v if tuple(v.shape) == shape else None
-        if float(v) == self.rest_value:
-            return None
+        if float(v) == (0.0 if self.v_reset is None else self.v_reset):
+            return None  # the op's own start (v_reset, or 0 for a soft reset)
         return torch.full(shape, float(v), dtype=x_seq.dtype, device=x_seq.device)
 
     # ---- forward ---------------------------------------------------------------------------
@@ -278,13 +289,21 @@ class BaseNode(nn.Module):
         self.v = v_last.detach() if self.sltt else v_last
         return spikes, v_seq
 
+    def _state_as_one_neuron(self) -> None:
+        """Before a 0-d step (or a [T] sequence): the carried 0-d membrane as the [1] state of
+        the call on one neuron; a membrane of any other shape restarts from rest, as any shape
+        change does (a [1] state left by a [1] input is not a 0-d input's)."""
+        if isinstance(self.v, torch.Tensor):
+            self.v = self.v.reshape(1) if self.v.dim() == 0 else self.rest_value
+
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         x = _as_float(x)
         if x.dim() == 0:  # one neuron, as SpikingJelly's elementwise step takes it
-            if isinstance(self.v, torch.Tensor) and self.v.dim() == 0:
-                self.v = self.v.reshape(1)
+            self._state_as_one_neuron()
+            if isinstance(self.v_seq, torch.Tensor) and self.v_seq.dim() == 1:
+                self.v_seq = self.v_seq.reshape(-1, 1)  # [steps] -> [steps, 1], extended below
             out = self.single_step_forward(x.reshape(1))
             self.v = self.v.reshape(())
             if isinstance(self.v_seq, torch.Tensor):
@@ -303,8 +322,7 @@ class BaseNode(nn.Module):
         if isinstance(x_seq, torch.Tensor):
             x_seq = _as_float(x_seq)
             if x_seq.dim() == 1:  # [T]: one neuron, its state 0-d (as SpikingJelly's loop has it)
-                if isinstance(self.v, torch.Tensor) and self.v.dim() == 0:
-                    self.v = self.v.reshape(1)
+                self._state_as_one_neuron()
                 spikes, v_seq = self._run(x_seq[:, None], self.store_v_seq)
                 self.v = self.v.reshape(())
                 self.v_seq = None if v_seq is None else v_seq[:, 0]
@@ -422,8 +440,9 @@ class ParametricLIFNode(BaseNode):
         return super().extra_repr() + f", tau={tau}"
 
 
-__all__ = ["BaseNode", "IFNode", "LIFNode", "ParametricLIFNode"]
+_OWN_NAMES = ["BaseNode", "IFNode", "LIFNode", "ParametricLIFNode"]
 
 
 # Names this module lacks come from SpikingJelly (pypaper/snn/spikingjelly_fallback.py).
-__getattr__ = spikingjelly_fallback.forwarder(__name__, "neuron")
+# __all__ too: pypaper's names, then SpikingJelly's (a star import gets both).
+__getattr__ = spikingjelly_fallback.forwarder(__name__, "neuron", _OWN_NAMES)

@@ -14,12 +14,29 @@ from __future__ import annotations
 import importlib
 
 
-def forwarder(module_name: str, submodule: str):
+def _star_names(module) -> list:
+    """What ``from module import *`` binds: its __all__, else its names without a leading _."""
+    names = getattr(module, "__all__", None)
+    if names is None:
+        names = [n for n in vars(module) if not n.startswith("_")]
+    return list(names)
+
+
+def forwarder(module_name: str, submodule: str, own: list):
     """A module ``__getattr__`` for pypaper.snn.<submodule>: public names it lacks come from
-    spikingjelly.activation_based.<submodule>, imported on the first such lookup."""
+    spikingjelly.activation_based.<submodule>, imported on the first such lookup. ``__all__``
+    (which ``from pypaper.snn.<submodule> import *`` reads) is ``own`` (pypaper's names) followed
+    by the names SpikingJelly's module would star-import, when it imports: the names a model
+    star-imported from SpikingJelly are all there after the import line changes."""
     source = f"spikingjelly.activation_based.{submodule}"
 
     def __getattr__(name: str):
+        if name == "__all__":
+            try:
+                sj = importlib.import_module(source)
+            except Exception:  # not installed, or a broken install: pypaper's names alone
+                return list(own)
+            return list(own) + [n for n in _star_names(sj) if n not in own]
         if name.startswith("_"):  # dunders and private names: probed by tools, never forwarded
             raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
         try:

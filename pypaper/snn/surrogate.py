@@ -16,6 +16,7 @@ the fused kernels get the integer ``surrogate_id`` and ``alpha`` (kernels/common
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Optional
@@ -32,57 +33,117 @@ def heaviside(x: torch.Tensor) -> torch.Tensor:
     return (x >= 0).to(x.dtype)
 
 
+def alpha_value(alpha, where: str = "alpha") -> float:
+    """A built-in surrogate's alpha as the kernels take it: a positive finite number, or a
+    one-element tensor read now (SpikingJelly keeps a tensor alpha as it is given, so annealing
+    it in place, alpha.fill_(a), takes effect at the next call; no gradient reaches it, as none
+    does in SpikingJelly's built-in surrogates)."""
+    value = alpha
+    if isinstance(alpha, torch.Tensor):
+        if alpha.numel() != 1 or not alpha.is_floating_point():
+            raise ValueError(f"{where} must be a positive finite number or a one-element floating "
+                             f"tensor, got a {alpha.dtype} tensor of shape {tuple(alpha.shape)}")
+        value = float(alpha.detach())
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or value <= 0):
+        raise ValueError(f"{where} must be a positive finite number, got {alpha!r}")
+    return float(value)
+
+
+def _requires_alpha(cls) -> bool:
+    """Whether cls's spiking_function or primitive_function takes an ``alpha`` without a
+    default (SpikingJelly 0.0.0.0.14's spiking_function(x, alpha))."""
+    for name in ("spiking_function", "primitive_function"):
+        try:
+            param = inspect.signature(getattr(cls, name)).parameters.get("alpha")
+        except (TypeError, ValueError):
+            continue
+        if param is not None and param.default is inspect.Parameter.empty:
+            return True
+    return False
+
+
 class SurrogateFunctionBase(nn.Module):
     """Theta forward with a surrogate derivative backward; subclasses set ``surrogate_id``.
 
-    SpikingJelly's contract holds too: ``spiking_function(x, alpha)`` and
-    ``primitive_function(x, alpha)`` are static methods, and a subclass that keeps
-    ``surrogate_id = -1`` and defines them (a surrogate of the user's own) runs in the neurons
-    through the plain-PyTorch loop, which calls it."""
+    Both of SpikingJelly's constructor contracts hold, so a surrogate of the user's own written
+    for either runs after the import changes (a subclass that keeps ``surrogate_id = -1`` runs in
+    the neurons through the plain-PyTorch loop, which calls it):
+
+    - SpikingJelly 2.0: ``__init__(spiking=True, **params)``; each keyword is a parameter, kept
+      as an attribute (a Parameter is registered, so it is in the state_dict) and passed by name
+      to the static ``spiking_function(x, **params)`` / ``primitive_function(x, **params)``;
+    - SpikingJelly 0.0.0.0.14: ``__init__(alpha, spiking=True)`` and ``spiking_function(x,
+      alpha)`` (a first positional argument that is not a bool is alpha).
+
+    The built-in surrogates (ATan, Sigmoid, ...) take ``alpha`` (their default when omitted):
+    a positive finite number or a one-element tensor, read at each call (alpha_value)."""
 
     surrogate_id: int = -1
     default_alpha: float = 1.0
 
-    def __init__(self, alpha: Optional[float] = None, spiking: bool = True):
+    def __init__(self, *args, **params):
         super().__init__()
-        alpha = self.default_alpha if alpha is None else alpha
-        if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 and not alpha.requires_grad:
-            alpha = alpha.item()  # SpikingJelly takes a tensor alpha too (a constant here)
-        if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
-                or not math.isfinite(alpha) or alpha <= 0):
-            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
-        self.alpha = float(alpha)
+        spiking = params.pop("spiking", True)
+        if len(args) == 1 and isinstance(args[0], bool):  # 2.0: (spiking, **params)
+            spiking = args[0]
+        elif 1 <= len(args) <= 2:  # 0.0.0.0.14: (alpha, spiking=True)
+            if "alpha" in params:
+                raise TypeError(f"{type(self).__name__}: alpha given by position and by keyword")
+            params = {"alpha": args[0], **params}
+            if len(args) == 2:
+                spiking = args[1]
+        elif args:
+            raise TypeError(f"{type(self).__name__}: SurrogateFunctionBase takes (spiking=True, "
+                            f"**params) or (alpha, spiking=True), got {len(args)} positional "
+                            f"arguments")
+        if self.surrogate_id >= 0:
+            if params.get("alpha") is None:
+                params["alpha"] = self.default_alpha
+            alpha_value(params["alpha"])  # checked now; a tensor is read again at each call
+        elif "alpha" not in params and _requires_alpha(type(self)):
+            params["alpha"] = self.default_alpha  # a 0.0.0.0.14-style subclass built without one
         self.spiking = bool(spiking)
+        self._sg_param_names = tuple(params)
+        for name, value in params.items():
+            setattr(self, name, value)
+
+    @property
+    def _sg_params(self) -> dict:
+        """The parameters passed to spiking_function / primitive_function (SpikingJelly 2.0)."""
+        return {name: getattr(self, name) for name in self._sg_param_names}
 
     def set_spiking_mode(self, spiking: bool) -> None:
         self.spiking = bool(spiking)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, spiking={self.spiking}"
+        parts = [f"{name}={value}" for name, value in self._sg_params.items()]
+        return ", ".join(parts + [f"spiking={self.spiking}"])
 
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         """sigma'(x) (pypaper's built-in surrogates)."""
         if self.surrogate_id < 0:
             raise NotImplementedError(f"{type(self).__name__} is not one of pypaper's surrogates: "
                                       f"it has no built-in derivative")
-        return reference.surrogate_grad(x, self.surrogate_id, self.alpha)
+        return reference.surrogate_grad(x, self.surrogate_id, alpha_value(self.alpha))
 
     @staticmethod
-    def spiking_function(x: torch.Tensor, alpha) -> torch.Tensor:
+    def spiking_function(x: torch.Tensor, **params) -> torch.Tensor:
         """Theta(x) whose gradient is the surrogate's (SpikingJelly's static method)."""
         raise NotImplementedError("a surrogate of your own must define the static method "
-                                  "spiking_function(x, alpha), as in SpikingJelly")
+                                  "spiking_function(x, **params) (e.g. (x, alpha)), as in "
+                                  "SpikingJelly")
 
     @staticmethod
-    def primitive_function(x: torch.Tensor, alpha) -> torch.Tensor:
+    def primitive_function(x: torch.Tensor, **params) -> torch.Tensor:
         """sigma(x) (SpikingJelly's static method; used when spiking=False)."""
         raise NotImplementedError("a surrogate of your own must define the static method "
-                                  "primitive_function(x, alpha) to run with spiking=False")
+                                  "primitive_function(x, **params) to run with spiking=False")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spiking:
-            return self.spiking_function(x, self.alpha)
-        return self.primitive_function(x, self.alpha)
+            return self.spiking_function(x, **self._sg_params)
+        return self.primitive_function(x, **self._sg_params)
 
 
 def _make(name: str, alpha: float, doc: str):
@@ -133,7 +194,8 @@ def surrogate_spec(fn) -> Optional[tuple[int, float]]:
 
     Accepts pypaper's surrogates and SpikingJelly's of the same names (so a model keeps its
     ``spikingjelly...surrogate.ATan()`` objects after switching the neuron import); anything else
-    (a custom callable, spiking=False, a tensor alpha) runs the plain-PyTorch loop calling ``fn``.
+    (a custom callable, spiking=False) runs the plain-PyTorch loop calling ``fn``. A tensor alpha
+    is read at the call (alpha_value).
     """
     if fn is None:
         return SURROGATE_IDS["Sigmoid"], 4.0
@@ -144,19 +206,22 @@ def surrogate_spec(fn) -> Optional[tuple[int, float]]:
         own = getattr(type(fn).spiking_function, "_pypaper_surrogate_id", None)
         ok = (fn.spiking and fn.surrogate_id >= 0 and own == fn.surrogate_id
               and type(fn).forward is SurrogateFunctionBase.forward)
-        return (fn.surrogate_id, fn.alpha) if ok else None
+        return (fn.surrogate_id, alpha_value(fn.alpha, f"{type(fn).__name__}'s alpha")) if ok \
+            else None
     cls = type(fn)
     if cls.__module__.startswith("spikingjelly") and cls.__name__ in SURROGATE_IDS:
-        alpha = getattr(fn, "alpha", None)
-        if (getattr(fn, "spiking", True) and isinstance(alpha, numbers.Real)
-                and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
-            return SURROGATE_IDS[cls.__name__], float(alpha)
+        if getattr(fn, "spiking", True):
+            try:
+                return SURROGATE_IDS[cls.__name__], alpha_value(getattr(fn, "alpha", None))
+            except ValueError:
+                pass  # not a value the kernels take: the loop calls fn itself
     return None
 
 
-__all__ = ["ATan", "Erf", "PiecewiseExp", "PiecewiseQuadratic", "Rect", "Sigmoid", "SoftSign",
-           "SuperSpike", "SurrogateFunctionBase", "heaviside", "surrogate_spec"]
+_OWN_NAMES = ["ATan", "Erf", "PiecewiseExp", "PiecewiseQuadratic", "Rect", "Sigmoid", "SoftSign",
+              "SuperSpike", "SurrogateFunctionBase", "alpha_value", "heaviside", "surrogate_spec"]
 
 
 # Names this module lacks come from SpikingJelly (pypaper/snn/spikingjelly_fallback.py).
-__getattr__ = spikingjelly_fallback.forwarder(__name__, "surrogate")
+# __all__ too: pypaper's names, then SpikingJelly's (a star import gets both).
+__getattr__ = spikingjelly_fallback.forwarder(__name__, "surrogate", _OWN_NAMES)

@@ -142,7 +142,51 @@ def test_zero_dim_input_single_step():
     assert lif.v.shape == ()
 
 
+def test_zero_dim_steps_store_every_membrane_and_a_shape_change_restarts():
+    """0-d steps with store_v_seq keep one membrane per step, v_seq of shape [steps] as
+    SpikingJelly's (it held only the last step: the [steps] sequence looked like another
+    shape to the [1] call). A [1] state left by a [1] input is not a 0-d input's: the 0-d step
+    (or a [T] sequence) restarts from rest, as SpikingJelly does (it continued from it)."""
+    lif = neuron.LIFNode(store_v_seq=True)
+    for _ in range(3):
+        lif(torch.tensor(0.8))
+    want = neuron.LIFNode(step_mode="m", store_v_seq=True)
+    want(torch.full((3, 1), 0.8))
+    assert lif.v_seq.shape == (3,) and torch.equal(lif.v_seq, want.v_seq[:, 0])
+    for mode, second in (("s", torch.tensor(0.8)), ("m", torch.full((2,), 0.8))):
+        node = neuron.LIFNode(step_mode=mode)
+        node(torch.full((1,) if mode == "s" else (2, 1), 0.8))  # a [1] state, 0.4 or 0.6
+        node(second)
+        fresh = neuron.LIFNode(step_mode=mode)
+        fresh(second)
+        assert node.v.shape == () and torch.equal(node.v, fresh.v), mode
+
+
 def test_tensor_alpha_and_complex_input():
     assert surrogate.Sigmoid(alpha=torch.tensor(2.0)).alpha == 2.0
     with pytest.raises(TypeError, match="real tensor"):
         neuron.LIFNode(step_mode="m")(torch.ones(2, 3, dtype=torch.complex64))
+
+
+def test_membrane_reset_value_is_spikingjellys():
+    """reset() puts v where SpikingJelly's registered memory does: v_reset as constructed (a
+    later change of v_reset moves only the reset after a spike), or set_reset_value('v', value)
+    (SpikingJelly's HalfThresholdIFNode trick; pypaper raised). pypaper followed the current
+    v_reset: the next sample started from another membrane."""
+    x = torch.rand(4, 3, 5)
+    lif = neuron.LIFNode(step_mode="m")
+    lif.v_reset = -0.5
+    functional.reset_net(lif)
+    assert lif.v == 0.0 and lif.get_reset_value("v") == 0.0
+    start_at_zero = neuron.LIFNode(step_mode="m", v_reset=-0.5, v_threshold=1.0)
+    start_at_zero.v = 0.0
+    assert torch.equal(lif(x), start_at_zero(x))  # from 0, hard reset to -0.5 after a spike
+    half = neuron.IFNode(step_mode="m")
+    half.set_reset_value("v", 0.5)
+    half.reset()
+    assert half.v == 0.5 and half.get_reset_value("v") == 0.5
+    want = neuron.IFNode(step_mode="m")
+    want.v = 0.5
+    assert torch.equal(half(x), want(x))
+    with pytest.raises(ValueError, match="reset value of v must be a finite number"):
+        half.set_reset_value("v", float("nan"))

@@ -89,7 +89,7 @@ def test_constructor_arguments_match_spikingjelly():
     args_of = {name: args for name, args, _ in CASES}
     args_of.update(Dropout=(), Dropout2d=())
     checked = 0
-    for name in layer.__all__:
+    for name in layer._OWN_NAMES:
         if name == "StepModule" or not hasattr(sj_layer, name):
             continue
         theirs = inspect.signature(getattr(sj_layer, name)).parameters

@@ -138,3 +138,109 @@ def test_sltt_online_switches_spikingjelly_layers_too():
     res = sltt.train_step_online(net, x, torch.tensor([0, 2]), nn.functional.cross_entropy)
     assert res.output.shape == (2, 3) and net[0].step_mode == "m" and net[1].step_mode == "m"
     assert net[0].weight.grad is not None
+
+
+class _FastSig(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a):
+        ctx.save_for_backward(x)
+        ctx.a = a
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * ctx.a / (1 + (ctx.a * x).abs()) ** 2, None
+
+
+class _Scaled(surrogate.SurrogateFunctionBase):
+    """Written to SpikingJelly 2.0's contract: (spiking, **params), parameters by name."""
+
+    def __init__(self, alpha=4.0, gain=0.5, spiking=True):
+        super().__init__(spiking=spiking, alpha=alpha, gain=gain)
+
+    @staticmethod
+    def spiking_function(x, alpha, gain):
+        return _FastSig.apply(x, alpha * gain)
+
+    @staticmethod
+    def primitive_function(x, alpha, gain):
+        return 0.5 * (alpha * gain * x / (1 + (alpha * gain * x).abs())) + 0.5
+
+
+def test_a_spikingjelly_2_surrogate_with_its_own_parameters_runs():
+    """SpikingJelly 2.0's SurrogateFunctionBase(spiking=True, **params): each keyword is an
+    attribute passed by name to the static methods (pypaper's base took only 0.0.0.0.14's
+    (alpha, spiking): TypeError for a second parameter, alpha given twice for (spiking,
+    alpha=...), a bool taken for alpha for (spiking))."""
+    x = (torch.randn(5, 2, 6) * 2).requires_grad_()
+    sg = _Scaled(gain=0.25)
+    assert (sg.alpha, sg.gain) == (4.0, 0.25) and repr(sg) == "_Scaled(alpha=4.0, gain=0.25, spiking=True)"
+    spikes = neuron.LIFNode(surrogate_function=sg, step_mode="m")(x)
+    spikes.sum().backward()
+    # the custom gradient: the same as a built-in-free hand loop's with slope alpha * gain = 1
+    xr = x.detach().clone().requires_grad_()
+    v, out = torch.zeros(2, 6), []
+    for t in range(5):
+        h = v + (xr[t] - v) / 2.0
+        s = _FastSig.apply(h - 1.0, 1.0)
+        v = h * (1 - s)
+        out.append(s)
+    torch.stack(out).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    assert float(x.grad.abs().sum()) > 0
+    assert torch.equal(_Scaled(spiking=False)(torch.tensor([0.0])), torch.tensor([0.5]))
+
+    class Positional(surrogate.SurrogateFunctionBase):
+        def __init__(self, spiking=True):
+            super().__init__(spiking, beta=2.0)
+
+        @staticmethod
+        def spiking_function(x, beta):
+            return _FastSig.apply(x, beta)
+
+    class Bare(surrogate.SurrogateFunctionBase):
+        def __init__(self, spiking=True):
+            super().__init__(spiking)
+
+        @staticmethod
+        def spiking_function(x):
+            return _FastSig.apply(x, 1.0)
+
+    assert Positional(False).spiking is False and Positional().beta == 2.0
+    assert repr(Bare()) == "Bare(spiking=True)" and torch.equal(Bare()(torch.ones(2)), torch.ones(2))
+    with pytest.raises(NotImplementedError, match="primitive_function"):
+        Positional(spiking=False)(torch.ones(2))
+    with pytest.raises(TypeError, match="by position and by keyword"):
+        surrogate.SurrogateFunctionBase(2.0, alpha=3.0)
+
+
+def test_a_tensor_alpha_is_read_at_each_call():
+    """SpikingJelly keeps a tensor alpha as given: annealing it in place changes the next
+    gradients, and a Parameter alpha is in the state_dict (loadable from SpikingJelly's). pypaper
+    froze it at construction (alpha.item()) and refused a Parameter."""
+    x = torch.randn(6, 3, 5) * 2
+    alpha = torch.tensor(4.0)
+    node = neuron.LIFNode(surrogate_function=surrogate.Sigmoid(alpha=alpha), step_mode="m")
+
+    def grad(n):
+        n.reset()
+        xx = x.clone().requires_grad_()
+        n(xx).sum().backward()
+        return xx.grad
+
+    want4 = grad(neuron.LIFNode(surrogate_function=surrogate.Sigmoid(alpha=4.0), step_mode="m"))
+    want1 = grad(neuron.LIFNode(surrogate_function=surrogate.Sigmoid(alpha=1.0), step_mode="m"))
+    assert torch.equal(grad(node), want4)
+    alpha.fill_(1.0)
+    assert torch.equal(grad(node), want1) and not torch.equal(want1, want4)
+    learnable = neuron.LIFNode(surrogate_function=surrogate.ATan(alpha=nn.Parameter(torch.tensor(3.0))))
+    assert list(learnable.state_dict()) == ["surrogate_function.alpha"]
+    learnable.load_state_dict({"surrogate_function.alpha": torch.tensor(2.0)})
+    assert surrogate.surrogate_spec(learnable.surrogate_function)[1] == 2.0
+    with torch.no_grad():
+        alpha.fill_(-1.0)
+    with pytest.raises(ValueError, match="Sigmoid's alpha must be a positive finite number"):
+        grad(node)
+    with pytest.raises(ValueError, match="one-element floating tensor"):
+        surrogate.ATan(alpha=torch.ones(2))

@@ -110,11 +110,40 @@ def test_without_spikingjelly_the_error_says_so(monkeypatch):
 def test_the_names_the_agreement_tests_compare_are_pypapers_own():
     """The agreement tests (test_layer.py, test_surrogate.py, ...) look layers and surrogates up
     by name; a name pypaper lost would now resolve to SpikingJelly's class and compare it with
-    itself. Each such name, and each module's __all__, must be defined by pypaper."""
+    itself. Each such name, and each module's own names (the head of its __all__), must be
+    defined by pypaper."""
     from . import helpers, test_layer
 
     names = {(layer, c[0]) for c in test_layer.CASES} | {(layer, "Dropout"), (layer, "Dropout2d")}
     names |= {(surrogate, s) for s in helpers.SURROGATES}
-    names |= {(m, n) for m in (neuron, layer, surrogate, functional) for n in m.__all__}
+    names |= {(m, n) for m in (neuron, layer, surrogate, functional) for n in m._OWN_NAMES}
     for module, name in names:
         assert name in vars(module), f"{module.__name__}.{name} is not pypaper's"
+
+
+def test_star_import_brings_spikingjellys_names_too():
+    """``from pypaper.snn.neuron import *`` binds pypaper's names and every name SpikingJelly's
+    module would star-import (its __all__, else its public names): a model that star-imported
+    from SpikingJelly keeps working after the import line changes (only pypaper's own names
+    were bound: QIFNode, S2NN, ... raised NameError). Without SpikingJelly: pypaper's alone."""
+    sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
+    import importlib
+
+    for m in (neuron, layer, surrogate, functional):
+        sj = importlib.import_module(f"spikingjelly.activation_based.{m.__name__.rsplit('.', 1)[1]}")
+        names = m.__all__
+        assert names[:len(m._OWN_NAMES)] == m._OWN_NAMES and len(set(names)) == len(names)
+        star = getattr(sj, "__all__", None) or [n for n in vars(sj) if not n.startswith("_")]
+        assert set(star) <= set(names), m.__name__
+    scope = {}
+    exec("from pypaper.snn.neuron import *", scope)
+    assert scope["LIFNode"] is neuron.LIFNode and scope["QIFNode"] is sj_neuron.QIFNode
+
+
+def test_star_import_without_spikingjelly_binds_pypapers_names(monkeypatch):
+    def broken(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(fallback.importlib, "import_module", broken)
+    for m in (neuron, layer, surrogate, functional):
+        assert m.__all__ == m._OWN_NAMES
