@@ -360,6 +360,8 @@ class DelayedLinear(nn.Module):
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
         nn.init.uniform_(self.position, 0.0, float(self.max_delay - 1))
+        if getattr(self, "finalized", False):  # rounded before: the positions learn again
+            self.position.requires_grad_(True)
         self.sigma = self.sigma_init
         self.finalized = False
 
@@ -378,12 +380,15 @@ class DelayedLinear(nn.Module):
     def round_delays(self) -> "DelayedLinear":
         """Round the positions to integer delays and switch to the exact integer gather
         (sigma = 0): one tap per synapse, as the paper does for inference. The delays are fixed
-        from here: the forward no longer differentiates the positions and their .grad is
-        cleared, so an optimizer that keeps training the weights skips them (with a zero
-        gradient Adam's momentum and weight decay moved them off the integers, changing the
-        delays; reset_parameters() makes them learnable again)."""
+        from here: the positions are frozen as PyTorch freezes a parameter (requires_grad
+        False, .grad cleared), so an optimizer that keeps training the weights skips them (with
+        the op's zero gradient Adam's momentum and weight decay moved them off the integers,
+        changing the delays). As for any frozen parameter, build DistributedDataParallel after
+        it (or pass find_unused_parameters=True). reset_parameters() makes them learnable
+        again."""
         self.position.clamp_(0, self.max_delay - 1).round_()
         self.position.grad = None
+        self.position.requires_grad_(False)
         self.sigma = 0.0
         self.finalized = True
         return self
@@ -400,8 +405,7 @@ class DelayedLinear(nn.Module):
             raise ValueError(f"x has {x.shape[-1]} input features (x.shape[-1]) but the layer "
                              f"has in_features = {self.in_features}")
         value = None if torch.compiler.is_compiling() else self._sigma
-        position = self.position.detach() if self.finalized else self.position
-        return _delayed_linear(x, self.weight, position, self.bias, self.max_delay, value,
+        return _delayed_linear(x, self.weight, self.position, self.bias, self.max_delay, value,
                                self._sigma_t)
 
     def get_extra_state(self):
@@ -418,6 +422,8 @@ class DelayedLinear(nn.Module):
                              f"layer with max_delay={saved} to load it")
         self.sigma = float(state["sigma"])
         self.finalized = bool(state["finalized"])
+        if self.finalized:  # frozen, as round_delays() leaves them
+            self.position.requires_grad_(False)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

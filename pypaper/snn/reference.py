@@ -67,8 +67,9 @@ def surrogate_grad(x: torch.Tensor, surrogate_id: int, alpha: float) -> torch.Te
 
 
 def surrogate_primitive(x: torch.Tensor, surrogate_id: int, alpha: float) -> torch.Tensor:
-    """sigma(x), the smooth function whose derivative the backward uses (spiking=False)."""
-    a = float(alpha)
+    """sigma(x), the smooth function whose derivative the backward uses (spiking=False). A
+    tensor alpha stays one (an nn.Parameter alpha gets its gradient here, as in SpikingJelly)."""
+    a = alpha if isinstance(alpha, torch.Tensor) else float(alpha)
     if surrogate_id == 0:
         return torch.sigmoid(x * a)
     if surrogate_id == 1:

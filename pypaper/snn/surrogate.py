@@ -50,6 +50,35 @@ def alpha_value(alpha, where: str = "alpha") -> float:
     return float(value)
 
 
+def _is_bool(v) -> bool:
+    """A bool, numpy's or a one-element bool tensor: SpikingJelly 2.0's positional spiking."""
+    if isinstance(v, bool) or (type(v).__module__ == "numpy" and type(v).__name__ in ("bool",
+                                                                                    "bool_")):
+        return True
+    return isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.numel() == 1
+
+
+_BY_NAME: dict = {}
+
+
+def _call_static(fn, x: torch.Tensor, params: dict):
+    """fn(x, **params) where fn takes every parameter by its name (SpikingJelly 2.0 passes them
+    so), else fn(x, *params.values()) (0.0.0.0.14 passed alpha by position, whatever the
+    function named it: spiking_function(x, a)). Decided once per function."""
+    by_name = _BY_NAME.get(fn)
+    if by_name is None:
+        try:
+            sig = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            by_name = True
+        else:
+            by_name = (any(p.kind == p.VAR_KEYWORD for p in sig.values())
+                       or all(n in sig and sig[n].kind != sig[n].POSITIONAL_ONLY
+                              for n in params))
+        _BY_NAME[fn] = by_name
+    return fn(x, **params) if by_name else fn(x, *params.values())
+
+
 def _requires_alpha(cls) -> bool:
     """Whether cls's spiking_function or primitive_function takes an ``alpha`` without a
     default (SpikingJelly 0.0.0.0.14's spiking_function(x, alpha))."""
@@ -74,7 +103,10 @@ class SurrogateFunctionBase(nn.Module):
       as an attribute (a Parameter is registered, so it is in the state_dict) and passed by name
       to the static ``spiking_function(x, **params)`` / ``primitive_function(x, **params)``;
     - SpikingJelly 0.0.0.0.14: ``__init__(alpha, spiking=True)`` and ``spiking_function(x,
-      alpha)`` (a first positional argument that is not a bool is alpha).
+      alpha)``, alpha passed by position whatever the function names it.
+
+    A lone positional argument is spiking where it is a bool or comes with keyword parameters
+    (2.0's ``super().__init__(spiking, alpha=alpha)``), else alpha; two are (alpha, spiking).
 
     The built-in surrogates (ATan, Sigmoid, ...) take ``alpha`` (their default when omitted):
     a positive finite number or a one-element tensor, read at each call (alpha_value)."""
@@ -84,25 +116,29 @@ class SurrogateFunctionBase(nn.Module):
 
     def __init__(self, *args, **params):
         super().__init__()
-        spiking = params.pop("spiking", True)
-        if len(args) == 1 and isinstance(args[0], bool):  # 2.0: (spiking, **params)
+        if len(args) == 1 and (_is_bool(args[0]) or (params and "spiking" not in params)):
+            # 2.0: (spiking, **params); 0.0.0.0.14 passed alpha alone or with spiking
+            if "spiking" in params:
+                raise TypeError(f"{type(self).__name__}: spiking given by position and by keyword")
             spiking = args[0]
         elif 1 <= len(args) <= 2:  # 0.0.0.0.14: (alpha, spiking=True)
+            spiking = params.pop("spiking", True)
             if "alpha" in params:
                 raise TypeError(f"{type(self).__name__}: alpha given by position and by keyword")
             params = {"alpha": args[0], **params}
             if len(args) == 2:
                 spiking = args[1]
-        elif args:
+        elif not args:
+            spiking = params.pop("spiking", True)
+        else:
             raise TypeError(f"{type(self).__name__}: SurrogateFunctionBase takes (spiking=True, "
                             f"**params) or (alpha, spiking=True), got {len(args)} positional "
                             f"arguments")
+        if ("alpha" in params and params["alpha"] is None) or (
+                "alpha" not in params and (self.surrogate_id >= 0 or _requires_alpha(type(self)))):
+            params["alpha"] = self.default_alpha  # also a 0.0.0.0.14-style subclass without one
         if self.surrogate_id >= 0:
-            if params.get("alpha") is None:
-                params["alpha"] = self.default_alpha
             alpha_value(params["alpha"])  # checked now; a tensor is read again at each call
-        elif "alpha" not in params and _requires_alpha(type(self)):
-            params["alpha"] = self.default_alpha  # a 0.0.0.0.14-style subclass built without one
         self.spiking = bool(spiking)
         self._sg_param_names = tuple(params)
         for name, value in params.items():
@@ -110,8 +146,10 @@ class SurrogateFunctionBase(nn.Module):
 
     @property
     def _sg_params(self) -> dict:
-        """The parameters passed to spiking_function / primitive_function (SpikingJelly 2.0)."""
-        return {name: getattr(self, name) for name in self._sg_param_names}
+        """The parameters passed to spiking_function / primitive_function (SpikingJelly 2.0).
+        A surrogate pickled before pypaper kept their names had alpha alone."""
+        names = self.__dict__.get("_sg_param_names", ("alpha",))
+        return {name: getattr(self, name) for name in names}
 
     def set_spiking_mode(self, spiking: bool) -> None:
         self.spiking = bool(spiking)
@@ -141,23 +179,22 @@ class SurrogateFunctionBase(nn.Module):
                                   "primitive_function(x, **params) to run with spiking=False")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spiking:
-            return self.spiking_function(x, **self._sg_params)
-        return self.primitive_function(x, **self._sg_params)
+        fn = self.spiking_function if self.spiking else self.primitive_function
+        return _call_static(fn, x, self._sg_params)
 
 
 def _make(name: str, alpha: float, doc: str):
     sid = SURROGATE_IDS[name]
 
     def spiking_function(x: torch.Tensor, alpha) -> torch.Tensor:
-        return reference.spike(x, sid, float(alpha))
+        return reference.spike(x, sid, alpha_value(alpha))
 
     def primitive_function(x: torch.Tensor, alpha) -> torch.Tensor:
-        return reference.surrogate_primitive(x, sid, float(alpha))
+        return reference.surrogate_primitive(x, sid, alpha)
 
     def backward(grad_output: torch.Tensor, x: torch.Tensor, alpha) -> torch.Tensor:
         """grad_output * sigma'(x) (SpikingJelly's static backward)."""
-        return grad_output * reference.surrogate_grad(x, sid, float(alpha))
+        return grad_output * reference.surrogate_grad(x, sid, alpha_value(alpha))
 
     spiking_function._pypaper_surrogate_id = sid  # what surrogate_spec trusts to be this id
     cls = type(name, (SurrogateFunctionBase,), {

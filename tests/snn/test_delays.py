@@ -660,7 +660,7 @@ def test_torch_compile_runs_a_sigma_schedule_in_one_graph(dynamic, backend, monk
     """fullgraph=True over a 12-value sigma schedule (more than dynamo's default recompile limit
     of 8), ending in the rounded delays, with recompile_limit=2: one graph for the whole schedule
     (a recompile per value would raise at the third) and one for the rounded layer, whose
-    forward detaches the fixed positions. The layer hands sigma to the op as a tensor, so no
+    positions are frozen (requires_grad False). The layer hands sigma to the op as a tensor, so no
     graph reads its value. Equal to eager at every
     sigma, forward and gradients (for the wide windows eager mode runs the convolution, the
     compiled graph the C++ op's GEMMs: the same numbers summed in another order)."""
@@ -680,10 +680,11 @@ def test_torch_compile_runs_a_sigma_schedule_in_one_graph(dynamic, backend, monk
                 layer.round_delays()
             else:
                 layer.set_sigma(sigma)
+            params = [p for p in layer.parameters() if p.requires_grad]  # rounded: frozen p
             want = layer(x)
-            want_g = torch.autograd.grad(want.sum(), list(layer.parameters()), allow_unused=True)
+            want_g = torch.autograd.grad(want.sum(), params, allow_unused=True)
             got = compiled(x)
-            got_g = torch.autograd.grad(got.sum(), list(layer.parameters()), allow_unused=True)
+            got_g = torch.autograd.grad(got.sum(), params, allow_unused=True)
             close(got, want, torch.float64, f"compiled y at step {step}")
             for g1, g2 in zip(got_g, want_g):
                 if g2 is None:  # the rounded delays: no position gradient in eager
@@ -952,10 +953,11 @@ def test_nan_position_gives_nan_not_a_crash(path, sigma, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_rounded_delays_stay_fixed_while_the_weights_train(backend, monkeypatch):
-    """After round_delays() the positions leave the graph and their .grad is cleared, so an
+    """After round_delays() the positions are frozen (requires_grad False, .grad cleared), so an
     optimizer that keeps training the layer skips them: with the C++ op's zero gradient Adam's
     momentum moved half of them off the integers (the delays changed) while the reference's
-    detached taps left them alone."""
+    detached taps left them alone. A finalized state_dict loads frozen; reset_parameters()
+    unfreezes."""
     monkeypatch.delenv("PYPAPER_DELAY_PATH")
     torch.manual_seed(0)
     layer = DelayedLinear(8, 4, max_delay=6)
@@ -970,11 +972,15 @@ def test_rounded_delays_stay_fixed_while_the_weights_train(backend, monkeypatch)
             opt.zero_grad(set_to_none=False)  # a zeroed, not cleared, gradient
             layer(x).square().mean().backward()
             opt.step()
-    assert layer.position.grad is None
+    assert layer.position.grad is None and not layer.position.requires_grad
     assert torch.equal(layer.delays, delays)
     assert torch.equal(layer.position, layer.position.round())
     assert not torch.equal(layer.weight, weight)  # the weights did train
+    loaded = DelayedLinear(8, 4, max_delay=6)
+    loaded.load_state_dict(layer.state_dict())
+    assert loaded.finalized and not loaded.position.requires_grad
     layer.reset_parameters()  # learnable again
+    assert layer.position.requires_grad
     layer(x).sum().backward()
     assert layer.position.grad is not None
 

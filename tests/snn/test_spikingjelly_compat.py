@@ -212,7 +212,7 @@ def test_a_spikingjelly_2_surrogate_with_its_own_parameters_runs():
     with pytest.raises(NotImplementedError, match="primitive_function"):
         Positional(spiking=False)(torch.ones(2))
     with pytest.raises(TypeError, match="by position and by keyword"):
-        surrogate.SurrogateFunctionBase(2.0, alpha=3.0)
+        surrogate.SurrogateFunctionBase(2.0, True, alpha=3.0)
 
 
 def test_a_tensor_alpha_is_read_at_each_call():
@@ -244,3 +244,60 @@ def test_a_tensor_alpha_is_read_at_each_call():
         grad(node)
     with pytest.raises(ValueError, match="one-element floating tensor"):
         surrogate.ATan(alpha=torch.ones(2))
+
+
+def test_surrogate_contracts_of_both_spikingjelly_releases_after_a_second_review():
+    """0.0.0.0.14 passed alpha by position, whatever the static method named it; a class
+    attribute default_alpha fills alpha=None; a surrogate pickled before the parameter names
+    were kept still runs; an nn.Parameter alpha with spiking=False gets its gradient through
+    the primitive (as SpikingJelly's); a lone positional bool (numpy's too) or a positional with
+    keyword parameters is spiking (2.0), two positionals are (alpha, spiking)."""
+    import numpy as np
+
+    class Old14(surrogate.SurrogateFunctionBase):
+        default_alpha = 3.0
+
+        def __init__(self, alpha=None, spiking=True):
+            super().__init__(alpha, spiking)
+
+        @staticmethod
+        def spiking_function(x, a):
+            return _FastSig.apply(x, a)
+
+        @staticmethod
+        def primitive_function(x, a):
+            return torch.sigmoid(a * x)
+
+    class MyATan(surrogate.ATan):
+        @staticmethod
+        def spiking_function(x, a):
+            return surrogate.ATan.spiking_function(x, a) * 1.0
+
+    old = Old14()
+    assert old.alpha == 3.0 and old(torch.tensor([0.5])).item() == 1.0
+    assert Old14(2.0, False)(torch.tensor([0.0])).item() == 0.5
+    x = torch.rand(3, 2, requires_grad=True)
+    neuron.LIFNode(surrogate_function=old, step_mode="m")(x).sum().backward()
+    assert x.grad is not None and MyATan()(torch.ones(2)).sum() == 2
+    del old.__dict__["_sg_param_names"]  # as unpickled from before
+    assert repr(old) == "Old14(alpha=3.0, spiking=True)" and old(torch.ones(1)).item() == 1.0
+    alpha = nn.Parameter(torch.tensor(2.0))
+    xs = torch.linspace(0.1, 1, 5)
+    surrogate.ATan(alpha=alpha, spiking=False)(xs).sum().backward()
+    a = torch.tensor(2.0, requires_grad=True)
+    (torch.atan(xs * (torch.pi / 2 * a)) / torch.pi + 0.5).sum().backward()
+    torch.testing.assert_close(alpha.grad, a.grad)
+    assert float(alpha.grad.abs()) > 0
+
+    class V20(surrogate.SurrogateFunctionBase):
+        def __init__(self, spiking=True, beta=1.0):
+            super().__init__(spiking, beta=beta)
+
+        @staticmethod
+        def spiking_function(x, beta):
+            return _FastSig.apply(x, beta)
+
+    assert V20(np.bool_(False)).spiking is False and V20(0).spiking is False
+    assert V20(torch.tensor(True)).beta == 1.0
+    with pytest.raises(TypeError, match="spiking given by position and by keyword"):
+        surrogate.SurrogateFunctionBase(True, spiking=False)
