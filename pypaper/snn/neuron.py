@@ -101,6 +101,7 @@ class BaseNode(nn.Module):
         # where reset() puts v: v_reset as constructed (SpikingJelly registers the memory v
         # with it then; a later change of v_reset does not move it), set_reset_value('v', ...)
         self._v_rest = 0.0 if v_reset is None else float(v_reset)
+        self._learnable_threshold = bool(learnable_threshold)
         if learnable_threshold or threshold_shape is not None:
             shape = _shape(threshold_shape or (), "threshold_shape")
             vth = torch.full(shape, float(v_threshold))
@@ -263,7 +264,8 @@ class BaseNode(nn.Module):
         v = self.v
         shape = tuple(x_seq.shape[1:])
         if isinstance(v, torch.Tensor):
-            if (torch._C._functorch.is_functorch_wrapped_tensor(v)
+            if (not torch.compiler.is_compiling()
+                    and torch._C._functorch.is_functorch_wrapped_tensor(v)
                     and torch._C._functorch.peek_interpreter_stack() is None):
                 # a membrane a call inside torch.func.vmap / grad left: its transform has exited
                 # (using it failed with functorch's internal assert)
@@ -284,7 +286,8 @@ class BaseNode(nn.Module):
         spikes, v_last, v_seq = ops.lif_multi_step(
             x_seq, self._v_init(x_seq), v_threshold=self.v_threshold, v_reset=self.v_reset,
             surrogate_function=self.surrogate_function, decay_input=self.decay_input,
-            detach_reset=self.detach_reset, sltt=self.sltt, store_v_seq=store_v_seq, **decay)
+            detach_reset=self.detach_reset, sltt=self.sltt, store_v_seq=store_v_seq,
+            learnable_threshold=self.__dict__.get("_learnable_threshold", False), **decay)
         # SLTT charges from V.detach() anyway; keeping v detached frees each step's graph.
         self.v = v_last.detach() if self.sltt else v_last
         return spikes, v_seq

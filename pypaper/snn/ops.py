@@ -17,6 +17,7 @@ import numbers
 from typing import Optional
 
 import torch
+from torch import nn
 
 from .. import _autograd, _backend
 from . import _registration, op_flags, reference
@@ -139,33 +140,49 @@ def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype, device: torch.de
 
 
 def _check_values(decay, decay_is_tau: bool, vth, v_reset: Optional[float], decay_name: str,
-                  vth_name: str, decay_input: bool = True) -> None:
+                  vth_name: str, decay_input: bool = True, *, learnable_threshold: bool = False,
+                  math_dtype: torch.dtype = torch.float64, tracing: bool = False) -> None:
     """Range checks of the decay and threshold, each a number (checked in Python: the tensor ops
     cost ~30 us a call, a fifth of the op's fixed cost) or a tensor. k = 0 (no leak) is allowed
     without decay_input: H = V - (V - Vr) * 0 + X = V + X, SpikingJelly's IFNode, to the bit;
-    with decay_input it would make H = V, a neuron that never integrates."""
-    def bounds(v):  # (min, max, all finite)
+    with decay_input it would make H = V, a neuron that never integrates. While tracing
+    (torch.compile) a tensor's values cannot be read: numbers are still checked."""
+    def bounds(v):  # (min, max, all finite), or None: a tensor while tracing
         if _is_number(v):
             return float(v), float(v), math.isfinite(v)
+        if tracing:
+            return None
         d = _autograd.values_of(v.detach())
         if d.numel() == 0:  # a per-neuron parameter over zero features
             return math.inf, -math.inf, True
         return float(d.min()), float(d.max()), bool(torch.all(torch.isfinite(d)))
 
-    lo, hi, finite = bounds(decay)
-    if decay_is_tau:
-        if not (finite and lo > 1):
-            raise ValueError(f"{decay_name} must be finite and > 1, got min {lo}")
-    elif not (finite and (lo > 0 or (lo == 0 and not decay_input)) and hi <= 1):
-        where = "(0, 1]" if decay_input else "[0, 1] (0: no leak, IF)"
-        raise ValueError(f"{decay_name}: k = 1/tau must lie in {where}, got [{lo}, {hi}]")
-    lo, _, finite = bounds(vth)
+    b = bounds(decay)
+    if b is not None:
+        lo, hi, finite = b
+        if decay_is_tau:
+            if not (finite and lo > 1):
+                raise ValueError(f"{decay_name} must be finite and > 1, got min {lo}")
+            if lo < 1.0001 and math_dtype != torch.float64 and not (
+                    float(torch.tensor(lo, dtype=math_dtype)) > 1):
+                # what the kernels compute with: a tau within half an ulp of 1 is 1 in float32
+                raise ValueError(f"{decay_name} must be > 1 in {math_dtype} (the kernels' math "
+                                 f"type), got min {lo!r}, which rounds to 1")
+        elif not (finite and (lo > 0 or (lo == 0 and not decay_input)) and hi <= 1):
+            where = "(0, 1]" if decay_input else "[0, 1] (0: no leak, IF)"
+            raise ValueError(f"{decay_name}: k = 1/tau must lie in {where}, got [{lo}, {hi}]")
+    b = bounds(vth)
+    if b is None:
+        return
+    lo, _, finite = b
     if not finite:
         raise ValueError(f"{vth_name} must be finite")
-    # A learnable threshold (a tensor that requires grad) may drift to v_reset or below while
-    # it trains: the neuron then fires at every step, which the kernels compute as well;
-    # refusing it would stop training mid-run. Its constructor value was checked.
-    learnable = isinstance(vth, torch.Tensor) and vth.requires_grad
+    # A learnable threshold (a trained parameter, or a tensor that requires grad) may drift to
+    # v_reset or below while it trains: the neuron then fires at every step, which the kernels
+    # compute as well; refusing it would stop training mid-run (or an eval of the trained
+    # model). Its constructor value was checked.
+    learnable = learnable_threshold or (isinstance(vth, torch.Tensor) and (
+        vth.requires_grad or isinstance(vth, torch.nn.Parameter)))
     if v_reset is not None and not learnable and not lo > v_reset:
         raise ValueError(f"{vth_name} must be greater than v_reset ({v_reset}), got min {lo}")
 
@@ -174,7 +191,7 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
                    v_threshold=1.0, v_reset: Optional[float] = 0.0, surrogate_function=None,
                    decay_input: bool = True, detach_reset: bool = False, sltt: bool = False,
                    store_v_seq: bool = False, tau_name: Optional[str] = None,
-                   threshold_name: str = "v_threshold"):
+                   threshold_name: str = "v_threshold", learnable_threshold: bool = False):
     """Leaky integrate-and-fire neurons over T steps in one fused kernel.
 
     For t = 0..T-1, with V[-1] = ``v`` (None: at rest, v_reset or 0 for a soft reset):
@@ -201,6 +218,10 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
         v_threshold: number or tensor of shape () or x_seq.shape[2:]; differentiable.
         store_v_seq: also return V[t] for every step.
         tau_name / threshold_name: the argument names used in error messages.
+        learnable_threshold: v_threshold is a trained parameter (also when passed detached, as
+            torch.func.functional_call or a frozen model does): it may have reached v_reset,
+            which is then not refused (a tensor that requires grad or an nn.Parameter counts
+            as one anyway).
 
     Returns (spikes [T, N, *], v_last [N, *], v_seq [T, N, *] or None), in x_seq's dtype.
     """
@@ -217,17 +238,19 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
     decay_value = (2.0 if tau is None else tau) if decay_is_tau else k
     decay = _param(decay_value, decay_name, x_seq, mdt, device, tracing)
     vth = _param(v_threshold, threshold_name, x_seq, mdt, device, tracing)
-    if not tracing:
-        _check_values(decay_value if _is_number(decay_value) else decay, decay_is_tau,
-                      v_threshold if _is_number(v_threshold) else vth, v_reset, decay_name,
-                      threshold_name, decay_input)
+    _check_values(decay_value if _is_number(decay_value) else decay, decay_is_tau,
+                  v_threshold if _is_number(v_threshold) else vth, v_reset, decay_name,
+                  threshold_name, decay_input,
+                  learnable_threshold=learnable_threshold or isinstance(v_threshold, nn.Parameter)
+                  or (isinstance(v_threshold, torch.Tensor) and v_threshold.requires_grad),
+                  math_dtype=mdt, tracing=tracing)
     if v is not None:
         if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(x_seq.shape[1:]):
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"v has shape {got}, expected x_seq.shape[1:] = "
                              f"{tuple(x_seq.shape[1:])}")
         v = v.to(dtype=x_seq.dtype, device=device)
-        if v.is_inference() and not torch.is_inference_mode_enabled():
+        if not tracing and v.is_inference() and not torch.is_inference_mode_enabled():
             # the membrane a call under inference_mode left (SpikingJelly continues from it):
             # an inference tensor cannot be saved for this call's backward
             v = v.clone()

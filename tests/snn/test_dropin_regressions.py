@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pypaper import _ext
-from pypaper.snn import functional, layer, neuron, surrogate
+from pypaper.snn import functional, layer, lif_multi_step, neuron, surrogate
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="pypaper._C not built")
 
@@ -60,6 +60,57 @@ def test_learnable_threshold_may_drift_below_v_reset():
     assert torch.all(out[:, :, 1] == 1)  # H >= 0 > threshold: fires at every step
     with pytest.raises(ValueError, match="v_threshold"):
         neuron.LIFNode(v_threshold=-0.25, learnable_threshold=True)
+    # ... nor when it is used detached: a frozen model, float64 inputs (the cast drops
+    # requires_grad), torch.func.functional_call with detached parameters (all raised)
+    lif.requires_grad_(False)
+    assert torch.equal(lif(x), out)
+    lif.requires_grad_(True)
+    with torch.no_grad():
+        lif(x.double())
+    params = {k: v.detach() for k, v in lif.named_parameters()}
+    assert torch.equal(torch.func.functional_call(lif, params, (x,)), out)
+    fixed = neuron.LIFNode(step_mode="m", threshold_shape=(4,))  # a buffer: not learnable
+    fixed.v_threshold[1] = -0.25
+    with pytest.raises(ValueError, match="v_threshold must be greater than v_reset"):
+        fixed(x)
+
+
+def test_compiled_neurons_carry_their_membrane_and_check_numbers():
+    """torch.compile(fullgraph=True) over calls that carry the membrane ('m' without a reset
+    between calls, a single-step loop) and lif_multi_step(x, v): the functorch and
+    inference-tensor probes on v broke the graph. While tracing, number arguments are still
+    checked (a threshold at or below v_reset ran silently compiled)."""
+    torch.manual_seed(0)
+    x = torch.rand(3, 2, 5)
+    for mode in ("m", "s"):
+        eager, comp = neuron.LIFNode(step_mode=mode), neuron.LIFNode(step_mode=mode)
+        if mode == "m":
+            run = torch.compile(lambda a: comp(a), fullgraph=True)
+            want = [eager(x), eager(x)]
+            got = [run(x), run(x)]
+        else:
+            run = torch.compile(lambda a: torch.stack([comp(a[t]) for t in range(3)]),
+                                fullgraph=True)
+            want = [torch.stack([eager(x[t]) for t in range(3)]) for _ in range(2)]
+            got = [run(x), run(x)]
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), mode
+        assert torch.equal(comp.v, eager.v), mode
+    v0 = torch.rand(2, 5)
+    f = torch.compile(lambda a, v: lif_multi_step(a, v)[0], fullgraph=True)
+    assert torch.equal(f(x, v0), lif_multi_step(x, v0)[0])
+    bad = torch.compile(lambda a: lif_multi_step(a, v_threshold=-0.5)[0], fullgraph=True)
+    with pytest.raises(Exception, match="v_threshold must be greater than v_reset|Observed"):
+        bad(x)
+
+
+def test_tau_that_rounds_to_one_is_refused_clearly():
+    """tau = 1 + 1e-8 passes the constructor (> 1) but is 1 in float32, the kernels' math type:
+    a ValueError naming tau and the rounding, not the C++ check's RuntimeError."""
+    lif = neuron.LIFNode(tau=1 + 1e-8, step_mode="m")
+    with pytest.raises(ValueError, match="tau must be > 1 in torch.float32.*rounds to 1"):
+        lif(torch.rand(2, 3))
+    lif(torch.rand(2, 3, dtype=torch.float64))  # float64 math keeps it above 1
 
 
 def test_set_step_mode_respects_subclasses_of_spikingjelly_containers():

@@ -372,10 +372,11 @@ def test_more_than_2_pow_31_neuron_steps(ops):
     del x, s, v_last
     gs = torch.ones_like(h)
     gx, _, _, gth = ops.lif_backward(gs, None, None, h, None, torch.tensor(2.0, device="cuda"),
-                                     torch.tensor(1.0, device="cuda"), 0.0, 1, 2.0, True, True,
-                                     False, False, False, True)
+                                     torch.tensor(1.0, device="cuda"), 0.0, 1, 2.0,
+                                     op_flags.backward_flags(True, True, False, False, False,
+                                                             True))
     wgx = ops.lif_backward(gs[:, tail].cpu(), None, None, h[:, tail].cpu(), None,
-                           torch.tensor(2.0), torch.tensor(1.0), 0.0, 1, 2.0, True, True, False,
-                           False, False, True)[0]
+                           torch.tensor(2.0), torch.tensor(1.0), 0.0, 1, 2.0,
+                           op_flags.backward_flags(True, True, False, False, False, True))[0]
     _assert_same(gx[:, tail].cpu(), wgx)
     assert torch.isfinite(gth).all()
