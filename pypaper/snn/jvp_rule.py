@@ -85,9 +85,6 @@ def _rule(triton_rule: bool):
     return lif_forward_jvp
 
 
-lif_forward_jvp = _rule(False)
-
-
 def composite(inputs, tangents):
     """The rule in torch ops (any device, and under vmap): T steps of [N] tensors."""
     x, v_init, decay, vth, v_reset, sid, alpha, flags = inputs

@@ -190,9 +190,12 @@ class BaseNode(nn.Module):
         soft reset), or what set_reset_value('v', value) set. Assigning v_reset later changes
         the reset after a spike, not this."""
         rest = self.__dict__.get("_v_rest")  # neurons pickled before it was kept
-        if rest is None:
-            return 0.0 if self.v_reset is None else self.v_reset
-        return rest
+        return self._op_start if rest is None else rest
+
+    @property
+    def _op_start(self) -> float:
+        """The membrane the op starts from when given none: v_reset, or 0 for a soft reset."""
+        return 0.0 if self.v_reset is None else self.v_reset
 
     def reset(self) -> None:
         """Back to rest: v is the float rest value again, v_seq None, and every memory a
@@ -275,8 +278,8 @@ class BaseNode(nn.Module):
                     f"pypaper.snn.reset_net(model) (or neuron.reset()) before calling the model "
                     f"outside it")
             return v if tuple(v.shape) == shape else None
-        if float(v) == (0.0 if self.v_reset is None else self.v_reset):
-            return None  # the op's own start (v_reset, or 0 for a soft reset)
+        if float(v) == self._op_start:
+            return None
         return torch.full(shape, float(v), dtype=x_seq.dtype, device=x_seq.device)
 
     # ---- forward ---------------------------------------------------------------------------

@@ -177,13 +177,11 @@ def _check_values(decay, decay_is_tau: bool, vth, v_reset: Optional[float], deca
     lo, _, finite = b
     if not finite:
         raise ValueError(f"{vth_name} must be finite")
-    # A learnable threshold (a trained parameter, or a tensor that requires grad) may drift to
-    # v_reset or below while it trains: the neuron then fires at every step, which the kernels
-    # compute as well; refusing it would stop training mid-run (or an eval of the trained
-    # model). Its constructor value was checked.
-    learnable = learnable_threshold or (isinstance(vth, torch.Tensor) and (
-        vth.requires_grad or isinstance(vth, torch.nn.Parameter)))
-    if v_reset is not None and not learnable and not lo > v_reset:
+    # A learnable threshold (a trained parameter, or a tensor that requires grad: the caller
+    # says) may drift to v_reset or below while it trains: the neuron then fires at every step,
+    # which the kernels compute as well; refusing it would stop training mid-run (or an eval of
+    # the trained model). Its constructor value was checked.
+    if v_reset is not None and not learnable_threshold and not lo > v_reset:
         raise ValueError(f"{vth_name} must be greater than v_reset ({v_reset}), got min {lo}")
 
 

@@ -36,8 +36,8 @@ def heaviside(x: torch.Tensor) -> torch.Tensor:
 def alpha_value(alpha, where: str = "alpha") -> float:
     """A built-in surrogate's alpha as the kernels take it: a positive finite number, or a
     one-element tensor read now (SpikingJelly keeps a tensor alpha as it is given, so annealing
-    it in place, alpha.fill_(a), takes effect at the next call; no gradient reaches it, as none
-    does in SpikingJelly's built-in surrogates)."""
+    it in place, alpha.fill_(a), takes effect at the next call; the spiking function gives it
+    no gradient, as SpikingJelly's built-ins do not)."""
     value = alpha
     if isinstance(alpha, torch.Tensor):
         if alpha.numel() != 1 or not alpha.is_floating_point():
