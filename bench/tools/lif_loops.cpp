@@ -9,10 +9,11 @@
 //   rerun:  the forward keeps nothing, the backward reruns it from x per chunk (the CPU op's mode;
 //           20 bytes per neuron-step for forward + backward)
 //   keep_h: the forward writes H, the backward reads it (the GPU ops' mode; 24 bytes)
-// The case is the bench's: fp32, tau = 2, hard reset to 0, decay_input, ATan(alpha = 2), no
+// The case is the bench's: fp32, tau = 2, hard reset to 0, decay_input, ATan(alpha = 2) (or the
+// surrogate SURROGATE names, kernels/common/snn_math.h's id, with its default alpha), no
 // parameter gradients. Threads take contiguous ranges of chunks, as at::parallel_for hands them.
 //
-// Usage: lif_loops STEPS COLD_NEURONS REPS; prints one line per mode and case:
+// Usage: lif_loops STEPS COLD_NEURONS REPS [SURROGATE]; prints one line per mode and case:
 //   mode \t case \t threads \t neurons \t fwd_ms \t bwd_ms
 // Built and run by bench/lif_loops.py (python -m bench.lif_loops).
 #include <omp.h>
@@ -85,7 +86,8 @@ struct Timing {
   double fwd_ms, bwd_ms;
 };
 
-Timing run(Buffers& b, bool keep_h, int threads, int reps, char* flush) {
+Timing run(Buffers& b, bool keep_h, int threads, int reps, char* flush, int32_t surrogate,
+           float alpha) {
   static const float k = 0.5f, tau = 2.0f, vth = 1.0f;
   const int64_t m = b.steps * b.neurons;
   const bool stream = m * static_cast<int64_t>(sizeof(float)) >= pypaper::cpu::kStreamBytes;
@@ -117,8 +119,8 @@ Timing run(Buffers& b, bool keep_h, int threads, int reps, char* flush) {
   ba.grad_v_init = b.gv_init;
   ba.steps = b.steps;
   ba.neurons = b.neurons;
-  ba.alpha = 2.0f;
-  ba.surrogate = static_cast<int32_t>(pypaper::snn::Surrogate::ATan);
+  ba.alpha = alpha;
+  ba.surrogate = surrogate;
   ba.decay_input = true;
   ba.div = true;
   ba.hard = true;
@@ -160,6 +162,14 @@ int main(int argc, char** argv) {
   const int64_t steps = argc > 1 ? std::atol(argv[1]) : 32;
   const int64_t cold_neurons = argc > 2 ? std::atol(argv[2]) : (int64_t{1} << 18);
   const int reps = argc > 3 ? std::max(1, std::atoi(argv[3])) : 11;
+  const int32_t surrogate = argc > 4 ? std::atoi(argv[4]) : 1;
+  // SpikingJelly's default alphas: Sigmoid 4, ATan 2, PiecewiseQuadratic 1, PiecewiseExp 1,
+  // SoftSign 2, SuperSpike 1, Erf 2, Rect 1.
+  const float alphas[] = {4.0f, 2.0f, 1.0f, 1.0f, 2.0f, 1.0f, 2.0f, 1.0f};
+  if (!pypaper::snn::valid_surrogate(surrogate)) {
+    std::fprintf(stderr, "unknown surrogate id %d\n", surrogate);
+    return 2;
+  }
   const int threads = omp_get_max_threads();
   auto* flush = reinterpret_cast<char*>(alloc_floats(kFlushBytes / sizeof(float)));
   for (size_t i = 0; i < kFlushBytes; ++i) flush[i] = static_cast<char>(i);
@@ -180,7 +190,8 @@ int main(int argc, char** argv) {
   for (const bool keep_h : {false, true}) {
     for (const Case& c : cases) {
       Buffers b(steps, c.neurons);
-      const Timing t = run(b, keep_h, c.threads, c.reps, c.cold ? flush : nullptr);
+      const Timing t = run(b, keep_h, c.threads, c.reps, c.cold ? flush : nullptr, surrogate,
+                             alphas[surrogate]);
       std::printf("%s\t%s\t%d\t%lld\t%.4f\t%.4f\n", keep_h ? "keep_h" : "rerun", c.name,
                   c.threads, static_cast<long long>(c.neurons), t.fwd_ms, t.bwd_ms);
       std::fflush(stdout);

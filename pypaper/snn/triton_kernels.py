@@ -313,9 +313,10 @@ if triton is not None:
         one = tl.full(x.shape, 1.0, x.dtype)
         # Every _mul / _div gets a block operand (one * c): the PTX helpers need typed tensor
         # operands, and 1 * c is exact.
-        if SURR == 0:  # Sigmoid: a s (1 - s), s = 1 / (1 + exp(-a x))
-            s = _div(one, 1.0 + tl.exp(_mul(-a, x, USE_RN)), USE_RN)
-            return _mul(_mul(1.0 - s, s, USE_RN), a, USE_RN)
+        if SURR == 0:  # Sigmoid: a s (1 - s) = a e / (1 + e)^2, e = exp(-a |x|) <= 1
+            e = tl.exp(_mul(-a, tl.abs(x), USE_RN))
+            d = 1.0 + e
+            return _div(_mul(one * a, e, USE_RN), _mul(d, d, USE_RN), USE_RN)
         elif SURR == 1:  # ATan: (a/2) / (1 + (pi/2 a x)^2)
             z = _mul(_mul(one * 3.141592653589793, a * 0.5, USE_RN), x, USE_RN)
             return _div(one * (a * 0.5), 1.0 + _mul(z, z, USE_RN), USE_RN)

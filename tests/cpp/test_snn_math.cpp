@@ -44,6 +44,28 @@ static void test_surrogate_derivatives_match_primitives() {
   }
 }
 
+// The fp32 derivatives (the CPU loops' vectorizable exp) against the fp64 ones, far from the
+// threshold too, where they must decay to 0 and not blow up.
+static void test_surrogate_derivatives_fp32() {
+  const float alphas[] = {0.5f, 2.0f, 4.0f, 25.0f};
+  for (int id = 0; id < snn::kNumSurrogates; ++id) {
+    for (float a : alphas) {
+      for (float x = -40.0f; x <= 40.0f; x += 0.0173f) {
+        const double want = snn::surrogate_grad(id, static_cast<double>(x), static_cast<double>(a));
+        const float got = snn::surrogate_grad(id, x, a);
+        // Erf's exponent -(a x)^2 is rounded to fp32 first: its relative error grows with it.
+        const double cond = id == 6 ? 1.0 + static_cast<double>(a * x) * (a * x) : 1.0;
+        if (!(std::isfinite(got) && got >= 0.0f) ||
+            !near(got, want, 2e-6 * cond * want + 1e-30 + (id == 2 || id == 7 ? 1e-3 * a : 0.0))) {
+          std::fprintf(stderr, "surrogate %d alpha %g x %g: fp32 %g fp64 %g\n", id, a, x, got,
+                       want);
+          ++failures;
+        }
+      }
+    }
+  }
+}
+
 static void test_surrogate_values_at_zero() {
   const float a = 2.0f;
   using snn::Surrogate;
@@ -76,6 +98,18 @@ static void test_exp_f32() {
   EXPECT(snn::exp_f32(0.0f) == 1.0f);
   EXPECT(snn::exp_f32(-100.0f) == 0.0f);
   EXPECT(std::isinf(snn::exp_f32(100.0f)));
+  // the surrogates' exp of a non-positive argument (fused where the CPU has FMA)
+  worst = 0;
+  for (float x = -87.0f; x <= 0.0f; x += 0.0071f) {
+    const double want = std::exp(static_cast<double>(x));
+    worst = std::fmax(worst, std::fabs(snn::exp_nonpos_f32(x) - want) / want);
+  }
+  EXPECT(worst < 4e-7);
+  EXPECT(snn::exp_nonpos_f32(0.0f) == 1.0f);
+  EXPECT(snn::exp_nonpos_f32(-0.0f) == 1.0f);
+  EXPECT(snn::exp_nonpos_f32(-100.0f) == 0.0f);
+  EXPECT(snn::exp_nonpos_f32(-INFINITY) == 0.0f);
+  EXPECT(std::isnan(snn::exp_nonpos_f32(NAN)));
 }
 
 static void test_fire_and_reset() {
@@ -354,6 +388,7 @@ int main() {
   test_surrogate_derivatives_match_primitives();
   test_surrogate_values_at_zero();
   test_exp_f32();
+  test_surrogate_derivatives_fp32();
   test_fire_and_reset();
   test_decay_coefficients();
   test_loops_match_scalar_bptt();
