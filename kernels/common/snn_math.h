@@ -114,7 +114,9 @@ inline float exp_f32(float x) {
 // e^x for x <= 0 (or NaN), the case of every surrogate derivative (their exponents are -a|x| and
 // -(a x)^2): only the low end is clamped, the multiply-adds are fused where the CPU can, and n
 // comes from adding 1.5 * 2^23 + 127, which rounds x log2 e to an integer held in the sum's low
-// mantissa bits as n + 127 (<= 127 here): shifted left by 23 they are 2^n's bits. 17 instead
+// mantissa bits as n + 127 (in [1, 127] here): shifted left by 23 they are 2^n's bits, and n as a
+// float is read from the same bits (not as t - (1.5 * 2^23 + 127), which -ffast-math would fold
+// back into x log2 e, unrounded). 17 instead
 // of 45 vector instructions: 0.41 -> 0.19 ns per element on one Xeon core (AVX-512). The
 // backward loops (bench.lif_loops, T = 32): in cache on one thread, Sigmoid (SpikingJelly's
 // default surrogate) 0.98 -> 0.76 ns per neuron-step, PiecewiseExp 0.95 -> 0.65, Erf 0.88 ->
@@ -126,7 +128,8 @@ inline float exp_nonpos_f32(float x) {
   const float t = madd_f32<true>(xc, 1.44269504088896341f, kShift);
   int32_t tb;
   std::memcpy(&tb, &t, sizeof tb);
-  const float y = exp_poly_f32<true>(exp_reduce_f32<true>(xc, t - kShift)) *
+  const float n = static_cast<float>(tb - 0x4B40007F);  // bits of kShift
+  const float y = exp_poly_f32<true>(exp_reduce_f32<true>(xc, n)) *
                   float_from_bits(static_cast<int32_t>(static_cast<uint32_t>(tb) << 23));
   return x < -87.33654f ? 0.0f : y;
 }
@@ -205,8 +208,9 @@ PYPAPER_HD T surrogate_grad(T x, T a) {
   if constexpr (S == Surrogate::Sigmoid) {
     // a s (1 - s) with s = sigmoid(a x), written with e = exp(-a|x|) <= 1 (sigma' is even):
     // a e / (1 + e)^2. The exponent is never positive, and far from the threshold the value
-    // decays to 0 smoothly instead of through 1 - s rounding to 0 (SpikingJelly's form, within
-    // a * 2^-24 of this one).
+    // decays to 0 smoothly instead of through 1 - s losing its digits (SpikingJelly's form, within
+    // 1.5 a 2^-24 of this one: near the threshold the same to a few ulp, in the tails this is
+    // the accurate one).
     const T e = sexp_nonpos(-a * sabs(x));
     const T d = T(1) + e;
     return a * e / (d * d);

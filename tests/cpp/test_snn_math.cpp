@@ -99,12 +99,19 @@ static void test_exp_f32() {
   EXPECT(snn::exp_f32(-100.0f) == 0.0f);
   EXPECT(std::isinf(snn::exp_f32(100.0f)));
   // the surrogates' exp of a non-positive argument (fused where the CPU has FMA)
+  // every float of the last stretch before the clamp, then a dense grid up to 0: within 2 ulp
+  // (a review measured 1.01 ulp at worst over every float of [-88, 0], fused or not)
   worst = 0;
-  for (float x = -87.0f; x <= 0.0f; x += 0.0071f) {
+  for (float x = -87.33654f; x <= -87.2f; x = std::nextafter(x, 0.0f)) {
     const double want = std::exp(static_cast<double>(x));
     worst = std::fmax(worst, std::fabs(snn::exp_nonpos_f32(x) - want) / want);
   }
-  EXPECT(worst < 4e-7);
+  for (float x = -87.2f; x <= 0.0f; x += 0.0071f) {
+    const double want = std::exp(static_cast<double>(x));
+    worst = std::fmax(worst, std::fabs(snn::exp_nonpos_f32(x) - want) / want);
+  }
+  EXPECT(worst < 2.4e-7);
+  EXPECT(snn::exp_nonpos_f32(std::nextafter(-87.33654f, -100.0f)) == 0.0f);
   EXPECT(snn::exp_nonpos_f32(0.0f) == 1.0f);
   EXPECT(snn::exp_nonpos_f32(-0.0f) == 1.0f);
   EXPECT(snn::exp_nonpos_f32(-100.0f) == 0.0f);
