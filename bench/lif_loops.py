@@ -1,7 +1,8 @@
 """python -m bench.lif_loops: is the fused LIF op bound by memory or by its arithmetic on this CPU?
 
 Builds bench/tools/lif_loops.cpp (the CPU loops of kernels/cpu/snn_cpu.h, torch-free) and, in the
-same run, bench/tools/membw.cpp, then prints for T = 32 (fp32, ATan, the bench's case; --surrogate another):
+same run, bench/tools/membw.cpp, then prints for T = 32 (fp32, ATan, the bench's case; or
+--surrogate's):
 
 - the loops' arithmetic: forward and backward with their data in L2 (1024 neurons per thread),
   in ns per neuron-step, on one thread and on all;
@@ -26,14 +27,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pypaper.snn import surrogate as surrogates
+from pypaper.snn.reference import SURROGATE_IDS
+
 from . import membw
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "tools" / "lif_loops.cpp"
 # setup.py's flags for the CPU kernels (without torch): the same code generation as pypaper._C.
-# kernels/common/snn_math.h's surrogate ids, in order
-SURROGATES = ("Sigmoid", "ATan", "PiecewiseQuadratic", "PiecewiseExp", "SoftSign", "SuperSpike",
-              "Erf", "Rect")
 CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
 
 
@@ -43,11 +44,12 @@ def build(out_dir: Path) -> Path:
 
 
 def measure(exe: Path, steps: int, neurons: int, reps: int, threads: int,
-            surrogate: int = 1) -> list:
+            surrogate: str = "ATan") -> list:
+    """The tool's rows; ``surrogate`` runs with SpikingJelly's default alpha (pypaper's class)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    out = subprocess.run([str(exe), str(steps), str(neurons), str(reps), str(surrogate)],
-                         env=env, check=True,
-                         capture_output=True, text=True).stdout
+    sid, alpha = SURROGATE_IDS[surrogate], getattr(surrogates, surrogate).default_alpha
+    out = subprocess.run([str(exe), str(steps), str(neurons), str(reps), str(sid), str(alpha)],
+                         env=env, check=True, capture_output=True, text=True).stdout
     rows = []
     for line in out.strip().splitlines():
         mode, case, nthreads, n, fwd, bwd = line.split("\t")
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--neurons", type=int, default=1 << 18,
                    help="neurons of the cold case (default 2^18: the bench's; a multiple of 2^13 "
                         "keeps membw's streams the same size)")
-    p.add_argument("--surrogate", default="ATan", choices=SURROGATES,
+    p.add_argument("--surrogate", default="ATan", choices=tuple(SURROGATE_IDS),
                    help="the backward's surrogate, with SpikingJelly's default alpha (default ATan, "
                         "the bench's; Sigmoid is SpikingJelly's default)")
     p.add_argument("--threads", type=int, default=None,
@@ -89,8 +91,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--neurons must be >= 1, got {neurons}")
     mib = max(1, steps * neurons * 4 >> 20)  # membw's streams: one [T, N] fp32 tensor each
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(build(Path(tmp)), steps, neurons, args.reps, threads,
-                       SURROGATES.index(args.surrogate))
+        rows = measure(build(Path(tmp)), steps, neurons, args.reps, threads, args.surrogate)
         bw = membw.measure(membw.build(Path(tmp)), mib, args.reps, threads)
     # membw's floors, scaled from its stream size to the cold case's T x neurons
     scale = steps * neurons * 4 / (mib << 20)
@@ -98,8 +99,8 @@ def main(argv=None) -> int:
     write2 = membw.best_ms(bw["1 read, 2 writes (LIF forward keeping H)"]) * scale
     read2 = membw.best_ms(bw["2 reads, 1 write (LIF backward)"]) * scale
     per_ns = 1e6 / (steps * neurons)  # ms of the cold case -> ns per neuron-step
-    print(f"## LIF loops, T = {steps}, fp32, {args.surrogate}: arithmetic (in cache) against memory (cold), "
-          f"{threads} threads\n")
+    print(f"## LIF loops, T = {steps}, fp32, {args.surrogate}: arithmetic (in cache) against "
+          f"memory (cold), {threads} threads\n")
     print(f"ns per neuron-step (wall time / (T x neurons)); `cold` at {neurons} neurons; the "
           "floor is bench.membw's, same run, same streams, nothing computed. Far prefetches: "
           f"{_prefetch_hint()} (kernels/cpu/snn_cpu.h lif_prefetch_nta_default; "

@@ -9,11 +9,10 @@
 //   rerun:  the forward keeps nothing, the backward reruns it from x per chunk (the CPU op's mode;
 //           20 bytes per neuron-step for forward + backward)
 //   keep_h: the forward writes H, the backward reads it (the GPU ops' mode; 24 bytes)
-// The case is the bench's: fp32, tau = 2, hard reset to 0, decay_input, ATan(alpha = 2) (or the
-// surrogate SURROGATE names, kernels/common/snn_math.h's id, with its default alpha), no
-// parameter gradients. Threads take contiguous ranges of chunks, as at::parallel_for hands them.
+// The case is the bench's: fp32, tau = 2, hard reset to 0, decay_input, ATan(alpha = 2) (or
+// surrogate id SURROGATE of kernels/common/snn_math.h with ALPHA), no parameter gradients. Threads take contiguous ranges of chunks, as at::parallel_for hands them.
 //
-// Usage: lif_loops STEPS COLD_NEURONS REPS [SURROGATE]; prints one line per mode and case:
+// Usage: lif_loops STEPS COLD_NEURONS REPS [SURROGATE ALPHA]; prints one line per mode and case:
 //   mode \t case \t threads \t neurons \t fwd_ms \t bwd_ms
 // Built and run by bench/lif_loops.py (python -m bench.lif_loops).
 #include <omp.h>
@@ -163,11 +162,9 @@ int main(int argc, char** argv) {
   const int64_t cold_neurons = argc > 2 ? std::atol(argv[2]) : (int64_t{1} << 18);
   const int reps = argc > 3 ? std::max(1, std::atoi(argv[3])) : 11;
   const int32_t surrogate = argc > 4 ? std::atoi(argv[4]) : 1;
-  // SpikingJelly's default alphas: Sigmoid 4, ATan 2, PiecewiseQuadratic 1, PiecewiseExp 1,
-  // SoftSign 2, SuperSpike 1, Erf 2, Rect 1.
-  const float alphas[] = {4.0f, 2.0f, 1.0f, 1.0f, 2.0f, 1.0f, 2.0f, 1.0f};
-  if (!pypaper::snn::valid_surrogate(surrogate)) {
-    std::fprintf(stderr, "unknown surrogate id %d\n", surrogate);
+  const float alpha = argc > 5 ? std::strtof(argv[5], nullptr) : 2.0f;
+  if (!pypaper::snn::valid_surrogate(surrogate) || !(alpha > 0.0f)) {
+    std::fprintf(stderr, "unknown surrogate id %d or alpha %g not positive\n", surrogate, alpha);
     return 2;
   }
   const int threads = omp_get_max_threads();
@@ -191,7 +188,7 @@ int main(int argc, char** argv) {
     for (const Case& c : cases) {
       Buffers b(steps, c.neurons);
       const Timing t = run(b, keep_h, c.threads, c.reps, c.cold ? flush : nullptr, surrogate,
-                             alphas[surrogate]);
+                             alpha);
       std::printf("%s\t%s\t%d\t%lld\t%.4f\t%.4f\n", keep_h ? "keep_h" : "rerun", c.name,
                   c.threads, static_cast<long long>(c.neurons), t.fwd_ms, t.bwd_ms);
       std::fflush(stdout);

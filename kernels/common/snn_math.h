@@ -116,9 +116,8 @@ inline float exp_f32(float x) {
 // comes from adding 1.5 * 2^23 + 127, which rounds x log2 e to an integer held in the sum's low
 // mantissa bits as n + 127 (in [1, 127] here): shifted left by 23 they are 2^n's bits, and n as a
 // float is read from the same bits (not as t - (1.5 * 2^23 + 127), which -ffast-math would fold
-// back into x log2 e, unrounded). 17 instead
-// of 45 vector instructions: 0.41 -> 0.19 ns per element on one Xeon core (AVX-512). The
-// backward loops (bench.lif_loops, T = 32): in cache on one thread, Sigmoid (SpikingJelly's
+// back into x log2 e, unrounded). 17 instead of 45 vector instructions: 0.41 -> 0.19 ns per
+// element on one Xeon core (AVX-512). The backward loops (bench.lif_loops, T = 32): in cache on one thread, Sigmoid (SpikingJelly's
 // default surrogate) 0.98 -> 0.76 ns per neuron-step, PiecewiseExp 0.95 -> 0.65, Erf 0.88 ->
 // 0.61; cold at 2^18 neurons on 2 threads 4.7 -> 3.9, 4.5 -> 3.5, 4.3 -> 3.3 ms.
 // Within 2 ulp of expf on [-87.33, 0]; 0 below.
@@ -135,27 +134,15 @@ inline float exp_nonpos_f32(float x) {
 }
 #endif
 
-template <typename T>
+// e^v: exp on the GPU, the vectorizable fp32 exp on the host; NONPOS: v <= 0 (the surrogate
+// derivatives' exponents), exp_nonpos_f32.
+template <bool NONPOS = false, typename T>
 PYPAPER_HD T sexp(T v) {
 #if defined(__CUDA_ARCH__)
   return exp(v);
 #else
   if constexpr (sizeof(T) == 4) {
-    return exp_f32(v);
-  } else {
-    return std::exp(v);
-  }
-#endif
-}
-
-// sexp for v <= 0 (the surrogate derivatives' exponents).
-template <typename T>
-PYPAPER_HD T sexp_nonpos(T v) {
-#if defined(__CUDA_ARCH__)
-  return exp(v);
-#else
-  if constexpr (sizeof(T) == 4) {
-    return exp_nonpos_f32(v);
+    return NONPOS ? exp_nonpos_f32(v) : exp_f32(v);
   } else {
     return std::exp(v);
   }
@@ -211,7 +198,7 @@ PYPAPER_HD T surrogate_grad(T x, T a) {
     // decays to 0 smoothly instead of through 1 - s losing its digits (SpikingJelly's form, within
     // 1.5 a 2^-24 of this one: near the threshold the same to a few ulp, in the tails this is
     // the accurate one).
-    const T e = sexp_nonpos(-a * sabs(x));
+    const T e = sexp<true>(-a * sabs(x));
     const T d = T(1) + e;
     return a * e / (d * d);
   } else if constexpr (S == Surrogate::ATan) {
@@ -221,7 +208,7 @@ PYPAPER_HD T surrogate_grad(T x, T a) {
     const T ax = sabs(x);
     return ax > T(1) / a ? T(0) : a - a * a * ax;
   } else if constexpr (S == Surrogate::PiecewiseExp) {
-    return a / T(2) * sexp_nonpos(-a * sabs(x));
+    return a / T(2) * sexp<true>(-a * sabs(x));
   } else if constexpr (S == Surrogate::SoftSign) {
     const T z = T(1) / a + sabs(x);
     return T(1) / (T(2) * a * (z * z));
@@ -230,7 +217,7 @@ PYPAPER_HD T surrogate_grad(T x, T a) {
     return a / (z * z);
   } else if constexpr (S == Surrogate::Erf) {
     const T z = x * a;
-    return sexp_nonpos(-(z * z)) * (a * inv_sqrt_pi_v<T>());
+    return sexp<true>(-(z * z)) * (a * inv_sqrt_pi_v<T>());
   } else {  // Rect
     return sabs(x) < T(0.5) / a ? a : T(0);
   }

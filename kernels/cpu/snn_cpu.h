@@ -373,7 +373,6 @@ void lif_forward(const LifForwardArgs<In, T>& a, int64_t c0, int64_t c1) {
 #pragma GCC target("prefer-vector-width=512")
 #endif
 
-
 template <typename In, typename T>
 struct LifBackwardArgs {
   const In* grad_spikes;  // [T, N]
