@@ -10,7 +10,8 @@
 //           20 bytes per neuron-step for forward + backward)
 //   keep_h: the forward writes H, the backward reads it (the GPU ops' mode; 24 bytes)
 // The case is the bench's: fp32, tau = 2, hard reset to 0, decay_input, ATan(alpha = 2) (or
-// surrogate id SURROGATE of kernels/common/snn_math.h with ALPHA), no parameter gradients. Threads take contiguous ranges of chunks, as at::parallel_for hands them.
+// surrogate id SURROGATE of kernels/common/snn_math.h with ALPHA), no parameter gradients.
+// Threads take contiguous ranges of chunks, as at::parallel_for hands them.
 //
 // Usage: lif_loops STEPS COLD_NEURONS REPS [SURROGATE ALPHA]; prints one line per mode and case:
 //   mode \t case \t threads \t neurons \t fwd_ms \t bwd_ms

@@ -54,9 +54,15 @@ static void test_surrogate_derivatives_fp32() {
         const double want = snn::surrogate_grad(id, static_cast<double>(x), static_cast<double>(a));
         const float got = snn::surrogate_grad(id, x, a);
         // Erf's exponent -(a x)^2 is rounded to fp32 first: its relative error grows with it.
-        const double cond = id == 6 ? 1.0 + static_cast<double>(a * x) * (a * x) : 1.0;
+        const auto s = static_cast<snn::Surrogate>(id);
+        const double cond =
+            s == snn::Surrogate::Erf ? 1.0 + static_cast<double>(a * x) * (a * x) : 1.0;
+        // PiecewiseQuadratic and Rect end at |x| = 1/a and 1/(2a), edges rounded to fp32, and
+        // a - a^2 |x| cancels near its edge: an absolute allowance there
+        const bool kinked =
+            s == snn::Surrogate::PiecewiseQuadratic || s == snn::Surrogate::Rect;
         if (!(std::isfinite(got) && got >= 0.0f) ||
-            !near(got, want, 2e-6 * cond * want + 1e-30 + (id == 2 || id == 7 ? 1e-3 * a : 0.0))) {
+            !near(got, want, 2e-6 * cond * want + 1e-30 + (kinked ? 1e-3 * a : 0.0))) {
           std::fprintf(stderr, "surrogate %d alpha %g x %g: fp32 %g fp64 %g\n", id, a, x, got,
                        want);
           ++failures;
