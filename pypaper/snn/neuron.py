@@ -412,6 +412,24 @@ class LIFNode(BaseNode):
         return super().extra_repr() + f", tau={tau}"
 
 
+def plif_k(w: torch.Tensor) -> torch.Tensor:
+    """PLIF's k = 1/tau = sigmoid(w), held at or above k_min with zero gradient below it.
+
+    sigmoid(w) rounds to 0 at w <= -17.34 in fp16, about -88.72 in fp32 / bf16 and -709.8 in fp64,
+    where SpikingJelly's neuron stops integrating (H = V + (X - V + Vr) * 0 = V) and w's gradient is
+    0 (sigmoid' = 0). The fused backward forms the decay gradient as (H - V) / k from H (it keeps H,
+    not X - V + Vr), which has no value at k = 0 and overflows float32 below about 2.9e-39, so the
+    op refuses such a k for a caller who wants its gradient. Here w's gradient at those points is
+    sigmoid'(w) * dL/dk: 0 where k is 0 and below 2^-126 |dL/dk| where k is subnormal.
+    Clamping k at k_min keeps w's gradient 0 there and the op's arithmetic finite. k_min is
+    float32's smallest normal number 2^-126 (w < -87.3; fp64 w too, whose k the op casts to
+    float32 for float32 input), and in fp16 its smallest subnormal 2^-24, so there only an exact
+    0 moves. Spikes are SpikingJelly's; the membrane differs from its by at most
+    k_min * |X - V + Vr| per step."""
+    k = w.sigmoid()
+    return k.clamp_min(2.0 ** -24 if k.dtype == torch.float16 else 2.0 ** -126)
+
+
 class ParametricLIFNode(BaseNode):
     """Parametric LIF (PLIF; Fang et al., "Incorporating Learnable Membrane Time Constant to
     Enhance Learning of Spiking Neural Networks", ICCV 2021), drop-in for SpikingJelly's.
@@ -437,7 +455,7 @@ class ParametricLIFNode(BaseNode):
         self.decay_input = bool(decay_input)
 
     def _decay(self) -> dict:
-        return {"k": self.w.sigmoid(), "tau_name": "w (tau_shape)"}
+        return {"k": plif_k(self.w), "tau_name": "w (tau_shape)"}
 
     def extra_repr(self) -> str:
         with torch.no_grad():

@@ -141,11 +141,14 @@ def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype, device: torch.de
 
 def _check_values(decay, decay_is_tau: bool, vth, v_reset: Optional[float], decay_name: str,
                   vth_name: str, decay_input: bool = True, *, learnable_threshold: bool = False,
-                  math_dtype: torch.dtype = torch.float64, tracing: bool = False) -> None:
+                  math_dtype: torch.dtype = torch.float64, tracing: bool = False,
+                  decay_needs_grad: bool = False) -> None:
     """Range checks of the decay and threshold, each a number (checked in Python: the tensor ops
     cost ~30 us a call, a fifth of the op's fixed cost) or a tensor. k = 0 (no leak) is allowed
     without decay_input: H = V - (V - Vr) * 0 + X = V + X, SpikingJelly's IFNode, to the bit;
-    with decay_input it would make H = V, a neuron that never integrates. While tracing
+    with decay_input it would make H = V, a neuron that never integrates, and its gradient,
+    formed as (H - V) / k, has no value (nor one that is finite in the math dtype below its
+    smallest normal number: refused there when decay_needs_grad). While tracing
     (torch.compile) a tensor's values cannot be read: numbers are still checked."""
     def bounds(v):  # (min, max, all finite), or None: a tensor while tracing
         if _is_number(v):
@@ -171,6 +174,15 @@ def _check_values(decay, decay_is_tau: bool, vth, v_reset: Optional[float], deca
         elif not (finite and (lo > 0 or (lo == 0 and not decay_input)) and hi <= 1):
             where = "(0, 1]" if decay_input else "[0, 1] (0: no leak, IF)"
             raise ValueError(f"{decay_name}: k = 1/tau must lie in {where}, got [{lo}, {hi}]")
+        elif decay_input and decay_needs_grad and lo < torch.finfo(math_dtype).tiny:
+            # dH/dk = X - (V - Vr) is formed in the backward as (H - V) / k: 1/k overflows below
+            # ~2.9e-39 in float32 (NaN gradients), and below the smallest normal number H - V
+            # keeps only a few bits of d * k
+            raise ValueError(
+                f"{decay_name}: k = 1/tau below {torch.finfo(math_dtype).tiny} (the smallest "
+                f"normal {math_dtype}) has no decay gradient in the kernels' math (it is formed "
+                f"as (H - V) / k), got min {lo}: pass k without requires_grad, or clamp it "
+                f"(ParametricLIFNode holds sigmoid(w) at 2^-126 or above)")
     b = bounds(vth)
     if b is None:
         return
@@ -213,6 +225,8 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
             neuron, broadcast over the batch); divides, like SpikingJelly's LIFNode. Default 2.
         k: instead of tau, 1/tau in (0, 1] (multiplies; PLIF passes sigmoid(w)). Differentiable.
             k = 0 with decay_input=False is the integrate-and-fire neuron, H = V + X (IFNode).
+            With decay_input, a k that requires grad must be at least the math dtype's smallest
+            normal number (2^-126 in float32): the backward forms dH/dk as (H - V) / k.
         v_threshold: number or tensor of shape () or x_seq.shape[2:]; differentiable.
         store_v_seq: also return V[t] for every step.
         tau_name / threshold_name: the argument names used in error messages.
@@ -241,7 +255,8 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
                   threshold_name, decay_input,
                   learnable_threshold=learnable_threshold or isinstance(v_threshold, nn.Parameter)
                   or (isinstance(v_threshold, torch.Tensor) and v_threshold.requires_grad),
-                  math_dtype=mdt, tracing=tracing)
+                  math_dtype=mdt, tracing=tracing,
+                  decay_needs_grad=torch.is_grad_enabled() and decay.requires_grad)
     if v is not None:
         if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(x_seq.shape[1:]):
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__

@@ -241,3 +241,40 @@ def test_membrane_reset_value_is_spikingjellys():
     assert torch.equal(half(x), want(x))
     with pytest.raises(ValueError, match="reset value of v must be a finite number"):
         half.set_reset_value("v", float("nan"))
+
+
+@pytest.mark.parametrize("dtype,w0", [(torch.float32, -90.0), (torch.float32, -88.0),
+                                      (torch.bfloat16, -90.0), (torch.float16, -18.0)])
+@pytest.mark.parametrize("v_reset", [0.0, None])
+def test_plif_whose_k_rounds_to_zero_trains_on(dtype, w0, v_reset):
+    """k = sigmoid(w) rounds to 0 (w <= -88.72 in fp32 and bf16, -17.34 in fp16) or to a
+    subnormal (-88 in fp32): the first stopped with the op's range error and the second kept a
+    NaN-prone 1/k, where SpikingJelly's neuron stops integrating and trains on with w's gradient
+    0. Now the same spikes, the membrane within k_min * |X - V + Vr| per step, w's gradient 0."""
+    from spikingjelly.activation_based import neuron as sj_neuron
+
+    torch.manual_seed(0)
+    ours = neuron.ParametricLIFNode(step_mode="m", v_reset=v_reset).to(dtype)
+    theirs = sj_neuron.ParametricLIFNode(step_mode="m", v_reset=v_reset).to(dtype)
+    warm = (torch.rand(3, 4, 8) * 1.5).to(dtype)  # a membrane away from rest (tau = 2)
+    x = (torch.randn(5, 4, 8) * 2).to(dtype)
+    g = torch.randn(5, 4, 8).to(dtype)
+    with torch.no_grad():
+        ours(warm)
+    res = []
+    for m in (ours, theirs):
+        with torch.no_grad():
+            m.v = ours.v.clone()  # the same start (16-bit math differs from SpikingJelly's)
+            m.w.fill_(w0)
+        xx = x.clone().requires_grad_()
+        s = m(xx)
+        ((s * g).sum() + m.v.float().sum()).backward()
+        res.append((s, m.v.detach(), xx.grad, m.w.grad))
+        torch.optim.SGD(m.parameters(), lr=1.0).step()
+        assert torch.isfinite(m.w).all()
+    (s1, v1, gx1, gw1), (s2, v2, gx2, gw2) = res
+    assert torch.equal(s1, s2)
+    tol = 1e-5 if dtype == torch.float16 else 1e-30  # k_min: 2^-24 in fp16, else 2^-126
+    torch.testing.assert_close(v1.float(), v2.float(), rtol=0, atol=tol)
+    torch.testing.assert_close(gx1.float(), gx2.float(), rtol=0, atol=tol)
+    assert gw1.item() == 0 and abs(gw2.item()) < 1e-30

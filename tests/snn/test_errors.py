@@ -56,6 +56,27 @@ def test_k_must_lie_in_zero_one():
         lif_multi_step(torch.randn(3, 4), tau=2.0, k=0.5)
 
 
+@pytest.mark.parametrize("k", [1e-40, 3e-39, 1e-38])
+def test_k_below_the_smallest_normal_with_its_gradient(k):
+    """The backward forms dL/dk from (H - V) / k: 1/k overflowed float32 and the gradient was NaN
+    without a word (k = 1e-40), or kept a few bits (subnormal d * k). Refused where k's gradient
+    is wanted; without it, k only scales, and the call runs."""
+    x = torch.randn(4, 8, requires_grad=True)
+    kt = torch.tensor(k, requires_grad=True)
+    with pytest.raises(ValueError, match=r"k: k = 1/tau below .* has no decay gradient"):
+        lif_multi_step(x, k=kt)
+    s, _, _ = lif_multi_step(x, k=kt.detach())
+    s.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        lif_multi_step(x, k=kt)
+    lif_multi_step(x, k=kt, decay_input=False)  # dH/dk = -(V - Vr): no division
+    xd = x.detach().double()  # fp64 math: its own smallest normal
+    kd = torch.tensor(k, dtype=torch.float64, requires_grad=True)
+    lif_multi_step(xd, k=kd)[0].sum().backward()
+    assert torch.isfinite(kd.grad)
+
+
 @pytest.mark.parametrize("vth,vr", [(1.0, 1.0), (0.5, 1.0), (-1.0, 0.0)])
 def test_threshold_must_exceed_reset(vth, vr):
     with pytest.raises(ValueError, match="must be greater than v_reset"):
