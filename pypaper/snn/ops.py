@@ -108,6 +108,58 @@ def _scalar(value: float, sign: float, dtype: torch.dtype, device: torch.device)
     return torch.tensor(value, dtype=dtype, device=device)
 
 
+def _check_param_shape(value, name: str, x: torch.Tensor, per_sample: bool = False) -> None:
+    """A tensor parameter: one value, one per neuron (x.shape[2:], broadcast over the batch) or,
+    ``per_sample``, one per sample and neuron (x.shape[1:])."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    shape, feat = tuple(value.shape), tuple(x.shape[2:])
+    if value.numel() != 1 and shape != feat and not (per_sample and shape == tuple(x.shape[1:])):
+        raise ValueError(f"{name} has shape {shape}, expected () (one value), the feature shape "
+                         f"x.shape[2:] = {feat} (one per neuron) or x.shape[1:] = "
+                         f"{tuple(x.shape[1:])} (one per sample and neuron)")
+
+
+def _is_per_sample(value, x: torch.Tensor) -> bool:
+    """A tensor of shape x.shape[1:] (not one element): one value per sample and neuron, as
+    SpikingJelly's functional.set_threshold_margin assigns to an output layer's v_threshold."""
+    return (isinstance(value, torch.Tensor) and value.numel() != 1
+            and tuple(value.shape) == tuple(x.shape[1:]))
+
+
+def _lif_per_sample(x_seq: torch.Tensor, v: Optional[torch.Tensor], kwargs: dict):
+    """lif_multi_step where tau / k or v_threshold holds one value per sample and neuron: every
+    (sample, neuron) pair is a neuron of one batch row, x_seq [T, N, *] -> [T, 1, M] (a view of a
+    contiguous x), per-sample parameters -> [M], per-neuron ones broadcast over the batch first
+    (autograd sums their gradients back), then the outputs reshaped back. The dynamics are
+    elementwise in the neurons, so this is the same computation, bit for bit."""
+    steps, state = x_seq.shape[0], tuple(x_seq.shape[1:])
+    flat = dict(kwargs)
+    for key in ("tau", "k", "v_threshold"):
+        p = kwargs[key]
+        if p is None or _is_number(p):
+            continue
+        name = kwargs["threshold_name"] if key == "v_threshold" else (kwargs["tau_name"] or key)
+        _check_param_shape(p, name, x_seq, per_sample=True)
+        if p.numel() != 1:
+            flat[key] = (p if tuple(p.shape) == state else p.expand(state)).reshape(-1)
+    if v is not None:
+        _check_v_shape(v, x_seq)
+        v = v.reshape(1, -1)
+    spikes, v_last, v_seq = lif_multi_step(x_seq.reshape(steps, 1, -1), v, **flat)
+    return (spikes.reshape(x_seq.shape), v_last.reshape(state),
+            None if v_seq is None else v_seq.reshape(x_seq.shape))
+
+
+def _check_v_shape(v, x_seq: torch.Tensor) -> None:
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(x_seq.shape[1:]):
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"v has shape {got}, expected x_seq.shape[1:] = "
+                         f"{tuple(x_seq.shape[1:])}")
+
+
 def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype, device: torch.device,
            tracing: bool) -> torch.Tensor:
     """A neuron parameter as a tensor of the math dtype on x's device (``device``): one value, or
@@ -126,14 +178,7 @@ def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype, device: torch.de
             return torch.tensor(float(value), dtype=mdt, device=device)
         v = float(value)
         return _scalar(v, math.copysign(1.0, v), mdt, device)
-    feat = tuple(x.shape[2:])
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-    if value.numel() != 1 and tuple(value.shape) != feat:
-        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected () (one value) or the "
-                         f"feature shape x.shape[2:] = {feat} (one per neuron)")
+    _check_param_shape(value, name, x)
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but x_seq is on {device}")
     return value.to(mdt)
@@ -228,6 +273,8 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
             With decay_input, a k that requires grad must be at least the math dtype's smallest
             normal number (2^-126 in float32): the backward forms dH/dk as (H - V) / k.
         v_threshold: number or tensor of shape () or x_seq.shape[2:]; differentiable.
+            tau, k and v_threshold also take a tensor of shape x_seq.shape[1:], one value per
+            sample and neuron (SpikingJelly's functional.set_threshold_margin assigns one).
         store_v_seq: also return V[t] for every step.
         tau_name / threshold_name: the argument names used in error messages.
         learnable_threshold: v_threshold is a trained parameter (also when passed detached, as
@@ -242,6 +289,12 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
         raise ValueError("pass tau or k (= 1/tau), not both")
     if v_reset is not None and (not _is_number(v_reset) or not math.isfinite(v_reset)):
         raise ValueError(f"v_reset must be a finite number or None, got {v_reset!r}")
+    if any(_is_per_sample(p, x_seq) for p in (tau, k, v_threshold)):
+        return _lif_per_sample(x_seq, v, dict(
+            tau=tau, k=k, v_threshold=v_threshold, v_reset=v_reset,
+            surrogate_function=surrogate_function, decay_input=decay_input,
+            detach_reset=detach_reset, sltt=sltt, store_v_seq=store_v_seq, tau_name=tau_name,
+            threshold_name=threshold_name, learnable_threshold=learnable_threshold))
     mdt = reference.default_math_dtype(x_seq.dtype)
     device = x_seq.device
     tracing = torch.compiler.is_compiling()  # value checks read tensor data: not while tracing
@@ -258,10 +311,7 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
                   math_dtype=mdt, tracing=tracing,
                   decay_needs_grad=torch.is_grad_enabled() and decay.requires_grad)
     if v is not None:
-        if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(x_seq.shape[1:]):
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"v has shape {got}, expected x_seq.shape[1:] = "
-                             f"{tuple(x_seq.shape[1:])}")
+        _check_v_shape(v, x_seq)
         v = v.to(dtype=x_seq.dtype, device=device)
         if not tracing and v.is_inference() and not torch.is_inference_mode_enabled():
             # the membrane a call under inference_mode left (SpikingJelly continues from it):

@@ -98,12 +98,14 @@ def test_non_finite_threshold_and_reset():
 def test_per_neuron_parameters_of_the_wrong_shape():
     x = torch.randn(4, 2, 3, 5)
     with pytest.raises(ValueError, match=r"w \(tau_shape\) has shape \(5,\), expected \(\) "
-                                         r"\(one value\) or the feature shape x.shape\[2:\] = \(3, 5\)"):
+                                         r"\(one value\), the feature shape x.shape\[2:\] = "
+                                         r"\(3, 5\) \(one per neuron\) or x.shape\[1:\] = "
+                                         r"\(2, 3, 5\) \(one per sample and neuron\)"):
         neuron.ParametricLIFNode(step_mode="m", tau_shape=(5,))(x)
     with pytest.raises(ValueError, match=r"v_threshold has shape \(3,\)"):
         neuron.LIFNode(step_mode="m", learnable_threshold=True, threshold_shape=(3,))(x)
-    with pytest.raises(ValueError, match=r"tau has shape \(2, 3, 5\)"):
-        neuron.LIFNode(step_mode="m", tau=torch.full((2, 3, 5), 2.0))(x)
+    with pytest.raises(ValueError, match=r"tau has shape \(3, 3, 5\)"):
+        neuron.LIFNode(step_mode="m", tau=torch.full((3, 3, 5), 2.0))(x)
     with pytest.raises(ValueError, match=r"v has shape \(3, 5\), expected x_seq.shape\[1:\]"):
         lif_multi_step(x, torch.zeros(3, 5))
     with pytest.raises(TypeError, match="tau_shape must be a tuple of ints"):
