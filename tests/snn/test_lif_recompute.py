@@ -1,8 +1,10 @@
 """The CPU backward that reruns the forward from x (lif_forward without the keep_h flag,
-lif_backward with the recompute flag) gives the gradients of the backward that reads a kept H, to the bit: every
-surrogate x hard/soft reset x decay_input x detach_reset, SLTT, v_init, per-neuron and learnable
-tau / k / threshold, store_v_seq with a gradient through V, 16-bit and fp64 inputs, T = 1, chunk
-tails, many time steps, and the streamed-store sizes."""
+lif_backward with the recompute flag) gives the gradients of the backward that reads a kept H, to
+the bit: every surrogate x hard/soft reset x decay_input x detach_reset, SLTT, v_init, per-neuron
+and learnable tau / k / threshold, store_v_seq with a gradient through V, fp64 inputs, T = 1,
+chunk tails, many time steps, and the streamed-store sizes. With 16-bit inputs the rerun keeps H
+in fp32 (a kept H is rounded to 16 bits, as GPUs keep it): its gradients are then the fp32
+computation's on the same values, rounded once, to the bit."""
 import pytest
 import torch
 
@@ -70,11 +72,55 @@ def test_learnable_per_neuron_parameters_and_v_seq(decay_is_tau, decay_value):
              decay_input=False)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_other_dtypes(dtype):
-    x = inputs((9, 2, 70), dtype).requires_grad_()
+def test_fp64():
+    x = inputs((9, 2, 70), torch.float64).requires_grad_()
     _compare(x, store_v_seq=True)
     _compare(x, v_reset=None, sid=0, alpha=4.0)
+
+
+def _rerun_16_bit_is_fp32_rounded_once(x16, v0=None, decay=None, vth=None, **kw):
+    """The 16-bit rerun's outputs and gradients against the fp32 op's on the same (exactly
+    widened) values: x and state gradients rounded to the 16-bit dtype, parameter gradients
+    (fp32, the math type) equal as they are."""
+    dtype = x16.dtype
+    decay = torch.tensor(2.0) if decay is None else decay
+    vth = torch.tensor(1.0) if vth is None else vth
+    g = torch.Generator().manual_seed(5)
+    g_s, g_q = (torch.randn(x16.shape, generator=g).to(dtype) for _ in range(2))
+    g_v = torch.randn(x16.shape[1:], generator=g).to(dtype)
+
+    def leaf(t, dt=None):
+        return None if t is None else t.detach().to(dt or t.dtype).requires_grad_(t.requires_grad)
+
+    got = _grads(leaf(x16), leaf(v0, dtype), leaf(decay), leaf(vth), False, g_s, g_v, g_q, **kw)
+    want = _grads(leaf(x16, torch.float32), leaf(v0, torch.float32), leaf(decay), leaf(vth),
+                  False, g_s.float(), g_v.float(), g_q.float(), **kw)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b.to(a.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_rerun_keeps_h_in_fp32(dtype):
+    x = inputs((9, 2, 70), dtype).requires_grad_()
+    _rerun_16_bit_is_fp32_rounded_once(x, store_v_seq=True)
+    _rerun_16_bit_is_fp32_rounded_once(x, v_reset=None, sid=0, alpha=4.0)
+    x = inputs((6, 4, 3, 5), dtype).requires_grad_()
+    v0 = (torch.rand(4, 3, 5) * 0.5).to(dtype).requires_grad_()
+    decay = (torch.full((3, 5), 3.0) + torch.rand(3, 5) * 0.1).requires_grad_()
+    vth = (torch.rand(3, 5) * 0.5 + 0.8).requires_grad_()
+    _rerun_16_bit_is_fp32_rounded_once(x, v0, decay, vth, store_v_seq=True, sid=6)
+    k = torch.tensor(0.4, requires_grad=True)
+    _rerun_16_bit_is_fp32_rounded_once(x, v0, k, torch.tensor(1.0, requires_grad=True),
+                                       decay_is_tau=False, decay_input=False, v_reset=None)
+    # the kept H is rounded to 16 bits: the same spikes and membrane, gradients that differ
+    g = torch.Generator().manual_seed(3)
+    g_s = torch.randn(x.shape, generator=g).to(dtype)
+    g_v = torch.randn(x.shape[1:], generator=g).to(dtype)
+    kept = _grads(x, None, torch.tensor(30.0), torch.tensor(1.0), True, g_s, g_v, None)
+    rerun = _grads(x, None, torch.tensor(30.0), torch.tensor(1.0), False, g_s, g_v, None)
+    assert torch.equal(kept[0], rerun[0]) and torch.equal(kept[1], rerun[1])
+    assert not torch.equal(kept[2], rerun[2])
 
 
 @pytest.mark.parametrize("shape", [(1, 3), (2, 1), (3, 129), (40, 2, 130), (200, 5)])
