@@ -289,6 +289,8 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
         raise ValueError("pass tau or k (= 1/tau), not both")
     if v_reset is not None and (not _is_number(v_reset) or not math.isfinite(v_reset)):
         raise ValueError(f"v_reset must be a finite number or None, got {v_reset!r}")
+    learnable_threshold = (learnable_threshold or isinstance(v_threshold, nn.Parameter)
+                           or (isinstance(v_threshold, torch.Tensor) and v_threshold.requires_grad))
     if any(_is_per_sample(p, x_seq) for p in (tau, k, v_threshold)):
         return _lif_per_sample(x_seq, v, dict(
             tau=tau, k=k, v_threshold=v_threshold, v_reset=v_reset,
@@ -305,9 +307,7 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
     vth = _param(v_threshold, threshold_name, x_seq, mdt, device, tracing)
     _check_values(decay_value if _is_number(decay_value) else decay, decay_is_tau,
                   v_threshold if _is_number(v_threshold) else vth, v_reset, decay_name,
-                  threshold_name, decay_input,
-                  learnable_threshold=learnable_threshold or isinstance(v_threshold, nn.Parameter)
-                  or (isinstance(v_threshold, torch.Tensor) and v_threshold.requires_grad),
+                  threshold_name, decay_input, learnable_threshold=learnable_threshold,
                   math_dtype=mdt, tracing=tracing,
                   decay_needs_grad=torch.is_grad_enabled() and decay.requires_grad)
     if v is not None:

@@ -131,3 +131,17 @@ def test_per_sample_shape_errors_name_the_argument():
     lif.v_threshold = torch.ones(N + 1, C)  # a batch of another size
     with pytest.raises(ValueError, match=r"v_threshold has shape \(5, 3\)"):
         lif(x)
+
+
+def test_a_learnable_threshold_below_v_reset_with_a_per_sample_tau():
+    """A threshold nn.Parameter may have trained to v_reset or below (then the neuron fires at
+    every step); under no_grad (an eval pass) the per-sample call's reshaped view of it is no
+    Parameter and does not require grad, and it was then refused."""
+    x = torch.rand(T, N, C)
+    vth = torch.nn.Parameter(torch.tensor([0.5, -0.25, 1.0]))
+    tau = 2.0 + torch.rand(N, C)
+    with torch.no_grad():
+        s, _, _ = lif_multi_step(x, tau=tau, v_threshold=vth)
+    assert torch.all(s[:, :, 1] == 1)
+    with pytest.raises(ValueError, match="must be greater than v_reset"):
+        lif_multi_step(x, tau=tau, v_threshold=vth.detach())
