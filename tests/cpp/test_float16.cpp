@@ -6,10 +6,11 @@
 // and underflow edges. NaNs compare as NaNs of the same sign (a payload may differ: ours is
 // c10::Half's 0x7e00); both again under flush-to-zero and denormals-are-zero. Pass --all to
 // check all 2^32 floats (23 s on a Zen 3; all agreed on 2026-12-03).
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
+#include <cstring>  // strcmp
 #include <initializer_list>
 
 #include "kernels/cpu/float16.h"
@@ -23,30 +24,10 @@ static long checked = 0;
 
 using pypaper::cpu::fp16;
 
-static float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-static uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-static uint16_t ref_to_half(float f) {
-  const _Float16 h = static_cast<_Float16>(f);
-  uint16_t b;
-  std::memcpy(&b, &h, sizeof b);
-  return b;
-}
-
-static float ref_to_float(uint16_t b) {
-  _Float16 h;
-  std::memcpy(&h, &b, sizeof h);
-  return static_cast<float>(h);
-}
+static float bits_to_float(uint32_t u) { return std::bit_cast<float>(u); }
+static uint32_t float_to_bits(float f) { return std::bit_cast<uint32_t>(f); }
+static uint16_t ref_to_half(float f) { return std::bit_cast<uint16_t>(static_cast<_Float16>(f)); }
+static float ref_to_float(uint16_t b) { return static_cast<float>(std::bit_cast<_Float16>(b)); }
 
 static bool half_is_nan(uint16_t b) { return (b & 0x7c00u) == 0x7c00u && (b & 0x3ffu) != 0; }
 
