@@ -8,6 +8,7 @@
     lif_multi_step(x_seq, v=None, *, tau=2.0 | k=..., v_threshold=1.0, v_reset=0.0, ...)
         -> (spikes, v_last, v_seq)           # the fused op behind the neurons
     sltt.train_step_online(model, x_seq, target, loss_fn, optimizer, k=None)   # online SLTT(-K)
+    functional.checkpoint(block, x_seq)      # activation checkpointing that restores neuron state
 
 Kernels: C++ kernels/cpu/snn_cpu.h; the shared per-element math kernels/common/snn_math.h; the
 plain-PyTorch reference pypaper/snn/reference.py.

@@ -7,6 +7,8 @@
     functional.set_backend(model, "cupy")  # SpikingJelly 0.0.0.0.14's backend names, accepted
     functional.seq_to_ann_forward(x_seq, stateless)      # [T, N, *] through a layer in one call
     functional.multi_step_forward(x_seq, single_step)    # ... or once per time step
+    functional.checkpoint(block, x_seq)    # activation checkpointing that restores the neurons'
+                                           # state for the recompute (pypaper/snn/checkpoint.py)
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from . import spikingjelly_fallback
+from .checkpoint import checkpoint
 
 _Layers = Union[nn.Module, Sequence[Callable], Callable]
 
@@ -148,8 +151,8 @@ def set_backend(net: nn.Module, backend: str, instance=(nn.Module,)) -> None:
                               f"(supported: {supported}); it keeps backend={m.backend!r}")
 
 
-_OWN_NAMES = ["detach_net", "multi_step_forward", "reset_net", "seq_to_ann_forward", "set_backend",
-              "set_step_mode"]
+_OWN_NAMES = ["checkpoint", "detach_net", "multi_step_forward", "reset_net", "seq_to_ann_forward",
+              "set_backend", "set_step_mode"]
 
 
 # Names this module lacks come from SpikingJelly (pypaper/snn/spikingjelly_fallback.py).

@@ -1,0 +1,107 @@
+"""Activation checkpointing for blocks of spiking layers: torch.utils.checkpoint that gives
+stateful neurons their own state back when it recomputes.
+
+    from pypaper.snn import functional
+    y = functional.checkpoint(block, x_seq)      # instead of torch.utils.checkpoint(block, x_seq)
+
+Why. torch.utils.checkpoint keeps a block's inputs, drops the activations inside it, and runs
+the block's forward again during backward to get them back. It asks the block to be a function
+of its inputs; a spiking neuron is not: its membrane v carries across calls (SpikingJelly's
+MemoryModule, pypaper's neurons). By the time the backward recomputes, the forward has moved v
+on, so the recompute starts from the wrong membrane and the gradients are silently wrong
+(SpikingJelly's neurons and pypaper's alike: a block called twice without reset, under
+torch.utils.checkpoint, gave x.grad 7.0763 against 7.0839 without checkpointing), and the
+recompute leaves v wherever it stopped.
+
+What this does. The forward runs under a context that records every stateful module's state
+(references to its tensors: the modules rebind their state, they never write it in place) as
+the block starts; the recompute runs under one that sets that state, and sets back the state
+the modules hold at that moment when it ends, also when torch stops the recompute early (it
+raises once it has what it needs). So the recompute is the forward, to the bit, and the model's
+state is untouched by the backward. Checkpointing each time step of a single-step loop works the
+same way (each call records its own start).
+
+State, per module of the block: SpikingJelly's memories (``named_memories()``: pypaper's neurons
+give v and the memories a subclass registers; SpikingJelly's MemoryModule its ``_memories``),
+plus ``v_seq`` and pypaper's Dropout ``mask``. Parameters are not state: an optimizer step between
+the forward and the backward breaks torch's checkpoint for any layer.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+_EXTRA_STATE = ("v_seq", "mask")  # plain attributes that carry across calls
+
+
+def _state_names(m: nn.Module) -> list:
+    names = [n for n, _ in m.named_memories()] if callable(getattr(m, "named_memories",
+                                                                    None)) else []
+    memories = m.__dict__.get("_memories", {})  # SpikingJelly: its memories live here
+    return names + [n for n in _EXTRA_STATE
+                    if n not in names and (n in m.__dict__ or n in memories)]
+
+
+def _stateful(modules: Iterable[nn.Module]) -> list:
+    return [(m, names) for m in modules if (names := _state_names(m))]
+
+
+def _read(stateful: list) -> list:
+    return [{n: getattr(m, n) for n in names} for m, names in stateful]
+
+
+def _write(stateful: list, states: list) -> None:
+    for (m, _), state in zip(stateful, states):
+        for n, value in state.items():
+            setattr(m, n, value)
+
+
+def checkpoint(function, *args, modules: Optional[Iterable[nn.Module]] = None,
+               use_reentrant: bool = False, **kwargs):
+    """``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)``
+    whose recompute starts every stateful module of the block from the state it had when the
+    forward started, and leaves the modules' state as it found it.
+
+    Args:
+        function: the block, an ``nn.Module`` (its submodules are searched for state), or any
+            callable together with ``modules``.
+        modules: the modules whose state the block reads and moves (default: function's
+            ``modules()``).
+        use_reentrant: only False (torch's reentrant checkpoint takes no contexts).
+        kwargs: torch.utils.checkpoint's (``preserve_rng_state``, ``determinism_check``, ...)
+            and the block's own keyword arguments.
+    """
+    if use_reentrant:
+        raise ValueError("checkpoint: use_reentrant=True cannot restore the neurons' state for "
+                         "the recompute; use the default use_reentrant=False")
+    if "context_fn" in kwargs:
+        raise ValueError("checkpoint: context_fn is this function's own (it restores the "
+                         "neurons' state); call torch.utils.checkpoint.checkpoint for another")
+    if modules is None:
+        if not isinstance(function, nn.Module):
+            raise TypeError(f"checkpoint: pass modules= (the stateful modules the block uses) "
+                            f"when function is not an nn.Module, got {type(function).__name__}")
+        modules = function.modules()
+    stateful = _stateful(modules)
+    start: list = []
+
+    @contextlib.contextmanager
+    def forward_context():
+        start[:] = _read(stateful)
+        yield
+
+    @contextlib.contextmanager
+    def recompute_context():
+        now = _read(stateful)
+        _write(stateful, start)
+        try:
+            yield
+        finally:
+            _write(stateful, now)
+
+    return torch.utils.checkpoint.checkpoint(
+        function, *args, use_reentrant=False,
+        context_fn=lambda: (forward_context(), recompute_context()), **kwargs)
