@@ -13,11 +13,13 @@ on, so the recompute starts from the wrong membrane and the gradients are silent
 torch.utils.checkpoint, gave x.grad 7.0763 against 7.0839 without checkpointing), and the
 recompute leaves v wherever it stopped.
 
-What this does. The forward runs under a context that records every stateful module's state
-(references to its tensors: the modules rebind their state, they never write it in place) as
-the block starts; the recompute runs under one that sets that state, and sets back the state
-the modules hold at that moment when it ends, also when torch stops the recompute early (it
-raises once it has what it needs). So the recompute is the forward, to the bit, and the model's
+What this does. The forward runs under a context that records every stateful module's state as
+the block starts (references to its tensors: the neurons and Dropout rebind their state; a
+memory that a module writes in place, as SpikingJelly 2.0's MemoryModule.reset does for a tensor
+reset value of the same shape, is not recorded by value). The recompute runs under one that
+sets that state, and sets back the state the modules hold at that moment when it ends, also
+when torch stops the recompute early (it raises once it has what it needs), and each time a
+second backward recomputes again. So the recompute is the forward, to the bit, and the model's
 state is untouched by the backward. Checkpointing each time step of a single-step loop works the
 same way (each call records its own start).
 
@@ -40,9 +42,7 @@ _EXTRA_STATE = ("v_seq", "mask")  # plain attributes that carry across calls
 def _state_names(m: nn.Module) -> list:
     names = [n for n, _ in m.named_memories()] if callable(getattr(m, "named_memories",
                                                                     None)) else []
-    memories = m.__dict__.get("_memories", {})  # SpikingJelly: its memories live here
-    return names + [n for n in _EXTRA_STATE
-                    if n not in names and (n in m.__dict__ or n in memories)]
+    return names + [n for n in _EXTRA_STATE if n not in names and n in m.__dict__]
 
 
 def _stateful(modules: Iterable[nn.Module]) -> list:
@@ -57,6 +57,22 @@ def _write(stateful: list, states: list) -> None:
     for (m, _), state in zip(stateful, states):
         for n, value in state.items():
             setattr(m, n, value)
+
+
+class _Recompute:
+    """The recompute's context: sets the state the forward started from, and on exit the state
+    the modules held when it was entered. Entered once per recompute: a second backward
+    (retain_graph, or a double backward) recomputes again, and nested entries stack."""
+
+    def __init__(self, stateful: list, start: list):
+        self.stateful, self.start, self.held = stateful, start, []
+
+    def __enter__(self):
+        self.held.append(_read(self.stateful))
+        _write(self.stateful, self.start)
+
+    def __exit__(self, *exc) -> None:
+        _write(self.stateful, self.held.pop())
 
 
 def checkpoint(function, *args, modules: Optional[Iterable[nn.Module]] = None,
@@ -93,15 +109,7 @@ def checkpoint(function, *args, modules: Optional[Iterable[nn.Module]] = None,
         start[:] = _read(stateful)
         yield
 
-    @contextlib.contextmanager
-    def recompute_context():
-        now = _read(stateful)
-        _write(stateful, start)
-        try:
-            yield
-        finally:
-            _write(stateful, now)
-
+    recompute = _Recompute(stateful, start)
     return torch.utils.checkpoint.checkpoint(
         function, *args, use_reentrant=False,
-        context_fn=lambda: (forward_context(), recompute_context()), **kwargs)
+        context_fn=lambda: (forward_context(), recompute), **kwargs)

@@ -162,10 +162,18 @@ def _storage_order(x_seq: torch.Tensor) -> Optional[list]:
         return None
     strides, sizes = x_seq.stride(), x_seq.shape
     # the dims of more than one element by decreasing stride; those of one element (their
-    # strides mean nothing) keep their places
-    moving = iter(sorted((d for d in range(1, x_seq.dim()) if sizes[d] != 1),
-                         key=lambda d: -strides[d]))
-    order = [0] + [d if sizes[d] == 1 else next(moving) for d in range(1, x_seq.dim())]
+    # strides mean nothing) keep their places. An insertion sort of explicit comparisons: under
+    # torch.compile with dynamic shapes the strides are symbolic, which sorted() cannot trace
+    # (each comparison becomes a guard)
+    moving: list = []
+    for d in range(1, x_seq.dim()):
+        if sizes[d] != 1:
+            at = len(moving)
+            while at > 0 and strides[moving[at - 1]] < strides[d]:
+                at -= 1
+            moving.insert(at, d)
+    ordered = iter(moving)
+    order = [0] + [d if sizes[d] == 1 else next(ordered) for d in range(1, x_seq.dim())]
     if order == list(range(x_seq.dim())) or not x_seq.permute(order).is_contiguous():
         return None
     return order

@@ -164,3 +164,27 @@ def test_errors():
         functional.checkpoint(block, x, context_fn=None)
     with pytest.raises(TypeError, match="pass modules="):
         functional.checkpoint(lambda a: block(a), x)
+
+
+def test_a_second_backward_recomputes_again():
+    """retain_graph and a double backward recompute the block once more each: the same
+    gradients as without checkpointing (torch's own checkpoint allows both)."""
+    block = _block()
+    torch.manual_seed(1)
+    x = (torch.randn(T, N, C) * 1.5).requires_grad_()
+
+    def grads(how):
+        functional.reset_net(block)
+        torch.manual_seed(2)
+        y = (how(block, x) * torch.linspace(0.5, 1.5, C)).sum() + block[4].v.sum()
+        first = torch.autograd.grad(y, x, retain_graph=True)[0]
+        (g,) = torch.autograd.grad(y, x, create_graph=True)
+        second = torch.autograd.grad((g * g).sum(), x, allow_unused=True)[0]
+        return first, g, second, _state(block)
+
+    want, got = grads(_plain), grads(_ours)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (got[2] is None) == (want[2] is None)
+    if want[2] is not None:
+        assert torch.equal(got[2], want[2])
+    assert _equal(got[3], want[3])

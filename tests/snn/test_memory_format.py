@@ -135,3 +135,15 @@ def test_compile_fullgraph_channels_last():
                       backend="aot_eager")
     s = f(x)
     assert torch.equal(s, lif_multi_step(x.contiguous(), tau=2.0)[0]) and _same_strides(s, x)
+
+
+def test_compile_dynamic_shapes_channels_last():
+    """A second spatial size makes torch.compile recompile with symbolic strides; the storage
+    order is found by comparisons it can guard on (sorted() with symbolic keys could not be
+    traced: fullgraph failed)."""
+    f = torch.compile(lambda a: lif_multi_step(a, tau=2.0)[0] * 1.0, fullgraph=True,
+                      backend="aot_eager")
+    for hw in (5, 6, 7):
+        x = (torch.randn(8, 3, hw, hw) * 2).to(memory_format=CL).view(4, 2, 3, hw, hw)
+        s = f(x)
+        assert torch.equal(s, lif_multi_step(x.contiguous(), tau=2.0)[0]) and _same_strides(s, x)
