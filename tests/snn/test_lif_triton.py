@@ -532,3 +532,25 @@ def test_block_heuristics():
     assert tk.num_warps_for(1024) == 8
     assert not tk._needs_int64(100, 10**6, 1024)
     assert tk._needs_int64(3000, 10**6, 1024)
+
+
+def test_channels_last_input_keeps_its_strides():
+    """A channels_last step ([1, N, C, H, W] view) runs the Triton kernel on its memory as it
+    lies (pypaper/snn/ops.py _lif_in_storage_order): outputs and gradients equal the C++ op's,
+    with the input's strides."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 4, 5) * 2).to(device=DEVICE).to(memory_format=torch.channels_last)
+    vth = (torch.rand(3, 4, 5, device=DEVICE) + 0.5).requires_grad_()
+    got = []
+    for backend in ("triton", "cpu"):
+        xx = (x if backend == "triton" else x.cpu())[None].detach().requires_grad_()
+        th = vth if backend == "triton" else vth.detach().cpu().requires_grad_()
+        with pypaper.use_backend(backend):
+            s, v, _ = lif_multi_step(xx, v_threshold=th, surrogate_function=surrogate_of("ATan"))
+        g = torch.autograd.grad(s.sum() + v.sum(), (xx, th))
+        got.append((s, v, g))
+    (s, v, g), (sc, vc, gc) = got
+    assert s.stride() == x[None].stride() and v.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(s.cpu(), sc) and torch.equal(v.cpu(), vc)
+    assert torch.equal(g[0].cpu(), gc[0])
+    torch.testing.assert_close(g[1].cpu(), gc[1], rtol=GRAD_TOL[torch.float32], atol=1e-6)
