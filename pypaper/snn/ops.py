@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import _autograd, _backend
+from .. import _autograd, _backend, _layout
 from . import _registration, op_flags, reference
 from .surrogate import surrogate_spec
 
@@ -153,40 +153,14 @@ def _lif_per_sample(x_seq: torch.Tensor, v: Optional[torch.Tensor], kwargs: dict
             None if v_seq is None else v_seq.reshape(x_seq.shape))
 
 
-def _storage_order(x_seq: torch.Tensor) -> Optional[list]:
-    """The order of x_seq's dims (time first) in which its memory is contiguous, when it is a
-    permutation of a contiguous tensor other than the identity: a channels_last [N, C, H, W]
-    step (as [1, N, C, H, W]), or a convolution's channels_last [T*N, C, H, W] output viewed as
-    [T, N, C, H, W]. None otherwise (overlapping or gapped strides, time not outermost)."""
-    if x_seq.dim() < 3:
-        return None
-    strides, sizes = x_seq.stride(), x_seq.shape
-    # the dims of more than one element by decreasing stride; those of one element (their
-    # strides mean nothing) keep their places. An insertion sort of explicit comparisons: under
-    # torch.compile with dynamic shapes the strides are symbolic, which sorted() cannot trace
-    # (each comparison becomes a guard)
-    moving: list = []
-    for d in range(1, x_seq.dim()):
-        if sizes[d] != 1:
-            at = len(moving)
-            while at > 0 and strides[moving[at - 1]] < strides[d]:
-                at -= 1
-            moving.insert(at, d)
-    ordered = iter(moving)
-    order = [0] + [d if sizes[d] == 1 else next(ordered) for d in range(1, x_seq.dim())]
-    if order == list(range(x_seq.dim())) or not x_seq.permute(order).is_contiguous():
-        return None
-    return order
-
-
 def _lif_in_storage_order(x_seq: torch.Tensor, v: Optional[torch.Tensor], order: list,
                           kwargs: dict):
-    """lif_multi_step on x_seq's memory as it lies (``order``: _storage_order): x, v and the
-    tensor parameters are permuted to views in which that memory is contiguous, the kernel runs
-    on them, and the outputs are permuted back, so they have x_seq's strides, as torch's own
-    elementwise ops give (a channels_last input gives channels_last spikes and membrane). Before,
-    the op copied such an x into the standard layout and its outputs stayed there (a
-    channels_last [32, 64, 32, 32] step: 2.3-4.1 ms against 0.8-1.0 now, and the next
+    """lif_multi_step on x_seq's memory as it lies (``order``: pypaper/_layout.py's
+    storage_order, the time dim first): x, v and the tensor parameters are permuted to views in
+    which that memory is contiguous, the kernel runs on them, and the outputs are permuted back,
+    so they have x_seq's strides (a channels_last input gives channels_last spikes and
+    membrane). Before, the op copied such an x into the standard layout and its outputs stayed
+    there (a channels_last [32, 64, 32, 32] step: 2.3-4.1 ms against 0.8-1.0 now, and the next
     channels_last convolution copied the spikes back). The dynamics are elementwise over the
     neurons: the same computation, bit for bit. A per-neuron parameter (x.shape[2:]) needs the
     batch dim to stay outermost among the neurons' dims; where it is not, x is copied as
@@ -210,10 +184,10 @@ def _lif_in_storage_order(x_seq: torch.Tensor, v: Optional[torch.Tensor], order:
         _check_v_shape(v, x_seq)
         v = v.permute(state_order)
     spikes, v_last, v_seq = lif_multi_step(x_seq.permute(order), v, **permuted)
-    inverse = sorted(range(len(order)), key=order.__getitem__)
-    state_inverse = [d - 1 for d in inverse[1:]]
-    return (spikes.permute(inverse), v_last.permute(state_inverse),
-            None if v_seq is None else v_seq.permute(inverse))
+    back = _layout.inverse(order)
+    state_back = [d - 1 for d in back[1:]]
+    return (spikes.permute(back), v_last.permute(state_back),
+            None if v_seq is None else v_seq.permute(back))
 
 
 def _check_v_shape(v, x_seq: torch.Tensor) -> None:
@@ -354,7 +328,7 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
         raise ValueError(f"v_reset must be a finite number or None, got {v_reset!r}")
     learnable_threshold = (learnable_threshold or isinstance(v_threshold, nn.Parameter)
                            or (isinstance(v_threshold, torch.Tensor) and v_threshold.requires_grad))
-    order = None if x_seq.is_contiguous() else _storage_order(x_seq)
+    order = None if x_seq.is_contiguous() else _layout.storage_order(x_seq, fixed=1)
     if order is not None:
         return _lif_in_storage_order(x_seq, v, order, dict(
             tau=tau, k=k, v_threshold=v_threshold, v_reset=v_reset,

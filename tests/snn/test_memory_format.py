@@ -10,7 +10,11 @@ import torch
 
 from pypaper import _ext, use_backend
 from pypaper.snn import lif_multi_step, neuron, surrogate
-from pypaper.snn.ops import _storage_order
+from pypaper._layout import storage_order
+
+
+def _storage_order(x):
+    return storage_order(x, fixed=1)
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="pypaper._C not built")
 
