@@ -9,6 +9,7 @@
         -> (spikes, v_last, v_seq)           # the fused op behind the neurons
     sltt.train_step_online(model, x_seq, target, loss_fn, optimizer, k=None)   # online SLTT(-K)
     functional.checkpoint(block, x_seq)      # activation checkpointing that restores neuron state
+    model = convert(model)                   # a built SpikingJelly model's IF/LIF/PLIF -> pypaper's
 
 Kernels: C++ kernels/cpu/snn_cpu.h; the shared per-element math kernels/common/snn_math.h; the
 plain-PyTorch reference pypaper/snn/reference.py.
@@ -19,10 +20,11 @@ from .functional import detach_net, reset_net, set_step_mode
 from .neuron import IFNode, LIFNode, ParametricLIFNode
 from .ops import backend_for, lif_multi_step
 from .delays import DelayedLinear, sigma_schedule  # learnable delays (pypaper/snn/delays.py)
+from .convert import convert, revert  # SpikingJelly's neurons in a built model (snn/convert.py)
 
 if _ext.LOADED:
     _registration.register_native()
 
-__all__ = ["DelayedLinear", "IFNode", "LIFNode", "ParametricLIFNode", "backend_for", "detach_net",
-           "functional", "layer", "lif_multi_step", "neuron", "reference", "reset_net",
-           "set_step_mode", "sigma_schedule", "sltt", "surrogate"]
+__all__ = ["DelayedLinear", "IFNode", "LIFNode", "ParametricLIFNode", "backend_for", "convert",
+           "detach_net", "functional", "layer", "lif_multi_step", "neuron", "reference", "reset_net",
+           "revert", "set_step_mode", "sigma_schedule", "sltt", "surrogate"]

@@ -26,7 +26,8 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from .modules import SampleGroup, WTACRSLinear, check_config, copy_hooks
+from .._module_swap import copy_hooks
+from .modules import SampleGroup, WTACRSLinear, check_config
 
 _ORIGINAL = "_wtacrs_original"
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._module_swap import copy_hooks
 from . import ops
 from .grad_norms import GradNormCache, check_ids, current_sample_ids
 from .reference import budget
@@ -48,23 +49,6 @@ def check_config(keep_ratio, min_k, estimator, store_dtype=None) -> None:
     if store_dtype not in _STORE_DTYPES:
         raise ValueError(f"store_dtype must be None, torch.float32, torch.bfloat16 or "
                          f"torch.float16, got {store_dtype!r}")
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-               "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
-               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
-
-
-def copy_hooks(src: nn.Module, dst: nn.Module) -> None:
-    """dst gets copies of src's module hooks (forward, backward, state_dict, load_state_dict), so
-    a layer swapped in place behaves as the one it replaces for whoever hooked it. Handles given
-    out for src keep removing from src only."""
-    for name in _HOOK_DICTS:
-        if hasattr(src, name):
-            setattr(dst, name, type(getattr(src, name))(getattr(src, name)))
-    if getattr(src, "_is_full_backward_hook", None) is not None:
-        dst._is_full_backward_hook = src._is_full_backward_hook
 
 
 class SampleGroup:
