@@ -22,26 +22,38 @@ soft reset, ``detach_reset``) as one fused kernel over all T steps. What goes ov
 - the parameters as the same objects: a PLIF's ``w`` is the Parameter the optimizer already
   holds, so an optimizer built before ``convert`` keeps training the model, and the state_dict
   keeps its keys (a checkpoint saved either way loads into the other);
+  (a threshold made an ``nn.Parameter`` becomes pypaper's learnable threshold, the same
+  Parameter);
 - the state: the carried membrane ``v`` (a model converted between two calls of a sequence goes
   on from where it was), ``v_seq``, the reset value set with ``set_reset_value('v', ...)``, train
-  / eval mode, and the module hooks (a SpikingJelly monitor on a neuron keeps recording).
+  / eval mode, and the module hooks, shared (a SpikingJelly monitor on a neuron keeps recording,
+  and a hook's handle keeps removing it).
 
-One neuron under two names becomes one pypaper neuron under both. Left as they are: subclasses of
-those classes (they may change the dynamics), every other SpikingJelly neuron (KLIF, QIF,
-Izhikevich, ...: pypaper has no kernel for them), neurons set to a reduced precision by
-SpikingJelly's ``precision`` module (a warning says so), and anything ``filter_fn(module,
-fully_qualified_name) -> bool`` refuses. A configuration pypaper refuses (pypaper's neurons check
-``v_threshold > v_reset`` and ``tau > 1`` as issue 3 asks; SpikingJelly takes any value) raises
-ValueError naming the module, before anything is replaced. ``sltt=True`` turns on SLTT
-(Meng et al., ICCV 2023) on the converted neurons.
+No reference to the SpikingJelly neuron is kept: a model holds what it runs, and
+SpikingJelly's ``functional.reset_net``, which caches the modules it resets per model, is told
+of the swap (its cache is cleared) so that it resets the new neurons.
 
-``revert`` puts the original SpikingJelly neurons back, with the converted neurons' current
-configuration, parameters, state and hooks. A model whose root is itself a neuron comes back as
-a new module: use the returned model (``model = convert(model)``).
+One neuron under two names becomes one pypaper neuron under both (``filter_fn`` sees it under
+its first name). Left as they are: subclasses of those classes (they may change the dynamics),
+every other SpikingJelly neuron (KLIF, QIF, Izhikevich, ...: pypaper has no kernel for them),
+anything ``filter_fn(module, fully_qualified_name) -> bool`` refuses, and, with a warning
+naming the reason, neurons that hold what pypaper's would not keep: a Parameter, buffer or
+submodule of their own beyond PLIF's ``w``, a learnable threshold and the surrogate (their
+state_dict keys would be lost), a tensor tau or fixed tensor threshold of many values (pypaper's
+would register it as a buffer, a new state_dict key), memories besides ``v``, or a reduced
+precision set by SpikingJelly's ``precision`` module. A configuration pypaper refuses (pypaper's
+neurons check ``v_threshold > v_reset`` and ``tau > 1`` as issue 3 asks; SpikingJelly takes any
+value) raises ValueError naming the module, before anything is replaced. ``sltt=True`` turns on
+SLTT (Meng et al., ICCV 2023) on the converted neurons.
+
+``revert`` builds SpikingJelly's neurons of the original classes again from the converted
+ones' current configuration, Parameters (the same objects), state and hooks. A model whose root
+is itself a neuron comes back as a new module: use the returned model (``model =
+convert(model)``).
 """
 from __future__ import annotations
 
-import math
+import inspect
 import numbers
 import sys
 import warnings
@@ -50,11 +62,12 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .._module_swap import copy_hooks
+from .._module_swap import share_hooks
 from . import neuron as _neuron
 
-_ORIGINAL = "_snn_convert_original"
+_FROM = "_snn_convert_from"  # on a converted neuron: the SpikingJelly class it replaced
 _SJ_NEURON = "spikingjelly.activation_based.neuron"
+_SJ_RESET_CACHE = "spikingjelly.activation_based.functional.net_config"
 # SpikingJelly's class name -> pypaper's class
 _TARGETS = {"IFNode": _neuron.IFNode, "SimpleIFNode": _neuron.IFNode,
             "LIFNode": _neuron.LIFNode, "SimpleLIFNode": _neuron.LIFNode,
@@ -75,64 +88,111 @@ def _spikingjelly_classes() -> dict:
     return found
 
 
-def _rest_value(old: nn.Module):
-    """Where SpikingJelly's reset() puts v: its MemoryModule's reset value of the memory v."""
-    rv = getattr(old, "_memories_rv", None)
-    return rv.get("v") if isinstance(rv, dict) else None
+def _forget_spikingjelly_reset_lists() -> None:
+    """SpikingJelly 2.0's reset_net caches, per model passed to it, weak references to the
+    modules it resets, and rebuilds the list only when one of them has died: after a swap it
+    would go on resetting the replaced neurons while anything keeps them alive. Clearing the
+    cache (keyed by whatever module the user passes, so all of it) makes it collect again."""
+    cache = getattr(sys.modules.get(_SJ_RESET_CACHE), "_RESET_MODULE_CACHE", None)
+    if cache is not None and hasattr(cache, "clear"):
+        cache.clear()
 
 
-def _as_number(value, what: str):
+def _number(value, what: str):
     """A float for pypaper's constructor: SpikingJelly keeps numbers as given (an int, a 0-d
-    tensor); pypaper's neurons take real numbers."""
+    tensor)."""
     if value is None:
         return None
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad:
         return float(value)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     raise ValueError(f"{what} must be a number, got {value!r}")
 
 
-def _build(old: nn.Module, target: type, sltt: bool) -> nn.Module:
-    """pypaper's neuron for SpikingJelly's ``old``: the same configuration, parameters and
-    state."""
-    common = dict(
-        v_threshold=_as_number(old.v_threshold, "v_threshold"),
-        v_reset=_as_number(old.v_reset, "v_reset"),
-        surrogate_function=old.surrogate_function, detach_reset=bool(old.detach_reset),
-        step_mode=old.step_mode, store_v_seq=bool(getattr(old, "store_v_seq", False)),
-        backend=getattr(old, "backend", "torch") if getattr(old, "backend", "torch") in
-        _neuron.BaseNode.supported_backends else "torch",
-        sltt=sltt)
-    if target is _neuron.IFNode:
-        new = target(**common)
-    elif target is _neuron.LIFNode:
-        new = target(tau=_as_number(old.tau, "tau"), decay_input=bool(old.decay_input), **common)
-    else:
-        new = target(decay_input=bool(old.decay_input), **common)
-        new.w = old.w  # the same Parameter: optimizers, tied weights and state_dict keys hold
-    rest = _rest_value(old)
-    if rest is not None and not (isinstance(rest, numbers.Real) and math.isfinite(rest)):
-        raise ValueError(f"the reset value of v must be a finite number, got {rest!r}")
-    if rest is not None and float(rest) != new.rest_value:
-        new.set_reset_value("v", float(rest))
-    v = old.v
-    new.v = v if isinstance(v, torch.Tensor) else float(v)
-    if new.store_v_seq:
-        new.v_seq = getattr(old, "v_seq", None)
-    new.train(old.training)
-    copy_hooks(old, new)
-    object.__setattr__(new, _ORIGINAL, old)
-    return new
+def _many(value) -> bool:
+    return isinstance(value, torch.Tensor) and (value.numel() != 1 or value.requires_grad)
 
 
-def _skip_reason(module: nn.Module) -> Optional[str]:
+def _skip_reason(module: nn.Module, target: type) -> Optional[str]:
+    """Why ``module`` stays SpikingJelly's (None: it converts)."""
     if getattr(module, "_neuron_precision", None) is not None:
         return "it runs in a reduced precision set by SpikingJelly's precision module"
     memories = getattr(module, "_memories", None)
     if isinstance(memories, dict) and set(memories) - {"v"}:
         return f"it holds memories besides v ({', '.join(sorted(set(memories) - {'v'}))})"
+    allowed = {"w"} if target is _neuron.ParametricLIFNode else set()
+    if isinstance(module._parameters.get("v_threshold"), nn.Parameter):
+        allowed.add("v_threshold")  # -> pypaper's learnable threshold, the same Parameter
+    own = ([f"Parameter {n}" for n, p in module._parameters.items()
+            if p is not None and n not in allowed]
+           + [f"buffer {n}" for n, b in module._buffers.items() if b is not None]
+           + [f"submodule {n}" for n, m in module._modules.items()
+              if m is not None and n != "surrogate_function"])
+    if own:
+        return (f"it holds {', '.join(own)}, which pypaper's neuron would not keep (its "
+                f"state_dict key would be lost)")
+    if "v_threshold" not in allowed and _many(module.v_threshold):
+        return ("its v_threshold is a tensor of many values, which pypaper's neuron would keep "
+                "as a buffer (a new state_dict key)")
+    if target is _neuron.LIFNode and _many(module.tau):
+        return ("its tau is a tensor, which pypaper's LIFNode would keep as a buffer (a new "
+                "state_dict key)")
     return None
+
+
+def _build(old: nn.Module, target: type, sltt: bool) -> nn.Module:
+    """pypaper's neuron for SpikingJelly's ``old``: the same configuration, Parameters and
+    state."""
+    vth = old.v_threshold
+    learnable = isinstance(vth, nn.Parameter)
+    backend = getattr(old, "backend", "torch")
+    common = dict(
+        v_threshold=float(vth.detach().reshape(-1)[0]) if learnable else
+        _number(vth, "v_threshold"),
+        v_reset=_number(old.v_reset, "v_reset"),
+        surrogate_function=old.surrogate_function, detach_reset=bool(old.detach_reset),
+        step_mode=old.step_mode, store_v_seq=bool(getattr(old, "store_v_seq", False)),
+        backend=backend if backend in _neuron.BaseNode.supported_backends else "torch",
+        sltt=sltt, learnable_threshold=learnable,
+        threshold_shape=tuple(vth.shape) if learnable else None)
+    if target is _neuron.IFNode:
+        new = target(**common)
+    elif target is _neuron.LIFNode:
+        new = target(tau=_number(old.tau, "tau"), decay_input=bool(old.decay_input), **common)
+    else:
+        new = target(decay_input=bool(old.decay_input), **common)
+        new.w = old.w  # the same Parameter: optimizers, tied weights and state_dict keys hold
+    if learnable:
+        if not bool(torch.all(vth.detach() > (new.v_reset if new.v_reset is not None
+                                              else -float("inf")))):
+            raise ValueError(f"v_threshold must be greater than v_reset ({new.v_reset}) "
+                             f"for every neuron")
+        new.v_threshold = vth
+    rest = getattr(old, "_memories_rv", {}).get("v")
+    if rest is not None:
+        rest = _number(rest, "the reset value of v")
+        if rest != new.rest_value:
+            new.set_reset_value("v", rest)
+    v = old.v
+    new.v = v if isinstance(v, torch.Tensor) else float(v)
+    if new.store_v_seq:
+        new.v_seq = getattr(old, "v_seq", None)
+    new.train(old.training)
+    share_hooks(old, new)
+    object.__setattr__(new, _FROM, type(old))
+    return new
+
+
+def _swap(model: nn.Module, made: dict) -> nn.Module:
+    """Puts made[id(child)] in each child's place (every parent once: a block shared many times
+    is walked once); returns the root's replacement or model."""
+    for parent in list(model.modules()):
+        for attr, child in list(parent._modules.items()):
+            if child is not None and id(child) in made:
+                setattr(parent, attr, made[id(child)])
+    _forget_spikingjelly_reset_lists()
+    return made.get(id(model), model)
 
 
 def convert(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, *,
@@ -151,67 +211,55 @@ def convert(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str], boo
     made: dict = {}  # id(SpikingJelly neuron) -> pypaper neuron
     for name, module in model.named_modules():
         target = classes.get(type(module))
-        if target is None or id(module) in made:
+        if target is None or (filter_fn is not None and not filter_fn(module, name)):
             continue
-        if filter_fn is not None and not filter_fn(module, name):
-            continue
-        reason = _skip_reason(module)
+        where = f"{name or 'model'} ({type(module).__name__})"
+        reason = _skip_reason(module, target)
         if reason is not None:
-            warnings.warn(f"snn.convert: {name or 'model'} is left as SpikingJelly's "
-                          f"{type(module).__name__}: {reason}")
+            warnings.warn(f"snn.convert: {where} is left as SpikingJelly's: {reason}")
             continue
         try:
             made[id(module)] = _build(module, target, sltt)
         except (ValueError, TypeError) as err:
-            raise type(err)(f"snn.convert: {name or 'model'} ({type(module).__name__}): "
-                            f"{err}") from err
-    if id(model) in made:
-        return made[id(model)]
-    for _, parent in list(model.named_modules(remove_duplicate=False)):
-        for attr, child in list(parent._modules.items()):
-            if child is not None and id(child) in made:
-                setattr(parent, attr, made[id(child)])
-    return model
+            raise type(err)(f"snn.convert: {where}: {err}") from err
+    return _swap(model, made) if made else model
 
 
 def _restore(new: nn.Module) -> nn.Module:
-    """The original SpikingJelly neuron of ``new``, given new's current configuration,
-    parameters, state and hooks."""
-    old = getattr(new, _ORIGINAL)
-    for attr in ("v_threshold", "v_reset", "surrogate_function", "detach_reset", "step_mode"):
-        setattr(old, attr, getattr(new, attr))
-    if hasattr(old, "store_v_seq"):
-        old.store_v_seq = new.store_v_seq  # (clears v_seq, set below)
-    if hasattr(old, "tau") and not isinstance(new, _neuron.ParametricLIFNode):
-        old.tau = new.tau
-    if hasattr(old, "decay_input"):
-        old.decay_input = new.decay_input
+    """SpikingJelly's neuron of the class ``new`` replaced, built from new's current
+    configuration, with its Parameters, state and hooks."""
+    cls = getattr(new, _FROM)
+    vth = new.v_threshold
+    config = dict(v_threshold=float(vth.detach().reshape(-1)[0]) if isinstance(vth, torch.Tensor)
+                  else vth, v_reset=new.v_reset, surrogate_function=new.surrogate_function,
+                  detach_reset=new.detach_reset, step_mode=new.step_mode,
+                  store_v_seq=new.store_v_seq, backend=new.backend,
+                  decay_input=new.decay_input, init_tau=2.0)
+    if isinstance(new, _neuron.LIFNode):
+        config["tau"] = new.tau
+    accepted = inspect.signature(cls.__init__).parameters
+    old = cls(**{k: v for k, v in config.items() if k in accepted})
+    if isinstance(vth, torch.Tensor):
+        old.v_threshold = vth  # the learnable threshold's Parameter
     if isinstance(new, _neuron.ParametricLIFNode):
         old.w = new.w
     if hasattr(old, "set_reset_value"):
         old.set_reset_value("v", new.rest_value)
-    old.v = new.v
-    if hasattr(old, "v_seq"):
+    v = new.v
+    # a view (the 0-d state of a one-neuron step) would refuse SpikingJelly's in-place detach
+    old.v = v.clone() if isinstance(v, torch.Tensor) and v._is_view() else v
+    if getattr(old, "store_v_seq", False):
         old.v_seq = new.v_seq
     old.train(new.training)
-    copy_hooks(new, old)
+    share_hooks(new, old)
     return old
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Undo ``convert``: the original SpikingJelly neurons, with the converted ones' current
-    configuration, parameters, membrane state and hooks; returns model (or, if model itself is a
-    converted neuron, the original)."""
+    """Undo ``convert``: SpikingJelly's neurons of the original classes, with the converted ones'
+    current configuration, Parameters, membrane state and hooks; returns model (or, if model
+    itself is a converted neuron, its SpikingJelly neuron)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if getattr(model, _ORIGINAL, None) is not None:
-        return _restore(model)
-    done: dict = {}
-    for _, parent in list(model.named_modules(remove_duplicate=False)):
-        for attr, child in list(parent._modules.items()):
-            if child is None or getattr(child, _ORIGINAL, None) is None:
-                continue
-            if id(child) not in done:
-                done[id(child)] = _restore(child)
-            setattr(parent, attr, done[id(child)])
-    return model
+    made = {id(m): _restore(m) for m in model.modules() if getattr(m, _FROM, None) is not None}
+    return _swap(model, made) if made else model

@@ -10,8 +10,9 @@ of nn.Linear are left alone (e.g. nn.MultiheadAttention's out_proj, whose weight
 directly), and so are Linears whose weight is computed rather than a Parameter (pruning,
 parametrizations: a warning says so). ``filter_fn(module, fully_qualified_name) -> bool``
 restricts the swap. One Linear under two names becomes one WTACRSLinear under both; its module
-hooks are copied over (and back by ``revert``, which also takes the converted layer's current
-Parameters); converting a converted model again sets the new options on its layers.
+hooks are shared (the same dictionaries, so a handle given out before keeps removing them; also
+back by ``revert``, which takes the converted layer's current Parameters); converting a
+converted model again sets the new options on its layers.
 
 Shared samples (``share_inputs=True``): sibling linears of one parent with the same in_features
 (an attention block's query, key and value) get one SampleGroup. When they are called on the same
@@ -26,7 +27,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from .._module_swap import copy_hooks
+from .._module_swap import share_hooks
 from .modules import SampleGroup, WTACRSLinear, check_config
 
 _ORIGINAL = "_wtacrs_original"
@@ -76,6 +77,7 @@ def convert(model: nn.Module, keep_ratio: float = 0.3,
             new = WTACRSLinear.from_linear(child, keep_ratio, min_k, estimator, generator,
                                            store_dtype=store_dtype,
                                            grad_norm_device=grad_norm_device)
+            share_hooks(child, new)  # the same hook dicts: handles given out keep removing
             new._stream = stream
             stream += 1
             object.__setattr__(new, _ORIGINAL, child)
@@ -95,7 +97,7 @@ def convert(model: nn.Module, keep_ratio: float = 0.3,
 def revert(model: nn.Module) -> nn.Module:
     """Undo ``convert``: put the original nn.Linear modules back (they hold the same, trained,
     Parameters)."""
-    for _, parent in list(model.named_modules(remove_duplicate=False)):
+    for parent in list(model.modules()):  # each parent once (not once per path to it)
         for attr, child in list(parent._modules.items()):
             original = getattr(child, _ORIGINAL, None) if child is not None else None
             if original is not None:
@@ -104,6 +106,6 @@ def revert(model: nn.Module) -> nn.Module:
                 # load_state_dict(assign=True) or a new weight may have replaced them)
                 original.weight = child.weight
                 original.bias = child.bias
-                copy_hooks(child, original)
+                share_hooks(child, original)
                 setattr(parent, attr, original)
     return model

@@ -1,8 +1,9 @@
 """pypaper.snn.convert / revert on models built with SpikingJelly's neurons: SpikingJelly's own
 model zoo (parametric_lif_net's PLIF network, Spikformer with its default LIF neurons) gives the
 same outputs and trains the same after the swap, with the optimizer built before it; the carried
-state, reset value, hooks and module sharing go over; revert gives SpikingJelly's neurons back
-with the converted ones' state. SpikingJelly's model package imports h5py
+state, reset value, hooks (and their handles), learnable thresholds and module sharing go over;
+SpikingJelly's reset_net resets the new neurons; neurons holding state pypaper's would drop stay
+SpikingJelly's; revert gives SpikingJelly's neurons back with the converted ones' state. SpikingJelly's model package imports h5py
 (requirements/dev.txt)."""
 import copy
 import warnings
@@ -164,7 +165,6 @@ def test_revert_gives_spikingjellys_neurons_back_with_the_current_state():
     torch.manual_seed(2)
     net = nn.Sequential(nn.Linear(4, 5), sn.ParametricLIFNode(store_v_seq=True), nn.Linear(5, 2),
                         sn.IFNode())
-    original = (net[1], net[3])
     w = net[1].w
     ps.convert(net)
     ps.set_step_mode(net, "m")
@@ -172,7 +172,8 @@ def test_revert_gives_spikingjellys_neurons_back_with_the_current_state():
     net(torch.randn(3, 2, 4) * 3).sum().backward()
     opt.step()
     assert ps.revert(net) is net
-    assert (net[1], net[3]) == original and net[1].w is w and float(w.detach()) != 0.0
+    assert type(net[1]) is sn.ParametricLIFNode and type(net[3]) is sn.IFNode
+    assert net[1].w is w and float(w.detach()) != 0.0
     assert net[1].step_mode == "m" and net[3].step_mode == "m"
     assert isinstance(net[1].v, torch.Tensor) and net[1].v.shape == (2, 5)
     assert net[1].v_seq.shape == (3, 2, 5)
@@ -185,7 +186,8 @@ def test_a_neuron_as_the_whole_model_and_no_spikingjelly_neurons():
     node = sn.LIFNode(tau=4.0)
     new = ps.convert(node)
     assert type(new) is pn.LIFNode and new.tau == 4.0
-    assert ps.revert(new) is node
+    back = ps.revert(new)
+    assert type(back) is sn.LIFNode and back.tau == 4.0
     plain = nn.Sequential(nn.Linear(2, 2), pn.LIFNode())
     assert ps.convert(plain) is plain and ps.revert(plain) is plain
     assert type(plain[1]) is pn.LIFNode
@@ -206,9 +208,124 @@ def test_a_reduced_precision_neuron_is_left_with_a_warning():
     node = sn.LIFNode()
     node._neuron_precision = ("bf16", "fp32", "fp32")  # what SpikingJelly's precision module sets
     net = nn.Sequential(node, sn.LIFNode())
-    with pytest.warns(UserWarning, match="0 is left as SpikingJelly's LIFNode"):
+    with pytest.warns(UserWarning, match=r"0 \(LIFNode\) is left as SpikingJelly's: .*precision"):
         ps.convert(net)
     assert net[0] is node and type(net[1]) is pn.LIFNode
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ps.convert(nn.Sequential(sn.LIFNode()))
+
+
+def test_spikingjellys_reset_net_resets_the_new_neurons():
+    """SpikingJelly 2.0's reset_net caches the modules it resets per model; after a reset_net
+    before convert (a validation pass), and with the replaced neuron still referenced, it must
+    reset pypaper's neurons: else the membrane leaks across batches and the second training
+    step backpropagates through the first one's freed graph."""
+    lif = sn.LIFNode(step_mode="m")
+    net = nn.Sequential(nn.Linear(4, 4), lif)
+    x = torch.randn(3, 2, 4) * 3
+    with torch.no_grad():
+        net(x)
+    sf.reset_net(net)
+    ps.convert(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(2):
+        loss = net(x).sum() + net[0].weight.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sf.reset_net(net)
+        assert net[1].v == 0.0
+    ps.revert(net)
+    net(x)
+    sf.reset_net(net)
+    assert type(net[1]) is sn.LIFNode and net[1].v == 0.0
+
+
+def test_hook_handles_keep_removing_and_state_dict_pre_hooks_get_the_module_in_the_model():
+    node = sn.LIFNode()
+    net = nn.Sequential(node)
+    calls, loaded = [], []
+    handle = node.register_forward_hook(lambda m, i, o: calls.append(type(m).__module__))
+    node.register_load_state_dict_pre_hook(lambda m, *a: loaded.append(m))
+    ps.convert(net)
+    net(torch.ones(2, 3) * 2)
+    assert calls == ["pypaper.snn.neuron"]
+    net.load_state_dict(net.state_dict())
+    assert loaded == [net[0]]
+    ps.revert(net)
+    net.load_state_dict(net.state_dict())
+    assert loaded[-1] is net[0] and type(net[0]) is sn.LIFNode
+    handle.remove()
+    net(torch.ones(2, 3) * 2)
+    ps.convert(net)
+    net(torch.ones(2, 3) * 2)
+    assert calls == ["pypaper.snn.neuron"]
+
+
+def test_a_learnable_threshold_goes_over_as_the_same_parameter():
+    """A SimpleLIFNode (SpikingJelly's plain-PyTorch neuron) whose threshold was made a
+    Parameter trains it; converted, it is pypaper's learnable threshold: the same Parameter,
+    the same state_dict keys, the same gradients."""
+    torch.manual_seed(3)
+    node = sn.SimpleLIFNode(tau=2.0, decay_input=True, step_mode="m")
+    node.v_threshold = nn.Parameter(torch.full((5,), 0.9))
+    net = nn.Sequential(nn.Linear(4, 5), node)
+    twin = copy.deepcopy(net)
+    keys = list(twin.state_dict())
+    ps.convert(twin)
+    assert twin[1].v_threshold is twin.state_dict(keep_vars=True)["1.v_threshold"]
+    assert list(twin.state_dict()) == keys and isinstance(twin[1], pn.LIFNode)
+    x = torch.randn(6, 3, 4) * 2
+    for m in (net, twin):
+        (m(x) * torch.arange(6.0)[:, None, None]).sum().backward()
+    assert net[1].v_threshold.grad.abs().sum() > 0
+    torch.testing.assert_close(twin[1].v_threshold.grad, net[1].v_threshold.grad,
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(twin[0].weight.grad, net[0].weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_neurons_holding_what_pypapers_would_drop_stay_with_a_warning():
+    a, b, c = sn.LIFNode(), sn.LIFNode(), sn.SimpleLIFNode(tau=2.0, decay_input=True)
+    d = sn.SimpleLIFNode(tau=2.0, decay_input=True)
+    a.gain = nn.Parameter(torch.ones(()))
+    b.register_buffer("scale", torch.ones(3))
+    c.tau = nn.Parameter(torch.tensor(2.0))
+    d.tau = torch.full((3,), 3.0)  # a plain attribute: pypaper's would make it a buffer
+    net = nn.Sequential(a, b, c, d, sn.LIFNode())
+    keys = list(net.state_dict())
+    with pytest.warns(UserWarning) as record:
+        ps.convert(net)
+    text = " | ".join(str(w.message) for w in record)
+    assert all(f"{i} (" in text for i in range(4)) and "4 (" not in text
+    assert "Parameter gain" in text and "buffer scale" in text and "Parameter tau" in text
+    assert "tau is a tensor" in text
+    assert (net[0], net[1], net[2], net[3]) == (a, b, c, d) and type(net[4]) is pn.LIFNode
+    assert list(net.state_dict()) == keys
+
+
+def test_a_one_neuron_state_reverted_detaches_as_spikingjellys():
+    net = nn.Sequential(sn.LIFNode())
+    ps.convert(net)
+    net(torch.tensor(1.5, requires_grad=True))
+    ps.revert(net)
+    sf.detach_net(net)
+    assert not net[0].v.requires_grad
+
+
+def test_a_block_shared_at_every_level_is_walked_once():
+    """convert / revert visit each parent once (a walk over every path would take 2^depth)."""
+    block = nn.Sequential(nn.Linear(2, 2), sn.LIFNode())
+    for _ in range(24):
+        block = nn.Sequential(block, block)
+    ps.convert(block)
+    ps.revert(block)
+    assert sum(type(m) is sn.LIFNode for m in block.modules()) == 1
+
+
+def test_a_tensor_reset_value_and_an_int_threshold():
+    node = sn.LIFNode(v_reset=None)
+    node.v_threshold = 2
+    node.set_reset_value("v", torch.tensor(0.25))
+    new = ps.convert(node)
+    assert new.v_threshold == 2.0 and new.v_reset is None and new.rest_value == 0.25

@@ -74,6 +74,18 @@ def test_hooks_follow_the_swap_both_ways():
     assert seen == ["before", "before", "after"]
 
 
+def test_a_hook_handle_given_out_before_the_swap_keeps_removing():
+    m = _mlp_with_attention_siblings()
+    seen = []
+    handle = m.out.register_forward_hook(lambda mod, i, o: seen.append(1))
+    convert(m, keep_ratio=0.5, min_k=1)
+    handle.remove()
+    m(torch.randn(3, 8))
+    revert(m)
+    m(torch.randn(3, 8))
+    assert seen == []
+
+
 def test_revert_keeps_weights_loaded_into_the_converted_model():
     m = convert(_mlp_with_attention_siblings(), keep_ratio=0.5, min_k=1)
     sd = {k: torch.full_like(v, 0.25) for k, v in m.state_dict().items()}
