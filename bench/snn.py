@@ -1,5 +1,8 @@
 """Benchmarks of pypaper.snn: the fused multi-step LIF neuron.
 
+(Full mode also times a network of SpikingJelly's model zoo as built and after
+``pypaper.snn.convert``: zoo_case below.)
+
 Providers: "pypaper" (the device's default backend; "pypaper-cuda" / "pypaper-triton" on GPUs),
 "spikingjelly" (SpikingJelly 2.0 LIFNode(step_mode='m'), its default torch backend: the time loop
 in Python; the baseline of the speedup column), "snntorch" (snntorch.Leaky stepped in a Python
@@ -9,6 +12,7 @@ loop, beta = 1 - 1/tau, hard reset to zero), "reference" (pypaper's plain-PyTorc
 Neurons: tau = 2, v_threshold = 1, hard reset to 0, ATan(alpha=2) surrogate; input N(0.6, 1), so
 about a quarter of the neuron-steps spike.
 """
+import copy
 import importlib.util
 import math
 
@@ -417,13 +421,65 @@ def sltt_case(steps, n, device) -> Case:
     )
 
 
+# ---- a network of SpikingJelly's model zoo, as built and after pypaper.snn.convert -----------
+
+
+def _zoo_neurons(channels: int) -> int:
+    """PLIF neurons per sample of parametric_lif_net.MNISTNet: two conv stages (28x28, 14x14),
+    Linear -> 2048 and Linear -> 100."""
+    return channels * (28 * 28 + 14 * 14) + 2048 + 100
+
+
+def _zoo_providers(steps, channels, device, modes) -> list:
+    try:
+        from spikingjelly.activation_based import functional, neuron, surrogate
+        from spikingjelly.activation_based.model import parametric_lif_net
+    except ImportError as e:  # SpikingJelly's model package also imports h5py
+        why = f"SpikingJelly's model zoo does not import: {e}"
+        return [unavailable("spikingjelly", why), unavailable("pypaper", why)]
+    torch.manual_seed(0)
+    built = parametric_lif_net.MNISTNet(channels=channels, spiking_neuron=neuron.ParametricLIFNode,
+                                        surrogate_function=surrogate.ATan(), detach_reset=True)
+    functional.set_step_mode(built, "m")
+    built = built.to(device)
+    converted = snn.convert(copy.deepcopy(built))
+    x = torch.rand(steps, BATCH, 1, 28, 28, device=device)
+    xg = x.detach().clone().requires_grad_()
+    g = torch.randn(steps, BATCH, 10, device=device)
+
+    def runner(model):
+        def run(t):
+            functional.reset_net(model)  # SpikingJelly's, as the model's training loop has it
+            return model(t)
+        return run
+
+    return [_provider("pypaper", runner(converted), x, xg, g, modes, list(converted.parameters())),
+            _provider("spikingjelly", runner(built), x, xg, g, modes, list(built.parameters()))]
+
+
+def zoo_case(steps, channels, device, modes=QUICK_MODES) -> Case:
+    """SpikingJelly's model zoo network parametric_lif_net.MNISTNet (Conv-BN-PLIF x2 with
+    pooling, Linear-PLIF x2, VotingLayer; ATan, detach_reset) on [T, 16, 1, 28, 28]: the model
+    as SpikingJelly builds it ("spikingjelly") and after pypaper.snn.convert ("pypaper"). The
+    convolutions, BatchNorm and Linears are torch's in both."""
+    lif = steps * BATCH * _zoo_neurons(channels) * 4
+    return Case(
+        f"zoo MNISTNet(PLIF, {channels} ch) built vs converted T={steps}",
+        (steps, BATCH, 1, 28, 28), torch.float32, device, bytes_moved=_lif_bytes(lif, modes),
+        providers=lambda: _zoo_providers(steps, channels, device, modes),
+        bytes_note="the PLIF part only (the convolutions dominate)",
+        baseline="spikingjelly",
+    )
+
+
 def cases(device: str = "cpu", quick: bool = False, numel: int = 1 << 23) -> list:
     """Quick: T = 32 with 2^18 neurons (the issue's figure), fp32, fwd and fwd+bwd,
     and the single-step loop (Linear(1024, 1024) + LIF, step_mode 's', T = 32).
     Full: T in {4, 8, 16, 32, 64} at 2^18 neurons, 2^16 and 2^20 at T = 32, bf16, the Linear+LIF
     shapes (T = 500, n in {512, 1024, 2048}), the single-step loop for n in {256, 1024, 4096}
     SLTT vs BPTT memory for T in {8, 32, 128}, the forward-mode jvp at T = 32, 2^18 neurons and
-    the double backward at T = 32, 2^16 neurons.
+    the double backward at T = 32, 2^16 neurons, and SpikingJelly's zoo MNISTNet (PLIF, 32
+    channels, T = 8) as built and converted.
     ``numel`` (neuron-steps) scales the quick case for smoke tests: neurons = numel / 32."""
     f32 = torch.float32
     if quick:
@@ -437,4 +493,5 @@ def cases(device: str = "cpu", quick: bool = False, numel: int = 1 << 23) -> lis
     out += [sltt_case(t, 1024, device) for t in (8, 32, 128)]
     out.append(jvp_case(32, 1 << 18, f32, device))
     out.append(second_order_case(32, 1 << 16, f32, device))
+    out.append(zoo_case(8, 32, device))
     return out

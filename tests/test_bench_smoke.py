@@ -215,3 +215,27 @@ def test_snn_second_order_case_times_every_provider(tmp_path):
                                 csv_dir=tmp_path, progress=False,
                                 limits=harness.measure_limits("cpu", repeats=2, numel=1 << 16))
     assert "| LIF double backward T=4 | 4x16x4 | float32 | fwd+bwd | pypaper |" in report.markdown
+
+
+def test_snn_zoo_case_times_the_built_and_the_converted_network(tmp_path):
+    """The full snn set's model-zoo case, on a tiny network: SpikingJelly's MNISTNet as built and
+    after pypaper.snn.convert give the same outputs and both are timed."""
+    pytest.importorskip("h5py")
+    pytest.importorskip("spikingjelly.activation_based")
+    from bench import snn as snn_bench
+
+    case = snn_bench.zoo_case(2, 2, "cpu")
+    providers = {p.name: p for p in case.providers()}
+    assert set(providers) == {"pypaper", "spikingjelly"}
+    assert all(p.calls for p in providers.values()), [p.reason for p in providers.values()]
+    # the converted network's PLIF layers keep x only (SpikingJelly's keep more per step)
+    assert providers["pypaper"].saved_bytes < providers["spikingjelly"].saved_bytes
+    torch.manual_seed(0)  # the same dropout masks
+    got = providers["pypaper"].calls["fwd"]()
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, providers["spikingjelly"].calls["fwd"]())
+    report = harness.run_family("snn", [case], "cpu", harness.Timing(repeats=2),
+                                csv_dir=tmp_path, progress=False,
+                                limits=harness.measure_limits("cpu", repeats=2, numel=1 << 16))
+    assert "| zoo MNISTNet(PLIF, 2 ch) built vs converted T=2 |" in report.markdown
+    assert "| pypaper |" in report.markdown and "| spikingjelly |" in report.markdown
