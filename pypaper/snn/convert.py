@@ -114,6 +114,12 @@ def _many(value) -> bool:
     return isinstance(value, torch.Tensor) and (value.numel() != 1 or value.requires_grad)
 
 
+def _constructor_threshold(vth):
+    """The number a constructor takes for a threshold that may be a (learnable) tensor: its first
+    value; the tensor itself is assigned after construction."""
+    return float(vth.detach().reshape(-1)[0]) if isinstance(vth, torch.Tensor) else vth
+
+
 def _skip_reason(module: nn.Module, target: type) -> Optional[str]:
     """Why ``module`` stays SpikingJelly's (None: it converts)."""
     if getattr(module, "_neuron_precision", None) is not None:
@@ -148,8 +154,7 @@ def _build(old: nn.Module, target: type, sltt: bool) -> nn.Module:
     learnable = isinstance(vth, nn.Parameter)
     backend = getattr(old, "backend", "torch")
     common = dict(
-        v_threshold=float(vth.detach().reshape(-1)[0]) if learnable else
-        _number(vth, "v_threshold"),
+        v_threshold=_constructor_threshold(vth) if learnable else _number(vth, "v_threshold"),
         v_reset=_number(old.v_reset, "v_reset"),
         surrogate_function=old.surrogate_function, detach_reset=bool(old.detach_reset),
         step_mode=old.step_mode, store_v_seq=bool(getattr(old, "store_v_seq", False)),
@@ -164,8 +169,8 @@ def _build(old: nn.Module, target: type, sltt: bool) -> nn.Module:
         new = target(decay_input=bool(old.decay_input), **common)
         new.w = old.w  # the same Parameter: optimizers, tied weights and state_dict keys hold
     if learnable:
-        if not bool(torch.all(vth.detach() > (new.v_reset if new.v_reset is not None
-                                              else -float("inf")))):
+        # pypaper's constructor checked the first value only; a soft reset has no bound
+        if new.v_reset is not None and not bool(torch.all(vth.detach() > new.v_reset)):
             raise ValueError(f"v_threshold must be greater than v_reset ({new.v_reset}) "
                              f"for every neuron")
         new.v_threshold = vth
@@ -230,8 +235,8 @@ def _restore(new: nn.Module) -> nn.Module:
     configuration, with its Parameters, state and hooks."""
     cls = getattr(new, _FROM)
     vth = new.v_threshold
-    config = dict(v_threshold=float(vth.detach().reshape(-1)[0]) if isinstance(vth, torch.Tensor)
-                  else vth, v_reset=new.v_reset, surrogate_function=new.surrogate_function,
+    config = dict(v_threshold=_constructor_threshold(vth), v_reset=new.v_reset,
+                  surrogate_function=new.surrogate_function,
                   detach_reset=new.detach_reset, step_mode=new.step_mode,
                   store_v_seq=new.store_v_seq, backend=new.backend,
                   decay_input=new.decay_input, init_tau=2.0)
