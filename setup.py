@@ -39,11 +39,12 @@ def want_cuda() -> bool:
 
 host_sources = [p for p in rel("csrc/**/*.cpp") if not p.endswith("_cuda.cpp")]
 cpu_arch = shlex.split(os.environ.get("PYPAPER_CPU_ARCH", "-march=native"))
-# The C++ standard is torch's (C++20 for torch 2.13), added by torch.utils.cpp_extension.
+# C++20, named here: torch 2.13's cpp_extension adds it itself, but an older torch (2.11 on the
+# lent GPU hosts) may add C++17, and both the host code and torch's headers need C++20 there.
 # -ffp-contract=off: no fused multiply-add may change a rounding tie (kernels/common/quant_math.h).
 # -fno-trapping-math: lets the compiler if-convert and vectorize selects; pypaper never reads the
 # floating-point exception flags, and values, rounding and NaN handling are unchanged.
-cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", *cpu_arch]
+cxx_flags = ["-std=c++20", "-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", *cpu_arch]
 define_macros = []
 ext_kwargs = {}
 
@@ -54,7 +55,7 @@ if want_cuda():
     arch_token = "_".join(arch_list.replace(";", " ").split())
     define_macros += [("PYPAPER_WITH_CUDA", None), ("PYPAPER_CUDA_ARCHS", arch_token)]
     Extension = CUDAExtension
-    ext_kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": ["-O3", "--fmad=false"]}
+    ext_kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": ["-std=c++20", "-O3", "--fmad=false"]}
 else:
     sources = host_sources
     Extension = CppExtension

@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "quick mode, none in full mode: every provider runs all its repeats)")
     p.add_argument("--providers", help="comma-separated provider names to keep (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--case", action="append",
+                   help="keep only the cases whose kernel name contains this text (repeatable)")
     return p.parse_args(argv)
 
 
@@ -38,7 +40,10 @@ def family_cases(name: str, args) -> list:
     kwargs = {"device": args.device, "quick": args.quick}
     if args.numel:
         kwargs["numel"] = args.numel
-    return module.cases(**kwargs)
+    cases = module.cases(**kwargs)
+    if args.case:
+        cases = [c for c in cases if any(text in c.kernel for text in args.case)]
+    return cases
 
 
 def main(argv=None) -> int:

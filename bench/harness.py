@@ -419,6 +419,9 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash; PYPAPER_COMMIT when set (a copy of the tree without .git: a GPU host)."""
+    if os.environ.get("PYPAPER_COMMIT"):
+        return os.environ["PYPAPER_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                              capture_output=True, text=True, timeout=10)
