@@ -13,8 +13,8 @@
 #include <utility>
 #include <vector>
 
-#include "../../kernels/cpu/snn_cpu.h"
-#include "../../kernels/cpu/snn_jvp_cpu.h"
+// The loops themselves are compiled in csrc/snn/lif_loops/ (declared extern here).
+#include "../../kernels/cpu/snn_cpu_instances.h"
 #include "../block_cache.h"
 #include "snn_args.h"
 

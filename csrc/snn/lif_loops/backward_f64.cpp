@@ -1,0 +1,4 @@
+// lif_backward's CPU loops for double storage, compiled on their own (kernels/cpu/snn_cpu_instances.h).
+#include "../../../kernels/cpu/snn_cpu_instances.h"
+
+PYPAPER_LIF_CPU_INSTANTIATE(backward, LifBackwardArgs, double)
