@@ -23,6 +23,7 @@ setup_context=...)``, the signature of ``torch.library.register_autograd``, and 
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import NamedTuple
 
@@ -325,7 +326,15 @@ def _make_functorch_kernel(overload):
 
 def _quiet_impl(lib, name, kernel, key, **kw):
     """lib.impl, where the op may have a kernel at key already (a triton_op's own Autograd
-    kernel): the dispatcher's warning that one was overridden (once per process) is expected."""
+    kernel): the dispatcher's warning that one was overridden (once per process) is expected.
+
+    torch <= 2.11's Library.impl (no allow_override argument) refuses a second registration from
+    Python at the same key ("This is not allowed since there's already a kernel registered from
+    python overriding ..."; every Triton twin's import failed so on an H200 host with torch
+    2.11, 2026-12-04), where later versions override, as the dispatcher itself allows: the
+    earlier registration's record is dropped here so that older versions override too."""
+    if "allow_override" not in inspect.signature(lib.impl).parameters:
+        torch.library._impls.discard(f"{lib.ns}/{name.split('::')[-1]}/{key or lib.dispatch_key}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
         lib.impl(name, kernel, key, **kw)

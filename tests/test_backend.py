@@ -161,3 +161,47 @@ def test_public_api_on_the_triton_backend_under_the_interpreter():
     a, b = results
     for i, (u, v) in enumerate(zip(a, b)):
         assert torch.allclose(u.double(), v.double(), rtol=1e-5, atol=1e-5), i
+
+
+@pytest.mark.parametrize("module", ["pypaper.snn.ops", "pypaper.snn.delays", "pypaper.hopfield.ops",
+                                    "pypaper.local.ops"])
+def test_kernel_probes_trace_under_compile(module):
+    """The backend choice asks whether pypaper._C has a kernel at a dispatch key. The dispatcher
+    query itself cannot be traced: on an H200 (torch 2.11, 2026-12-04) a fullgraph compile of an
+    SNN model failed on it; the families answer from a table probed at import."""
+    import importlib
+
+    m = importlib.import_module(module)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return x + 1 if m._has_kernel("CUDA") else x - 1
+
+    x = torch.randn(3)
+    assert torch.equal(f(x), x + 1 if m._has_kernel("CUDA") else x - 1)
+
+
+def test_quiet_impl_overrides_where_library_impl_has_no_allow_override():
+    """torch <= 2.11's Library.impl (no allow_override argument) refuses a second registration
+    from Python at one key; every Triton twin's import failed so on an H200 host with torch 2.11.
+    _quiet_impl overrides there as it does on later versions."""
+    from pypaper import _autograd
+
+    lib = torch.library.Library("pypaper_test_quiet_impl", "DEF")
+    lib.define("scaled(Tensor x) -> Tensor")
+    lib.impl("scaled", lambda x: x * 2, "CPU")
+
+    class OldLibrary:  # Library.impl's refusal as torch 2.11 has it
+        ns, dispatch_key = lib.ns, lib.dispatch_key
+
+        def impl(self, op_name, fn, dispatch_key="", *, with_keyset=False):
+            key = f"{self.ns}/{op_name.split('::')[-1]}/{dispatch_key or self.dispatch_key}"
+            if key in torch.library._impls:
+                raise RuntimeError("This is not allowed since there's already a kernel "
+                                   "registered from python overriding " + op_name)
+            lib.impl(op_name, fn, dispatch_key, with_keyset=with_keyset)
+
+    with pytest.raises(RuntimeError, match="not allowed"):
+        OldLibrary().impl("scaled", lambda x: x * 3, "CPU")
+    _autograd._quiet_impl(OldLibrary(), "scaled", lambda x: x * 3, "CPU")
+    assert torch.ops.pypaper_test_quiet_impl.scaled(torch.ones(2)).tolist() == [3.0, 3.0]

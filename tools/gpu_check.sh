@@ -7,6 +7,7 @@
 #   OUT=/tmp/out PYPAPER_COMMIT=$(git rev-parse --short HEAD) bash tools/gpu_check.sh [phase...]
 #   phases, in this order by default (most wanted first): info build test-snn bench-snn
 #   test-rest bench-snn-full test-quant bench-more; also test-snn-cuda (the CUDA LIF tests only)
+#   and debug-segv (a backtrace of the crash seen on 2026-12-04)
 #
 # Device time is short, so each phase gets a time limit of its own, cut to what is left of
 # GPU_CHECK_BUDGET seconds (default 540); a phase with under 20 s left is skipped. Logs, JUnit
@@ -129,6 +130,11 @@ for p in "${phases[@]}"; do
     bench-snn-full) snn_full ;;
     test-quant) tests test-quant 150 tests/quant ;;
     bench-more) bench_more ;;
+    # the segfault of 2026-12-04 (tests/snn/test_lif_cuda.py, surrogate id 9): the host backtrace
+    # (cuda-gdb debugs host code too; there is no gdb there)
+    debug-segv) TAIL=60 phase debug-segv 90 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" \
+                  --args "$PY" -m pytest -p no:cacheprovider -x -q tests/snn/test_lif_cuda.py \
+                  -k "bad_calls" ;;
     *) echo "unknown phase $p" >&2; exit 2 ;;
   esac
 done

@@ -27,8 +27,21 @@ _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "refer
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _probe(dispatch_key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("pypaper::lif_forward", dispatch_key)
+    except RuntimeError:  # the op's schema is not registered (pypaper._C not built)
+        return False
+
+
+# Probed once, at import: torch.compile cannot trace the dispatcher query (fullgraph on a GPU
+# failed on it: "torch.* op returned non-Tensor", H200, 2026-12-04), and the answer is fixed
+# once pypaper._C has loaded.
+_KERNELS = {key: _probe(key) for key in ("CPU", "CUDA")}
+
+
 def _has_kernel(dispatch_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("pypaper::lif_forward", dispatch_key)
+    return _KERNELS[dispatch_key]
 
 
 def _cpu_reason(device: torch.device) -> Optional[str]:
