@@ -130,11 +130,13 @@ for p in "${phases[@]}"; do
     bench-snn-full) snn_full ;;
     test-quant) tests test-quant 150 tests/quant ;;
     bench-more) bench_more ;;
-    # the segfault of 2026-12-04 (tests/snn/test_lif_cuda.py, surrogate id 9): the host backtrace
-    # (cuda-gdb debugs host code too; there is no gdb there)
-    debug-segv) TAIL=60 phase debug-segv 90 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" \
-                  --args "$PY" -m pytest -p no:cacheprovider -x -q tests/snn/test_lif_cuda.py \
-                  -k "bad_calls" ;;
+    # the segfault of 2026-12-04 (tests/snn/test_lif_cuda.py, surrogate id 9, right after the
+    # opcheck tests in one xdist worker): the host backtrace (cuda-gdb debugs host code too; there
+    # is no gdb there), in one process, the opcheck tests first as they were; glibc's heap checks
+    # on, in case an earlier call corrupted the heap
+    debug-segv) TAIL=60 phase debug-segv 90 env MALLOC_CHECK_=3 cuda-gdb -batch -ex run -ex bt \
+                  --args "$PY" -m pytest -p no:cacheprovider -p no:xdist -x -q \
+                  tests/snn/test_lif_cuda.py -k "opcheck or bad_calls" ;;
     *) echo "unknown phase $p" >&2; exit 2 ;;
   esac
 done
