@@ -89,10 +89,15 @@ bench() {  # bench NAME ARGS...: one `python -m bench` run on the GPU, CSV rows 
     --csv-dir "$LOGS/bench" "$@"
 }
 
+SNN_PROVIDERS=pypaper,pypaper-cuda,pypaper-triton,spikingjelly,snntorch,reference
+
 snn_quick() {
   # the issue's figure case at 2^20 neurons (2^18 x 32 steps x 4 B = 32 MiB would sit in the
-  # 60 MB L2) with every provider, and the single-step Linear(1024) + LIF loop
-  BENCH_LIMIT=70 bench bench-snn-quick --quick --family snn --numel $(( 1 << 25 ))
+  # 60 MB L2), and the single-step Linear(1024) + LIF loop; torch.compile's reference comes last
+  # (bench-more): Inductor compiles the 32-step loop for a while, and a family's CSV is written
+  # only when all its cases are done
+  BENCH_LIMIT=70 bench bench-snn-quick --quick --family snn --numel $(( 1 << 25 )) \
+    --providers "$SNN_PROVIDERS"
 }
 
 snn_full() {
@@ -100,10 +105,12 @@ snn_full() {
   # and the zoo model; no torch.compile'd reference here (Inductor compiles each shape anew)
   BENCH_LIMIT=120 bench bench-snn-full --full --repeats 10 --family snn \
     --case "LIF multi-step" --case "Linear(" --case "SLTT" --case "MNISTNet" \
-    --providers pypaper,pypaper-cuda,pypaper-triton,spikingjelly,snntorch,reference,pypaper-bptt,pypaper-sltt-online
+    --providers "$SNN_PROVIDERS,pypaper-bptt,pypaper-sltt-online"
 }
 
 bench_more() {
+  BENCH_LIMIT=120 bench bench-snn-compiled --quick --family snn --numel $(( 1 << 25 )) \
+    --case "LIF multi-step" --providers pypaper,compiled-reference
   for fam in hopfield wtacrs local quant fewbit qlinear power delays; do
     BENCH_LIMIT=60 bench "bench-$fam" --quick --family "$fam"
   done
