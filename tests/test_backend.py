@@ -163,8 +163,8 @@ def test_public_api_on_the_triton_backend_under_the_interpreter():
         assert torch.allclose(u.double(), v.double(), rtol=1e-5, atol=1e-5), i
 
 
-@pytest.mark.parametrize("module", ["pypaper.snn.ops", "pypaper.snn.delays", "pypaper.hopfield.ops",
-                                    "pypaper.local.ops"])
+@pytest.mark.parametrize("module", ["pypaper.snn.ops", "pypaper.snn.delays",
+                                    "pypaper.hopfield.ops", "pypaper.local.ops"])
 def test_kernel_probes_trace_under_compile(module):
     """The backend choice asks whether pypaper._C has a kernel at a dispatch key. The dispatcher
     query itself cannot be traced: on an H200 (torch 2.11, 2026-12-04) a fullgraph compile of an

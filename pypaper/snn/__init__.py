@@ -10,12 +10,13 @@
     sltt.train_step_online(model, x_seq, target, loss_fn, optimizer, k=None)   # online SLTT(-K)
     functional.checkpoint(block, x_seq)      # activation checkpointing that restores neuron state
     model = convert(model)                   # a built SpikingJelly model's IF/LIF/PLIF -> pypaper's
+    base.extract_memories(model)             # SpikingJelly's memory functions, pypaper's state too
 
 Kernels: C++ kernels/cpu/snn_cpu.h; the shared per-element math kernels/common/snn_math.h; the
 plain-PyTorch reference pypaper/snn/reference.py.
 """
 from .. import _ext
-from . import _registration, functional, layer, neuron, reference, sltt, surrogate
+from . import _registration, base, functional, layer, neuron, reference, sltt, surrogate
 from .functional import detach_net, reset_net, set_step_mode
 from .neuron import IFNode, LIFNode, ParametricLIFNode
 from .ops import backend_for, lif_multi_step
@@ -25,6 +26,6 @@ from .convert import convert, revert  # SpikingJelly's neurons in a built model 
 if _ext.LOADED:
     _registration.register_native()
 
-__all__ = ["DelayedLinear", "IFNode", "LIFNode", "ParametricLIFNode", "backend_for", "convert",
-           "detach_net", "functional", "layer", "lif_multi_step", "neuron", "reference", "reset_net",
-           "revert", "set_step_mode", "sigma_schedule", "sltt", "surrogate"]
+__all__ = ["DelayedLinear", "IFNode", "LIFNode", "ParametricLIFNode", "backend_for", "base",
+           "convert", "detach_net", "functional", "layer", "lif_multi_step", "neuron", "reference",
+           "reset_net", "revert", "set_step_mode", "sigma_schedule", "sltt", "surrogate"]

@@ -284,6 +284,13 @@ class Dropout(StepModule, nn.Module):
     def reset(self) -> None:
         self.mask = None
 
+    def named_memories(self):
+        """The mask, as SpikingJelly's Dropout registers it (a memory; see pypaper.snn.base)."""
+        yield "mask", self.mask
+
+    def memories(self):
+        yield self.mask
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
