@@ -333,11 +333,20 @@ def _quiet_impl(lib, name, kernel, key, **kw):
     python overriding ..."; every Triton twin's import failed so on an H200 host with torch
     2.11, 2026-12-04), where later versions override, as the dispatcher itself allows: the
     earlier registration's record is dropped here so that older versions override too."""
-    if "allow_override" not in inspect.signature(lib.impl).parameters:
-        torch.library._impls.discard(f"{lib.ns}/{name.split('::')[-1]}/{key or lib.dispatch_key}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
-        lib.impl(name, kernel, key, **kw)
+    record = f"{lib.ns}/{name.split('::')[-1]}/{key or lib.dispatch_key}"
+    dropped = ("allow_override" not in inspect.signature(lib.impl).parameters
+               and record in torch.library._impls)
+    if dropped:
+        torch.library._impls.discard(record)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore",
+                                    message="(?s).*Overriding a previously registered kernel")
+            lib.impl(name, kernel, key, **kw)
+    except BaseException:
+        if dropped:  # nothing was registered: the earlier registration stands, and its record
+            torch.library._impls.add(record)
+        raise
 
 
 def register_functorch(qualname: str) -> None:

@@ -190,6 +190,8 @@ def test_quiet_impl_overrides_where_library_impl_has_no_allow_override():
     lib = torch.library.Library("pypaper_test_quiet_impl", "DEF")
     lib.define("scaled(Tensor x) -> Tensor")
     lib.impl("scaled", lambda x: x * 2, "CPU")
+    # the record _quiet_impl drops is the one the installed torch keeps for that registration
+    assert "pypaper_test_quiet_impl/scaled/CPU" in torch.library._impls
 
     class OldLibrary:  # Library.impl's refusal as torch 2.11 has it
         ns, dispatch_key = lib.ns, lib.dispatch_key

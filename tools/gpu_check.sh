@@ -20,6 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pypaper-gpu}
 LOGS=${LOGS:-/tmp/pypaper-gpu-logs}
+rm -rf "$LOGS"  # a warm machine keeps /tmp: only this run's logs go into this run's tarball
 mkdir -p "$OUT" "$LOGS/bench"
 PY=${PYTHON:-python3}
 export PATH=$PATH:/usr/local/cuda/bin  # nvcc, where the image keeps it off PATH
@@ -32,7 +33,7 @@ NPROC=$(nproc)
 # output in $LOGS/NAME.log, its tail here.
 phase() {
   local name=$1 want=$2; shift 2
-  declare -F "$1" >/dev/null && set -- bash -c "$*"
+  declare -F "$1" >/dev/null && set -- bash -c '"$@"' _ "$@"  # a function, exported below
   local left=$(( BUDGET - ($(date +%s) - START) - 5 ))
   (( left < want )) && want=$left
   if (( want < 20 )); then echo "== $name: skipped (${left}s left)"; return 0; fi
@@ -66,8 +67,10 @@ info() {
 }
 
 build() {
-  if [ "${GPU_CHECK_REBUILD:-0}" != 1 ] && compgen -G "pypaper/_C*.so" >/dev/null; then
-    echo "using the carried $(ls pypaper/_C*.so)"
+  local so
+  so=pypaper/_C$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+  if [ "${GPU_CHECK_REBUILD:-0}" != 1 ] && [ -f "$so" ]; then
+    echo "using the carried $so"
   else
     # -g0: no debug info (a quarter less compile time for the template-heavy loops, and an
     # 11 MB library instead of 67); the CPU loops are built for this host as usual
@@ -75,7 +78,7 @@ build() {
       "$PY" setup.py build_ext --inplace || return 1
     # back with the results (debug info stripped: 67 MB -> ~15), so that a later call can carry
     # it instead of building again
-    strip --strip-debug -o /tmp/_C.so pypaper/_C*.so && gzip -c /tmp/_C.so >"$OUT/_C.so.gz"
+    strip --strip-debug -o /tmp/_C.so "$so" && gzip -c /tmp/_C.so >"$OUT/_C.so.gz"
   fi
   "$PY" -c "
 import json, pypaper
@@ -122,7 +125,7 @@ tests() { local name=$1 limit=$2; shift 2
 }
 
 export PY NPROC OUT LOGS
-export -f info build
+export -f info build phase
 phases=("$@")
 (( ${#phases[@]} )) || phases=(info build test-snn bench-snn test-rest bench-snn-full test-quant bench-more)
 for p in "${phases[@]}"; do
@@ -140,9 +143,11 @@ for p in "${phases[@]}"; do
     # the segfault of 2026-12-04 (tests/snn/test_lif_cuda.py, surrogate id 9, right after the
     # opcheck tests in one xdist worker): the host backtrace (cuda-gdb debugs host code too; there
     # is no gdb there), in one process, the opcheck tests first as they were; glibc's heap checks
-    # on, in case an earlier call corrupted the heap
-    debug-segv) TAIL=60 phase debug-segv 90 env MALLOC_CHECK_=3 cuda-gdb -batch -ex run -ex bt \
-                  --args "$PY" -m pytest -p no:cacheprovider -p no:xdist -x -q \
+    # on in the debugged program only, in case an earlier call corrupted the heap (since glibc
+    # 2.34 MALLOC_CHECK_ needs libc_malloc_debug preloaded); rc is cuda-gdb's, read the log
+    debug-segv) TAIL=60 phase debug-segv 90 cuda-gdb -batch \
+                  -ex 'set exec-wrapper env LD_PRELOAD=libc_malloc_debug.so.0 MALLOC_CHECK_=3' \
+                  -ex run -ex bt --args "$PY" -m pytest -p no:cacheprovider -p no:xdist -x -q \
                   tests/snn/test_lif_cuda.py -k "opcheck or bad_calls" ;;
     *) echo "unknown phase $p" >&2; exit 2 ;;
   esac

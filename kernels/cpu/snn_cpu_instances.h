@@ -6,7 +6,8 @@
 // one type is hundreds of specialized loops. Instantiated together inside the op file they made
 // it the slowest file of the build by far (about 4.5 minutes here; over 10 on a 16-core GPU host,
 // where the whole rest of the build took 5), and its compile was the build's critical path.
-// Split 12 ways (3 ops x 4 types), the longest piece compiles in ~20 s and they run in parallel.
+// Split 12 ways (3 ops x 4 types), the longest piece compiles in ~50 s on a 2-core guest (the op
+// file itself in 12 s), and they run in parallel.
 #pragma once
 #include "snn_cpu.h"
 #include "snn_jvp_cpu.h"

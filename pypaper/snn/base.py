@@ -19,6 +19,7 @@ children's, depth first in registration order.
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterator, Optional
 
 from torch import nn
@@ -27,12 +28,24 @@ __all__ = ["extract_memories", "load_memories", "memories", "named_memories",
            "to_functional_forward"]
 
 
+def _is_memory_module(module: nn.Module) -> bool:
+    """Whether the module's own state is what its ``named_memories()`` yields: pypaper's neurons
+    and Dropout, and SpikingJelly's MemoryModule (looked up only where SpikingJelly is imported
+    already: a model cannot hold one otherwise). Other modules are not asked, as SpikingJelly
+    does not ask them: a wrapper whose method reports its children's state would count it
+    twice."""
+    from .layer import Dropout
+    from .neuron import BaseNode
+
+    if isinstance(module, (BaseNode, Dropout)):
+        return True
+    sj_base = sys.modules.get("spikingjelly.activation_based.base")
+    return sj_base is not None and isinstance(module, sj_base.MemoryModule)
+
+
 def _own_memories(module: nn.Module):
-    """(name, value) of the module's own state, without its children's: what its
-    ``named_memories()`` method yields (pypaper's neurons and Dropout, SpikingJelly's
-    MemoryModule); nothing for a module without one."""
-    method = getattr(module, "named_memories", None)
-    return method() if callable(method) else ()
+    """(name, value) of the module's own state, without its children's."""
+    return module.named_memories() if _is_memory_module(module) else ()
 
 
 def named_memories(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, object]]:
@@ -70,19 +83,49 @@ def load_memories(module: nn.Module, memory_list: list) -> None:
         setattr(owner, attr, value)
 
 
+# Attributes of pypaper's and SpikingJelly's neurons that carry across calls without being
+# memories: restored after a functional forward too, so that it leaves the module as it was.
+_EXTRA_STATE = ("v_seq",)
+
+
+def _sequential_forward(module: nn.Sequential) -> Callable:
+    """An nn.Sequential's forward as SpikingJelly composes it here: every input and keyword to
+    the first child, a child's tuple output unpacked into the next (nn.Sequential's own forward
+    takes one input and no keywords)."""
+    def forward(*inputs, **kwargs):
+        outputs = inputs
+        for index, child in enumerate(module._modules.values()):
+            result = child(*outputs, **(kwargs if index == 0 else {}))
+            outputs = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    return forward
+
+
 def to_functional_forward(module: nn.Module, fn: Optional[Callable] = None) -> Callable:
     """The module's forward with its state made explicit:
     ``f(inputs, states, **kwargs) -> (outputs, new_states)``, ``inputs`` and ``outputs`` tuples
     (one tensor too), ``states`` and ``new_states`` in ``extract_memories(module)`` order.
 
-    The call loads ``states`` into the module, runs ``fn`` (default ``module.forward``, hooks not
-    run, as SpikingJelly's), reads the new states and puts the module's own states back, also
-    when the forward raises: the module is left as it was. SpikingJelly's version takes a
-    shortcut for its MemoryModules that implement a functional forward; its results are those
-    of this path. As there, a state tensor must not be modified in place by the forward (neither
-    pypaper's neurons nor SpikingJelly's do).
+    The call loads ``states`` into the module, runs ``fn`` (default: the module's forward, hooks
+    not run, as SpikingJelly's; for a plain nn.Sequential its children in turn, so that several
+    inputs and keywords reach the first one), reads the new states and puts the module's own
+    states back, ``v_seq`` included, also when the forward raises: the module is left as it
+    was. SpikingJelly's version takes a shortcut for its MemoryModules that implement a
+    functional forward; its results are those of this path. As there, a state tensor must not
+    be modified in place by the forward (neither pypaper's neurons nor SpikingJelly's do).
+
+    A neuron shared by two places of the model is two states here, as named_memories lists it
+    twice; both are loaded into the one neuron and the later wins (SpikingJelly's version counts
+    it once in one place and twice in another, and refuses both calls).
     """
-    forward_fn = module.forward if fn is None else fn
+    if fn is not None:
+        forward_fn = fn
+    elif (isinstance(module, nn.Sequential)
+          and getattr(module.forward, "__func__", None) is nn.Sequential.forward):
+        forward_fn = _sequential_forward(module)
+    else:
+        forward_fn = module.forward
     count = len(extract_memories(module))
 
     def functional_forward(inputs: tuple, states: tuple, **kwargs):
@@ -90,6 +133,8 @@ def to_functional_forward(module: nn.Module, fn: Optional[Callable] = None) -> C
             raise ValueError(f"{type(module).__name__} expected {count} states, "
                              f"but got {len(states)}.")
         original = extract_memories(module)
+        extra = [(m, name, m.__dict__[name]) for m in module.modules() for name in _EXTRA_STATE
+                 if name in m.__dict__]
         load_memories(module, list(states))
         try:
             outputs = forward_fn(*inputs, **kwargs)
@@ -97,6 +142,8 @@ def to_functional_forward(module: nn.Module, fn: Optional[Callable] = None) -> C
             new_states = tuple(extract_memories(module))
         finally:
             load_memories(module, original)
+            for m, name, value in extra:
+                setattr(m, name, value)
         return outputs, new_states
 
     return functional_forward

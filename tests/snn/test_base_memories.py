@@ -125,3 +125,72 @@ def test_the_module_is_restored_when_the_forward_raises():
     with pytest.raises(RuntimeError, match="boom"):
         f((_inputs(2),), (0.0, 0.0))
     assert all(a is b for a, b in zip(base.extract_memories(model), before))
+
+
+class _Add(nn.Module):
+    def forward(self, a, b=None, scale=1.0):
+        return a * scale + (0 if b is None else b)
+
+
+def test_a_sequential_takes_several_inputs_and_keywords_as_spikingjellys_does():
+    """nn.Sequential's own forward takes one input and no keywords; SpikingJelly's functional
+    forward runs the children in turn, the inputs and keywords going to the first."""
+    x, b = _inputs(1), _inputs(2)
+    (want,), _ = sj_base.to_functional_forward(nn.Sequential(_Add(), sj_neuron.LIFNode(
+        step_mode="m")))((x, b), (0.0,), scale=2.0)
+    (got,), _ = base.to_functional_forward(nn.Sequential(_Add(), neuron.LIFNode(
+        step_mode="m")))((x, b), (0.0,), scale=2.0)
+    assert want.sum() > 0 and torch.equal(got, want)
+
+
+def test_v_seq_is_put_back_too():
+    lif = neuron.LIFNode(step_mode="s", store_v_seq=True)
+    model = nn.Sequential(lif)
+    model(_inputs(1)[0])
+    before = lif.v_seq
+    base.to_functional_forward(model)((_inputs(2)[0],), (0.0,))
+    assert lif.v_seq is before
+
+
+def test_dropout_mask_is_state_of_the_functional_forward():
+    model = nn.Sequential(layer.Dropout(0.5, step_mode="m"), neuron.LIFNode(step_mode="m"))
+    f = base.to_functional_forward(model)
+    torch.manual_seed(0)
+    (y1,), (mask, v) = f((_inputs(1),), (None, 0.0))
+    assert model[0].mask is None and set(mask.unique().tolist()) == {0.0, 2.0}
+    (y2,), (mask2, _) = f((_inputs(1),), (mask, 0.0))  # the mask given is the mask used
+    assert mask2 is mask and torch.equal(y1, y2)
+
+
+def test_only_memory_modules_are_asked():
+    """A wrapper whose own named_memories reports its children's state is not asked (as in
+    SpikingJelly): its neuron is counted once."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lif = neuron.LIFNode(step_mode="m")
+
+        def named_memories(self):
+            yield from (("lif." + n, v) for n, v in self.lif.named_memories())
+
+        def forward(self, x):
+            return self.lif(x)
+
+    assert [n for n, _ in base.named_memories(nn.Sequential(Block()))] == ["0.lif.v"]
+
+
+def test_torch_func_grad_through_the_functional_forward():
+    model = _model(neuron, layer, dropout=False)
+    f = base.to_functional_forward(model)
+    x = _inputs(3)
+
+    def loss(v0):
+        (y,), _ = f((x,), (v0, 0.0))
+        return y.sum()
+
+    v0 = torch.rand(N, C) * 0.5
+    g = torch.func.grad(loss)(v0)
+    v = v0.clone().requires_grad_()
+    loss(v).backward()
+    assert g.abs().sum() > 0 and torch.equal(g, v.grad)
+    assert base.extract_memories(model) == [0.0, 0.0]
