@@ -14,7 +14,7 @@
 # files and the benchmark CSVs go to $LOGS and are packed into $OUT/results.tgz after every
 # phase (the device tool brings back at most 8 files), so a phase stopped by its limit still
 # leaves what the earlier ones wrote. Python packages missing there (the peers)
-# travel as wheels in .whl/ (see /work/.library/device/README.md) and go to /tmp/site.
+# travel as wheels in .whl/ (GPU_CHECK_WHEELS; tools/gpu_wheels.sh) and go to /tmp/site.
 # A built extension (pypaper/_C*.so, carried) skips the build unless GPU_CHECK_REBUILD=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,9 +47,10 @@ phase() {
   return $rc
 }
 
-if compgen -G ".whl/*.whl" >/dev/null; then
+WHEELS=${GPU_CHECK_WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >"$LOGS/wheels.log" 2>&1 || cat "$LOGS/wheels.log"
+    --target /tmp/site "$WHEELS"/*.whl >"$LOGS/wheels.log" 2>&1 || cat "$LOGS/wheels.log"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 XDIST=(-n "$(( NPROC < 12 ? NPROC : 12 ))")
