@@ -44,7 +44,8 @@ cpu_arch = shlex.split(os.environ.get("PYPAPER_CPU_ARCH", "-march=native"))
 # -ffp-contract=off: no fused multiply-add may change a rounding tie (kernels/common/quant_math.h).
 # -fno-trapping-math: lets the compiler if-convert and vectorize selects; pypaper never reads the
 # floating-point exception flags, and values, rounding and NaN handling are unchanged.
-cxx_flags = ["-std=c++20", "-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", *cpu_arch]
+CXX_STD = "-std=c++20"
+cxx_flags = [CXX_STD, "-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", *cpu_arch]
 define_macros = []
 ext_kwargs = {}
 
@@ -55,7 +56,7 @@ if want_cuda():
     arch_token = "_".join(arch_list.replace(";", " ").split())
     define_macros += [("PYPAPER_WITH_CUDA", None), ("PYPAPER_CUDA_ARCHS", arch_token)]
     Extension = CUDAExtension
-    ext_kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": ["-std=c++20", "-O3", "--fmad=false"]}
+    ext_kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": [CXX_STD, "-O3", "--fmad=false"]}
 else:
     sources = host_sources
     Extension = CppExtension

@@ -90,6 +90,22 @@ def requested() -> Optional[str]:
     return env
 
 
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether pypaper._C registered a kernel for ``op`` ("pypaper::<name>") at ``dispatch_key``
+    (False where its schema is not registered: pypaper._C not built). Families ask once, at import
+    (kernel_table): torch.compile cannot trace the dispatcher query (a fullgraph compile on a GPU
+    failed on it, H200, 2026-12-04), and the answer is fixed once pypaper._C has loaded."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
+    except RuntimeError:
+        return False
+
+
+def kernel_table(op: str) -> dict:
+    """{"CPU": has_kernel(op, "CPU"), "CUDA": has_kernel(op, "CUDA")}."""
+    return {key: has_kernel(op, key) for key in ("CPU", "CUDA")}
+
+
 def native_reason(device: torch.device, name: str) -> Optional[str]:
     """Why the C++/CUDA backend ``name`` cannot serve tensors on ``device`` (None if it can)."""
     if not _ext.LOADED:

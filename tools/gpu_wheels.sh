@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl spikingjelly==2.0.0 snntorch==1.0.0 dcls==0.1.1 mlxtend==0.25.0 torchao==0.18.0 \
-  loguru==0.7.3
+  -d .whl $(grep -hoE '^(spikingjelly|snntorch|dcls|mlxtend|torchao|loguru)==[^ ]+' \
+             requirements/peers.txt requirements/dev.txt)
 ls -la .whl

@@ -24,16 +24,7 @@ _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "refer
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _probe(dispatch_key: str) -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("pypaper::hopfield_retrieve",
-                                                              dispatch_key)
-    except RuntimeError:  # the op's schema is not registered (extension not built)
-        return False
-
-
-# Probed once at import: torch.compile cannot trace the dispatcher query.
-_KERNELS = {"CPU": _probe("CPU"), "CUDA": _probe("CUDA")}
+_KERNELS = _backend.kernel_table("pypaper::hopfield_retrieve")  # probed once (_backend.has_kernel)
 
 
 def _has_kernel(dispatch_key: str) -> bool:

@@ -31,20 +31,13 @@ _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 ACTIVATIONS = reference.ACTIVATIONS
 
 
-def _probe(dispatch_key: str, op: str = "pypaper::local_ff_linear") -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
-    except RuntimeError:  # the schema is not registered (pypaper._C not built)
-        return False
-
-
-# Looked up once, at import: torch.compile cannot trace the dispatcher query.
-_KERNELS = {key: _probe(key) for key in ("CPU", "CUDA")}
+# Looked up once, at import (_backend.has_kernel).
+_KERNELS = _backend.kernel_table("pypaper::local_ff_linear")
 # Whether the single-forward op has a CUDA kernel in this build (else Triton, then the reference).
-_SF_CUDA = _probe("CUDA", "pypaper::local_ff_sf_linear")
+_SF_CUDA = _backend.has_kernel("pypaper::local_ff_sf_linear", "CUDA")
 # The *_out variants (outputs written in place, gradients accumulated by the dW GEMM): C++ only.
-_OUT_CPU = _probe("CPU", "pypaper::local_ff_linear_out")
-_SF_OUT_CPU = _probe("CPU", "pypaper::local_ff_sf_linear_out")
+_OUT_CPU = _backend.has_kernel("pypaper::local_ff_linear_out", "CPU")
+_SF_OUT_CPU = _backend.has_kernel("pypaper::local_ff_sf_linear_out", "CPU")
 
 
 def _has_kernel(dispatch_key: str) -> bool:

@@ -24,6 +24,9 @@ from typing import Callable, Iterator, Optional
 
 from torch import nn
 
+from .layer import Dropout
+from .neuron import BaseNode
+
 __all__ = ["extract_memories", "load_memories", "memories", "named_memories",
            "to_functional_forward"]
 
@@ -34,9 +37,6 @@ def _is_memory_module(module: nn.Module) -> bool:
     already: a model cannot hold one otherwise). Other modules are not asked, as SpikingJelly
     does not ask them: a wrapper whose method reports its children's state would count it
     twice."""
-    from .layer import Dropout
-    from .neuron import BaseNode
-
     if isinstance(module, (BaseNode, Dropout)):
         return True
     sj_base = sys.modules.get("spikingjelly.activation_based.base")

@@ -76,16 +76,7 @@ def _register() -> None:
 _register()
 
 
-def _probe(dispatch_key: str) -> bool:
-    try:
-        return _ext.LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
-            "pypaper::delay_linear", dispatch_key)
-    except RuntimeError:  # the op's schema is not registered
-        return False
-
-
-# Probed once, at import: torch.compile cannot trace the dispatcher query (see snn/ops.py).
-_KERNELS = {key: _probe(key) for key in ("CPU", "CUDA")}
+_KERNELS = _backend.kernel_table("pypaper::delay_linear")  # probed once (_backend.has_kernel)
 
 
 def _has_kernel(dispatch_key: str) -> bool:

@@ -340,10 +340,9 @@ def test_compile_fullgraph_cuda(ops):
 # One case per test: on an H200 (torch 2.11, 2026-12-04) the surrogate-id case crashed its process
 # (a segfault inside the dispatcher's redispatch, cause not yet found), so each stands alone.
 _BAD_CALLS = {
-    "v_init on cpu": (lambda x: dict(v0=torch.zeros(2, 4)), "v_init is on cpu but x is on cuda"),
-    "v_threshold on cpu": (lambda x: dict(vth=torch.tensor(1.0)),
-                           "v_threshold is on cpu but x is on cuda"),
-    "surrogate id 9": (lambda x: dict(sid=9), "surrogate must be an id"),
+    "v_init on cpu": (dict(v0=torch.zeros(2, 4)), "v_init is on cpu but x is on cuda"),
+    "v_threshold on cpu": (dict(vth=torch.tensor(1.0)), "v_threshold is on cpu but x is on cuda"),
+    "surrogate id 9": (dict(sid=9), "surrogate must be an id"),
 }
 
 
@@ -353,7 +352,7 @@ def test_bad_calls_raise(ops, case):
     change, message = _BAD_CALLS[case]
     kw = dict(v0=None, decay=torch.tensor(2.0, device="cuda"),
               vth=torch.tensor(1.0, device="cuda"), v_reset=0.0)
-    kw.update(change(x))
+    kw.update(change)
     with pytest.raises(RuntimeError, match=message):
         ops.lif_forward(*_fwd_args(x, **kw))
 
