@@ -11,6 +11,16 @@ import pytest  # noqa: E402
 
 import pypaper  # noqa: E402,F401
 
+if os.environ.get("PYPAPER_TRITON_LAUNCHES") and os.environ.get("TRITON_INTERPRET") == "1":
+    # Record every interpreted Triton launch, for tools/triton_compile_check.py to compile them
+    # for NVIDIA GPUs afterwards (tools/dev.sh test does both).
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+    import triton_compile_check  # noqa: E402
+
+    triton_compile_check.start_recording(os.environ["PYPAPER_TRITON_LAUNCHES"])
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

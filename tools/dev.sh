@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine (Python 3.11, no GPU needed):
 #   bash tools/dev.sh bench     set up, build, run the benchmark suite in quick mode (prints the table)
-#   bash tools/dev.sh test      set up, build, run ctest (C++ tests + CUDA compile proof) and pytest
+#   bash tools/dev.sh test      set up, build, run ctest (C++ tests + CUDA compile proof), pytest and
+#                               the Triton compile check (tools/triton_compile_check.py)
 #   bash tools/dev.sh setup     set up and build only
 #   bash tools/dev.sh wheel     build a wheel and install it into a fresh venv that has torch
 # Extra arguments after bench/test go to `python -m bench` / pytest.
@@ -63,12 +64,29 @@ print('wheel OK:', pypaper.__file__, info['simd'])")
   rm -rf build-wheel-venv
 }
 
+# pytest, recording each Triton launch it interprets (tests/conftest.py), then those launches
+# compiled for NVIDIA Hopper (sm_90) by Triton's compiler and ptxas: the interpreter accepts kernels
+# the compiler refuses, and the GPU-only paths (inline PTX, bf16 pointers) are never interpreted.
+# Where a GPU ran the kernels compiled, nothing is recorded and the check is skipped.
+test_python() {
+  local launches=$ROOT/build/triton-launches require=()
+  rm -rf "$launches"
+  [ $# -eq 0 ] && require=(--require-launches)
+  PYPAPER_TRITON_LAUNCHES=$launches "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+  if [ -d "$launches" ]; then
+    echo "== Triton kernels compiled for sm_90 (the launches pytest interpreted)"
+    "$VENV/bin/python" tools/triton_compile_check.py "$launches" --arch 90 "${require[@]}"
+  else
+    echo "== Triton compile check skipped: no interpreted launches were recorded"
+  fi
+}
+
 cmd=${1:-test}
 shift || true
 case "$cmd" in
   setup) setup ;;
   bench) setup; "$VENV/bin/python" -m bench --quick "$@" ;;
-  test) setup; ctest_build; "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
+  test) setup; ctest_build; test_python "$@" ;;
   wheel) setup; wheel ;;
   *) echo "usage: bash tools/dev.sh [setup|bench|test|wheel] [args]" >&2; exit 2 ;;
 esac

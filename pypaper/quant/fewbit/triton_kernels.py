@@ -204,46 +204,63 @@ if triton is not None:
         return piece
 
     @triton.jit
+    def _pack_full_blocks(x_ptr, borders_ptr, codes_ptr, pid, nfull, NB: tl.constexpr,
+                          FOLD: tl.constexpr, BITS: tl.constexpr, BF16_BITS: tl.constexpr,
+                          BLOCKS: tl.constexpr):
+        """BLOCKS full blocks, one per row: plane word k of block B is the OR over lanes j of bit
+        k of code j shifted to bit j."""
+        mt = borders_ptr.dtype.element_ty
+        blk = pid * BLOCKS + tl.arange(0, BLOCKS)
+        lane = tl.arange(0, 32)
+        e = blk[:, None] * 32 + lane[None, :]
+        row_ok = blk < nfull
+        x = _load_as(x_ptr + e, row_ok[:, None], mt, BF16_BITS)
+        code = _code_of(x, borders_ptr, NB, FOLD)
+        # Full blocks start at byte 4*b*B: the region is uint32 words, word index B*b + k (the
+        # codes buffer is freshly allocated, so 4-byte aligned).
+        words = codes_ptr.to(tl.pointer_type(tl.int32))
+        for k in tl.static_range(BITS):
+            w = tl.sum(((code >> k) & 1) << lane.to(tl.uint32)[None, :], axis=1)
+            tl.store(words + blk * BITS + k, w.to(tl.int32, bitcast=True), mask=row_ok)
+
+    @triton.jit
+    def _pack_tail(x_ptr, borders_ptr, codes_ptr, tail_start, tail_byte, r, NB: tl.constexpr,
+                   FOLD: tl.constexpr, BITS: tl.constexpr, BF16_BITS: tl.constexpr,
+                   TAIL_BYTES: tl.constexpr):
+        """The partial block: r = n - 32*nfull codes (1..31) from element tail_start = 32*nfull,
+        whose bits start at byte tail_byte = 4*b*nfull (both from the host, so int64 when large).
+        Stream bit s = 8*t + q of it (byte t, bit q) is bit k = s // r of element j = s % r, for
+        s < b*r; the rest of the last byte is 0."""
+        mt = borders_ptr.dtype.element_ty
+        t = tl.arange(0, TAIL_BYTES)
+        s = t[:, None] * 8 + tl.arange(0, 8)[None, :]
+        valid = s < BITS * r
+        k = tl.minimum(s // r, BITS - 1)  # clamped: no out-of-range shifts on masked lanes
+        j = s - (s // r) * r
+        x = _load_as(x_ptr + tail_start + j, valid, mt, BF16_BITS)
+        code = _code_of(x, borders_ptr, NB, FOLD)
+        bit = tl.where(valid, (code >> k.to(tl.uint32)) & 1, 0)
+        byte = tl.sum(bit << tl.arange(0, 8).to(tl.uint32)[None, :], axis=1)
+        tl.store(codes_ptr + tail_byte + t, byte.to(tl.uint8), mask=t * 8 < BITS * r)
+
+    @triton.jit
     def _fewbit_pack_kernel(x_ptr, borders_ptr, codes_ptr, nfull, full_programs, tail_start,
                             tail_byte, r,
                             NB: tl.constexpr, FOLD: tl.constexpr, BITS: tl.constexpr,
                             IDX64: tl.constexpr, BF16_BITS: tl.constexpr,
                             BLOCKS: tl.constexpr, TAIL_BYTES: tl.constexpr):
+        # The two cases are functions of their own: compiled Triton requires a name assigned in
+        # both branches of a runtime `if` to have one type, and the two cases' tiles differ in
+        # shape (the interpreter does not check this; tools/triton_compile_check.py does).
         pid = tl.program_id(0)
         if IDX64:
             pid = pid.to(tl.int64)
-        mt = borders_ptr.dtype.element_ty
         if pid < full_programs:
-            # BLOCKS full blocks, one per row: plane word k of block B is the OR over lanes j of
-            # bit k of code j shifted to bit j.
-            blk = pid * BLOCKS + tl.arange(0, BLOCKS)
-            lane = tl.arange(0, 32)
-            e = blk[:, None] * 32 + lane[None, :]
-            row_ok = blk < nfull
-            x = _load_as(x_ptr + e, row_ok[:, None], mt, BF16_BITS)
-            code = _code_of(x, borders_ptr, NB, FOLD)
-            # Full blocks start at byte 4*b*B: the region is uint32 words, word index B*b + k
-            # (the codes buffer is freshly allocated, so 4-byte aligned).
-            words = codes_ptr.to(tl.pointer_type(tl.int32))
-            for k in tl.static_range(BITS):
-                w = tl.sum(((code >> k) & 1) << lane.to(tl.uint32)[None, :], axis=1)
-                tl.store(words + blk * BITS + k, w.to(tl.int32, bitcast=True), mask=row_ok)
+            _pack_full_blocks(x_ptr, borders_ptr, codes_ptr, pid, nfull, NB, FOLD, BITS,
+                              BF16_BITS, BLOCKS)
         else:
-            # The partial block: r = n - 32*nfull codes (1..31) from element tail_start = 32*nfull,
-            # whose bits start at byte tail_byte = 4*b*nfull (both from the host, so int64 when
-            # large). Stream bit s = 8*t + q of it (byte t, bit q) is bit k = s // r of element
-            # j = s % r, for s < b*r; the rest of the last byte is 0.
-            t = tl.arange(0, TAIL_BYTES)
-            s = t[:, None] * 8 + tl.arange(0, 8)[None, :]
-            valid = s < BITS * r
-            k = tl.minimum(s // r, BITS - 1)  # clamped: no out-of-range shifts on masked lanes
-            j = s - (s // r) * r
-            x = _load_as(x_ptr + tail_start + j, valid, mt, BF16_BITS)
-            code = _code_of(x, borders_ptr, NB, FOLD)
-            bit = tl.where(valid, (code >> k.to(tl.uint32)) & 1, 0)
-            byte = tl.sum(bit << tl.arange(0, 8).to(tl.uint32)[None, :], axis=1)
-            tl.store(codes_ptr + tail_byte + t, byte.to(tl.uint8),
-                     mask=t * 8 < BITS * r)
+            _pack_tail(x_ptr, borders_ptr, codes_ptr, tail_start, tail_byte, r, NB, FOLD, BITS,
+                       BF16_BITS, TAIL_BYTES)
 
     @triton.jit
     def _fewbit_unpack_kernel(grad_ptr, codes_ptr, levels_ptr, out_ptr, n,
