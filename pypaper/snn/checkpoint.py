@@ -36,7 +36,10 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-_EXTRA_STATE = ("v_seq", "mask")  # plain attributes that carry across calls
+# plain attributes that carry across calls, or that a call reads and a later call may find changed:
+# DelayedLinear's sigma (float and tensor) is the forward's in the recompute too, as the plain
+# layer's backward keeps the forward's sigma
+_EXTRA_STATE = ("v_seq", "mask", "_sigma", "_sigma_t")
 
 
 def _state_names(m: nn.Module) -> list:

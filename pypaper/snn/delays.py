@@ -116,14 +116,14 @@ def _check_max_delay(max_delay) -> int:
     return int(max_delay)
 
 
-def _check_sigma(sigma) -> float:
+def _check_sigma(sigma, name: str = "sigma") -> float:
     if not isinstance(sigma, numbers.Real) or isinstance(sigma, bool):
-        raise TypeError(f"sigma must be a number, got {type(sigma).__name__}")
+        raise TypeError(f"{name} must be a number, got {type(sigma).__name__}")
     # Comparisons, not math.isfinite: under torch.compile a sigma that changed between calls
     # arrives as a SymFloat, which math.isfinite rejects; comparing specialises on its value (one
     # graph per sigma). NaN fails both comparisons.
     if not (sigma >= 0 and sigma <= sys.float_info.max):
-        raise ValueError(f"sigma must be finite and >= 0 (0: integer delays), got {sigma}")
+        raise ValueError(f"{name} must be finite and >= 0 (0: integer delays), got {sigma}")
     return float(sigma)
 
 
@@ -317,7 +317,7 @@ class DelayedLinear(nn.Module):
         self.max_delay = _check_max_delay(max_delay)
         if sigma_init is None:
             sigma_init = max(self.max_delay / 3.0, 0.5)
-        self.sigma_init = _check_sigma(sigma_init)
+        self.sigma_init = _check_sigma(sigma_init, "sigma_init")
         # sigma lives twice (the setter keeps both): a float for Python (repr, path choice in
         # eager mode) and a 0-dim float64 CPU tensor, a plain attribute (not a buffer: .to(device)
         # / .half() leave it alone), which forward hands to the op. torch.compile reads the
@@ -422,10 +422,14 @@ class DelayedLinear(nn.Module):
             raise ValueError(f"this state_dict was saved from a DelayedLinear with max_delay = "
                              f"{saved}, this layer has max_delay = {self.max_delay}; build the "
                              f"layer with max_delay={saved} to load it")
+        was_finalized = self.finalized
         self.sigma = float(state["sigma"])
         self.finalized = bool(state["finalized"])
         if self.finalized:  # frozen, as round_delays() leaves them
             self.position.requires_grad_(False)
+        elif was_finalized:  # a training state loaded into a rounded layer: the positions learn
+            self.position.requires_grad_(True)  # again (as reset_parameters() does); positions
+            # the user froze on an unrounded layer stay frozen
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -46,6 +46,8 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
     if not isinstance(x_seq, torch.Tensor) or x_seq.dim() < 2:
         raise ValueError("x_seq must be a tensor of shape [T, N, *]")
     steps = x_seq.shape[0]
+    if steps < 1:
+        raise ValueError("x_seq has no time steps (T = x_seq.shape[0] = 0): nothing to train on")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= steps):
         raise ValueError(f"k must be an integer in 1..T ({steps}), got {k!r}")
     neurons = _neurons(model)

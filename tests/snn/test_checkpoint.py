@@ -166,6 +166,36 @@ def test_errors():
         functional.checkpoint(lambda a: block(a), x)
 
 
+@pytest.mark.parametrize("sigma_after", [0.5, 0.0])
+def test_delay_sigma_set_between_forward_and_backward(sigma_after):
+    """DelayedLinear's backward keeps the forward's sigma (test_delays.py::
+    test_sigma_set_between_forward_and_backward); under checkpoint the recompute reads the layer's
+    sigma, so a schedule stepped before the backward gave the gradients of the new sigma (0.5:
+    0.585 off in the weight gradient) or, where the new sigma picks another path (0: the integer
+    gather), a CheckpointError. It is recorded as state since 2026-12-04."""
+    from pypaper.snn import DelayedLinear
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(DelayedLinear(4, 3, 21, sigma_init=1.0),
+                                neuron.LIFNode(step_mode="m")).double()
+    x = torch.randn(8, 2, 4, dtype=torch.float64)
+    weights = torch.arange(8 * 2 * 3, dtype=torch.float64).reshape(8, 2, 3)
+
+    def grads(checkpointed):
+        block[0].set_sigma(1.0)
+        functional.reset_net(block)
+        block.zero_grad()
+        y = functional.checkpoint(block, x) if checkpointed else block(x)
+        block[0].set_sigma(sigma_after)
+        (y * weights).sum().backward()
+        return [p.grad.clone() for p in block[0].parameters()]
+
+    plain, checkpointed = grads(False), grads(True)
+    for a, b in zip(plain, checkpointed):
+        assert torch.equal(a, b)
+    assert block[0].sigma == sigma_after  # the backward leaves the layer's own sigma alone
+
+
 def test_a_second_backward_recomputes_again():
     """retain_graph and a double backward recompute the block once more each: the same
     gradients as without checkpointing (torch's own checkpoint allows both)."""

@@ -200,3 +200,16 @@ def test_online_input_gradient_through_an_encoder():
     torch.testing.assert_close(enc.bias.grad, enc_twin.bias.grad, rtol=1e-5, atol=1e-6)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_an_empty_sequence_is_refused_before_anything_runs():
+    """T = 0 ran optimizer.step() on zero gradients and then failed on out_sum / T (a TypeError
+    about None); now refused first, the parameters untouched."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), neuron.LIFNode())
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9, weight_decay=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="no time steps"):
+        sltt.train_step_online(model, torch.zeros(0, 2, 4), torch.zeros(2, dtype=torch.long),
+                               torch.nn.functional.cross_entropy, opt)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
