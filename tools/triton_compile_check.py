@@ -157,17 +157,16 @@ def _kernel(qualified: str):
     return obj
 
 
-def _load_kernel_modules(launches: list[dict]) -> None:
+def _load_kernel_modules() -> None:
     """pypaper's Triton kernels are defined when their family loads its Triton twin; load them
-    all (the kernel modules are imported lazily, inside functions)."""
+    all first, as a test run would have (a kernel's own module is imported with it: a kernel a
+    test module defines needs what that module imports)."""
     import pypaper  # noqa: F401
     from pypaper.hopfield import _registration as hopfield
     from pypaper.snn import _registration as snn
 
     for load in (hopfield.load_triton, snn.load_triton):
         load()
-    for record in launches:
-        importlib.import_module(record["kernel"].partition(":")[0])
 
 
 def compile_launches(launches: list[dict], archs: list[int], log=print) -> list[str]:
@@ -176,7 +175,7 @@ def compile_launches(launches: list[dict], archs: list[int], log=print) -> list[
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: compiling needs the real @triton.jit kernels")
-    _load_kernel_modules(launches)
+    _load_kernel_modules()
     failures = []
     previous = driver._active  # None where no GPU driver was ever made active (reset_active
     for arch in archs:        # would look for one and fail)
