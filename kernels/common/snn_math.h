@@ -268,14 +268,19 @@ PYPAPER_HD T surrogate_primitive(int32_t id, T x, T a) {
 
 // H from V[t-1] and X[t]. DIV: decay holds tau (SpikingJelly's LIFNode, "/ tau"), else k = 1/tau
 // (PLIF, "* k"). Operation order is SpikingJelly's, so fp32 results match it to the bit.
+// k = 0 without decay_input is the IF neuron (IFNode runs as this LIF): H = V + X, SpikingJelly's
+// IFNode charge, taken as such so that an infinite membrane (a soft reset accumulating past the
+// dtype's range, fp16 above 65504) stays infinite instead of becoming V - inf * 0 = NaN. For finite
+// V the two forms give the same H (V - (+-0) + X = V + X, up to the sign of a zero sum).
 template <bool DECAY_INPUT, bool DIV, typename T>
 PYPAPER_HD T charge(T v, T x, T decay, T vr) {
   if constexpr (DECAY_INPUT) {
     const T d = x - (v - vr);
     return v + (DIV ? d / decay : d * decay);
+  } else if constexpr (DIV) {
+    return v - (v - vr) / decay + x;
   } else {
-    const T d = v - vr;
-    return v - (DIV ? d / decay : d * decay) + x;
+    return decay == T(0) ? v + x : v - (v - vr) * decay + x;
   }
 }
 

@@ -163,8 +163,10 @@ def lif_multi_step(x_seq: torch.Tensor, v_init: Optional[torch.Tensor], decay: t
         if decay_input:
             d = xt - rel
             h = vp + (d / decay if decay_is_tau else d * decay)
-        else:
-            h = vp - (rel / decay if decay_is_tau else rel * decay) + xt
+        elif decay_is_tau:
+            h = vp - rel / decay + xt
+        else:  # k = 0 is the IF neuron: V + X, which keeps an infinite V infinite (not inf * 0)
+            h = torch.where(decay == 0, vp + xt, vp - rel * decay + xt)
         s = fire(h - vth)
         sr = s.detach() if detach_reset else s
         if hard:

@@ -290,8 +290,8 @@ if triton is not None:
             d = v - vr
             if DIV:
                 return v - _div(d, k, USE_RN) + x
-            else:
-                return v - _mul(d, k, USE_RN) + x
+            else:  # k = 0: the IF neuron's V + X (an infinite V stays infinite, not inf * 0)
+                return tl.where(k == 0, v + x, v - _mul(d, k, USE_RN) + x)
 
     @triton.jit
     def _fire(h, th):

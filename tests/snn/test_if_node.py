@@ -125,3 +125,33 @@ def test_constructor_matches_spikingjelly():
     for name in ("v_threshold", "v_reset", "detach_reset", "step_mode", "store_v_seq"):
         assert ours[name].default == theirs[name].default, name
     assert type(neuron.IFNode().surrogate_function).__name__ == "Sigmoid"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_an_infinite_membrane_keeps_firing_as_in_spikingjelly(backend, dtype):
+    """A soft-reset IF membrane that passes the dtype's range (fp16: 65504, here after two steps
+    of 6e4) or takes an infinite input is inf and keeps firing, as SpikingJelly's V + X does; the
+    op ran IF as V - (V - Vr) * 0 + X, and inf * 0 made it NaN, silent from then on (before
+    2026-12-04). The backward stays finite where SpikingJelly's does."""
+    sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
+    if backend == "cpu" and not _ext.LOADED:
+        pytest.skip("needs the C++ extension")
+    big = 6e4 if dtype == torch.float16 else 3e38  # twice that is past the range
+    x = torch.tensor([[big, 0.5, float("inf"), 0.3]], dtype=dtype).repeat(6, 1)
+    x[0, 2] = 0.2  # inf from the second step
+    theirs = sj_neuron.IFNode(v_reset=None, step_mode="m")
+    ours = neuron.IFNode(v_reset=None, step_mode="m")
+    xs = x.float().clone().requires_grad_()
+    want = theirs(xs)
+    want.sum().backward()
+    xo = x.clone().requires_grad_()
+    with pypaper.use_backend(backend):
+        got = ours(xo)
+        got.sum().backward()
+    assert torch.equal(got.float(), want.to(dtype).float())
+    assert got[1:, [0, 2]].eq(1).all()  # fires at every step once the membrane is inf
+    assert torch.equal(ours.v.float(), theirs.v.to(dtype).float())
+    assert torch.isinf(ours.v[[0, 2]]).all() and torch.isfinite(ours.v[[1, 3]]).all()
+    assert torch.isfinite(xo.grad).all() and torch.isfinite(xs.grad).all()
+    assert torch.allclose(xo.grad.float(), xs.grad, atol=2e-3)

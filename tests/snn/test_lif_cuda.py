@@ -335,6 +335,19 @@ def test_compile_fullgraph_cuda(ops):
         assert torch.allclose(a, p.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_if_neuron_keeps_an_infinite_membrane_as_the_cpu_op(ops, dtype):
+    """k = 0 without decay_input (IFNode) charges V + X: an infinite soft-reset membrane stays
+    inf and fires (it was V - (V - Vr) * 0 + X = NaN before 2026-12-04)."""
+    big = 6e4 if dtype == torch.float16 else 3e38
+    x = torch.tensor([[big, 0.5, float("inf"), 0.3]], dtype=dtype).repeat(5, 1)
+    args = _fwd_args(x, None, torch.tensor(0.0), torch.tensor(1.0), None, di=False, div=False)
+    got, want = _both(ops.lif_forward, args)
+    for g, w in zip(got, want):
+        _assert_same(g, w)
+    assert torch.isinf(got[1][[0, 2]]).all() and got[0][1:, [0, 2]].eq(1).all()
+
+
 # ---- errors --------------------------------------------------------------------------------------
 
 # One case per test: on an H200 (torch 2.11, 2026-12-04) the surrogate-id case crashed its process

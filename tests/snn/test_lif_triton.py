@@ -130,6 +130,21 @@ def test_forward_matches_cpp_bit_for_bit(dtype, vr, di, div, pn, v0, shape):
         _assert_same(g, w, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_if_neuron_keeps_an_infinite_membrane_as_the_cpp_op(dtype):
+    """k = 0 without decay_input (IFNode) charges V + X: an infinite soft-reset membrane stays
+    inf and fires, where V - (V - Vr) * 0 + X gave NaN (tests/snn/test_if_node.py has the
+    SpikingJelly side)."""
+    big = 6e4 if dtype == torch.float16 else 3e38
+    x = torch.tensor([[big, 0.5, float("inf"), 0.3]], dtype=dtype).repeat(5, 1)
+    k, vth = torch.tensor(0.0), torch.tensor(1.0)
+    args = _fwd_args(x, None, k, vth, None, di=False, div=False)
+    got, want = _both(ops.lif_forward_triton, ops.lif_forward, args)
+    for g, w, name in zip(got, want, ("spikes", "v_last", "h_seq", "v_seq")):
+        _assert_same(g, w, name)
+    assert torch.isinf(got[1][[0, 2]]).all() and got[0][1:, [0, 2]].eq(1).all()
+
+
 @pytest.mark.parametrize("store_v", [False, True])
 def test_forward_without_keep_h(store_v):
     """Without the keep_h flag the Triton forward writes no H (h_seq has shape [0]) and returns
