@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _autograd
-from . import delays_reference
+from . import delays_reference, delays_second_order
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -85,21 +85,10 @@ def _jvp(inputs, tangents):
     return out
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "pypaper.snn.DelayedLinear's op has no double backward; do not differentiate through its "
-        "gradient (create_graph=True), or use pypaper.use_backend('reference')")
-
-
-def _setup_nothing(ctx, inputs, output):
-    pass
-
-
 def register_native() -> None:
     """Fake kernels and autograd of the C++ delay ops."""
     torch.library.register_fake("pypaper::delay_linear")(_fake_delay_linear)
     torch.library.register_fake("pypaper::delay_linear_backward")(_fake_delay_linear_backward)
     _autograd.register_autograd("pypaper::delay_linear", _backward, setup_context=_setup)
-    _autograd.register_autograd("pypaper::delay_linear_backward", _no_double_backward,
-                                setup_context=_setup_nothing)
+    delays_second_order.register()  # the backward's own derivatives (double backward, hessian)
     _autograd.register_jvp("pypaper::delay_linear", _jvp)

@@ -1045,3 +1045,55 @@ def test_reference_rounded_taps_give_a_zero_position_gradient():
             y = D.delayed_linear(x, w, p, None, max_delay=5, sigma=0.0)
             (gp,) = torch.autograd.grad(y.sum(), (p,))
         assert torch.equal(gp, torch.zeros_like(p)), backend
+
+
+# ---- second derivatives of the C++ op (pypaper/snn/delays_second_order.py) ----------------------
+
+@needs_op
+@pytest.mark.parametrize("path", ["gather", "dense"])
+@pytest.mark.parametrize("sigma", [0.4, 1.3, 0.0])
+def test_double_backward_equals_the_references(path, sigma, monkeypatch):
+    """A gradient penalty through the op (create_graph=True, then backward through the
+    gradients of x, w and p): the reference's autograd to fp64 rounding; gradgradcheck (finite
+    differences of the first derivative). Before 2026-12-04 the op's backward had no derivative
+    (RuntimeError)."""
+    _path(path, monkeypatch)
+    torch.manual_seed(0)
+    K = 6
+    x, w, p, b = (t.requires_grad_() for t in make(5, 1, 3, 2, K, margin=0.1))
+
+    def f(x, w, p, backend):
+        with pypaper.use_backend(backend):
+            return D.delayed_linear(x, w, p, b, max_delay=K, sigma=sigma)
+
+    got = {}
+    for backend in ("cpu", "reference"):
+        y = f(x, w, p, backend)
+        grads = torch.autograd.grad((y * y).sum(), (x, w, p), create_graph=True)
+        penalty = sum((g * g).sum() for g in grads)
+        got[backend] = torch.autograd.grad(penalty, (x, w, p, b), allow_unused=True,
+                                           materialize_grads=True)
+    for a, r, name in zip(got["cpu"], got["reference"], "xwpb"):
+        close(a, r, torch.float64, name)
+    assert float(got["cpu"][2].abs().sum()) > 0 or sigma == 0  # p's second derivative is there
+    assert torch.autograd.gradgradcheck(lambda x, w, p: f(x, w, p, "cpu"), (x, w, p))
+
+
+@needs_op
+@pytest.mark.parametrize("sigma", [0.4, 2.0])
+def test_hessian_in_the_positions_equals_the_reference(sigma):
+    """torch.func.hessian (forward over reverse: the jvp rule of the backward op) in p."""
+    torch.manual_seed(0)
+    K = 6
+    x, w, _, b = make(5, 2, 3, 2, K)
+    p = make(5, 2, 3, 2, K, margin=0.1)[2]
+
+    def loss(backend):
+        def fn(pp):
+            with pypaper.use_backend(backend):
+                return D.delayed_linear(x, w, pp, b, max_delay=K, sigma=sigma).square().sum()
+        return fn
+
+    h = torch.func.hessian(loss("cpu"))(p)
+    close(h, torch.func.hessian(loss("reference"))(p), torch.float64, "hessian")
+    assert float(h.abs().sum()) > 0
