@@ -20,7 +20,16 @@ setup() {
     "$PY" -m venv "$VENV"
   fi
   # torch==2.13.0 is pinned: a plain "torch" would pull a multi-GB CUDA build.
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/dev.txt
+  # PYPAPER_TORCH=<version> (with PYPAPER_VENV=<another venv>) sets up against that torch instead
+  # (and the Triton it brings): how pypaper is checked on other torch releases (README, "Torch
+  # versions"). From PyPI that is a CUDA build: PYPAPER_CUDA=0 keeps the build CPU-only.
+  if [ -n "${PYPAPER_TORCH:-}" ]; then
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$PYPAPER_TORCH"
+    grep -v -E '^(torch|triton)==' requirements/dev.txt >"$VENV/dev-without-torch.txt"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$VENV/dev-without-torch.txt"
+  else
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/dev.txt
+  fi
   # Peers that declare torch: --no-deps keeps the pinned CPU torch (requirements/peers.txt).
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -r requirements/peers.txt
   # In place, so ninja rebuilds only what changed (build/); the jobs run from the repository

@@ -112,7 +112,12 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         r = v + (torch.floor(v) - v).detach()
     else:
         r = v + (torch.round(v) - v).detach()
-    y = (torch.clamp(r + z3, qmin, qmax) - z3) * s3
+    # The clip passes the gradient on the closed range [qmin, qmax], as the kernels and torch's
+    # fake_quantize ops do, whatever torch.clamp's subgradient at its bounds is (1 up to torch
+    # 2.13, 0 from 2.14 on: pytorch#191142): the code itself inside, the clamp (constant) outside.
+    code = r + z3
+    inside = (code >= qmin) & (code <= qmax)
+    y = (torch.where(inside, code, torch.clamp(code, qmin, qmax)) - z3) * s3
     return y.reshape(x.shape).to(x.dtype)
 
 
