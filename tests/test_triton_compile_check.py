@@ -66,7 +66,8 @@ RECORD = textwrap.dedent('''
 def _run(args, env_extra, cwd):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(env_extra)
-    env["PYTHONPATH"] = os.pathsep.join([str(cwd), ROOT])
+    # not the repository root: the tool finds pypaper there itself, as tools/dev.sh runs it
+    env["PYTHONPATH"] = str(cwd)
     return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=600)
 

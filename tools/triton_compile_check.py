@@ -31,6 +31,12 @@ import time
 import traceback
 import warnings
 
+# Run as a script (tools/dev.sh: `python tools/triton_compile_check.py`), sys.path[0] is tools/:
+# the repository root, where pypaper is built in place, goes next to it.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(1, _ROOT)
+
 # ---- recording (in the interpreted test process) ----------------------------------------------
 
 
