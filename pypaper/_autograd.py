@@ -328,16 +328,19 @@ def _quiet_impl(lib, name, kernel, key, **kw):
     """lib.impl, where the op may have a kernel at key already (a triton_op's own Autograd
     kernel): the dispatcher's warning that one was overridden (once per process) is expected.
 
-    torch <= 2.11's Library.impl (no allow_override argument) refuses a second registration from
-    Python at the same key ("This is not allowed since there's already a kernel registered from
-    python overriding ..."; every Triton twin's import failed so on an H200 host with torch
-    2.11, 2026-12-04), where later versions override, as the dispatcher itself allows: the
-    earlier registration's record is dropped here so that older versions override too."""
+    Library.impl refuses a second registration from Python at the same key ("This is not allowed
+    since there's already a kernel registered from python overriding ...") unless
+    allow_override: that argument defaults to False on torch 2.11 (every Triton family failed to
+    import so on an H200 host with torch 2.11, 2026-12-04) and to True on later releases, so it
+    is passed where it exists. Releases without it always refuse: the earlier registration's
+    record is dropped there, as the dispatcher itself allows the override."""
     record = f"{lib.ns}/{name.split('::')[-1]}/{key or lib.dispatch_key}"
-    dropped = ("allow_override" not in inspect.signature(lib.impl).parameters
-               and record in torch.library._impls)
-    if dropped:
+    dropped = False
+    if "allow_override" in inspect.signature(lib.impl).parameters:
+        kw.setdefault("allow_override", True)
+    elif record in torch.library._impls:
         torch.library._impls.discard(record)
+        dropped = True
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore",

@@ -186,6 +186,15 @@ if triton is not None:
                                "torch.compile / export tracing needs compiled Triton kernels")
         return not is_fake(t)
 
+    def wrap_triton(kernel):
+        """torch.library.wrap_triton for a compiled kernel (so torch.compile and export see the
+        launch); an interpreted one (TRITON_INTERPRET=1) is launched as it is: it never reaches
+        tracing (_launches), and torch 2.11's wrap_triton refuses it ("wrap_triton only works on
+        functions annotated with triton.jit or triton.autotune"), where later versions pass it."""
+        if _INTERPRETED:
+            return kernel
+        return torch.library.wrap_triton(kernel)
+
     def _bf16_bits(dtype: torch.dtype) -> bool:
         return _INTERPRETED and dtype == torch.bfloat16
 

@@ -181,29 +181,67 @@ def test_kernel_probes_trace_under_compile(module):
     assert torch.equal(f(x), x + 1 if m._has_kernel("CUDA") else x - 1)
 
 
-def test_quiet_impl_overrides_where_library_impl_has_no_allow_override():
-    """torch <= 2.11's Library.impl (no allow_override argument) refuses a second registration
-    from Python at one key; every Triton twin's import failed so on an H200 host with torch 2.11.
-    _quiet_impl overrides there as it does on later versions."""
+def _refusing_library(lib, override_param: bool, default: bool = False):
+    """A Library whose impl refuses a second registration from Python at one key unless
+    allow_override, as torch's does: with the parameter defaulting to ``default`` (torch 2.11:
+    False), or without the parameter at all (always refuses)."""
+    def register(op_name, fn, dispatch_key, with_keyset, allow_override):
+        key = f"{lib.ns}/{op_name.split('::')[-1]}/{dispatch_key or lib.dispatch_key}"
+        if not allow_override and key in torch.library._impls:
+            raise RuntimeError("This is not allowed since there's already a kernel "
+                               "registered from python overriding " + op_name)
+        lib.impl(op_name, fn, dispatch_key, with_keyset=with_keyset)
+
+    class Refusing:
+        ns, dispatch_key = lib.ns, lib.dispatch_key
+        if override_param:
+            def impl(self, op_name, fn, dispatch_key="", *, with_keyset=False,
+                     allow_override=default):
+                register(op_name, fn, dispatch_key, with_keyset, allow_override)
+        else:
+            def impl(self, op_name, fn, dispatch_key="", *, with_keyset=False):
+                register(op_name, fn, dispatch_key, with_keyset, False)
+
+    return Refusing()
+
+
+@pytest.mark.parametrize("override_param", [True, False], ids=["torch-2.11", "no-parameter"])
+def test_quiet_impl_overrides_where_library_impl_refuses_by_default(override_param):
+    """torch 2.11's Library.impl has allow_override=False by default and refuses a second
+    registration from Python at one key (every Triton family's import failed so on an H200 host
+    with torch 2.11); a Library.impl without the parameter always refuses. _quiet_impl overrides
+    on both, as on later torch releases (where the default is True)."""
     from pypaper import _autograd
 
-    lib = torch.library.Library("pypaper_test_quiet_impl", "DEF")
+    name = f"pypaper_test_quiet_impl_{int(override_param)}"
+    lib = torch.library.Library(name, "DEF")
     lib.define("scaled(Tensor x) -> Tensor")
     lib.impl("scaled", lambda x: x * 2, "CPU")
-    # the record _quiet_impl drops is the one the installed torch keeps for that registration
-    assert "pypaper_test_quiet_impl/scaled/CPU" in torch.library._impls
+    # the record the refusal reads is the one the installed torch keeps for that registration
+    assert f"{name}/scaled/CPU" in torch.library._impls
 
-    class OldLibrary:  # Library.impl's refusal as torch 2.11 has it
-        ns, dispatch_key = lib.ns, lib.dispatch_key
-
-        def impl(self, op_name, fn, dispatch_key="", *, with_keyset=False):
-            key = f"{self.ns}/{op_name.split('::')[-1]}/{dispatch_key or self.dispatch_key}"
-            if key in torch.library._impls:
-                raise RuntimeError("This is not allowed since there's already a kernel "
-                                   "registered from python overriding " + op_name)
-            lib.impl(op_name, fn, dispatch_key, with_keyset=with_keyset)
-
+    refusing = _refusing_library(lib, override_param)
     with pytest.raises(RuntimeError, match="not allowed"):
-        OldLibrary().impl("scaled", lambda x: x * 3, "CPU")
-    _autograd._quiet_impl(OldLibrary(), "scaled", lambda x: x * 3, "CPU")
-    assert torch.ops.pypaper_test_quiet_impl.scaled(torch.ones(2)).tolist() == [3.0, 3.0]
+        refusing.impl("scaled", lambda x: x * 3, "CPU")
+    _autograd._quiet_impl(refusing, "scaled", lambda x: x * 3, "CPU")
+    assert getattr(torch.ops, name).scaled(torch.ones(2)).tolist() == [3.0, 3.0]
+    assert f"{name}/scaled/CPU" in torch.library._impls
+
+
+def test_every_triton_family_launches_through_pypaper_wrap_triton():
+    """torch.library.wrap_triton refuses interpreted kernels on torch 2.11: every family's Triton
+    module launches through pypaper._triton.wrap_triton, which passes them as they are."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "pypaper"
+    launching = []
+    for path in sorted(root.rglob("*.py")):
+        src = path.read_text()
+        if path.name == "_triton.py" or "wrap_triton(" not in src:
+            continue
+        launching.append(path.relative_to(root).as_posix())
+        assert re.search(r"from \.+_triton import wrap_triton\b", src), path
+        assert "torch.library import wrap_triton" not in src, path
+        assert "torch.library.wrap_triton" not in src, path
+    assert len(launching) >= 8, launching  # snn, quant (4), wtacrs, hopfield, local

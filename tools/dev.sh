@@ -27,6 +27,12 @@ setup() {
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$PYPAPER_TORCH"
     grep -v -E '^(torch|triton)==' requirements/dev.txt >"$VENV/dev-without-torch.txt"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$VENV/dev-without-torch.txt"
+    # Triton < 3.8's interpreter calls int() on 0-d numpy arrays, an error from numpy 2.4 on
+    # ("only 0-dimensional arrays can be converted to Python scalars" became a TypeError): seen
+    # with torch 2.11's Triton 3.6
+    if "$VENV/bin/python" -c "import sys, triton; v = tuple(map(int, triton.__version__.split('.')[:2])); sys.exit(v >= (3, 8))" 2>/dev/null; then
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check "numpy<2.4"
+    fi
   else
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements/dev.txt
   fi

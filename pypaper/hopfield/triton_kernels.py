@@ -55,7 +55,7 @@ def num_warps_for(block_d: int) -> int:
 if HAVE_TRITON:
     import os
 
-    from torch.library import wrap_triton
+    from .._triton import wrap_triton  # torch.library's; an interpreted kernel as it is
 
     from .._triton import triton_op  # torch.library's, plus its torch.func kernel
 

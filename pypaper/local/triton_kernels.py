@@ -53,7 +53,7 @@ def ops() -> dict:
 
 
 if HAVE_TRITON:
-    from torch.library import wrap_triton
+    from .._triton import wrap_triton  # torch.library's; an interpreted kernel as it is
 
     from .._triton import triton_op  # torch.library's, plus its torch.func kernel
 

@@ -33,7 +33,7 @@ def num_warps_for(block: int) -> int:
 
 
 if triton is not None:
-    from torch.library import wrap_triton
+    from .._triton import wrap_triton  # torch.library's; an interpreted kernel as it is
 
     from .._triton import triton_op  # torch.library's, plus its torch.func kernel
 

@@ -37,7 +37,7 @@ def blocks(m: int, n: int, k: int) -> tuple[int, int, int]:
 
 
 if HAVE_TRITON:
-    from torch.library import wrap_triton
+    from .._triton import wrap_triton  # torch.library's; an interpreted kernel as it is
 
     from .._triton import triton_op  # torch.library's, plus its torch.func kernel
 

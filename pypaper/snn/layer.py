@@ -123,7 +123,10 @@ class _SeqToANN(StepModule):
         if self._m_ranks is not None and x.dim() not in self._m_ranks:
             raise ValueError(f"{type(self).__name__} in step_mode 'm' expects x of shape "
                              f"{self._m_shape}, got shape {tuple(x.shape)}")
-        return seq_to_ann_forward(x, super().forward)
+        # the bound super().forward wrapped in a partial: dynamo on torch 2.11 cannot trace the
+        # isinstance checks of functional._apply on a super() method object (graph break, an
+        # error under fullgraph); a partial it traces on every release
+        return seq_to_ann_forward(x, functools.partial(super().forward))
 
 
 _1D, _2D, _3D = ((4,), "[T, N, C, L]"), ((5,), "[T, N, C, H, W]"), ((6,), "[T, N, C, D, H, W]")
@@ -352,14 +355,14 @@ class SeqToANNContainer(_MultiStepOnly):
     """Stateless children run once on [T * N, *]: x_seq [T, N, *] -> [T, N, *']."""
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        return seq_to_ann_forward(x_seq, super().forward)
+        return seq_to_ann_forward(x_seq, functools.partial(super().forward))
 
 
 class MultiStepContainer(_MultiStepOnly):
     """Single-step children run once per time step: y[t] = children(x_seq[t])."""
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        return multi_step_forward(x_seq, super().forward)
+        return multi_step_forward(x_seq, functools.partial(super().forward))
 
 
 class StepModeContainer(_Container):
@@ -375,8 +378,8 @@ class StepModeContainer(_Container):
         if self.step_mode == "s":
             return super().forward(x)
         if self.stateful:
-            return multi_step_forward(x, super().forward)
-        return seq_to_ann_forward(x, super().forward)
+            return multi_step_forward(x, functools.partial(super().forward))
+        return seq_to_ann_forward(x, functools.partial(super().forward))
 
 
 _OWN_NAMES = ["AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AvgPool1d",

@@ -200,7 +200,7 @@ def _finish_param_grad(param, period, neurons, mt, per_n, partial) -> torch.Tens
 
 
 if triton is not None:
-    from torch.library import wrap_triton
+    from .._triton import wrap_triton  # torch.library's; an interpreted kernel as it is
 
     from .._triton import triton_op  # torch.library's, plus its torch.func kernel
 

@@ -196,6 +196,28 @@ def test_16bit_h_never_crosses_the_threshold(dtype):
     assert torch.equal((h_seq.float() - 1.0 >= 0).to(dtype), s)
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="interpreter only: compiled kernels are wrapped")
+def test_interpreted_kernels_launch_where_wrap_triton_refuses_them(monkeypatch):
+    """torch 2.11's torch.library.wrap_triton refuses a kernel that TRITON_INTERPRET=1 made an
+    InterpretedFunction; pypaper._triton.wrap_triton launches those as they are (every family
+    imports it: tests/test_backend.py), so the interpreted ops run on that release too."""
+    def refuse(kernel):
+        if type(kernel).__name__ == "InterpretedFunction":
+            raise RuntimeError("wrap_triton only works on functions annotated with triton.jit "
+                               "or triton.autotune")
+        return kernel
+
+    # the module's own binding too, where it took torch's function at import
+    if tk.wrap_triton is torch.library.wrap_triton:
+        monkeypatch.setattr(tk, "wrap_triton", refuse)
+    monkeypatch.setattr(torch.library, "wrap_triton", refuse)
+    x = inputs((3, 2, 5))
+    args = _fwd_args(x, None, torch.tensor(2.0), torch.tensor(1.0), 0.0)
+    got, want = _both(ops.lif_forward_triton, ops.lif_forward, args)
+    for g, w in zip(got, want):
+        _assert_same(g, w)
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 4), (3, 0, 4), (2, 3, 0), (1, 1), (1, 129)])
 def test_empty_and_single_step(shape):
     x = inputs(shape)

@@ -179,7 +179,7 @@ def _check_device(op: str, t: torch.Tensor) -> None:
 
 
 if triton is not None:
-    from torch.library import wrap_triton
+    from ..._triton import wrap_triton  # torch.library's; an interpreted kernel as it is
 
     from ..._triton import triton_op  # torch.library's, plus its torch.func kernel
 
