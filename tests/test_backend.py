@@ -190,6 +190,7 @@ def _refusing_library(lib, override_param: bool, default: bool = False):
         if not allow_override and key in torch.library._impls:
             raise RuntimeError("This is not allowed since there's already a kernel "
                                "registered from python overriding " + op_name)
+        torch.library._impls.discard(key)  # allowed here: the installed torch may refuse too
         lib.impl(op_name, fn, dispatch_key, with_keyset=with_keyset)
 
     class Refusing:

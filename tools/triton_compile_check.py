@@ -54,6 +54,15 @@ def _encode(value):
     return {"unsupported": repr(value)}
 
 
+def _constexpr_names(fn) -> list[str]:
+    """The parameters annotated tl.constexpr (a string annotation under `from __future__ import
+    annotations`): each value of one of them is a kernel of its own."""
+    import inspect
+
+    return [p.name for p in inspect.signature(fn).parameters.values()
+            if p.annotation is not inspect.Parameter.empty and "constexpr" in str(p.annotation)]
+
+
 def start_recording(directory: str) -> None:
     """Record every interpreted Triton launch of this process under ``directory``."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -68,7 +77,8 @@ def start_recording(directory: str) -> None:
         named = dict(zip(self.arg_names, args))
         named.update(kwargs)
         record = {"kernel": f"{self.fn.__module__}:{self.fn.__qualname__}",
-                  "args": {k: _encode(v) for k, v in named.items()}}
+                  "args": {k: _encode(v) for k, v in named.items()},
+                  "constexprs": _constexpr_names(self.fn)}
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -86,14 +96,18 @@ def _int_class(v: int) -> tuple:
 
 
 def _key(record: dict) -> str:
-    """Launches that compile to the same kernel: ints by their specialization class, floats by
-    type only (their value is a runtime argument)."""
-    def norm(v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+    """Launches that compile to the same kernel: runtime ints by their specialization class,
+    runtime floats by type only (their value is an argument); a constexpr by its value (each
+    value, BLOCK=32 or 64, MODE=2 or 3, compiles a kernel of its own)."""
+    constexprs = set(record.get("constexprs", ()))
+
+    def norm(k, v):
+        if k in constexprs or isinstance(v, bool) or not isinstance(v, (int, float)):
             return v
         return ["int", *_int_class(v)] if isinstance(v, int) else "float"
 
-    return json.dumps([record["kernel"], {k: norm(v) for k, v in sorted(record["args"].items())}])
+    return json.dumps([record["kernel"],
+                       {k: norm(k, v) for k, v in sorted(record["args"].items())}])
 
 
 def load_launches(directory: str) -> list[dict]:
@@ -149,7 +163,9 @@ class _TargetOnlyDriver:
         return self.target
 
     def get_current_device(self):
-        return 0
+        # Triton keeps one compile cache per device number and fixes its target when the cache
+        # is made: one number per architecture, or a second --arch would reuse the first's
+        return self.target.arch
 
     def get_current_stream(self, device=None):
         return 0

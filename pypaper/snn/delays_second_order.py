@@ -41,14 +41,17 @@ def _first_order(max_delay, sigma):
 def _setup(ctx, inputs, output):
     gy, x, w, p, max_delay, sigma = inputs[:6]
     ctx.max_delay = max_delay
+    ctx.needed = tuple(inputs[6:10])  # need_{x, weight, position, bias}_grad
     ctx.save_for_backward(gy, x, w, p, sigma)
 
 
 def _double_backward(ctx, *grads):
     """d/d(gy, x, w, p) of <grads, B(gy, x, w, p)>: the vjp of B at the call's inputs. The op's
-    outputs it was not asked for (need_* False) carry no gradient back."""
+    outputs it was not asked for (need_* False) are zeros, constants: they carry no gradient
+    back."""
     gy, x, w, p, sigma = ctx.saved_tensors
     none = (None,) * (_NUM_TENSORS + 6)
+    grads = tuple(g if needed else None for g, needed in zip(grads, ctx.needed))
     if all(g is None for g in grads):
         return none
     fn = _first_order(ctx.max_delay, sigma)
@@ -71,7 +74,8 @@ def _jvp(inputs, tangents):
     outputs, pull = torch.func.vjp(_first_order(max_delay, sigma), *primals)
     _, transpose = torch.func.vjp(pull, tuple(torch.zeros_like(o) for o in outputs))
     (out,) = transpose(tans)
-    return tuple(out)
+    # an output that was not asked for (need_* False) is zeros whatever the inputs: no tangent
+    return tuple(t if needed else torch.zeros_like(t) for t, needed in zip(out, inputs[6:10]))
 
 
 def register() -> None:

@@ -1080,6 +1080,33 @@ def test_double_backward_equals_the_references(path, sigma, monkeypatch):
 
 
 @needs_op
+def test_outputs_not_asked_for_are_constants_of_the_backward_op():
+    """delay_linear_backward returns zeros for an output whose need_* flag is off: its derivative
+    (double backward and jvp) is zero too, while the outputs asked for keep theirs."""
+    torch.manual_seed(0)
+    K = 6
+    x, w, p, _ = (t.requires_grad_() for t in make(5, 2, 3, 4, K, margin=0.1))
+    gy = torch.randn(5, 2, 4, dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor(0.7, dtype=torch.float64)
+    op = torch.ops.pypaper.delay_linear_backward
+    gx, gw, gp, gb = op(gy, x, w, p, K, sigma, False, True, True, False)
+    assert not gx.any() and not gb.any()
+    zero = torch.autograd.grad(gx.sum() + gb.sum(), (gy, x, w, p), retain_graph=True,
+                               allow_unused=True,
+                               materialize_grads=True)
+    assert all(not g.any() for g in zero), [float(g.abs().max()) for g in zero]
+    asked = torch.autograd.grad(gw.sum() + gp.sum(), (gy, x, w, p))
+    assert all(g.any() for g in asked)
+
+    def backward_in_w(w_):
+        return op(gy.detach(), x.detach(), w_, p.detach(), K, sigma, False, True, True, False)
+
+    _, tangents = torch.func.jvp(backward_in_w, (w.detach(),), (torch.ones_like(w),))
+    assert not tangents[0].any() and not tangents[3].any()
+    assert tangents[2].any()  # dL/dp is bilinear in (w, gy): its tangent along w is there
+
+
+@needs_op
 @pytest.mark.parametrize("sigma", [0.4, 2.0])
 def test_hessian_in_the_positions_equals_the_reference(sigma):
     """torch.func.hessian (forward over reverse: the jvp rule of the backward op) in p."""
