@@ -322,11 +322,16 @@ def test_opcheck(idx, requires_grad):
 
 
 @needs_op
-def test_opcheck_backward():
+@pytest.mark.parametrize("grad", [False, True], ids=["constant", "differentiated"])
+@pytest.mark.parametrize("needs", [(True,) * 4, (False, True, True, False)], ids=["all", "w-p"])
+def test_opcheck_backward(grad, needs):
+    """With inputs that require grad, opcheck also runs the op's own derivative (its double
+    backward, delays_second_order.py) through autograd and AOT dispatch."""
     x, w, p, b, K, sigma = _samples()[0]
     gy = torch.randn(x.shape[0], x.shape[1], w.shape[0], dtype=torch.float64)
+    tensors = [t.detach().requires_grad_(grad) for t in (gy, x, w, p)]
     torch.library.opcheck(torch.ops.pypaper.delay_linear_backward,
-                          (gy, x, w, p, K, S(sigma), True, True, True, True))
+                          (*tensors, K, S(sigma), *needs))
 
 
 @needs_op
