@@ -49,7 +49,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import sys
 from typing import Optional
 
 import torch
@@ -121,8 +120,9 @@ def _check_sigma(sigma, name: str = "sigma") -> float:
         raise TypeError(f"{name} must be a number, got {type(sigma).__name__}")
     # Comparisons, not math.isfinite: under torch.compile a sigma that changed between calls
     # arrives as a SymFloat, which math.isfinite rejects; comparing specialises on its value (one
-    # graph per sigma). NaN fails both comparisons.
-    if not (sigma >= 0 and sigma <= sys.float_info.max):
+    # graph per sigma). NaN fails both comparisons. Against inf, not float_info.max: a numpy
+    # float32 sigma would cast that to float32 (an overflow warning).
+    if not (sigma >= 0 and sigma < math.inf):
         raise ValueError(f"{name} must be finite and >= 0 (0: integer delays), got {sigma}")
     return float(sigma)
 

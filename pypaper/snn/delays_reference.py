@@ -58,6 +58,17 @@ def _rounded_taps(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return hit + 0.0 * p.unsqueeze(-1)
 
 
+def clip_position(position: torch.Tensor, max_delay: int) -> torch.Tensor:
+    """position clamped to [0, max_delay - 1], with gradient 1 on the closed range (the C++ op's
+    position_inside, kernels/common/delay_math.h) and 0 outside. Not position.clamp alone: its
+    gradient at the bounds is 1 up to torch 2.13 and 0 from 2.14 on (pytorch#191142), and
+    clamp_positions_() puts every overshooting delay exactly on a bound, where it must be able
+    to move back inward."""
+    K = int(max_delay)
+    inside = (position >= 0) & (position <= K - 1)
+    return torch.where(inside, position, position.clamp(0, K - 1))
+
+
 def tap_weights(position: torch.Tensor, sigma, max_delay: int,
                 truncate: bool = True) -> torch.Tensor:
     """g[o, i, d], d = 0..max_delay-1: the normalised (truncated) Gaussian tap weights.
@@ -69,7 +80,7 @@ def tap_weights(position: torch.Tensor, sigma, max_delay: int,
         if not truncate:
             raise ValueError("truncate=False takes sigma as a number")
         return sigma_tensor_tap_weights(position, sigma, K)
-    p = position.clamp(0, K - 1)
+    p = clip_position(position, K)
     d = torch.arange(K, dtype=position.dtype, device=position.device)
     if sigma == 0:
         return _rounded_taps(p, d)
@@ -105,7 +116,7 @@ def sigma_tensor_tap_weights(position: torch.Tensor, sigma: torch.Tensor,
     # the number form's check (delays._check_sigma), without reading the value on the host
     torch._assert_async((sig >= 0) & (sig <= torch.finfo(torch.float64).max),
                         "sigma must be finite and >= 0 (0: integer delays)")
-    p = position.clamp(0, K - 1)
+    p = clip_position(position, K)
     d = torch.arange(K, dtype=position.dtype, device=position.device)
     # R = min(ceil(3 sigma), K), at least 1 in the Gaussian branch (R = 0 is the rounded case,
     # taken by the where below; an empty window would put NaN into that branch's backward)

@@ -285,6 +285,76 @@ def test_position_gradient_only_inside_range():
     assert p.grad[0, 1] != 0 and p.grad[1, 2] != 0
 
 
+def test_numpy_float32_sigma_is_taken_without_a_warning():
+    np = pytest.importorskip("numpy")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "overflow encountered in cast" was raised here
+        layer = DelayedLinear(3, 2, 5, sigma_init=np.float32(1.5), dtype=torch.float64)
+        layer.set_sigma(np.float32(0.25))
+    assert layer.sigma == 0.25
+    with pytest.raises(ValueError, match="sigma must be finite"):
+        layer.set_sigma(np.float32("inf"))
+
+
+class _Clamp214(torch.autograd.Function):
+    """Tensor.clamp as torch 2.14 differentiates it: gradient 0 at the bounds (1 up to 2.13)."""
+
+    @staticmethod
+    def forward(x, lo, hi):
+        return torch.clamp(x, lo, hi)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # the torch.func form: delays_second_order runs vjp
+        x, lo, hi = inputs
+        inside = torch.ones_like(x, dtype=torch.bool)
+        if lo is not None:
+            inside &= x > lo
+        if hi is not None:
+            inside &= x < hi
+        ctx.save_for_backward(inside)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inside,) = ctx.saved_tensors
+        return g * inside, None, None
+
+
+@needs_op
+@pytest.mark.parametrize("path", ["conv", "gather", "dense"])
+@pytest.mark.parametrize("clamp", ["installed", "torch-2.14"])
+def test_position_gradient_at_the_bounds_on_every_path(path, clamp, monkeypatch):
+    """A delay exactly on 0 or K-1 (where clamp_positions_() puts every overshoot) keeps its
+    gradient on every path, as the C++ op gives it, whatever torch's clamp gradient at its
+    bounds (torch 2.14 made it 0: simulated here), first and second order."""
+    torch.manual_seed(0)
+    K, sigma = 5, 2.0
+    x, w, _, b = make(6, 2, 3, 2, K)
+    p = torch.tensor([[0.0, 4.0, 2.3], [4.0, 0.0, 1.7]], dtype=torch.float64)
+    gy = torch.randn(6, 2, 2, dtype=torch.float64)
+    want = torch.ops.pypaper.delay_linear_backward(gy, x, w, p, K, S(sigma), False, False, True,
+                                                   False)[2]
+    assert (want[p.eq(0) | p.eq(K - 1)] != 0).all()
+    if clamp == "torch-2.14":
+        monkeypatch.setattr(torch.Tensor, "clamp",
+                            lambda t, min=None, max=None: _Clamp214.apply(t, min, max))
+    _path(path, monkeypatch)
+    pp = p.clone().requires_grad_()
+    y = D.delayed_linear(x, w, pp, b, max_delay=K, sigma=sigma)
+    (gp,) = torch.autograd.grad(y, pp, gy, create_graph=True)
+    close(gp.detach(), want, torch.float64, f"{path} position gradient")
+    # second order (delays_second_order.py differentiates the reference's vjp)
+    (hp,) = torch.autograd.grad(gp.square().sum(), pp)
+    with pypaper.use_backend("reference"):
+        monkeypatch.undo()
+        pr = p.clone().requires_grad_()
+        yr = D.delayed_linear(x, w, pr, b, max_delay=K, sigma=sigma)
+        (gr,) = torch.autograd.grad(yr, pr, gy, create_graph=True)
+        (hr,) = torch.autograd.grad(gr.square().sum(), pr)
+    close(hp, hr, torch.float64, f"{path} second order")
+
+
 @needs_op
 @pytest.mark.parametrize("sigma", [0.0, 0.4, 1.1, 2.5])
 @pytest.mark.parametrize("K", [1, 5, 12])
