@@ -8,9 +8,9 @@ the fused kernel of pypaper.snn.ops.lif_multi_step: all T steps in one pass, bac
 reverse scan keeping one value per neuron-step.
 
 Additions (keyword-only): ``sltt=True`` (SLTT: the backward drops the temporal gradient path,
-Meng et al., ICCV 2023; the carried membrane is stored detached), per-neuron time constants
-(``LIFNode(tau=<tensor>)`` fixed, ``ParametricLIFNode(tau_shape=...)`` learnable) and learnable
-thresholds (``learnable_threshold=True``, ``threshold_shape=...``). Per-neuron shapes are the
+Meng et al., ICCV 2023; the carried membrane enters the next call detached), per-neuron time
+constants (``LIFNode(tau=<tensor>)`` fixed, ``ParametricLIFNode(tau_shape=...)`` learnable) and
+learnable thresholds (``learnable_threshold=True``, ``threshold_shape=...``). Per-neuron shapes are the
 feature shape: x.shape[2:] in 'm' mode, x.shape[1:] in 's' mode (broadcast over the batch).
 """
 from __future__ import annotations
@@ -285,15 +285,72 @@ class BaseNode(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
 
     def _run(self, x_seq: torch.Tensor, store_v_seq: bool):
+        spikes, v_last, v_seq = self._step_op(x_seq, self._v_init(x_seq), store_v_seq)
+        # kept attached under SLTT too (as SpikingJelly's SLTTLIFNode keeps it): a loss on the
+        # membrane (a readout of .v, or of the 's'-mode v_seq) backpropagates through this call
+        self.v = v_last
+        return spikes, v_seq
+
+    def _step_op(self, x_seq: torch.Tensor, v_init: Optional[torch.Tensor], store_v_seq: bool):
+        """The fused op on [T, N, *] from v_init (None: rest): (spikes, v_last, v_seq)."""
         decay = self._decay()
+        if self.sltt and isinstance(v_init, torch.Tensor):
+            # SLTT charges from V.detach() anyway: entering detached, the carried membrane holds
+            # no edge to the previous call's graph, which is freed once nothing else needs it
+            v_init = v_init.detach()
         spikes, v_last, v_seq = ops.lif_multi_step(
-            x_seq, self._v_init(x_seq), v_threshold=self.v_threshold, v_reset=self.v_reset,
+            x_seq, v_init, v_threshold=self.v_threshold, v_reset=self.v_reset,
             surrogate_function=self.surrogate_function, decay_input=self.decay_input,
             detach_reset=self.detach_reset, sltt=self.sltt, store_v_seq=store_v_seq,
             learnable_threshold=self.__dict__.get("_learnable_threshold", False), **decay)
-        # SLTT charges from V.detach() anyway; keeping v detached frees each step's graph.
-        self.v = v_last.detach() if self.sltt else v_last
-        return spikes, v_seq
+        return spikes, v_last, v_seq
+
+    # ---- explicit state (SpikingJelly 2.0's MemoryModule functional API) --------------------
+    # states follow named_memories(): (v, *registered memories); these methods read and change
+    # neither the module's state nor the states passed in, and return the updated tuple (the
+    # registered memories unchanged: the fused op updates v only).
+
+    def materialize_states(self, inputs: tuple, states: tuple, step_mode: str) -> tuple:
+        """states with v as a tensor of one step's shape (x[0] in 'm' mode, x in 's'), in x's
+        dtype and device: a float v fills it, a tensor of another shape restarts from rest."""
+        x = inputs[0][0] if step_mode == "m" else inputs[0]
+        v = states[0]
+        if isinstance(v, torch.Tensor):
+            if v.shape != x.shape:
+                v = torch.full_like(x, self.rest_value)
+            elif v.dtype != x.dtype or v.device != x.device:
+                v = v.to(dtype=x.dtype, device=x.device)
+        else:
+            v = torch.full_like(x, float(v))
+        return (v, *states[1:])
+
+    def multi_step_functional_forward(self, inputs: tuple, states: tuple, **kwargs) -> tuple:
+        """((spike_seq,), (v_last, *rest)) for x_seq = inputs[0] of shape [T, N, *] (or [T]),
+        from the membrane states[0] (materialized: a tensor of x_seq[0]'s shape)."""
+        x_seq = _as_float(inputs[0])
+        v = states[0]
+        if x_seq.dim() == 1:  # [T]: one neuron
+            spikes, v_last, _ = self._step_op(x_seq[:, None], v.reshape(1), False)
+            return (spikes[:, 0],), (v_last.reshape(()), *states[1:])
+        spikes, v_last, _ = self._step_op(x_seq, v, False)
+        return (spikes,), (v_last, *states[1:])
+
+    def single_step_functional_forward(self, inputs: tuple, states: tuple, **kwargs) -> tuple:
+        """((spike,), (v, *rest)): one step of inputs[0] from the membrane states[0]."""
+        x = _as_float(inputs[0])
+        (spikes,), out_states = self.multi_step_functional_forward(
+            (x.unsqueeze(0),), (states[0].unsqueeze(0) if x.dim() == 0 else states[0],
+                                *states[1:]))
+        v = out_states[0]
+        return (spikes.squeeze(0),), ((v.reshape(()) if x.dim() == 0 else v), *out_states[1:])
+
+    def functional_forward(self, inputs: tuple, states: tuple, **kwargs) -> tuple:
+        """SpikingJelly 2.0's MemoryModule.functional_forward: materialize_states, then the
+        single- or multi-step functional forward of the module's step_mode."""
+        states = self.materialize_states(inputs, tuple(states), self.step_mode)
+        if self.step_mode == "s":
+            return self.single_step_functional_forward(inputs, states, **kwargs)
+        return self.multi_step_functional_forward(inputs, states, **kwargs)
 
     def _state_as_one_neuron(self) -> None:
         """Before a 0-d step (or a [T] sequence): the carried 0-d membrane as the [1] state of

@@ -31,13 +31,41 @@ def _neurons(model: nn.Module) -> list:
     return found
 
 
+# Containers that run their children over a [T, N, *] sequence only (SpikingJelly's, matched by
+# name so that spikingjelly need not be imported; pypaper's declare supported_step_modes ('m',)):
+# stepped online they would take the batch dim of a [N, *] step for time.
+_MULTI_STEP_ONLY = frozenset(("MultiStepContainer", "SeqToANNContainer",
+                              "TLastMultiStepContainer", "TLastSeqToANNContainer"))
+
+
+def _refuse_multi_step_only(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        modes = getattr(m, "supported_step_modes", None)
+        if type(m).__name__ in _MULTI_STEP_ONLY or (modes is not None and "s" not in modes):
+            raise ValueError(
+                f"train_step_online runs the model one time step at a time, but "
+                f"{name or 'model'} ({type(m).__name__}) runs only on [T, N, *] sequences (it "
+                f"would read a step's batch dim as time); use its layers unwrapped (pypaper.snn."
+                f"layer's modules and neurons take both step modes)")
+
+
+def _foreign_memories(model: nn.Module, neurons: list) -> list:
+    """Stateful modules that are not pypaper neurons (SpikingJelly's MemoryModules: a neuron
+    convert() left, a QIFNode, a SynapseFilter): a reset() and a detach()."""
+    ours = {id(n) for n in neurons}
+    return [m for m in model.modules() if id(m) not in ours
+            and callable(getattr(m, "reset", None)) and callable(getattr(m, "detach", None))]
+
+
 def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Callable,
                       optimizer: Optional[torch.optim.Optimizer] = None, k: Optional[int] = None,
                       generator: Optional[torch.Generator] = None) -> OnlineStep:
     """One SLTT training step on a batch.
 
     ``model`` maps one time step [N, *] to an output: its neurons are switched to step_mode 's'
-    and ``sltt=True`` for the call (and restored after), and reset before and after. ``x_seq``:
+    and ``sltt=True`` for the call (and restored after), and reset before and after. Other
+    stateful modules (SpikingJelly's) have their state detached after each step; a container
+    that runs only on sequences (SeqToANNContainer, MultiStepContainer) is refused. ``x_seq``:
     [T, N, *] (a static input repeated over time can be ``x.expand(T, *x.shape)``). ``k``: SLTT-K,
     the number of random steps to backpropagate (None: all T), drawn with ``generator``.
     With ``optimizer``: zero_grad before, step after; without it the gradients are left in .grad
@@ -51,6 +79,8 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= steps):
         raise ValueError(f"k must be an integer in 1..T ({steps}), got {k!r}")
     neurons = _neurons(model)
+    _refuse_multi_step_only(model)
+    foreign = _foreign_memories(model, neurons)
     saved = [(m.step_mode, m.sltt) for m in neurons]
     # every other step-mode module (SpikingJelly's layer.Conv2d, BatchNorm2d, ...) runs single
     # step too, and gets its mode back after
@@ -97,6 +127,11 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
                     out = model(x_seq[t])
             out = out.detach()
             out_sum = out if out_sum is None else out_sum + out
+            # their state still holds this step's (freed) graph: detached, their temporal
+            # gradient is dropped as SLTT drops the neurons' (the next step's backward raised
+            # autograd's "backward through the graph a second time")
+            for m in foreign:
+                m.detach()
         if rows and any(r.grad is not None for r in rows.values()):
             x_grad = torch.zeros_like(x_seq)
             for t, r in rows.items():

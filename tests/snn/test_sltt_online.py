@@ -213,3 +213,78 @@ def test_an_empty_sequence_is_refused_before_anything_runs():
         sltt.train_step_online(model, torch.zeros(0, 2, 4), torch.zeros(2, dtype=torch.long),
                                torch.nn.functional.cross_entropy, opt)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("container", ["pypaper", "spikingjelly"])
+@pytest.mark.parametrize("kind", ["MultiStepContainer", "SeqToANNContainer"])
+def test_containers_that_run_only_on_sequences_are_refused(container, kind):
+    """Stepped one [N, *] step at a time, a multi-step-only container read the batch dim as time
+    (a MultiStepContainer's neurons shared one membrane across the batch, silently)."""
+    if container == "pypaper":
+        from pypaper.snn import layer
+    else:
+        layer = pytest.importorskip("spikingjelly.activation_based.layer")
+    wrapped = neuron.LIFNode() if kind == "MultiStepContainer" else torch.nn.Linear(H, H)
+    model = torch.nn.Sequential(torch.nn.Linear(D, H), getattr(layer, kind)(wrapped),
+                                neuron.LIFNode(), torch.nn.Linear(H, C))
+    x, y = torch.randn(T, N, D), torch.randint(0, C, (N,))
+    with pytest.raises(ValueError, match=rf"\b1 \({kind}\) runs only on \[T, N, \*\] sequences"):
+        sltt.train_step_online(model, x, y, torch.nn.functional.cross_entropy)
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _Readout(torch.nn.Module):
+    """A membrane readout: the output layer never fires, the loss reads its .v."""
+
+    def __init__(self, node):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.n1, self.fc2 = torch.nn.Linear(D, H), node(), torch.nn.Linear(H, C)
+        self.out = node(v_threshold=1e4)
+
+    def forward(self, x):
+        self.out(self.fc2(self.n1(self.fc1(x))))
+        return self.out.v
+
+
+def test_a_loss_on_the_membrane_trains_online_as_spikingjellys_sltt_node():
+    """sltt=True keeps the stored membrane attached (SpikingJelly's SLTTLIFNode does): a loss
+    on .v backpropagated into the layers; with it detached train_step_online raised."""
+    online = pytest.importorskip("spikingjelly.activation_based.neuron.online_learning")
+    x, y = torch.randn(T, N, D), torch.randint(0, C, (N,))
+    ours = _Readout(neuron.LIFNode)
+    r = sltt.train_step_online(ours, x, y, torch.nn.functional.cross_entropy)
+    theirs = _Readout(lambda **kw: online.SLTTLIFNode(**kw))
+    loss = 0.0
+    for t in range(T):
+        step = torch.nn.functional.cross_entropy(theirs(x[t]), y) / T
+        step.backward()
+        loss += float(step.detach())
+    assert r.loss == pytest.approx(loss, rel=1e-5)
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert float(ours.fc1.weight.grad.abs().sum()) > 0
+
+
+def test_spikingjelly_stateful_modules_are_detached_between_steps():
+    """A SpikingJelly neuron beside pypaper's (one convert() left, a QIFNode): its state held the
+    previous step's freed graph, and the second step's backward raised. Detached after each step,
+    it trains as a per-step loop that detaches it does."""
+    sj = pytest.importorskip("spikingjelly.activation_based.neuron")
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(D, H), neuron.LIFNode(),
+                                   torch.nn.Linear(H, H), sj.QIFNode(), torch.nn.Linear(H, C))
+
+    x, y = torch.randn(T, N, D), torch.randint(0, C, (N,))
+    model = build()
+    sltt.train_step_online(model, x, y, torch.nn.functional.cross_entropy)
+    manual = build()
+    manual[1].sltt = True
+    for t in range(T):
+        (torch.nn.functional.cross_entropy(manual(x[t]), y) / T).backward()
+        manual[3].detach()
+    for (name, a), b in zip(model.named_parameters(), manual.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert float(model[0].weight.grad.abs().sum()) > 0

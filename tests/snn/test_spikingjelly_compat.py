@@ -301,3 +301,37 @@ def test_surrogate_contracts_of_both_spikingjelly_releases_after_a_second_review
     assert V20(torch.tensor(True)).beta == 1.0
     with pytest.raises(TypeError, match="spiking given by position and by keyword"):
         surrogate.SurrogateFunctionBase(True, spiking=False)
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("cls,kw", [("LIFNode", {}), ("IFNode", {}), ("ParametricLIFNode", {}),
+                                    ("LIFNode", dict(v_reset=None, decay_input=False, tau=3.0))])
+def test_functional_forward_with_explicit_state_as_spikingjelly(cls, kw, step_mode):
+    """SpikingJelly 2.0's explicit-state API on a neuron (functional_forward, the single- and
+    multi-step forms, materialize_states): same outputs and states as SpikingJelly's, for a float
+    state, a tensor state and one of another shape (restarts from rest), and neither the module's
+    membrane nor the states passed in change."""
+    sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
+    from pypaper.snn import neuron as pp_neuron
+
+    torch.manual_seed(0)
+    ours = getattr(pp_neuron, cls)(step_mode=step_mode, **kw)
+    theirs = getattr(sj_neuron, cls)(step_mode=step_mode, **kw)
+    x = torch.randn(4, 3, 5) * 2 if step_mode == "m" else torch.randn(3, 5) * 2
+    v0 = torch.randn(3, 5)
+    for state in [(0.0,), (0.4,), (v0,), (torch.randn(2, 5),)]:
+        kept = [s.clone() if isinstance(s, torch.Tensor) else s for s in state]
+        (got,), (v_got,) = ours.functional_forward((x,), state)
+        (want,), (v_want,) = theirs.functional_forward((x,), state)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(v_got, v_want)
+        assert ours.v == 0.0
+        for s, k in zip(state, kept):
+            assert torch.equal(s, k) if isinstance(s, torch.Tensor) else s == k
+    assert got.shape == x.shape and got.any()
+    # the explicit forms, differentiable as the module's call
+    xs = x.clone().requires_grad_()
+    (spikes,), (v,) = ours.functional_forward((xs,), ours.materialize_states((xs,), (v0,),
+                                                                             step_mode))
+    (spikes.sum() + v.sum()).backward()
+    assert xs.grad is not None and xs.grad.abs().sum() > 0
