@@ -538,11 +538,14 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
   const bool rerun = a.x_seq != nullptr;
   const LifRerunRow<In, T> rerun_row =
       rerun ? lif_rerun_row_for<In, T>(a.decay_input, a.charge_div, a.hard) : nullptr;
-  // Recompute mode: H rows of the chunk being scanned and of the next, T x kLifChunk each (16 KB
-  // each at T = 32 in fp32: L1).
-  std::vector<T> hbuf(rerun ? static_cast<size_t>(2 * steps * kLifChunk) : 0);
+  // Recompute mode: H rows of the chunk being scanned and of the next, T x hw each (16 KB each
+  // at T = 32 in fp32: L1). hw: the chunk width, or N rounded up to 16 where N is smaller, so
+  // that few neurons over many steps do not take T x 128 values per buffer (1 KiB per step in
+  // fp32 and per thread: 0.5 GB at T = 500000, N = 4).
+  const int64_t hw = std::min(kLifChunk, (N + 15) / 16 * 16);
+  std::vector<T> hbuf(rerun ? static_cast<size_t>(2 * steps * hw) : 0);
   T* h_cur = hbuf.data();
-  T* h_next = rerun ? h_cur + steps * kLifChunk : nullptr;
+  T* h_next = rerun ? h_cur + steps * hw : nullptr;
   if (rerun && c0 < c1) {  // the first chunk's forward, alone
     const int64_t n0 = c0 * kLifChunk, len = std::min(kLifChunk, N - n0);
     const int64_t row_bytes = len * isize;
@@ -554,7 +557,7 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
       if (t < L2) {
         prefetch_row_l2(a.grad_spikes + (steps - 1 - t) * N + n0, row_bytes, a.prefetch_nta);
       }
-      rerun_row(xr, h_cur + t * kLifChunk, run.v, run.k, run.th, a.v_reset, len);
+      rerun_row(xr, h_cur + t * hw, run.v, run.k, run.th, a.v_reset, len);
     }
   }
   for (int64_t c = c0; c < c1; ++c) {
@@ -622,7 +625,7 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
                             std::min(kLifChunk, N - n2) * isize, a.prefetch_nta);
           }
         }
-        rerun_row(xr, h_next + r * kLifChunk, run.v, run.k, run.th, a.v_reset, len1);
+        rerun_row(xr, h_next + r * hw, run.v, run.k, run.th, a.v_reset, len1);
       } else if (!rerun && t < L2 && len1 > 0) {
         // The rows the next chunk's scan reads first (its last grad_S / H rows), so it does not
         // start on a memory latency per row.
@@ -648,7 +651,7 @@ void lif_backward_chunks(const LifBackwardArgs<In, T>& a, int64_t c0, int64_t c1
         }
       };
       if (rerun) {
-        scan_row(h_cur + t * kLifChunk, kLifChunk);
+        scan_row(h_cur + t * hw, hw);
       } else {
         scan_row(a.h_seq + off, N);
       }
