@@ -25,8 +25,9 @@ same way (each call records its own start).
 
 State, per module of the block: SpikingJelly's memories (``named_memories()``: pypaper's neurons
 give v and the memories a subclass registers; SpikingJelly's MemoryModule its ``_memories``),
-plus ``v_seq`` and pypaper's Dropout ``mask``. Parameters are not state: an optimizer step between
-the forward and the backward breaks torch's checkpoint for any layer.
+plus ``v_seq`` and pypaper's Dropout ``mask``; the running statistics of normalization layers in
+training mode are put back after the recompute (counted once). Parameters are not state: an
+optimizer step between the forward and the backward breaks torch's checkpoint for any layer.
 """
 from __future__ import annotations
 
@@ -65,17 +66,28 @@ def _write(stateful: list, states: list) -> None:
 class _Recompute:
     """The recompute's context: sets the state the forward started from, and on exit the state
     the modules held when it was entered. Entered once per recompute: a second backward
-    (retain_graph, or a double backward) recomputes again, and nested entries stack."""
+    (retain_graph, or a double backward) recomputes again, and nested entries stack.
 
-    def __init__(self, stateful: list, start: list):
-        self.stateful, self.start, self.held = stateful, start, []
+    Normalization layers in training mode (BatchNorm, InstanceNorm with running stats) update
+    their running statistics in place at every call, the recompute's too: their buffers are
+    copied on entry and written back on exit, so they count the block's forward once, as
+    without checkpointing (torch.utils.checkpoint alone counts it twice)."""
+
+    def __init__(self, stateful: list, start: list, norms: list):
+        self.stateful, self.start, self.norms, self.held = stateful, start, norms, []
 
     def __enter__(self):
-        self.held.append(_read(self.stateful))
+        buffers = [(b, b.clone()) for m in self.norms if m.training
+                   for b in m.buffers(recurse=False)]
+        self.held.append((_read(self.stateful), buffers))
         _write(self.stateful, self.start)
 
     def __exit__(self, *exc) -> None:
-        _write(self.stateful, self.held.pop())
+        states, buffers = self.held.pop()
+        _write(self.stateful, states)
+        with torch.no_grad():
+            for b, kept in buffers:
+                b.copy_(kept)
 
 
 def checkpoint(function, *args, modules: Optional[Iterable[nn.Module]] = None,
@@ -104,7 +116,9 @@ def checkpoint(function, *args, modules: Optional[Iterable[nn.Module]] = None,
             raise TypeError(f"checkpoint: pass modules= (the stateful modules the block uses) "
                             f"when function is not an nn.Module, got {type(function).__name__}")
         modules = function.modules()
+    modules = list(modules)
     stateful = _stateful(modules)
+    norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._NormBase)]
     start: list = []
 
     @contextlib.contextmanager
@@ -112,7 +126,7 @@ def checkpoint(function, *args, modules: Optional[Iterable[nn.Module]] = None,
         start[:] = _read(stateful)
         yield
 
-    recompute = _Recompute(stateful, start)
+    recompute = _Recompute(stateful, start, norms)
     return torch.utils.checkpoint.checkpoint(
         function, *args, use_reentrant=False,
         context_fn=lambda: (forward_context(), recompute), **kwargs)

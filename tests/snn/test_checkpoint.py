@@ -218,3 +218,28 @@ def test_a_second_backward_recomputes_again():
     if want[2] is not None:
         assert torch.equal(got[2], want[2])
     assert _equal(got[3], want[3])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: the cumulative average
+def test_batch_norm_running_stats_count_the_forward_once(momentum):
+    """A Conv-BN-LIF block checkpointed: the recompute ran BatchNorm in training mode again and
+    updated its running statistics a second time (num_batches_tracked 2, not 1; eval outputs
+    drifted). They now equal the plain run's, and the gradients too."""
+    def block():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            layer.Conv2d(2, 3, 3, padding=1, step_mode="m"),
+            layer.BatchNorm2d(3, momentum=momentum, step_mode="m"),
+            neuron.LIFNode(step_mode="m"))
+
+    x = torch.randn(4, 2, 2, 5, 5)
+    plain, ckpt = block(), block()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    plain(xa).sum().backward()
+    functional.checkpoint(ckpt, xb).sum().backward()
+    for (name, a), b in zip(plain[1].named_buffers(), ckpt[1].buffers()):
+        assert torch.equal(a, b), name
+    assert int(ckpt[1].num_batches_tracked) == 1
+    torch.testing.assert_close(xa.grad, xb.grad)
+    for a, b in zip(plain.parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
