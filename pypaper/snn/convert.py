@@ -144,6 +144,10 @@ def _skip_reason(module: nn.Module, target: type) -> Optional[str]:
     if target is _neuron.LIFNode and _many(module.tau):
         return ("its tau is a tensor, which pypaper's LIFNode would keep as a buffer (a new "
                 "state_dict key)")
+    w = module._parameters.get("w")
+    if target is _neuron.ParametricLIFNode and w is not None and w.numel() > 1 and 1 in w.shape:
+        return (f"its w has shape {tuple(w.shape)}, broadcast over the features; pypaper's "
+                f"takes one value or one per feature position (tau_shape = x.shape[2:])")
     return None
 
 
@@ -214,9 +218,15 @@ def convert(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str], boo
     # First build every replacement (a configuration pypaper refuses raises before anything
     # changes), then swap them in.
     made: dict = {}  # id(SpikingJelly neuron) -> pypaper neuron
+    sj_base = getattr(sys.modules.get(_SJ_NEURON), "BaseNode", None)
+    others = []  # SpikingJelly neurons of other classes (subclasses included): left, said once
     for name, module in model.named_modules():
         target = classes.get(type(module))
-        if target is None or (filter_fn is not None and not filter_fn(module, name)):
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        if target is None:
+            if isinstance(sj_base, type) and isinstance(module, sj_base):
+                others.append(f"{name or 'model'} ({type(module).__name__})")
             continue
         where = f"{name or 'model'} ({type(module).__name__})"
         reason = _skip_reason(module, target)
@@ -227,6 +237,10 @@ def convert(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str], boo
             made[id(module)] = _build(module, target, sltt)
         except (ValueError, TypeError) as err:
             raise type(err)(f"snn.convert: {where}: {err}") from err
+    if others:
+        names = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
+        warnings.warn(f"snn.convert: {names} left as SpikingJelly's: pypaper converts the classes "
+                      f"{', '.join(sorted(_TARGETS))} themselves, not subclasses or other neurons")
     return _swap(model, made) if made else model
 
 
