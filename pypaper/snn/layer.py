@@ -102,7 +102,11 @@ class _SeqToANN(StepModule):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls._torch_cls = _torch_layer(cls)
-        cls.__signature__ = _signature(cls._torch_cls)  # for inspect, IDEs, config tools
+        # for inspect, IDEs, config tools; a user's subclass with an __init__ of its own keeps
+        # that one's signature
+        # (None: inspect reads that __init__, not the parent's __signature__)
+        cls.__signature__ = (_signature(cls._torch_cls) if "__init__" not in cls.__dict__
+                             else None)
 
     def __init__(self, *args, step_mode: str = "s", **kwargs):
         torch_cls = self._torch_cls

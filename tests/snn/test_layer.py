@@ -81,6 +81,22 @@ def test_matches_spikingjelly(name, args, shape):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_subclass_with_its_own_init_keeps_its_signature():
+    """Every layer declares torch's signature plus step_mode; a user's subclass with an __init__
+    of its own showed that one too (config tools that read signatures build it wrongly)."""
+    class MyConv(layer.Conv2d):
+        def __init__(self, c, step_mode="s"):
+            super().__init__(c, c, 3, padding=1, step_mode=step_mode)
+
+    class Plain(layer.Conv2d):
+        pass
+
+    assert list(inspect.signature(MyConv).parameters) == ["c", "step_mode"]
+    assert inspect.signature(Plain) == inspect.signature(layer.Conv2d)
+    assert "in_channels" in inspect.signature(layer.Conv2d).parameters
+    assert MyConv(2, step_mode="m")(torch.randn(3, 1, 2, 4, 4)).shape == (3, 1, 2, 4, 4)
+
+
 def test_constructor_arguments_match_spikingjelly():
     """SpikingJelly's wrappers take torch's arguments, then step_mode, in that order: ours
     declare the same signature (names, order, defaults), and built from SpikingJelly's whole
