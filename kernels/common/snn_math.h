@@ -337,9 +337,13 @@ template <bool HARD, typename T>
 PYPAPER_HD StepGrad<T> step_grad(T gs, T gv, T h, T s, T sg, T vth, T vr, T dr) {
   StepGrad<T> g;
   if constexpr (HARD) {
-    const T rs = dr * (vr - h) * sg;  // (Vr - H) dS/dx, zero when the reset is detached
-    g.gh = gs * sg + gv * ((T(1) - s) + rs);
-    g.gvth = -(gs * sg) - gv * rs;
+    // (Vr - H) dS/dx, absent when the reset is detached; the terms of a zero gV are absent too:
+    // with an infinite membrane (an IF neuron past fp16's range) (Vr - H) sg is inf * 0 = NaN,
+    // which a term that is not there must not bring in (autograd's graph has no such term)
+    const T rs = dr != T(0) ? dr * (vr - h) * sg : T(0);
+    const bool has_gv = gv != T(0);
+    g.gh = gs * sg + (has_gv ? gv * ((T(1) - s) + rs) : T(0));
+    g.gvth = -(gs * sg) - (has_gv ? gv * rs : T(0));
   } else {
     const T ts = dr * vth * sg;
     g.gh = gs * sg + gv * (T(1) - ts);

@@ -68,14 +68,15 @@ inline void lif_jvp_row(const In* __restrict x, const In* __restrict dx, T* __re
     const T s = snn::fire(h, th[j]);
     const T ck = DI ? xj - (vp - vr) : -(vp - vr);
     const T dxj = dx ? static_cast<T>(to_float(dx[j])) : T(0);
-    const T dh = cx[j] * dxj + cv[j] * dv[j] + ck * dk[j];
+    // a zero tangent's term is absent (ck is inf for an infinite membrane: inf * 0 = NaN)
+    const T dh = cx[j] * dxj + cv[j] * dv[j] + (dk[j] != T(0) ? ck * dk[j] : T(0));
     const T z = h - th[j];
     const T sg = snn::surrogate_grad<SURR>(z, alpha);
     const T ds = sg * (dh - dth[j]);
     ds_out[j] = store_val<In>(ds);
     v[j] = snn::reset<HARD>(h, s, th[j], vr);
     if constexpr (HARD) {
-      dv[j] = (T(1) - s) * dh + dr * (vr - h) * ds;
+      dv[j] = (T(1) - s) * dh + (dr != T(0) ? dr * (vr - h) * ds : T(0));
     } else {
       dv[j] = dh - s * dth[j] - dr * th[j] * ds;
     }

@@ -138,7 +138,9 @@ def composite(inputs, tangents):
         ds = sg * (dh if dvth is None else dh - dvth)
         if hard:
             v = sr * vr + (1.0 - sr) * h
-            dv = (1.0 - sr) * dh + dr * (vr - h) * ds
+            dv = (1.0 - sr) * dh
+            if dr != 0.0:  # absent when the reset is detached (inf * 0 = NaN otherwise)
+                dv = dv + (vr - h) * ds
         else:
             v = h - sr * vth
             dv = dh - dr * vth * ds

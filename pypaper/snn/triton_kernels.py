@@ -460,9 +460,15 @@ if triton is not None:
             gs_sg = _mul(_load(gs_ptr + off, mask, mt, STORE), sg, USE_RN)
             # snn::step_grad: gH and this step's dL/dVth.
             if HARD:
-                rs = _mul(_mul(dr, vr - h, USE_RN), sg, USE_RN)  # (Vr - H) dS/dx, 0 if detached
-                gh = gs_sg + _mul(carry, (1.0 - s) + rs, USE_RN)
-                gth += -gs_sg - _mul(carry, rs, USE_RN)
+                # snn::step_grad: the detached reset's and a zero gV's terms are absent (no
+                # inf * 0 = NaN from an infinite membrane)
+                if DETACH:
+                    rs = dr  # zeros
+                else:
+                    rs = _mul(vr - h, sg, USE_RN)  # (Vr - H) dS/dx
+                has_gv = carry != 0
+                gh = gs_sg + tl.where(has_gv, _mul(carry, (1.0 - s) + rs, USE_RN), 0.0)
+                gth += -gs_sg - tl.where(has_gv, _mul(carry, rs, USE_RN), 0.0)
             else:
                 ts = _mul(_mul(dr, th, USE_RN), sg, USE_RN)
                 gh = gs_sg + _mul(carry, 1.0 - ts, USE_RN)
@@ -554,13 +560,18 @@ if triton is not None:
                 dxj = _load(dx_ptr + off, mask, mt, STORE)
             else:
                 dxj = zero
-            dh = _mul(cx, dxj, USE_RN) + _mul(cv, dv, USE_RN) + _mul(ck, dk, USE_RN)
+            # a zero tangent's term is absent (ck is inf for an infinite membrane)
+            dh = (_mul(cx, dxj, USE_RN) + _mul(cv, dv, USE_RN)
+                  + tl.where(dk != 0, _mul(ck, dk, USE_RN), 0.0))
             sg = _surrogate_grad(h - th, alpha, SURR, USE_RN)
             ds = _mul(sg, dh - dth, USE_RN)
             _store(ds_ptr + off, ds, mask, STORE)
             v = _reset(h, s, th, vr, HARD, USE_RN)
             if HARD:
-                dv = _mul(1.0 - s, dh, USE_RN) + _mul(_mul(dr, vr - h, USE_RN), ds, USE_RN)
+                if DETACH:
+                    dv = _mul(1.0 - s, dh, USE_RN)  # the detached reset's term is absent
+                else:
+                    dv = _mul(1.0 - s, dh, USE_RN) + _mul(vr - h, ds, USE_RN)
             else:
                 dv = dh - _mul(s, dth, USE_RN) - _mul(_mul(dr, th, USE_RN), ds, USE_RN)
             if STORE_V:

@@ -155,3 +155,42 @@ def test_an_infinite_membrane_keeps_firing_as_in_spikingjelly(backend, dtype):
     assert torch.isinf(ours.v[[0, 2]]).all() and torch.isfinite(ours.v[[1, 3]]).all()
     assert torch.isfinite(xo.grad).all() and torch.isfinite(xs.grad).all()
     assert torch.allclose(xo.grad.float(), xs.grad, atol=2e-3)
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+@pytest.mark.parametrize("detach_reset", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_hard_reset_infinite_membrane_gives_finite_gradients(dtype, detach_reset):
+    """A hard-reset IF membrane at -inf (one that overflowed in an earlier call): the backward's
+    reset term (Vr - H) sg is inf * 0 there. The op multiplied it by dr = 0 (detach_reset) or by
+    a zero gV (the last step) and gave NaN where the reference's graph has no such term (0).
+    Now absent: equal to the reference with detach_reset; without it the reference's autograd
+    still forms 0 * inf at a zero gV (NaN), the op gives 0 there and the reference's value
+    everywhere else. Forward mode (jvp) likewise."""
+    x = torch.tensor([[-3.0, 0.5], [-3.0, 0.7]], dtype=dtype)
+    v0 = torch.tensor([-float("inf"), 0.0], dtype=dtype)
+
+    def run(backend):
+        xs = x.clone().requires_grad_()
+        with pypaper.use_backend(backend):
+            s, v, _ = lif_multi_step(xs, v0, k=0.0, decay_input=False, detach_reset=detach_reset)
+        s.float().sum().backward()
+        return xs.grad
+
+    got, want = run("cpu"), run("reference")
+    assert torch.isfinite(got).all(), got
+    where = torch.isfinite(want)
+    torch.testing.assert_close(got[where], want[where])
+    assert where.all() == detach_reset
+    if detach_reset:
+        def f(backend):
+            def g(xx):
+                with pypaper.use_backend(backend):
+                    return lif_multi_step(xx, v0.float(), k=0.0, decay_input=False,
+                                          detach_reset=True)[:2]
+            return torch.func.jvp(g, (x.float(),), (torch.ones_like(x.float()),))[1]
+
+        (ds, dv), (ds_ref, dv_ref) = f("cpu"), f("reference")
+        assert torch.isfinite(ds).all() and torch.isfinite(dv).all()
+        torch.testing.assert_close(ds, ds_ref)
+        torch.testing.assert_close(dv, dv_ref)

@@ -294,6 +294,20 @@ def test_backward_flags_and_dtypes(dtype, vr, di, div, detach, sltt, pn, sid):
     _check_backward(args, dtype)
 
 
+@pytest.mark.parametrize("detach", [True, False])
+def test_an_infinite_membrane_gives_the_cpp_ops_finite_gradients(detach):
+    """A hard-reset membrane at -inf: the reset term (Vr - H) sg is inf * 0; absent when the
+    reset is detached or gV is zero, as in the C++ op (snn::step_grad): finite, and the same."""
+    h = torch.tensor([[-float("inf"), 0.3], [-float("inf"), 1.5]])
+    v0 = torch.tensor([-float("inf"), 0.0])
+    args = (torch.ones(2, 2), None, None, h, v0, torch.tensor(0.0), torch.tensor(1.0), 0.0, 1,
+            2.0, op_flags.backward_flags(False, False, detach, False, False, False))
+    got, want = _both(ops.lif_backward_triton, ops.lif_backward, args)
+    assert torch.isfinite(want[0]).all() and torch.isfinite(want[1]).all()
+    _assert_same(got[0], want[0], "grad_x")
+    _assert_same(got[1], want[1], "grad_v_init")
+
+
 @pytest.mark.parametrize("vr", [0.0, None], ids=["hard", "soft"])
 def test_integrate_and_fire_k_zero(vr):
     """IFNode's case: k = 0 without decay_input (H = V + X). Forward to the bit; grad_x and
