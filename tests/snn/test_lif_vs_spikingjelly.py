@@ -90,3 +90,29 @@ def test_reset_and_state_semantics_match_spikingjelly():
     ours(x), theirs(x)
     y = inputs((3, 4, 5))
     assert torch.equal(ours(y), theirs(y))
+
+
+SURROGATES = ["Sigmoid", "ATan", "PiecewiseQuadratic", "PiecewiseExp", "SoftSign", "SuperSpike",
+              "Erf", "Rect"]
+
+
+@pytest.mark.parametrize("alpha", [0.7, 3.0])
+@pytest.mark.parametrize("name", SURROGATES)
+def test_a_non_default_alpha_matches_spikingjelly(name, alpha):
+    """Each surrogate with an alpha of its own (the tests above use the defaults): the kernels
+    read the surrogate's alpha, gradients equal SpikingJelly's with the same alpha (a default
+    alpha passed instead differs by far more than the tolerance, e.g. 0.7 for ATan(5))."""
+    common = dict(tau=1.7, v_threshold=1.0, step_mode="m")
+    ours = neuron.LIFNode(surrogate_function=surrogate_of(name, alpha), **common)
+    theirs = sj_neuron.LIFNode(surrogate_function=getattr(sj_surrogate, name)(alpha=alpha),
+                               **common)
+    default = neuron.LIFNode(surrogate_function=surrogate_of(name), **common)
+    x = inputs()
+    g = torch.randn_like(x)
+    grads = []
+    for m in (ours, theirs, default):
+        xx = x.clone().requires_grad_()
+        (m(xx) * g).sum().backward()
+        grads.append(xx.grad)
+    assert_close(grads[0], grads[1], torch.float32, f"{name}(alpha={alpha}) grad x")
+    assert float((grads[0] - grads[2]).abs().max()) > 1e-3  # alpha matters in this case
