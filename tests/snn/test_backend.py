@@ -7,13 +7,29 @@ import pypaper
 from pypaper.snn import backend_for, lif_multi_step, reference, surrogate
 
 
+def _lif_op_calls(fn):
+    """How many times the C++ op pypaper::lif_forward ran during fn()."""
+    calls = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.pypaper.lif_forward.default:
+                calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        out = fn()
+    return len(calls), out
+
+
 def test_default_on_cpu_is_the_cpp_kernel_and_reference_on_request():
     x = torch.randn(4, 3, 5) + 0.5
     assert backend_for(x) == "cpu"
     with pypaper.use_backend("reference"):
         assert backend_for(x) == "reference"
-        want = lif_multi_step(x, store_v_seq=True)
-    got = lif_multi_step(x, store_v_seq=True)
+        n_ref, want = _lif_op_calls(lambda: lif_multi_step(x, store_v_seq=True))
+    n, got = _lif_op_calls(lambda: lif_multi_step(x, store_v_seq=True))
+    assert (n, n_ref) == (1, 0)  # the default ran the C++ op, the request the reference
     for a, b in zip(got, want):
         assert torch.equal(a, b)
 

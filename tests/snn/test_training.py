@@ -81,6 +81,33 @@ def test_spiking_mlp_learns_digits_with_bptt_and_sltt():
     assert acc_sltt >= 0.92 and abs(acc_sltt - acc_bptt) <= 0.02, (acc_sltt, acc_bptt)
 
 
+def test_bptt_and_sltt_train_with_different_gradients():
+    """The accuracy comparison above compares two methods, not one twice: on the first batch the
+    BPTT gradient (temporal path through the kernel's reverse scan) and the online SLTT gradient
+    differ, and the online one is the kernel's sltt=True gradient of a multi-step call."""
+    xtr, ytr, _, _ = _digits()
+    xs, y = xtr[:64].expand(T, 64, 64), ytr[:64]
+    ce = nn.functional.cross_entropy
+
+    def multi_step(sltt_flag):
+        model = _mlp("m")
+        model[1].sltt = sltt_flag
+        out = model(xs)
+        (sum(ce(out[t], y) for t in range(T)) / T).backward()
+        return [p.grad for p in model.parameters()]
+
+    online_model = _mlp("s")
+    sltt.train_step_online(online_model, xs, y, ce)
+    online = [p.grad for p in online_model.parameters()]
+    bptt, kernel_sltt = multi_step(False), multi_step(True)
+    for a, b in zip(online, kernel_sltt):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    rel = (torch.cat([g.flatten() for g in bptt]) - torch.cat([g.flatten() for g in online])).norm()
+    rel = float(rel / torch.cat([g.flatten() for g in bptt]).norm())
+    assert rel > 0.02, rel
+    print(f"first-batch gradient, |BPTT - SLTT| / |BPTT| = {rel:.3f}")
+
+
 def _written_for_spikingjelly(neuron_mod, surrogate_mod):
     """A model as a SpikingJelly user writes it; only the imports change."""
     torch.manual_seed(0)
