@@ -238,7 +238,7 @@ def _check_values(decay, decay_is_tau: bool, vth, v_reset: Optional[float], deca
     def bounds(v):  # (min, max, all finite), or None: a tensor while tracing
         if _is_number(v):
             return float(v), float(v), math.isfinite(v)
-        if tracing:
+        if tracing or v.is_meta:  # meta tensors (shape inference, deferred init) hold no values
             return None
         d = _autograd.values_of(v.detach())
         if d.numel() == 0:  # a per-neuron parameter over zero features
