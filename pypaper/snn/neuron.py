@@ -117,7 +117,10 @@ class BaseNode(nn.Module):
         self.store_v_seq = bool(store_v_seq)
         self.backend = backend
         self.sltt = bool(sltt)
-        self.reset()
+        # at rest, as SpikingJelly's BaseNode registers v: not through reset(), which a
+        # subclass may override to touch attributes its own __init__ sets after this one
+        self.v = self.rest_value
+        self.v_seq = None
 
     # SpikingJelly 0.0.0.0.14 picks its implementation with backend= ('torch': the Python time
     # loop, 'cupy': its fused CUDA kernel). pypaper always runs its fused op, on the kernel the
@@ -312,12 +315,13 @@ class BaseNode(nn.Module):
 
     def materialize_states(self, inputs: tuple, states: tuple, step_mode: str) -> tuple:
         """states with v as a tensor of one step's shape (x[0] in 'm' mode, x in 's'), in x's
-        dtype and device: a float v fills it, a tensor of another shape restarts from rest."""
+        dtype and device: a float v fills it, a tensor of another shape restarts at v_reset (0
+        for a soft reset; not the reset value, as in SpikingJelly's)."""
         x = inputs[0][0] if step_mode == "m" else inputs[0]
         v = states[0]
         if isinstance(v, torch.Tensor):
-            if v.shape != x.shape:
-                v = torch.full_like(x, self.rest_value)
+            if v.shape != x.shape:  # restarts at v_reset (0 for a soft reset), as SpikingJelly's
+                v = torch.full_like(x, self._op_start)  # and the module's own forward
             elif v.dtype != x.dtype or v.device != x.device:
                 v = v.to(dtype=x.dtype, device=x.device)
         else:
