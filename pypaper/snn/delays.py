@@ -344,8 +344,12 @@ class DelayedLinear(nn.Module):
         # A new tensor, not fill_: the op saves sigma for its backward, so a sigma set between a
         # forward and its backward must leave that one alone (in place it raised autograd's
         # version error), and a copy.copy of the layer must not share it. Dynamo reads the
-        # attribute on every call and guards on no tensor value: no recompile.
-        self._sigma_t = _sigma_tensor(self._sigma)
+        # attribute on every call and guards on no tensor value: no recompile. Made outside
+        # inference mode even when set inside it (set_sigma, round_delays or load_state_dict in
+        # an evaluation loop): an inference tensor cannot be saved for a backward, so every
+        # later training step raised.
+        with torch.inference_mode(False):
+            self._sigma_t = _sigma_tensor(self._sigma)
 
     def __setstate__(self, state) -> None:
         # a layer pickled before sigma became a property kept it as a plain float attribute
@@ -425,7 +429,9 @@ class DelayedLinear(nn.Module):
         was_finalized = self.finalized
         self.sigma = float(state["sigma"])
         self.finalized = bool(state["finalized"])
-        if self.finalized:  # frozen, as round_delays() leaves them
+        if self.finalized:  # frozen, as round_delays() leaves them (.grad cleared too: a
+            # zeroed, not cleared, gradient let Adam's momentum move the loaded integer delays)
+            self.position.grad = None
             self.position.requires_grad_(False)
         elif was_finalized:  # a training state loaded into a rounded layer: the positions learn
             self.position.requires_grad_(True)  # again (as reset_parameters() does); positions
