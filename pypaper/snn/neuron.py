@@ -176,6 +176,18 @@ class BaseNode(nn.Module):
 
     # ---- state -----------------------------------------------------------------------------
 
+    def __setattr__(self, name: str, value) -> None:
+        # The membrane, v_seq and registered memories are state, whatever is assigned: an
+        # nn.Parameter (a learnable initial membrane the model owns, set with node.v = v0 or
+        # base.load_memories) is kept as it is, as SpikingJelly's MemoryModule keeps it, instead
+        # of being registered as this neuron's parameter, which made the next call's
+        # self.v = v_last a TypeError
+        if isinstance(value, nn.Parameter) and (
+                name in ("v", "v_seq") or name in self.__dict__.get("_memory_reset", ())):
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
     @property
     def step_mode(self) -> str:
         return self._step_mode
