@@ -52,10 +52,16 @@ class StepModule:
 
     @step_mode.setter
     def step_mode(self, value: str) -> None:
-        if value not in self.supported_step_modes:
+        supported = self.supported_step_mode()
+        if value not in supported:
             raise ValueError(f"{type(self).__name__}: step_mode must be one of "
-                             f"{self.supported_step_modes}, got {value!r}")
+                             f"{supported}, got {value!r}")
         self._step_mode = value
+
+    def supported_step_mode(self) -> tuple:
+        """The step modes this module runs in (SpikingJelly's StepModule method; its setter
+        checks against it, so a subclass that overrides it restricts its modes, as there)."""
+        return tuple(self.supported_step_modes)
 
     def extra_repr(self) -> str:
         inner = super().extra_repr()
@@ -101,6 +107,8 @@ class _SeqToANN(StepModule):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if not issubclass(cls, nn.Module):  # a mixin such as _BatchNormSteps: no torch layer yet
+            return
         cls._torch_cls = _torch_layer(cls)
         # for inspect, IDEs, config tools; a user's subclass with an __init__ of its own keeps
         # that one's signature
@@ -173,17 +181,33 @@ class ConvTranspose3d(_SeqToANN, nn.ConvTranspose3d):
     _m_ranks, _m_shape = _3D
 
 
-class BatchNorm1d(_SeqToANN, nn.BatchNorm1d):
+class _BatchNormSteps(_SeqToANN):
+    """SpikingJelly's BatchNorm layers run both step modes through ``super_forward`` (torch's
+    forward on one [N, *] or [T * N, *] batch): a subclass that overrides it changes both."""
+
+    def super_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._torch_cls.forward(self, x)
+
+    def forward(self, x):
+        if self.step_mode == "s":
+            return self.super_forward(x)
+        if x.dim() not in self._m_ranks:
+            raise ValueError(f"{type(self).__name__} in step_mode 'm' expects x of shape "
+                             f"{self._m_shape}, got shape {tuple(x.shape)}")
+        return seq_to_ann_forward(x, self.super_forward)
+
+
+class BatchNorm1d(_BatchNormSteps, nn.BatchNorm1d):
     """Statistics over T * N (and L) together in step mode 'm'."""
     _m_ranks, _m_shape = (3, 4), "[T, N, C] or [T, N, C, L]"
 
 
-class BatchNorm2d(_SeqToANN, nn.BatchNorm2d):
+class BatchNorm2d(_BatchNormSteps, nn.BatchNorm2d):
     """Statistics over T * N * H * W together in step mode 'm'."""
     _m_ranks, _m_shape = _2D
 
 
-class BatchNorm3d(_SeqToANN, nn.BatchNorm3d):
+class BatchNorm3d(_BatchNormSteps, nn.BatchNorm3d):
     _m_ranks, _m_shape = _3D
 
 
@@ -243,12 +267,19 @@ class VotingLayer(StepModule, nn.Module):
         self.voting_size = int(voting_size)
         self.step_mode = step_mode
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         # a mean over the last dim's groups is the same in 's' and 'm': no flattening needed.
         # Leftover features (the last dim not a multiple of voting_size) are dropped, as
         # avg_pool1d drops them in SpikingJelly's.
         v = self.voting_size
         return F.avg_pool1d(x.reshape(-1, 1, x.shape[-1]), v, v).reshape(*x.shape[:-1], -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.step_mode == "m"
+                and type(self).single_step_forward is not VotingLayer.single_step_forward):
+            # a subclass's own step (SpikingJelly runs 'm' as its step on [T * N, *])
+            return seq_to_ann_forward(x, self.single_step_forward)
+        return self.single_step_forward(x)
 
     def extra_repr(self) -> str:
         return f"voting_size={self.voting_size}, " + super().extra_repr()
@@ -291,6 +322,12 @@ class Dropout(StepModule, nn.Module):
     def reset(self) -> None:
         self.mask = None
 
+    def detach(self) -> None:
+        """Cut the mask from any graph (SpikingJelly's MemoryModule.detach; a drawn mask has
+        none, one loaded with ``base.load_memories`` may)."""
+        if isinstance(self.mask, torch.Tensor):
+            self.mask = self.mask.detach()
+
     def named_memories(self):
         """The mask, as SpikingJelly's Dropout registers it (a memory; see pypaper.snn.base)."""
         yield "mask", self.mask
@@ -298,13 +335,47 @@ class Dropout(StepModule, nn.Module):
     def memories(self):
         yield self.mask
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # ---- explicit state (SpikingJelly 2.0's MemoryModule functional API) --------------------
+    # states: (mask,), as named_memories() yields it; these methods leave the module's mask
+    # alone and return the mask the step used (drawn when the state is None or of another
+    # shape than one step of the input, as the module's forward draws it).
+
+    def _apply_mask(self, x: torch.Tensor, step: torch.Tensor, mask):
         if not self.training:
-            return x
-        step = x if self.step_mode == "s" else x[0]
-        if self.mask is None or self.mask.shape != step.shape:  # new sequence or batch size
-            self.mask = self.create_mask(step.detach())
-        return x * self.mask
+            return x, mask
+        if mask is None or mask.shape != step.shape:  # new sequence or batch size
+            mask = self.create_mask(step.detach())
+        return x * mask, mask
+
+    def materialize_states(self, inputs: tuple, states: tuple, step_mode: str) -> tuple:
+        return tuple(states)
+
+    def single_step_functional_forward(self, inputs: tuple, states: tuple, **kwargs) -> tuple:
+        y, mask = self._apply_mask(inputs[0], inputs[0], states[0])
+        return (y,), (mask,)
+
+    def multi_step_functional_forward(self, inputs: tuple, states: tuple, **kwargs) -> tuple:
+        y, mask = self._apply_mask(inputs[0], inputs[0][0], states[0])
+        return (y,), (mask,)
+
+    def functional_forward(self, inputs: tuple, states: tuple, **kwargs) -> tuple:
+        states = self.materialize_states(inputs, tuple(states), self.step_mode)
+        if self.step_mode == "s":
+            return self.single_step_functional_forward(inputs, states, **kwargs)
+        return self.multi_step_functional_forward(inputs, states, **kwargs)
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        (y,), (self.mask,) = self.single_step_functional_forward((x,), (self.mask,))
+        return y
+
+    def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        (y,), (self.mask,) = self.multi_step_functional_forward((x_seq,), (self.mask,))
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step_mode == "s":
+            return self.single_step_forward(x)
+        return self.multi_step_forward(x)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, " + super().extra_repr()
