@@ -9,17 +9,25 @@
     functional.multi_step_forward(x_seq, single_step)    # ... or once per time step
     functional.checkpoint(block, x_seq)    # activation checkpointing that restores the neurons'
                                            # state for the recompute (pypaper/snn/checkpoint.py)
+    functional.conv_bn_fusion.fuse_conv_bn_eval_modules(model.eval())  # Conv+BN -> one conv
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Callable, Sequence, Union
 
 import torch
 from torch import nn
 
-from . import spikingjelly_fallback
+from . import conv_bn_fusion, spikingjelly_fallback
 from .checkpoint import checkpoint
+
+# SpikingJelly 2.0 has conv_bn_fusion as a submodule of its functional package; pypaper's
+# functional is one module, so the submodule path is registered by name: both
+# `from pypaper.snn.functional.conv_bn_fusion import fuse_conv_bn_eval_modules` and
+# `functional.conv_bn_fusion.fuse_conv_bn_eval_modules` work (pypaper/snn/conv_bn_fusion.py).
+sys.modules[__name__ + ".conv_bn_fusion"] = conv_bn_fusion
 
 _Layers = Union[nn.Module, Sequence[Callable], Callable]
 
@@ -151,7 +159,7 @@ def set_backend(net: nn.Module, backend: str, instance=(nn.Module,)) -> None:
                               f"(supported: {supported}); it keeps backend={m.backend!r}")
 
 
-_OWN_NAMES = ["checkpoint", "detach_net", "multi_step_forward", "reset_net", "seq_to_ann_forward",
+_OWN_NAMES = ["checkpoint", "conv_bn_fusion", "detach_net", "multi_step_forward", "reset_net", "seq_to_ann_forward",
               "set_backend", "set_step_mode"]
 
 

@@ -146,12 +146,6 @@ def test_voting_layer_subclass_overriding_single_step_forward_as_spikingjelly(st
     torch.testing.assert_close(outs["sj"], outs["pp"], rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, raises=(ModuleNotFoundError, ImportError),
-                   reason="SpikingJelly 2.0's conv_bn_fusion (fuse_conv_bn_eval_modules / "
-                          "pack_conv_bn_train_modules) has no pypaper counterpart: the import "
-                          "path does not exist, and SpikingJelly's own functions stop with fx's "
-                          "TraceError on a model of pypaper's layers or neurons (its tracer keeps "
-                          "only its own StepModules as leaves); a fix needs a new module")
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 def test_conv_bn_fusion_on_a_pypaper_model(step_mode):
     import importlib

@@ -1,0 +1,230 @@
+"""Conv -> BatchNorm fusion for spiking networks: drop-in for SpikingJelly 2.0's
+``spikingjelly.activation_based.functional.conv_bn_fusion``, and also
+``pypaper.snn.functional.conv_bn_fusion``:
+
+    from pypaper.snn.functional.conv_bn_fusion import fuse_conv_bn_eval_modules
+    fused = fuse_conv_bn_eval_modules(model.eval())     # a torch.fx.GraphModule, no BatchNorm
+    packed = pack_conv_bn_train_modules(model.train())  # Conv+BN pairs folded over [T, N] once
+
+Eval: BatchNorm after a convolution is an affine map per output channel,
+    BN(W * x + b) = g (W * x + b - mu) / s + beta,   s = sqrt(var + eps),
+so the pair is one convolution with weight (g / s) W and bias g (b - mu) / s + beta
+(torch.nn.utils.fusion.fuse_conv_bn_eval computes it): one pass over the activations less per
+pair at inference, with the same outputs up to rounding.
+
+Train: the statistics change with every batch, so nothing folds into the weights; the pair is
+packed into one module that, in multi-step mode, flattens [T, N, ...] to [T*N, ...] once for both
+layers instead of once per layer (SpikingJelly's 'pack', same results).
+
+Why pypaper has its own: SpikingJelly's functions trace the model with torch.fx and keep only
+SpikingJelly's own step modules as leaves, so on a model with pypaper's layers or neurons fx
+traces into their multi-step forwards and stops with a TraceError. Here every module with a
+``step_mode`` (pypaper's and SpikingJelly's layers, neurons and containers) is a leaf; and since a
+leaf container (SeqToANNContainer(Conv2d, BatchNorm2d), SpikingJelly's older model style) hides
+its pairs from the graph, the pairs among the consecutive children of a container are fused too,
+in a copy of the container. The model passed in is never modified: the result shares its
+unchanged modules (neurons included, so reset_net on either resets both).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+__all__ = ["fuse_conv_bn_eval_modules", "pack_conv_bn_train_modules"]
+
+# (convolution, batch norm) of the same spatial rank; pypaper's and SpikingJelly's layers
+# subclass these. Transposed convolutions are not fused (their weight is [in, out, ...]).
+_PAIRS = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d))
+
+
+def _pair_rank(conv: nn.Module, bn: nn.Module) -> Optional[int]:
+    """The spatial rank (1, 2, 3) of a fusable (conv, bn) pair, or None."""
+    for rank, (c, b) in enumerate(_PAIRS, start=1):
+        if isinstance(conv, c) and isinstance(bn, b):
+            return rank
+    return None
+
+
+def _same_step_mode(conv: nn.Module, bn: nn.Module) -> bool:
+    # a plain torch layer has no step mode and runs whatever it is given
+    a, b = getattr(conv, "step_mode", None), getattr(bn, "step_mode", None)
+    return a is None or b is None or a == b
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer with every step module as a leaf: neurons (their state and time loop), step-mode
+    layers and containers (their [T, N] folding reads shapes fx cannot trace), and packed pairs."""
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        if isinstance(m, PackedConvBN) or hasattr(m, "step_mode"):
+            return True
+        return super().is_leaf_module(m, qualified_name)
+
+
+class PackedConvBN(nn.Module):
+    """A convolution and the batch norm after it as one module (pack_conv_bn_train_modules).
+    Multi-step input ([T, N, C, *spatial]) with neither layer in single-step mode is flattened to
+    [T*N, ...] once and run through both as single-step layers; anything else goes through the two
+    modules as they are. The two modules are the model's own (same parameters and running
+    statistics)."""
+
+    def __init__(self, conv: nn.Module, bn: nn.Module, rank: int):
+        super().__init__()
+        self.conv = conv
+        self.bn = bn
+        self.rank = rank
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _single_step(module: nn.Module) -> Iterator[None]:
+        mode = getattr(module, "step_mode", None)
+        if mode is None or mode == "s":
+            yield
+            return
+        module.step_mode = "s"
+        try:
+            yield
+        finally:
+            module.step_mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        modes = (getattr(self.conv, "step_mode", "m"), getattr(self.bn, "step_mode", "m"))
+        if modes != ("m", "m") or x.dim() != self.rank + 3:
+            return self.bn(self.conv(x))
+        steps, batch = x.shape[0], x.shape[1]
+        y = x.flatten(0, 1)
+        with self._single_step(self.conv):
+            y = self.conv(y)
+        with self._single_step(self.bn):
+            y = self.bn(y)
+        return y.reshape(steps, batch, *y.shape[1:])
+
+
+def _check_running_stats(bn: nn.Module, name: str) -> None:
+    if not getattr(bn, "track_running_stats", True) or bn.running_mean is None \
+            or bn.running_var is None:
+        raise ValueError(f"cannot fuse {name}: a BatchNorm without running statistics "
+                         f"(track_running_stats=False) normalizes with each batch's own, which "
+                         f"no fixed convolution reproduces")
+
+
+def _fused_children(container: nn.Module, name: str) -> nn.Module:
+    """A shallow copy of a leaf container (an nn.Sequential with a step mode) with each pair of
+    consecutive (conv, bn) children fused, nested Sequentials included; the container itself
+    when nothing in it changes. (Training needs no packing there: the container already folds
+    [T, N] once for all its children.)"""
+    children = list(container.named_children())
+    replaced: Dict[str, nn.Module] = {}
+    i = 0
+    while i < len(children):
+        key, child = children[i]
+        if isinstance(child, nn.Sequential):
+            new = _fused_children(child, f"{name}.{key}")
+            if new is not child:
+                replaced[key] = new
+        elif i + 1 < len(children):
+            bn_key, bn = children[i + 1]
+            if _pair_rank(child, bn) is not None and _same_step_mode(child, bn):
+                _check_running_stats(bn, f"{name}.{bn_key}")
+                replaced[key] = fuse_conv_bn_eval(child, bn)
+                replaced[bn_key] = nn.Identity()
+                i += 2
+                continue
+        i += 1
+    if not replaced:
+        return container
+    out = copy.copy(container)
+    out._modules = dict(container._modules)  # the copy's own table: the original stays as it was
+    out._modules.update(replaced)
+    return out
+
+
+def _matches(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> List[Tuple[str, str, list]]:
+    """(conv target, bn target, the bn call nodes) for every convolution whose every call feeds
+    only the same batch norm, with matching rank and step modes."""
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    found: Dict[str, Tuple[str, list]] = {}
+    spoiled = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.args:
+            continue
+        src = node.args[0]
+        if not (isinstance(src, fx.Node) and src.op == "call_module"):
+            continue
+        conv, bn = modules[src.target], modules[node.target]
+        if _pair_rank(conv, bn) is None or not _same_step_mode(conv, bn):
+            continue
+        if len(src.users) != 1 or len(node.args) != 1 or node.kwargs:
+            spoiled.add(src.target)  # the conv's output is used elsewhere: BN cannot fold in
+            continue
+        prev = found.setdefault(src.target, (node.target, []))
+        if prev[0] != node.target:
+            spoiled.add(src.target)  # one conv feeding two different batch norms
+            continue
+        prev[1].append(node)
+    return [(c, b, nodes) for c, (b, nodes) in found.items()
+            if c not in spoiled and len(nodes) == calls[c]]
+
+
+def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def _transform(net: nn.Module, mode: str) -> fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(net)
+    gm = fx.GraphModule(tracer.root, graph, net.__class__.__name__)
+    modules = dict(gm.named_modules())
+    for conv_t, bn_t, bn_nodes in _matches(gm, modules):
+        conv, bn = modules[conv_t], modules[bn_t]
+        if mode == "eval":
+            _check_running_stats(bn, bn_t)
+            new = fuse_conv_bn_eval(conv, bn)
+        else:
+            new = PackedConvBN(conv, bn, _pair_rank(conv, bn))
+        _set_module(gm, conv_t, new)
+        for node in bn_nodes:  # the conv's call now does both
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    # pairs inside leaf containers (nn.Sequential step modules), fused in copies of them
+    for node in gm.graph.nodes:
+        if mode == "eval" and node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if isinstance(m, nn.Sequential):
+                new = _fused_children(m, node.target)
+                if new is not m:
+                    _set_module(gm, node.target, new)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def fuse_conv_bn_eval_modules(net: nn.Module) -> fx.GraphModule:
+    """Every Conv{1,2,3}d -> BatchNorm{1,2,3}d pair of an eval-mode model folded into one
+    convolution; returns the rewritten model as a torch.fx.GraphModule (``net`` is unchanged).
+    Raises ValueError for a model in training mode or a pair whose BatchNorm keeps no running
+    statistics. A convolution whose output also goes elsewhere is left unfused."""
+    if net.training:
+        raise ValueError("fuse_conv_bn_eval_modules takes a model in eval() mode (in training "
+                         "mode BatchNorm normalizes with each batch's statistics)")
+    return _transform(net, "eval")
+
+
+def pack_conv_bn_train_modules(net: nn.Module) -> fx.GraphModule:
+    """Every Conv -> BatchNorm pair of a training-mode model packed into one module that folds
+    the multi-step [T, N] dimensions once for both (PackedConvBN); the parameters and running
+    statistics stay the model's own. Returns a torch.fx.GraphModule (``net`` is unchanged)."""
+    if not net.training:
+        raise ValueError("pack_conv_bn_train_modules takes a model in train() mode (for "
+                         "inference, fuse_conv_bn_eval_modules folds the pairs away)")
+    return _transform(net, "train")
