@@ -98,13 +98,16 @@ def composite(inputs, tangents):
     vr = float(v_reset) if hard else 0.0
     mdt = reference.default_math_dtype(x.dtype)
     xm = x.to(mdt)
-    decay = decay.to(mdt)
-    vth = vth.to(mdt)
+    # one value in any shape of numel 1 (as the kernels take it) as shape (): its dims would
+    # broadcast into the state's
+    one = reference.one_value
+    decay = one(decay).to(mdt)
+    vth = one(vth).to(mdt)
     k = 1.0 / decay if div else decay
     dk = None
     if ddecay is not None:
-        dk = -ddecay.to(mdt) / (decay * decay) if div else ddecay.to(mdt)
-    dvth = None if dvth is None else dvth.to(mdt)
+        dk = -one(ddecay).to(mdt) / (decay * decay) if div else one(ddecay).to(mdt)
+    dvth = None if dvth is None else one(dvth).to(mdt)
     shape = x.shape[1:]
     v = v_init.to(mdt) if v_init is not None else torch.full(shape, vr, dtype=mdt, device=x.device)
     dv = dv0.to(mdt) if dv0 is not None else torch.zeros(shape, dtype=mdt, device=x.device)

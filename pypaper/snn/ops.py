@@ -148,10 +148,11 @@ def _lif_per_sample(x_seq: torch.Tensor, v: Optional[torch.Tensor], kwargs: dict
         _check_param_shape(p, name, x_seq, per_sample=True)
         if p.numel() != 1:
             flat[key] = (p if tuple(p.shape) == state else p.expand(state)).reshape(-1)
+    neurons = math.prod(state)  # not -1: T = 0 leaves it undetermined in a reshape of x
     if v is not None:
         _check_v_shape(v, x_seq)
-        v = v.reshape(1, -1)
-    spikes, v_last, v_seq = lif_multi_step(x_seq.reshape(steps, 1, -1), v, **flat)
+        v = v.reshape(1, neurons)
+    spikes, v_last, v_seq = lif_multi_step(x_seq.reshape(steps, 1, neurons), v, **flat)
     return (spikes.reshape(x_seq.shape), v_last.reshape(state),
             None if v_seq is None else v_seq.reshape(x_seq.shape))
 

@@ -130,6 +130,13 @@ def default_math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def one_value(p: torch.Tensor) -> torch.Tensor:
+    """A parameter of one element as shape (): the ops take one value in any shape of numel 1
+    (lif_multi_step's per-sample path passes a [1, 1, 1] tau with x flattened to [T, 1, M]); kept
+    as it is, its dims broadcast into the state and the outputs gained them ([T, 1, 1, M])."""
+    return p.reshape(()) if p.dim() > 0 and p.numel() == 1 else p
+
+
 def lif_multi_step(x_seq: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor,
                    v_threshold: torch.Tensor, v_reset: Optional[float], surrogate_id: int,
                    alpha: float, decay_input: bool, decay_is_tau: bool, detach_reset: bool,
@@ -143,8 +150,8 @@ def lif_multi_step(x_seq: torch.Tensor, v_init: Optional[torch.Tensor], decay: t
     """
     dt = math_dtype or default_math_dtype(x_seq.dtype)
     x = x_seq.to(dt)
-    decay = decay.to(dt)
-    vth = v_threshold.to(dt)
+    decay = one_value(decay).to(dt)
+    vth = one_value(v_threshold).to(dt)
     hard = v_reset is not None
     vr = float(v_reset) if hard else 0.0
     v = v_init.to(dt) if v_init is not None else torch.full(x.shape[1:], vr, dtype=dt,

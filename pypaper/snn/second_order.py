@@ -137,16 +137,17 @@ def backward_with_graph(grads_out, x, v_init, decay, vth, scalars, dynamics, nee
             x, v_init, decay, vth, v_reset, sid, alpha, bool(dynamics & op_flags.DECAY_INPUT),
             bool(dynamics & op_flags.DECAY_IS_TAU), bool(dynamics & op_flags.DETACH_RESET),
             bool(dynamics & op_flags.SLTT), g_v_seq is not None)
-        outputs, cotangents = [s], [g_spikes]
-        if g_v_last is not None:
-            outputs.append(v_last)
-            cotangents.append(g_v_last)
-        if g_v_seq is not None:
-            outputs.append(v_seq)
-            cotangents.append(g_v_seq)
+        pairs = [(s, g_spikes), (v_last, g_v_last), (v_seq, g_v_seq)]
+        # an output without a graph (T = 0: v_last is the constant initial state when v_init
+        # is none) has no gradient to pass on; autograd.grad refuses it
+        pairs = [(o, g) for o, g in pairs if g is not None and o.requires_grad]
         wanted = [t for t, need in zip((x, v_init, decay, vth), needs) if need]
-        grads = iter(torch.autograd.grad(outputs, wanted, cotangents, create_graph=True,
-                                         allow_unused=True, materialize_grads=True))
+        if pairs:
+            grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted,
+                                             [g for _, g in pairs], create_graph=True,
+                                             allow_unused=True, materialize_grads=True))
+        else:
+            grads = iter([torch.zeros_like(t) for t in wanted])
     return tuple(next(grads) if need else None for need in needs)
 
 
