@@ -35,7 +35,8 @@ of the swap (its cache is cleared) so that it resets the new neurons.
 
 One neuron under two names becomes one pypaper neuron under both (``filter_fn`` sees it under
 its first name). Left as they are: subclasses of those classes (they may change the dynamics),
-every other SpikingJelly neuron (KLIF, QIF, Izhikevich, ...: pypaper has no kernel for them),
+every other SpikingJelly neuron (KLIF, QIF, Izhikevich, ..., and those that are not BaseNodes:
+PSN, GatedLIF, DSR, ILC, a subclass of SimpleLIFNode: pypaper has no kernel for them),
 anything ``filter_fn(module, fully_qualified_name) -> bool`` refuses, and, with a warning
 naming the reason, neurons that hold what pypaper's would not keep: a Parameter, buffer or
 submodule of their own beyond PLIF's ``w``, a learnable threshold and the surrogate (their
@@ -86,6 +87,18 @@ def _spikingjelly_classes() -> dict:
         if isinstance(cls, type):
             found[cls] = target
     return found
+
+
+def _spikingjelly_neuron(module: nn.Module) -> bool:
+    """Whether module is one of SpikingJelly's neurons, or of a class derived from one: a class
+    of its ``neuron`` package in its MRO. Not only BaseNode's tree: SimpleBaseNode (the
+    SimpleIF/LIF nodes' base), PSN, GatedLIFNode, the DSR, ILC, Noisy and NonSpiking nodes are
+    modules of their own, which the zoo's constructors take as well."""
+    for cls in type(module).__mro__:
+        where = getattr(cls, "__module__", None) or ""
+        if where == _SJ_NEURON or where.startswith(_SJ_NEURON + "."):
+            return True
+    return False
 
 
 def _forget_spikingjelly_reset_lists() -> None:
@@ -218,15 +231,17 @@ def convert(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str], boo
     # First build every replacement (a configuration pypaper refuses raises before anything
     # changes), then swap them in.
     made: dict = {}  # id(SpikingJelly neuron) -> pypaper neuron
-    sj_base = getattr(sys.modules.get(_SJ_NEURON), "BaseNode", None)
     others = []  # SpikingJelly neurons of other classes (subclasses included): left, said once
+    inside = []  # their names: what they hold is theirs, not said again
     for name, module in model.named_modules():
         target = classes.get(type(module))
         if filter_fn is not None and not filter_fn(module, name):
             continue
         if target is None:
-            if isinstance(sj_base, type) and isinstance(module, sj_base):
+            if _spikingjelly_neuron(module) and not any(
+                    name.startswith(f"{p}.") or not p for p in inside):
                 others.append(f"{name or 'model'} ({type(module).__name__})")
+                inside.append(name)
             continue
         where = f"{name or 'model'} ({type(module).__name__})"
         reason = _skip_reason(module, target)
