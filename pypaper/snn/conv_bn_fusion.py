@@ -22,18 +22,30 @@ traces into their multi-step forwards and stops with a TraceError. Here every mo
 ``step_mode`` (pypaper's and SpikingJelly's layers, neurons and containers) is a leaf; and since a
 leaf container (SeqToANNContainer(Conv2d, BatchNorm2d), SpikingJelly's older model style) hides
 its pairs from the graph, the pairs among the consecutive children of a container are fused too,
-in a copy of the container. The model passed in is never modified: the result shares its
+in a copy of the container; pypaper's modules without a step mode (DelayedLinear, the
+surrogates) are leaves too. The model passed in is never modified: the result shares its
 unchanged modules (neurons included, so reset_net on either resets both).
+
+Only pairs that compute what torch's layers compute are folded or packed: a convolution or batch
+norm subclass with a forward of its own, a convolution with a weight of its own (_conv_forward:
+SpikingJelly's WSConv2d standardizes its weight, which would undo the folded scale) or a batch
+norm with its own super_forward is left as it is (SpikingJelly's functions fold those too, and
+change the outputs).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .delays import DelayedLinear
+from .surrogate import SurrogateFunctionBase
 
 __all__ = ["fuse_conv_bn_eval_modules", "pack_conv_bn_train_modules"]
 
@@ -56,12 +68,52 @@ def _same_step_mode(conv: nn.Module, bn: nn.Module) -> bool:
     return a is None or b is None or a == b
 
 
+def _standard_methods() -> Tuple[set, set, set, set]:
+    """The forwards of torch's, pypaper's and SpikingJelly's Conv1-3d and BatchNorm1-3d: (conv
+    forward, conv _conv_forward, bn forward, bn super_forward). SpikingJelly's are added when it
+    is imported (a model holding its layers has imported it)."""
+    from . import layer  # here: layer imports functional, which imports this module
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    conv_fwd = {c.forward for c in convs} | {layer._SeqToANN.forward}
+    conv_cf = {c._conv_forward for c in convs}
+    bn_fwd = {_BatchNorm.forward, layer._BatchNormSteps.forward}
+    bn_super = {None, layer._BatchNormSteps.super_forward}
+    sj = sys.modules.get("spikingjelly.activation_based.layer")
+    for rank in ("1d", "2d", "3d"):
+        for name, fwd, extra in (("Conv", conv_fwd, None), ("BatchNorm", bn_fwd, bn_super)):
+            cls = getattr(sj, name + rank, None)
+            if isinstance(cls, type) and cls.__module__.startswith("spikingjelly."):
+                fwd.add(cls.forward)
+                if extra is not None and hasattr(cls, "super_forward"):
+                    extra.add(cls.super_forward)
+    return conv_fwd, conv_cf, bn_fwd, bn_super
+
+
+def _standard(conv: nn.Module, bn: nn.Module, fold: bool) -> bool:
+    """Whether the pair computes what torch's layers compute, so that folding it (``fold``: the
+    eval fusion, torch.nn.utils.fusion's arithmetic) or running both in step mode 's' on
+    [T * N, *] (packing) gives the same result. A subclass with a forward of its own (or, when
+    folding, a weight of its own through _conv_forward, as a weight-standardized conv such as
+    SpikingJelly's WSConv2d, or a batch norm of its own through super_forward) is left alone."""
+    conv_fwd, conv_cf, bn_fwd, bn_super = _standard_methods()
+    names = ("forward", "_conv_forward", "super_forward")
+    if any(n in m.__dict__ for m in (conv, bn) for n in names):  # set on the instance
+        return False
+    if type(conv).forward not in conv_fwd or type(bn).forward not in bn_fwd:
+        return False
+    return not fold or (type(conv)._conv_forward in conv_cf
+                        and getattr(type(bn), "super_forward", None) in bn_super)
+
+
 class _Tracer(fx.Tracer):
     """fx tracer with every step module as a leaf: neurons (their state and time loop), step-mode
-    layers and containers (their [T, N] folding reads shapes fx cannot trace), and packed pairs."""
+    layers and containers (their [T, N] folding reads shapes fx cannot trace), and packed pairs;
+    and pypaper's modules without a step mode (DelayedLinear, the surrogates), whose checks and
+    autograd functions fx cannot trace either."""
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        if isinstance(m, PackedConvBN) or hasattr(m, "step_mode"):
+        if (isinstance(m, (PackedConvBN, DelayedLinear, SurrogateFunctionBase))
+                or hasattr(m, "step_mode")):
             return True
         return super().is_leaf_module(m, qualified_name)
 
@@ -129,7 +181,8 @@ def _fused_children(container: nn.Module, name: str) -> nn.Module:
                 replaced[key] = new
         elif i + 1 < len(children):
             bn_key, bn = children[i + 1]
-            if _pair_rank(child, bn) is not None and _same_step_mode(child, bn):
+            if (_pair_rank(child, bn) is not None and _same_step_mode(child, bn)
+                    and _standard(child, bn, fold=True)):
                 _check_running_stats(bn, f"{name}.{bn_key}")
                 replaced[key] = fuse_conv_bn_eval(child, bn)
                 replaced[bn_key] = nn.Identity()
@@ -139,14 +192,20 @@ def _fused_children(container: nn.Module, name: str) -> nn.Module:
     if not replaced:
         return container
     out = copy.copy(container)
-    out._modules = dict(container._modules)  # the copy's own table: the original stays as it was
+    # the copy's own tables (children, parameters, buffers, hooks): a shallow copy shares them,
+    # and a child replaced or a hook registered on the copy would change the original
+    for key, value in container.__dict__.items():
+        if isinstance(value, (dict, set)):
+            out.__dict__[key] = copy.copy(value)
     out._modules.update(replaced)
     return out
 
 
-def _matches(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> List[Tuple[str, str, list]]:
+def _matches(gm: fx.GraphModule, modules: Dict[str, nn.Module],
+             fold: bool) -> List[Tuple[str, str, list]]:
     """(conv target, bn target, the bn call nodes) for every convolution whose every call feeds
-    only the same batch norm, with matching rank and step modes."""
+    only the same batch norm, with matching rank and step modes, both computing what torch's
+    layers compute (_standard)."""
     calls: Dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -160,7 +219,8 @@ def _matches(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> List[Tuple[st
         if not (isinstance(src, fx.Node) and src.op == "call_module"):
             continue
         conv, bn = modules[src.target], modules[node.target]
-        if _pair_rank(conv, bn) is None or not _same_step_mode(conv, bn):
+        if (_pair_rank(conv, bn) is None or not _same_step_mode(conv, bn)
+                or not _standard(conv, bn, fold)):
             continue
         if len(src.users) != 1 or len(node.args) != 1 or node.kwargs:
             spoiled.add(src.target)  # the conv's output is used elsewhere: BN cannot fold in
@@ -184,7 +244,7 @@ def _transform(net: nn.Module, mode: str) -> fx.GraphModule:
     graph = tracer.trace(net)
     gm = fx.GraphModule(tracer.root, graph, net.__class__.__name__)
     modules = dict(gm.named_modules())
-    for conv_t, bn_t, bn_nodes in _matches(gm, modules):
+    for conv_t, bn_t, bn_nodes in _matches(gm, modules, fold=mode == "eval"):
         conv, bn = modules[conv_t], modules[bn_t]
         if mode == "eval":
             _check_running_stats(bn, bn_t)

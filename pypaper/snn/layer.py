@@ -340,9 +340,10 @@ class Dropout(StepModule, nn.Module):
     # alone and return the mask the step used (drawn when the state is None or of another
     # shape than one step of the input, as the module's forward draws it).
 
-    def _apply_mask(self, x: torch.Tensor, step: torch.Tensor, mask):
-        if not self.training:
+    def _apply_mask(self, x: torch.Tensor, multi_step: bool, mask):
+        if not self.training:  # before x[0]: an empty sequence (T = 0) passes through in eval
             return x, mask
+        step = x[0] if multi_step else x
         if mask is None or mask.shape != step.shape:  # new sequence or batch size
             mask = self.create_mask(step.detach())
         return x * mask, mask
@@ -351,11 +352,11 @@ class Dropout(StepModule, nn.Module):
         return tuple(states)
 
     def single_step_functional_forward(self, inputs: tuple, states: tuple, **kwargs) -> tuple:
-        y, mask = self._apply_mask(inputs[0], inputs[0], states[0])
+        y, mask = self._apply_mask(inputs[0], False, states[0])
         return (y,), (mask,)
 
     def multi_step_functional_forward(self, inputs: tuple, states: tuple, **kwargs) -> tuple:
-        y, mask = self._apply_mask(inputs[0], inputs[0][0], states[0])
+        y, mask = self._apply_mask(inputs[0], True, states[0])
         return (y,), (mask,)
 
     def functional_forward(self, inputs: tuple, states: tuple, **kwargs) -> tuple:
