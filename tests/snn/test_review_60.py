@@ -22,19 +22,7 @@ from pypaper.snn.delays import DelayedLinear
 from pypaper.snn.functional.conv_bn_fusion import (fuse_conv_bn_eval_modules,
                                                    pack_conv_bn_train_modules)
 
-def _randomize_bn(net):
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                if m.affine:
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.3, 0.3)
-
-
-def _count(net, cls):
-    return sum(isinstance(m, cls) for m in net.modules())
+from .test_conv_bn_fusion import _count, _randomize_bn
 
 
 # ---- Dropout ----------------------------------------------------------------------------------
