@@ -190,7 +190,10 @@ at::Tensor delay_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
   if (L == 0 || C_out == 0) return yc.permute({1, 2, 0}).contiguous();
   if (use_dense(R, max_delay)) {
     const at::Tensor x2 = x_in.reshape({L, C_in}).contiguous();
-    at::Tensor y2 = at::zeros({L, C_out}, x_in.options());
+    // the output is allocated in its own shape and worked on through a [T*N, C_out] view: an
+    // op must not return a view (forward-mode AD through autograd.Function asserts on one)
+    at::Tensor y = at::zeros({T_, N, C_out}, x_in.options());
+    at::Tensor y2 = y.view({L, C_out});
     if (bias.has_value()) y2.add_(*bias);
     dispatch_float(x_in.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
@@ -202,7 +205,7 @@ at::Tensor delay_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
         y2.narrow(0, d * N, (T_ - d) * N).addmm_(x2.narrow(0, 0, (T_ - d) * N), wd[d].t());
       }
     });
-    return y2.reshape({T_, N, C_out});
+    return y;
   }
   const at::Tensor xc = to_rows(x_in);
   const at::Tensor w = weight_in.contiguous(), pos = position_in.contiguous();
@@ -257,7 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delay_linear_backward
     const at::Tensor x2 = x_in.reshape({L, C_in}).contiguous();
     const at::Tensor gy2 = grad_y.reshape({L, C_out}).contiguous();
     const at::Tensor w = weight_in.contiguous(), pos = position_in.contiguous();
-    at::Tensor gx2 = at::zeros({L, C_in}, x_in.options());
+    at::Tensor gx = at::zeros({T_, N, C_in}, x_in.options());  // returned: not a view
+    at::Tensor gx2 = gx.view({L, C_in});
     dispatch_float(x_in.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       const T sg = sigma_as<T>(sigma);
@@ -300,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delay_linear_backward
         });
       }
     });
-    return {gx2.reshape({T_, N, C_in}), gw, gp, gb};
+    return {gx, gw, gp, gb};
   }
   if (L > 0 && C_out > 0) {
     const at::Tensor gyc = to_rows(grad_y);

@@ -102,6 +102,32 @@ def test_dense_gemm_path_matches(shape, sigma, monkeypatch):
 
 
 @needs_op
+@pytest.mark.parametrize("path", ["gather", "dense"])
+def test_outputs_are_no_views_on_every_path(path, monkeypatch):
+    """An op's outputs must not be views (the op contract; autograd.Function's forward-mode
+    handling asserts on them): the dense path returned its [T*N, C] GEMM results reshaped, views
+    of internal tensors, and forward-mode AD through the layer followed by a backward hit
+    autograd's internal assert 'the tangent have the same layout as primal'. Seen only where
+    the op picks that path on its own (Intel CPUs, 2026-12-05), so both paths are forced here."""
+    monkeypatch.setenv("PYPAPER_DELAY_PATH", path)
+    T, N, C_in, C_out, K = 6, 2, 8, 5, 4
+    x, w, p, b = make(T, N, C_in, C_out, K)
+    gy = torch.randn(T, N, C_out, dtype=torch.float64)
+    y = torch.ops.pypaper.delay_linear(x, w, p, b, K, S(1.5))
+    grads = torch.ops.pypaper.delay_linear_backward(gy, x, w, p, K, S(1.5), True, True, True, True)
+    assert not y._is_view() and not any(g._is_view() for g in grads)
+    import torch.autograd.forward_ad as fwAD
+    xr = x.clone().requires_grad_()
+    with fwAD.dual_level():
+        out = D.delayed_linear(fwAD.make_dual(xr, torch.randn_like(x)), w, p, b, max_delay=K,
+                               sigma=1.5)
+        out.sum().backward()
+    want = torch.ops.pypaper.delay_linear_backward(torch.ones_like(gy), x, w, p, K, S(1.5), True,
+                                                   False, False, False)[0]
+    close(xr.grad, want, torch.float64, "x grad after a forward-mode call")
+
+
+@needs_op
 @pytest.mark.parametrize("amd", [False, True])
 @pytest.mark.parametrize("sigma", [7.0, 2.4, 2.3, 1.2, 1.0, 0.23, 0.0])
 def test_op_picks_its_path_from_sigma(sigma, amd, monkeypatch):
