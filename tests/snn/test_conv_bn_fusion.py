@@ -204,3 +204,49 @@ def test_same_result_as_spikingjellys_fusion_on_its_own_model(step_mode):
     want = theirs(x)
     sj_functional.reset_net(net)
     torch.testing.assert_close(ours(x), want)
+
+
+class _SharedConv(nn.Module):
+    """One convolution called twice (weights shared, e.g. over two inputs): ``second`` picks what
+    its second call feeds, another batch norm ("bn") or nothing (None)."""
+
+    def __init__(self, second):
+        super().__init__()
+        self.conv = layer.Conv2d(2, 2, 1)
+        self.bn1 = layer.BatchNorm2d(2)
+        self.bn2 = layer.BatchNorm2d(2) if second == "bn" else None
+
+    def forward(self, x):
+        y = self.conv(x * 0.5)
+        return self.bn1(self.conv(x)) + (self.bn2(y) if self.bn2 is not None else y)
+
+
+@pytest.mark.parametrize("second", ["bn", None])
+def test_a_conv_called_twice_is_fused_only_when_every_call_feeds_the_same_bn(second):
+    """The convolution is one module: folding one batch norm into it changes all its calls, so a
+    conv whose calls feed two different batch norms, or one call none, stays unfused."""
+    torch.manual_seed(0)
+    net = _SharedConv(second)
+    _randomize_bn(net)
+    net.eval()
+    x = torch.rand(2, 2, 3, 3)
+    fused = fuse_conv_bn_eval_modules(net)
+    assert _count(fused, nn.BatchNorm2d) == _count(net, nn.BatchNorm2d)
+    torch.testing.assert_close(fused(x), net(x))
+
+
+@pytest.mark.parametrize("which", ["conv", "bn"])
+def test_a_forward_set_on_the_instance_is_not_fused(which):
+    """A forward assigned to the module object (not its class: a patch, a wrapper) computes
+    something else than the layer's own: the pair is left as it is."""
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Conv2d(2, 3, 3, padding=1), layer.BatchNorm2d(3))
+    _randomize_bn(net)
+    net.eval()
+    m = net[0] if which == "conv" else net[1]
+    plain = m.forward
+    m.forward = lambda x: plain(x) * 2.0 + 0.25
+    x = torch.rand(2, 2, 4, 4)
+    fused = fuse_conv_bn_eval_modules(net)
+    assert _count(fused, nn.BatchNorm2d) == 1
+    torch.testing.assert_close(fused(x), net(x))

@@ -18,6 +18,7 @@ of that one function (which refuses), removed again right after. spiking_vgg's c
 at 512*7*7 -> 4096 -> 4096 (120M parameters), SNASNet's and SpikeDHS's widths are fixed too: those
 three are marked slow."""
 import copy
+import functools
 import sys
 import types
 import warnings
@@ -75,6 +76,9 @@ Z = _import_zoo()
 T = 2
 NEURONS = {"IF": sn.IFNode, "LIF": sn.LIFNode, "PLIF": sn.ParametricLIFNode}
 _SJ = (sn.IFNode, sn.LIFNode, sn.ParametricLIFNode, sn.SimpleIFNode, sn.SimpleLIFNode)
+# SpikingJelly's plain-PyTorch neurons, converted as well: on one model (each mode) only
+SIMPLE = {"SimpleIF": sn.SimpleIFNode,
+          "SimpleLIF": functools.partial(sn.SimpleLIFNode, tau=2.0, decay_input=True)}
 
 
 def _img(*shape, scale=3.0):
@@ -167,9 +171,13 @@ SLOW_MODELS = {
 ALL_MODELS = {**MODELS, **SLOW_MODELS}
 
 
+_ANY_NODE = (sn.BaseNode, sn.SimpleBaseNode, pn.BaseNode)
+
+
 def _nodes(model):
-    """{name: neuron} for SpikingJelly's and pypaper's neurons."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (sn.BaseNode, pn.BaseNode))}
+    """{name: neuron} for SpikingJelly's (its plain-PyTorch SimpleBaseNode ones too) and
+    pypaper's neurons."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _ANY_NODE)}
 
 
 def _run(model, x, mode, seed):
@@ -209,6 +217,8 @@ def _build(name, neuron, kw, mode, seed=0):
 def _cases():
     for name, (_, _, modes, defaults) in ALL_MODELS.items():
         kinds = list(NEURONS) + (["default"] if defaults else [])
+        if name == "plif_MNISTNet":
+            kinds += list(SIMPLE)
         if name == "ottt_vggws":
             kinds = ["LIF"]  # its own OTTTLIFNode: test_neurons_convert_does_not_take_...
         if name.startswith("SNASNet"):
@@ -222,7 +232,7 @@ def _cases():
 @pytest.mark.parametrize("name,kind,mode", list(_cases()))
 def test_zoo_model_converted_runs_trains_resets_saves_and_reverts_like_spikingjelly(
         name, kind, mode):
-    neuron = NEURONS.get(kind)
+    neuron = {**NEURONS, **SIMPLE}.get(kind)
     # MASNN's attention gates scale its currents down: a lower threshold makes it fire
     kw = {} if kind == "default" else dict(v_threshold=0.1 if name == "MASNN" else 0.5,
                                            surrogate_function=ss.ATan(), detach_reset=True)
@@ -231,6 +241,9 @@ def test_zoo_model_converted_runs_trains_resets_saves_and_reverts_like_spikingje
     kinds = {n: type(m) for n, m in _nodes(pp).items()}
     assert kinds and all(c in _SJ for c in kinds.values()), kinds
     keys = list(pp.state_dict())
+    # the optimizers are built before convert: the converted neurons must hold the model's own
+    # Parameters (PLIF's w, a learnable threshold), or the step below would not reach them
+    sgd = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (sj, pp)]
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="snn.convert")
         assert ps.convert(pp) is pp
@@ -238,7 +251,6 @@ def test_zoo_model_converted_runs_trains_resets_saves_and_reverts_like_spikingje
     assert all(isinstance(m, pn.BaseNode) for m in _nodes(pp).values())
     assert list(pp.state_dict()) == keys
     x = ALL_MODELS[name][1]()
-    sgd = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (sj, pp)]
 
     # 1. forward: every neuron's spikes and the output to the bit
     out_sj, spk_sj = _run(sj, x, mode, seed=1)
@@ -246,6 +258,10 @@ def test_zoo_model_converted_runs_trains_resets_saves_and_reverts_like_spikingje
     _same_spikes(spk_sj, spk_pp, "first forward")
     fired = sum(bool(s.any()) for s in spk_sj.values())
     assert fired >= (len(spk_sj) + 1) // 2, f"only {fired} of {len(spk_sj)} neurons fired"
+    # nor fire at every step everywhere: spikes all 1 would agree whatever the dynamics
+    saturated = [n for n, s in spk_sj.items() if bool((s == 1).all())]
+    assert len(saturated) <= len(spk_sj) // 2, f"{saturated} fire at every neuron-step"
+    assert all(bool(((s == 0) | (s == 1)).all()) for s in spk_pp.values())
     torch.testing.assert_close(out_pp, out_sj, rtol=0, atol=0)
 
     # 2. backward: the gradients of every parameter within fp32 rounding
@@ -267,6 +283,9 @@ def test_zoo_model_converted_runs_trains_resets_saves_and_reverts_like_spikingje
     for opt in sgd:
         opt.step()
         opt.zero_grad()
+    # the step reached the converted model's parameters (the gradients' tolerance times lr)
+    for (n, a), (_, b) in zip(sj.named_parameters(), pp.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * scale, msg=n)
     sf.reset_net(sj)
     sf.reset_net(pp)
     rest = {n: m.v for n, m in _nodes(pp).items()}
@@ -370,7 +389,7 @@ def test_spike_dhs_converts_its_lif_neurons_and_leaves_its_save_v_subclass_with_
     sj, pp = build(), build()
     with pytest.warns(UserWarning, match=r"spike_m \(save_v_LIFNode\).* and \d+ more left"):
         ps.convert(pp)
-    kinds = {type(m) for m in pp.modules() if isinstance(m, (sn.BaseNode, pn.BaseNode))}
+    kinds = {type(m) for m in pp.modules() if isinstance(m, _ANY_NODE)}
     assert kinds == {pn.LIFNode, Z.spike_dhs.save_v_LIFNode}
     x = torch.rand(1, 3, 32, 32)
     outs = []
