@@ -165,6 +165,18 @@ def _check_running_stats(bn: nn.Module, name: str) -> None:
                          f"no fixed convolution reproduces")
 
 
+def _fusable(conv: nn.Module, bn: nn.Module, fold: bool) -> bool:
+    """A (conv, bn) pair this module rewrites: same rank, same step mode, standard forwards."""
+    return (_pair_rank(conv, bn) is not None and _same_step_mode(conv, bn)
+            and _standard(conv, bn, fold))
+
+
+def _fold(conv: nn.Module, bn: nn.Module, bn_name: str) -> nn.Module:
+    """The one convolution computing bn(conv(x)) in eval mode (a new module)."""
+    _check_running_stats(bn, bn_name)
+    return fuse_conv_bn_eval(conv, bn)
+
+
 def _fused_children(container: nn.Module, name: str) -> nn.Module:
     """A shallow copy of a leaf container (an nn.Sequential with a step mode) with each pair of
     consecutive (conv, bn) children fused, nested Sequentials included; the container itself
@@ -181,10 +193,8 @@ def _fused_children(container: nn.Module, name: str) -> nn.Module:
                 replaced[key] = new
         elif i + 1 < len(children):
             bn_key, bn = children[i + 1]
-            if (_pair_rank(child, bn) is not None and _same_step_mode(child, bn)
-                    and _standard(child, bn, fold=True)):
-                _check_running_stats(bn, f"{name}.{bn_key}")
-                replaced[key] = fuse_conv_bn_eval(child, bn)
+            if _fusable(child, bn, fold=True):
+                replaced[key] = _fold(child, bn, f"{name}.{bn_key}")
                 replaced[bn_key] = nn.Identity()
                 i += 2
                 continue
@@ -219,8 +229,7 @@ def _matches(gm: fx.GraphModule, modules: Dict[str, nn.Module],
         if not (isinstance(src, fx.Node) and src.op == "call_module"):
             continue
         conv, bn = modules[src.target], modules[node.target]
-        if (_pair_rank(conv, bn) is None or not _same_step_mode(conv, bn)
-                or not _standard(conv, bn, fold)):
+        if not _fusable(conv, bn, fold):
             continue
         if len(src.users) != 1 or len(node.args) != 1 or node.kwargs:
             spoiled.add(src.target)  # the conv's output is used elsewhere: BN cannot fold in
@@ -246,19 +255,15 @@ def _transform(net: nn.Module, mode: str) -> fx.GraphModule:
     modules = dict(gm.named_modules())
     for conv_t, bn_t, bn_nodes in _matches(gm, modules, fold=mode == "eval"):
         conv, bn = modules[conv_t], modules[bn_t]
-        if mode == "eval":
-            _check_running_stats(bn, bn_t)
-            new = fuse_conv_bn_eval(conv, bn)
-        else:
-            new = PackedConvBN(conv, bn, _pair_rank(conv, bn))
+        new = _fold(conv, bn, bn_t) if mode == "eval" else PackedConvBN(conv, bn,
+                                                                         _pair_rank(conv, bn))
         _set_module(gm, conv_t, new)
         for node in bn_nodes:  # the conv's call now does both
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-    # pairs inside leaf containers (nn.Sequential step modules), fused in copies of them
-    for node in gm.graph.nodes:
-        if mode == "eval" and node.op == "call_module":
-            m = gm.get_submodule(node.target)
+    if mode == "eval":  # pairs inside leaf containers (nn.Sequential step modules), in copies
+        for node in gm.graph.nodes:
+            m = gm.get_submodule(node.target) if node.op == "call_module" else None
             if isinstance(m, nn.Sequential):
                 new = _fused_children(m, node.target)
                 if new is not m:

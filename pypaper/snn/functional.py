@@ -159,8 +159,8 @@ def set_backend(net: nn.Module, backend: str, instance=(nn.Module,)) -> None:
                               f"(supported: {supported}); it keeps backend={m.backend!r}")
 
 
-_OWN_NAMES = ["checkpoint", "conv_bn_fusion", "detach_net", "multi_step_forward", "reset_net", "seq_to_ann_forward",
-              "set_backend", "set_step_mode"]
+_OWN_NAMES = ["checkpoint", "conv_bn_fusion", "detach_net", "multi_step_forward", "reset_net",
+              "seq_to_ann_forward", "set_backend", "set_step_mode"]
 
 
 # Names this module lacks come from SpikingJelly (pypaper/snn/spikingjelly_fallback.py).
