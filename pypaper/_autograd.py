@@ -73,6 +73,15 @@ def refuse_tangents(op: str, names, values) -> None:
                     f"mode: backward, torch.autograd.grad, torch.func.grad / vjp / jacrev")
 
 
+def fresh_output(t: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """t reshaped to ``shape`` in ``dtype``, as a tensor of its own. An op returns no views (the op
+    contract; forward-mode AD through the op's autograd asserts on a view output, 'the tangent
+    have the same layout as primal'): ``.reshape`` / ``.view`` of an internal result, or ``.to``
+    of one already in ``dtype``, would return one. For the small outputs (parameter gradients);
+    large ones are allocated in their shape. tests/conftest.py checks every opcheck'd op."""
+    return torch.empty(shape, dtype=dtype, device=t.device).copy_(t.reshape(shape))
+
+
 def _carries_tangent(t: torch.Tensor) -> bool:
     try:
         return forward_ad.unpack_dual(t).tangent is not None

@@ -62,3 +62,37 @@ def vmap_calls(monkeypatch):
 
         monkeypatch.setitem(_autograd._VMAP_RULES, name, counted)
     return counts
+
+
+# ---- the op contract's "outputs are no views", checked at every opcheck ---------------------------
+# An op must return tensors of its own: a view of an internal tensor (x.view(...) of a result
+# computed flat, say) breaks forward-mode AD through the op's autograd (autograd asserts 'the tangent
+# have the same layout as primal'; the delay op's dense path, 2026-12-05). torch.library.opcheck
+# does not look for it, so every opcheck in the suite also calls the op on copies of its arguments
+# and checks each output, on every backend the suite reaches (CPU, CUDA, Triton).
+_torch_opcheck = torch.library.opcheck
+
+
+def _copy_arg(a):
+    if isinstance(a, torch.Tensor):
+        return a.detach().clone().requires_grad_(a.requires_grad)
+    return a
+
+
+def assert_no_view_outputs(op, args, kwargs=None):
+    from torch.utils import _pytree
+
+    args, kwargs = _pytree.tree_map(_copy_arg, (tuple(args), dict(kwargs or {})))
+    out = op(*args, **kwargs)
+    views = [i for i, t in enumerate(_pytree.tree_leaves(out))
+             if isinstance(t, torch.Tensor) and t._is_view()]
+    assert not views, f"{op}: outputs {views} are views (an op must return tensors of its own)"
+
+
+def _opcheck_and_no_views(op, args, kwargs=None, *pos, **kw):
+    result = _torch_opcheck(op, args, kwargs, *pos, **kw)
+    assert_no_view_outputs(op, args, kwargs)
+    return result
+
+
+torch.library.opcheck = _opcheck_and_no_views

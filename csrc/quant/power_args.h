@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../../kernels/common/power_quant_math.h"
+#include "../fresh_output.h"
 
 namespace pypaper {
 namespace power {

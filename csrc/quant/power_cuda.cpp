@@ -107,10 +107,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_fake_quantize_backward_cuda
   at::Tensor gm = pm.sum(1);
   at::Tensor ga_ch = pa.sum(1);
   at::Tensor ga = p.shape.per_channel_exponent ? ga_ch : ga_ch.sum().reshape({1});
-  return {dx.view(x_in.sizes()),
-          need_max_grad ? gm.to(max_abs.scalar_type()).view(max_abs.sizes())
+  TORCH_INTERNAL_ASSERT(dx.sizes() == x_in.sizes());  // allocated in x's shape: not a view
+  return {dx,
+          need_max_grad ? fresh_copy(gm, max_abs.sizes(), max_abs.scalar_type())
                         : at::zeros(max_abs.sizes(), max_abs.options()),
-          need_exponent_grad ? ga.to(exponent.scalar_type()).view(exponent.sizes())
+          need_exponent_grad ? fresh_copy(ga, exponent.sizes(), exponent.scalar_type())
                              : at::zeros(exponent.sizes(), exponent.options())};
 }
 

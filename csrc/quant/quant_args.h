@@ -7,6 +7,8 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
 
+#include "../fresh_output.h"
+
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -136,10 +138,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_backward(
   gz.mul_(grad_factor);
   const auto zp_type = at::isFloatingType(zero_point.scalar_type()) ? zero_point.scalar_type()
                                                                      : scale.scalar_type();
-  return {dx.view(x_in.sizes()),
-          need_scale_grad ? gs.to(scale.scalar_type()).view(scale.sizes())
+  TORCH_INTERNAL_ASSERT(dx.sizes() == x_in.sizes());  // allocated in x's shape: not a view
+  return {dx,
+          need_scale_grad ? fresh_copy(gs, scale.sizes(), scale.scalar_type())
                           : at::zeros(scale.sizes(), scale.options()),
-          need_zero_point_grad ? gz.to(zp_type).view(zero_point.sizes())
+          need_zero_point_grad ? fresh_copy(gz, zero_point.sizes(), zp_type)
                                : at::zeros(zero_point.sizes(), scale.options().dtype(zp_type))};
 }
 

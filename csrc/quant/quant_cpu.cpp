@@ -177,15 +177,13 @@ at::Tensor quantize_cpu(const at::Tensor& x_in, const at::Tensor& scale,
       const int64_t last = x.dim() ? x.size(-1) : 1;
       const int64_t rows = last ? x.numel() / last : 0;
       std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-      if (shape.empty()) shape.push_back(1);
-      shape.back() = (last + 1) / 2;
+      if (!shape.empty()) shape.back() = (last + 1) / 2;  // 0-dim x: 0-dim codes (1 byte)
       q = empty_cached(shape, x.options().dtype(at::kByte));
       uint8_t* qp = q.data_ptr<uint8_t>();
       at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(last, 1)),
                        [&](int64_t b, int64_t e) {
                          cpu::quantize_packed_rows<In>(xp, qp, sp, zp, L, qmin, qmax, last, b, e);
                        });
-      if (x.dim() == 0) q = q.view(c10::IntArrayRef{});  // 0-dim x: 0-dim codes
     } else if (is_signed) {
       q = empty_cached(x.sizes(), x.options().dtype(at::kChar));
       int8_t* qp = q.data_ptr<int8_t>();

@@ -111,14 +111,12 @@ at::Tensor quantize_cuda(const at::Tensor& x_in, const at::Tensor& scale,
   if (pack) {
     const int64_t last = x.dim() ? x.size(-1) : 1;
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    if (shape.empty()) shape.push_back(1);
-    shape.back() = (last + 1) / 2;
+    if (!shape.empty()) shape.back() = (last + 1) / 2;  // 0-dim x: 0-dim codes (1 byte)
     q = at::empty(shape, x.options().dtype(at::kByte));
     C10_CUDA_CHECK(gpu::launch_quantize_packed(
         type, x.const_data_ptr(), q.mutable_data_ptr<uint8_t>(), p.scale.const_data_ptr(),
         p.zero_point.const_data_ptr(), L, static_cast<int32_t>(qmin), static_cast<int32_t>(qmax),
         last, stream));
-    if (x.dim() == 0) q = q.view(c10::IntArrayRef{});  // 0-dim x: 0-dim codes
   } else {
     q = at::empty(x.sizes(), x.options().dtype(qmin < 0 ? at::kChar : at::kByte));
     C10_CUDA_CHECK(gpu::launch_quantize(type, x.const_data_ptr(), q.mutable_data_ptr(),

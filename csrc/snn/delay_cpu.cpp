@@ -187,7 +187,7 @@ at::Tensor delay_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
   const int64_t R = delay::window_radius(sigma, max_delay);
   const int64_t M = delay::max_taps(R, max_delay);
   at::Tensor yc = at::empty({C_out, T_, N}, x_in.options());
-  if (L == 0 || C_out == 0) return yc.permute({1, 2, 0}).contiguous();
+  if (L == 0 || C_out == 0) return yc.permute({1, 2, 0}).clone(at::MemoryFormat::Contiguous);
   if (use_dense(R, max_delay)) {
     const at::Tensor x2 = x_in.reshape({L, C_in}).contiguous();
     // the output is allocated in its own shape and worked on through a [T*N, C_out] view: an
@@ -229,7 +229,7 @@ at::Tensor delay_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
       }
     });
   });
-  return yc.permute({1, 2, 0}).contiguous();
+  return yc.permute({1, 2, 0}).clone(at::MemoryFormat::Contiguous);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delay_linear_backward_cpu(
@@ -254,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delay_linear_backward
   at::Tensor gb = at::zeros({C_out}, x_in.options());
   if (C_in == 0) {  // no synapses: y = bias, whose gradient is still sum over (t, n) of grad_y
     if (need_bias_grad && L > 0 && C_out > 0) gb = grad_y.reshape({L, C_out}).sum(0);
-    return {gxc.permute({1, 2, 0}).contiguous(), gw, gp, gb};
+    return {gxc.permute({1, 2, 0}).clone(at::MemoryFormat::Contiguous), gw, gp, gb};
   }
   if (L > 0 && C_out > 0 && use_dense(R, max_delay)) {
     const at::Tensor x2 = x_in.reshape({L, C_in}).contiguous();
@@ -355,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delay_linear_backward
       }
     });
   }
-  return {gxc.permute({1, 2, 0}).contiguous(), gw, gp, gb};
+  return {gxc.permute({1, 2, 0}).clone(at::MemoryFormat::Contiguous), gw, gp, gb};
 }
 
 }  // namespace

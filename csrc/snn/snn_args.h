@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../../kernels/common/snn_math.h"
+#include "../fresh_output.h"
 
 namespace pypaper {
 namespace snn {

@@ -201,7 +201,7 @@ at::Tensor finish_param_grad(const at::Tensor& param, const NeuronParam& p, cons
       *g.data_ptr<float>() = static_cast<float>(acc);
     }
   }
-  return g.reshape(param.sizes()).to(param.scalar_type());
+  return fresh_copy(g, param.sizes(), param.scalar_type());  // not a view of g
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cpu(

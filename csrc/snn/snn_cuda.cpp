@@ -96,7 +96,7 @@ at::Tensor finish_param_grad(const at::Tensor& param, const NeuronParam& p, int6
   if (neurons == 0) return at::zeros(param.sizes(), param.options());
   at::Tensor g = p.period > 1 ? at::sum(per_n.view({neurons / p.period, p.period}), {0})
                               : at::sum(partial).to(p.values.scalar_type());
-  return g.reshape(param.sizes()).to(param.scalar_type());
+  return fresh_copy(g, param.sizes(), param.scalar_type());  // not a view of g
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_backward_cuda(

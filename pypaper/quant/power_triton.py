@@ -17,6 +17,7 @@ Launch heuristics: one program per (row, block of BLOCK elements); BLOCK from th
 
 import torch
 
+from .._autograd import fresh_output
 from .._triton import HAVE_TRITON, tl, triton, triton_available  # noqa: F401
 
 __all__ = ["HAVE_TRITON", "triton_available", "block_for"]
@@ -235,9 +236,9 @@ if triton is not None:
         per_ch = exponent.numel() == C and C > 1
         gexp = ga if per_ch else ga.sum().reshape(1)
         return (dx,
-                gm.to(max_abs.dtype).reshape(max_abs.shape) if need_max_grad
+                fresh_output(gm, max_abs.shape, max_abs.dtype) if need_max_grad
                 else torch.zeros_like(max_abs),
-                gexp.to(exponent.dtype).reshape(exponent.shape) if need_exponent_grad
+                fresh_output(gexp, exponent.shape, exponent.dtype) if need_exponent_grad
                 else torch.zeros_like(exponent))
 
     __all__ += ["power_quantize_triton", "power_dequantize_triton", "power_fake_quantize_triton",

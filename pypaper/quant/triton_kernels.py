@@ -34,6 +34,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .._autograd import fresh_output
 from .layout import layout_of, math_dtype
 
 from .._triton import HAVE_TRITON, tl, triton, triton_available  # noqa: F401
@@ -463,11 +464,11 @@ if triton is not None:
                 gs = ps.view(view).sum(dim=(0, 2), dtype=torch.float64)
                 gz = pz.view(view).sum(dim=(0, 2), dtype=torch.float64)
         if need_scale_grad:
-            grad_scale = (gs * grad_factor).to(scale.dtype).reshape(scale.shape)
+            grad_scale = fresh_output(gs * grad_factor, scale.shape, scale.dtype)
         else:
             grad_scale = torch.zeros(scale.shape, dtype=scale.dtype, device=scale.device)
         if need_zero_point_grad:
-            grad_zp = (gz * grad_factor).to(zp_dtype).reshape(zero_point.shape)
+            grad_zp = fresh_output(gz * grad_factor, zero_point.shape, zp_dtype)
         else:
             grad_zp = torch.zeros(zero_point.shape, dtype=zp_dtype, device=scale.device)
         return dx, grad_scale, grad_zp
@@ -488,8 +489,9 @@ if triton is not None:
                             quant_min, quant_max)
         if pack:
             last = x.shape[-1] if x.dim() else 1
-            shape = list(x.shape) if x.dim() else [1]
-            shape[-1] = (last + 1) // 2
+            shape = list(x.shape)  # 0-dim x: 0-dim codes, one byte (an op returns no views)
+            if shape:
+                shape[-1] = (last + 1) // 2
             q = torch.empty(shape, dtype=torch.uint8, device=x.device)
             if x.numel() and _launches(x):
                 rows, half = x.numel() // last, (last + 1) // 2
@@ -499,7 +501,7 @@ if triton is not None:
                     QMIN=quant_min, QMAX=quant_max, IDX64=_needs_int64(plan, last),
                     USE_RN=_USE_RN, BF16_BITS=_bf16_bits(x.dtype),
                     BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
-            return q.view(()) if x.dim() == 0 else q
+            return q
         q = torch.empty(x.shape, dtype=torch.int8 if quant_min < 0 else torch.uint8,
                         device=x.device)
         if x.numel() and _launches(x):

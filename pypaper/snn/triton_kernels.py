@@ -49,6 +49,7 @@ from typing import Optional
 
 import torch
 
+from .._autograd import fresh_output
 from .._triton import HAVE_TRITON, tl, triton, triton_available  # noqa: F401
 from . import op_flags
 
@@ -196,7 +197,7 @@ def _finish_param_grad(param, period, neurons, mt, per_n, partial) -> torch.Tens
         g = per_n.view(neurons // period, period).sum(0)
     else:
         g = partial.sum().to(mt)
-    return g.reshape(param.shape).to(param.dtype)
+    return fresh_output(g, param.shape, param.dtype)  # not a view of g
 
 
 if triton is not None:
