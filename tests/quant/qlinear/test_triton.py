@@ -43,6 +43,7 @@ def test_int8_dynamic(M, K, N, act_qmax):
     assert torch.equal(acc, acc_r) and torch.equal(sa, sa_r)
     y = T.int8_dynamic_linear_triton(x, wp, sw, cs, b, act_qmax)
     assert torch.equal(y, ref.int8_dynamic_linear(x, wp, sw, cs, b, act_qmax))
+    assert not any(t._is_view() for t in (acc, sa, y))  # an op returns no views
 
 
 @pytest.mark.parametrize("M,K,N,G", [(1, 64, 7, 32), (6, 128, 33, 64), (17, 96, 20, 32)])
@@ -57,6 +58,7 @@ def test_weight_only(M, K, N, G):
     q8, s8 = [t.to(DEVICE) for t in ops.prepare_int8_weight_only(w, G)]
     y8 = T.int8_weight_only_linear_triton(x, q8, s8, None)
     r8 = ref.int8_weight_only_linear(x, q8, s8, None)
+    assert not y4._is_view() and not y8._is_view()  # an op returns no views
     assert torch.all((y8 - r8).abs() <= sum_bound(x, ref.dequantize_int8_weight(q8, s8)))
 
 
