@@ -248,8 +248,16 @@ def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
-def _transform(net: nn.Module, mode: str) -> fx.GraphModule:
+def _transform(net: nn.Module, mode: str) -> nn.Module:
     tracer = _Tracer()
+    if tracer.is_leaf_module(net, ""):
+        # The model is itself a step module (a container such as SeqToANNContainer(conv, bn), a
+        # layer, a neuron): fx cannot trace its forward, and there is no graph around it to
+        # rewrite. Its pairs are those of a leaf container: fused in a copy in eval mode; as it
+        # is for training (the container folds [T, N] once for all its children already).
+        if mode == "eval" and isinstance(net, nn.Sequential):
+            return _fused_children(net, type(net).__name__)
+        return net
     graph = tracer.trace(net)
     gm = fx.GraphModule(tracer.root, graph, net.__class__.__name__)
     modules = dict(gm.named_modules())
@@ -274,9 +282,12 @@ def _transform(net: nn.Module, mode: str) -> fx.GraphModule:
     return gm
 
 
-def fuse_conv_bn_eval_modules(net: nn.Module) -> fx.GraphModule:
+def fuse_conv_bn_eval_modules(net: nn.Module) -> nn.Module:
     """Every Conv{1,2,3}d -> BatchNorm{1,2,3}d pair of an eval-mode model folded into one
     convolution; returns the rewritten model as a torch.fx.GraphModule (``net`` is unchanged).
+    A model that is itself a step module (SeqToANNContainer(conv, bn, ...), a layer, a neuron:
+    nothing fx could trace) comes back as a copy of its class with its pairs fused (a BatchNorm
+    replaced by nn.Identity, the children keeping their names), or as itself when it has none.
     Raises ValueError for a model in training mode or a pair whose BatchNorm keeps no running
     statistics. A convolution whose output also goes elsewhere is left unfused."""
     if net.training:
@@ -285,10 +296,12 @@ def fuse_conv_bn_eval_modules(net: nn.Module) -> fx.GraphModule:
     return _transform(net, "eval")
 
 
-def pack_conv_bn_train_modules(net: nn.Module) -> fx.GraphModule:
+def pack_conv_bn_train_modules(net: nn.Module) -> nn.Module:
     """Every Conv -> BatchNorm pair of a training-mode model packed into one module that folds
     the multi-step [T, N] dimensions once for both (PackedConvBN); the parameters and running
-    statistics stay the model's own. Returns a torch.fx.GraphModule (``net`` is unchanged)."""
+    statistics stay the model's own. Returns a torch.fx.GraphModule (``net`` is unchanged); a
+    model that is itself a step module comes back as itself (a container already folds [T, N]
+    once for all its children)."""
     if not net.training:
         raise ValueError("pack_conv_bn_train_modules takes a model in train() mode (for "
                          "inference, fuse_conv_bn_eval_modules folds the pairs away)")

@@ -112,6 +112,26 @@ def test_pairs_inside_a_sequence_container_are_fused():
     assert isinstance(inner[1], nn.BatchNorm2d)
 
 
+def test_a_model_that_is_itself_a_step_module():
+    """The model passed in is itself a step module fx cannot trace (it raised TraceError /
+    ValueError before 2026-12-05): a container comes back as a fused copy of its class; a
+    layer or neuron, and any module in training mode, as itself."""
+    torch.manual_seed(0)
+    net = layer.SeqToANNContainer(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    _randomize_bn(net)
+    x = _inputs("m", 2, 2, 4, 4)
+    want = net.eval()(x)
+    fused = fuse_conv_bn_eval_modules(net)
+    assert type(fused) is layer.SeqToANNContainer and fused is not net
+    assert _count(fused, nn.BatchNorm2d) == 0 and _count(net, nn.BatchNorm2d) == 2
+    torch.testing.assert_close(fused(x), want)
+    assert pack_conv_bn_train_modules(net.train()) is net
+    for leaf in (layer.Conv2d(2, 4, 3, step_mode="m"), neuron.LIFNode(step_mode="m")):
+        assert fuse_conv_bn_eval_modules(leaf.eval()) is leaf
+        assert pack_conv_bn_train_modules(leaf.train()) is leaf
+
+
 def test_a_conv_whose_output_is_used_elsewhere_is_not_fused():
     class TwoUses(nn.Module):
         def __init__(self):
