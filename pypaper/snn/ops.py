@@ -371,6 +371,10 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
     if spec is None or backend == "reference":
         sid, alpha = spec if spec is not None else (0, 1.0)
         fn = surrogate_function if spec is None else None
+        # x_seq is contiguous here (any other layout went through _lif_in_storage_order, which
+        # permuted v with it); v contiguous too, as the kernels take it, so that v_last and
+        # v_seq come back in x's layout (a channels_last x: channels_last outputs) as theirs do
+        v = v if v is None else v.contiguous()
         return reference.lif_multi_step(x_seq, v, decay, vth, v_reset, sid, alpha, decay_input,
                                         decay_is_tau, detach_reset, sltt, store_v_seq,
                                         surrogate_fn=fn)

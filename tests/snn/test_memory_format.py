@@ -80,6 +80,21 @@ def test_conv_layout_multi_step(v_reset, store_v_seq, backend):
         assert torch.equal(g, gc)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_standard_layout_membrane_beside_a_channels_last_input(backend):
+    """A membrane in the standard layout (a zeros(...) v_init) beside a channels_last x: every
+    backend returns v_last and v_seq in x's layout, as it returns the spikes (the reference
+    returned v's layout before 2026-12-05; values were equal)."""
+    x = _conv_like(requires_grad=False)
+    v0 = torch.randn(N, C, H, W) * 0.5
+    assert v0.is_contiguous()
+    with use_backend(backend):
+        s, v, vs = lif_multi_step(x, v0, store_v_seq=True)
+    want = lif_multi_step(x.contiguous(), v0, store_v_seq=True)
+    assert torch.equal(s, want[0]) and torch.equal(v, want[1]) and torch.equal(vs, want[2])
+    assert _same_strides(s, x) and _same_strides(v, x[0]) and _same_strides(vs, x)
+
+
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 def test_neuron_channels_last(step_mode):
     """A LIFNode on channels_last steps: spikes and membrane stay channels_last across calls,
