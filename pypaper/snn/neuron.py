@@ -468,7 +468,8 @@ class LIFNode(BaseNode):
         if isinstance(tau, torch.Tensor):
             if not tau.is_floating_point():
                 raise TypeError(f"tau must be a floating tensor, got {tau.dtype}")
-            if not bool(torch.all(torch.isfinite(tau) & (tau > 1))):
+            # a meta tau (a model built under torch.device("meta")) has no values to check
+            if not tau.is_meta and not bool(torch.all(torch.isfinite(tau) & (tau > 1))):
                 raise ValueError("tau must be finite and > 1 for every neuron")
             self.register_buffer("tau", tau.detach().clone())
         else:

@@ -24,6 +24,7 @@ def test_sigma_set_under_inference_mode_still_trains(action, monkeypatch):
     monkeypatch.setenv("PYPAPER_DELAY_PATH", "gather")
     torch.manual_seed(0)
     layer = DelayedLinear(3, 4, 6, dtype=torch.float64)
+    layer.set_sigma(1.3)  # off every value an action sets (reset_parameters: sigma_init 2)
     twin = copy.deepcopy(layer)
     state = DelayedLinear(3, 4, 6, sigma_init=0.7, dtype=torch.float64).state_dict()
     x = torch.randn(7, 2, 3, dtype=torch.float64)
@@ -43,10 +44,15 @@ def test_sigma_set_under_inference_mode_still_trains(action, monkeypatch):
         act(layer)
     torch.manual_seed(1)
     act(twin)  # the same call outside inference mode
+    # the call did change sigma (in either mode), so a new sigma tensor was made in both
+    want_sigma = {"set_sigma": 0.9, "round_delays": 0.0, "load_state_dict": 0.7,
+                  "reset_parameters": 2.0}[action]
+    assert layer.sigma == twin.sigma == want_sigma
     params = [p for p in layer.parameters() if p.requires_grad]
+    twin_params = [p for p in twin.parameters() if p.requires_grad]
+    assert len(params) == len(twin_params) == (2 if action == "round_delays" else 3)
     grads = torch.autograd.grad(layer(x).square().sum(), params)
-    want = torch.autograd.grad(twin(x).square().sum(),
-                               [p for p in twin.parameters() if p.requires_grad])
+    want = torch.autograd.grad(twin(x).square().sum(), twin_params)
     for g, w in zip(grads, want):
         assert torch.equal(g, w)
 

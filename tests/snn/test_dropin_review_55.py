@@ -37,16 +37,21 @@ def test_a_subclass_whose_reset_reads_its_own_attributes_constructs(kind):
                 self.steps_left = self.window
 
         kw = {} if lib is neuron else {"surrogate_function": sj_surrogate.Sigmoid()}
-        node = Counting(step_mode="m", **kw)  # raised AttributeError: no attribute 'window'
+        # raised AttributeError: no attribute 'window'
+        node = Counting(step_mode="m", store_v_seq=True, **kw)
         assert not hasattr(node, "steps_left")  # reset() was not called by the constructor
         x = torch.linspace(-1.0, 3.0, 24).reshape(4, 2, 3)
         spikes = node(x)
-        v = node.v
-        node.reset()
-        results.append((spikes, v, node.v, node.steps_left, node.count, node.v_seq))
+        v, v_seq = node.v, node.v_seq
+        # the subclass's memory moved off its reset value, as a learnable one (an nn.Parameter
+        # stays state there, as v does: not a parameter of the neuron)
+        node.count = torch.nn.Parameter(torch.ones(3))
+        assert "count" not in dict(node.named_parameters())
+        node.reset()  # puts back v, v_seq and the registered memory
+        results.append((spikes, v, v_seq, node.v, node.steps_left, node.count, node.v_seq))
     ours, theirs = results
-    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
-    assert ours[2:] == theirs[2:] == (0.0, 3, 0.0, None)
+    assert all(torch.equal(a, b) for a, b in zip(ours[:3], theirs[:3]))
+    assert ours[3:] == theirs[3:] == (0.0, 3, 0.0, None)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -77,6 +82,13 @@ def test_functional_forward_restarts_a_state_of_another_shape_at_v_reset(kind, s
     # the module's own forward from such a membrane: the same restart
     ours.v = torch.zeros(7)
     assert torch.equal(ours(x), s_ours) and torch.equal(ours.v, v_ours)
+    # reset() on the other hand puts v at the reset value (set_reset_value, or v_reset as
+    # constructed), as SpikingJelly's does, and the next forward starts from there
+    for node in (ours, theirs):
+        node.reset()
+    assert ours.v == theirs.v == (0.0 if how == "v_reset_assigned" else 0.5)
+    assert torch.equal(ours(x), theirs(x))
+    assert torch.allclose(ours.v, theirs.v, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -154,16 +154,26 @@ def test_conv_bn_fusion_on_a_pypaper_model(step_mode):
 
     fusion = importlib.import_module("pypaper.snn.functional.conv_bn_fusion")
     torch.manual_seed(0)
-    net = nn.Sequential(pl.Conv2d(1, 4, 3, padding=1), pl.BatchNorm2d(4), neuron.IFNode(),
-                        pl.Flatten(), pl.Linear(64, 3))
+    # eps well above its default, and an affine map of its own: a fusion that dropped either
+    # (folding the statistics only) would still match with gamma = 1, beta = 0, eps = 1e-5
+    net = nn.Sequential(pl.Conv2d(1, 4, 3, padding=1), pl.BatchNorm2d(4, eps=0.25),
+                        neuron.IFNode(), pl.Flatten(), pl.Linear(64, 3))
     functional.set_step_mode(net, step_mode)
     with torch.no_grad():
         net[1].running_mean.uniform_(-1, 1)
         net[1].running_var.uniform_(0.5, 2)
+        net[1].weight.uniform_(0.5, 2)
+        net[1].bias.uniform_(-1, 1)
     net.eval()
     x = torch.rand(2, 2, 1, 4, 4) if step_mode == "m" else torch.rand(2, 1, 4, 4)
+    # the neuron's input too (the fused model shares the neuron): its spikes alone hide most
+    # errors of the folded weights, which rarely move a value across the threshold
+    seen = []
+    net[2].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     want = net(x)
     functional.reset_net(net)
     fused = fusion.fuse_conv_bn_eval_modules(net)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     torch.testing.assert_close(fused(x), want)
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[1], seen[0])

@@ -39,7 +39,45 @@ def test_tensor_parameters_on_meta():
     assert tau.grad.shape == (4,) and vth.grad.shape == (4,)
 
 
-def test_values_are_still_checked_off_meta():
-    """The skip is for meta tensors only: the same call on the CPU still refuses tau <= 1."""
-    with pytest.raises(ValueError, match="tau"):
-        lif_multi_step(torch.randn(3, 2, 4), tau=torch.full((4,), 0.5))
+# devices with values to read (CUDA where there is one): the skip must not widen to them
+OFF_META = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# (argument, a value it refuses, the error, whether the tensor requires grad); a threshold that
+# requires grad is a learnable one, which may reach v_reset (not refused then)
+BAD = [(name, value, error, grad)
+       for name, value, error, grads in [
+           ("tau", 0.5, "tau must be finite and > 1", (False, True)),
+           ("k", 1.5, "k = 1/tau must lie", (False, True)),
+           ("v_threshold", float("nan"), "v_threshold must be finite", (False, True)),
+           ("v_threshold", -1.0, "greater than v_reset", (False,))]
+       for grad in grads]
+
+
+@pytest.mark.parametrize("device", OFF_META)
+@pytest.mark.parametrize("name,value,error,requires_grad", BAD,
+                         ids=[f"{n}={v}{'-grad' if g else ''}" for n, v, _, g in BAD])
+def test_values_are_still_checked_off_meta(device, name, value, error, requires_grad):
+    """The skip is for meta tensors only: the same calls on a device with values still refuse
+    tau <= 1, k > 1 and a threshold that is not finite or not above v_reset, whether the tensor
+    requires grad or not; on meta they run."""
+    def call(dev):
+        p = torch.full((4,), value, device=dev).requires_grad_(requires_grad)
+        return lif_multi_step(torch.randn(3, 2, 4, device=dev), **{name: p})
+
+    with pytest.raises(ValueError, match=error):
+        call(device)
+    assert call("meta")[0].is_meta
+
+
+def test_lif_node_with_a_tensor_tau_on_meta():
+    """LIFNode(tau=<tensor>) built under torch.device("meta"): the constructor's value check
+    read the meta tensor ("Tensor.item() cannot be called on meta tensors"; found by the
+    mutation audit, 2026-12-05)."""
+    with torch.device("meta"):
+        node = neuron.LIFNode(tau=torch.full((5,), 2.0), step_mode="m")
+        x = torch.randn(4, 2, 5, requires_grad=True)
+    assert node.tau.is_meta
+    y = node(x)
+    assert y.is_meta and y.shape == (4, 2, 5)
+    y.sum().backward()
+    assert x.grad.is_meta and x.grad.shape == x.shape
