@@ -16,7 +16,8 @@ Kernels: C++ kernels/cpu/snn_cpu.h; the shared per-element math kernels/common/s
 plain-PyTorch reference pypaper/snn/reference.py.
 """
 from .. import _ext
-from . import _registration, base, functional, layer, neuron, reference, sltt, surrogate
+from . import (_registration, base, functional, layer, neuron, reference, sltt,
+               spikingjelly_fallback, surrogate)
 from .functional import detach_net, reset_net, set_step_mode
 from .neuron import IFNode, LIFNode, ParametricLIFNode
 from .ops import backend_for, lif_multi_step
@@ -25,6 +26,11 @@ from .convert import convert, revert  # SpikingJelly's neurons in a built model 
 
 if _ext.LOADED:
     _registration.register_native()
+
+# SpikingJelly's modules pypaper has none of (encoding, monitor, learning, rnn, ...) come from
+# spikingjelly.activation_based, so that `from pypaper.snn import neuron, encoding, ...` runs
+# (pypaper/snn/spikingjelly_fallback.py)
+__getattr__ = spikingjelly_fallback.package_forwarder(__name__)
 
 __all__ = ["DelayedLinear", "IFNode", "LIFNode", "ParametricLIFNode", "backend_for", "base",
            "convert", "detach_net", "functional", "layer", "lif_multi_step", "neuron", "reference",

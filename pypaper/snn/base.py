@@ -24,11 +24,12 @@ from typing import Callable, Iterator, Optional
 
 from torch import nn
 
+from . import spikingjelly_fallback
 from .layer import Dropout
 from .neuron import BaseNode
 
-__all__ = ["extract_memories", "load_memories", "memories", "named_memories",
-           "to_functional_forward"]
+_OWN_NAMES = ["extract_memories", "load_memories", "memories", "named_memories",
+              "to_functional_forward"]
 
 
 def _is_memory_module(module: nn.Module) -> bool:
@@ -147,3 +148,10 @@ def to_functional_forward(module: nn.Module, fn: Optional[Callable] = None) -> C
         return outputs, new_states
 
     return functional_forward
+
+
+# Names this module lacks (MemoryModule, StepModule, SingleStepModule, MultiStepModule) come from
+# SpikingJelly's base (pypaper/snn/spikingjelly_fallback.py): a model's own stateful module,
+# ``class Filter(base.MemoryModule)``, keeps working after ``from pypaper.snn import base``.
+# __all__ too: pypaper's names, then SpikingJelly's.
+__getattr__ = spikingjelly_fallback.forwarder(__name__, "base", _OWN_NAMES)

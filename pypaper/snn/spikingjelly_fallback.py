@@ -8,10 +8,15 @@ A name pypaper's module lacks is looked up in SpikingJelly's module of the same 
 module ``__getattr__``): the model still runs, those parts with SpikingJelly's own code and
 speed, mixed with pypaper's (functional.reset_net / set_step_mode handle both). Without
 spikingjelly installed the lookup fails with an AttributeError that says so.
+
+The package pypaper.snn does the same for SpikingJelly's modules it has none of (encoding,
+monitor, learning, rnn, ...; package_forwarder), all but memopt, which cannot checkpoint
+pypaper's neurons and is refused with the reason.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 
 def _star_names(module) -> list:
@@ -51,5 +56,55 @@ def forwarder(module_name: str, submodule: str, own: list):
         except AttributeError:
             raise AttributeError(f"module {module_name!r} has no attribute {name!r}, and neither "
                                  f"has {source}") from None
+
+    return __getattr__
+
+
+def package_forwarder(package_name: str):
+    """A module ``__getattr__`` for the package pypaper.snn: SpikingJelly's other modules, those
+    pypaper has no module for (encoding, monitor, learning, rnn, model, ...), come from
+    spikingjelly.activation_based. An import line of SpikingJelly's example scripts,
+    ``from spikingjelly.activation_based import neuron, encoding, functional, surrogate, layer``,
+    then runs changed to ``from pypaper.snn import ...``: pypaper's neuron, functional,
+    surrogate and layer, SpikingJelly's encoding (it raised ImportError). pypaper's own
+    submodules (imported or not) are always pypaper's. Attribute access and ``from pypaper.snn
+    import encoding`` only: a dotted import through pypaper.snn (``from pypaper.snn.encoding
+    import PoissonEncoder``, ``from pypaper.snn.model import ...``) is not provided; such lines
+    keep naming spikingjelly.activation_based.
+
+    Not memopt: SpikingJelly's memopt (optimize_memory, checkpoint_module) keeps and restores
+    for its recompute only the state of SpikingJelly's MemoryModules, so it recomputes pypaper's
+    neurons from the membrane their forward left (its temporal chunks: silently wrong
+    gradients; a neuron followed by other layers in one checkpointed block: torch's
+    CheckpointError). ``from pypaper.snn import memopt`` raises an ImportError that says so."""
+    source = "spikingjelly.activation_based"
+
+    def __getattr__(name: str):
+        if name.startswith("_"):
+            raise AttributeError(f"module {package_name!r} has no attribute {name!r}")
+        if name == "memopt":
+            raise ImportError(
+                f"{package_name} has no memopt: SpikingJelly's memopt (optimize_memory, "
+                f"checkpoint_module) restores only SpikingJelly's MemoryModule state for its "
+                f"recompute, and would recompute pypaper's neurons from the wrong membrane "
+                f"(temporal chunks: wrong gradients; a neuron followed by other layers in one "
+                f"checkpointed block: CheckpointError). Keep SpikingJelly's neurons in a model "
+                f"given to memopt (from spikingjelly.activation_based import memopt, neuron), or "
+                f"checkpoint blocks with pypaper.snn.functional.checkpoint, which restores "
+                f"the neurons' state", name=f"{package_name}.memopt")
+        own = f"{package_name}.{name}"
+        if importlib.util.find_spec(own) is not None:  # a submodule of pypaper's not imported yet
+            return importlib.import_module(own)
+        try:
+            found = importlib.util.find_spec(f"{source}.{name}") is not None
+        except Exception as e:  # spikingjelly not installed, or a broken install
+            raise AttributeError(
+                f"module {package_name!r} has no attribute {name!r}: pypaper has no such module, "
+                f"and {source} (where SpikingJelly's would come from) failed to import "
+                f"({type(e).__name__}: {e})") from None
+        if not found:
+            raise AttributeError(f"module {package_name!r} has no attribute {name!r}, and "
+                                 f"{source} has no module {name!r}")
+        return importlib.import_module(f"{source}.{name}")
 
     return __getattr__
