@@ -7,13 +7,12 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
 
-#include "../fresh_output.h"
-
 #include <cstdint>
 #include <tuple>
 #include <vector>
 
 #include "../../kernels/common/quant_layout.h"
+#include "../fresh_output.h"
 
 namespace pypaper {
 namespace quant {

@@ -35,9 +35,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._autograd import fresh_output
-from .layout import layout_of, math_dtype
-
 from .._triton import HAVE_TRITON, tl, triton, triton_available  # noqa: F401
+from .layout import layout_of, math_dtype
 
 __all__ = ["HAVE_TRITON", "triton_available"]
 

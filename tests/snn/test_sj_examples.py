@@ -231,6 +231,18 @@ def _fmnist_step(net, opt, img, label, reset):
     return out_fr, loss, g
 
 
+def _assert_fmnist_steps_match(na, nb, oa, ob, img, label):
+    """One training step of SpikingJelly's model and of pypaper's: firing rates equal (and
+    not all zero), loss and gradients to fp32 rounding, parameters and buffers after the step."""
+    want = _fmnist_step(na, oa, img, label, sf.reset_net)
+    got = _fmnist_step(nb, ob, img, label, pf.reset_net)
+    assert want[0].sum() > 0
+    assert_same(want[0], got[0], "firing rate", exact=True)
+    assert_same(want[1], got[1], "loss")
+    assert_same_grads(want[2], got[2])
+    assert_same_state_dict(na, nb)
+
+
 def test_conv_fashion_mnist_trains_as_spikingjelly():
     na, nb = _csnn_pair()
     assert type(nb.conv_fc[2]) is pn.IFNode and nb.conv_fc[2].step_mode == "m"
@@ -239,13 +251,7 @@ def test_conv_fashion_mnist_trains_as_spikingjelly():
     torch.manual_seed(1)
     for _ in range(2):
         img, label = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
-        want = _fmnist_step(na, oa, img, label, sf.reset_net)
-        got = _fmnist_step(nb, ob, img, label, pf.reset_net)
-        assert want[0].sum() > 0
-        assert_same(want[0], got[0], "firing rate", exact=True)
-        assert_same(want[1], got[1], "loss")
-        assert_same_grads(want[2], got[2])
-        assert_same_state_dict(na, nb)
+        _assert_fmnist_steps_match(na, nb, oa, ob, img, label)
         assert membranes(nb) == membranes(na) == [0.0] * 4  # reset_net
     na.eval(), nb.eval()
     with torch.no_grad():
@@ -349,13 +355,7 @@ def test_rsnn_sequential_fmnist(model):
     for _ in range(2):
         img, label = torch.rand(4, 1, 28, 28) * 2, torch.randint(0, 10, (4,))
         img = img.squeeze(1).permute(2, 0, 1)  # [W, N, H] as [T, N, H]
-        want = _fmnist_step(na, oa, img, label, sf.reset_net)
-        got = _fmnist_step(nb, ob, img, label, pf.reset_net)
-        assert want[0].sum() > 0
-        assert_same(want[0], got[0], "firing rate", exact=True)
-        assert_same(want[1], got[1], "loss")
-        assert_same_grads(want[2], got[2])
-        assert_same_state_dict(na, nb)
+        _assert_fmnist_steps_match(na, nb, oa, ob, img, label)
         assert membranes(nb) == membranes(na)
 
 
