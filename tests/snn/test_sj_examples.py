@@ -231,16 +231,20 @@ def _fmnist_step(net, opt, img, label, reset):
     return out_fr, loss, g
 
 
-def _assert_fmnist_steps_match(na, nb, oa, ob, img, label):
-    """One training step of SpikingJelly's model and of pypaper's: firing rates equal (and
-    not all zero), loss and gradients to fp32 rounding, parameters and buffers after the step."""
-    want = _fmnist_step(na, oa, img, label, sf.reset_net)
-    got = _fmnist_step(nb, ob, img, label, pf.reset_net)
+def _assert_same_step(want, got, na, nb):
+    """(firing rate, loss, gradients) of one training step of SpikingJelly's model na and of
+    pypaper's nb: firing rates equal (and not all zero), loss and gradients to fp32 rounding,
+    parameters and buffers after the step."""
     assert want[0].sum() > 0
     assert_same(want[0], got[0], "firing rate", exact=True)
     assert_same(want[1], got[1], "loss")
     assert_same_grads(want[2], got[2])
     assert_same_state_dict(na, nb)
+
+
+def _assert_fmnist_steps_match(na, nb, oa, ob, img, label):
+    _assert_same_step(_fmnist_step(na, oa, img, label, sf.reset_net),
+                      _fmnist_step(nb, ob, img, label, pf.reset_net), na, nb)
 
 
 def test_conv_fashion_mnist_trains_as_spikingjelly():
@@ -312,12 +316,8 @@ def test_lif_fc_mnist_single_step_loop_and_its_plotting_hooks():
             res.append((out_fr, loss, grads(net), net.layer[-1].v.clone()))
             opt.step()
             reset(net)
-        assert res[0][0].sum() > 0
-        assert_same(res[0][0], res[1][0], "firing rate", exact=True)
-        assert_same(res[0][1], res[1][1], "loss")
-        assert_same_grads(res[0][2], res[1][2])
+        _assert_same_step(res[0], res[1], na, nb)
         assert_same(res[0][3], res[1][3], "membrane before reset", tol=1e-6)
-        assert_same_state_dict(na, nb)
     # the end of main(): v_seq and s_seq lists filled by a forward hook, one unbatched image
     for net in (na, nb):
         net.eval()
@@ -393,11 +393,7 @@ def test_classify_dvsg_zoo_net_with_pypapers_neuron():
         res.append((out_fr, loss, grads(net)))
         opt.step()
         reset(net)
-    assert res[0][0].sum() > 0
-    assert_same(res[0][0], res[1][0], "firing rate", exact=True)
-    assert_same(res[0][1], res[1][1], "loss")
-    assert_same_grads(res[0][2], res[1][2])
-    assert_same_state_dict(na, nb)
+    _assert_same_step(res[0], res[1], na, nb)
 
 
 # ---- speech_commands.py: LIFWrapper over transposed (non-contiguous) [T, C, N, mel] ------------
