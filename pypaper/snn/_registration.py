@@ -40,7 +40,9 @@ def _fake_lif_backward(grad_spikes, grad_v_last, grad_v_seq, h_seq, v_init, deca
             torch.empty_like(v_threshold, memory_format=torch.contiguous_format))
 
 
-def _lif_setup(ctx, inputs, output):
+def _lif_setup(ctx, inputs, output, also_saved=()):
+    """What autograd keeps of a lif_forward call (see the module doc); ``also_saved``: tensors
+    saved after those (tensor_alpha.py's alpha)."""
     x, v_init, decay, v_threshold, v_reset, surrogate, alpha, flags = inputs
     ctx.scalars = (v_reset, surrogate, alpha)
     ctx.dynamics = flags & op_flags.DYNAMICS
@@ -61,7 +63,7 @@ def _lif_setup(ctx, inputs, output):
     keep_v = (need_decay or ctx.recompute) and v_init is not None
     ctx.keep_v = keep_v
     ctx.save_for_backward(x if ctx.recompute else h_seq, decay, v_threshold,
-                          *((v_init,) if keep_v else ()))
+                          *((v_init,) if keep_v else ()), *also_saved)
 
 
 def call_op(op, args, through_autograd: bool):
@@ -75,25 +77,34 @@ def call_op(op, args, through_autograd: bool):
         return op(*args)
 
 
+def backward_tensors(ctx, g_spikes, g_v_last, g_v_seq):
+    """The tensor arguments of the backward op for a forward _lif_setup saw, (grad_spikes,
+    grad_v_last, grad_v_seq, h_seq (x when ctx.recompute), v_init, decay, v_threshold), and its
+    flags: the forward's dynamics, the parameter gradients asked for, recompute."""
+    if not ctx.keep_h and not ctx.recompute:
+        raise RuntimeError("pypaper::lif_forward ran without the keep_h flag, which keeps no "
+                           "H for the backward (only the CPU backward can rerun the forward "
+                           "instead): set op_flags.KEEP_H to differentiate it")
+    saved = ctx.saved_tensors
+    h_seq, decay, v_threshold = saved[:3]  # h_seq holds x when ctx.recompute
+    v_init = saved[3] if ctx.keep_v else None
+    need_decay, need_vth = ctx.needs_input_grad[2:4]
+    if g_spikes is None:
+        g_spikes = torch.zeros_like(h_seq)
+    g_v_seq = g_v_seq.contiguous() if (ctx.store_v_seq and g_v_seq is not None) else None
+    g_v_last = g_v_last.contiguous() if g_v_last is not None else None
+    flags = (ctx.dynamics | (op_flags.NEED_DECAY_GRAD if need_decay else 0)
+             | (op_flags.NEED_THRESHOLD_GRAD if need_vth else 0)
+             | (op_flags.RECOMPUTE if ctx.recompute else 0))
+    return (g_spikes.contiguous(), g_v_last, g_v_seq, h_seq, v_init, decay, v_threshold), flags
+
+
 def _make_lif_backward(backward_op):
     def backward(ctx, g_spikes, g_v_last, g_h, g_v_seq):
-        if not ctx.keep_h and not ctx.recompute:
-            raise RuntimeError("pypaper::lif_forward ran without the keep_h flag, which keeps no "
-                               "H for the backward (only the CPU backward can rerun the forward "
-                               "instead): set op_flags.KEEP_H to differentiate it")
-        saved = ctx.saved_tensors
-        h_seq, decay, v_threshold = saved[:3]  # h_seq holds x when ctx.recompute
-        v_init = saved[3] if ctx.keep_v else None
+        tensors, flags = backward_tensors(ctx, g_spikes, g_v_last, g_v_seq)
+        g_spikes, g_v_last, g_v_seq, h_seq, v_init, decay, v_threshold = tensors
         need_x, need_v, need_decay, need_vth = ctx.needs_input_grad[:4]
-        if g_spikes is None:
-            g_spikes = torch.zeros_like(h_seq)
-        g_v_seq = g_v_seq.contiguous() if (ctx.store_v_seq and g_v_seq is not None) else None
-        g_v_last = g_v_last.contiguous() if g_v_last is not None else None
-        flags = (ctx.dynamics | (op_flags.NEED_DECAY_GRAD if need_decay else 0)
-                 | (op_flags.NEED_THRESHOLD_GRAD if need_vth else 0)
-                 | (op_flags.RECOMPUTE if ctx.recompute else 0))
-        args = (g_spikes.contiguous(), g_v_last, g_v_seq, h_seq, v_init, decay, v_threshold,
-                *ctx.scalars, flags)
+        args = (*tensors, *ctx.scalars, flags)
         # create_graph=True builds a graph over this backward, and forward-mode tangents reach
         # it under forward-over-reverse: then through the backward op's autograd, whose
         # derivatives are pypaper/snn/second_order.py's.

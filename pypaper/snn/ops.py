@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import _autograd, _backend, _layout
-from . import _registration, op_flags, reference
+from . import _registration, op_flags, reference, tensor_alpha
 from .surrogate import surrogate_spec
 
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -397,6 +397,11 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
     # Nothing to differentiate: the call skips the Autograd key (its Python kernel would only
     # redispatch); else, in eager mode, the same autograd without torch.library's wrapper.
     forward_op, backward_op = _ops(backend)
+    if isinstance(alpha, torch.Tensor):
+        # torch.compile traces a tensor alpha (surrogate.alpha_operand): the ops that read it
+        # when the compiled graph runs (tensor_alpha.py); eager calls got a float
+        forward_op, backward_op = tensor_alpha.ops(backend)
+        args = (*args, backend)
     if tangents:
         spikes, v_last, _, v_seq = forward_op(*args)
     elif needs_grad:

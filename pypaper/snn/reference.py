@@ -39,8 +39,9 @@ SURROGATE_IDS = {
 
 
 def surrogate_grad(x: torch.Tensor, surrogate_id: int, alpha: float) -> torch.Tensor:
-    """sigma'(x) of surrogate ``surrogate_id`` (SpikingJelly's formulas)."""
-    a = float(alpha)
+    """sigma'(x) of surrogate ``surrogate_id`` (SpikingJelly's formulas). alpha: a number, or
+    while torch.compile traces a tensor alpha, a 0-d tensor (surrogate.alpha_operand)."""
+    a = alpha if isinstance(alpha, torch.Tensor) else float(alpha)
     if surrogate_id == 0:  # Sigmoid: a s (1 - s), s = sigmoid(a x)
         s = torch.sigmoid(x * a)
         return (1.0 - s) * s * a
@@ -93,8 +94,14 @@ def surrogate_primitive(x: torch.Tensor, surrogate_id: int, alpha: float) -> tor
     raise ValueError(f"surrogate id must be in 0..7, got {surrogate_id}")
 
 
-class SpikeFunction(torch.autograd.Function):
-    """S = Theta(x) (1 where x >= 0) forward, grad * sigma'(x) backward."""
+def _saved_derivative(ctx) -> torch.Tensor:
+    x, *alpha = ctx.saved_tensors
+    return surrogate_grad(x, ctx.surrogate_id, alpha[0] if alpha else ctx.alpha)
+
+
+class _Spike(torch.autograd.Function):
+    """S = Theta(x) (1 where x >= 0) forward, grad * sigma'(x) backward. Without forward mode:
+    what torch.compile traces (dynamo refuses a Function with a jvp: fullgraph failed on it)."""
 
     generate_vmap_rule = True  # torch.func.vmap over it (per-sample gradients)
 
@@ -105,25 +112,32 @@ class SpikeFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, surrogate_id, alpha = inputs
-        ctx.save_for_backward(x)
-        ctx.save_for_forward(x)
-        ctx.surrogate_id, ctx.alpha = surrogate_id, alpha
+        # a tensor alpha (torch.compile tracing one: surrogate.alpha_operand) is saved with x
+        kept = (x, alpha) if isinstance(alpha, torch.Tensor) else (x,)
+        ctx.save_for_backward(*kept)
+        if not torch.compiler.is_compiling():
+            ctx.save_for_forward(*kept)
+        ctx.surrogate_id = surrogate_id
+        ctx.alpha = None if isinstance(alpha, torch.Tensor) else alpha
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * surrogate_grad(x, ctx.surrogate_id, ctx.alpha), None, None
+        return grad * _saved_derivative(ctx), None, None
+
+
+class SpikeFunction(_Spike):
+    """_Spike with forward mode (torch.func.jvp, jacfwd, dual tensors): what eager calls run."""
 
     @staticmethod
     def jvp(ctx, x_tangent, _surrogate_id, _alpha):
         """Forward mode: the same surrogate Jacobian, dS = sigma'(x) dx."""
-        (x,) = ctx.saved_tensors
-        return x_tangent * surrogate_grad(x, ctx.surrogate_id, ctx.alpha)
+        return x_tangent * _saved_derivative(ctx)
 
 
 def spike(x: torch.Tensor, surrogate_id: int, alpha: float) -> torch.Tensor:
     """Heaviside forward with the surrogate derivative backward."""
-    return SpikeFunction.apply(x, surrogate_id, alpha)
+    fn = _Spike if torch.compiler.is_compiling() else SpikeFunction
+    return fn.apply(x, surrogate_id, alpha)
 
 
 def default_math_dtype(dtype: torch.dtype) -> torch.dtype:

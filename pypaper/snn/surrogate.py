@@ -40,14 +40,29 @@ def alpha_value(alpha, where: str = "alpha") -> float:
     no gradient, as SpikingJelly's built-ins do not)."""
     value = alpha
     if isinstance(alpha, torch.Tensor):
-        if alpha.numel() != 1 or not alpha.is_floating_point():
-            raise ValueError(f"{where} must be a positive finite number or a one-element floating "
-                             f"tensor, got a {alpha.dtype} tensor of shape {tuple(alpha.shape)}")
+        _check_alpha_tensor(alpha, where)
         value = float(alpha.detach())
     if (isinstance(value, bool) or not isinstance(value, numbers.Real)
             or not math.isfinite(value) or value <= 0):
         raise ValueError(f"{where} must be a positive finite number, got {alpha!r}")
     return float(value)
+
+
+def _check_alpha_tensor(alpha: torch.Tensor, where: str) -> None:
+    if alpha.numel() != 1 or not alpha.is_floating_point():
+        raise ValueError(f"{where} must be a positive finite number or a one-element floating "
+                         f"tensor, got a {alpha.dtype} tensor of shape {tuple(alpha.shape)}")
+
+
+def alpha_operand(alpha, where: str = "alpha"):
+    """alpha as the ops take it: a float (alpha_value), except a tensor alpha while torch.compile
+    traces, which stays a tensor (detached, shape ()): reading it there would break the graph.
+    lif_multi_step then runs the ops of pypaper/snn/tensor_alpha.py, which read and check it
+    when the compiled graph runs, or the reference, which computes with it."""
+    if isinstance(alpha, torch.Tensor) and torch.compiler.is_compiling():
+        _check_alpha_tensor(alpha, where)
+        return alpha.detach().reshape(())
+    return alpha_value(alpha, where)
 
 
 def _is_bool(v) -> bool:
@@ -163,7 +178,7 @@ class SurrogateFunctionBase(nn.Module):
         if self.surrogate_id < 0:
             raise NotImplementedError(f"{type(self).__name__} is not one of pypaper's surrogates: "
                                       f"it has no built-in derivative")
-        return reference.surrogate_grad(x, self.surrogate_id, alpha_value(self.alpha))
+        return reference.surrogate_grad(x, self.surrogate_id, alpha_operand(self.alpha))
 
     @staticmethod
     def spiking_function(x: torch.Tensor, **params) -> torch.Tensor:
@@ -187,14 +202,14 @@ def _make(name: str, alpha: float, doc: str):
     sid = SURROGATE_IDS[name]
 
     def spiking_function(x: torch.Tensor, alpha) -> torch.Tensor:
-        return reference.spike(x, sid, alpha_value(alpha))
+        return reference.spike(x, sid, alpha_operand(alpha))
 
     def primitive_function(x: torch.Tensor, alpha) -> torch.Tensor:
         return reference.surrogate_primitive(x, sid, alpha)
 
     def backward(grad_output: torch.Tensor, x: torch.Tensor, alpha) -> torch.Tensor:
         """grad_output * sigma'(x) (SpikingJelly's static backward)."""
-        return grad_output * reference.surrogate_grad(x, sid, alpha_value(alpha))
+        return grad_output * reference.surrogate_grad(x, sid, alpha_operand(alpha))
 
     spiking_function._pypaper_surrogate_id = sid  # what surrogate_spec trusts to be this id
     cls = type(name, (SurrogateFunctionBase,), {
@@ -243,20 +258,21 @@ def surrogate_spec(fn) -> Optional[tuple[int, float]]:
         own = getattr(type(fn).spiking_function, "_pypaper_surrogate_id", None)
         ok = (fn.spiking and fn.surrogate_id >= 0 and own == fn.surrogate_id
               and type(fn).forward is SurrogateFunctionBase.forward)
-        return (fn.surrogate_id, alpha_value(fn.alpha, f"{type(fn).__name__}'s alpha")) if ok \
+        return (fn.surrogate_id, alpha_operand(fn.alpha, f"{type(fn).__name__}'s alpha")) if ok \
             else None
     cls = type(fn)
     if cls.__module__.startswith("spikingjelly") and cls.__name__ in SURROGATE_IDS:
         if getattr(fn, "spiking", True):
             try:
-                return SURROGATE_IDS[cls.__name__], alpha_value(getattr(fn, "alpha", None))
+                return SURROGATE_IDS[cls.__name__], alpha_operand(getattr(fn, "alpha", None))
             except ValueError:
                 pass  # not a value the kernels take: the loop calls fn itself
     return None
 
 
 _OWN_NAMES = ["ATan", "Erf", "PiecewiseExp", "PiecewiseQuadratic", "Rect", "Sigmoid", "SoftSign",
-              "SuperSpike", "SurrogateFunctionBase", "alpha_value", "heaviside", "surrogate_spec"]
+              "SuperSpike", "SurrogateFunctionBase", "alpha_operand", "alpha_value", "heaviside",
+              "surrogate_spec"]
 
 
 # Names this module lacks come from SpikingJelly (pypaper/snn/spikingjelly_fallback.py).

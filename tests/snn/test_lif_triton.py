@@ -608,3 +608,32 @@ def test_channels_last_input_keeps_its_strides():
     assert torch.equal(s.cpu(), sc) and torch.equal(v.cpu(), vc)
     assert torch.equal(g[0].cpu(), gc[0])
     torch.testing.assert_close(g[1].cpu(), gc[1], rtol=GRAD_TOL[torch.float32], atol=1e-6)
+
+
+# ---- alpha as a tensor (torch.compile over a tensor alpha: pypaper/snn/tensor_alpha.py) ----------
+
+def test_tensor_alpha_ops_run_the_triton_twins():
+    """lif_forward_alpha_tensor / lif_backward_alpha_tensor with backend 'triton' give the
+    Triton ops' results for alpha's value, bit for bit (one element, any floating dtype)."""
+    from pypaper.snn import tensor_alpha
+
+    fwd, bwd = tensor_alpha.ops("triton")
+    x = inputs((5, 3, 7), torch.float32).to(DEVICE)
+    decay, vth = torch.tensor(2.0, device=DEVICE), torch.tensor(1.0, device=DEVICE)
+    flags = op_flags.forward_flags(True, True, False, False, False, True)
+    alpha = torch.tensor([1.5], dtype=torch.float64, device=DEVICE)
+    got = fwd(x, None, decay, vth, 0.0, 1, alpha, flags, "triton")
+    want = ops.lif_forward_triton(x, None, decay, vth, 0.0, 1, 1.5, flags)
+    assert not any(t._is_view() for t in got)
+    for g, w in zip(got, want):
+        _assert_same(g.cpu(), w.cpu())
+    h = want[2]
+    gs = torch.randn_like(h)
+    bflags = op_flags.backward_flags(True, True, False, False, False, True)
+    args = (gs, None, None, h, None, decay, vth, 0.0, 1)
+    got = bwd(*args, alpha, bflags, "triton")
+    want = ops.lif_backward_triton(*args, 1.5, bflags)
+    assert not any(t._is_view() for t in got)
+    for g, w in zip(got, want):
+        _assert_same(g.cpu(), w.cpu())
+    assert got[0].abs().sum() > 0

@@ -1,0 +1,228 @@
+"""torch.compile(fullgraph=True) over neurons whose surrogate alpha is a tensor.
+
+SpikingJelly keeps a tensor alpha as given (annealed in place, or an nn.Parameter from a
+state_dict); pypaper reads it at each eager call. Under torch.compile that read broke the graph,
+so fullgraph=True raised (dynamo: "Could not guard on data-dependent expression"). While tracing,
+lif_multi_step now passes the tensor to pypaper/snn/tensor_alpha.py's ops, which read it when the
+graph runs, and the reference computes with it as a tensor.
+"""
+import pytest
+import spikingjelly.activation_based.surrogate as sj_surrogate
+import torch
+from torch import nn
+from torch._dynamo.backends.common import aot_autograd  # noqa: F401  (aot_eager is registered)
+
+import pypaper
+from pypaper.snn import neuron, ops, surrogate
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test's closures share code objects with the others': a fresh cache per test (the
+    recompile limit counts per code object)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _recording_backend(graphs):
+    """aot_eager (fake tensors, the ops' autograd traced into forward and backward graphs),
+    recording the code of each graph dynamo hands over."""
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    return backend
+
+
+def _model(sur, step_mode="m"):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), neuron.LIFNode(surrogate_function=sur,
+                                                         step_mode=step_mode))
+
+
+def _step(model, x, step_mode):
+    def run(x):
+        pypaper.snn.reset_net(model)
+        if step_mode == "m":
+            return model(x)
+        return torch.stack([model(x[t]) for t in range(x.shape[0])])
+    return run
+
+
+def _fwd_bwd(fn, model, x):
+    model.zero_grad()
+    out = fn(x)
+    (out * torch.linspace(-1, 1, out.shape[-1], device=out.device)).sum().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_same(a, b):
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+    assert out_a.sum() > 0 and out_a.sum() < out_a.numel()  # some spikes, not all
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-7)
+        assert ga.abs().sum() > 0
+
+
+SURROGATES = {
+    "pypaper ATan": lambda a: surrogate.ATan(alpha=a),
+    "pypaper Sigmoid": lambda a: surrogate.Sigmoid(alpha=a),
+    "spikingjelly PiecewiseQuadratic": lambda a: sj_surrogate.PiecewiseQuadratic(alpha=a),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("step_mode", ["m", "s"])
+@pytest.mark.parametrize("sur", list(SURROGATES))
+def test_fullgraph_compile_with_a_tensor_alpha_equals_eager_and_follows_annealing(
+        backend, step_mode, sur):
+    alpha = torch.tensor(3.0)
+    model = _model(SURROGATES[sur](alpha), step_mode)
+    x = torch.randn(5, 4, 6) * 2
+    graphs = []
+    eager = _step(model, x, step_mode)
+    compiled = torch.compile(eager, fullgraph=True, backend=_recording_backend(graphs))
+    with pypaper.use_backend(backend):
+        got = _fwd_bwd(compiled, model, x)
+        _assert_same(got, _fwd_bwd(eager, model, x))
+        assert len(graphs) == 1
+        if backend == "cpu":  # the kernels' op, not the reference, runs in the graph
+            assert "lif_forward_alpha_tensor" in graphs[0]
+        else:
+            assert "lif_forward_alpha_tensor" not in graphs[0]
+        # annealed in place: the compiled graph reads the new value, without a recompile
+        with torch.no_grad():
+            alpha.fill_(0.75)
+        annealed = _fwd_bwd(compiled, model, x)
+        _assert_same(annealed, _fwd_bwd(eager, model, x))
+        assert len(graphs) == 1
+        assert not torch.equal(annealed[1][0], got[1][0])  # alpha changed the gradient
+
+
+def test_the_compiled_kernel_gradient_is_the_number_alphas():
+    """The compiled model with alpha = tensor(2.5) gives the gradients of alpha = 2.5 (eager)."""
+    x = torch.randn(5, 4, 6) * 2
+    model = _model(surrogate.ATan(alpha=torch.tensor(2.5)))
+    compiled = torch.compile(_step(model, x, "m"), fullgraph=True, backend="aot_eager")
+    got = _fwd_bwd(compiled, model, x)
+    model[1].surrogate_function = surrogate.ATan(alpha=2.5)
+    _assert_same(got, _fwd_bwd(_step(model, x, "m"), model, x))
+
+
+def test_a_bad_alpha_raises_when_the_compiled_graph_runs():
+    alpha = torch.tensor(3.0)
+    model = _model(surrogate.ATan(alpha=alpha))
+    x = torch.randn(5, 4, 6) * 2
+    compiled = torch.compile(_step(model, x, "m"), fullgraph=True, backend="aot_eager")
+    compiled(x)
+    for bad in (-1.0, 0.0, float("inf"), float("nan")):
+        alpha.fill_(bad)
+        with pytest.raises(ValueError, match="alpha must be a positive finite number"):
+            compiled(x)
+
+
+def test_a_parameter_alpha_gets_no_gradient_as_in_eager():
+    """SpikingJelly's built-in spiking functions give alpha no gradient; nor does the compiled
+    op (alpha is an input of its graph, not a differentiable one)."""
+    alpha = nn.Parameter(torch.tensor(2.0))
+    model = _model(surrogate.ATan(alpha=alpha))
+    x = torch.randn(5, 4, 6) * 2
+    compiled = torch.compile(_step(model, x, "m"), fullgraph=True, backend="aot_eager")
+    got = compiled(x)
+    got.sum().backward()
+    assert alpha.grad is None and model[0].weight.grad.abs().sum() > 0
+
+
+def test_inductor_compiles_the_tensor_alpha_ops():
+    """The default backend (inductor), forward and backward."""
+    alpha = torch.tensor(3.0)
+    model = _model(surrogate.Sigmoid(alpha=alpha))
+    x = torch.randn(5, 4, 6) * 2
+    eager = _step(model, x, "m")
+    compiled = torch.compile(eager, fullgraph=True)
+    _assert_same(_fwd_bwd(compiled, model, x), _fwd_bwd(eager, model, x))
+
+
+def test_a_surrogate_module_called_alone_compiles_with_a_tensor_alpha():
+    """The surrogate's spiking function (the reference's Heaviside with the surrogate gradient),
+    as a neuron of one's own calls it."""
+    sur = surrogate.ATan(alpha=torch.tensor(3.0))
+    x = torch.linspace(-1, 1, 11, requires_grad=True)
+    compiled = torch.compile(lambda t: sur(t), fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.backward(torch.ones_like(out))
+    want = surrogate.ATan(alpha=3.0).derivative(x.detach())
+    torch.testing.assert_close(x.grad, want)
+    torch.testing.assert_close(out, (x >= 0).float())
+
+
+def test_tensor_alpha_ops_follow_the_op_contract():
+    x = torch.randn(4, 3, 5) * 2
+    decay, vth = torch.tensor(2.0), torch.tensor(1.0)
+    alpha = torch.tensor(2.0)
+    fwd, bwd = pypaper.snn.tensor_alpha.ops("cpu")
+    from pypaper.snn import op_flags
+
+    flags = op_flags.forward_flags(True, True, False, False, False, False)
+    torch.library.opcheck(fwd, (x.clone().requires_grad_(), None, decay, vth, 0.0, 1, alpha,
+                                flags, "cpu"))
+    want = torch.ops.pypaper.lif_forward(x, None, decay, vth, 0.0, 1, 2.0, flags)
+    got = fwd(x, None, decay, vth, 0.0, 1, alpha, flags, "cpu")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    gs = torch.randn_like(x)
+    bflags = op_flags.backward_flags(True, True, False, False, False, False) | op_flags.RECOMPUTE
+    args = (gs, None, None, x, None, decay, vth, 0.0, 1)
+    torch.library.opcheck(bwd, (*args, alpha, bflags, "cpu"))
+    want = torch.ops.pypaper.lif_backward(*args, 2.0, bflags)
+    got = bwd(*args, alpha, bflags, "cpu")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="backend must be"):
+        fwd(x, None, decay, vth, 0.0, 1, alpha, flags, "tpu")
+    with pytest.raises(NotImplementedError, match="lif_backward_alpha_tensor has no backward"):
+        xg = x.clone().requires_grad_()
+        bwd(gs, None, None, xg, None, decay, vth, 0.0, 1, alpha, bflags, "cpu")[0].sum().backward()
+
+
+def test_eager_calls_still_read_the_number():
+    """Outside torch.compile a tensor alpha is read at the call: the float ops run."""
+    spec = surrogate.surrogate_spec(surrogate.ATan(alpha=torch.tensor(3.0)))
+    assert spec == (1, 3.0) and type(spec[1]) is float
+    assert ops.backend_for(torch.zeros(1, 1)) == "cpu"
+
+
+def test_the_reference_backend_compiles_fullgraph_with_a_number_alpha_too():
+    """The reference's spike Function had a jvp, which dynamo refuses ("Unsupported custom
+    jvp"): use_backend('reference') under fullgraph=True failed for any alpha. Tracing runs it
+    without the jvp; eager forward mode keeps it."""
+    model = _model(surrogate.ATan(alpha=2.0))
+    x = torch.randn(5, 4, 6) * 2
+    eager = _step(model, x, "m")
+    with pypaper.use_backend("reference"):
+        compiled = torch.compile(eager, fullgraph=True, backend="aot_eager")
+        _assert_same(_fwd_bwd(compiled, model, x), _fwd_bwd(eager, model, x))
+        xs = torch.randn(3, 2, 8) * 2
+        node = neuron.LIFNode(surrogate_function=surrogate.ATan(alpha=2.0), step_mode="m")
+        tangent = torch.randn_like(xs)
+        _, jvp = torch.func.jvp(lambda t: node(t), (xs,), (tangent,))
+        assert jvp.abs().sum() > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_fullgraph_compile_with_a_tensor_alpha_on_cuda():
+    """The default CUDA backend (the CUDA kernel, or Triton), inductor, alpha on the GPU."""
+    alpha = torch.tensor(3.0, device="cuda")
+    model = _model(surrogate.ATan(alpha=alpha)).cuda()
+    x = torch.randn(5, 4, 6, device="cuda") * 2
+    eager = _step(model, x, "m")
+    compiled = torch.compile(eager, fullgraph=True)
+    got, want = _fwd_bwd(compiled, model, x), _fwd_bwd(eager, model, x)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    alpha.fill_(1.0)
+    torch.testing.assert_close(_fwd_bwd(compiled, model, x)[1][0],
+                               _fwd_bwd(eager, model, x)[1][0], rtol=1e-5, atol=1e-6)
