@@ -45,11 +45,18 @@ def _kernels(backend: str):
     raise ValueError(f"backend must be 'cpu', 'cuda' or 'triton', got {backend!r}")
 
 
+# Reading alpha on the host when the op runs is what CUDA graphs cannot replay: captured once,
+# the value read at capture would be baked in (annealing silently ignored) or, alpha on the GPU,
+# the read's synchronization fails the capture. Tagged, inductor's mode="reduce-overhead" keeps
+# these ops out of its CUDA graphs. (torch before 2.9 has no such tag.)
+_TAGS = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+
+
 def _alpha(alpha: torch.Tensor) -> float:
     return alpha_value(alpha, "the surrogate's alpha")
 
 
-@torch.library.custom_op("pypaper::lif_forward_alpha_tensor", mutates_args=())
+@torch.library.custom_op("pypaper::lif_forward_alpha_tensor", mutates_args=(), tags=_TAGS)
 def lif_forward_alpha_tensor(x: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor,
                              v_threshold: torch.Tensor, v_reset: Optional[float], surrogate: int,
                              alpha: torch.Tensor, flags: int, backend: str) -> _Outputs:
@@ -59,7 +66,7 @@ def lif_forward_alpha_tensor(x: torch.Tensor, v_init: Optional[torch.Tensor], de
     return _registration.call_op(forward, args, False)
 
 
-@torch.library.custom_op("pypaper::lif_backward_alpha_tensor", mutates_args=())
+@torch.library.custom_op("pypaper::lif_backward_alpha_tensor", mutates_args=(), tags=_TAGS)
 def lif_backward_alpha_tensor(grad_spikes: torch.Tensor, grad_v_last: Optional[torch.Tensor],
                               grad_v_seq: Optional[torch.Tensor], h_seq: torch.Tensor,
                               v_init: Optional[torch.Tensor], decay: torch.Tensor,

@@ -226,3 +226,29 @@ def test_fullgraph_compile_with_a_tensor_alpha_on_cuda():
     alpha.fill_(1.0)
     torch.testing.assert_close(_fwd_bwd(compiled, model, x)[1][0],
                                _fwd_bwd(eager, model, x)[1][0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_tensor_alpha_ops_are_kept_out_of_cuda_graphs():
+    """They read alpha on the host when they run: a CUDA graph would replay the value read at
+    capture (annealing silently ignored), or fail the capture on the read's synchronization."""
+    if not hasattr(torch.Tag, "cudagraph_unsafe"):
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    for op in pypaper.snn.tensor_alpha.ops("cpu"):
+        assert torch.Tag.cudagraph_unsafe in op.tags
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("alpha_device", ["cuda", "cpu"])
+def test_reduce_overhead_follows_an_annealed_alpha_on_cuda(alpha_device):
+    alpha = torch.tensor(3.0, device=alpha_device)
+    model = _model(surrogate.ATan(alpha=alpha)).cuda()
+    x = torch.randn(5, 4, 6, device="cuda") * 2
+    eager = _step(model, x, "m")
+    compiled = torch.compile(eager, fullgraph=True, mode="reduce-overhead")
+    for value in (3.0, 1.0, 0.5):
+        alpha.fill_(value)
+        for _ in range(3):  # past cudagraph trees' warm-up runs
+            got = _fwd_bwd(compiled, model, x)
+        want = _fwd_bwd(eager, model, x)
+        torch.testing.assert_close(got[1][0], want[1][0], rtol=1e-5, atol=1e-6)
