@@ -348,6 +348,12 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
     mdt = reference.default_math_dtype(x_seq.dtype)
     device = x_seq.device
     tracing = torch.compiler.is_compiling()  # value checks read tensor data: not while tracing
+    if tracing and torch._C._functorch.maybe_current_level() is not None:
+        # torch.compile over a torch.func transform (grad, vmap, jacrev): traced there the ops
+        # fail ("Cannot access storage of TensorWrapper"); after a graph break the transform
+        # runs eagerly, its rules included (and fullgraph=True says where it broke). Dynamo
+        # already stops at the level query under a transform; the explicit break says why.
+        torch._dynamo.graph_break()
     decay_is_tau = k is None
     decay_name = tau_name or ("tau" if decay_is_tau else "k")
     decay_value = (2.0 if tau is None else tau) if decay_is_tau else k

@@ -38,10 +38,31 @@ SURROGATE_IDS = {
 }
 
 
+def traced_without_transforms() -> bool:
+    """torch.compile is tracing, and no torch.func transform (grad, vmap, ...) nor forward-mode
+    AD level is open around the call: where a tensor alpha stays a tensor in the graph and the
+    spike Function runs without its jvp (dynamo refuses a Function with one). Under a transform
+    or dual tensors the calls keep their eager form (a graph break, dynamo runs them eagerly):
+    traced, the functorch wrappers reach the ops' storage, which they cannot give.
+    (maybe_current_level, not peek_interpreter_stack: dynamo answers "is None" about the latter's
+    result with False even outside every transform.)"""
+    return (torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is None
+            and torch.autograd.forward_ad._current_level < 0)
+
+
 def surrogate_grad(x: torch.Tensor, surrogate_id: int, alpha: float) -> torch.Tensor:
     """sigma'(x) of surrogate ``surrogate_id`` (SpikingJelly's formulas). alpha: a number, or
-    while torch.compile traces a tensor alpha, a 0-d tensor (surrogate.alpha_operand)."""
-    a = alpha if isinstance(alpha, torch.Tensor) else float(alpha)
+    while torch.compile traces a tensor alpha, a 0-d float64 tensor (surrogate.alpha_operand):
+    the constants made of it are then float64 like a number's, and the result takes x's dtype."""
+    if isinstance(alpha, torch.Tensor):
+        # a 0-d x would promote to float64 with the 0-d alpha: computed as one element, in x's
+        # dtype with the constants rounded once, as with a number
+        return _surrogate_grad(x.reshape(1), surrogate_id, alpha).reshape(()) if x.dim() == 0 \
+            else _surrogate_grad(x, surrogate_id, alpha)
+    return _surrogate_grad(x, surrogate_id, float(alpha))
+
+
+def _surrogate_grad(x: torch.Tensor, surrogate_id: int, a) -> torch.Tensor:
     if surrogate_id == 0:  # Sigmoid: a s (1 - s), s = sigmoid(a x)
         s = torch.sigmoid(x * a)
         return (1.0 - s) * s * a
@@ -115,8 +136,7 @@ class _Spike(torch.autograd.Function):
         # a tensor alpha (torch.compile tracing one: surrogate.alpha_operand) is saved with x
         kept = (x, alpha) if isinstance(alpha, torch.Tensor) else (x,)
         ctx.save_for_backward(*kept)
-        if not torch.compiler.is_compiling():
-            ctx.save_for_forward(*kept)
+        ctx.save_for_forward(*kept)
         ctx.surrogate_id = surrogate_id
         ctx.alpha = None if isinstance(alpha, torch.Tensor) else alpha
 
@@ -136,8 +156,16 @@ class SpikeFunction(_Spike):
 
 def spike(x: torch.Tensor, surrogate_id: int, alpha: float) -> torch.Tensor:
     """Heaviside forward with the surrogate derivative backward."""
-    fn = _Spike if torch.compiler.is_compiling() else SpikeFunction
-    return fn.apply(x, surrogate_id, alpha)
+    fn = _Spike if traced_without_transforms() else SpikeFunction
+    spikes = fn.apply(x, surrogate_id, alpha)
+    if isinstance(alpha, torch.Tensor):
+        # The traced alpha (tensor_alpha.checked_alpha's checked copy) is read by the backward
+        # only, and the compiler moves what only the backward needs into the backward graph:
+        # the check would run only when differentiated, and on alpha annealed after the
+        # forward. Tied to the spikes (times alpha > 0, which the check makes 1), it stays in
+        # the forward and its copy is what the backward keeps.
+        spikes = spikes * (alpha > 0)
+    return spikes
 
 
 def default_math_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -56,12 +56,17 @@ def _check_alpha_tensor(alpha: torch.Tensor, where: str) -> None:
 
 def alpha_operand(alpha, where: str = "alpha"):
     """alpha as the ops take it: a float (alpha_value), except a tensor alpha while torch.compile
-    traces, which stays a tensor (detached, shape ()): reading it there would break the graph.
-    lif_multi_step then runs the ops of pypaper/snn/tensor_alpha.py, which read and check it
-    when the compiled graph runs, or the reference, which computes with it."""
-    if isinstance(alpha, torch.Tensor) and torch.compiler.is_compiling():
+    traces (and no torch.func transform or forward-mode AD is around the call), which stays a
+    tensor: reading it there would break the graph. It becomes tensor_alpha.checked_alpha's
+    snapshot, a float64 0-d tensor of its own that the compiled graph checks when it runs (a
+    ValueError as here) and that autograd keeps, so annealing alpha in place between a forward
+    and its backward leaves the backward with the forward's value, as eager. lif_multi_step then
+    runs tensor_alpha.py's ops, or the reference, which computes with it."""
+    if isinstance(alpha, torch.Tensor) and reference.traced_without_transforms():
         _check_alpha_tensor(alpha, where)
-        return alpha.detach().reshape(())
+        from . import tensor_alpha
+
+        return tensor_alpha.checked_alpha(alpha.detach(), where)
     return alpha_value(alpha, where)
 
 

@@ -56,6 +56,23 @@ def _alpha(alpha: torch.Tensor) -> float:
     return alpha_value(alpha, "the surrogate's alpha")
 
 
+@torch.library.custom_op("pypaper::checked_alpha", mutates_args=(), tags=_TAGS)
+def checked_alpha(alpha: torch.Tensor, where: str) -> torch.Tensor:
+    """A one-element floating alpha as a float64 0-d tensor of its own on alpha's device, after
+    the check eager calls make (surrogate.alpha_value: a positive finite number, else ValueError
+    naming ``where``). What the traced graph computes with and autograd keeps: float64, so the
+    constants made of it round as a Python number's do; a copy, so alpha annealed in place after
+    the forward does not reach that forward's backward; an op of its own, so the compiler
+    neither drops the check nor recomputes the copy from the annealed alpha in the backward."""
+    value = alpha_value(alpha, where)
+    return torch.full((), value, dtype=torch.float64, device=alpha.device)
+
+
+@checked_alpha.register_fake
+def _(alpha, where):
+    return alpha.new_empty((), dtype=torch.float64)
+
+
 @torch.library.custom_op("pypaper::lif_forward_alpha_tensor", mutates_args=(), tags=_TAGS)
 def lif_forward_alpha_tensor(x: torch.Tensor, v_init: Optional[torch.Tensor], decay: torch.Tensor,
                              v_threshold: torch.Tensor, v_reset: Optional[float], surrogate: int,
@@ -112,6 +129,9 @@ def _backward(ctx, g_spikes, g_v_last, g_h, g_v_seq):
     return grads + (None,) * (ctx.num_inputs - 4)
 
 
+# alpha is a hyperparameter: eager reads it as a number, so no gradient reaches it (a parameter
+# alpha gets none in either mode)
+_autograd.register_constant("pypaper::checked_alpha")
 _autograd.register_autograd("pypaper::lif_forward_alpha_tensor", _backward, setup_context=_setup)
 _autograd.register_no_backward(
     "pypaper::lif_backward_alpha_tensor",
