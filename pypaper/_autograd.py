@@ -67,10 +67,14 @@ def refuse_tangents(op: str, names, values) -> None:
         items = v if isinstance(v, (list, tuple)) else (v,)
         for t in items:
             if isinstance(t, torch.Tensor) and _carries_tangent(t):
-                raise NotImplementedError(
-                    f"{op} has no forward-mode AD rule (jvp), and its argument {name!r} carries a "
-                    f"tangent (torch.autograd.forward_ad / torch.func.jvp / jacfwd); use reverse "
-                    f"mode: backward, torch.autograd.grad, torch.func.grad / vjp / jacrev")
+                raise _no_jvp(op, name)
+
+
+def _no_jvp(op: str, name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{op} has no forward-mode AD rule (jvp), and its argument {name!r} carries a tangent "
+        f"(torch.autograd.forward_ad / torch.func.jvp / jacfwd); use reverse mode: backward, "
+        f"torch.autograd.grad, torch.func.grad / vjp / jacrev")
 
 
 def fresh_output(t: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -118,7 +122,9 @@ def _eager_function(overload, backward, setup_context, num_args):
             schema, args, {})[0]
         if setup_context is not None:
             setup_context(ctx=ctx, inputs=inputs, output=output)
-        if forward_ad._current_level >= 0 and qualname in _JVP_RULES:
+        # (is_compiling: see autograd_kernel's second branch)
+        if qualname in _JVP_RULES and (forward_ad._current_level >= 0
+                                       or torch.compiler.is_compiling()):
             _save_for_jvp(ctx, inputs)
         return output
 
@@ -132,6 +138,9 @@ def _eager_function(overload, backward, setup_context, num_args):
         return (None, *result) if isinstance(result, tuple) else (None, result)
 
     def jvp_(ctx, *tangents):  # tangents[0]: the keyset's
+        if qualname not in _JVP_RULES:  # reached from a compiled graph (autograd_kernel)
+            name = next(n for n, t in zip(_names(overload), tangents[1:]) if t is not None)
+            raise _no_jvp(qualname, name)
         ctx.tangents_in = True  # for a backward that must know (see jvp_ran)
         return _JVP_RULES[qualname](_saved_for_jvp(ctx), tangents[1:])
 
@@ -283,6 +292,14 @@ def _make_autograd_kernel(overload, backward, setup_context):
                 refuse_tangents(qualname, names, args)
             elif has_tangent(args):
                 return eager_fn.apply(keyset, *args)
+        elif torch.compiler.is_compiling():
+            # A compiled function that opens its own dual level (`with forward_ad.dual_level()`
+            # inside it) is traced by AOT autograd with the level open in C++ only (the Python
+            # _current_level stays -1), and unpack_dual cannot see a tangent through the
+            # tracing's functional wrappers (pytorch#192629): the tangents came out None without
+            # a word. Applied as the Function, autograd runs the jvp rule where tangents are
+            # (and jvp_ refuses them for an op without one, as refuse_tangents does in eager).
+            return eager_fn.apply(keyset, *args)
         if _C.is_grad_enabled() and _C._any_requires_grad(*args):
             return eager_fn.apply(keyset, *args)
         return _below_autograd(overload, keyset, args)

@@ -546,3 +546,36 @@ def test_every_functional_op_has_an_explicit_autograd():
         "pypaper::local_tp_linear_out"}
     missing = names - mutating - set(_autograd._RULES) - _autograd._CONSTANT
     assert not missing, sorted(missing)
+
+
+def _tangent_of_compiled(f, x, t):
+    """f's tangent along t from a compiled function that opens its own dual level."""
+    def g(a):
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(f(fwAD.make_dual(a, t))).tangent
+
+    torch._dynamo.reset()
+    try:
+        return torch.compile(g, backend="aot_eager")(x)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name,f,shape", WITH_RULE, ids=[c[0] for c in WITH_RULE])
+def test_dual_level_opened_inside_a_compiled_function(name, f, shape):
+    """AOT autograd traces such a function with the level open in C++ only (the Python
+    forward_ad._current_level stays -1) and tangents hidden behind its functional wrappers: the
+    ops' Autograd kernel took the no-grad path and the tangent came out None, without a word.
+    (aot_eager: torch 2.13's inductor drops the tangents of any graph, pytorch#187284.)"""
+    x, t = _data(shape), _data(shape, seed=5)
+    got = _tangent_of_compiled(f, x, t)
+    assert got is not None
+    torch.testing.assert_close(got, _jacobian_times(f, x, t), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,f,shape", REFUSED, ids=[c[0] for c in REFUSED])
+def test_dual_level_opened_inside_a_compiled_function_is_refused(name, f, shape):
+    """... and an op without a jvp rule refuses the tangent there as in eager (it was dropped)."""
+    x = _data(shape)
+    with pytest.raises(Exception, match="no forward-mode AD rule"):
+        _tangent_of_compiled(f, x, torch.ones_like(x))

@@ -20,6 +20,7 @@ itself an output).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -154,10 +155,28 @@ class SpikeFunction(_Spike):
         return x_tangent * _saved_derivative(ctx)
 
 
+def _apply_spike_function(x: torch.Tensor, surrogate_id: int, alpha: float) -> torch.Tensor:
+    return SpikeFunction.apply(x, surrogate_id, alpha)
+
+
+@functools.cache
+def _spike_outside_the_graph():
+    """SpikeFunction run eagerly from a compiled region: traced, its jvp is lost without a word
+    (dual tensors came out with no tangent: pytorch#187284, #192985), so dynamo breaks the
+    graph there and the tangent is computed as in eager. Made on first use: torch.compiler.disable
+    at import would load torch._dynamo (and Triton) with pypaper."""
+    return torch.compiler.disable(_apply_spike_function)
+
+
 def spike(x: torch.Tensor, surrogate_id: int, alpha: float) -> torch.Tensor:
-    """Heaviside forward with the surrogate derivative backward."""
-    fn = _Spike if traced_without_transforms() else SpikeFunction
-    spikes = fn.apply(x, surrogate_id, alpha)
+    """Heaviside forward with the surrogate derivative backward (and forward mode, except in
+    the graphs torch.compile builds without it)."""
+    if traced_without_transforms():
+        spikes = _Spike.apply(x, surrogate_id, alpha)
+    elif torch.compiler.is_compiling():  # forward-mode AD or a torch.func transform is open
+        spikes = _spike_outside_the_graph()(x, surrogate_id, alpha)
+    else:
+        spikes = SpikeFunction.apply(x, surrogate_id, alpha)
     if isinstance(alpha, torch.Tensor):
         # The traced alpha (tensor_alpha.checked_alpha's checked copy) is read by the backward
         # only, and the compiler moves what only the backward needs into the backward graph:

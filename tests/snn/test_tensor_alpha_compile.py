@@ -186,7 +186,7 @@ def test_compiled_equals_eager_for_any_alpha_and_input_dtype(backend, alpha_dtyp
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("transform", ["grad", "vmap(grad)"])
+@pytest.mark.parametrize("transform", ["grad", "vmap(grad)", "jacrev", "jacfwd"])
 def test_torch_func_transforms_inside_torch_compile(backend, transform):
     """Under a torch.func transform the calls keep their eager form (a graph break): traced,
     the transform's wrappers reached the ops' storage and the compile failed, with a tensor
@@ -201,6 +201,8 @@ def test_torch_func_transforms_inside_torch_compile(backend, transform):
         fn = torch.func.grad(loss)
         if transform == "vmap(grad)":
             fn = torch.func.vmap(fn, in_dims=1, out_dims=1)
+        elif transform.startswith("jac"):
+            fn = getattr(torch.func, transform)(lambda x: (pypaper.snn.reset_net(node), node(x))[1])
         x = torch.randn(5, 4, 6) * 2
         with pypaper.use_backend(backend):
             want = fn(x)
@@ -217,21 +219,44 @@ def test_a_number_alpha_surrogate_under_vmap_of_grad_compiles():
     torch.testing.assert_close(torch.compile(fn, backend="aot_eager")(w, x), fn(w, x))
 
 
-def test_dual_tensors_through_a_compiled_model_with_a_tensor_alpha():
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("alpha", [3.0, torch.tensor(3.0)], ids=["number", "tensor"])
+def test_dual_tensors_through_a_compiled_model(backend, alpha):
+    """Forward-mode AD with dual tensors through a compiled model gives eager's tangent. On the
+    reference it came out None (dynamo traced the spike Function and dropped its jvp without a
+    word, pytorch#187284): the Function now runs outside the graph there. (aot_eager: torch
+    2.13's inductor drops the tangents of any graph, x.sin() included, pytorch#187284.)"""
     import torch.autograd.forward_ad as fwAD
 
-    node = neuron.LIFNode(surrogate_function=surrogate.ATan(alpha=torch.tensor(3.0)),
-                          step_mode="m")
+    node = neuron.LIFNode(surrogate_function=surrogate.ATan(alpha=alpha), step_mode="m")
 
     def f(x):
         pypaper.snn.reset_net(node)
-        return node(x)
+        return node(x).mul(1.5).tanh()
 
     x, t = torch.randn(5, 4, 6) * 2, torch.randn(5, 4, 6)
     compiled = torch.compile(f, backend="aot_eager")
-    with fwAD.dual_level():
+    with pypaper.use_backend(backend), fwAD.dual_level():
         got = fwAD.unpack_dual(compiled(fwAD.make_dual(x, t))).tangent
         want = fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
+    assert got is not None
+    torch.testing.assert_close(got, want)
+    assert want.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("alpha", [3.0, torch.tensor(3.0)], ids=["number", "tensor"])
+def test_torch_func_jvp_inside_torch_compile(backend, alpha):
+    node = neuron.LIFNode(surrogate_function=surrogate.ATan(alpha=alpha), step_mode="m")
+
+    def f(x, t):
+        pypaper.snn.reset_net(node)
+        return torch.func.jvp(node, (x,), (t,))[1]
+
+    x, t = torch.randn(5, 4, 6) * 2, torch.randn(5, 4, 6)
+    with pypaper.use_backend(backend):
+        want = f(x, t)
+        got = torch.compile(f, backend="aot_eager")(x, t)
     torch.testing.assert_close(got, want)
     assert want.abs().sum() > 0
 
