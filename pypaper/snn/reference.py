@@ -155,28 +155,24 @@ class SpikeFunction(_Spike):
         return x_tangent * _saved_derivative(ctx)
 
 
-def _apply_spike_function(x: torch.Tensor, surrogate_id: int, alpha: float) -> torch.Tensor:
-    return SpikeFunction.apply(x, surrogate_id, alpha)
-
-
 @functools.cache
 def _spike_outside_the_graph():
-    """SpikeFunction run eagerly from a compiled region: traced, its jvp is lost without a word
-    (dual tensors came out with no tangent: pytorch#187284, #192985), so dynamo breaks the
+    """SpikeFunction.apply run eagerly from a compiled region: traced, its jvp is lost without a
+    word (dual tensors came out with no tangent: pytorch#187284, #192985), so dynamo breaks the
     graph there and the tangent is computed as in eager. Made on first use: torch.compiler.disable
     at import would load torch._dynamo (and Triton) with pypaper."""
-    return torch.compiler.disable(_apply_spike_function)
+    return torch.compiler.disable(SpikeFunction.apply)
 
 
 def spike(x: torch.Tensor, surrogate_id: int, alpha: float) -> torch.Tensor:
     """Heaviside forward with the surrogate derivative backward (and forward mode, except in
     the graphs torch.compile builds without it)."""
-    if traced_without_transforms():
-        spikes = _Spike.apply(x, surrogate_id, alpha)
-    elif torch.compiler.is_compiling():  # forward-mode AD or a torch.func transform is open
-        spikes = _spike_outside_the_graph()(x, surrogate_id, alpha)
-    else:
+    if not torch.compiler.is_compiling():
         spikes = SpikeFunction.apply(x, surrogate_id, alpha)
+    elif traced_without_transforms():
+        spikes = _Spike.apply(x, surrogate_id, alpha)
+    else:  # compiling with forward-mode AD or a torch.func transform open
+        spikes = _spike_outside_the_graph()(x, surrogate_id, alpha)
     if isinstance(alpha, torch.Tensor):
         # The traced alpha (tensor_alpha.checked_alpha's checked copy) is read by the backward
         # only, and the compiler moves what only the backward needs into the backward graph:
