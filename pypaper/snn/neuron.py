@@ -24,13 +24,10 @@ import torch
 from torch import nn
 
 from . import ops, spikingjelly_fallback
+from ._numbers import is_finite_number as _finite_number
 from .surrogate import Sigmoid
 
 _STEP_MODES = ("s", "m")
-
-
-def _finite_number(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _shape(value, name: str) -> tuple:

@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import _autograd, _backend, _layout
 from . import _registration, op_flags, reference, tensor_alpha
+from ._numbers import is_finite as _is_finite, is_number as _is_number
 from .surrogate import surrogate_spec
 
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -84,13 +85,6 @@ def _ops(backend: str):
 
 
 # ---- argument checks ------------------------------------------------------------------------------
-
-def _is_number(v) -> bool:
-    t = type(v)
-    if t is float or t is int:  # the common case, without the ABC check below (~2 us each)
-        return True
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
 
 def _check_x(x_seq) -> None:
     if not isinstance(x_seq, torch.Tensor):
@@ -206,7 +200,7 @@ def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype, device: torch.de
     """A neuron parameter as a tensor of the math dtype on x's device (``device``): one value, or
     one per neuron of shape x.shape[2:] (broadcast over the batch)."""
     if _is_number(value):
-        if not math.isfinite(value):
+        if not _is_finite(value):
             raise ValueError(f"{name} must be finite, got {value}")
         # Not cached: a constant of a traced graph; a tensor made under inference_mode (it
         # could never be saved for a later backward), under a dispatch mode such as
@@ -238,7 +232,7 @@ def _check_values(decay, decay_is_tau: bool, vth, v_reset: Optional[float], deca
     (torch.compile) a tensor's values cannot be read: numbers are still checked."""
     def bounds(v):  # (min, max, all finite), or None: a tensor while tracing
         if _is_number(v):
-            return float(v), float(v), math.isfinite(v)
+            return float(v), float(v), _is_finite(v)
         if tracing or v.is_meta:  # meta tensors (shape inference, deferred init) hold no values
             return None
         d = _autograd.values_of(v.detach())
@@ -328,7 +322,7 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
     _check_x(x_seq)
     if tau is not None and k is not None:
         raise ValueError("pass tau or k (= 1/tau), not both")
-    if v_reset is not None and (not _is_number(v_reset) or not math.isfinite(v_reset)):
+    if v_reset is not None and (not _is_number(v_reset) or not _is_finite(v_reset)):
         raise ValueError(f"v_reset must be a finite number or None, got {v_reset!r}")
     learnable_threshold = (learnable_threshold or isinstance(v_threshold, nn.Parameter)
                            or (isinstance(v_threshold, torch.Tensor) and v_threshold.requires_grad))

@@ -21,7 +21,6 @@ itself an output).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, Optional
 
 import torch
@@ -64,11 +63,15 @@ def surrogate_grad(x: torch.Tensor, surrogate_id: int, alpha: float) -> torch.Te
 
 
 def _surrogate_grad(x: torch.Tensor, surrogate_id: int, a) -> torch.Tensor:
+    # pi and sqrt(pi) are written as literals, not math.pi: under torch.compile(dynamic=True) a
+    # float read from a module (math.pi) can be traced as a graph input, which dynamo cannot lift
+    # into the backward of an autograd.Function ("lift_tracked_freevar_to_input should not be
+    # called on root SubgraphTracer"; fullgraph failed once a neuron's float changed)
     if surrogate_id == 0:  # Sigmoid: a s (1 - s), s = sigmoid(a x)
         s = torch.sigmoid(x * a)
         return (1.0 - s) * s * a
     if surrogate_id == 1:  # ATan: (a/2) / (1 + (pi/2 a x)^2)
-        z = x * (math.pi * (a / 2))
+        z = x * (a * 1.5707963267948966)  # pi/2 (a literal: see _surrogate_grad's note)
         return (a / 2) / (1 + z * z)
     if surrogate_id == 2:  # PiecewiseQuadratic: a - a^2 |x| inside |x| <= 1/a
         ax = x.abs()
@@ -83,7 +86,7 @@ def _surrogate_grad(x: torch.Tensor, surrogate_id: int, a) -> torch.Tensor:
         return a / (z * z)
     if surrogate_id == 6:  # Erf: a / sqrt(pi) exp(-(a x)^2)
         z = x * a
-        return torch.exp(-(z * z)) * (a / math.sqrt(math.pi))
+        return torch.exp(-(z * z)) * (a / 1.7724538509055159)  # sqrt(pi)
     if surrogate_id == 7:  # Rect: a [|x| < 1/(2a)]
         return (x.abs() < 0.5 / a).to(x.dtype) * a
     raise ValueError(f"surrogate id must be in 0..7, got {surrogate_id}")
@@ -96,7 +99,7 @@ def surrogate_primitive(x: torch.Tensor, surrogate_id: int, alpha: float) -> tor
     if surrogate_id == 0:
         return torch.sigmoid(x * a)
     if surrogate_id == 1:
-        return torch.atan(x * (math.pi / 2 * a)) / math.pi + 0.5
+        return torch.atan(x * (1.5707963267948966 * a)) / 3.141592653589793 + 0.5  # pi/2, pi
     if surrogate_id == 2:
         ax = x.abs()
         inner = -(a * a) / 2 * x * x * torch.sign(x) + a * x + 0.5

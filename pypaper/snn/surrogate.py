@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import reference, spikingjelly_fallback
+from ._numbers import is_finite_number
 from .reference import SURROGATE_IDS
 
 
@@ -42,8 +43,7 @@ def alpha_value(alpha, where: str = "alpha") -> float:
     if isinstance(alpha, torch.Tensor):
         _check_alpha_tensor(alpha, where)
         value = float(alpha.detach())
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-            or not math.isfinite(value) or value <= 0):
+    if not is_finite_number(value) or value <= 0:
         raise ValueError(f"{where} must be a positive finite number, got {alpha!r}")
     return float(value)
 
