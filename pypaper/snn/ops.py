@@ -113,7 +113,7 @@ def _check_param_shape(value, name: str, x: torch.Tensor, per_sample: bool = Fal
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
     shape, feat = tuple(value.shape), tuple(x.shape[2:])
-    if value.numel() != 1 and shape != feat and not (per_sample and shape == tuple(x.shape[1:])):
+    if value.numel() != 1 and shape != feat and not (per_sample and _is_per_sample(value, x)):
         raise ValueError(f"{name} has shape {shape}, expected () (one value), the feature shape "
                          f"x.shape[2:] = {feat} (one per neuron) or x.shape[1:] = "
                          f"{tuple(x.shape[1:])} (one per sample and neuron)")
@@ -122,8 +122,10 @@ def _check_param_shape(value, name: str, x: torch.Tensor, per_sample: bool = Fal
 def _is_per_sample(value, x: torch.Tensor) -> bool:
     """A tensor of shape x.shape[1:] (not one element): one value per sample and neuron, as
     SpikingJelly's functional.set_threshold_margin assigns to an output layer's v_threshold."""
+    # the ranks first: traced with a symbolic batch, comparing the shapes of a per-neuron tau
+    # (C,) with (N, C) guarded N != C (torch.export refused a dynamic batch over its range)
     return (isinstance(value, torch.Tensor) and value.numel() != 1
-            and tuple(value.shape) == tuple(x.shape[1:]))
+            and value.dim() == x.dim() - 1 and tuple(value.shape) == tuple(x.shape[1:]))
 
 
 def _lif_per_sample(x_seq: torch.Tensor, v: Optional[torch.Tensor], kwargs: dict):
