@@ -16,6 +16,8 @@ NEURONS = {
     "LIFNode soft reset SLTT": lambda: snn.LIFNode(step_mode="m", v_reset=None, sltt=True),
     "LIFNode store_v_seq": lambda: snn.LIFNode(step_mode="m", store_v_seq=True),
     "ParametricLIFNode": lambda: snn.ParametricLIFNode(step_mode="m"),
+    "ParametricLIFNode per-neuron tau": lambda: snn.ParametricLIFNode(step_mode="m",
+                                                                      tau_shape=(8,)),
     "IFNode": lambda: snn.IFNode(step_mode="m"),
     "DelayedLinear": lambda: snn.DelayedLinear(8, 8, max_delay=4),
 }
