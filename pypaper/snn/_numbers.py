@@ -1,16 +1,20 @@
 """Number checks that also hold under torch.compile.
 
 A float attribute of a neuron that changes between calls of a compiled model (an annealed
-v_threshold, a tau set by a schedule, a surrogate's alpha) reaches the op as a SymFloat once
-dynamo has seen two values of it: dynamo then makes it an input of one graph instead of
-recompiling per value (``torch._dynamo.config.specialize_float`` is False by default). A SymFloat
-is a numbers.Real that ``math.isfinite`` refuses (a graph break; ``fullgraph=True`` failed), while a
-comparison is traced as a guard. So finiteness is checked by comparisons.
+v_threshold, a tau set by a schedule, a surrogate's alpha) reaches the argument checks as a
+SymFloat once dynamo has seen two values of it (``torch._dynamo.config.specialize_float`` is
+False by default), and every float does under ``dynamic=True``. ``math.isfinite`` refuses a
+SymFloat (a graph break; ``fullgraph=True`` failed); a comparison is traced as a guard. So
+finiteness is checked by comparisons. The ops take these values as numbers, so dynamo still
+compiles once per value: a schedule of more values than ``torch._dynamo.config.recompile_limit``
+(8) wants a tensor (a tensor alpha; a learnable threshold filled in place).
 """
 from __future__ import annotations
 
 import math
 import numbers
+
+import torch
 
 
 def is_number(v) -> bool:
@@ -22,8 +26,15 @@ def is_number(v) -> bool:
 
 
 def is_finite(v) -> bool:
-    """math.isfinite(v) for a number, as comparisons (NaN fails both). Against inf, not
-    float_info.max: a numpy float32 would cast that to float32 (an overflow warning)."""
+    """math.isfinite(v) for a number, as comparisons (NaN fails both). A float (what a SymFloat
+    looks like to dynamo's tracing too) is compared as it is; any other number as the float the
+    ops will take: an int beyond float range (10**400) or a finite np.longdouble above float64's
+    max, finite in its own type, would become inf there."""
+    if not isinstance(v, (float, torch.SymFloat)):
+        try:
+            v = float(v)
+        except OverflowError:
+            return False
     return -math.inf < v < math.inf
 
 

@@ -248,9 +248,11 @@ def _check_values(decay, decay_is_tau: bool, vth, v_reset: Optional[float], deca
         if decay_is_tau:
             if not (finite and lo > 1):
                 raise ValueError(f"{decay_name} must be finite and > 1, got min {lo}")
-            if lo < 1.0001 and math_dtype != torch.float64 and not (
-                    float(torch.tensor(lo, dtype=math_dtype)) > 1):
+            if math_dtype != torch.float64 and lo <= 1 + torch.finfo(math_dtype).eps / 2:
                 # what the kernels compute with: a tau within half an ulp of 1 is 1 in float32
+                # (1 + eps/2 ties to even: 1). A comparison, not a float32 tensor read back: under
+                # torch.compile an annealed tau is a SymFloat, and the read failed as a
+                # data-dependent guard
                 raise ValueError(f"{decay_name} must be > 1 in {math_dtype} (the kernels' math "
                                  f"type), got min {lo!r}, which rounds to 1")
         elif not (finite and (lo > 0 or (lo == 0 and not decay_input)) and hi <= 1):
