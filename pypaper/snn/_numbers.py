@@ -40,3 +40,10 @@ def is_finite(v) -> bool:
 
 def is_finite_number(v) -> bool:
     return is_number(v) and is_finite(v)
+
+
+def shown(v):
+    """v for an error message. A float as float(v): under torch.compile a SymFloat cannot be
+    formatted into a string (dynamo's "BUILD_STRING type error" replaced the ValueError naming
+    the argument), and float() reads its value."""
+    return float(v) if isinstance(v, (float, torch.SymFloat)) else v

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import _autograd, _backend, _layout
 from . import _registration, op_flags, reference, tensor_alpha
-from ._numbers import is_finite as _is_finite, is_number as _is_number
+from ._numbers import is_finite as _is_finite, is_number as _is_number, shown as _shown
 from .surrogate import surrogate_spec
 
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -203,7 +203,7 @@ def _param(value, name: str, x: torch.Tensor, mdt: torch.dtype, device: torch.de
     one per neuron of shape x.shape[2:] (broadcast over the batch)."""
     if _is_number(value):
         if not _is_finite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
+            raise ValueError(f"{name} must be finite, got {_shown(value)}")
         # Not cached: a constant of a traced graph; a tensor made under inference_mode (it
         # could never be saved for a later backward), under a dispatch mode such as
         # FakeTensorMode (a fake tensor) or inside a torch.func transform (a tensor wrapped for
@@ -278,7 +278,8 @@ def _check_values(decay, decay_is_tau: bool, vth, v_reset: Optional[float], deca
     # which the kernels compute as well; refusing it would stop training mid-run (or an eval of
     # the trained model). Its constructor value was checked.
     if v_reset is not None and not learnable_threshold and not lo > v_reset:
-        raise ValueError(f"{vth_name} must be greater than v_reset ({v_reset}), got min {lo}")
+        raise ValueError(f"{vth_name} must be greater than v_reset ({_shown(v_reset)}), got min "
+                         f"{lo}")
 
 
 def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau=None, k=None,
@@ -327,7 +328,7 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
     if tau is not None and k is not None:
         raise ValueError("pass tau or k (= 1/tau), not both")
     if v_reset is not None and (not _is_number(v_reset) or not _is_finite(v_reset)):
-        raise ValueError(f"v_reset must be a finite number or None, got {v_reset!r}")
+        raise ValueError(f"v_reset must be a finite number or None, got {_shown(v_reset)!r}")
     learnable_threshold = (learnable_threshold or isinstance(v_threshold, nn.Parameter)
                            or (isinstance(v_threshold, torch.Tensor) and v_threshold.requires_grad))
     order = None if x_seq.is_contiguous() else _layout.storage_order(x_seq, fixed=1)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import reference, spikingjelly_fallback
-from ._numbers import is_finite_number
+from ._numbers import is_finite_number, shown
 from .reference import SURROGATE_IDS
 
 
@@ -44,7 +44,7 @@ def alpha_value(alpha, where: str = "alpha") -> float:
         _check_alpha_tensor(alpha, where)
         value = float(alpha.detach())
     if not is_finite_number(value) or value <= 0:
-        raise ValueError(f"{where} must be a positive finite number, got {alpha!r}")
+        raise ValueError(f"{where} must be a positive finite number, got {shown(alpha)!r}")
     return float(value)
 
 

@@ -5,6 +5,7 @@ argument checks broke the graph (fullgraph=True failed with "torch.* op returned
 The compiled model must run under fullgraph=True and equal an eager twin given the same values.
 Each new number compiles once more (the ops take numbers); a long schedule is a tensor's job."""
 import fractions
+import math
 
 import numpy as np
 import pytest
@@ -134,3 +135,27 @@ def test_a_long_schedule_on_tensors_needs_no_recompile(backend):
     (fractions.Fraction(1, 3), True)])
 def test_is_finite_is_math_isfinite_of_the_float_the_ops_take(value, finite):
     assert _numbers.is_finite(value) is finite
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("attr,bad,message", [
+    ("tau", 0.9, "tau must be finite and > 1, got min 0.9"),
+    ("v_threshold", -0.5, r"v_threshold must be greater than v_reset \(0.0\), got min -0.5"),
+    ("v_reset", math.inf, "v_reset must be a finite number or None, got inf"),
+    ("alpha", -1.0, "ATan's alpha must be a positive finite number, got -1.0")])
+def test_a_bad_value_in_a_schedule_is_named_under_fullgraph(attr, bad, message, backend):
+    """The third value is bad: the compiled model refuses it with the argument's message (under
+    fullgraph=True inside dynamo's error, which quotes the ValueError). Formatting the SymFloat
+    into the message failed first ("BUILD_STRING type error", the argument unnamed)."""
+    model = _model()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 3, 6)
+    with pypaper.use_backend(backend):
+        for value in SCHEDULES[attr][:2]:
+            _set(model, attr, value)
+            pypaper.snn.reset_net(model)
+            compiled(x)
+        _set(model, attr, bad)
+        pypaper.snn.reset_net(model)
+        with pytest.raises((ValueError, RuntimeError), match=message):
+            compiled(x)
