@@ -47,3 +47,13 @@ def shown(v):
     formatted into a string (dynamo's "BUILD_STRING type error" replaced the ValueError naming
     the argument), and float() reads its value."""
     return float(v) if isinstance(v, (float, torch.SymFloat)) else v
+
+
+def plain_number(value):
+    """A numpy scalar (np.float32(0.5), an element of np.linspace: a schedule computed with numpy)
+    as the Python float it equals; anything else as it is. Applied where a neuron or surrogate
+    number is assigned: dynamo traces a numpy scalar as an ndarray, which the checks refused
+    under torch.compile ("tau must be a number or a tensor, got ndarray"), while eager took it."""
+    if type(value).__module__ == "numpy" and is_number(value):
+        return float(value)
+    return value

@@ -24,10 +24,12 @@ import torch
 from torch import nn
 
 from . import ops, spikingjelly_fallback
-from ._numbers import is_finite_number as _finite_number
+from ._numbers import is_finite_number as _finite_number, plain_number
 from .surrogate import Sigmoid
 
 _STEP_MODES = ("s", "m")
+# the numbers a schedule may set between calls: a numpy scalar is stored as a float (plain_number)
+_NUMBER_ATTRIBUTES = frozenset({"tau", "v_threshold", "v_reset"})
 
 
 def _shape(value, name: str) -> tuple:
@@ -183,6 +185,8 @@ class BaseNode(nn.Module):
                 name in ("v", "v_seq") or name in self.__dict__.get("_memory_reset", ())):
             object.__setattr__(self, name, value)
             return
+        if name in _NUMBER_ATTRIBUTES:
+            value = plain_number(value)
         super().__setattr__(name, value)
 
     @property

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import reference, spikingjelly_fallback
-from ._numbers import is_finite_number, shown
+from ._numbers import is_finite_number, plain_number, shown
 from .reference import SURROGATE_IDS
 
 
@@ -163,6 +163,11 @@ class SurrogateFunctionBase(nn.Module):
         self._sg_param_names = tuple(params)
         for name, value in params.items():
             setattr(self, name, value)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "alpha" and self.surrogate_id >= 0:  # a built-in's alpha: a numpy scalar
+            value = plain_number(value)                # as a float (torch.compile refused it)
+        super().__setattr__(name, value)
 
     @property
     def _sg_params(self) -> dict:

@@ -159,3 +159,34 @@ def test_a_bad_value_in_a_schedule_is_named_under_fullgraph(attr, bad, message, 
         pypaper.snn.reset_net(model)
         with pytest.raises((ValueError, RuntimeError), match=message):
             compiled(x)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_schedule_computed_with_numpy_compiles_and_equals_eager(backend):
+    """Values taken from numpy arrays (np.float32 / np.float64 scalars): dynamo traces a numpy
+    scalar as an ndarray, which the checks refused under compile (TypeError "tau must be a number
+    or a tensor, got ndarray"; eager took it). Assigned to a neuron's tau / v_threshold / v_reset
+    or a built-in surrogate's alpha, it is stored as the float it equals."""
+    eager, compiled_model = _model(), _model()
+    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=True, backend="aot_eager")
+    x = torch.randn(5, 3, 6) * 2
+    taus, thresholds = np.linspace(1.5, 3.0, 3), np.linspace(0.6, 1.0, 3, dtype=np.float32)
+    with pypaper.use_backend(backend):
+        for tau, vth in zip(taus, thresholds):
+            outs = []
+            for model, fn in ((eager, eager), (compiled_model, compiled)):
+                lif = model[1]
+                lif.tau, lif.v_threshold, lif.v_reset = tau, vth, np.float64(-0.1)
+                lif.surrogate_function.alpha = np.float32(2 * vth)
+                assert type(lif.tau) is float and type(lif.v_threshold) is float
+                assert type(lif.surrogate_function.alpha) is float
+                pypaper.snn.reset_net(model)
+                model.zero_grad()
+                out = fn(x)
+                (out * torch.linspace(-1, 1, 8)).sum().backward()
+                outs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+            (out_e, g_e), (out_c, g_c) = outs
+            assert 0 < out_e.sum() < out_e.numel()
+            torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
+            for gc, ge in zip(g_c, g_e):
+                torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6)
