@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 from typing import Optional, Sequence
 
 import torch

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import numbers
 from typing import Optional
 
 import torch
@@ -21,7 +20,8 @@ from torch import nn
 
 from .. import _autograd, _backend, _layout
 from . import _registration, op_flags, reference, tensor_alpha
-from ._numbers import is_finite as _is_finite, is_number as _is_number, shown as _shown
+from ._numbers import is_finite as _is_finite, is_finite_number as _is_finite_number
+from ._numbers import is_number as _is_number, shown as _shown
 from .surrogate import surrogate_spec
 
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -327,7 +327,7 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
     _check_x(x_seq)
     if tau is not None and k is not None:
         raise ValueError("pass tau or k (= 1/tau), not both")
-    if v_reset is not None and (not _is_number(v_reset) or not _is_finite(v_reset)):
+    if v_reset is not None and not _is_finite_number(v_reset):
         raise ValueError(f"v_reset must be a finite number or None, got {_shown(v_reset)!r}")
     learnable_threshold = (learnable_threshold or isinstance(v_threshold, nn.Parameter)
                            or (isinstance(v_threshold, torch.Tensor) and v_threshold.requires_grad))

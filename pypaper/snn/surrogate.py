@@ -17,8 +17,6 @@ the fused kernels get the integer ``surrogate_id`` and ``alpha`` (kernels/common
 from __future__ import annotations
 
 import inspect
-import math
-import numbers
 from typing import Optional
 
 import torch
