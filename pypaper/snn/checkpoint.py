@@ -25,7 +25,9 @@ same way (each call records its own start).
 
 State, per module of the block: SpikingJelly's memories (``named_memories()``: pypaper's neurons
 give v and the memories a subclass registers; SpikingJelly's MemoryModule its ``_memories``),
-plus ``v_seq`` and pypaper's Dropout ``mask``; the running statistics of normalization layers in
+plus ``v_seq``, pypaper's Dropout ``mask``, DelayedLinear's sigma and a neuron's configuration
+held as plain attributes (tau, v_threshold, v_reset, decay_input, detach_reset: a schedule may
+set them between the forward and the backward); the running statistics of normalization layers in
 training mode are put back after the recompute (counted once). Parameters are not state: an
 optimizer step between the forward and the backward breaks torch's checkpoint for any layer.
 """
@@ -39,8 +41,13 @@ from torch import nn
 
 # plain attributes that carry across calls, or that a call reads and a later call may find changed:
 # DelayedLinear's sigma (float and tensor) is the forward's in the recompute too, as the plain
-# layer's backward keeps the forward's sigma
-_EXTRA_STATE = ("v_seq", "mask", "_sigma", "_sigma_t")
+# layer's backward keeps the forward's sigma; so are a neuron's numbers and flags (pypaper's and
+# SpikingJelly's keep them as plain attributes; a Parameter or buffer of that name is not in
+# __dict__ and is not recorded): a schedule that sets tau, v_threshold or v_reset between the
+# forward and the backward gave silently wrong gradients (tau, v_threshold: the op's backward
+# keeps the forward's values, the recompute read the new ones) or a CheckpointError (v_reset)
+_EXTRA_STATE = ("v_seq", "mask", "_sigma", "_sigma_t",
+                "tau", "v_threshold", "v_reset", "decay_input", "detach_reset")
 
 
 def _state_names(m: nn.Module) -> list:
@@ -61,6 +68,23 @@ def _write(stateful: list, states: list) -> None:
     for (m, _), state in zip(stateful, states):
         for n, value in state.items():
             setattr(m, n, value)
+
+
+def _with_submodules(modules) -> list:
+    """Every module given, with its submodules, once each. modules=block (or [block]) names the
+    block: list(block) took a Sequential's direct children (a bare module alone), so a neuron
+    nested deeper kept the membrane the later calls had left in the recompute, and the gradients
+    were silently wrong. Listing a module that the block does not move costs nothing: its state
+    is set to itself for the recompute."""
+    roots = [modules] if isinstance(modules, nn.Module) else list(modules)
+    seen: dict = {}
+    for root in roots:
+        if not isinstance(root, nn.Module):
+            raise TypeError(f"checkpoint: modules must hold nn.Modules, got "
+                            f"{type(root).__name__}")
+        for m in root.modules():
+            seen.setdefault(id(m), m)
+    return list(seen.values())
 
 
 class _Recompute:
@@ -100,7 +124,7 @@ def checkpoint(function, *args, modules: Optional[Iterable[nn.Module]] = None,
         function: the block, an ``nn.Module`` (its submodules are searched for state), or any
             callable together with ``modules``.
         modules: the modules whose state the block reads and moves (default: function's
-            ``modules()``).
+            ``modules()``): one module or an iterable of them, each with its submodules.
         use_reentrant: only False (torch's reentrant checkpoint takes no contexts).
         kwargs: torch.utils.checkpoint's (``preserve_rng_state``, ``determinism_check``, ...)
             and the block's own keyword arguments.
@@ -116,7 +140,7 @@ def checkpoint(function, *args, modules: Optional[Iterable[nn.Module]] = None,
             raise TypeError(f"checkpoint: pass modules= (the stateful modules the block uses) "
                             f"when function is not an nn.Module, got {type(function).__name__}")
         modules = function.modules()
-    modules = list(modules)
+    modules = _with_submodules(modules)
     stateful = _stateful(modules)
     norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._NormBase)]
     start: list = []

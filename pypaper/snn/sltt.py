@@ -9,18 +9,21 @@ graph whatever T is. SLTT-K backpropagates only K random steps (the others run u
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
+from torch.utils import _pytree
 
+from .delays import DelayedLinear
 from .functional import reset_net, step_mode_modules
 from .neuron import BaseNode
 
 
 class OnlineStep(NamedTuple):
     loss: float              # sum over the trained steps of loss_fn(out_t, target) / T
-    output: torch.Tensor     # mean over all T steps of the model's output (detached)
+    output: Any              # mean over all T steps of the model's output (detached; a tuple /
+                             # dict output keeps its structure, each tensor in it averaged)
     trained_steps: list      # the time steps whose gradient was taken
 
 
@@ -31,20 +34,42 @@ def _neurons(model: nn.Module) -> list:
     return found
 
 
-# Containers that run their children over a [T, N, *] sequence only (SpikingJelly's, matched by
-# name so that spikingjelly need not be imported; pypaper's declare supported_step_modes ('m',)):
-# stepped online they would take the batch dim of a [N, *] step for time.
+# Containers that run their children over a [T, N, *] sequence only, matched by name (SpikingJelly
+# 0.0.0.0.14's have no supported_step_mode(); spikingjelly need not be imported): stepped online
+# they would take the batch dim of a [N, *] step for time.
 _MULTI_STEP_ONLY = frozenset(("MultiStepContainer", "SeqToANNContainer",
                               "TLastMultiStepContainer", "TLastSeqToANNContainer"))
 
 
+def _single_step_modes(m: nn.Module) -> bool:
+    """Whether m can run one [N, *] step: pypaper's layers declare ``supported_step_modes``,
+    SpikingJelly 2.0's modules ``supported_step_mode()`` (its base.MultiStepModule: ('m',) -- PSN,
+    TemporalWiseAttention, the threshold-dependent BatchNorms, TemporalBinSum, ...; PSN has no
+    step_mode to switch, so nothing else stops it)."""
+    if type(m).__name__ in _MULTI_STEP_ONLY:
+        return False
+    modes = getattr(m, "supported_step_modes", None)
+    if modes is None and callable(getattr(m, "supported_step_mode", None)):
+        modes = m.supported_step_mode()
+    return modes is None or "s" in modes
+
+
 def _refuse_multi_step_only(model: nn.Module) -> None:
     for name, m in model.named_modules():
-        modes = getattr(m, "supported_step_modes", None)
-        if type(m).__name__ in _MULTI_STEP_ONLY or (modes is not None and "s" not in modes):
+        where = f"{name or 'model'} ({type(m).__name__})"
+        if isinstance(m, DelayedLinear):
+            # y[t] = b + sum_i w sum_d g(d) x[t - d]: step t reads the inputs of the past
+            # max_delay - 1 steps, which a per-step call does not have. A [N, C] step raised the
+            # layer's own shape error; a [N, L, C] step was read as a sequence over the batch.
+            raise ValueError(
+                f"train_step_online runs the model one time step at a time, but {where} reads "
+                f"the inputs of the past time steps (up to max_delay - 1 = {m.max_delay - 1}) "
+                f"and needs the whole [T, N, C] sequence; train it with BPTT (or the neurons' "
+                f"sltt=True) on the sequence in step_mode 'm'")
+        if not _single_step_modes(m):
             raise ValueError(
                 f"train_step_online runs the model one time step at a time, but "
-                f"{name or 'model'} ({type(m).__name__}) runs only on [T, N, *] sequences (it "
+                f"{where} runs only on [T, N, *] sequences (it "
                 f"would read a step's batch dim as time); use its layers unwrapped (pypaper.snn."
                 f"layer's modules and neurons take both step modes)")
 
@@ -57,6 +82,47 @@ def _foreign_memories(model: nn.Module, neurons: list) -> list:
             and callable(getattr(m, "reset", None)) and callable(getattr(m, "detach", None))]
 
 
+def _detach_foreign(m: nn.Module) -> None:
+    """m.detach(), then the tensors held in list / tuple memories: SpikingJelly's MemoryModule.
+    detach() detaches tensor memories only, and SlidingPSN keeps its last k inputs in a list
+    (queue), whose tensors still held the previous steps' freed graphs (the next step's backward
+    raised autograd's "backward through the graph a second time"). Rebound, not detach_(): the
+    queue's entries are views (x.flatten()), which cannot be detached in place."""
+    m.detach()
+    memories = m.__dict__.get("_memories")
+    if not isinstance(memories, dict):
+        return
+    for key, value in list(memories.items()):
+        if type(value) in (list, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+            setattr(m, key, type(value)(v.detach() if isinstance(v, torch.Tensor) else v
+                                        for v in value))
+
+
+def _detached(tree):
+    return _pytree.tree_map(lambda o: o.detach() if isinstance(o, torch.Tensor) else o, tree)
+
+
+def _add(total, tree):
+    """total + tree leaf by leaf for the tensors (the time sum of the outputs); a leaf that is not
+    a tensor keeps the latest step's value."""
+    if total is None:
+        return tree
+    return _pytree.tree_map(lambda a, b: a + b if isinstance(b, torch.Tensor) else b, total, tree)
+
+
+def _scalar_loss(loss):
+    """The step's loss, checked: autograd's own errors for a per-sample loss ('grad can be
+    implicitly created only for scalar outputs') or a float named neither loss_fn nor the
+    shape."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn must return a tensor (a scalar loss to backpropagate), got "
+                        f"{type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar (one-element) loss, got shape "
+                         f"{tuple(loss.shape)}; reduce it (e.g. reduction='mean')")
+    return loss
+
+
 def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Callable,
                       optimizer: Optional[torch.optim.Optimizer] = None, k: Optional[int] = None,
                       generator: Optional[torch.Generator] = None) -> OnlineStep:
@@ -64,8 +130,12 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
 
     ``model`` maps one time step [N, *] to an output: its neurons are switched to step_mode 's'
     and ``sltt=True`` for the call (and restored after), and reset before and after. Other
-    stateful modules (SpikingJelly's) have their state detached after each step; a container
-    that runs only on sequences (SeqToANNContainer, MultiStepContainer) is refused. ``x_seq``:
+    stateful modules (SpikingJelly's) have their state detached after each step; a module that
+    runs only on sequences (SeqToANNContainer, MultiStepContainer, SpikingJelly's MultiStepModules
+    such as PSN, DelayedLinear) is refused. ``loss_fn(output, target)`` gets the model's output as
+    it is (a tuple or dict too) and must return a scalar tensor. A BatchNorm runs on each step's
+    [N, *] batch (its running statistics updated once per step, as the SLTT authors' per-step
+    loop does), not on the [T * N, *] batch of the model in step_mode 'm'. ``x_seq``:
     [T, N, *] (a static input repeated over time can be ``x.expand(T, *x.shape)``). ``k``: SLTT-K,
     the number of random steps to backpropagate (None: all T), drawn with ``generator``.
     With ``optimizer``: zero_grad before, step after; without it the gradients are left in .grad
@@ -119,19 +189,18 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
                 if rows is not None:
                     xt = rows[t] = xt.detach().requires_grad_()
                 out = model(xt)
-                loss = loss_fn(out, target) / steps
+                loss = _scalar_loss(loss_fn(out, target)) / steps
                 loss.backward()
                 total += float(loss.detach())
             else:
                 with torch.no_grad():
                     out = model(x_seq[t])
-            out = out.detach()
-            out_sum = out if out_sum is None else out_sum + out
+            out_sum = _add(out_sum, _detached(out))
             # their state still holds this step's (freed) graph: detached, their temporal
             # gradient is dropped as SLTT drops the neurons' (the next step's backward raised
             # autograd's "backward through the graph a second time")
             for m in foreign:
-                m.detach()
+                _detach_foreign(m)
         if rows and any(r.grad is not None for r in rows.values()):
             x_grad = torch.zeros_like(x_seq)
             for t, r in rows.items():
@@ -146,7 +215,8 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
         for m, mode in zip(others, others_saved):
             m.step_mode = mode
         reset_net(model)
-    return OnlineStep(total, out_sum / steps, trained)
+    mean = _pytree.tree_map(lambda o: o / steps if isinstance(o, torch.Tensor) else o, out_sum)
+    return OnlineStep(total, mean, trained)
 
 
 __all__ = ["OnlineStep", "train_step_online"]
