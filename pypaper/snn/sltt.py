@@ -9,6 +9,7 @@ graph whatever T is. SLTT-K backpropagates only K random steps (the others run u
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -123,9 +124,21 @@ def _scalar_loss(loss):
     return loss
 
 
+def _no_sync_unless_last(model: nn.Module, last: bool):
+    """DDP's no_sync() for every trained step but the last. DDP all-reduces the gradients at
+    each backward; T backwards per call would all-reduce T times (T - 1 of them wasted: the
+    gradient of a call is the sum over its steps, and all-reducing the sum once gives the same
+    average). Under no_sync the steps' gradients accumulate locally in .grad, and the last
+    step's backward all-reduces them all."""
+    if last or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
 def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Callable,
                       optimizer: Optional[torch.optim.Optimizer] = None, k: Optional[int] = None,
-                      generator: Optional[torch.Generator] = None) -> OnlineStep:
+                      generator: Optional[torch.Generator] = None,
+                      scaler: Optional[torch.amp.GradScaler] = None) -> OnlineStep:
     """One SLTT training step on a batch.
 
     ``model`` maps one time step [N, *] to an output: its neurons are switched to step_mode 's'
@@ -139,7 +152,12 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
     [T, N, *] (a static input repeated over time can be ``x.expand(T, *x.shape)``). ``k``: SLTT-K,
     the number of random steps to backpropagate (None: all T), drawn with ``generator``.
     With ``optimizer``: zero_grad before, step after; without it the gradients are left in .grad
-    (added to what is there).
+    (added to what is there). ``scaler``: a ``torch.amp.GradScaler`` for float16 autocast (needs
+    ``optimizer``): each step's loss is scaled before its backward, then ``scaler.step`` (which
+    skips the step when a gradient is inf or NaN) and ``scaler.update()``; ``loss`` reports the
+    unscaled loss. A ``DistributedDataParallel`` model all-reduces once per call: every trained
+    step but the last runs in its ``no_sync()``, and the last one's backward reduces the gradients
+    accumulated over all of them (the sum's average is the average's sum).
     """
     if not isinstance(x_seq, torch.Tensor) or x_seq.dim() < 2:
         raise ValueError("x_seq must be a tensor of shape [T, N, *]")
@@ -148,6 +166,9 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
         raise ValueError("x_seq has no time steps (T = x_seq.shape[0] = 0): nothing to train on")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= steps):
         raise ValueError(f"k must be an integer in 1..T ({steps}), got {k!r}")
+    if scaler is not None and optimizer is None:
+        raise ValueError("scaler needs optimizer: the scaled gradients are unscaled and checked "
+                         "by scaler.step(optimizer)")
     neurons = _neurons(model)
     _refuse_multi_step_only(model)
     foreign = _foreign_memories(model, neurons)
@@ -188,9 +209,10 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
                 xt = x_seq[t]
                 if rows is not None:
                     xt = rows[t] = xt.detach().requires_grad_()
-                out = model(xt)
-                loss = _scalar_loss(loss_fn(out, target)) / steps
-                loss.backward()
+                with _no_sync_unless_last(model, t == trained[-1]):
+                    out = model(xt)
+                    loss = _scalar_loss(loss_fn(out, target)) / steps
+                    (loss if scaler is None else scaler.scale(loss)).backward()
                 total += float(loss.detach())
             else:
                 with torch.no_grad():
@@ -207,7 +229,10 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
                 if r.grad is not None:
                     x_grad[t] = r.grad
             x_seq.backward(x_grad)
-        if optimizer is not None:
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        elif optimizer is not None:
             optimizer.step()
     finally:
         for m, (mode, sl) in zip(neurons, saved):
