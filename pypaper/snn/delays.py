@@ -143,7 +143,10 @@ def _check_sigma_tensor(sigma: torch.Tensor) -> None:
 
 
 def _sigma_tensor(sigma: float) -> torch.Tensor:
-    return torch.tensor(sigma, dtype=torch.float64)
+    # on the CPU whatever the default device: torch.tensor follows ``with torch.device('meta')``
+    # (deferred initialisation) or torch.set_default_device, and the kernels read sigma on the
+    # host (a meta sigma sent the C++ op to its Meta kernel: an uninitialised output)
+    return torch.tensor(sigma, dtype=torch.float64, device="cpu")
 
 
 def _check_inputs(x, weight, position, bias) -> None:
@@ -152,6 +155,9 @@ def _check_inputs(x, weight, position, bias) -> None:
     if x.dtype not in _FLOATS:
         raise TypeError(f"x must be a floating tensor (float32, float64, float16 or bfloat16), "
                         f"got {x.dtype}")
+    for name, t in (("weight", weight), ("position", position), ("bias", bias)):
+        if not (isinstance(t, torch.Tensor) or (name == "bias" and t is None)):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 3:
         raise ValueError(f"x must have shape [T, N, C_in] (time-major, 3 dims), got shape "
                          f"{tuple(x.shape)}")
@@ -265,9 +271,11 @@ def sigma_schedule(epoch: int, epochs: int, sigma_init: float, sigma_final: floa
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if not (sigma_init > 0 and sigma_final > 0):
-        raise ValueError(f"sigma_init and sigma_final must be > 0, got {sigma_init}, "
-                         f"{sigma_final}")
+    # finite: an infinite sigma_init gave sigma_init * 0 = nan after the first epoch, reported
+    # by set_sigma as a bad "sigma" instead of naming the schedule's argument
+    for name, v in (("sigma_init", sigma_init), ("sigma_final", sigma_final)):
+        if not (v > 0 and v < math.inf):
+            raise ValueError(f"{name} must be finite and > 0, got {v}")
     span = max(1, epochs // 2) if decay_epochs is None else int(decay_epochs)
     if span < 1:
         raise ValueError(f"decay_epochs must be >= 1, got {decay_epochs}")
@@ -295,8 +303,10 @@ class DelayedLinear(nn.Module):
     ``weight`` up if you want theirs), bias as nn.Linear, positions uniform over [0, K - 1] (the
     paper's uniform init over the whole delay range).
 
-    Training loop, as in the paper: separate (higher) learning rate for ``position``; after each
-    optimizer step call ``clamp_positions_()`` (DCLS's clamp_parameters: the op clamps p to
+    Training loop, as in the paper: separate (higher) learning rate for ``position``, and no
+    weight decay on it (SNN-delays trains the positions with their own plain Adam: a decay, AdamW's
+    default 0.01 included, pulls every delay towards 0 steps, a bias unrelated to the task); after
+    each optimizer step call ``clamp_positions_()`` (DCLS's clamp_parameters: the op clamps p to
     [0, K-1] and gives no position gradient outside); each epoch
     ``set_sigma(sigma_schedule(epoch, epochs, layer.sigma_init))``; at the end ``round_delays()``.
 
@@ -340,7 +350,17 @@ class DelayedLinear(nn.Module):
 
     @sigma.setter
     def sigma(self, value: float) -> None:
-        self._sigma = _check_sigma(value)
+        value = _check_sigma(value)
+        # round_delays() fixes sigma at 0 (one tap per synapse at the integer delay). set_sigma
+        # refused another value but the attribute took it silently: a schedule loop written as
+        # ``layer.sigma = sigma_schedule(...)`` that went on after round_delays() (fine-tuning
+        # the weights on the rounded delays, as SNN-delays does) spread every frozen integer
+        # delay over a Gaussian of that width again, with ``finalized`` still saying rounded.
+        if value != 0 and getattr(self, "finalized", False):
+            raise RuntimeError(f"the delays were rounded (round_delays()); sigma is fixed at 0, "
+                               f"got sigma = {value:g} (reset_parameters() makes them learnable "
+                               f"again)")
+        self._sigma = value
         # A new tensor, not fill_: the op saves sigma for its backward, so a sigma set between a
         # forward and its backward must leave that one alone (in place it raised autograd's
         # version error), and a copy.copy of the layer must not share it. Dynamo reads the
@@ -368,8 +388,8 @@ class DelayedLinear(nn.Module):
         nn.init.uniform_(self.position, 0.0, float(self.max_delay - 1))
         if getattr(self, "finalized", False):  # rounded before: the positions learn again
             self.position.requires_grad_(True)
+        self.finalized = False  # before sigma: a rounded layer takes only sigma 0
         self.sigma = self.sigma_init
-        self.finalized = False
 
     def set_sigma(self, sigma: float) -> None:
         """Set the Gaussian width (steps). 0 means integer delays (round(p), no position grad)."""
@@ -427,8 +447,8 @@ class DelayedLinear(nn.Module):
                              f"{saved}, this layer has max_delay = {self.max_delay}; build the "
                              f"layer with max_delay={saved} to load it")
         was_finalized = self.finalized
+        self.finalized = bool(state["finalized"])  # before sigma: a rounded layer takes only 0
         self.sigma = float(state["sigma"])
-        self.finalized = bool(state["finalized"])
         if self.finalized:  # frozen, as round_delays() leaves them (.grad cleared too: a
             # zeroed, not cleared, gradient let Adam's momentum move the loaded integer delays)
             self.position.grad = None

@@ -14,7 +14,23 @@ from . import delays_reference, delays_second_order
 _FLOATS = (torch.float32, torch.float64)
 
 
+def _check_devices(x, sigma, **tensors):
+    """Every tensor on x's device, sigma on the CPU (or x's). This kernel is also the op's Meta
+    kernel, and the dispatcher picks it whenever any input is a meta tensor: called with a real
+    CPU x and a meta sigma (a layer built under ``with torch.device('meta')``) it returned an
+    uninitialised CPU tensor, a silent garbage output. Under FakeTensorMode the devices checked
+    are the fake tensors' own, so a traced call passes as its real one would."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == x.device,
+                         lambda: f"{name} is on {t.device} but x is on {x.device}")
+    torch._check(sigma.device.type == "cpu" or sigma.device == x.device,
+                 lambda: f"sigma must be a CPU tensor (the kernels read it on the host), got "
+                         f"{sigma.device}")
+
+
 def _fake_delay_linear(x, weight, position, bias, max_delay, sigma):
+    _check_devices(x, sigma, weight=weight, position=position, bias=bias)
     torch._check(x.dtype in _FLOATS, lambda: f"x must be float32 or float64, got {x.dtype}")
     torch._check(x.dim() == 3, lambda: "x must have shape [T, N, C_in]")
     torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[2],
@@ -26,6 +42,7 @@ def _fake_delay_linear(x, weight, position, bias, max_delay, sigma):
 
 def _fake_delay_linear_backward(grad_y, x, weight, position, max_delay, sigma, need_x_grad,
                                 need_weight_grad, need_position_grad, need_bias_grad):
+    _check_devices(x, sigma, grad_y=grad_y, weight=weight, position=position)
     torch._check(grad_y.dim() == 3 and grad_y.shape[2] == weight.shape[0],
                  lambda: "grad_y must have shape [T, N, C_out]")
     return (x.new_empty(x.shape), weight.new_empty(weight.shape),
