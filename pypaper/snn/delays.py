@@ -434,10 +434,22 @@ class DelayedLinear(nn.Module):
         return _delayed_linear(x, self.weight, self.position, self.bias, self.max_delay, value,
                                self._sigma_t)
 
-    def get_extra_state(self):
-        return {"sigma": self.sigma, "finalized": self.finalized, "max_delay": self.max_delay}
+    def get_extra_state(self) -> torch.Tensor:
+        """[sigma, finalized, max_delay] as one float64 tensor (exact for each). A tensor, not a
+        dict: safetensors (Hugging Face's save_pretrained default) and torch.distributed.
+        checkpoint store tensors only, and refused the state_dict ("expected torch.Tensor but
+        received dict"); dropping the entry to save it loaded an unrounded layer at sigma_init."""
+        return torch.tensor([self.sigma, float(self.finalized), float(self.max_delay)],
+                            dtype=torch.float64)
 
     def set_extra_state(self, state) -> None:
+        if isinstance(state, torch.Tensor):
+            if state.shape != (3,):
+                raise ValueError(f"DelayedLinear's extra state is [sigma, finalized, max_delay], "
+                                 f"got a tensor of shape {tuple(state.shape)}")
+            sigma, finalized, saved = state.tolist()
+            state = {"sigma": sigma, "finalized": finalized != 0, "max_delay": int(saved)}
+        # else the dict of state_dicts saved before 2026-12-06 (with or without max_delay)
         # positions are steps in [0, max_delay - 1]: a state saved with another max_delay would
         # load into position's unchanged shape and be clamped silently (a state from before
         # max_delay was saved has no key and loads as before)

@@ -933,8 +933,12 @@ def test_state_dict_from_another_max_delay_is_refused():
     same = DelayedLinear(3, 2, 10)
     same.load_state_dict(src.state_dict())
     assert torch.equal(same.position, src.position) and same.sigma == src.sigma
-    old = src.state_dict()  # a state saved before max_delay was kept still loads
-    old["_extra_state"] = {k: v for k, v in old["_extra_state"].items() if k != "max_delay"}
+    old = src.state_dict()  # the dict states saved before 2026-12-06 still load: with max_delay
+    old["_extra_state"] = {"sigma": src.sigma, "finalized": False, "max_delay": 10}
+    same.load_state_dict(old)
+    with pytest.raises(ValueError, match="max_delay = 10.*max_delay = 5"):
+        dst.load_state_dict(old)
+    del old["_extra_state"]["max_delay"]  # and from before max_delay was kept
     same.load_state_dict(old)
 
 

@@ -2,6 +2,7 @@
 building it under a device context, the sigma schedule's arguments, ...)."""
 import pytest
 import torch
+from torch import nn
 
 import pypaper
 from pypaper.snn import DelayedLinear
@@ -122,3 +123,26 @@ def test_functional_non_tensor_parameters_are_named():
                        ("bias", (w, p, 0.5))):
         with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor, got"):
             D.delayed_linear(x, *args, max_delay=4, sigma=0.5)
+
+
+def test_state_dict_saves_with_safetensors_and_loads_rounded(tmp_path):
+    """safetensors stores tensors only: the layer's extra state (sigma, finalized, max_delay) is
+    one float64 tensor, so a model saves as Hugging Face's save_pretrained does, and a rounded
+    layer loads rounded (dropping the entry to save it loaded sigma_init and learnable delays)."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    src = nn.Sequential(DelayedLinear(4, 3, 6), DelayedLinear(3, 2, 5))
+    src[0].round_delays()
+    src[1].set_sigma(0.7)
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file(src.state_dict(), str(path))
+    dst = nn.Sequential(DelayedLinear(4, 3, 6), DelayedLinear(3, 2, 5))
+    dst.load_state_dict(safetensors_torch.load_file(str(path)))
+    assert dst[0].finalized and dst[0].sigma == 0 and not dst[0].position.requires_grad
+    assert not dst[1].finalized and dst[1].sigma == 0.7
+    x = torch.randn(7, 2, 4)
+    assert torch.equal(dst(x), src(x))
+    bad = src.state_dict()
+    bad["0._extra_state"] = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="sigma, finalized, max_delay"):
+        dst.load_state_dict(bad)
