@@ -346,6 +346,12 @@ class Dropout(StepModule, nn.Module):
         step = x[0] if multi_step else x
         if mask is None or mask.shape != step.shape:  # new sequence or batch size
             mask = self.create_mask(step.detach())
+        elif (not torch.compiler.is_compiling() and mask.is_inference()
+              and not torch.is_inference_mode_enabled()):
+            # drawn by a pass under torch.inference_mode: y = x * mask keeps mask for dL/dx,
+            # and autograd refuses to save an inference tensor. A normal copy of the same mask
+            # continues the sequence, as the neurons continue from their inference-mode v
+            mask = mask.clone()
         return x * mask, mask
 
     def materialize_states(self, inputs: tuple, states: tuple, step_mode: str) -> tuple:

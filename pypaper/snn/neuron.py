@@ -103,6 +103,7 @@ class BaseNode(nn.Module):
         if learnable_threshold or threshold_shape is not None:
             shape = _shape(threshold_shape or (), "threshold_shape")
             vth = torch.full(shape, float(v_threshold))
+            self._declare_per_neuron("v_threshold", shape)
             if learnable_threshold:
                 self.v_threshold = nn.Parameter(vth)
             else:
@@ -166,13 +167,88 @@ class BaseNode(nn.Module):
             self.v = fn(self.v)
         if isinstance(self.v_seq, torch.Tensor):
             self.v_seq = fn(self.v_seq)
-        for name in self.__dict__.get("_memory_reset", {}):
-            value = getattr(self, name)
+        resets = self.__dict__.get("_memory_reset", {})
+        for name, value in list(resets.items()):
+            current = getattr(self, name)
+            if isinstance(current, torch.Tensor):
+                setattr(self, name, fn(current))
+            # the reset values too (SpikingJelly's MemoryModule._apply moves _memories_rv): a
+            # tensor reset value left behind made reset() after .double() / .to(bf16) / .cuda()
+            # restore the memory in the old dtype or device, so the next step promoted a bf16
+            # model's output to float32, or mixed devices
             if isinstance(value, torch.Tensor):
-                setattr(self, name, fn(value))
+                resets[name] = fn(value)
         return self
 
+    # ---- per-neuron parameters ----------------------------------------------------------------
+
+    def _declare_per_neuron(self, name: str, shape: tuple) -> None:
+        """``name`` was built with ``shape`` as its per-neuron (feature) shape: tau_shape,
+        threshold_shape, a tensor tau. Only shapes of more than one element are kept: one value
+        broadcasts to any input."""
+        if math.prod(shape) != 1:
+            self.__dict__.setdefault("_per_neuron_shapes", {})[name] = tuple(shape)
+
+    def _check_per_neuron(self, x_seq: torch.Tensor, single: bool) -> None:
+        """A parameter that still has the per-neuron shape its constructor declared must equal
+        the feature shape of this call (x.shape[1:] of one step, x.shape[2:] of a sequence).
+
+        The op also takes a parameter of shape x.shape[1:] as one value per sample and neuron
+        (the [N, C] threshold functional.set_threshold_margin assigns); a tensor assigned later
+        with another shape still goes there. But a declared (C,) parameter is never per sample:
+        taking it as one made [N, C] fed in step_mode 'm' (the time dim forgotten) run with the
+        batch read as time, silently. And in step_mode 's' the op's message named the shapes of
+        its internal [1, N, *] sequence, not the user's x. Other mismatches of a sequence
+        are left to the op, whose message is right there."""
+        declared = self.__dict__.get("_per_neuron_shapes")
+        if not declared:
+            return
+        feat = tuple(x_seq.shape[2:])
+        for name, shape in declared.items():
+            p = getattr(self, name, None)
+            if not isinstance(p, torch.Tensor) or tuple(p.shape) != shape:
+                continue  # replaced after construction: the op checks it
+            # ranks first, as ops._is_per_sample compares them: traced, a size compared only
+            # where the ranks agree guards less
+            if len(shape) == len(feat) and shape == feat:
+                continue
+            if not single and not (len(shape) == x_seq.dim() - 1
+                                   and shape == tuple(x_seq.shape[1:])):
+                continue  # the op refuses it, naming x's shapes as the user gave them
+            if single:
+                x_shape, where, other = tuple(x_seq.shape[1:]), "x.shape[1:]", (
+                    "step_mode 'm' takes a sequence [T, N, *] (functional.set_step_mode(net, "
+                    "'m'))")
+            else:
+                x_shape, where, other = tuple(x_seq.shape), "x.shape[2:]", (
+                    "step_mode 's' takes one step [N, *]")
+            origin = {"w": "tau_shape", "v_threshold": "threshold_shape"}.get(
+                name, "the tau tensor it was built with")
+            raise ValueError(
+                f"{type(self).__name__} in step_mode {'s' if single else 'm'!r} got x of shape "
+                f"{x_shape}: its {name} has one value per neuron, of shape {shape} (from "
+                f"{origin}), which must equal the feature shape {where} = {feat}. Step mode "
+                f"{'s' if single else 'm'!r} takes "
+                f"{'one step [N, *]' if single else 'a sequence [T, N, *]'}; {other}")
+
     # ---- state -----------------------------------------------------------------------------
+
+    def __getstate__(self):
+        """copy.deepcopy / pickle / torch.save of the neuron: the carried state (v, v_seq,
+        registered memories) as its values, detached where it is part of a graph. A non-leaf
+        tensor cannot be deep-copied (torch raises "Only Tensors created explicitly by the user
+        (graph leaves) support the deepcopy protocol"), so a model snapshot between a forward
+        and the next reset failed; the graph itself cannot be copied, and a copy that continues
+        from the detached values computes what the original computes. Leaves (a learnable
+        initial membrane, an nn.Parameter the model owns) are kept as they are, so the copy
+        maps them to the copied parameter."""
+        state = self.__dict__.copy()
+        names = ("v", "v_seq", *state.get("_memory_reset", {}))
+        for name in names:
+            value = state.get(name)
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                state[name] = value.detach()
+        return state
 
     def __setattr__(self, name: str, value) -> None:
         # The membrane, v_seq and registered memories are state, whatever is assigned: an
@@ -299,15 +375,18 @@ class BaseNode(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
 
-    def _run(self, x_seq: torch.Tensor, store_v_seq: bool):
-        spikes, v_last, v_seq = self._step_op(x_seq, self._v_init(x_seq), store_v_seq)
+    def _run(self, x_seq: torch.Tensor, store_v_seq: bool, single: bool = False):
+        spikes, v_last, v_seq = self._step_op(x_seq, self._v_init(x_seq), store_v_seq, single)
         # kept attached under SLTT too (as SpikingJelly's SLTTLIFNode keeps it): a loss on the
         # membrane (a readout of .v, or of the 's'-mode v_seq) backpropagates through this call
         self.v = v_last
         return spikes, v_seq
 
-    def _step_op(self, x_seq: torch.Tensor, v_init: Optional[torch.Tensor], store_v_seq: bool):
-        """The fused op on [T, N, *] from v_init (None: rest): (spikes, v_last, v_seq)."""
+    def _step_op(self, x_seq: torch.Tensor, v_init: Optional[torch.Tensor], store_v_seq: bool,
+                 single: bool = False):
+        """The fused op on [T, N, *] from v_init (None: rest): (spikes, v_last, v_seq).
+        ``single``: x_seq is one step [N, *] unsqueezed (for the messages)."""
+        self._check_per_neuron(x_seq, single)
         decay = self._decay()
         if self.sltt and isinstance(v_init, torch.Tensor):
             # SLTT charges from V.detach() anyway: entering detached, the carried membrane holds
@@ -345,10 +424,11 @@ class BaseNode(nn.Module):
         from the membrane states[0] (materialized: a tensor of x_seq[0]'s shape)."""
         x_seq = _as_float(inputs[0])
         v = states[0]
+        single = bool(kwargs.get("_single_step"))  # from single_step_functional_forward
         if x_seq.dim() == 1:  # [T]: one neuron
-            spikes, v_last, _ = self._step_op(x_seq[:, None], v.reshape(1), False)
+            spikes, v_last, _ = self._step_op(x_seq[:, None], v.reshape(1), False, single)
             return (spikes[:, 0],), (v_last.reshape(()), *states[1:])
-        spikes, v_last, _ = self._step_op(x_seq, v, False)
+        spikes, v_last, _ = self._step_op(x_seq, v, False, single)
         return (spikes,), (v_last, *states[1:])
 
     def single_step_functional_forward(self, inputs: tuple, states: tuple, **kwargs) -> tuple:
@@ -356,7 +436,7 @@ class BaseNode(nn.Module):
         x = _as_float(inputs[0])
         (spikes,), out_states = self.multi_step_functional_forward(
             (x.unsqueeze(0),), (states[0].unsqueeze(0) if x.dim() == 0 else states[0],
-                                *states[1:]))
+                                *states[1:]), _single_step=True)
         v = out_states[0]
         return (spikes.squeeze(0),), ((v.reshape(()) if x.dim() == 0 else v), *out_states[1:])
 
@@ -388,7 +468,7 @@ class BaseNode(nn.Module):
             if isinstance(self.v_seq, torch.Tensor):
                 self.v_seq = self.v_seq.reshape(-1)
             return out.reshape(())
-        spikes, _ = self._run(x.unsqueeze(0), False)
+        spikes, _ = self._run(x.unsqueeze(0), False, single=True)
         if self.store_v_seq:
             step = self.v.unsqueeze(0)
             same = (isinstance(self.v_seq, torch.Tensor) and self.v_seq.shape[1:] == step.shape[1:]
@@ -472,6 +552,7 @@ class LIFNode(BaseNode):
             if not tau.is_meta and not bool(torch.all(torch.isfinite(tau) & (tau > 1))):
                 raise ValueError("tau must be finite and > 1 for every neuron")
             self.register_buffer("tau", tau.detach().clone())
+            self._declare_per_neuron("tau", tuple(tau.shape))
         else:
             if not _finite_number(tau) or not tau > 1:
                 raise ValueError(f"tau must be a finite number > 1, got {tau!r}")
@@ -526,6 +607,7 @@ class ParametricLIFNode(BaseNode):
             raise ValueError(f"init_tau must be a finite number > 1, got {init_tau!r}")
         shape = _shape(tau_shape, "tau_shape") if tau_shape is not None else ()
         self.w = nn.Parameter(torch.full(shape, -math.log(init_tau - 1.0)))
+        self._declare_per_neuron("w", shape)
         self.decay_input = bool(decay_input)
 
     def _decay(self) -> dict:
