@@ -85,7 +85,21 @@ def backward_tensors(ctx, g_spikes, g_v_last, g_v_seq):
         raise RuntimeError("pypaper::lif_forward ran without the keep_h flag, which keeps no "
                            "H for the backward (only the CPU backward can rerun the forward "
                            "instead): set op_flags.KEEP_H to differentiate it")
-    saved = ctx.saved_tensors
+    try:
+        saved = ctx.saved_tensors
+    except RuntimeError as e:
+        if "second time" not in str(e):
+            raise
+        # The commonest way here (SpikingJelly's users know it): a neuron's membrane carried from
+        # the previous batch, whose backward has freed this call's graph, into the next batch's
+        # forward - no reset_net between batches of the same size. torch's message names neither
+        # the state nor the fix (SpikingJelly's neither).
+        raise RuntimeError(
+            f"{e}\npypaper.snn: this is a LIF neuron's call whose graph a backward has freed. "
+            f"If a neuron's membrane carried over from an earlier batch into this forward, call "
+            f"pypaper.snn.functional.reset_net(model) after each batch (or functional.detach_net"
+            f"(model) to keep the state without its graph: truncated BPTT); if the same loss is "
+            f"backpropagated twice, pass retain_graph=True to the first backward.") from None
     h_seq, decay, v_threshold = saved[:3]  # h_seq holds x when ctx.recompute
     v_init = saved[3] if ctx.keep_v else None
     need_decay, need_vth = ctx.needs_input_grad[2:4]

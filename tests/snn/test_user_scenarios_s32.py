@@ -149,3 +149,25 @@ def test_dtype_move_converts_registered_memory_reset_values(dtype):
     assert node.a.dtype == dtype and torch.equal(node.a, torch.zeros(3, dtype=dtype))
     assert node(torch.rand(2, 3, dtype=dtype) * 3).dtype == dtype
     assert node.a.dtype == dtype
+
+
+@pytest.mark.parametrize("step_mode", ["m", "s"])
+def test_forgetting_reset_net_between_batches_names_the_membrane(step_mode):
+    """Batch 2 of the same size without reset_net: its forward starts from batch 1's membrane,
+    whose graph batch 1's backward freed. torch's 'backward through the graph a second time'
+    named neither the state nor the fix; the message now ends with reset_net / detach_net."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), neuron.LIFNode(tau=2.0, step_mode=step_mode))
+
+    def run(x):
+        if step_mode == "m":
+            return model(x)
+        return torch.stack([model(x[t]) for t in range(x.shape[0])])
+
+    run(torch.rand(3, 2, 5) * 2).sum().backward()
+    with pytest.raises(RuntimeError, match=r"second time(.|\n)*reset_net(.|\n)*detach_net"):
+        run(torch.rand(3, 2, 5) * 2).sum().backward()
+    functional.reset_net(model)  # the fixes the message names: reset_net ...
+    run(torch.rand(3, 2, 5) * 2).sum().backward()
+    functional.detach_net(model)  # ... or detach_net: the state kept without its graph
+    run(torch.rand(3, 2, 5) * 2).sum().backward()
