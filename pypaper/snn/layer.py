@@ -96,6 +96,21 @@ def _signature(torch_cls: type) -> inspect.Signature:
     return inspect.Signature(params[:n] + [step] + rest)
 
 
+class _ClassSignature:
+    """``__signature__`` for the class only: inspect.signature(Conv2d) is the constructor's,
+    inspect.signature(conv) stays the call's (None here: inspect goes on to ``__call__``, as for
+    any nn.Module). A plain class attribute is read through the instance too (inspect looks
+    at obj.__signature__ first), so a tool that binds a module's call arguments with it
+    (torch's dynamo_graph_capture_for_export: inspect.signature(mod).bind(x)) was told that
+    conv(x) lacks out_channels."""
+
+    def __init__(self, signature: Optional[inspect.Signature]):
+        self.signature = signature
+
+    def __get__(self, obj, objtype=None) -> Optional[inspect.Signature]:
+        return self.signature if obj is None else None
+
+
 class _SeqToANN(StepModule):
     """A torch layer with a step mode; 'm' runs it once on [T * N, *] (seq_to_ann_forward).
 
@@ -110,11 +125,13 @@ class _SeqToANN(StepModule):
         if not issubclass(cls, nn.Module):  # a mixin such as _BatchNormSteps: no torch layer yet
             return
         cls._torch_cls = _torch_layer(cls)
-        # for inspect, IDEs, config tools; a user's subclass with an __init__ of its own keeps
-        # that one's signature
+        # for inspect, IDEs, config tools, where the constructor that runs is _SeqToANN's
+        # generic one; a user's subclass with an __init__ of its own, and the subclasses of that
+        # one, keep the nearest __init__'s signature
         # (None: inspect reads that __init__, not the parent's __signature__)
-        cls.__signature__ = (_signature(cls._torch_cls) if "__init__" not in cls.__dict__
-                             else None)
+        own_init = next(c for c in cls.__mro__ if "__init__" in c.__dict__)
+        cls.__signature__ = _ClassSignature(_signature(cls._torch_cls)
+                                            if own_init is _SeqToANN else None)
 
     def __init__(self, *args, step_mode: str = "s", **kwargs):
         torch_cls = self._torch_cls
