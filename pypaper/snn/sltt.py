@@ -174,10 +174,9 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
     foreign = _foreign_memories(model, neurons)
     saved = [(m.step_mode, m.sltt) for m in neurons]
     # every other step-mode module (SpikingJelly's layer.Conv2d, BatchNorm2d, ...) runs single
-    # step too, and gets its mode back after
-    # (a module that runs in 'm' only, a SeqToANNContainer, is left alone: set_step_mode's rule)
-    others = [m for m in step_mode_modules(model) if not any(m is n for n in neurons)
-              and "s" in getattr(m, "supported_step_modes", ("s", "m"))]
+    # step too, and gets its mode back after (_refuse_multi_step_only has refused those that
+    # cannot)
+    others = [m for m in step_mode_modules(model) if not any(m is n for n in neurons)]
     others_saved = [m.step_mode for m in others]
     if k is None:
         trained = list(range(steps))
