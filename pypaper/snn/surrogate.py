@@ -36,10 +36,18 @@ def alpha_value(alpha, where: str = "alpha") -> float:
     """A built-in surrogate's alpha as the kernels take it: a positive finite number, or a
     one-element tensor read now (SpikingJelly keeps a tensor alpha as it is given, so annealing
     it in place, alpha.fill_(a), takes effect at the next call; the spiking function gives it
-    no gradient, as SpikingJelly's built-ins do not)."""
+    no gradient, as SpikingJelly's built-ins do not). A meta alpha has no value: ValueError
+    (alpha_for gives the shape-only calls on meta inputs a tensor instead)."""
     value = alpha
     if isinstance(alpha, torch.Tensor):
         _check_alpha_tensor(alpha, where)
+        if alpha.is_meta:
+            raise ValueError(
+                f"{where} is a tensor on the meta device (the module was built under "
+                f"torch.device('meta')): it holds no value to compute the surrogate gradient "
+                f"with. Materialise it first (module.to_empty(device=...) then "
+                f"load_state_dict, or assign alpha a tensor with a value); to_empty moves an "
+                f"nn.Parameter alpha, not a plain tensor attribute")
         value = float(alpha.detach())
     if not is_finite_number(value) or value <= 0:
         raise ValueError(f"{where} must be a positive finite number, got {shown(alpha)!r}")
@@ -66,6 +74,23 @@ def alpha_operand(alpha, where: str = "alpha"):
 
         return tensor_alpha.checked_alpha(alpha.detach(), where)
     return alpha_value(alpha, where)
+
+
+def _is_meta(alpha) -> bool:
+    return isinstance(alpha, torch.Tensor) and alpha.is_meta
+
+
+def alpha_for(x: torch.Tensor, alpha, where: str = "alpha"):
+    """alpha_operand for a call on ``x``, which also takes a meta alpha (a model built under
+    torch.device('meta') with a tensor alpha, as deferred initialisation does). A meta alpha
+    has no value to read; on meta inputs the call only propagates shapes and dtypes, so it
+    computes with alpha as a float64 0-d tensor, the form a traced alpha takes
+    (tensor_alpha.checked_alpha): the same result dtypes as a number alpha gives. On inputs
+    with values, alpha_value's ValueError says to materialise alpha first."""
+    if _is_meta(alpha) and x.is_meta:
+        _check_alpha_tensor(alpha, where)
+        return alpha.detach().reshape(()).to(torch.float64)
+    return alpha_operand(alpha, where)
 
 
 def _is_bool(v) -> bool:
@@ -156,7 +181,14 @@ class SurrogateFunctionBase(nn.Module):
                 "alpha" not in params and (self.surrogate_id >= 0 or _requires_alpha(type(self)))):
             params["alpha"] = self.default_alpha  # also a 0.0.0.0.14-style subclass without one
         if self.surrogate_id >= 0:
-            alpha_value(params["alpha"])  # checked now; a tensor is read again at each call
+            # checked now; a tensor is read again at each call. A meta tensor (built under
+            # torch.device('meta'), to be materialised later) holds no value: its shape and
+            # dtype are checked, its value when a call reads it
+            alpha = params["alpha"]
+            if _is_meta(alpha):
+                _check_alpha_tensor(alpha, "alpha")
+            else:
+                alpha_value(alpha)
         self.spiking = bool(spiking)
         self._sg_param_names = tuple(params)
         for name, value in params.items():
@@ -186,7 +218,7 @@ class SurrogateFunctionBase(nn.Module):
         if self.surrogate_id < 0:
             raise NotImplementedError(f"{type(self).__name__} is not one of pypaper's surrogates: "
                                       f"it has no built-in derivative")
-        return reference.surrogate_grad(x, self.surrogate_id, alpha_operand(self.alpha))
+        return reference.surrogate_grad(x, self.surrogate_id, alpha_for(x, self.alpha))
 
     @staticmethod
     def spiking_function(x: torch.Tensor, **params) -> torch.Tensor:
@@ -210,14 +242,14 @@ def _make(name: str, alpha: float, doc: str):
     sid = SURROGATE_IDS[name]
 
     def spiking_function(x: torch.Tensor, alpha) -> torch.Tensor:
-        return reference.spike(x, sid, alpha_operand(alpha))
+        return reference.spike(x, sid, alpha_for(x, alpha))
 
     def primitive_function(x: torch.Tensor, alpha) -> torch.Tensor:
         return reference.surrogate_primitive(x, sid, alpha)
 
     def backward(grad_output: torch.Tensor, x: torch.Tensor, alpha) -> torch.Tensor:
         """grad_output * sigma'(x) (SpikingJelly's static backward)."""
-        return grad_output * reference.surrogate_grad(x, sid, alpha_operand(alpha))
+        return grad_output * reference.surrogate_grad(x, sid, alpha_for(x, alpha))
 
     spiking_function._pypaper_surrogate_id = sid  # what surrogate_spec trusts to be this id
     cls = type(name, (SurrogateFunctionBase,), {
@@ -263,9 +295,11 @@ def surrogate_spec(fn) -> Optional[tuple[int, float]]:
         # a subclass of the user's own (surrogate_id -1) runs its spiking_function in Python
         # (also a subclass of a built-in that overrides spiking_function)
         # (and a subclass that overrides forward, which the kernels would never call)
+        # (and a meta alpha, which the kernels cannot read: the loop's call of fn computes
+        # with it on meta inputs, and says to materialise it on others)
         own = getattr(type(fn).spiking_function, "_pypaper_surrogate_id", None)
         ok = (fn.spiking and fn.surrogate_id >= 0 and own == fn.surrogate_id
-              and type(fn).forward is SurrogateFunctionBase.forward)
+              and type(fn).forward is SurrogateFunctionBase.forward and not _is_meta(fn.alpha))
         return (fn.surrogate_id, alpha_operand(fn.alpha, f"{type(fn).__name__}'s alpha")) if ok \
             else None
     cls = type(fn)
@@ -274,13 +308,13 @@ def surrogate_spec(fn) -> Optional[tuple[int, float]]:
             try:
                 return SURROGATE_IDS[cls.__name__], alpha_operand(getattr(fn, "alpha", None))
             except ValueError:
-                pass  # not a value the kernels take: the loop calls fn itself
+                pass  # not a value the kernels take (or a meta one): the loop calls fn itself
     return None
 
 
 _OWN_NAMES = ["ATan", "Erf", "PiecewiseExp", "PiecewiseQuadratic", "Rect", "Sigmoid", "SoftSign",
-              "SuperSpike", "SurrogateFunctionBase", "alpha_operand", "alpha_value", "heaviside",
-              "surrogate_spec"]
+              "SuperSpike", "SurrogateFunctionBase", "alpha_for", "alpha_operand", "alpha_value",
+              "heaviside", "surrogate_spec"]
 
 
 # Names this module lacks come from SpikingJelly (pypaper/snn/spikingjelly_fallback.py).
