@@ -188,12 +188,55 @@ if triton is not None:
 
     def wrap_triton(kernel):
         """torch.library.wrap_triton for a compiled kernel (so torch.compile and export see the
-        launch); an interpreted one (TRITON_INTERPRET=1) is launched as it is: it never reaches
-        tracing (_launches), and torch 2.11's wrap_triton refuses it ("wrap_triton only works on
-        functions annotated with triton.jit or triton.autotune"), where later versions pass it."""
+        launch), launched on its tensors' device (_OnTensorsDevice); an interpreted one
+        (TRITON_INTERPRET=1) is launched as it is: it never reaches tracing (_launches), and
+        torch 2.11's wrap_triton refuses it ("wrap_triton only works on functions annotated with
+        triton.jit or triton.autotune"), where later versions pass it."""
         if _INTERPRETED:
             return kernel
-        return torch.library.wrap_triton(kernel)
+        return _OnTensorsDevice(torch.library.wrap_triton(kernel))
+
+
+def _cuda_device_of(args) -> "torch.device | None":
+    """The device of the first CUDA tensor among a launch's arguments, else None."""
+    for a in args:
+        dev = getattr(a, "device", None)
+        if isinstance(dev, torch.device) and dev.type == "cuda":
+            return dev
+    return None
+
+
+class _OnTensorsDevice:
+    """``kernel[grid](*args)`` run with its tensors' CUDA device made current.
+
+    Triton launches on the *current* CUDA device and that device's current stream, whatever
+    device the pointers belong to (triton/runtime/jit.py asks the driver for the current device).
+    A layer moved with ``.to("cuda:1")`` while cuda:0 is current (no torch.cuda.set_device: the
+    usual single-process way to use a second GPU) had its kernel run on cuda:0 over cuda:1's
+    memory: Triton's "Pointer argument cannot be accessed", an illegal address, or with peer
+    access on, a kernel unordered with the cuda:1 work that wrote its input. Ops written in C++
+    hold a CUDAGuard for this (csrc/snn/snn_cuda.cpp); a Python op registered with
+    torch.library gets no device guard from the dispatcher, so every family's launches take it
+    here. Under torch.compile the launch is traced (fake tensors: the switch is harmless) and
+    inductor's generated code guards the device of its own graph."""
+
+    def __init__(self, launcher):
+        self._launcher = launcher
+
+    def __getitem__(self, grid):
+        run = self._launcher[grid]
+
+        def launch(*args, **kwargs):
+            dev = _cuda_device_of(args)
+            if dev is None or dev.index is None or dev.index == torch.cuda.current_device():
+                return run(*args, **kwargs)
+            with torch.cuda.device(dev):
+                return run(*args, **kwargs)
+
+        return launch
+
+
+if triton is not None:
 
     def _bf16_bits(dtype: torch.dtype) -> bool:
         return _INTERPRETED and dtype == torch.bfloat16

@@ -44,7 +44,6 @@ a Python float as fp32). The backward's surrogate exp is Triton's (interpreter: 
 gradients of the Sigmoid, PiecewiseExp and Erf surrogates differ from the C++ op's (a polynomial
 exp) by a few ulp; the others match it to the bit (parameter sums up to summation order).
 """
-import contextlib
 import struct
 from typing import Optional
 
@@ -99,21 +98,6 @@ def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _launch_device(t: torch.Tensor):
-    """The context a kernel over ``t`` launches in: ``t``'s CUDA device made current.
-
-    Triton launches on the *current* CUDA device and that device's current stream, whatever
-    device the tensors are on (triton/runtime/jit.py: driver.active.get_current_device()). A
-    layer moved with .to("cuda:1") while cuda:0 is current (no torch.cuda.set_device: the usual
-    single-process way to pick a GPU) then had its kernel run on cuda:0 over cuda:1's memory:
-    Triton's "Pointer argument cannot be accessed" or an illegal address, or with peer access
-    on, a kernel on cuda:0's stream, unordered with the cuda:1 work that wrote x. The C++ op
-    holds a CUDAGuard for this (csrc/snn/snn_cuda.cpp). CPU (the interpreter): nothing to do."""
-    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(t.device)
 
 
 # ---- host-side checks (the messages of csrc/snn/snn_args.h) --------------------------------------
@@ -637,15 +621,14 @@ if triton is not None:
         v0 = v_init.contiguous() if v_init is not None else None
         block, programs, idx64 = _plan(x, steps, neurons)
         xs = _as_storage(x)
-        with _launch_device(x):
-            wrap_triton(_lif_forward_kernel)[(programs,)](
-                xs, _as_storage(v0) if v0 is not None else xs, dec, vth, _as_storage(spikes),
-                _as_storage(h_seq) if keep_h else xs, _as_storage(v_seq) if store_v_seq else xs,
-                _as_storage(v_last), steps, neurons, dperiod, tperiod,
-                _scalar_bits(v_reset or 0.0, mt), HAS_V0=v0 is not None, STORE_V=store_v_seq,
-                KEEP_H=keep_h, DI=decay_input, DIV=decay_is_tau,
-                HARD=v_reset is not None, STORE=_storage_code(x.dtype), F64=mt == torch.float64,
-                IDX64=idx64, USE_RN=_USE_RN, BLOCK=block, num_warps=num_warps_for(block))
+        wrap_triton(_lif_forward_kernel)[(programs,)](
+            xs, _as_storage(v0) if v0 is not None else xs, dec, vth, _as_storage(spikes),
+            _as_storage(h_seq) if keep_h else xs, _as_storage(v_seq) if store_v_seq else xs,
+            _as_storage(v_last), steps, neurons, dperiod, tperiod,
+            _scalar_bits(v_reset or 0.0, mt), HAS_V0=v0 is not None, STORE_V=store_v_seq,
+            KEEP_H=keep_h, DI=decay_input, DIV=decay_is_tau,
+            HARD=v_reset is not None, STORE=_storage_code(x.dtype), F64=mt == torch.float64,
+            IDX64=idx64, USE_RN=_USE_RN, BLOCK=block, num_warps=num_warps_for(block))
         return spikes, v_last, h_seq, v_seq
 
     @triton_op("pypaper::lif_backward_triton", mutates_args=())
@@ -697,19 +680,17 @@ if triton is not None:
             gvs = grad_v_seq.contiguous() if grad_v_seq is not None else None
             v0 = v_init.contiguous() if (v_init is not None and k_mode != 0) else None
             hs, gss = _as_storage(h), _as_storage(gs)
-            with _launch_device(h):
-                wrap_triton(_lif_backward_kernel)[(programs,)](
-                    gss, _as_storage(gvl) if gvl is not None else gss,
-                    _as_storage(gvs) if gvs is not None else gss, hs,
-                    _as_storage(v0) if v0 is not None else hs, dec, vth, _as_storage(gx),
-                    _as_storage(gv0), gk if gk is not None else dec,
-                    gt if gt is not None else vth,
-                    steps, neurons, dperiod, tperiod, _scalar_bits(v_reset or 0.0, mt),
-                    _scalar_bits(alpha, mt), HAS_GVL=gvl is not None, HAS_GVS=gvs is not None,
-                    HAS_V0=v0 is not None, K_MODE=k_mode, TH_MODE=t_mode, DI=decay_input,
-                    DIV=decay_is_tau, HARD=v_reset is not None, DETACH=detach_reset, SLTT=sltt,
-                    SURR=surrogate, STORE=_storage_code(h.dtype), F64=mt == torch.float64,
-                    IDX64=idx64, USE_RN=_USE_RN, BLOCK=block, num_warps=num_warps_for(block))
+            wrap_triton(_lif_backward_kernel)[(programs,)](
+                gss, _as_storage(gvl) if gvl is not None else gss,
+                _as_storage(gvs) if gvs is not None else gss, hs,
+                _as_storage(v0) if v0 is not None else hs, dec, vth, _as_storage(gx),
+                _as_storage(gv0), gk if gk is not None else dec, gt if gt is not None else vth,
+                steps, neurons, dperiod, tperiod, _scalar_bits(v_reset or 0.0, mt),
+                _scalar_bits(alpha, mt), HAS_GVL=gvl is not None, HAS_GVS=gvs is not None,
+                HAS_V0=v0 is not None, K_MODE=k_mode, TH_MODE=t_mode, DI=decay_input,
+                DIV=decay_is_tau, HARD=v_reset is not None, DETACH=detach_reset, SLTT=sltt,
+                SURR=surrogate, STORE=_storage_code(h.dtype), F64=mt == torch.float64,
+                IDX64=idx64, USE_RN=_USE_RN, BLOCK=block, num_warps=num_warps_for(block))
         g_decay = (_finish_param_grad(decay, dperiod, neurons, mt, gk, gk) if need_decay_grad
                    else torch.zeros(decay.shape, dtype=decay.dtype, device=decay.device))
         g_vth = (_finish_param_grad(v_threshold, tperiod, neurons, mt, gt, gt)
@@ -771,21 +752,19 @@ if triton is not None:
         dv0 = v_init_tangent.contiguous() if v_init_tangent is not None else None
         block, programs, idx64 = _plan(x, steps, neurons)
         xs = _as_storage(x)
-        with _launch_device(x):
-            wrap_triton(_lif_jvp_kernel)[(programs,)](
-                xs, _as_storage(dx) if dx is not None else xs,
-                _as_storage(v0) if v0 is not None else xs,
-                _as_storage(dv0) if dv0 is not None else xs, dec,
-                ddec if ddec is not None else dec, vth, dvth if dvth is not None else vth,
-                _as_storage(ds), _as_storage(dv_seq) if store_v_seq else xs,
-                _as_storage(dv_last),
-                steps, neurons, dperiod, tperiod, _scalar_bits(v_reset or 0.0, mt),
-                _scalar_bits(alpha, mt), HAS_DX=dx is not None, HAS_V0=v0 is not None,
-                HAS_DV0=dv0 is not None, HAS_DK=ddec is not None, HAS_DTH=dvth is not None,
-                STORE_V=store_v_seq, DI=decay_input, DIV=decay_is_tau, HARD=v_reset is not None,
-                DETACH=detach_reset, SLTT=sltt, SURR=surrogate, STORE=_storage_code(x.dtype),
-                F64=mt == torch.float64, IDX64=idx64, USE_RN=_USE_RN, BLOCK=block,
-                num_warps=num_warps_for(block))
+        wrap_triton(_lif_jvp_kernel)[(programs,)](
+            xs, _as_storage(dx) if dx is not None else xs,
+            _as_storage(v0) if v0 is not None else xs,
+            _as_storage(dv0) if dv0 is not None else xs, dec,
+            ddec if ddec is not None else dec, vth, dvth if dvth is not None else vth,
+            _as_storage(ds), _as_storage(dv_seq) if store_v_seq else xs, _as_storage(dv_last),
+            steps, neurons, dperiod, tperiod, _scalar_bits(v_reset or 0.0, mt),
+            _scalar_bits(alpha, mt), HAS_DX=dx is not None, HAS_V0=v0 is not None,
+            HAS_DV0=dv0 is not None, HAS_DK=ddec is not None, HAS_DTH=dvth is not None,
+            STORE_V=store_v_seq, DI=decay_input, DIV=decay_is_tau, HARD=v_reset is not None,
+            DETACH=detach_reset, SLTT=sltt, SURR=surrogate, STORE=_storage_code(x.dtype),
+            F64=mt == torch.float64, IDX64=idx64, USE_RN=_USE_RN, BLOCK=block,
+            num_warps=num_warps_for(block))
         return ds, dv_last, dv_seq
 
     __all__ += ["lif_forward_triton", "lif_backward_triton", "lif_forward_jvp_triton"]

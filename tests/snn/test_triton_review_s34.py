@@ -4,9 +4,11 @@ Regression: the Triton ops launched on the *current* CUDA device, not on their t
 (Triton's launcher asks the driver for the current device and its current stream). A layer on
 cuda:1 while cuda:0 is current - model.to("cuda:1") without torch.cuda.set_device - ran its
 kernel on cuda:0 over cuda:1's memory. The launches now run with the tensors' device made
-current (_launch_device), as the C++ CUDA op does with its CUDAGuard. Without two GPUs the
-device switch is checked with torch.cuda's device functions stubbed, and every launch of the
-three ops is checked to run inside it; with two GPUs the ops run on cuda:1 against the C++ op.
+current (pypaper._triton.wrap_triton, for every family's launches), as the C++ CUDA op does
+with its CUDAGuard. Without two GPUs the device switch is checked with torch.cuda's device
+functions stubbed (tests/test_triton_launch_device.py; tests/test_backend.py checks that every
+family launches through that wrapper), and the snn ops are checked to launch through it; with two
+GPUs the ops run on cuda:1 against the C++ op.
 
 Coverage the existing tests (tests/snn/test_lif_triton.py) do not reach, each against the C++
 CPU op: surrogate derivatives exactly at their edges (H - Vth = 0, +-1/alpha, +-1/(2 alpha) and
@@ -14,9 +16,7 @@ the floats next to them), parameter-gradient reductions over several programs (m
 neurons) with per-neuron parameters whose feature count is no power of two, and non-contiguous
 arguments of every op. Tolerances as in test_lif_triton.py.
 """
-import contextlib
 import os
-import types
 
 import torch
 
@@ -85,71 +85,16 @@ def _fwd_flags(di=True, div=True, detach=False, sltt=False, store_v=True):
 
 # ---- the launch device ---------------------------------------------------------------------------
 
-class _DeviceStub:
-    """torch.cuda.current_device / torch.cuda.device stand-ins: the current index, and which
-    device each context entered."""
-
-    def __init__(self, current=0):
-        self.current = current
-        self.entered = []
-
-    def current_device(self):
-        return self.current
-
-    @contextlib.contextmanager
-    def device(self, dev):
-        prev, self.current = self.current, torch.device(dev).index
-        self.entered.append(self.current)
-        try:
-            yield
-        finally:
-            self.current = prev
-
-
-def test_launch_device_makes_the_tensors_cuda_device_current(monkeypatch):
-    """A tensor on cuda:1 while cuda:0 is current: the launch context makes cuda:1 current (and
-    restores cuda:0); on the current device or the CPU it changes nothing."""
-    stub = _DeviceStub(current=0)
-    monkeypatch.setattr(torch.cuda, "current_device", stub.current_device)
-    monkeypatch.setattr(torch.cuda, "device", stub.device)
-    on = lambda dev: types.SimpleNamespace(device=torch.device(dev))  # noqa: E731
-    with tk._launch_device(on("cuda:1")):
-        assert stub.current == 1
-    assert stub.current == 0 and stub.entered == [1]
-    for dev in ("cuda:0", "cpu"):
-        with tk._launch_device(on(dev)):
-            assert stub.current == 0
-    assert stub.entered == [1]
-
-
-def test_every_launch_runs_inside_its_tensors_device_context(monkeypatch):
-    """The forward, backward and tangent ops each launch their kernel inside _launch_device of
-    the tensor they run over (x; h_seq for the backward), and still give the C++ op's results."""
-    inside, launched = [], []
-
-    def launch_device(t):
-        @contextlib.contextmanager
-        def ctx():
-            inside.append(t)
-            try:
-                yield
-            finally:
-                inside.pop()
-        return ctx()
-
+def test_every_snn_launch_goes_through_the_wrapper(monkeypatch):
+    """The forward, backward and tangent ops each launch their kernel through the module's
+    wrap_triton (the guarded one, above) and still give the C++ op's results."""
+    launched = []
     real_wrap = tk.wrap_triton
 
     def wrap(kernel):
-        class Launch:
-            def __getitem__(self, grid):
-                def run(*args, **kwargs):
-                    assert inside, "a kernel launched outside its tensors' device context"
-                    launched.append((kernel, inside[-1]))
-                    return real_wrap(kernel)[grid](*args, **kwargs)
-                return run
-        return Launch()
+        launched.append(kernel)
+        return real_wrap(kernel)
 
-    monkeypatch.setattr(tk, "_launch_device", launch_device)
     monkeypatch.setattr(tk, "wrap_triton", wrap)
     x = (torch.randn(4, 3, 5, dtype=torch.float64) + 0.7).float().to(DEVICE)
     tau, vth = torch.tensor(2.0, device=DEVICE), torch.tensor(1.0, device=DEVICE)
@@ -171,9 +116,7 @@ def test_every_launch_runs_inside_its_tensors_device_context(monkeypatch):
     want_j = ops.lif_forward_jvp(*[_to(a, "cpu") for a in jvp])
     for g, w in zip(got_j, want_j):
         _assert_same(g.cpu(), w)
-    kernels = [k for k, _ in launched]
-    assert kernels == [tk._lif_forward_kernel, tk._lif_backward_kernel, tk._lif_jvp_kernel]
-    assert launched[0][1] is not None and launched[1][1] is h
+    assert launched == [tk._lif_forward_kernel, tk._lif_backward_kernel, tk._lif_jvp_kernel]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
