@@ -6,7 +6,7 @@ line per family.
 from .quant.fewbit.modules import (ELU as FewBitELU, GELU as FewBitGELU, SELU as FewBitSELU,
                                    SiLU as FewBitSiLU, Mish as FewBitMish,
                                    FewBitActivation)
-from .snn.neuron import LIFNode, ParametricLIFNode
+from .snn.neuron import IFNode, LIFNode, ParametricLIFNode
 from .snn.delays import DelayedLinear
 from .wtacrs.modules import WTACRSLinear
 from .hopfield import Hopfield, HopfieldLayer, HopfieldPooling

@@ -7,6 +7,7 @@ op from one place. One line per family.
 from .quant.ops import dequantize, fake_quantize, quantize
 from .quant.fewbit.ops import activation as fewbit_activation
 from .snn.ops import lif_multi_step
+from .snn.delays import delayed_linear
 from .wtacrs.ops import (gather_scale as wtacrs_gather_scale, linear as wtacrs_linear,
                          row_norms as wtacrs_row_norms, sample as wtacrs_sample,
                          sampled_grad_weight as wtacrs_sampled_grad_weight,
