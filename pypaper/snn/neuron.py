@@ -376,10 +376,27 @@ class BaseNode(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
 
     def _run(self, x_seq: torch.Tensor, store_v_seq: bool, single: bool = False):
-        spikes, v_last, v_seq = self._step_op(x_seq, self._v_init(x_seq), store_v_seq, single)
+        v_init = self._v_init(x_seq)
+        if (isinstance(v_init, torch.Tensor) and torch.compiler.is_compiling()
+                and torch.is_grad_enabled() and self.__dict__.get("_v_maybe_inference", False)):
+            # The membrane a call under torch.inference_mode left (a validation loop: Lightning's
+            # default) is an inference tensor; the op saves v_init for its backward (the CPU
+            # backward reruns the forward from it), and autograd refuses to save one ("Inference
+            # tensors cannot be saved for backward"). Eager calls copy it in ops.lif_multi_step,
+            # which asks v.is_inference(); traced code cannot ask (dynamo refuses is_inference
+            # and is_inference_mode_enabled), so the copy is made here, from a flag dynamo
+            # guards on: only the graph of the first grad call after such a call pays for it.
+            v_init = v_init.clone()
+        spikes, v_last, v_seq = self._step_op(x_seq, v_init, store_v_seq, single)
         # kept attached under SLTT too (as SpikingJelly's SLTTLIFNode keeps it): a loss on the
         # membrane (a readout of .v, or of the 's'-mode v_seq) backpropagates through this call
         self.v = v_last
+        # whether v may be an inference tensor: eager, whether inference_mode is on; traced,
+        # whether grad is off (the most dynamo can tell: inference_mode turns it off). A dict
+        # entry, not an attribute: Module.__setattr__ costs a microsecond a call.
+        self.__dict__["_v_maybe_inference"] = (
+            not torch.is_grad_enabled() if torch.compiler.is_compiling()
+            else torch.is_inference_mode_enabled())
         return spikes, v_seq
 
     def _step_op(self, x_seq: torch.Tensor, v_init: Optional[torch.Tensor], store_v_seq: bool,
@@ -614,9 +631,15 @@ class ParametricLIFNode(BaseNode):
         return {"k": plif_k(self.w), "tau_name": "w (tau_shape)"}
 
     def extra_repr(self) -> str:
-        with torch.no_grad():
-            tau = 1.0 / self.w.sigmoid()
-        tau = float(tau) if tau.numel() == 1 else f"shape {tuple(tau.shape)}"
+        w = self.w
+        if w.numel() == 1 and not w.is_meta and type(w) in (torch.Tensor, nn.Parameter):
+            with torch.no_grad():
+                tau = float(1.0 / w.sigmoid())
+        else:
+            # one per neuron, or a w that holds no value to read here: a model built under
+            # torch.device("meta") (deferred init; print(model) raised "Tensor.item() cannot
+            # be called on meta tensors"), a tensor subclass (a sharded DTensor, a fake tensor)
+            tau = f"shape {tuple(w.shape)}" + (" (meta)" if w.is_meta else "")
         return super().extra_repr() + f", tau={tau}"
 
 

@@ -396,6 +396,13 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
         x_seq.requires_grad or decay.requires_grad or vth.requires_grad
         or (v is not None and v.requires_grad))
     keep_h = backend != "cpu" and needs_grad
+    if needs_grad and not keep_h and not tracing and x_seq.is_inference():
+        # The CPU backward reruns the forward from x, so autograd saves x itself, and refuses an
+        # inference tensor ("Inference tensors cannot be saved for backward"): input made under
+        # torch.inference_mode (a frozen backbone's features) reaching a neuron whose tau or
+        # threshold trains. SpikingJelly and the GPU kernels keep H instead and run; here the
+        # copy is saved. (Under inference_mode itself needs_grad is False: nothing is saved.)
+        x_seq = x_seq.clone()
     args = (x_seq, v, decay, vth, v_reset, sid, alpha,
             op_flags.forward_flags(decay_input, decay_is_tau, detach_reset, sltt, store_v_seq,
                                    keep_h))
