@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import numbers
 from typing import Optional
 
@@ -81,8 +82,15 @@ def _torch_positional(torch_cls: type) -> int:
 
 
 def _torch_layer(cls: type) -> type:
+    """The torch layer ``cls`` wraps: the first torch.nn class in its MRO that is not itself a
+    step-mode wrapper. torch.nn.utils.parametrize (weight_norm, spectral_norm, orthogonal)
+    swaps a module's class for a subclass it builds, ``ParametrizedConv2d(layer.Conv2d)``, whose
+    ``__module__`` is torch.nn.utils.parametrize: taken for the torch layer, its constructor
+    signature (ours) and forward (ours again: endless recursion in BatchNorm's super_forward)
+    stood in for nn.Conv2d's."""
     return next(c for c in cls.__mro__
-                if c.__module__.startswith("torch.nn") and issubclass(c, nn.Module))
+                if c.__module__.startswith("torch.nn") and issubclass(c, nn.Module)
+                and not issubclass(c, _SeqToANN))
 
 
 def _signature(torch_cls: type) -> inspect.Signature:
@@ -288,8 +296,13 @@ class VotingLayer(StepModule, nn.Module):
         # a mean over the last dim's groups is the same in 's' and 'm': no flattening needed.
         # Leftover features (the last dim not a multiple of voting_size) are dropped, as
         # avg_pool1d drops them in SpikingJelly's.
+        # The leading dims are named, not inferred (-1): an empty batch or sequence ([0, C * v],
+        # [T, 0, C * v]) has 0 elements, which reshape cannot divide into a -1, and SpikingJelly's
+        # gives [0, C] / [T, 0, C] there.
         v = self.voting_size
-        return F.avg_pool1d(x.reshape(-1, 1, x.shape[-1]), v, v).reshape(*x.shape[:-1], -1)
+        lead = x.shape[:-1]
+        y = F.avg_pool1d(x.reshape(math.prod(lead), 1, x.shape[-1]), v, v)
+        return y.reshape(*lead, y.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.step_mode == "m"
