@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -49,14 +50,19 @@ int64_t chunk_grain(int64_t steps) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / (std::max<int64_t>(steps, 1) * cpu::kLifChunk));
 }
 
-// Whether every value is a power of two: then d / tau equals d * (1 / tau) bit for bit (both
-// round the same real number d 2^-e once, subnormal results included), and the multiply is several
-// times cheaper than the divide in the forward loop (tau = 2 is the default).
+// Whether every value is a power of two whose reciprocal is a normal number: then d / tau equals
+// d * (1 / tau) bit for bit (both round the same real number d 2^-e once, subnormal results
+// included), and the multiply is several times cheaper than the divide in the forward loop
+// (tau = 2 is the default). The reciprocal must be normal because of denormals-are-zero
+// (torch.set_flush_denormal(True)): a subnormal k = 2^-127 (tau = 2^127 in fp32, 2^1023 in fp64)
+// is then read as 0, so d * k = 0 where d / tau is a normal number (d = 2^10: 2^-117).
+// v = 2^(e-1) (frexp's 0.5 * 2^e), 1/v = 2^(1-e), normal iff 1 - e >= min_exponent - 1.
 template <typename T>
 bool all_powers_of_two(const T* v, int64_t n) {
+  constexpr int kMaxExp = 2 - std::numeric_limits<T>::min_exponent;  // fp32: 127, so v <= 2^126
   for (int64_t i = 0; i < n; ++i) {
     int e = 0;
-    if (!(std::frexp(v[i], &e) == T(0.5))) return false;
+    if (!(std::frexp(v[i], &e) == T(0.5)) || e > kMaxExp) return false;
   }
   return n > 0;
 }
