@@ -232,8 +232,13 @@ def lif_multi_step(x_seq: torch.Tensor, v_init: Optional[torch.Tensor], decay: t
             h = vp + (d / decay if decay_is_tau else d * decay)
         elif decay_is_tau:
             h = vp - rel / decay + xt
-        else:  # k = 0 is the IF neuron: V + X, which keeps an infinite V infinite (not inf * 0)
-            h = torch.where(decay == 0, vp + xt, vp - rel * decay + xt)
+        else:
+            # k = 0 is the IF neuron: V + X, which keeps an infinite V infinite (not inf * 0 =
+            # NaN): rel is taken as 0 only there, where it is infinite and k = 0. Elsewhere the
+            # formula stands, so dH/dk = -(V - Vr) reaches a k at 0 too, as the kernels give it
+            # (a where around V + X gave k no gradient at k = 0)
+            rel_k = torch.where(torch.isinf(rel) & (decay == 0), torch.zeros_like(rel), rel)
+            h = vp - rel_k * decay + xt
         s = fire(h - vth)
         sr = s.detach() if detach_reset else s
         if hard:

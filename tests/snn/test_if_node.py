@@ -194,3 +194,56 @@ def test_a_hard_reset_infinite_membrane_gives_finite_gradients(dtype, detach_res
         assert torch.isfinite(ds).all() and torch.isfinite(dv).all()
         torch.testing.assert_close(ds, ds_ref)
         torch.testing.assert_close(dv, dv_ref)
+
+
+@pytest.mark.parametrize("v_reset", [0.0, -0.2, None], ids=["hard", "hard-vr", "soft"])
+@pytest.mark.parametrize("per_neuron", [False, True], ids=["k", "k-per-neuron"])
+def test_a_learnable_k_at_zero_gets_the_same_gradient_on_every_backend(v_reset, per_neuron):
+    """k = 0 without decay_input (the IF neuron) with k itself trained: dH/dk = -(V - Vr) at
+    k = 0 as anywhere else. The reference computed V + X there through a where, which gave k no
+    gradient (0 against the C++ op's -sum (V - Vr) gH) until 2026-12-06."""
+    x = inputs(shift=0.3).double()
+    shape = x.shape[2:] if per_neuron else ()
+    got = {}
+    for backend in ("reference", "cpu"):
+        if backend == "cpu" and not _ext.LOADED:
+            continue
+        k = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+        xx = x.clone().requires_grad_()
+        with pypaper.use_backend(backend):
+            s, v, _ = lif_multi_step(xx, k=k, decay_input=False, v_reset=v_reset)
+        (s.sum() + (v * v).sum()).backward()
+        got[backend] = (s.detach(), v.detach(), xx.grad, k.grad)
+    want = got["reference"]
+    assert want[3].abs().sum() > 0
+    for name, g in got.items():
+        for a, b in zip(g, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    # against a one-sided finite difference (k < 0 is refused): (-3 f(0) + 4 f(e) - f(2e)) / 2e
+    # of a loss on v with S detached in the reset, whose gradient then holds no surrogate (so
+    # small a k moves no spike: x sits 0.3 off the threshold's grid)
+    eps = 1e-6
+    f = []
+    for kv in (0.0, eps, 2 * eps):
+        k = torch.full(shape, kv, dtype=torch.float64, requires_grad=kv == 0.0)
+        with pypaper.use_backend("reference"):
+            _, v, _ = lif_multi_step(x, k=k, decay_input=False, v_reset=v_reset,
+                                     detach_reset=True)
+        loss = (v * v).sum()
+        if kv == 0.0:
+            loss.backward()
+            grad = k.grad.sum().item()
+        f.append(loss.item())
+    fd = (-3 * f[0] + 4 * f[1] - f[2]) / (2 * eps)
+    assert abs(fd - grad) < 1e-5 * max(1.0, abs(fd))
+
+
+def test_reference_keeps_an_infinite_membrane_at_k_zero():
+    """The where that keeps V + X at k = 0 for an infinite V (inf * 0 would be NaN) is still
+    there: only the infinite entries leave out the k term."""
+    x = torch.tensor([[float("inf"), 0.5], [1.0, 0.25]], dtype=torch.float64)
+    k = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    with pypaper.use_backend("reference"):
+        s, v, _ = lif_multi_step(x, k=k, decay_input=False, v_reset=None)
+    assert torch.isinf(v[0]) and not torch.isnan(v).any()
+    assert s[:, 0].eq(1).all()
