@@ -307,6 +307,53 @@ def _make_autograd_kernel(overload, backward, setup_context):
     return autograd_kernel
 
 
+def _levels_of(t: torch.Tensor):
+    """The functorch levels whose wrappers t wears, innermost first (vmap's and grad / jvp's)."""
+    while _C._functorch.is_functorch_wrapped_tensor(t):
+        yield _C._functorch.maybe_get_level(t)
+        t = _C._functorch.get_unwrapped(t)
+
+
+def wrapped_at(t: torch.Tensor, levels) -> bool:
+    """Whether t wears a functorch wrapper of one of ``levels`` (tracked by or lifted into it)."""
+    return any(lv in levels for lv in _levels_of(t))
+
+
+def outer_forward_tracks(values, level: int) -> bool:
+    """Whether a tensor among values (or in a list among them) wears the wrapper of a torch.func
+    jvp level below ``level`` (an outer jvp / jacfwd around the one at ``level``). functorch
+    lifts every tensor that an op inside nested levels touches into each of them, so a wrapper
+    does not prove a nonzero outer tangent: callers that refuse on it err on the safe side."""
+    outer = {i.level() for i in _pyfunctorch.retrieve_all_functorch_interpreters()
+             if i.key() == _pyfunctorch.TransformType.Jvp and i.level() < level}
+    if not outer:
+        return False
+    for v in values:
+        for t in (v if isinstance(v, (list, tuple)) else (v,)):
+            if isinstance(t, torch.Tensor) and wrapped_at(t, outer):
+                return True
+    return False
+
+
+def refuse_nested_forward(op: str, values, level: int) -> None:
+    """Raises NotImplementedError where a custom op's forward-mode rule would run under a jvp
+    level (``level``) nested in another: jacfwd(jacfwd(f)), jvp(jvp(f)). torch runs an
+    autograd.Function's jvp with forward AD off for the levels around it (its
+    _SingleLevelFunction), so an outer level takes the inner tangents as constants: d/dx (J(x) v)
+    and d/dv (J(x) v) come out 0 (pytorch#197867, open) - the LIF op's jacfwd(jacfwd) lost its
+    sigma'' and reset terms, delay_linear's its terms in the positions, without an error.
+    Reverse mode records the rule's ops, so the mixes with it (hessian = jacfwd(jacrev),
+    jacrev(jacfwd), jacrev(jacrev)) are right and run. Conservative: an outer jvp whose
+    variable does not reach the op is refused too (outer_forward_tracks)."""
+    if outer_forward_tracks(values, level):
+        raise NotImplementedError(
+            f"{op} under nested forward-mode AD (a torch.func.jvp / jacfwd inside another, e.g. "
+            f"jacfwd(jacfwd(f))): torch does not differentiate a custom op's forward-mode rule "
+            f"a second time (pytorch#197867), so the result would be silently wrong. Take one "
+            f"of the two levels in reverse mode: torch.func.hessian (= jacfwd(jacrev(f))), "
+            f"jacrev(jacfwd(f)) or jacrev(jacrev(f))")
+
+
 def _make_functorch_kernel(overload):
     """The op's kernel at FuncTorchDynamicLayerFrontMode, the key torch.func transforms dispatch
     on while one is active (it replaces, for this op, functorch's front fallback, which hands the
@@ -336,6 +383,8 @@ def _make_functorch_kernel(overload):
         if kind == _pyfunctorch.TransformType.Vmap:
             return _run_under_vmap(interpreter, overload, args)
         rule = _RULES.get(qualname)
+        if kind == _pyfunctorch.TransformType.Jvp and with_jvp:
+            refuse_nested_forward(qualname, args, interpreter.level())
         if rule is not None and (kind == _pyfunctorch.TransformType.Grad
                                  or (kind == _pyfunctorch.TransformType.Jvp and with_jvp)):
             fn = _FUNCTORCH_FNS.get(qualname)

@@ -64,6 +64,9 @@ def _lif_setup(ctx, inputs, output, also_saved=()):
     ctx.keep_v = keep_v
     ctx.save_for_backward(x if ctx.recompute else h_seq, decay, v_threshold,
                           *((v_init,) if keep_v else ()), *also_saved)
+    # a backward that reads the kept H cannot be differentiated along x's and v_init's paths
+    # through H: the tie by which second_order.guard_kept_h refuses it (no storage kept)
+    ctx.tied = None if ctx.recompute else second_order.kept_h_anchor(x, v_init)
 
 
 def call_op(op, args, through_autograd: bool):
@@ -144,7 +147,7 @@ def _make_lif_backward(backward_op):
         grads = (gx if need_x else None, gv if need_v else None, gd if need_decay else None,
                  gt if need_vth else None)
         if through and not ctx.recompute and torch.is_grad_enabled():
-            grads = second_order.guard_kept_h(grads, backward_op.name())
+            grads = second_order.guard_kept_h(grads, backward_op.name(), ctx.tied)
         return grads + (None,) * (ctx.num_inputs - 4)
 
     return backward

@@ -39,8 +39,17 @@ def _fusable(tensors) -> bool:
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                        for t in tensors):
         return False
-    return not any(i.key() == _pyfunctorch.TransformType.Vmap
-                   for i in _pyfunctorch.retrieve_all_functorch_interpreters())
+    interpreters = _pyfunctorch.retrieve_all_functorch_interpreters()
+    if any(i.key() == _pyfunctorch.TransformType.Vmap for i in interpreters):
+        return False
+    # Reverse mode over the jvp as a torch.func transform (grad / jacrev / vjp of a function that
+    # calls torch.func.jvp: reverse-over-forward): the tensors are wrapped for the grad level,
+    # where requires_grad above does not show, and a kernel's tangents would reach that level's
+    # backward as lif_forward_jvp's, which has none (NotImplementedError, naming the very
+    # jacrev the caller used). The composite's torch ops are differentiable there.
+    grads = {i.level() for i in interpreters if i.key() == _pyfunctorch.TransformType.Grad}
+    return not (grads and any(isinstance(t, torch.Tensor) and _autograd.wrapped_at(t, grads)
+                              for t in tensors))
 
 
 _TRITON_OK: dict = {}

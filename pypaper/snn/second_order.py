@@ -54,15 +54,21 @@ class KeptHGuard(torch.autograd.Function):
     """Identity on the gradients a kept-H backward returned under create_graph: differentiating
     through them raises (refuse_kept_h) even where no input of lif_backward requires grad (then
     autograd would not reach lif_backward's own double backward, and the paths through H would
-    be dropped without a word: the gradient of x alone has no graph at all). Eager autograd only:
-    under torch.func.jacrev over jacrev the gradient's graph is the transform's, which this
-    guard cannot join; there a kept-H backward gives no second derivative through H."""
+    be dropped without a word: the gradient of x alone has no graph at all).
+
+    ``tied`` (kept_h_anchor, made by the forward) joins the guard to the graphs of x and v_init,
+    the inputs whose paths through H the kept-H backward loses. Without it autograd saw no path
+    from the guarded gradients to x: torch.autograd.grad(penalty, x) said x was unused (and with
+    allow_unused=True gave None), autograd.grad(meta_loss, [W]) for a W before the neuron
+    skipped the guard and left out the terms through H, and under torch.func's grad over grad
+    (jacrev(jacrev(f)), grad(grad(f)): its levels track x, not this leaf) the second derivative
+    in x came out zero - all without an error."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(qualname, anchor, *grads):
-        return tuple(g.view_as(g) for g in grads)
+    def forward(qualname, anchor, num_tied, *tied_and_grads):
+        return tuple(g.view_as(g) for g in tied_and_grads[num_tied:])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -83,13 +89,29 @@ def jvp_transform_active() -> bool:
                for i in _pyfunctorch.retrieve_all_functorch_interpreters())
 
 
-def guard_kept_h(grads, qualname: str):
-    """grads (a tuple with Nones) through KeptHGuard."""
+def kept_h_anchor(x: torch.Tensor, v_init):
+    """Empty tensors that autograd (and every torch.func level) ties to x and v_init: a copy of
+    a 0-size slice of each. Their backward keeps sizes only (no storage of x's), and making
+    them launches no kernel (a copy of nothing). A forward that keeps H makes them for
+    guard_kept_h: the paths from x and v_init through H[t] are what its backward cannot
+    differentiate, and without a tie to them autograd may never reach the guard. None while
+    torch.compile traces (a compiled graph is not differentiated twice: torch refuses)."""
+    if torch.compiler.is_compiling():
+        return None
+    with torch.enable_grad():  # a Function's forward (and setup_context) runs without grad
+        return tuple(t.narrow(0, 0, 0).clone() for t in (x, v_init) if t is not None)
+
+
+def guard_kept_h(grads, qualname: str, tied=None):
+    """grads (a tuple with Nones) through KeptHGuard; ``tied``: the call's kept_h_anchor."""
     present = [g for g in grads if g is not None]
     # the anchor requires grad, so the guarded gradients do (and reach the guard's backward)
-    # even where nothing they were computed from does: x's own dependence went through H.
+    # even where nothing they were computed from does (only a parameter requires grad); tied
+    # puts the guard on every path from x and v_init, through which their dependence went (H)
     anchor = torch.zeros((), device=present[0].device, requires_grad=True) if present else None
-    guarded = iter(KeptHGuard.apply(qualname, anchor, *present) if present else ())
+    tied = tuple(tied or ())
+    guarded = iter(KeptHGuard.apply(qualname, anchor, len(tied), *tied, *present)
+                   if present else ())
     return tuple(None if g is None else next(guarded) for g in grads)
 
 
