@@ -154,7 +154,18 @@ class SpikeFunction(_Spike):
 
     @staticmethod
     def jvp(ctx, x_tangent, _surrogate_id, _alpha):
-        """Forward mode: the same surrogate Jacobian, dS = sigma'(x) dx."""
+        """Forward mode: the same surrogate Jacobian, dS = sigma'(x) dx. Under a torch.func jvp
+        nested in another that tracks x (jacfwd(jacfwd(f)), jvp of a jvp) torch takes this
+        tangent as a constant at the outer level (pytorch#197867): sigma'' would come out 0
+        without a word, so that is refused as the fused ops refuse it (hessian, jacrev over
+        jacfwd and jacrev over jacrev differentiate this rule's ops and are right)."""
+        level = torch._C._functorch.maybe_current_level()
+        if level is not None:
+            from .._autograd import refuse_nested_forward
+
+            refuse_nested_forward("the surrogate spike function (reference backend, or a "
+                                  "surrogate module called on a tensor)",
+                                  (ctx.saved_tensors[0], x_tangent), level)
         return x_tangent * _saved_derivative(ctx)
 
 

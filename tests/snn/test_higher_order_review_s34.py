@@ -257,3 +257,37 @@ def test_kept_h_create_graph_without_a_second_derivative_through_it_still_runs()
     w.grad = None
     (_kept_h_spikes(inp @ w + 0.6).sum()).backward()
     assert w.grad.abs().max() > 0
+
+
+def test_jacfwd_of_jacfwd_of_the_reference_spike_is_refused_not_zero():
+    """The reference's spike Function (the reference backend, custom surrogates' loop, a
+    surrogate module called on a tensor) had the same blind spot as the fused ops: jacfwd over
+    jacfwd gave 0 for sigma''. Refused now; the reverse-mode mixes give sigma''."""
+    from pypaper.snn import reference, surrogate
+
+    def f(x):
+        return reference.spike(x, 1, 2.0).sum()
+
+    x = torch.tensor([0.1, -0.3, 0.45], dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="nested forward-mode"):
+        func.jacfwd(func.jacfwd(f))(x)
+    with pytest.raises(NotImplementedError, match="nested forward-mode"):
+        func.jacfwd(func.jacfwd(lambda x: surrogate.ATan()(x).sum()))(x)
+    want = func.jacrev(func.jacrev(f))(x)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(func.hessian(f)(x), want)
+    torch.testing.assert_close(func.jacrev(func.jacfwd(f))(x), want)
+    # one forward level is untouched
+    torch.testing.assert_close(func.jacfwd(f)(x), func.jacrev(f)(x))
+
+
+def test_jacfwd_of_jacfwd_on_the_reference_backend_is_refused():
+    x = torch.randn(4, 2, 3, dtype=torch.float64) + 0.5
+
+    def loss(x):
+        with pypaper.use_backend("reference"):
+            s, v, _ = lif_multi_step(x, tau=2.0)
+        return s.sum() + (v * v).sum()
+
+    with pytest.raises(NotImplementedError, match="nested forward-mode"):
+        func.jacfwd(func.jacfwd(loss))(x)
