@@ -377,8 +377,9 @@ class BaseNode(nn.Module):
 
     def _run(self, x_seq: torch.Tensor, store_v_seq: bool, single: bool = False):
         v_init = self._v_init(x_seq)
-        if (isinstance(v_init, torch.Tensor) and torch.compiler.is_compiling()
-                and torch.is_grad_enabled() and self.__dict__.get("_v_maybe_inference", False)):
+        tracing = torch.compiler.is_compiling()
+        if (isinstance(v_init, torch.Tensor) and tracing and torch.is_grad_enabled()
+                and self.__dict__.get("_v_maybe_inference", False)):
             # The membrane a call under torch.inference_mode left (a validation loop: Lightning's
             # default) is an inference tensor; the op saves v_init for its backward (the CPU
             # backward reruns the forward from it), and autograd refuses to save one ("Inference
@@ -395,8 +396,7 @@ class BaseNode(nn.Module):
         # whether grad is off (the most dynamo can tell: inference_mode turns it off). A dict
         # entry, not an attribute: Module.__setattr__ costs a microsecond a call.
         self.__dict__["_v_maybe_inference"] = (
-            not torch.is_grad_enabled() if torch.compiler.is_compiling()
-            else torch.is_inference_mode_enabled())
+            not torch.is_grad_enabled() if tracing else torch.is_inference_mode_enabled())
         return spikes, v_seq
 
     def _step_op(self, x_seq: torch.Tensor, v_init: Optional[torch.Tensor], store_v_seq: bool,
