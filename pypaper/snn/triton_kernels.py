@@ -44,6 +44,7 @@ a Python float as fp32). The backward's surrogate exp is Triton's (interpreter: 
 gradients of the Sigmoid, PiecewiseExp and Erf surrogates differ from the C++ op's (a polynomial
 exp) by a few ulp; the others match it to the bit (parameter sums up to summation order).
 """
+import math
 import struct
 from typing import Optional
 
@@ -166,10 +167,16 @@ def _check_device(op: str, t: torch.Tensor) -> None:
 
 
 def _scalar_bits(v: float, math_dtype: torch.dtype) -> int:
-    """The bits of v rounded to the math type, as a signed integer kernel argument."""
+    """The bits of v rounded to the math type, as a signed integer kernel argument. A double
+    beyond fp32's range rounds to +-inf, as the C++ and CUDA ops' float(v) does (struct raises
+    OverflowError there; values that round to FLT_MAX pack as they are)."""
     if math_dtype == torch.float64:
         return struct.unpack("<q", struct.pack("<d", v))[0]
-    return struct.unpack("<i", struct.pack("<f", v))[0]
+    try:
+        packed = struct.pack("<f", v)
+    except OverflowError:
+        packed = struct.pack("<f", math.copysign(math.inf, v))
+    return struct.unpack("<i", packed)[0]
 
 
 def _storage_code(dtype: torch.dtype) -> int:

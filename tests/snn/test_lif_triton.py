@@ -339,6 +339,26 @@ def test_backward_fp64_scalars_are_not_rounded_to_fp32():
     _assert_same(got[1], want[1], "grad_v_init")
 
 
+@pytest.mark.parametrize("v_reset,alpha", [(-1e39, 2.0), (0.0, 1e39), (-3.4028235e38, 2.0)],
+                         ids=["vr-beyond-fp32", "alpha-beyond-fp32", "vr-rounds-to-max"])
+def test_fp32_scalars_beyond_its_range_round_as_the_cpp_op(v_reset, alpha):
+    """A double v_reset / alpha beyond fp32's range is inf in fp32 math, as the C++ op's
+    float(v) makes it (Python's struct raised OverflowError); one that rounds to FLT_MAX stays
+    finite. Forward and backward equal the C++ op's bits, NaN and inf included."""
+    shape = (4, 3, 9)
+    x = inputs(shape, scale=1.0, shift=0.7)
+    decay, vth = torch.tensor(2.0), torch.rand(9) * 0.5 + 0.75
+    fwd = _fwd_args(x, None, decay, vth, v_reset, 1, alpha)
+    got, want = _both(ops.lif_forward_triton, ops.lif_forward, fwd)
+    for g, w, name in zip(got, want, ("spikes", "v_last", "h_seq", "v_seq")):
+        _assert_same(g, w, name)
+    bwd = (torch.randn(shape), torch.randn(shape[1:]), None, want[2], None, decay, vth, v_reset,
+           1, alpha, op_flags.backward_flags(True, True, False, False, True, True))
+    got, want = _both(ops.lif_backward_triton, ops.lif_backward, bwd)
+    for g, w, name in zip(got, want, ("grad_x", "grad_v_init", "grad_decay", "grad_v_threshold")):
+        _assert_same(g, w, name)
+
+
 def test_backward_without_optional_gradients():
     """grad_v_last / grad_v_seq / v_init None and no parameter gradients: zeros for those."""
     x = inputs((4, 3, 6))
