@@ -50,6 +50,60 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_floating_point() else x.to(torch.get_default_dtype())
 
 
+def _escaped_from_vmap(t) -> bool:
+    """Whether ``t`` is state a call inside torch.func.vmap left on the module: outside every
+    transform, a tensor that is (or wraps) a vmap-batched tensor. It holds one value per vmapped
+    model or sample and none for the module itself; functorch refuses to read its storage
+    (deepcopy, pickle) or to compute with it (.to(), detach()). A wrapper that torch.func.grad
+    alone left is not one: outside the transform it reads as the values it wraps."""
+    if not isinstance(t, torch.Tensor) or torch.compiler.is_compiling():
+        return False  # traced code sees no escaped wrapper (dynamo runs its own functorch)
+    f = torch._C._functorch
+    if not f.is_functorch_wrapped_tensor(t) or f.peek_interpreter_stack() is not None:
+        return False  # a plain tensor, or a live wrapper: the state of a call inside a transform
+    while f.is_functorch_wrapped_tensor(t):
+        if f.is_batchedtensor(t):
+            return True
+        t = f.get_unwrapped(t)
+    return False
+
+
+# The attribute, on a membrane a call inside torch.func.vmap wrote, naming the vmap calls it
+# belongs to (_vmap_call_tokens)
+_VMAP_CALLS = "_pypaper_vmap_calls"
+
+
+def _vmap_call_tokens() -> tuple:
+    """One token per torch.func.vmap level on the transform stack now: an empty tensor wrapped
+    at that level, which functorch marks dead (its life handle) when that level's call exits.
+    The level number alone cannot tell this call from an exited one: the next call reuses it
+    (the next chunk of vmap(f, chunk_size=k), the next vmap of a loop)."""
+    f = torch._C._functorch
+    stack = f.get_interpreter_stack() or ()
+    return tuple(f._wrap_for_grad(_TOKEN_BASE, i.level()) for i in stack
+                 if i.key() == f.TransformType.Vmap)
+
+
+# What the tokens wrap: made at import, outside every transform (a tensor made inside a grad
+# level is already wrapped at that level, and wrapping it at an outer vmap level is refused)
+_TOKEN_BASE = torch.empty(0)
+
+
+def _left_by_exited_vmap(t) -> bool:
+    """Whether the membrane ``t`` was written inside a vmap call that has exited (one of the
+    tokens its writer attached is dead)."""
+    tokens = getattr(t, _VMAP_CALLS, ())
+    return any(torch._C._functorch.is_dead_tensor_wrapper(k) for k in tokens)
+
+
+def _same_vmap_calls(new: torch.Tensor, old) -> torch.Tensor:
+    """``new`` (a reshape of the membrane ``old``) marked as written by the same vmap calls."""
+    tokens = getattr(old, _VMAP_CALLS, None)
+    if tokens:
+        setattr(new, _VMAP_CALLS, tokens)
+    return new
+
+
 # SpikingJelly's places for a neuron's own dynamics: 0.0.0.0.14's per-step hooks (2.0 keeps them
 # in SimpleBaseNode) and 2.0's functional steps. pypaper's nodes never call them (the fused op runs
 # the LIF dynamics), so a subclass defining one would be silently ignored.
@@ -163,14 +217,18 @@ class BaseNode(nn.Module):
         # .to() / .half() / .cuda() move the carried membrane too (SpikingJelly's MemoryModule
         # converts its memories), instead of leaving it on the old device until the next call
         super()._apply(fn, recurse)
-        if isinstance(self.v, torch.Tensor):
+        # A state a torch.func.vmap left behind (_escaped_from_vmap) has no value to convert
+        # (functorch raised "your tensor may have escaped", after the parameters above were
+        # converted: the model was left half moved); it stays as it is, and the next forward
+        # says to reset it
+        if isinstance(self.v, torch.Tensor) and not _escaped_from_vmap(self.v):
             self.v = fn(self.v)
-        if isinstance(self.v_seq, torch.Tensor):
+        if isinstance(self.v_seq, torch.Tensor) and not _escaped_from_vmap(self.v_seq):
             self.v_seq = fn(self.v_seq)
         resets = self.__dict__.get("_memory_reset", {})
         for name, value in list(resets.items()):
             current = getattr(self, name)
-            if isinstance(current, torch.Tensor):
+            if isinstance(current, torch.Tensor) and not _escaped_from_vmap(current):
                 setattr(self, name, fn(current))
             # the reset values too (SpikingJelly's MemoryModule._apply moves _memories_rv): a
             # tensor reset value left behind made reset() after .double() / .to(bf16) / .cuda()
@@ -246,9 +304,22 @@ class BaseNode(nn.Module):
         names = ("v", "v_seq", *state.get("_memory_reset", {}))
         for name in names:
             value = state.get(name)
+            if _escaped_from_vmap(value):
+                # functorch cannot read its storage ("Cannot access storage of
+                # BatchedTensorImpl"), and no single value of it is this module's state
+                raise RuntimeError(self._escaped_message(name, "cannot be copied or saved"))
             if isinstance(value, torch.Tensor) and value.grad_fn is not None:
                 state[name] = value.detach()
         return state
+
+    def _escaped_message(self, name: str, what: str) -> str:
+        """The error for state a call inside a torch.func transform left on the neuron."""
+        which = ("membrane v" if name == "v" else "v_seq" if name == "v_seq"
+                 else f"memory {name}")
+        return (f"{type(self).__name__}'s {which} was left by a call inside a torch.func "
+                f"transform (vmap / grad / jacrev) that has exited (inside vmap it is one value "
+                f"per vmapped model or sample, none of them this module's); it {what}. Call "
+                f"pypaper.snn.reset_net(model) (or neuron.reset()) first")
 
     def __setattr__(self, name: str, value) -> None:
         # The membrane, v_seq and registered memories are state, whatever is assigned: an
@@ -297,14 +368,16 @@ class BaseNode(nn.Module):
             setattr(self, name, copy.deepcopy(value))
 
     def detach(self) -> None:
-        """Cut the carried state from the graph (truncated BPTT)."""
-        if isinstance(self.v, torch.Tensor):
+        """Cut the carried state from the graph (truncated BPTT). State a torch.func.vmap left
+        behind is not in any graph of this module and cannot be computed with (functorch raised
+        on its detach()): it is left for the next forward to refuse, or reset() to clear."""
+        if isinstance(self.v, torch.Tensor) and not _escaped_from_vmap(self.v):
             self.v = self.v.detach()
-        if isinstance(self.v_seq, torch.Tensor):
+        if isinstance(self.v_seq, torch.Tensor) and not _escaped_from_vmap(self.v_seq):
             self.v_seq = self.v_seq.detach()
         for name in self.__dict__.get("_memory_reset", {}):
             value = getattr(self, name)
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and not _escaped_from_vmap(value):
                 setattr(self, name, value.detach())
 
     # ---- SpikingJelly's MemoryModule API, for state of a subclass's own ----------------------
@@ -352,22 +425,40 @@ class BaseNode(nn.Module):
     def supported_step_mode(self) -> tuple:
         return _STEP_MODES
 
+    def _refuse_exited_transform_state(self, v: torch.Tensor) -> None:
+        """Raise for a membrane that a call inside a torch.func transform left once the transform
+        has exited. Outside every transform, using it failed with functorch's internal assert.
+        Inside a later vmap call at the same level (the next chunk of vmap(f, chunk_size=k), the
+        next vmap of a loop), functorch took the exited call's membranes, one per model or
+        sample of that call, as this call's: the models of chunk 2 of an ensemble started from
+        the final membranes of chunk 1's models, silently, so the result depended on chunk_size.
+        A wrapper torch.func.grad alone left inside an enclosing transform still reads as the
+        values it wraps (an inner grad of MAML-style code), and is taken as before."""
+        if torch.compiler.is_compiling():
+            return
+        f = torch._C._functorch
+        if not f.is_functorch_wrapped_tensor(v):
+            return
+        if f.peek_interpreter_stack() is None:
+            raise RuntimeError(self._escaped_message(
+                "v", "cannot start a call outside the transform"))
+        if _left_by_exited_vmap(v):
+            raise RuntimeError(
+                f"{type(self).__name__}'s membrane v was left by an earlier torch.func.vmap call "
+                f"that has exited (the previous chunk of vmap(f, chunk_size=k), or a "
+                f"previous vmap of the model): one value per vmapped model or sample of that "
+                f"call, not of this one. Call pypaper.snn.reset_net(model) at the start of the "
+                f"function you transform (or between the calls); to carry the membrane over time "
+                f"steps, run all of them inside one vmap call (step_mode='m' on [T, N, *], or "
+                f"the loop over t inside the function)")
+
     def _v_init(self, x_seq: torch.Tensor) -> Optional[torch.Tensor]:
         """The carried membrane for this input, or None for rest. As in SpikingJelly, a state of
         another shape (a new batch size) restarts from rest."""
         v = self.v
         shape = tuple(x_seq.shape[1:])
         if isinstance(v, torch.Tensor):
-            if (not torch.compiler.is_compiling()
-                    and torch._C._functorch.is_functorch_wrapped_tensor(v)
-                    and torch._C._functorch.peek_interpreter_stack() is None):
-                # a membrane a call inside torch.func.vmap / grad left: its transform has exited
-                # (using it failed with functorch's internal assert)
-                raise RuntimeError(
-                    f"{type(self).__name__}'s membrane v was left by a call inside a torch.func "
-                    f"transform (vmap / grad / jacrev) that has exited; call "
-                    f"pypaper.snn.reset_net(model) (or neuron.reset()) before calling the model "
-                    f"outside it")
+            self._refuse_exited_transform_state(v)
             return v if tuple(v.shape) == shape else None
         if float(v) == self._op_start:
             return None
@@ -391,6 +482,11 @@ class BaseNode(nn.Module):
         spikes, v_last, v_seq = self._step_op(x_seq, v_init, store_v_seq, single)
         # kept attached under SLTT too (as SpikingJelly's SLTTLIFNode keeps it): a loss on the
         # membrane (a readout of .v, or of the 's'-mode v_seq) backpropagates through this call
+        if not tracing and torch._C._functorch.peek_interpreter_stack() is not None:
+            # written inside a transform: mark which vmap calls it belongs to
+            tokens = _vmap_call_tokens()
+            if tokens:
+                setattr(v_last, _VMAP_CALLS, tokens)
         self.v = v_last
         # whether v may be an inference tensor: eager, whether inference_mode is on; traced,
         # whether grad is off (the most dynamo can tell: inference_mode turns it off). A dict
@@ -470,7 +566,9 @@ class BaseNode(nn.Module):
         the call on one neuron; a membrane of any other shape restarts from rest, as any shape
         change does (a [1] state left by a [1] input is not a 0-d input's)."""
         if isinstance(self.v, torch.Tensor):
-            self.v = self.v.reshape(1) if self.v.dim() == 0 else self.rest_value
+            self._refuse_exited_transform_state(self.v)
+            self.v = (_same_vmap_calls(self.v.reshape(1), self.v) if self.v.dim() == 0
+                      else self.rest_value)
 
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -481,7 +579,7 @@ class BaseNode(nn.Module):
             if isinstance(self.v_seq, torch.Tensor) and self.v_seq.dim() == 1:
                 self.v_seq = self.v_seq.reshape(-1, 1)  # [steps] -> [steps, 1], extended below
             out = self.single_step_forward(x.reshape(1))
-            self.v = self.v.reshape(())
+            self.v = _same_vmap_calls(self.v.reshape(()), self.v)
             if isinstance(self.v_seq, torch.Tensor):
                 self.v_seq = self.v_seq.reshape(-1)
             return out.reshape(())
@@ -500,7 +598,7 @@ class BaseNode(nn.Module):
             if x_seq.dim() == 1:  # [T]: one neuron, its state 0-d (as SpikingJelly's loop has it)
                 self._state_as_one_neuron()
                 spikes, v_seq = self._run(x_seq[:, None], self.store_v_seq)
-                self.v = self.v.reshape(())
+                self.v = _same_vmap_calls(self.v.reshape(()), self.v)
                 self.v_seq = None if v_seq is None else v_seq[:, 0]
                 return spikes[:, 0]
         spikes, v_seq = self._run(x_seq, self.store_v_seq)
