@@ -42,7 +42,10 @@ and the reference (other devices) is written so that no shape depends on sigma
 
 Backends: CPU -> the C++ op (default), then the reference; CUDA -> the reference (no CUDA or
 Triton kernel exists yet; an explicit request for one raises BackendUnavailable). float16 and
-bfloat16 inputs run in float32 and are cast back.
+bfloat16 inputs run in float32 and are cast back. On the CPU backend torch.autocast changes
+nothing: every path computes in float32 (float64 for float64 inputs) and returns x's dtype (the
+convolution that stands in for the C++ op runs with autocast off, so the path choice never
+changes the precision); the reference backend (CUDA) is plain PyTorch, where autocast applies.
 """
 from __future__ import annotations
 
@@ -248,8 +251,16 @@ def _delayed_linear(x, weight, position, bias, K: int, s: Optional[float],
     mt = torch.float64 if x.dtype == torch.float64 else torch.float32
     xs, w, p = x.to(mt), weight.to(mt), position.to(mt)
     b = bias.to(mt) if bias is not None else None
-    if backend == "reference" or (backend == "cpu" and _runs_as_convolution(K, s)):
+    if backend == "reference":
         y = delays_reference.delayed_linear(xs, w, p, b, K, sigma_t if s is None else s)
+    elif backend == "cpu" and _runs_as_convolution(K, s):
+        # The convolution stands in for the C++ op here (a speed choice, made from sigma and the
+        # CPU vendor), so it computes what the op computes: in mt. Under
+        # torch.autocast('cpu', bfloat16) conv1d ran in bfloat16 while the op (and the same
+        # layer under torch.compile, or at a smaller sigma) stayed in float32: on AMD CPUs the
+        # layer's precision changed with the sigma schedule, and eager differed from compiled.
+        with torch.autocast("cpu", enabled=False):
+            y = delays_reference.delayed_linear(xs, w, p, b, K, sigma_t if s is None else s)
     else:
         st = _sigma_tensor(s) if sigma_t is None else sigma_t
         y = torch.ops.pypaper.delay_linear(xs, w, p, b, K, st)
@@ -309,6 +320,13 @@ class DelayedLinear(nn.Module):
     each optimizer step call ``clamp_positions_()`` (DCLS's clamp_parameters: the op clamps p to
     [0, K-1] and gives no position gradient outside); each epoch
     ``set_sigma(sigma_schedule(epoch, epochs, layer.sigma_init))``; at the end ``round_delays()``.
+
+    Porting from SNN-delays (``Dcls1d`` on ``F.pad(x.permute(1, 2, 0), (K - 1, (K - 1) // 2))``):
+    this layer takes [T, N, C_in] and does the causal left padding itself; SNN-delays' right
+    padding, which adds (K - 1) // 2 output steps so that late delays still reach the loss, is
+    not part of the layer: pad x on the right in time (``F.pad(x, (0, 0, 0, 0, 0, (K - 1) //
+    2))``) to keep it. A DCLS position P (in [-(K // 2), K // 2]) is the delay
+    ``position = K - 1 - K // 2 - P`` steps, and DCLS SIG is ``sigma = SIG + 0.27``.
 
     Under torch.compile the layer hands its sigma to the op as a tensor, so a whole schedule runs
     in one compiled graph (no recompile per sigma); on the CPU the C++ op then picks its path from
