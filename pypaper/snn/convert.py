@@ -11,6 +11,7 @@ every neuron whose type is exactly one of SpikingJelly's
 
     IFNode, SimpleIFNode                   -> pypaper.snn.IFNode
     LIFNode, SimpleLIFNode                 -> pypaper.snn.LIFNode
+    SLTTLIFNode (SpikingJelly 2.0)         -> pypaper.snn.LIFNode(sltt=True)
     ParametricLIFNode                      -> pypaper.snn.ParametricLIFNode
 
 by pypaper's, which runs the same dynamics (H = V + (X - (V - V_reset)) / tau, fire, hard or
@@ -45,7 +46,13 @@ would register it as a buffer, a new state_dict key), memories besides ``v``, or
 precision set by SpikingJelly's ``precision`` module. A configuration pypaper refuses (pypaper's
 neurons check ``v_threshold > v_reset`` and ``tau > 1`` as issue 3 asks; SpikingJelly takes any
 value) raises ValueError naming the module, before anything is replaced. ``sltt=True`` turns on
-SLTT (Meng et al., ICCV 2023) on the converted neurons.
+SLTT (Meng et al., ICCV 2023) on the converted neurons. SpikingJelly's ``SLTTLIFNode`` is a LIF
+neuron whose charge reads the carried membrane detached in training (SLTT's H[t] =
+V[t-1].detach() decayed + X[t]): it becomes pypaper's LIFNode with ``sltt=True`` whatever the
+``sltt`` argument says, so that its gradients stay SLTT's (the same forward; in eval mode
+SpikingJelly's takes the Heaviside step, whose gradient is 0, where pypaper's keeps the
+surrogate: only a backward in eval mode sees it). ``revert`` gives it back as an
+``SLTTLIFNode``.
 
 ``revert`` builds SpikingJelly's neurons of the original classes again from the converted
 ones' current configuration, Parameters (the same objects), state and hooks. A model whose root
@@ -72,7 +79,17 @@ _SJ_RESET_CACHE = "spikingjelly.activation_based.functional.net_config"
 # SpikingJelly's class name -> pypaper's class
 _TARGETS = {"IFNode": _neuron.IFNode, "SimpleIFNode": _neuron.IFNode,
             "LIFNode": _neuron.LIFNode, "SimpleLIFNode": _neuron.LIFNode,
-            "ParametricLIFNode": _neuron.ParametricLIFNode}
+            "ParametricLIFNode": _neuron.ParametricLIFNode,
+            # SpikingJelly 2.0's SLTT neuron (neuron.online_learning): LIFNode's dynamics, the
+            # membrane read detached by each charge in training; left as a subclass of LIFNode it
+            # kept SpikingJelly's per-step Python loop, and sltt.train_step_online refused a model
+            # of them ("no pypaper.snn neurons") after convert(model, sltt=True)
+            "SLTTLIFNode": _neuron.LIFNode}
+# classes whose every converted neuron runs SLTT, whatever convert's sltt says
+_ALWAYS_SLTT = frozenset(("SLTTLIFNode",))
+# classes whose constructor refuses step_mode 'm' (SLTTLIFNode asserts 's'): revert builds them
+# in 's' and sets the converted neuron's mode after
+_BUILT_SINGLE_STEP = frozenset(("SLTTLIFNode",))
 
 
 def _spikingjelly_classes() -> dict:
@@ -176,7 +193,7 @@ def _build(old: nn.Module, target: type, sltt: bool) -> nn.Module:
         surrogate_function=old.surrogate_function, detach_reset=bool(old.detach_reset),
         step_mode=old.step_mode, store_v_seq=bool(getattr(old, "store_v_seq", False)),
         backend=backend if backend in _neuron.BaseNode.supported_backends else "torch",
-        sltt=sltt, learnable_threshold=learnable,
+        sltt=sltt or type(old).__name__ in _ALWAYS_SLTT, learnable_threshold=learnable,
         threshold_shape=tuple(vth.shape) if learnable else None)
     if target is _neuron.IFNode:
         new = target(**common)
@@ -271,8 +288,11 @@ def _restore(new: nn.Module) -> nn.Module:
                   decay_input=new.decay_input, init_tau=2.0)
     if isinstance(new, _neuron.LIFNode):
         config["tau"] = new.tau
+    if cls.__name__ in _BUILT_SINGLE_STEP:
+        config["step_mode"] = "s"
     accepted = inspect.signature(cls.__init__).parameters
     old = cls(**{k: v for k, v in config.items() if k in accepted})
+    old.step_mode = new.step_mode
     if isinstance(vth, torch.Tensor):
         old.v_threshold = vth  # the learnable threshold's Parameter
     if isinstance(new, _neuron.ParametricLIFNode):

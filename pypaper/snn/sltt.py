@@ -10,6 +10,7 @@ graph whatever T is. SLTT-K backpropagates only K random steps (the others run u
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -28,10 +29,29 @@ class OnlineStep(NamedTuple):
     trained_steps: list      # the time steps whose gradient was taken
 
 
+def _spikingjelly_neuron_names(model: nn.Module) -> list:
+    """'name (Class)' of the modules of model that come from SpikingJelly's neuron package."""
+    found = []
+    for name, m in model.named_modules():
+        where = getattr(type(m), "__module__", "") or ""
+        if where.startswith("spikingjelly.activation_based.neuron"):
+            found.append(f"{name or 'model'} ({type(m).__name__})")
+    return found
+
+
 def _neurons(model: nn.Module) -> list:
     found = [m for m in model.modules() if isinstance(m, BaseNode)]
     if not found:
-        raise ValueError("model has no pypaper.snn neurons (LIFNode / ParametricLIFNode)")
+        theirs = _spikingjelly_neuron_names(model)
+        hint = ""
+        if theirs:
+            # a ported SpikingJelly SLTT script: its neurons (SLTTLIFNode, LIFNode, ...) are not
+            # pypaper's; said as "no neurons" the model looked empty to its user
+            hint = (f"; it holds SpikingJelly's neurons {', '.join(theirs[:4])}"
+                    f"{' ...' if len(theirs) > 4 else ''}: swap them with "
+                    f"model = pypaper.snn.convert(model, sltt=True) first")
+        raise ValueError(f"model has no pypaper.snn neurons (IFNode / LIFNode / "
+                         f"ParametricLIFNode){hint}")
     return found
 
 
@@ -111,6 +131,36 @@ def _add(total, tree):
     return _pytree.tree_map(lambda a, b: a + b if isinstance(b, torch.Tensor) else b, total, tree)
 
 
+def _shape_of(tree) -> str:
+    """The shapes of the tensors in an output or target, for a message."""
+    if isinstance(tree, torch.Tensor):
+        return f"tensor of shape {tuple(tree.shape)}"
+    leaves = _pytree.tree_leaves(tree)
+    shapes = [tuple(v.shape) for v in leaves if isinstance(v, torch.Tensor)]
+    return f"{type(tree).__name__} of tensors of shapes {shapes}" if shapes else type(tree).__name__
+
+
+def _step_loss(loss_fn: Callable, out, target, t: int, steps: int):
+    """loss_fn(out, target) for step t, its error said with the shapes involved: a target of one
+    label per step ([T, N]) or the [T, N, *] outputs of a BPTT loss gave torch's message about a
+    batch size of T, which did not say that each step's [N, *] output meets the whole target."""
+    try:
+        return loss_fn(out, target)
+    except (RuntimeError, ValueError, IndexError) as err:
+        message = (f"loss_fn(output, target) failed on time step {t}: {err}\n(output: "
+                   f"{_shape_of(out)}, the model's output for the one step [N, *]; target: "
+                   f"{_shape_of(target)}, passed whole to every step's loss_fn)")
+        if isinstance(target, torch.Tensor) and target.dim() >= 2 and target.shape[0] == steps:
+            message += (f"; a target with one entry per time step (T = {steps} rows) is not "
+                        f"split: give the target all steps share (SLTT's loss is "
+                        f"sum_t loss_fn(out_t, target) / T)")
+        try:
+            wrapped = type(err)(message)
+        except Exception:  # an exception class that takes other arguments: its own message
+            raise err from None
+        raise wrapped from err
+
+
 def _scalar_loss(loss):
     """The step's loss, checked: autograd's own errors for a per-sample loss ('grad can be
     implicitly created only for scalar outputs') or a float named neither loss_fn nor the
@@ -141,7 +191,9 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
                       scaler: Optional[torch.amp.GradScaler] = None) -> OnlineStep:
     """One SLTT training step on a batch.
 
-    ``model`` maps one time step [N, *] to an output: its neurons are switched to step_mode 's'
+    ``model`` maps one time step [N, *] to an output: its neurons (pypaper's; a model built with
+    SpikingJelly's, its ``SLTTLIFNode`` included, takes ``pypaper.snn.convert(model, sltt=True)``
+    first) are switched to step_mode 's'
     and ``sltt=True`` for the call (and restored after), and reset before and after. Other
     stateful modules (SpikingJelly's) have their state detached after each step; a module that
     runs only on sequences (SeqToANNContainer, MultiStepContainer, SpikingJelly's MultiStepModules
@@ -159,13 +211,32 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
     step but the last runs in its ``no_sync()``, and the last one's backward reduces the gradients
     accumulated over all of them (the sum's average is the average's sum).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(x_seq, torch.Tensor) or x_seq.dim() < 2:
         raise ValueError("x_seq must be a tensor of shape [T, N, *]")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(output, target), got "
+                        f"{type(loss_fn).__name__}")
+    if optimizer is not None and not (callable(getattr(optimizer, "step", None))
+                                      and callable(getattr(optimizer, "zero_grad", None))):
+        # checked first: a module given in its place (it has zero_grad) zeroed its gradients
+        # and failed only after the whole forward and backward
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (with step() and "
+                        f"zero_grad()) or None, got {type(optimizer).__name__}")
     steps = x_seq.shape[0]
     if steps < 1:
         raise ValueError("x_seq has no time steps (T = x_seq.shape[0] = 0): nothing to train on")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= steps):
-        raise ValueError(f"k must be an integer in 1..T ({steps}), got {k!r}")
+    if k is not None:
+        # any integer (a numpy integer, a 0-d integer tensor from a config or a schedule), not a
+        # bool and not a float
+        k_given = k
+        try:
+            k = None if isinstance(k, bool) else operator.index(k)
+        except TypeError:
+            k = None
+        if k is None or not 1 <= k <= steps:
+            raise ValueError(f"k must be an integer in 1..T ({steps}), got {k_given!r}")
     if scaler is not None and optimizer is None:
         raise ValueError("scaler needs optimizer: the scaled gradients are unscaled and checked "
                          "by scaler.step(optimizer)")
@@ -210,7 +281,15 @@ def train_step_online(model: nn.Module, x_seq: torch.Tensor, target, loss_fn: Ca
                     xt = rows[t] = xt.detach().requires_grad_()
                 with _no_sync_unless_last(model, t == trained[-1]):
                     out = model(xt)
-                    loss = _scalar_loss(loss_fn(out, target)) / steps
+                    loss = _scalar_loss(_step_loss(loss_fn, out, target, t, steps)) / steps
+                    if not loss.requires_grad:
+                        # autograd's 'element 0 of tensors does not require grad' named none of
+                        # the causes
+                        raise RuntimeError(
+                            f"the loss of time step {t} does not require grad: nothing to train "
+                            f"(train_step_online was called under torch.no_grad() or "
+                            f"torch.inference_mode(), or no parameter of model and not x_seq "
+                            f"requires grad)")
                     (loss if scaler is None else scaler.scale(loss)).backward()
                 total += float(loss.detach())
             else:
