@@ -211,6 +211,34 @@ def register_native() -> None:
     jvp_rule.register()
 
 
+# ---- the carried membrane's copy (neuron.BaseNode._run, traced) -------------------------------
+
+@torch.library.custom_op("pypaper::membrane_copy", mutates_args=())
+def membrane_copy(v: torch.Tensor) -> torch.Tensor:
+    """A copy of the carried membrane ``v`` (v's values forward, the identity backward), made
+    where a compiled call may receive the membrane a call under torch.inference_mode left: an
+    inference tensor, which autograd refuses to save ("Inference tensors cannot be saved for
+    backward"), and the CPU LIF op saves its v_init (its backward reruns the forward from it).
+    The copy is a normal tensor the op can save. It is an op of its own because a traced
+    ``v.clone()`` does not survive the compiler: inductor's min-cut partitioner counts a clone
+    as free to recompute and saves the graph input v for the backward in its place, which is the
+    inference tensor again (the default backend failed where aot_eager ran). An opaque op is
+    never recomputed in the backward: its output is what is saved."""
+    return v.clone()
+
+
+@membrane_copy.register_fake
+def _(v):
+    return torch.empty_like(v)
+
+
+def _membrane_copy_backward(ctx, grad):
+    return grad  # d(copy of v)/dv = 1
+
+
+_autograd.register_autograd("pypaper::membrane_copy", _membrane_copy_backward)
+
+
 _triton_module = None
 
 

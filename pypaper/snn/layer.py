@@ -181,6 +181,25 @@ class Flatten(_SeqToANN, nn.Flatten):
     """nn.Flatten with a step mode: in 'm' start_dim counts from [T * N, ...], so the default
     flattens [T, N, C, H, W] to [T, N, C * H * W]."""
 
+    def forward(self, x):
+        if self.step_mode == "m" and isinstance(x, torch.Tensor) and x.dim() >= 3:
+            # dims d >= 1 of the [T * N, *] view are dims d + 1 of [T, N, *] (negative ones
+            # count from the end in both), so flattening [T * N, *] and splitting it back is
+            # x.flatten(start + 1, end + 1): the same values and shape in one view. The
+            # round trip flatten(0, 1) -> flatten -> unflatten(0, (T, N)) chains three views,
+            # and with a symbolic batch torch's view of a view guards
+            # N * min(F, F * N) == F * N (F: the flattened features), which torch.export
+            # cannot prove over a Dim's range: a CSNN ending in Flatten -> Linear exported
+            # with a dynamic batch was refused ("Constraints violated"). A start or end at the
+            # merged T * N dim itself, or an invalid pair, takes the round trip (and its
+            # errors, numbered as the user gave them).
+            rank = x.dim() - 1
+            start = self.start_dim + rank if self.start_dim < 0 else self.start_dim
+            end = self.end_dim + rank if self.end_dim < 0 else self.end_dim
+            if 1 <= start <= end < rank:
+                return x.flatten(start + 1, end + 1)
+        return super().forward(x)
+
 
 class Conv1d(_SeqToANN, nn.Conv1d):
     _m_ranks, _m_shape = _1D

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from . import ops, spikingjelly_fallback
+from . import _registration, ops, spikingjelly_fallback
 from ._numbers import is_finite_number as _finite_number, plain_number
 from .surrogate import Sigmoid
 
@@ -478,7 +478,9 @@ class BaseNode(nn.Module):
             # which asks v.is_inference(); traced code cannot ask (dynamo refuses is_inference
             # and is_inference_mode_enabled), so the copy is made here, from a flag dynamo
             # guards on: only the graph of the first grad call after such a call pays for it.
-            v_init = v_init.clone()
+            # An op of its own, not v_init.clone(): inductor's partitioner recomputes a clone
+            # in the backward and saves the inference tensor v_init instead (membrane_copy).
+            v_init = _registration.membrane_copy(v_init)
         spikes, v_last, v_seq = self._step_op(x_seq, v_init, store_v_seq, single)
         # kept attached under SLTT too (as SpikingJelly's SLTTLIFNode keeps it): a loss on the
         # membrane (a readout of .v, or of the 's'-mode v_seq) backpropagates through this call
