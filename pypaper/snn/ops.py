@@ -194,6 +194,21 @@ def _lif_in_storage_order(x_seq: torch.Tensor, v: Optional[torch.Tensor], order:
             None if v_seq is None else v_seq.permute(back))
 
 
+def _is_broadcast(x: torch.Tensor) -> bool:
+    """Whether x repeats values: a dim of more than one element with stride 0 (x.expand, a
+    static input broadcast over the time steps).
+
+    lif_multi_step copies a non-contiguous x that no permutation makes dense (a slice with
+    gaps: y[..., :k], y.chunk(2, dim=2)[0], y[..., ::2]) unless it is broadcast. The kernels
+    copy such an x anyway, but autograd kept the view itself for the CPU backward, which reruns
+    the forward from x, and a view keeps its whole base alive: lif(linear(x)[..., :F]) of an
+    8F-wide projection kept 8 values per neuron-step instead of one, and the backward copied x
+    once more. The copy, made here, is what the kernel reads and what is kept: one value per
+    neuron-step. A broadcast view's base holds fewer values than x (T times fewer, expanded
+    over T steps): it is kept as it is."""
+    return any(s == 0 and n != 1 for s, n in zip(x.stride(), x.shape))
+
+
 def _check_v_shape(v, x_seq: torch.Tensor) -> None:
     if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(x_seq.shape[1:]):
         got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
@@ -342,6 +357,8 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
             surrogate_function=surrogate_function, decay_input=decay_input,
             detach_reset=detach_reset, sltt=sltt, store_v_seq=store_v_seq, tau_name=tau_name,
             threshold_name=threshold_name, learnable_threshold=learnable_threshold))
+    if order is None and not x_seq.is_contiguous() and not _is_broadcast(x_seq):
+        x_seq = x_seq.contiguous()  # a view with gaps: see _is_broadcast
     if any(_is_per_sample(p, x_seq) for p in (tau, k, v_threshold)):
         return _lif_per_sample(x_seq, v, dict(
             tau=tau, k=k, v_threshold=v_threshold, v_reset=v_reset,
