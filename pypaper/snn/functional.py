@@ -44,6 +44,26 @@ def _apply(x, layers: _Layers):
     return layers(*args)
 
 
+def _merge_time_batch(t: torch.Tensor) -> torch.Tensor:
+    """[T, N, *] -> [T * N, *], as ``t.flatten(0, 1)``: a view where dims 0 and 1 merge
+    (stride[0] == N * stride[1]), else a copy.
+
+    Under torch.export the view is built with ``as_strided`` instead. torch's symbolic view rule
+    gives the merged dim the stride Min(stride[1], stride[0]) (Min(12, 12 * N) for a contiguous
+    [T, N, 3, 4] with a dynamic N: it cannot rule out N = 0), and a module that only views
+    (nn.Flatten, a reshape) hands back an alias of the input whose [T, N, *] unflatten then
+    needs the guard N * Min(12, 12 * N) == 12 * N, which export refuses as a constraint
+    violation of the dynamic dim. When the dims merge, the merged stride is exactly stride[1]
+    (element (t, n) sits at t * stride[0] + n * stride[1] = (t * N + n) * stride[1]), so
+    as_strided with that stride is the same view (same storage, offset, values and strides)
+    without the Min. Eager keeps flatten, whose backward is a plain reshape (as_strided's
+    scatters into the base's geometry)."""
+    if torch.compiler.is_exporting() and t.dim() >= 2 and t.stride(0) == t.shape[1] * t.stride(1):
+        return t.as_strided((t.shape[0] * t.shape[1],) + tuple(t.shape[2:]),
+                            (t.stride(1),) + tuple(t.stride()[2:]))
+    return t.flatten(0, 1)
+
+
 def seq_to_ann_forward(x_seq, stateless_module: _Layers):
     """Run stateless layers on a sequence in one call: [T, N, *] is flattened to [T * N, *],
     passed through ``stateless_module`` (a module, a callable, or a list / tuple of them, applied
@@ -61,7 +81,7 @@ def seq_to_ann_forward(x_seq, stateless_module: _Layers):
     if any(t.shape[:2] != tn for t in items[1:]):
         raise ValueError(f"the tensors of x_seq must share their [T, N] leading dims, got "
                          f"{[tuple(t.shape[:2]) for t in items]}")
-    flat = tuple(t.flatten(0, 1) for t in items)
+    flat = tuple(_merge_time_batch(t) for t in items)
     y = _apply(flat if isinstance(x_seq, tuple) else flat[0], stateless_module)
     if isinstance(y, tuple):
         return tuple(t.unflatten(0, tn) for t in y)
