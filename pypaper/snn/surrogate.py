@@ -16,7 +16,9 @@ the fused kernels get the integer ``surrogate_id`` and ``alpha`` (kernels/common
 """
 from __future__ import annotations
 
+import abc
 import inspect
+import sys
 from typing import Optional
 
 import torch
@@ -101,24 +103,38 @@ def _is_bool(v) -> bool:
     return isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.numel() == 1
 
 
+# How _call_static passes parameters: {(function, bound, parameter names): by_name}. Keyed by the
+# plain function (a bound method's __func__), which its class holds anyway: a spiking_function
+# written as an ordinary method (no @staticmethod; SpikingJelly's forward calls that too) is a
+# new bound method at each access, and a key that kept the bound method kept the surrogate, and
+# everything it refers to, alive for the rest of the process. (A plain dict, not a weak one:
+# torch.compile traces this lookup, and a WeakKeyDictionary's fails there, "weak object has gone
+# away".) The names are in the key: one function may serve a 2.0-style class (passed by name) and
+# a 0.0.0.0.14-style one (alpha by position, whatever the function calls it).
 _BY_NAME: dict = {}
+
+
+def _passes_by_name(fn, names: tuple) -> bool:
+    try:
+        sig = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return (any(p.kind == p.VAR_KEYWORD for p in sig.values())
+            or all(n in sig and sig[n].kind != sig[n].POSITIONAL_ONLY for n in names))
 
 
 def _call_static(fn, x: torch.Tensor, params: dict):
     """fn(x, **params) where fn takes every parameter by its name (SpikingJelly 2.0 passes them
     so), else fn(x, *params.values()) (0.0.0.0.14 passed alpha by position, whatever the
-    function named it: spiking_function(x, a)). Decided once per function."""
-    by_name = _BY_NAME.get(fn)
+    function named it: spiking_function(x, a)). Decided once per function and parameter names."""
+    bound = hasattr(fn, "__func__")
+    key = (fn.__func__ if bound else fn, bound, tuple(params))
+    try:
+        by_name = _BY_NAME.get(key)
+    except TypeError:  # an unhashable callable: decided at each call
+        by_name = _passes_by_name(fn, key[2])
     if by_name is None:
-        try:
-            sig = inspect.signature(fn).parameters
-        except (TypeError, ValueError):
-            by_name = True
-        else:
-            by_name = (any(p.kind == p.VAR_KEYWORD for p in sig.values())
-                       or all(n in sig and sig[n].kind != sig[n].POSITIONAL_ONLY
-                              for n in params))
-        _BY_NAME[fn] = by_name
+        by_name = _BY_NAME[key] = _passes_by_name(fn, key[2])
     return fn(x, **params) if by_name else fn(x, *params.values())
 
 
@@ -135,7 +151,21 @@ def _requires_alpha(cls) -> bool:
     return False
 
 
-class SurrogateFunctionBase(nn.Module):
+def _spikingjelly_base():
+    """SpikingJelly's SurrogateFunctionBase where its surrogate module is imported, else None (no
+    object of its classes can exist before it is: nothing is imported here)."""
+    module = sys.modules.get("spikingjelly.activation_based.surrogate")
+    base = getattr(module, "SurrogateFunctionBase", None)
+    return base if isinstance(base, type) else None
+
+
+def _is_own(fn) -> bool:
+    """fn's class derives from pypaper's SurrogateFunctionBase itself (isinstance also answers
+    True for SpikingJelly's surrogates: SurrogateFunctionBase.__subclasshook__)."""
+    return SurrogateFunctionBase in type(fn).__mro__
+
+
+class SurrogateFunctionBase(nn.Module, metaclass=abc.ABCMeta):
     """Theta forward with a surrogate derivative backward; subclasses set ``surrogate_id``.
 
     Both of SpikingJelly's constructor contracts hold, so a surrogate of the user's own written
@@ -156,6 +186,22 @@ class SurrogateFunctionBase(nn.Module):
 
     surrogate_id: int = -1
     default_alpha: float = 1.0
+
+    @classmethod
+    def __subclasshook__(cls, subclass):
+        # isinstance(m, surrogate.SurrogateFunctionBase) holds for SpikingJelly's surrogates too,
+        # as it does with SpikingJelly's import: pypaper's surrogate module hands out its classes
+        # (S2NN, LeakyKReLU, ... forwarded) and convert() keeps its ATan objects, and code that
+        # finds a model's surrogates this way (to anneal alpha, set_spiking_mode, or keep them
+        # whole as pack_conv_bn_train_modules's fx tracer does: traced into, SpikingJelly's
+        # spiking function left the heaviside without its surrogate gradient, and the layers
+        # before it got none) skipped them. Only this base class: SpikingJelly's ATan is not a
+        # pypaper ATan (its alpha, its spiking_function are SpikingJelly's).
+        if cls is SurrogateFunctionBase:
+            base = _spikingjelly_base()
+            if base is not None and isinstance(subclass, type) and issubclass(subclass, base):
+                return True
+        return NotImplemented
 
     def __init__(self, *args, **params):
         super().__init__()
@@ -291,7 +337,7 @@ def surrogate_spec(fn) -> Optional[tuple[int, float]]:
     """
     if fn is None:
         return SURROGATE_IDS["Sigmoid"], 4.0
-    if isinstance(fn, SurrogateFunctionBase):
+    if _is_own(fn):
         # a subclass of the user's own (surrogate_id -1) runs its spiking_function in Python
         # (also a subclass of a built-in that overrides spiking_function)
         # (and a subclass that overrides forward, which the kernels would never call)
