@@ -68,6 +68,13 @@ def _escaped_from_vmap(t) -> bool:
     return False
 
 
+def _held_tensor(t) -> bool:
+    """Whether ``t`` is a tensor state that holds this module's value: not one a torch.func.vmap
+    left behind (_escaped_from_vmap), which .to() / detach() cannot compute with; that one stays
+    as it is for the next forward to refuse, or reset() to clear."""
+    return isinstance(t, torch.Tensor) and not _escaped_from_vmap(t)
+
+
 # The attribute, on a membrane a call inside torch.func.vmap wrote, naming the vmap calls it
 # belongs to (_vmap_call_tokens)
 _VMAP_CALLS = "_pypaper_vmap_calls"
@@ -221,14 +228,14 @@ class BaseNode(nn.Module):
         # (functorch raised "your tensor may have escaped", after the parameters above were
         # converted: the model was left half moved); it stays as it is, and the next forward
         # says to reset it
-        if isinstance(self.v, torch.Tensor) and not _escaped_from_vmap(self.v):
+        if _held_tensor(self.v):
             self.v = fn(self.v)
-        if isinstance(self.v_seq, torch.Tensor) and not _escaped_from_vmap(self.v_seq):
+        if _held_tensor(self.v_seq):
             self.v_seq = fn(self.v_seq)
         resets = self.__dict__.get("_memory_reset", {})
         for name, value in list(resets.items()):
             current = getattr(self, name)
-            if isinstance(current, torch.Tensor) and not _escaped_from_vmap(current):
+            if _held_tensor(current):
                 setattr(self, name, fn(current))
             # the reset values too (SpikingJelly's MemoryModule._apply moves _memories_rv): a
             # tensor reset value left behind made reset() after .double() / .to(bf16) / .cuda()
@@ -371,13 +378,13 @@ class BaseNode(nn.Module):
         """Cut the carried state from the graph (truncated BPTT). State a torch.func.vmap left
         behind is not in any graph of this module and cannot be computed with (functorch raised
         on its detach()): it is left for the next forward to refuse, or reset() to clear."""
-        if isinstance(self.v, torch.Tensor) and not _escaped_from_vmap(self.v):
+        if _held_tensor(self.v):
             self.v = self.v.detach()
-        if isinstance(self.v_seq, torch.Tensor) and not _escaped_from_vmap(self.v_seq):
+        if _held_tensor(self.v_seq):
             self.v_seq = self.v_seq.detach()
         for name in self.__dict__.get("_memory_reset", {}):
             value = getattr(self, name)
-            if isinstance(value, torch.Tensor) and not _escaped_from_vmap(value):
+            if _held_tensor(value):
                 setattr(self, name, value.detach())
 
     # ---- SpikingJelly's MemoryModule API, for state of a subclass's own ----------------------
@@ -425,7 +432,7 @@ class BaseNode(nn.Module):
     def supported_step_mode(self) -> tuple:
         return _STEP_MODES
 
-    def _refuse_exited_transform_state(self, v: torch.Tensor) -> None:
+    def _refuse_exited_transform_state(self, v: torch.Tensor, tracing: bool) -> None:
         """Raise for a membrane that a call inside a torch.func transform left once the transform
         has exited. Outside every transform, using it failed with functorch's internal assert.
         Inside a later vmap call at the same level (the next chunk of vmap(f, chunk_size=k), the
@@ -433,8 +440,9 @@ class BaseNode(nn.Module):
         sample of that call, as this call's: the models of chunk 2 of an ensemble started from
         the final membranes of chunk 1's models, silently, so the result depended on chunk_size.
         A wrapper torch.func.grad alone left inside an enclosing transform still reads as the
-        values it wraps (an inner grad of MAML-style code), and is taken as before."""
-        if torch.compiler.is_compiling():
+        values it wraps (an inner grad of MAML-style code), and is taken as before.
+        ``tracing``: torch.compiler.is_compiling(), which the caller has asked already."""
+        if tracing:
             return
         f = torch._C._functorch
         if not f.is_functorch_wrapped_tensor(v):
@@ -452,13 +460,13 @@ class BaseNode(nn.Module):
                 f"steps, run all of them inside one vmap call (step_mode='m' on [T, N, *], or "
                 f"the loop over t inside the function)")
 
-    def _v_init(self, x_seq: torch.Tensor) -> Optional[torch.Tensor]:
+    def _v_init(self, x_seq: torch.Tensor, tracing: bool) -> Optional[torch.Tensor]:
         """The carried membrane for this input, or None for rest. As in SpikingJelly, a state of
         another shape (a new batch size) restarts from rest."""
         v = self.v
         shape = tuple(x_seq.shape[1:])
         if isinstance(v, torch.Tensor):
-            self._refuse_exited_transform_state(v)
+            self._refuse_exited_transform_state(v, tracing)
             return v if tuple(v.shape) == shape else None
         if float(v) == self._op_start:
             return None
@@ -467,8 +475,8 @@ class BaseNode(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
 
     def _run(self, x_seq: torch.Tensor, store_v_seq: bool, single: bool = False):
-        v_init = self._v_init(x_seq)
         tracing = torch.compiler.is_compiling()
+        v_init = self._v_init(x_seq, tracing)
         if (isinstance(v_init, torch.Tensor) and tracing and torch.is_grad_enabled()
                 and self.__dict__.get("_v_maybe_inference", False)):
             # The membrane a call under torch.inference_mode left (a validation loop: Lightning's
@@ -568,7 +576,7 @@ class BaseNode(nn.Module):
         the call on one neuron; a membrane of any other shape restarts from rest, as any shape
         change does (a [1] state left by a [1] input is not a 0-d input's)."""
         if isinstance(self.v, torch.Tensor):
-            self._refuse_exited_transform_state(self.v)
+            self._refuse_exited_transform_state(self.v, torch.compiler.is_compiling())
             self.v = (_same_vmap_calls(self.v.reshape(1), self.v) if self.v.dim() == 0
                       else self.rest_value)
 

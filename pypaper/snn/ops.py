@@ -68,14 +68,14 @@ def backend_for(x: torch.Tensor, device: Optional[torch.device] = None) -> str:
     device = x.device if device is None else device
     if _backend.requested() is not None:
         return _backend.select(device, (), _REASONS)
-    if torch.compiler.is_compiling():
-        # traced: neither read nor fill the cache. A trace that filled it (the process's first
-        # LIF call compiled) guarded on its being empty, so the second call recompiled.
-        return _backend.select(device, _DEFAULT_ORDER.get(device.type, ("reference",)), _REASONS)
-    name = _DEFAULTS.get(device)
+    # Traced code neither reads nor fills the cache: a trace that filled it (the process's first
+    # LIF call compiled) guarded on its being empty, so the second call recompiled.
+    tracing = torch.compiler.is_compiling()
+    name = None if tracing else _DEFAULTS.get(device)
     if name is None:
         name = _backend.select(device, _DEFAULT_ORDER.get(device.type, ("reference",)), _REASONS)
-        if name != "reference":  # the reference's fallback warning stays with select
+        # the reference's fallback warning stays with select
+        if name != "reference" and not tracing:
             _DEFAULTS[device] = name
     return name
 
