@@ -42,7 +42,7 @@ def convert(model: nn.Module, keep_ratio: float = 0.3,
     grad_norm_device)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_config(keep_ratio, min_k, estimator, store_dtype)
+    keep_ratio, min_k = check_config(keep_ratio, min_k, estimator, store_dtype)
     if type(model) is nn.Linear:
         raise ValueError("model is itself an nn.Linear; use WTACRSLinear.from_linear(model)")
     done: dict = {}  # id(original) -> its WTACRSLinear: a module under two names stays one
@@ -57,7 +57,7 @@ def convert(model: nn.Module, keep_ratio: float = 0.3,
             if isinstance(child, WTACRSLinear) and id(child) not in created:
                 # converted before: convert again sets the new options (no silent keep)
                 if filter_fn is None or filter_fn(child, prefix + attr):
-                    child.keep_ratio, child.min_k = float(keep_ratio), min_k
+                    child.keep_ratio, child.min_k = keep_ratio, min_k
                     child.estimator, child.generator = estimator, generator
                     child.store_dtype = store_dtype
                 continue

@@ -8,7 +8,8 @@ output, grad_input and grad_bias are exact, grad_W is the unbiased WTA-CRS estim
 (reference.py). In eval mode, under no_grad, or with a frozen weight (the base layer of a LoRA
 adapter) it is exactly nn.Linear and keeps what nn.Linear keeps.
 
-Same parameters, state_dict keys and constructor arguments as nn.Linear, plus:
+Same parameters, state_dict keys and constructor arguments as nn.Linear (its positional order
+in_features, out_features, bias, device, dtype), plus, keyword-only:
   keep_ratio   (0, 1]: the share of rows kept (1 keeps all: the exact gradient)
   min_k        >= 1: rows kept at least
   estimator    "wta-crs" (the paper) or "crs" (plain column-row sampling, the baseline)
@@ -16,12 +17,14 @@ Same parameters, state_dict keys and constructor arguments as nn.Linear, plus:
                the seed comes from the global CPU generator's state without advancing it (so
                dropout and every other consumer see the same draws as in the unconverted model),
                mixed with the layer's call count and its position in convert()'s order.
-  store_dtype  None (the input's dtype), torch.bfloat16 or torch.float16: the kept rows' dtype
+  store_dtype  None (the input's dtype; under autocast, but for fp64: the autocast dtype, which
+               the backward reads them in), torch.bfloat16 or torch.float16: the kept rows' dtype
   grad_norm_device  where the per-sample gradient norms live (grad_norms.GradNormCache)
 """
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from typing import Optional
 
@@ -38,17 +41,22 @@ ESTIMATORS = ("wta-crs", "crs")
 _STORE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def check_config(keep_ratio, min_k, estimator, store_dtype=None) -> None:
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or \
+def check_config(keep_ratio, min_k, estimator, store_dtype=None) -> tuple[float, int]:
+    """Validates the options; returns (keep_ratio, min_k) as a Python float and int. Any real /
+    integral scalar is accepted (numpy's from a sweep or a config file included: they register
+    with the numbers ABCs; numpy's bool does not), bools are not."""
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real) or \
             not (0.0 < float(keep_ratio) <= 1.0) or math.isnan(float(keep_ratio)):
         raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
-    if isinstance(min_k, bool) or not isinstance(min_k, int) or min_k < 1:
+    if isinstance(min_k, bool) or not isinstance(min_k, numbers.Integral) or \
+            min_k < 1:
         raise ValueError(f"min_k must be an int >= 1, got {min_k!r}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if store_dtype not in _STORE_DTYPES:
         raise ValueError(f"store_dtype must be None, torch.float32, torch.bfloat16 or "
                          f"torch.float16, got {store_dtype!r}")
+    return float(keep_ratio), int(min_k)
 
 
 class SampleGroup:
@@ -68,31 +76,47 @@ class SampleGroup:
         state["_last"] = None
         return state
 
-    def sample(self, layer: "WTACRSLinear", inp: torch.Tensor, x: torch.Tensor, k: int, ids):
+    def sample(self, layer: "WTACRSLinear", inp: torch.Tensor, x: torch.Tensor, k: int, ids,
+               store: Optional[torch.dtype]):
+        # Under torch.compile the version counter is not traceable (dynamo makes it an unbacked
+        # symbol, and comparing two of them fails the trace): the identity of the input alone
+        # decides. An in-place change of that input between two siblings would go unseen there,
+        # but the unconverted model cannot do it either: nn.Linear saves the same tensor for its
+        # grad_W, and autograd refuses the backward after such a change.
+        compiling = torch.compiler.is_compiling()
         last = self._last
         if last is not None:
             inp_ref, version, kept_ref, idx_ref, step, kk, key = last
-            same = inp_ref() is inp and inp._version == version and kk == k
-            if same and key == layer._sampling_key():
+            same = inp_ref() is inp and kk == k and (compiling or inp._version == version)
+            if same and key == layer._sampling_key(store):
                 kept, idx = kept_ref(), idx_ref()
                 if kept is not None and idx is not None:
                     return kept, idx, step
-        kept, idx, step = layer._draw(x, k, ids, self.grad_norms)
-        self._last = (weakref.ref(inp), inp._version, weakref.ref(kept), weakref.ref(idx), step,
-                      k, layer._sampling_key())
+        kept, idx, step = layer._draw(x, k, ids, self.grad_norms, store)
+        self._last = (weakref.ref(inp), None if compiling else inp._version, weakref.ref(kept),
+                      weakref.ref(idx), step, k, layer._sampling_key(store))
         return kept, idx, step
 
 
 class WTACRSLinear(nn.Linear):
     """Drop-in nn.Linear with a WTA-CRS estimate of grad_W (see the module docstring)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 keep_ratio: float = 0.3, min_k: int = 32, estimator: str = "wta-crs",
-                 generator: Optional[torch.Generator] = None, device=None, dtype=None, *,
+    # nn.Linear's positional order (in_features, out_features, bias, device, dtype), so that
+    # ``WTACRSLinear`` can stand in for ``nn.Linear`` wherever the latter is constructed, even
+    # positionally (``nn.Linear(d, d, False, device, dtype)``, ``functools.partial`` factories);
+    # the WTA-CRS options come after, keyword-only.
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None, *, keep_ratio: float = 0.3, min_k: int = 32,
+                 estimator: str = "wta-crs", generator: Optional[torch.Generator] = None,
                  store_dtype: Optional[torch.dtype] = None, grad_norm_device=None):
-        check_config(keep_ratio, min_k, estimator, store_dtype)
+        if isinstance(device, float) or isinstance(dtype, float):
+            raise TypeError(
+                f"WTACRSLinear takes nn.Linear's positional arguments (in_features, out_features, "
+                f"bias, device, dtype); keep_ratio, min_k, estimator and generator are "
+                f"keyword-only, got device={device!r}, dtype={dtype!r}")
+        keep_ratio, min_k = check_config(keep_ratio, min_k, estimator, store_dtype)
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.keep_ratio = float(keep_ratio)
+        self.keep_ratio = keep_ratio
         self.min_k = min_k
         self.estimator = estimator
         self.generator = generator
@@ -110,9 +134,10 @@ class WTACRSLinear(nn.Linear):
         the original module all see the same tensors)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None, keep_ratio,
-                  min_k, estimator, generator, device="meta", dtype=linear.weight.dtype,
-                  store_dtype=store_dtype, grad_norm_device=grad_norm_device)
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                  device="meta", dtype=linear.weight.dtype, keep_ratio=keep_ratio, min_k=min_k,
+                  estimator=estimator, generator=generator, store_dtype=store_dtype,
+                  grad_norm_device=grad_norm_device)
         new.weight = linear.weight
         new.bias = linear.bias
         new.train(linear.training)
@@ -124,8 +149,28 @@ class WTACRSLinear(nn.Linear):
                 f"estimator={self.estimator}"
                 + (f", store_dtype={self.store_dtype}" if self.store_dtype else ""))
 
-    def _sampling_key(self):
-        return (self.keep_ratio, self.min_k, self.estimator, self.store_dtype)
+    def _sampling_key(self, store: Optional[torch.dtype]):
+        return (self.keep_ratio, self.min_k, self.estimator, store)
+
+    def _store_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
+        """The dtype the kept rows are stored in: store_dtype if set; else, under autocast with
+        an input autocast casts (any float but fp64), the autocast dtype; else x's (None).
+
+        Autocast runs the forward GEMM in its 16-bit dtype, so dY comes back in that dtype and
+        the sampled GEMM casts the kept rows to it (sampled_grad_weight): rounding scale * x_t
+        to 16 bits when it is stored instead of when it is read is the same single rounding, so
+        for an fp32 input grad_W is bit for bit the same, in half the bytes (an fp16 input
+        under bf16 autocast is rounded once instead of twice). fp32 rows would keep 2x what
+        they need, and more than the keep_ratio share of nn.Linear's footprint (which saves
+        the 16-bit copy of x under autocast)."""
+        if self.store_dtype is not None or x.dtype == torch.float64:  # autocast leaves fp64
+            return self.store_dtype
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            low = torch.get_autocast_dtype(dev)
+            if low in (torch.bfloat16, torch.float16):
+                return low
+        return None
 
     def _seed(self, device) -> torch.Tensor:
         g = self.generator
@@ -143,11 +188,12 @@ class WTACRSLinear(nn.Linear):
         mixed = base ^ (self._stream * 0x9E3779B97F4A7C15) ^ (self._calls * 0xBF58476D1CE4E5B9)
         return torch.tensor([mixed & (2 ** 62 - 1)], dtype=torch.int64, device=device)
 
-    def _draw(self, x: torch.Tensor, k: int, ids, cache: GradNormCache):
+    def _draw(self, x: torch.Tensor, k: int, ids, cache: GradNormCache,
+              store: Optional[torch.dtype]):
         g = cache.lookup(ids, x.shape[0], x.device) if ids is not None else None
         step = cache.begin_step()
         kept, idx = ops.sample(x.detach(), g, k, self.estimator == "wta-crs",
-                               self._seed(x.device), self.store_dtype)
+                               self._seed(x.device), store)
         return kept, idx, step
 
     def forward(self, input: torch.Tensor, sample_ids: Optional[torch.Tensor] = None):
@@ -156,8 +202,10 @@ class WTACRSLinear(nn.Linear):
                              f"last dim, got shape {tuple(input.shape)}")
         if not (self.training and self.weight.requires_grad and torch.is_grad_enabled()):
             return F.linear(input, self.weight, self.bias)
-        x = input.reshape(-1, self.in_features)
-        n = x.shape[0]
+        # rows = every leading dim flattened; math.prod, not reshape(-1, d): with d = 0
+        # (in_features = 0, which nn.Linear accepts) the -1 is ambiguous and reshape refuses
+        n = math.prod(input.shape[:-1])
+        x = input.reshape(n, self.in_features)
         k = budget(n, self.keep_ratio, self.min_k)
         if k >= n:  # every row kept: nothing to save over nn.Linear, and it is exact
             return F.linear(input, self.weight, self.bias)
@@ -169,12 +217,13 @@ class WTACRSLinear(nn.Linear):
                 raise ValueError("sample_ids need an input with a batch dim (at least 2-D), got "
                                  f"shape {tuple(input.shape)}")
             check_ids(ids, input.shape[0])
+        store = self._store_dtype(x)
         group = self.sample_group
         cache = group.grad_norms if group is not None else self.grad_norms
         if group is not None:
-            kept, idx, step = group.sample(self, input, x, k, ids)
+            kept, idx, step = group.sample(self, input, x, k, ids, store)
         else:
-            kept, idx, step = self._draw(x, k, ids, cache)
+            kept, idx, step = self._draw(x, k, ids, cache, store)
         y = ops.linear(x, self.weight, self.bias, kept, idx)
         if ids is not None and y.requires_grad:
             y.register_hook(_StoreNorms(cache, ids.detach(), step))

@@ -16,6 +16,7 @@ reference anywhere. ``seed`` is an int64 tensor of one element (or a Python int)
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -153,13 +154,43 @@ def sampled_grad_weight(grad_y: torch.Tensor, indices: torch.Tensor,
     return _op("wtacrs_sampled_grad_weight", b)(grad_y, indices, x_kept)
 
 
+def _autocast_linear_inputs(x, weight, bias):
+    """torch.autocast's policy for linear (lower_precision_fp): every floating tensor but fp64
+    is cast to the autocast dtype of x's device, by differentiable casts (the gradients reach
+    fp32 parameters in fp32, as nn.Linear's do). Returns (x, weight, bias, autocast dtype or
+    None)."""
+    if not isinstance(x, torch.Tensor):
+        return x, weight, bias, None
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, weight, bias, None
+    low = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(low)
+        return t
+
+    return cast(x), cast(weight), cast(bias), low
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
            x_kept: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """y = x W^T + b exactly, for the 2-D x. Autograd keeps only (x_kept, indices) of ``sample``
     instead of x: grad_x = dY W and grad_b = sum_t dy_t are exact, grad_W is the WTA-CRS
-    estimate dY[indices]^T x_kept."""
+    estimate dY[indices]^T x_kept.
+
+    Under torch.autocast, x, W and b are cast as autocast casts nn.Linear's and the op runs with
+    autocast off. Left to the dispatcher, the op (which has no autocast kernel) computed in the
+    autocast dtype in eager mode only through the at::linear it calls inside, while its fake
+    kernel, and so torch.compile, computed in fp32: compiled and eager models differed.
+    x_kept is not cast: the backward reads it in dY's dtype."""
     _check_rows(x)
+    x, weight, bias, low = _autocast_linear_inputs(x, weight, bias)
     b = backend_for(x)
-    if b == "reference":
-        return reference.linear(x, weight, bias, x_kept, indices)
-    return _op("wtacrs_linear", b)(x, weight, bias, x_kept, indices)
+    ctx = torch.autocast(x.device.type, enabled=False) if low is not None \
+        else contextlib.nullcontext()
+    with ctx:
+        if b == "reference":
+            return reference.linear(x, weight, bias, x_kept, indices)
+        return _op("wtacrs_linear", b)(x, weight, bias, x_kept, indices)
