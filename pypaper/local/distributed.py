@@ -20,7 +20,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from . import ops
 from .blocks import LocalSequential, MANHead, _optimizer_key, check_optimizer_covers
+
+
+# The dtypes an activation may travel in, by their index in the message header.
+_WIRE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def partition(num_blocks: int, world_size: int) -> list:
@@ -62,27 +67,47 @@ class LocalPipeline:
         return [p for m in self.modules() for p in m.parameters() if p.requires_grad]
 
     def _send(self, t: torch.Tensor) -> None:
-        meta = torch.tensor([t.dim(), *t.shape], dtype=torch.int64)
+        # The header carries the dtype with the shape: the receiver allocates exactly what was
+        # sent. (A receiver that assumed fp32 read a bf16 activation - the output of a block run
+        # under torch.autocast - as garbage, and an fp64 net's activation aborted gloo on a
+        # message-size mismatch.)
+        if t.dtype not in _WIRE_DTYPES:
+            raise TypeError(f"block {self.stop - 1}'s output has dtype {t.dtype}; the pipeline "
+                            f"sends floating activations ({', '.join(map(str, _WIRE_DTYPES))})")
+        meta = torch.tensor([_WIRE_DTYPES.index(t.dtype), t.dim(), *t.shape], dtype=torch.int64)
         dist.send(torch.tensor([meta.numel()], dtype=torch.int64), self.rank + 1, self.group)
         dist.send(meta, self.rank + 1, self.group)
         dist.send(t.contiguous(), self.rank + 1, self.group)
 
-    def _recv(self, dtype: torch.dtype) -> torch.Tensor:
+    def _recv(self) -> torch.Tensor:
         n = torch.empty(1, dtype=torch.int64)
         dist.recv(n, self.rank - 1, self.group)
         meta = torch.empty(int(n), dtype=torch.int64)
         dist.recv(meta, self.rank - 1, self.group)
-        shape = [int(v) for v in meta[1:1 + int(meta[0])]]
+        dtype = _WIRE_DTYPES[int(meta[0])]
+        shape = [int(v) for v in meta[2:2 + int(meta[1])]]
         t = torch.empty(shape, dtype=dtype)
         dist.recv(t, self.rank - 1, self.group)
         return t
 
     def train_step(self, x: Optional[torch.Tensor], y: torch.Tensor,
                    optimizer: Optional[torch.optim.Optimizer] = None,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """This rank's part of one step: receive the activation (rank > 0), run the owned blocks'
         local steps, send the output on (unless last), step the optimizer. Returns the owned
-        blocks' losses."""
+        blocks' losses.
+
+        The activation arrives in the dtype the previous rank's block produced (fp64 for an fp64
+        net, bf16 under torch.autocast); ``dtype``, if given, casts it on arrival."""
+        # The labels, on every rank before any communication (as LocalSequential.train_step checks
+        # them before block 0): a bad y then raises the same ValueError on every rank. Checked
+        # only where a block's loss reads them, rank 0 raised while the next rank waited in recv,
+        # to fail later with gloo's "Connection closed by peer" (or hang until the timeout).
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            n = x.shape[0]
+        else:
+            n = y.shape[0] if isinstance(y, torch.Tensor) and y.dim() >= 1 else 1
+        ops.check_labels(y, n, self.net.num_classes, getattr(y, "device", "cpu"))
         if optimizer is not None and _optimizer_key(optimizer) != getattr(self, "_opt_key", None):
             # the owned aux nets' / head's parameters must be in it (once per optimizer)
             owned = [(f"aux.{i}.{n}", p)
@@ -92,7 +117,9 @@ class LocalPipeline:
                 owned += [("head." + n, p) for n, p in self.net.head.named_parameters()]
             check_optimizer_covers(optimizer, owned)
             self._opt_key = _optimizer_key(optimizer)
-        h = x if self.rank == 0 else self._recv(dtype)
+        h = x if self.rank == 0 else self._recv()
+        if dtype is not None and h is not None:
+            h = h.to(dtype)
         losses = []
         for i in range(self.start, self.stop):
             loss, h = self.net.block_step(i, h, y)

@@ -18,6 +18,16 @@ from torch import nn
 from . import ops, reference
 
 
+def _check_eps(eps) -> float:
+    """eps of x_hat = x / (||x|| + eps): finite and >= 0, checked when the layer is built (a
+    negative eps made forward divide by ||x|| - |eps|, near zero or negative, silently, while
+    local_step raised from the C++ op only at the first training step)."""
+    eps = ops.check_finite(eps, "eps")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return eps
+
+
 def _accumulate(param: Optional[nn.Parameter], grad: torch.Tensor) -> None:
     if param is None:
         return
@@ -117,7 +127,7 @@ class FFLinear(_LocalLinear):
                  dtype=None):
         self.threshold = ops.check_finite(threshold, "threshold")
         self.normalize = bool(normalize)
-        self.eps = ops.check_finite(eps, "eps")
+        self.eps = _check_eps(eps)
         super().__init__(in_features, out_features, bias, device, dtype)
 
     @torch.no_grad()
@@ -170,7 +180,7 @@ class FFClassEmbeddingLinear(_LocalLinear):
         self.temperature = ops.check_finite(temperature, "temperature")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.normalize, self.eps = bool(normalize), ops.check_finite(eps, "eps")
+        self.normalize, self.eps = bool(normalize), _check_eps(eps)
         super().__init__(in_features, out_features, bias, device, dtype)
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("class_inputs", torch.randn(num_classes, in_features, generator=g)

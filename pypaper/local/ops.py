@@ -139,13 +139,31 @@ def check_labels(y, n: int, num_classes: int, device, name: str = "y") -> None:
 
 
 def check_finite(v, name: str) -> float:
+    """v as a finite float (a SymFloat stays one), else a ValueError naming the argument.
+
+    Under torch.compile a float argument that has taken two values (a threshold or temperature
+    varied between calls: ``torch._dynamo.config.specialize_float`` is False), and every float
+    under ``dynamic=True``, arrives as a SymFloat; ``math.isfinite`` refuses it (a graph break:
+    ``fullgraph=True`` failed with "torch.* op returned non-Tensor"). Finiteness is therefore
+    checked by comparisons (NaN fails both), which dynamo traces as guards; the C++ ops check
+    the value again when they run."""
     if isinstance(v, torch.Tensor) and v.numel() == 1:
         v = float(v)
-    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+    if not isinstance(v, (numbers.Real, torch.SymFloat, torch.SymInt)) or isinstance(v, bool):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    return float(v)
+    if not isinstance(v, (float, torch.SymFloat)):
+        try:  # an int or numpy scalar: the float the op takes (10**400 overflows to no float)
+            v = float(v)
+        except OverflowError:
+            raise ValueError(f"{name} must be finite, got {v}") from None
+    if not -math.inf < v < math.inf:
+        raise ValueError(f"{name} must be finite, got {float(v)}")
+    return v
+
+
+def _is_count(v) -> bool:
+    """An int (or, under torch.compile, a SymInt such as x.shape[0] // 2), not a bool."""
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
 
 
 # ---- ops ------------------------------------------------------------------------------------
@@ -168,7 +186,7 @@ def ff_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     _check_params(x, weight, bias)
     n = x.shape[0]
     num_pos = n if num_pos is None else num_pos
-    if not isinstance(num_pos, int) or isinstance(num_pos, bool) or not 0 <= num_pos <= n:
+    if not _is_count(num_pos) or not 0 <= num_pos <= n:
         raise ValueError(f"num_pos must be an int in [0, {n}] (rows of x), got {num_pos!r}")
     threshold = check_finite(threshold, "threshold")
     eps = check_finite(eps, "eps")
@@ -191,7 +209,43 @@ def _check_sf(x, class_x, weight, bias, y, eps, temperature):
     temperature = check_finite(temperature, "temperature")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return check_finite(eps, "eps"), temperature
+    eps = check_finite(eps, "eps")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return eps, temperature
+
+
+# The most classes the GPU single-forward kernels take (a row's logits live in one shared-memory
+# buffer / one Triton tile): kernels/cuda/local_kernels.cuh kSfMaxClasses, triton_kernels.
+_SF_MAX_CLASSES = {"cuda": 4096, "triton": 2048}
+
+
+def _sf_reason(backend: str, device: torch.device, k: int) -> Optional[str]:
+    """Why ``backend`` cannot run the single-forward op with k classes (None if it can)."""
+    if backend == "cuda" and not _SF_CUDA:
+        return "ff_sf_linear has no CUDA kernel"
+    if backend == "triton" and _triton_reason(device) is not None:
+        return _triton_reason(device)
+    limit = _SF_MAX_CLASSES.get(backend)
+    if limit is not None and k > limit:
+        return f"its single-forward kernel takes up to {limit} classes, class_x has {k}"
+    return None
+
+
+def _sf_backend(x: torch.Tensor, k: int) -> str:
+    """backend_for(x), then, chosen automatically, the next that can serve k classes (CUDA ->
+    Triton -> reference); an explicit request that cannot raises and says why."""
+    backend = backend_for(x)
+    why = _sf_reason(backend, x.device, k)
+    if why is None:
+        return backend
+    if _backend.requested() == backend:
+        raise _backend.BackendUnavailable(
+            f"backend {backend!r} was requested but cannot run: {why}")
+    for nxt in ("triton", "reference"):
+        if nxt != backend and (nxt == "reference" or _sf_reason(nxt, x.device, k) is None):
+            return nxt
+    return "reference"
 
 
 def ff_sf_linear(x: torch.Tensor, class_x: torch.Tensor, weight: torch.Tensor,
@@ -206,12 +260,7 @@ def ff_sf_linear(x: torch.Tensor, class_x: torch.Tensor, weight: torch.Tensor,
     The gradient flows through both h and E. Returns (h, E, loss, grad_weight, grad_bias).
     """
     eps, temperature = _check_sf(x, class_x, weight, bias, y, eps, temperature)
-    backend = backend_for(x)
-    if backend == "cuda" and not _SF_CUDA:  # no CUDA kernel: Triton where it can run
-        if _backend.requested() == "cuda":
-            raise _backend.BackendUnavailable(
-                "backend 'cuda' was requested but cannot run: ff_sf_linear has no CUDA kernel")
-        backend = "triton" if _triton_reason(x.device) is None else "reference"
+    backend = _sf_backend(x, class_x.shape[0])
     if backend == "reference":
         return reference.ff_sf_linear(x, class_x, weight, bias, y, normalize, eps, temperature)
     return _ops(backend)["sf"](x, class_x, weight, bias, y, bool(normalize), eps, temperature)
@@ -344,10 +393,12 @@ def ff_linear_into(x, weight, bias, grad_weight, grad_bias, num_pos=None, thresh
     _check_params(x, weight, bias)
     n = x.shape[0]
     num_pos = n if num_pos is None else num_pos
-    if not isinstance(num_pos, int) or isinstance(num_pos, bool) or not 0 <= num_pos <= n:
+    if not _is_count(num_pos) or not 0 <= num_pos <= n:
         raise ValueError(f"num_pos must be an int in [0, {n}] (rows of x), got {num_pos!r}")
     threshold = check_finite(threshold, "threshold")
     eps = check_finite(eps, "eps")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
     backend = backend_for(x)
     if _into(backend, grad_weight):
         h = x.new_empty((n, weight.shape[0]))

@@ -44,6 +44,11 @@ def num_warps_for(block: int) -> int:
     return max(1, min(8, block // 128))
 
 
+# The most classes the single-forward kernel takes: a row's logits are one tile of
+# block_for(k) lanes, and block_for stops at 2048.
+SF_MAX_CLASSES = 2048
+
+
 def ops() -> dict:
     """The Triton ops by kind, for pypaper.local.ops."""
     return {"ff": torch.ops.pypaper.local_ff_linear_triton,
@@ -236,19 +241,34 @@ if HAVE_TRITON:
 
     @triton.jit
     def _ce_rows_kernel(l_ptr, y_ptr, dl_ptr, loss_ptr, prm_ptr, k, BLOCK: tl.constexpr):
+        # loss_r = (logsumexp(l_r) - l_r[y_r]) / N, dl_r = (softmax(l_r) - onehot(y_r)) / N, over
+        # the row's tiles of BLOCK classes (block_for caps BLOCK at 2048: a head with more
+        # classes than one tile - an ImageNet-21k or a word-level head - needs every tile):
+        # the row max, then sum_j exp(l_j - max), then dl, three passes over the row.
         r = tl.program_id(0).to(tl.int64)
         scale = tl.load(prm_ptr)  # 1/N in the math dtype
+        row = l_ptr + r * k
         offs = tl.arange(0, BLOCK)
-        msk = offs < k
-        v = tl.load(l_ptr + r * k + offs, mask=msk, other=-float("inf"))
-        mx = tl.max(v, 0)
-        e = tl.where(msk, tl.exp(v - mx), 0.0)
-        se = tl.sum(e, 0)
+        mx = tl.max(tl.load(row + offs, mask=offs < k, other=-float("inf")), 0)
+        for j0 in range(BLOCK, k, BLOCK):
+            o = j0 + offs
+            mx = tl.maximum(mx, tl.max(tl.load(row + o, mask=o < k, other=-float("inf")), 0))
+        v = tl.load(row + offs, mask=offs < k, other=-float("inf"))
+        se = tl.sum(tl.where(offs < k, tl.exp(v - mx), 0.0), 0)
+        for j0 in range(BLOCK, k, BLOCK):
+            o = j0 + offs
+            v = tl.load(row + o, mask=o < k, other=-float("inf"))
+            se += tl.sum(tl.where(o < k, tl.exp(v - mx), 0.0), 0)
         lab = tl.load(y_ptr + r)
-        vy = tl.sum(tl.where(offs == lab, v, 0.0), 0)
+        vy = tl.load(row + lab)
         tl.store(loss_ptr + r, scale * (mx + tl.log(se) - vy))
-        dl = scale * (e / se - tl.where(offs == lab, 1.0, 0.0))
-        tl.store(dl_ptr + r * k + offs, dl, mask=msk)
+        for j0 in range(0, k, BLOCK):
+            o = j0 + offs
+            msk = o < k
+            v = tl.load(row + o, mask=msk, other=-float("inf"))
+            e = tl.where(msk, tl.exp(v - mx), 0.0)
+            dl = scale * (e / se - tl.where(o == lab, 1.0, 0.0))
+            tl.store(dl_ptr + r * k + o, dl, mask=msk)
 
     def _mt(dtype):
         return torch.float64 if dtype == torch.float64 else torch.float32
@@ -349,6 +369,11 @@ if HAVE_TRITON:
         dE = dlogits^T H and the single dW GEMM [dZ; dZ_c]^T [x; class_x]."""
         x, cx, w = x.contiguous(), class_x.contiguous(), weight.contiguous()
         n, d, m, k = x.shape[0], x.shape[1], w.shape[0], cx.shape[0]
+        if k > SF_MAX_CLASSES:
+            # A program holds a row's k logits in one tile of block_for(k) <= 2048 lanes: the
+            # classes past it were left out of the softmax (a wrong loss and gradient).
+            raise ValueError(f"class_x: the Triton single-forward kernel takes up to "
+                             f"{SF_MAX_CLASSES} classes (one tile per row), got {k}")
         mt = _mt(x.dtype)
         xa = torch.cat([x, cx])
         za = torch.mm(xa, w.t())
