@@ -195,6 +195,13 @@ def _functorch_function(overload, backward, setup_context):
             _save_for_jvp(ctx, inputs)
 
     def jvp(ctx, *tangents):
+        if qualname not in _JVP_RULES:
+            # forward mode over this Function: torch.func.hessian / jacfwd(jacrev(f)) push
+            # tangents through the op's forward (it ran under the grad level); without a rule
+            # the lookup raised a bare KeyError naming the op
+            name = next((n for n, t in zip(_names(overload), tangents) if t is not None),
+                        "(an input)")
+            raise _no_jvp(qualname, name)
         ctx.tangents_in = True
         return _JVP_RULES[qualname](_saved_for_jvp(ctx), tangents)
 

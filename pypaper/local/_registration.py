@@ -82,6 +82,41 @@ def _fake_head(feat, weight, bias, y):
 
 # ---- autograd --------------------------------------------------------------------------------
 
+class _NoSecondDerivative(torch.autograd.Function):
+    """grad unchanged, tied to ``anchor`` (the weight) in the autograd graph; differentiating it
+    raises. The fused ops' parameter gradients come out of the forward's kernels as plain tensors,
+    so a backward built with create_graph=True (double backward, a gradient penalty, HAWQ's
+    Hutchinson traces) saw them as constants: d(grad_weight)/d(weight) came out as zero,
+    silently. Tied to the weight, a second derivative through them reaches this node and stops
+    with an error instead."""
+
+    generate_vmap_rule = True  # per-sample gradients (vmap over torch.func.grad) pass here
+
+    @staticmethod
+    def forward(grad, anchor, op):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # the form torch.func transforms accept
+        ctx.op = inputs[2]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise NotImplementedError(
+            f"{ctx.op}: its gradients are computed inside the fused forward, without a graph, so "
+            f"it has no second derivative (create_graph=True double backward, gradient "
+            f"penalties, Hessian traces); use pypaper.local.reference's formulas with plain "
+            f"autograd for that")
+
+
+def _first_order_only(ctx, grads):
+    """grads as they are, unless the backward runs with create_graph=True and the weight takes
+    part in the graph: then each is tied to it through _NoSecondDerivative."""
+    w = ctx.saved_tensors[0]
+    if not (torch.is_grad_enabled() and w.requires_grad):
+        return grads
+    return tuple(g if g is None else _NoSecondDerivative.apply(g, w, ctx.op_name) for g in grads)
+
 def _scaled(g, t, like):
     return (g * t).to(like.dtype)
 
@@ -95,7 +130,7 @@ def _layer_setup(loss_index, w_index, n_inputs):
             if i != loss_index:
                 ctx.mark_non_differentiable(o)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(gw, gb)
+        ctx.save_for_backward(weight, gw, gb)  # weight: alive anyway (a parameter)
         ctx.w_index = w_index
         ctx.n_inputs = n_inputs
         ctx.wdtype = weight.dtype
@@ -105,7 +140,7 @@ def _layer_setup(loss_index, w_index, n_inputs):
 def _make_layer_backward(loss_index):
     def backward(ctx, *grads):
         g = grads[loss_index]
-        gw, gb = ctx.saved_tensors
+        _, gw, gb = ctx.saved_tensors
         out = [None] * ctx.n_inputs
         if g is None:
             return tuple(out)
@@ -113,7 +148,7 @@ def _make_layer_backward(loss_index):
             out[ctx.w_index] = (g * gw).to(ctx.wdtype)
         if ctx.has_bias and ctx.needs_input_grad[ctx.w_index + 1]:
             out[ctx.w_index + 1] = (g * gb).to(ctx.wdtype)
-        return tuple(out)
+        return _first_order_only(ctx, tuple(out))
     return backward
 
 
@@ -122,7 +157,7 @@ def _head_setup(ctx, inputs, output):
     loss, logits, gp, gw, gb = output
     for o in (logits, gp, gw, gb):
         ctx.mark_non_differentiable(o)
-    ctx.save_for_backward(gp, gw, gb)
+    ctx.save_for_backward(weight, gp, gw, gb)  # weight: alive anyway (a parameter)
     ctx.feat_shape = feat.shape
     ctx.feat_dtype = feat.dtype
     ctx.w_dtype = weight.dtype
@@ -130,7 +165,7 @@ def _head_setup(ctx, inputs, output):
 
 
 def _head_backward(ctx, g_loss, g_logits, g_gp, g_gw, g_gb):
-    gp, gw, gb = ctx.saved_tensors
+    _, gp, gw, gb = ctx.saved_tensors
     if g_loss is None:
         return None, None, None, None
     gfeat = gwt = gbias = None
@@ -143,7 +178,7 @@ def _head_backward(ctx, g_loss, g_logits, g_gp, g_gw, g_gb):
         gwt = (g_loss * gw).to(ctx.w_dtype)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         gbias = (g_loss * gb).to(ctx.w_dtype)
-    return gfeat, gwt, gbias, None
+    return _first_order_only(ctx, (gfeat, gwt, gbias, None))
 
 
 def register_autograd(suffix: str = "") -> None:
@@ -156,7 +191,15 @@ def register_autograd(suffix: str = "") -> None:
     for name, backward, setup in table:
         if hasattr(torch.ops.pypaper, name + suffix):
             _autograd.register_autograd(f"pypaper::{name}{suffix}", backward,
-                                        setup_context=setup)
+                                        setup_context=_named(setup, f"pypaper::{name}{suffix}"))
+
+
+def _named(setup, qualname: str):
+    """setup, which also records the op's name for _first_order_only's error."""
+    def named_setup(ctx, inputs, output):
+        setup(ctx, inputs, output)
+        ctx.op_name = qualname
+    return named_setup
 
 
 def _fake_ff_out(x, weight, bias, num_pos, threshold, normalize, eps, accumulate, h,
