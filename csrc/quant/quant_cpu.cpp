@@ -96,7 +96,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
     In* dxp = ptr<In>(dx);
     const T* sp = p.scale.data_ptr<T>();
     const T* zp = p.zero_point.data_ptr<T>();
-    if (!need_sz) {
+    // An empty x has no element to sum over (gs = gz = 0, as torch's learnable fake-quantize
+    // gives), and its layout may have inner == 0 (per-tensor over 0 elements, or a zero-size
+    // dim after the channel axis), which the task split below would divide by.
+    if (!need_sz || n == 0) {
       at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
         if (seed.has_value()) {
           cpu::fake_quantize_backward_range<In, true, false>(gp, xp, dxp, sp, zp, L, qmin, qmax,

@@ -26,7 +26,7 @@ from torch import nn
 
 from .configs import QuantConfig
 from .qlinear import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear,
-                      check_group_size)
+                      _QuantizedLinear, check_group_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +122,25 @@ def _overrides_forward(module: nn.Module) -> bool:
     return type(module).forward is not nn.Linear.forward
 
 
+def _is_mha_out_proj(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def swappable(module: nn.Module) -> bool:
+    """Whether quantize_ can put a quantized module in place of this nn.Linear: its class keeps
+    nn.Linear's forward (a custom forward would be lost) and it is not nn.MultiheadAttention's
+    out_proj (the attention reads that module's weight directly)."""
+    return (isinstance(module, nn.Linear) and not _overrides_forward(module)
+            and not _is_mha_out_proj(module))
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    """A layer that quantize_ (or a QuantConfig) put in place of an nn.Linear."""
+    from .nupes import PowerQuantLinear
+
+    return isinstance(module, (_QuantizedLinear, PowerQuantLinear))
+
+
 def _class_name(module: nn.Module) -> str:
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -181,7 +200,8 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
             whose class keeps nn.Linear's forward, except nn.MultiheadAttention's out_proj; a
             subclass that overrides forward is skipped with a warning (quantizing it would drop
             that forward). Layers selected explicitly (by filter_fn, or by name in a mapping)
-            that override forward raise ValueError instead.
+            that override forward, or that are an nn.MultiheadAttention's out_proj (the
+            attention reads its weight directly), raise ValueError instead.
         device: when given, each selected layer is moved to ``device`` (a copy: the original
             module is not changed) before it is quantized, as in torchao.
 
@@ -205,7 +225,10 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
         for fqn, cfg in names.items():
             mod = modules[fqn]
             if cfg is not None and not isinstance(mod, nn.Linear):
-                raise TypeError(f"config mapping names {fqn!r}, a {type(mod).__name__}, not an nn.Linear")
+                hint = " (already quantized: quantize_ swaps float layers only)" \
+                    if _is_quantized(mod) else ""
+                raise TypeError(f"config mapping names {fqn!r}, a {type(mod).__name__}, not an "
+                                f"nn.Linear{hint}")
     # per distinct module: its names, and the choices (a config, or None = keep float) made for it
     names_of: dict[int, list] = {}
     choices: dict[int, dict] = {}
@@ -245,9 +268,17 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
                               f"nn.Linear and overrides forward, which a quantized layer would "
                               f"drop; select it explicitly to get an error instead", stacklevel=2)
             continue
-        if not explicit and isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
-            # nn.MultiheadAttention reads out_proj.weight directly: swapping that module would
-            # break it, as in torch.ao's quantize_dynamic.
+        if _is_mha_out_proj(mod):
+            # nn.MultiheadAttention reads out_proj.weight / .bias directly (it never calls
+            # out_proj's forward): a quantized module there, which has no .weight, breaks the
+            # attention's next call. Skipped as in torch.ao's quantize_dynamic; selected
+            # explicitly (filter_fn, a name) it is refused before anything is changed.
+            if explicit:
+                raise ValueError(
+                    f"layer {fqn!r} is nn.MultiheadAttention's out_proj, whose weight the "
+                    f"attention reads directly: a quantized module there would break it; leave it "
+                    f"out of filter_fn / the config mapping (e.g. filter_fn=lambda m, fqn: not "
+                    f"isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear))")
             continue
         choices.setdefault(key, {})[fqn] = cfg
     targets = []
@@ -266,8 +297,11 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
         if choices:  # every selected layer was asked to stay in float
             return model
         n_linear = len(names_of)
+        n_quantized = sum(1 for m in model.modules() if _is_quantized(m))
+        again = (f", and {n_quantized} layers already quantized: quantize_ swaps float nn.Linear "
+                 f"layers only, a quantized model cannot be quantized again") if n_quantized else ""
         raise ValueError(f"quantize_: no layer of model matched config/filter_fn (the model has "
-                         f"{n_linear} nn.Linear layers)")
+                         f"{n_linear} nn.Linear layers{again})")
     if any("" in all_names for _, _, _, all_names in targets):
         raise ValueError("model is itself an nn.Linear: quantize_ swaps layers inside their parent; "
                          "wrap it (nn.Sequential(linear)) or use <QuantizedLinear>.from_float")
@@ -281,12 +315,40 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
             msg = str(e)
             at = "" if repr(fqn) in msg else f" (layer {fqn!r})"
             raise ValueError(f"{msg}{at}; {_EXCLUDE_HINT}") from e
+        # the replacement keeps the layer's train / eval mode, as torchao's in-place weight swap
+        # does (a fresh module starts in training mode whatever the model was in)
+        q.train(mod.training)
         new.append((all_names, q))
     for all_names, q in new:
         for fqn in all_names:
             parent_name, _, child = fqn.rpartition(".")
             setattr(modules[parent_name], child, q)
+    _disable_fused_transformer_paths(model, {id(q) for _, q in new})
     return model
+
+
+def _disable_fused_transformer_paths(model: nn.Module, swapped: set) -> None:
+    """Send the nn.TransformerEncoderLayer whose linear1 / linear2 were swapped (and their
+    nn.TransformerEncoder) down torch's standard path.
+
+    In eval mode torch's encoder layer runs one fused kernel, torch._transformer_encoder_layer_fwd,
+    on the tensors linear1.weight / linear2.weight it reads itself, never calling those modules:
+    with a quantized module there it raised AttributeError (no .weight), and with one that keeps
+    a float latent .weight (PowerQuantLinear(learnable=True)) it would silently multiply by the
+    unquantized weight. activation_relu_or_gelu = 0 is the layer's own "custom activation" flag:
+    it only turns that fused path off (the standard path applies self.activation either way).
+    The encoder's use_nested_tensor (its enable_nested_tensor) likewise reads the first layer's
+    weights, then feeds nested tensors that the swapped layers cannot take: turned off too."""
+    slowed = set()
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoderLayer) and (
+                id(getattr(mod, "linear1", None)) in swapped
+                or id(getattr(mod, "linear2", None)) in swapped):
+            mod.activation_relu_or_gelu = 0
+            slowed.add(id(mod))
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoder) and any(id(l) in slowed for l in mod.layers):
+            mod.use_nested_tensor = False
 
 
 def _moved_copy(linear: nn.Linear, device) -> nn.Linear:

@@ -42,12 +42,18 @@ def default_config_for_bits(bits: int) -> QuantConfig:
 
 
 def select_layers(model: nn.Module, filter_fn: Optional[Callable] = None) -> dict[str, nn.Linear]:
-    """The nn.Linear layers of ``model`` that ``filter_fn(module, fqn)`` accepts (all if None)."""
+    """The nn.Linear layers of ``model`` that ``filter_fn(module, fqn)`` accepts (all if None),
+    among those ``quantize_`` can swap: the allocation's mapping names its layers explicitly, and
+    quantize_ refuses an nn.MultiheadAttention's out_proj (the attention reads its weight
+    directly) and a subclass with its own forward (which the swap would drop). Those stay in
+    float and take no share of the budget."""
+    from .api import swappable
+
     layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(m, n))}
+              if swappable(m) and (filter_fn is None or filter_fn(m, n))}
     if not layers:
-        raise ValueError("model has no nn.Linear layer matching filter_fn: nothing to allocate "
-                         "bits to")
+        raise ValueError("model has no nn.Linear layer matching filter_fn that quantize_ can "
+                         "swap: nothing to allocate bits to")
     return layers
 
 

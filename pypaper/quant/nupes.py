@@ -183,7 +183,7 @@ class PowerQuantLinear(nn.Module):
         out.codes.copy_(power_quantize(self.weight.detach(), a, self.bits, self.max_abs))
         if self.bias is not None:
             out.bias.copy_(self.bias.detach())
-        return out
+        return out.train(self.training)
 
     def storage_bits(self) -> int:
         """Bits stored: the codes (bits each), one float32 range per row, the exponent, bias."""

@@ -279,7 +279,7 @@ def convert(model: nn.Module, bits: Optional[int] = tables.DEFAULT_BITS,
                 converted += 1
                 new = _rebuilt(child, bits)
                 if new is not None:
-                    setattr(parent, attr, new)
+                    setattr(parent, attr, new.train(child.training))
                 continue
             if filter_fn is not None and not filter_fn(child, prefix + attr):
                 continue
@@ -287,7 +287,7 @@ def convert(model: nn.Module, bits: Optional[int] = tables.DEFAULT_BITS,
             if new is not None:
                 object.__setattr__(new, _ORIGINAL, child)
                 replaced.update(id(m) for m in child.modules())
-                setattr(parent, attr, new)
+                setattr(parent, attr, new.train(child.training))  # keeps the model's eval mode
                 converted += 1
         for attr, value in list(vars(parent).items()):
             if attr.startswith("_") or not callable(value) or isinstance(value, nn.Module):
@@ -298,7 +298,7 @@ def convert(model: nn.Module, bits: Optional[int] = tables.DEFAULT_BITS,
             if new is not None:
                 object.__setattr__(new, _ORIGINAL, value)
                 object.__delattr__(parent, attr)
-                setattr(parent, attr, new)
+                setattr(parent, attr, new.train(parent.training))
                 converted += 1
     if converted == 0:
         warnings.warn(
