@@ -210,11 +210,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieve_impl(
         }
       });
       for (int64_t h : upd) {
-        bool active = false;
-        for (int64_t b = 0; b < B && !active; ++b) {
-          active = surely_active<T>(change[b * H + h], knorm[b * H + h], eps[h]);
+        // A NaN anywhere in the batch (a fully masked row: softmax of all -inf) makes hflayers'
+        // max over the batch NaN, and NaN > eps is false: the head stops for every item. So a
+        // NaN change is never skipped by an earlier "surely active" item: it goes to the exact
+        // pass, which decides with the NaN.
+        bool active = false, nan = false;
+        for (int64_t b = 0; b < B && !nan; ++b) {
+          const double c = change[b * H + h];
+          nan = std::isnan(c);
+          active = active || surely_active<T>(c, knorm[b * H + h], eps[h]);
         }
-        if (!active) undecided.push_back(h);
+        if (!active || nan) undecided.push_back(h);
       }
     }
     if (undecided.empty()) continue;
@@ -245,8 +251,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieve_impl(
     std::vector<double> per_bh(BH, 0.0);
     for (size_t t = 0; t < dtasks.size(); ++t) per_bh[dtasks[t].bh] += dsq[t];
     for (int64_t h : undecided) {
+      // max over the batch with NaN propagating, as torch's max in hflayers (std::max would
+      // drop a NaN and keep the head running on the other items)
       double mx = 0;
-      for (int64_t b = 0; b < B; ++b) mx = std::max(mx, std::sqrt(per_bh[b * H + h]));
+      for (int64_t b = 0; b < B && !std::isnan(mx); ++b) {
+        const double c = std::sqrt(per_bh[b * H + h]);
+        mx = (std::isnan(c) || c > mx) ? c : mx;
+      }
       if (!(mx > eps[h])) {
         status[h] = kFinalize;
         final_step[h] = n;

@@ -170,7 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieve_cuda_impl(
       dp.masks = masks;
       C10_CUDA_CHECK(gpu::hopfield_diff<T>(dp, stream));
       const at::Tensor norm = at::amax(at::sqrt(at::sum(partial, {2}).clamp_min(0)), {0}).to(at::kDouble);
-      const at::Tensor conv = upd & (norm <= epss);
+      // not (norm > eps): a NaN norm (a fully masked row anywhere in the batch; amax keeps
+      // NaN) stops the head, as hflayers' `change > eps` test does
+      const at::Tensor conv = upd & ~(norm > epss);
       status = at::where(conv, at::full_like(status, 1), status);
       final_step = at::where(conv, nn, final_step);
     }

@@ -59,6 +59,12 @@ def _setup(ctx, inputs, output):
 def _make_backward(backward_op):
     def backward(ctx, g_out, g_states, g_lse, g_nsteps):
         q, k, v, out, states, lse, nsteps, attn_mask, pad_mask = ctx.saved_tensors
+        if any(ctx.needs_input_grad[6:8]):  # (trailing None masks may be left off the call)
+            # the kernels' backward has no dM: refuse rather than leave a mask without gradient
+            raise RuntimeError(
+                "pypaper::hopfield_retrieve has no gradient for attn_mask / pad_mask; call "
+                "pypaper.ops.hopfield_retrieve (a mask that requires grad runs the reference "
+                "loop there) or detach the mask")
         if g_out is None:
             g_out = torch.zeros_like(out)
         gq, gk, gv = backward_op(g_out.contiguous(), q, k, v, out, states, lse, nsteps, ctx.beta,

@@ -324,9 +324,28 @@ class Hopfield(nn.Module):
         self.__batch_first = batch_first
         self.__update_steps_max = update_steps_max
         self.__update_steps_eps = update_steps_eps
+        # The op's per-head constants as Python numbers, read once here. hflayers documents a
+        # per-head tensor for scaling / update_steps_max / update_steps_eps; turning such a
+        # tensor into numbers at every forward (Tensor.tolist) is a data-dependent read that
+        # torch.compile(fullgraph=True) cannot trace. The values are constants of the layer
+        # (a scaling that requires grad is refused above), so nothing is lost by reading them
+        # here; the properties still return the arguments as given.
+        self._op_beta = betas
+        self._op_steps = None if update_steps_max is None else st
+        self._op_eps = eps
         # hflayers resets here once more (after HopfieldCore's own reset): the same draws in the
         # same order, so that torch.manual_seed gives hflayers' initial weights.
         self.reset_parameters()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_op_beta" not in self.__dict__:  # a whole module pickled before these existed
+            heads = self.association_core.num_heads
+            steps = self.__update_steps_max
+            self._op_beta = reference.per_head(self.__scaling, heads, "scaling")
+            self._op_steps = (None if steps is None
+                              else reference.per_head(steps, heads, "update_steps_max", int))
+            self._op_eps = reference.per_head(self.__update_steps_eps, heads, "update_steps_eps")
 
     def reset_parameters(self) -> None:
         for m in (self.association_core, self.norm_stored_pattern, self.norm_state_pattern,
@@ -446,12 +465,11 @@ class Hopfield(nn.Module):
         q, k, v, am, pm = self._prepare(input, stored_pattern_padding_mask, association_mask)
         core = self.association_core
         if core.dropout > 0.0 and self.training:
-            out, _ = reference.retrieve(q, k, v, self.__scaling, self.__update_steps_max,
-                                        self.__update_steps_eps, am, pm, dropout_p=core.dropout,
+            out, _ = reference.retrieve(q, k, v, self._op_beta, self._op_steps,
+                                        self._op_eps, am, pm, dropout_p=core.dropout,
                                         training=True)
         else:
-            out = hopfield_retrieve(q, k, v, self.__scaling, self.__update_steps_max,
-                                    self.__update_steps_eps, am, pm)
+            out = hopfield_retrieve(q, k, v, self._op_beta, self._op_steps, self._op_eps, am, pm)
         return self._finish(out)
 
     def get_association_matrix(self, input: Data, stored_pattern_padding_mask=None,
@@ -460,8 +478,8 @@ class Hopfield(nn.Module):
         (materialised on request only)."""
         with torch.no_grad():
             q, k, v, am, pm = self._prepare(input, stored_pattern_padding_mask, association_mask)
-            return reference.retrieve(q, k, v, self.__scaling, self.__update_steps_max,
-                                      self.__update_steps_eps, am, pm,
+            return reference.retrieve(q, k, v, self._op_beta, self._op_steps, self._op_eps,
+                                      am, pm,
                                       return_associations=True)[2]
 
     def get_projected_pattern_matrix(self, input: Data, stored_pattern_padding_mask=None,

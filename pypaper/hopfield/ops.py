@@ -72,6 +72,13 @@ def _values(value, heads: int, name: str, kind):
         raise TypeError(f"{name} must be a number or one per head, got {value!r}") from None
 
 
+def _finite(x) -> bool:
+    """math.isfinite by comparisons: under torch.compile(dynamic=True) a float argument (beta,
+    eps) arrives as a symbolic float, which math.isfinite cannot trace but a comparison can
+    (it guards on, i.e. specialises to, the value)."""
+    return x == x and -math.inf < x < math.inf
+
+
 def _check_tensor(t, name: str, dims: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -131,18 +138,23 @@ def hopfield_retrieve(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta=No
 
     A head updates while n < steps_h (None / -1: no limit) and, from its second softmax on,
     max over the batch of ||P_n - P_{n-1}||_F > eps_h (hflayers' rule; steps = 0 is one softmax,
-    i.e. attention). The check runs inside the op. Softmaxes are online over tiles of S (fp32
+    i.e. attention); a NaN change (a fully masked row anywhere in the batch) stops the head, as
+    in hflayers. The check runs inside the op. Softmaxes are online over tiles of S (fp32
     math for fp32 / bf16 / fp16 inputs, fp64 for fp64); the backward recomputes every P_n from
     the saved states, so autograd keeps O(steps L d) per head, never the L x S matrix.
 
     Args:
         q: [B, H, L, d] state patterns; k: [B, H, S, d] stored patterns; v: [B, H, S, dv].
-        beta: scaling, a number or one per head (default 1/sqrt(d)); > 0.
+        beta: scaling, a number or one per head (default 1/sqrt(d)); > 0; a constant (a tensor
+            that requires grad is refused: no gradient reaches it).
         steps: update_steps_max, an int >= 0, None / -1 (until converged), or one per head.
         eps: update_steps_eps >= 0, a number or one per head.
         mask: association mask broadcastable to [B, H, L, S] (or hflayers' [B*H, L, S]): bool /
             uint8 (True = masked) or float (added to the scores).
         pad_mask: stored-pattern padding mask [B, S] (bool: True = padding, or float).
+            A float mask or pad_mask that requires grad (a learned additive term) runs the
+            materialising plain loop, which gives it its gradient; the kernels take masks as
+            constants.
         return_steps: also return the number of updates each head ran ([H] int64).
 
     Returns out [B, H, L, dv] in q's dtype (and nsteps).
@@ -166,8 +178,14 @@ def hopfield_retrieve(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta=No
     S = k.shape[2]
     if beta is None:
         beta = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    if isinstance(beta, torch.Tensor) and beta.requires_grad and torch.is_grad_enabled():
+        # beta reaches the kernels as numbers: a learnable beta would silently never get a
+        # gradient (the layers refuse a scaling that requires grad for the same reason)
+        raise ValueError("beta must not require grad: hopfield_retrieve takes beta per head as "
+                         "a constant (no gradient for it); pass a number, a list or a detached "
+                         "tensor")
     betas = _values(beta, H, "beta", float)
-    if any(not (math.isfinite(b) and b > 0) for b in betas):
+    if any(not (_finite(b) and b > 0) for b in betas):
         raise ValueError(f"beta must be positive and finite, got {betas}")
     if steps is None:
         steps = -1
@@ -180,11 +198,25 @@ def hopfield_retrieve(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta=No
     if any(s < -1 for s in stepl):
         raise ValueError(f"steps must be >= 0 (None or -1: until converged), got {stepl}")
     epsl = _values(eps, H, "eps", float)
-    if any(not (math.isfinite(e) and e >= 0) for e in epsl):
+    if any(not (_finite(e) and e >= 0) for e in epsl):
         raise ValueError(f"eps must be finite and >= 0, got {epsl}")
     mdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     am, pm = normalize_masks(mask, pad_mask, B, H, L, S, mdt, q.device)
-    backend = backend_for(q)
+    if torch.is_grad_enabled() and any(m is not None and m.requires_grad for m in (am, pm)):
+        # A float mask that requires grad is a learned additive term of the scores (hflayers
+        # adds it to beta xi K^T, and nn.MultiheadAttention likewise, so both train it:
+        # dL/dM = sum over the steps n of dL/dS_n). The fused kernels take the masks as
+        # constants, so such a call runs the differentiable plain loop instead of dropping
+        # the mask's gradient.
+        want = _backend.requested()
+        if want not in (None, "reference"):
+            raise _backend.BackendUnavailable(
+                f"backend {want!r} was requested but cannot run: its kernels take mask / "
+                "pad_mask as constants, and a mask here requires grad (use the reference "
+                "backend, or detach the mask)")
+        backend = "reference"
+    else:
+        backend = backend_for(q)
     if backend == "reference":
         out, nsteps = reference.retrieve(q, k, v, betas, stepl, epsl, am, pm, math_dtype=mdt)
     else:

@@ -103,11 +103,20 @@ def retrieve(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta, steps, eps
     if pm is not None:
         pm = pm.view(pm.shape[0], 1, 1, pm.shape[1])
         mask = pm if mask is None else mask + pm
+    # The loop runs until no head is active. With finite limits it never runs more than
+    # max(limits) + 1 softmaxes, and every per-head decision is a tensor (torch.where), so under
+    # torch.compile and torch.func transforms (vmap: each sample converges on its own) the loop
+    # runs to that bound with no data-dependent branch: the layers' dropout path and
+    # get_association_matrix trace with fullgraph=True and vmap. Plain eager mode still stops
+    # as soon as every head has converged (the same result: a stopped head's P and xi are kept).
+    finite = all(s_ >= 0 for s_ in st)
+    unroll = finite and (torch.compiler.is_compiling() or
+                         torch._C._functorch.maybe_current_level() is not None)
     xi, p_old = q, None
     nsteps = torch.zeros(H, dtype=torch.long, device=q.device)
     active = torch.ones(H, dtype=torch.bool, device=q.device)
     n = 0
-    while bool(active.any()):
+    while True:
         s = torch.matmul(xi * betas, k.transpose(-1, -2))
         if mask is not None:
             s = s + mask
@@ -115,14 +124,20 @@ def retrieve(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta, steps, eps
         p = p_new if p_old is None else torch.where(active.view(1, H, 1, 1), p_new, p_old)
         nsteps = torch.where(active, torch.full_like(nsteps, n), nsteps)
         with torch.no_grad():
-            act = (n < limit) | (limit < 0)
-            if p_old is not None:
+            act = active & ((n < limit) | (limit < 0))
+            if p_old is not None and B > 0:
+                # hflayers: max over the batch of ||P_n - P_{n-1}||_F > eps
                 change = (p_old - p).double().flatten(2).norm(dim=-1).amax(dim=0)
-                act &= change > epss
-        if bool(act.any()):
-            xi = torch.where(act.view(1, H, 1, 1), torch.matmul(p, k), xi)
-        p_old, active = p, act
+                act = act & (change > epss)  # out of place: under vmap change is per sample
+            elif p_old is not None:  # an empty batch changes nothing: its heads stop (fused op)
+                act = torch.zeros_like(act)
         n += 1
+        if finite and n > max(st, default=0):
+            break  # every limit reached: act is all False
+        if not unroll and not bool(act.any()):
+            break
+        xi = torch.where(act.view(1, H, 1, 1), torch.matmul(p, k), xi)
+        p_old, active = p, act
     out = torch.matmul(F.dropout(p, p=dropout_p, training=training), v).to(in_dtype)
     if return_associations:
         return out, nsteps, p.to(in_dtype)
