@@ -17,6 +17,7 @@ training.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -57,8 +58,11 @@ class BitLinear(nn.Module):
     """nn.Linear whose weights are n-bit signed integers (times a fixed α) learned bit by bit.
 
     Parameters: ``bit_latents`` [n, out, in] (bit i of every weight, least significant first),
-    ``sign_latent`` [out, in], ``bias`` (float). ``keep_top_bits`` (None or k): use only the k
-    most significant bits (for the bits report).
+    ``sign_latent`` [out, in], ``bias`` (float). Buffer ``initial_bits`` [n, out, in] (bool): the
+    random start, saved in the state_dict for :func:`bits_report` (empty when unknown: loaded
+    from a checkpoint that lacks it). ``keep_top_bits`` (None or k in 0..n): use only the k most
+    significant bits (for the bits report). The weight is computed in float32 (float64 for
+    float64 latents) whatever the latents' dtype, so it is exact after ``.half()`` too.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 8, bias: bool = True,
@@ -71,39 +75,90 @@ class BitLinear(nn.Module):
                              f"{out_features}")
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.alpha = he_alpha(in_features, bits)
-        rb = torch.randint(0, 2, (bits, out_features, in_features), generator=generator)
-        rs = torch.randint(0, 2, (out_features, in_features), generator=generator)
+        # With a generator every draw runs on its device, then moves to ``device`` (the default
+        # device when None): a generator only draws on its own device, so a CPU generator with
+        # device="cuda" must not draw there, and one seed gives one initialisation everywhere.
+        gdev = generator.device if generator is not None else None
+        if device is None:
+            device = torch.empty(0).device
+        rb = torch.randint(0, 2, (bits, out_features, in_features), generator=generator,
+                           device=gdev)
+        rs = torch.randint(0, 2, (out_features, in_features), generator=generator, device=gdev)
         self.bit_latents = nn.Parameter((rb.float() - 0.5).to(device))
         self.sign_latent = nn.Parameter((rs.float() - 0.5).to(device))
-        self.register_buffer("initial_bits", rb.to(torch.bool).to(device), persistent=False)
+        # The random start of every bit, for bits_report's "flipped from init" count. Persistent,
+        # so a checkpoint reloaded into a fresh BitLinear (whose own random start differs)
+        # reports against the real start; an empty tensor means "unknown" (a checkpoint saved
+        # before this buffer was persistent), see _load_from_state_dict.
+        self.register_buffer("initial_bits", rb.to(torch.bool).to(device))
         if bias:
             bound = 1.0 / math.sqrt(in_features)
-            self.bias = nn.Parameter(torch.empty(out_features, device=device).uniform_(
-                -bound, bound, generator=generator))
+            self.bias = nn.Parameter(torch.empty(out_features, device=gdev).uniform_(
+                -bound, bound, generator=generator).to(device))
         else:
             self.bias = None
         self.keep_top_bits: Optional[int] = None
-        self.register_buffer("powers", 2.0 ** torch.arange(bits, dtype=torch.float32,
-                                                           device=device).view(bits, 1, 1),
-                             persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Checkpoints written before ``initial_bits`` was persistent lack it: load them (also
+        # strictly) and mark the start unknown (an empty buffer) rather than keep this module's
+        # own random start, which would make bits_report's flipped fractions silently wrong.
+        key = prefix + "initial_bits"
+        src = state_dict.get(key)
+        dev = self.bit_latents.device
+        lat = state_dict.get(prefix + "bit_latents")
+        if dev.type == "meta" and isinstance(lat, torch.Tensor):  # load_state_dict(assign=True)
+            dev = lat.device
+        legacy = src is None
+        if legacy or src.numel() == 0:
+            self._buffers["initial_bits"] = torch.zeros(0, dtype=torch.bool, device=dev)
+        elif self.initial_bits.numel() == 0:  # unknown start here, a known one in the checkpoint
+            self._buffers["initial_bits"] = torch.zeros(self.bit_latents.shape, dtype=torch.bool,
+                                                        device=dev)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if legacy and key in missing_keys:
+            missing_keys.remove(key)
 
     def hard_bits(self) -> torch.Tensor:
         """The current bits b_i ∈ {0, 1}, [n, out, in] (bool)."""
         return self.bit_latents.detach() > 0
 
+    def _math_dtype(self) -> torch.dtype:
+        # The integer sum Σ b_i 2^i needs bits <= 16 significant bits: exact in float32 (24),
+        # not in float16 (11: 4095 rounds to 4096 at 12 bits, 65535 overflows to inf at 16) or
+        # bfloat16 (8: 511 -> 512 at 9 bits). After .half() / .to(bfloat16) the latents are
+        # 16-bit, but the bits b_i ∈ {0, 1} and the powers 2^i are still exact there, so the
+        # sum and α·sign·M run in float32 (float64 for float64 latents), rounded once at the end.
+        return torch.float64 if self.bit_latents.dtype == torch.float64 else torch.float32
+
     def magnitude(self) -> torch.Tensor:
-        """Σ b_i 2^i with straight-through bits (the top ``keep_top_bits`` only, when set)."""
-        b = _StepSTE.apply(self.bit_latents)
-        p = self.powers
-        if self.keep_top_bits is not None:
-            k = self.keep_top_bits
-            mask = (torch.arange(self.bits, device=p.device) >= self.bits - k).to(p.dtype)
+        """Σ b_i 2^i with straight-through bits (the top ``keep_top_bits`` only, when set), in
+        float32 (float64 for float64 latents): exact integers for every ``bits`` <= 16."""
+        mt = self._math_dtype()
+        b = _StepSTE.apply(self.bit_latents).to(mt)
+        # 2^i made here, not kept in a non-persistent buffer: such a buffer stays on the meta
+        # device after meta-device construction + load_state_dict(assign=True)
+        p = (1 << torch.arange(self.bits, device=b.device)).to(mt).view(-1, 1, 1)
+        k = self.keep_top_bits
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.bits:
+                raise ValueError(f"keep_top_bits must be None or an integer in 0..{self.bits} "
+                                 f"(bits={self.bits}), got {k!r}")
+            mask = (torch.arange(self.bits, device=p.device) >= self.bits - k).to(mt)
             p = p * mask.view(-1, 1, 1)
         return (b * p).sum(0)
 
-    def weight(self) -> torch.Tensor:
-        sign = 1.0 - 2.0 * _StepSTE.apply(self.sign_latent)
+    def _weight_math(self) -> torch.Tensor:
+        """α·(−1)^s·M in the math dtype (float32 / float64)."""
+        sign = 1.0 - 2.0 * _StepSTE.apply(self.sign_latent).to(self._math_dtype())
         return self.alpha * sign * self.magnitude()
+
+    def weight(self) -> torch.Tensor:
+        """The weight α·(−1)^s·Σ b_i 2^i [out, in], in the latents' dtype (computed in float32,
+        rounded once)."""
+        return self._weight_math().to(self.bit_latents.dtype)
 
     def integer_weight(self) -> torch.Tensor:
         """(−1)^s · Σ b_i 2^i as int32 (the stored integers)."""
@@ -113,7 +168,7 @@ class BitLinear(nn.Module):
             return torch.where(self.sign_latent > 0, -m, m).to(torch.int32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().to(x.dtype),
+        return F.linear(x, self._weight_math().to(x.dtype),
                         None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
@@ -128,6 +183,8 @@ def bits_report(model: nn.Module, evaluate: Callable[[nn.Module], float]) -> dic
     ``evaluate(model) -> accuracy``. Returns {"top_k_accuracy": {k: accuracy with only the k most
     significant bits of every BitLinear kept}, "flipped_fraction": [fraction of weights whose
     bit i (least significant first) differs from its initial random value, per position]}.
+    Layers whose initial bits are unknown (loaded from a checkpoint without ``initial_bits``)
+    are left out of the fractions, with a warning; a position left with no layer is NaN.
     """
     layers = [m for m in model.modules() if isinstance(m, BitLinear)]
     if not layers:
@@ -142,12 +199,19 @@ def bits_report(model: nn.Module, evaluate: Callable[[nn.Module], float]) -> dic
     finally:
         for m in layers:
             m.keep_top_bits = None
+    # A layer loaded from a checkpoint without its initial bits (empty buffer) has no known
+    # start: it is left out of the counts; a position no layer with a known start has is NaN.
+    unknown = [m for m in layers if m.initial_bits.numel() == 0]
+    if unknown:
+        warnings.warn(f"{len(unknown)} of {len(layers)} BitLinear layers were loaded from a "
+                      "checkpoint without their initial bits: flipped_fraction leaves them out "
+                      "(NaN where no layer is left)", stacklevel=2)
     flipped = []
     for i in range(n):
         tot = fl = 0
         for m in layers:
-            if i < m.bits:
+            if i < m.bits and m.initial_bits.numel():
                 fl += int((m.hard_bits()[i] != m.initial_bits[i]).sum())
                 tot += m.hard_bits()[i].numel()
-        flipped.append(fl / tot if tot else 0.0)
+        flipped.append(fl / tot if tot else math.nan)
     return {"top_k_accuracy": acc, "flipped_fraction": flipped}

@@ -21,6 +21,7 @@ symmetric per-row uniform quantization, which every width 2..8 supports; pass ``
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Callable, Optional, Sequence
@@ -66,16 +67,28 @@ def _batches(data) -> list:
     return out
 
 
+def _grads_of_loss(model, loss_fn, x, y, params):
+    """dL/dp with a graph, None for a tensor the loss does not depend on (an unused layer: an
+    auxiliary head, a branch this data never takes) or whose gradient does not depend on the
+    parameters (L linear in it): their Hessian rows are zero, not an error."""
+    loss = loss_fn(model(x), y)
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    return [g if g is not None and g.requires_grad else None for g in grads]
+
+
 def _hvp(model, loss_fn, batches, params: list[torch.Tensor], vs: list[torch.Tensor]):
     """(H v) for the loss averaged over ``batches``, by double backward, per parameter."""
     out = [torch.zeros_like(p) for p in params]
     for x, y in batches:
-        loss = loss_fn(model(x), y)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        dot = sum((g * v).sum() for g, v in zip(grads, vs))
-        hv = torch.autograd.grad(dot, params)
+        grads = _grads_of_loss(model, loss_fn, x, y, params)
+        used = [(g, v) for g, v in zip(grads, vs) if g is not None]
+        if not used:
+            continue
+        dot = sum((g * v).sum() for g, v in used)
+        hv = torch.autograd.grad(dot, params, allow_unused=True)
         for o, h in zip(out, hv):
-            o.add_(h.detach(), alpha=1.0 / len(batches))
+            if h is not None:
+                o.add_(h.detach(), alpha=1.0 / len(batches))
     return out
 
 
@@ -84,12 +97,43 @@ def _hvp_batched(model, loss_fn, batches, params: list[torch.Tensor], vs: list[t
     per data batch, vectorized over the probes by autograd.grad(is_grads_batched=True)."""
     out = [torch.zeros_like(v) for v in vs]
     for x, y in batches:
-        loss = loss_fn(model(x), y)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        hv = torch.autograd.grad(grads, params, grad_outputs=vs, is_grads_batched=True)
+        grads = _grads_of_loss(model, loss_fn, x, y, params)
+        used = [(g, v) for g, v in zip(grads, vs) if g is not None]
+        if not used:
+            continue
+        hv = torch.autograd.grad([g for g, _ in used], params, grad_outputs=[v for _, v in used],
+                                 is_grads_batched=True, allow_unused=True)
         for o, h in zip(out, hv):
-            o.add_(h.detach(), alpha=1.0 / len(batches))
+            if h is not None:
+                o.add_(h.detach(), alpha=1.0 / len(batches))
     return out
+
+
+@contextlib.contextmanager
+def _probing(model: nn.Module, params: list[torch.Tensor]):
+    """The model set up for Hessian probes, everything restored after.
+
+    * Eval mode, as PyHessian / HAWQ do: the Hessian of the deterministic loss (dropout off,
+      BatchNorm on its running statistics). In train mode every probe's forward would draw new
+      dropout masks (H changes from probe to probe) and move BatchNorm's running statistics
+      toward the probe data (momentum 0.1 per forward): an analysis must not change the model
+      it analyses.
+    * Gradients on for the probed tensors: a model prepared for post-training quantization is
+      often frozen (``model.requires_grad_(False)``, or under ``torch.no_grad()``), and the
+      Hessian of L with respect to W does not depend on those flags."""
+    flags = [(m, m.training) for m in model.modules()]
+    frozen = [p for p in params if p.is_leaf and not p.requires_grad]
+    model.eval()
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+        for m, t in flags:
+            m.training = t
 
 
 def _rademacher(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -109,7 +153,10 @@ def hutchinson_trace(model: nn.Module, loss_fn: Callable, data, params: dict[str
     H v is a double backward; ``probe_batch`` probes share one (vectorized with
     ``is_grads_batched``); a model whose ops cannot be vectorized falls back to one probe per
     double backward (``probe_batch=1`` forces that). The probes, hence the estimate, depend on
-    ``seed`` only, not on ``probe_batch``.
+    ``seed`` only, not on ``probe_batch``. The model runs in eval mode (dropout off,
+    BatchNorm on its running statistics; its modules' train/eval flags are restored after), with
+    gradients on for ``params`` whatever their ``requires_grad`` (restored after), and a tensor
+    the loss does not depend on has trace 0.
     """
     if n_probes < 1:
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
@@ -122,6 +169,14 @@ def hutchinson_trace(model: nn.Module, loss_fn: Callable, data, params: dict[str
     gen = torch.Generator().manual_seed(seed)
     groups = [list(range(len(ps)))] if joint else [[i] for i in range(len(ps))]
     acc = [0.0] * len(ps)
+    with _probing(model, ps):
+        _probe_loop(model, loss_fn, batches, ps, groups, gen, n_probes, probe_batch, acc)
+    return {n: a / n_probes for n, a in zip(names, acc)}
+
+
+def _probe_loop(model, loss_fn, batches, ps, groups, gen, n_probes, probe_batch, acc) -> None:
+    """Adds Σ_probes v_iᵀ(H v)_i to acc[i] for every tensor i (Rademacher v, ``groups`` of
+    tensors probed together)."""
     done = 0
     while done < n_probes:
         b = min(probe_batch, n_probes - done)
@@ -142,13 +197,19 @@ def hutchinson_trace(model: nn.Module, loss_fn: Callable, data, params: dict[str
             for i, v, h in zip(grp, vs, hv):
                 acc[i] += float((v.double() * h.double()).sum())
         done += b
-    return {n: a / n_probes for n, a in zip(names, acc)}
 
 
 def top_eigenvalue(model: nn.Module, loss_fn: Callable, data, param: torch.Tensor,
                    iters: int = 100, tol: float = 1e-6, seed: int = 0) -> float:
-    """Largest-magnitude eigenvalue of ∂²L/∂W² for one tensor W by power iteration (HAWQ-V1)."""
+    """Largest-magnitude eigenvalue of ∂²L/∂W² for one tensor W by power iteration (HAWQ-V1).
+    The model runs in eval mode, W with gradients on (both restored after), as in
+    :func:`hutchinson_trace`."""
     batches = _batches(data)
+    with _probing(model, [param]):
+        return _power_iteration(model, loss_fn, batches, param, iters, tol, seed)
+
+
+def _power_iteration(model, loss_fn, batches, param, iters, tol, seed) -> float:
     gen = torch.Generator().manual_seed(seed)
     v = torch.randn(param.shape, generator=gen, dtype=param.dtype).to(param.device)
     v = v / v.norm()
@@ -282,6 +343,11 @@ def hawq(model: nn.Module, loss_fn: Callable, data, *, avg_bits: Optional[float]
     layers = select_layers(model, filter_fn)
     if (budget_bits is None) == (avg_bits is None):
         raise ValueError("pass exactly one of budget_bits and avg_bits")
+    # checked before the Hessian probes (minutes on a large model), not only by allocate_bits
+    for arg, value in (("avg_bits", avg_bits), ("budget_bits", budget_bits)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise ValueError(f"{arg} must be a finite number, got {value!r}")
     numels = {n: m.weight.numel() for n, m in layers.items()}
     total = sum(numels.values())
     smallest = min(opts) * total

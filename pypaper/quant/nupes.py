@@ -193,7 +193,7 @@ class PowerQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}, exponent={float(self.exponent):.4f}, "
+                f"bits={self.bits}, exponent={float(self.exponent.detach()):.4f}, "
                 f"learnable={self.learnable}")
 
 
@@ -282,10 +282,18 @@ def calibrate(model: nn.Module, batches: Iterable, *, steps: int = 200, lr: floa
             batch = batches[step % len(batches)]
             x = input_fn(batch) if input_fn else (batch[0] if isinstance(batch, (tuple, list))
                                                   else batch)
+            # this step's inputs only: a layer that did not run on this batch (an unused head,
+            # a branch the batch does not take) has no reconstruction term this step, instead
+            # of a KeyError or a stale input from an earlier batch
+            inputs.clear()
             with torch.no_grad():
                 model(x)
+            ran = [(n, m) for n, m in layers if n in inputs]
+            if not ran:
+                raise ValueError("no learnable PowerQuantLinear ran in the model's forward on "
+                                 f"calibration batch {step % len(batches)}: nothing to learn")
             loss = 0.0
-            for n, m in layers:
+            for n, m in ran:
                 xin = inputs[n]
                 ref = F.linear(xin, m.weight_fp.to(xin.dtype))
                 out = F.linear(xin, m.quantized_weight().to(xin.dtype))
