@@ -318,7 +318,10 @@ def revert(model: nn.Module) -> nn.Module:
             if original is None:
                 continue
             if isinstance(original, nn.Module):
-                setattr(parent, attr, original)
+                # the original sat outside the model while it was converted (not a submodule),
+                # so model.train() / .eval() since then did not reach it: it takes the mode of
+                # the module it replaces, as convert gave that module the original's mode
+                setattr(parent, attr, original.train(child.training))
             else:
                 del parent._modules[attr]
                 object.__setattr__(parent, attr, original)

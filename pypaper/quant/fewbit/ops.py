@@ -67,9 +67,50 @@ def _run(x, name, params, borders, levels, bits, fold) -> torch.Tensor:
     return y
 
 
+# Autocast. torch's autocast registers kernels for some activations on some device types, all on
+# its float32 list: aten::softplus under CUDA (and XPU, MPS, ...) autocast casts a float16 /
+# bfloat16 input to float32 and returns float32. The few-bit ops have no autocast kernel of
+# their own, so without this they would run in the input's dtype there: another dtype and other
+# values than nn.Softplus, and than their own no-grad path (torch's F.softplus, cast by
+# autocast). So the input is cast as autocast casts it for torch's op: the cast is an autograd
+# node (the gradient comes back in the input's dtype, as with torch's), and only the codes are
+# saved, so the float32 copy is not kept. The kernels are looked up in the dispatcher, not
+# listed here, so the rule follows the installed torch.
+_ATEN_OP = {
+    "gelu": "aten::gelu", "gelu_tanh": "aten::gelu", "silu": "aten::silu", "mish": "aten::mish",
+    "elu": "aten::elu", "selu": "aten::selu", "softplus": "aten::softplus",
+    "sigmoid": "aten::sigmoid", "tanh": "aten::tanh", "logsigmoid": "aten::log_sigmoid",
+    "hardswish": "aten::hardswish", "relu": "aten::relu", "leaky_relu": "aten::leaky_relu",
+    "hardtanh": "aten::hardtanh", "hardsigmoid": "aten::hardsigmoid",
+}
+_AUTOCAST_KEY = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA", "xpu": "AutocastXPU",
+                 "mps": "AutocastMPS", "hpu": "AutocastHPU", "privateuseone": "AutocastPrivateUse1"}
+
+
+def _autocast_runs_fp32(name: str, device_type: str) -> bool:
+    """Whether torch's autocast on ``device_type`` has a kernel for the activation (float32)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(_ATEN_OP[name],
+                                                          _AUTOCAST_KEY[device_type])
+
+
+# a dispatcher query dynamo cannot trace: run once while tracing (torch.compiler's
+# assume_constant_result only sets this attribute; see tables.table_constants)
+_autocast_runs_fp32._dynamo_marked_constant = True
+
+
+def _autocast_input(x: torch.Tensor, name: str) -> torch.Tensor:
+    """x as torch's autocast hands it to the activation ``name`` (float32 where autocast casts)."""
+    dt = x.device.type
+    if (x.dtype in (torch.float16, torch.bfloat16) and dt in _AUTOCAST_KEY
+            and torch.is_autocast_enabled(dt) and _autocast_runs_fp32(name, dt)):
+        return x.float()
+    return x
+
+
 def apply(x: torch.Tensor, approx: Approximation) -> torch.Tensor:
     """y = f(x), with ``approx.levels[code(x)]`` as f'(x) in the backward (see ``activation``)."""
     check_input(x)
+    x = _autocast_input(x, approx.name)
     if not _needs_codes(x):
         return _plain(x, approx.name, approx.params)
     borders, levels = approx.tensors(x.dtype, x.device)
@@ -107,6 +148,7 @@ def activation(x: torch.Tensor, name: str, bits: Optional[int] = tables.DEFAULT_
         check_input(x)
         params = tables.check_name(name, params)
         bits = _SPECIALIZE[tables.check_bits(bits)]
+        x = _autocast_input(x, name)
         if not _needs_codes(x):
             return _plain(x, name, params)
         b, fold, borders, levels = tables.table_constants(name, bits, params,

@@ -94,14 +94,27 @@ class Approximation:
         on ``device``. With ``fold`` a finite second border (the interval's end) becomes the
         largest value of that dtype below it, so that ``x > border`` means x >= end."""
         mdt = torch.float64 if dtype == torch.float64 else torch.float32
+        if not torch.compiler.is_compiling():
+            fake = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+            if fake is not None:
+                # eager code under a FakeTensorMode (shape / memory estimation): the op refuses
+                # real tensors among fake ones, so the (real, cached) CPU table enters as fake
+                # constants, moved to the input's device inside the mode
+                return tuple(fake.from_tensor(t).to(device) for t in self._real(mdt, "cpu"))
+        return self._real(mdt, device)
+
+    def _real(self, mdt: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (mdt, torch.device(device))
         hit = self._tensors.get(key)
         if hit is None:
             with _outside_transforms():
-                b = torch.tensor(self.borders, dtype=mdt)
+                # device="cpu" spelled out: under torch.set_default_device / `with
+                # torch.device("meta")` a bare factory call would build the table elsewhere
+                b = torch.tensor(self.borders, dtype=mdt, device="cpu")
                 if self.fold and math.isfinite(self.borders[1]):
-                    b[1] = torch.nextafter(b[1], torch.tensor(-math.inf, dtype=mdt))
-                hit = (b.to(device), torch.tensor(self.levels, dtype=mdt).to(device))
+                    b[1] = torch.nextafter(b[1], torch.tensor(-math.inf, dtype=mdt, device="cpu"))
+                hit = (b.to(device),
+                       torch.tensor(self.levels, dtype=mdt, device="cpu").to(device))
             if not torch.compiler.is_compiling():
                 self._tensors[key] = hit
         return hit
@@ -149,9 +162,11 @@ def _outside_transforms():
 def derivative(name: str, params: tuple, x: np.ndarray) -> np.ndarray:
     """f'(x) in float64 from torch's own autograd formula of the activation. A table is built on
     the first call that needs it, which may be inside torch.no_grad or inference_mode (this small
-    autograd runs with grad enabled) or a torch.func transform (see _outside_transforms)."""
+    autograd runs with grad enabled), a torch.func transform (see _outside_transforms), or a
+    default-device context (a model built or converted under ``with torch.device("meta")`` or
+    ``torch.set_default_device("cuda")``): the grid lives on the CPU, where numpy reads it."""
     with _outside_transforms(), torch.inference_mode(False), torch.enable_grad():
-        t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        t = torch.tensor(x, dtype=torch.float64, device="cpu", requires_grad=True)
         (g,) = torch.autograd.grad(reference.activation(t, name, params).sum(), t)
         return g.numpy()
 
