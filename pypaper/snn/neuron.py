@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -24,11 +25,29 @@ from torch import nn
 
 from . import _registration, ops, spikingjelly_fallback
 from ._numbers import is_finite_number as _finite_number, plain_number
-from .surrogate import Sigmoid
+from .surrogate import Sigmoid, check_surrogate_function
 
 _STEP_MODES = ("s", "m")
 # the numbers a schedule may set between calls: a numpy scalar is stored as a float (plain_number)
 _NUMBER_ATTRIBUTES = frozenset({"tau", "v_threshold", "v_reset"})
+# the configuration flags each call reads (_flag)
+_FLAG_ATTRIBUTES = frozenset({"detach_reset", "decay_input", "sltt"})
+
+
+def _flag(value, name: str) -> bool:
+    """A configuration flag as a bool: True / False (numpy's too) or the ints 0 / 1.
+
+    Anything else is refused. bool('False') is True, so a flag read as text (a YAML or JSON
+    config, argparse without type=bool handling: detach_reset='False') was taken as True and
+    silently changed the dynamics (decay_input) or the gradients (detach_reset, sltt);
+    SpikingJelly's BaseNode asserts that detach_reset is a bool."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
 
 
 def _shape(value, name: str) -> tuple:
@@ -160,7 +179,7 @@ class BaseNode(nn.Module):
         # where reset() puts v: v_reset as constructed (SpikingJelly registers the memory v
         # with it then; a later change of v_reset does not move it), set_reset_value('v', ...)
         self._v_rest = 0.0 if v_reset is None else float(v_reset)
-        self._learnable_threshold = bool(learnable_threshold)
+        self._learnable_threshold = _flag(learnable_threshold, "learnable_threshold")
         if learnable_threshold or threshold_shape is not None:
             shape = _shape(threshold_shape or (), "threshold_shape")
             vth = torch.full(shape, float(v_threshold))
@@ -172,11 +191,11 @@ class BaseNode(nn.Module):
         else:
             self.v_threshold = float(v_threshold)
         self.surrogate_function = Sigmoid() if surrogate_function is None else surrogate_function
-        self.detach_reset = bool(detach_reset)
+        self.detach_reset = detach_reset  # __setattr__ checks and stores the flags (_flag)
         self.step_mode = step_mode
-        self.store_v_seq = bool(store_v_seq)
+        self.store_v_seq = store_v_seq
         self.backend = backend
-        self.sltt = bool(sltt)
+        self.sltt = sltt
         # at rest, as SpikingJelly's BaseNode registers v: not through reset(), which a
         # subclass may override to touch attributes its own __init__ sets after this one
         self.v = self.rest_value
@@ -217,7 +236,7 @@ class BaseNode(nn.Module):
 
     @store_v_seq.setter
     def store_v_seq(self, value: bool) -> None:
-        self._store_v_seq = bool(value)
+        self._store_v_seq = _flag(value, "store_v_seq")
         self.v_seq = None  # as SpikingJelly 2.0: a stale sequence is not kept
 
     def _apply(self, fn, recurse=True):
@@ -340,6 +359,11 @@ class BaseNode(nn.Module):
             return
         if name in _NUMBER_ATTRIBUTES:
             value = plain_number(value)
+        elif name in _FLAG_ATTRIBUTES:
+            value = _flag(value, name)
+        elif name == "surrogate_function":
+            # refused here, where the model is built, rather than at its first step
+            check_surrogate_function(value)
         super().__setattr__(name, value)
 
     @property
@@ -682,7 +706,7 @@ class LIFNode(BaseNode):
             if not _finite_number(tau) or not tau > 1:
                 raise ValueError(f"tau must be a finite number > 1, got {tau!r}")
             self.tau = float(tau)
-        self.decay_input = bool(decay_input)
+        self.decay_input = decay_input  # checked by BaseNode.__setattr__ (_flag)
 
     def _decay(self) -> dict:
         return {"tau": self.tau, "tau_name": "tau"}
@@ -733,7 +757,7 @@ class ParametricLIFNode(BaseNode):
         shape = _shape(tau_shape, "tau_shape") if tau_shape is not None else ()
         self.w = nn.Parameter(torch.full(shape, -math.log(init_tau - 1.0)))
         self._declare_per_neuron("w", shape)
-        self.decay_input = bool(decay_input)
+        self.decay_input = decay_input  # checked by BaseNode.__setattr__ (_flag)
 
     def _decay(self) -> dict:
         return {"k": plif_k(self.w), "tau_name": "w (tau_shape)"}

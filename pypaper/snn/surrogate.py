@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import numbers
 import sys
 from typing import Optional
 
@@ -101,6 +102,18 @@ def _is_bool(v) -> bool:
                                                                                     "bool_")):
         return True
     return isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.numel() == 1
+
+
+def _spiking_flag(v) -> bool:
+    """``spiking`` as a bool: a bool (numpy's, a one-element bool tensor), or the ints 0 / 1.
+    Anything else is refused: bool('False') is True, so spiking='False' from a config file ran
+    the spiking function where the primitive was asked for (SpikingJelly's keeps the string
+    and does the same)."""
+    if _is_bool(v) or (isinstance(v, numbers.Integral) and v in (0, 1)):
+        return bool(v)
+    if type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_"):
+        return bool(v)
+    raise TypeError(f"spiking must be a bool (True or False), got {v!r}")
 
 
 # How _call_static passes parameters: {(function, bound, parameter names): by_name}. Keyed by the
@@ -235,7 +248,7 @@ class SurrogateFunctionBase(nn.Module, metaclass=abc.ABCMeta):
                 _check_alpha_tensor(alpha, "alpha")
             else:
                 alpha_value(alpha)
-        self.spiking = bool(spiking)
+        self.spiking = _spiking_flag(spiking)
         self._sg_param_names = tuple(params)
         for name, value in params.items():
             setattr(self, name, value)
@@ -253,7 +266,7 @@ class SurrogateFunctionBase(nn.Module, metaclass=abc.ABCMeta):
         return {name: getattr(self, name) for name in names}
 
     def set_spiking_mode(self, spiking: bool) -> None:
-        self.spiking = bool(spiking)
+        self.spiking = _spiking_flag(spiking)
 
     def extra_repr(self) -> str:
         parts = [f"{name}={value}" for name, value in self._sg_params.items()]
@@ -327,6 +340,21 @@ Erf = _make("Erf", 2.0, "sigma = erfc(-a x)/2; sigma' = a/sqrt(pi) exp(-(a x)^2)
 Rect = _make("Rect", 1.0, "sigma = clip(a x + 1/2, 0, 1); sigma' = a for |x| < 1/(2a), else 0.")
 
 
+def check_surrogate_function(fn) -> None:
+    """Refuse a class given as ``surrogate_function`` (``neuron.LIFNode(surrogate_function=
+    surrogate.ATan)``, the parentheses forgotten). A surrogate is called on H - V_threshold
+    for every step; calling a class constructs an object instead: the loop then built
+    ``ATan(alpha=<the membrane tensor>)`` and raised "alpha must be a positive finite number
+    ... got a float32 tensor of shape (2, 3)" (SpikingJelly's own neurons fail at the next
+    arithmetic, "unsupported operand type(s) for *: 'ATan' and 'float'"), neither naming the
+    mistake. No class is a surrogate (an autograd.Function is given as ``MyFn.apply``)."""
+    if isinstance(fn, type):
+        raise TypeError(
+            f"surrogate_function must be a surrogate object such as surrogate.ATan() (or a "
+            f"function of the membrane minus the threshold), got the class {fn.__name__} "
+            f"itself: construct it, surrogate_function={fn.__name__}()")
+
+
 def surrogate_spec(fn) -> Optional[tuple[int, float]]:
     """(surrogate_id, alpha) when the kernels can run ``fn``'s derivative, else None.
 
@@ -337,6 +365,7 @@ def surrogate_spec(fn) -> Optional[tuple[int, float]]:
     """
     if fn is None:
         return SURROGATE_IDS["Sigmoid"], 4.0
+    check_surrogate_function(fn)
     if _is_own(fn):
         # a subclass of the user's own (surrogate_id -1) runs its spiking_function in Python
         # (also a subclass of a built-in that overrides spiking_function)
@@ -360,7 +389,7 @@ def surrogate_spec(fn) -> Optional[tuple[int, float]]:
 
 _OWN_NAMES = ["ATan", "Erf", "PiecewiseExp", "PiecewiseQuadratic", "Rect", "Sigmoid", "SoftSign",
               "SuperSpike", "SurrogateFunctionBase", "alpha_for", "alpha_operand", "alpha_value",
-              "heaviside", "surrogate_spec"]
+              "check_surrogate_function", "heaviside", "surrogate_spec"]
 
 
 # Names this module lacks come from SpikingJelly (pypaper/snn/spikingjelly_fallback.py).
