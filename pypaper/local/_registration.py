@@ -8,7 +8,8 @@ Autograd. The ops compute their parameter gradients in the forward (gradient-in-
   gradient: the layer is trained by its local loss only, which is the point of local learning);
   local_head: d loss / d feat = grad_pooled / S broadcast over the S spatial positions.
 What autograd keeps is therefore the op's own gradient outputs (parameter-sized, and [N, C] for
-the head), never the layer's input or its activations. The backward uses aten ops only (a scalar
+the head) and a reference to the weight (alive anyway; it ties a second derivative to the graph so
+that one is refused, _NoSecondDerivative), never the layer's input or its activations. The backward uses aten ops only (a scalar
 multiply and an expand), so it compiles as well.
 """
 from __future__ import annotations
