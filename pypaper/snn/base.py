@@ -26,7 +26,7 @@ from torch import nn
 
 from . import spikingjelly_fallback
 from .layer import Dropout
-from .neuron import BaseNode
+from .neuron import _is_own
 
 _OWN_NAMES = ["extract_memories", "load_memories", "memories", "named_memories",
               "to_functional_forward"]
@@ -38,7 +38,9 @@ def _is_memory_module(module: nn.Module) -> bool:
     already: a model cannot hold one otherwise). Other modules are not asked, as SpikingJelly
     does not ask them: a wrapper whose method reports its children's state would count it
     twice."""
-    if isinstance(module, (BaseNode, Dropout)):
+    # pypaper's own neurons (_is_own; isinstance(m, BaseNode) also holds for SpikingJelly's
+    # BaseNodes, which its MemoryModule test below answers for)
+    if _is_own(module) or isinstance(module, Dropout):
         return True
     sj_base = sys.modules.get("spikingjelly.activation_based.base")
     return sj_base is not None and isinstance(module, sj_base.MemoryModule)

@@ -19,7 +19,7 @@ from torch.utils import _pytree
 
 from .delays import DelayedLinear
 from .functional import reset_net, step_mode_modules
-from .neuron import BaseNode
+from .neuron import _is_own
 
 
 class OnlineStep(NamedTuple):
@@ -40,7 +40,10 @@ def _spikingjelly_neuron_names(model: nn.Module) -> list:
 
 
 def _neurons(model: nn.Module) -> list:
-    found = [m for m in model.modules() if isinstance(m, BaseNode)]
+    # pypaper's own neurons (_is_own): isinstance(m, BaseNode) is True for SpikingJelly's
+    # BaseNodes too, which the online step cannot drive (no sltt flag, their own loop); they
+    # stay foreign memories, reset and detached per step (_foreign_memories)
+    found = [m for m in model.modules() if _is_own(m)]
     if not found:
         theirs = _spikingjelly_neuron_names(model)
         hint = ""
