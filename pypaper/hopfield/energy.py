@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .ops import _finite
+
 
 def energy(state: torch.Tensor, stored: torch.Tensor, beta) -> torch.Tensor:
     """E(xi) for every state row.
@@ -33,7 +35,10 @@ def energy(state: torch.Tensor, stored: torch.Tensor, beta) -> torch.Tensor:
         raise ValueError(f"stored must have shape [..., N, d] with N >= 1, got "
                          f"{tuple(stored.shape)}")
     beta = float(beta)
-    if not (math.isfinite(beta) and beta > 0):
+    # _finite checks by comparisons (NaN != NaN, +-inf outside the open interval): under
+    # torch.compile(dynamic=True) beta arrives as a symbolic float, which math.isfinite cannot
+    # trace but a comparison can (it guards on the value).
+    if not (_finite(beta) and beta > 0):
         raise ValueError(f"beta must be positive and finite, got {beta}")
     single = state.dim() == 1
     xi = state.unsqueeze(0) if single else state

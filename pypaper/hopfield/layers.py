@@ -299,6 +299,43 @@ class Hopfield(nn.Module):
             input_size if pattern_projection_size is None else pattern_projection_size,
             normalize_pattern_projection_eps, "pattern_projection")
         core = self.association_core
+        # A static pattern projection is not projected: each head gets the whole pattern
+        # projection (or, connected, the stored-pattern projection's head slice), so the output
+        # projection, sized num_heads * pattern_size, needs that per-head size to be pattern_size
+        # (hflayers asserts it at its forward). Without the check the mismatch surfaces later as
+        # a bare matmul shape error inside out_proj. Where the size is fixed by the constructor
+        # (a LayerNorm on the pattern projection, or the connected case) refuse it here; else
+        # _inputs checks the input's size at forward.
+        if core.value_as_static and core.out_proj is not None:
+            if core.value_as_connected and not core.key_as_static:
+                per_head, what = core.head_dim, "hidden_size (a connected static pattern " \
+                    "projection reuses the stored-pattern projection)"
+            elif self.norm_pattern_projection is not None:
+                per_head, what = core.vdim, "the pattern projection size (" \
+                    "pattern_projection_size, default input_size)"
+            else:
+                per_head = what = None
+            if per_head is not None and per_head != core.pattern_dim:
+                raise ValueError(
+                    f"pattern_size ({core.pattern_dim}) must equal {what} = {per_head} with "
+                    "pattern_projection_as_static=True: the static pattern projection enters "
+                    "every head unprojected and the output projection expects num_heads * "
+                    "pattern_size features (or set disable_out_projection=True)")
+        # A static state (stored) pattern enters the Hopfield space as it is, so it must have
+        # hidden_size features, while its LayerNorm (hflayers sizes it with input_size,
+        # resp. stored_pattern_size) wants that size: with both sizes fixed here and different,
+        # every forward would fail inside layer_norm with a shape error naming neither argument.
+        for static, nrm, size, what in (
+                (core.query_as_static, self.norm_state_pattern, core.embed_dim,
+                 ("state_pattern_as_static", "normalize_state_pattern", "input_size")),
+                (core.key_as_static, self.norm_stored_pattern, core.kdim,
+                 ("stored_pattern_as_static", "normalize_stored_pattern",
+                  "stored_pattern_size (default input_size)"))):
+            if static and nrm is not None and core.head_dim is not None and size != core.head_dim:
+                raise ValueError(
+                    f"{what[0]}=True takes patterns of hidden_size ({core.head_dim}) features, "
+                    f"but {what[1]}=True normalises {what[2]} = {size} features: make "
+                    f"hidden_size equal {what[2]}, or set {what[1]}=False (and its _affine)")
         heads = core.num_heads
         if scaling is None:
             scaling = 1.0 if core.static_execution else 1.0 / math.sqrt(core.head_dim)
@@ -378,10 +415,21 @@ class Hopfield(nn.Module):
                              f"({proj.shape[1]}) must hold the same number of patterns")
         exp_state = core.head_dim if core.query_as_static else core.embed_dim
         exp_stored = core.head_dim if core.key_as_static else core.kdim
-        exp_proj = None if core.value_as_static else core.vdim
+        proj_name = "pattern projection (pattern_projection_size)"
+        if (not core.value_as_static or self.norm_pattern_projection is not None or
+                (core.value_as_connected and not core.key_as_static)):
+            exp_proj = core.vdim  # projected, normalised or connected: sized by the constructor
+        elif core.out_proj is not None:
+            # static and unnormalised: it enters every head as it is, and the output projection
+            # expects num_heads * pattern_size features (hflayers asserts this size up front)
+            exp_proj = core.pattern_dim
+            proj_name = ("pattern projection (pattern_size, as pattern_projection_as_static=True "
+                         "feeds it to every head unprojected)")
+        else:
+            exp_proj = None
         for name, t, exp in (("state pattern (input_size)", state, exp_state),
                              ("stored pattern (stored_pattern_size)", stored, exp_stored),
-                             ("pattern projection (pattern_projection_size)", proj, exp_proj)):
+                             (proj_name, proj, exp_proj)):
             if exp is not None and t.shape[2] != exp:
                 raise ValueError(f"{name} has embedding size {t.shape[2]}, expected {exp}")
         if self.norm_stored_pattern is not None:
