@@ -217,6 +217,8 @@ def _build(old: nn.Module, target: type, sltt: bool) -> nn.Module:
     new.v = v if isinstance(v, torch.Tensor) else float(v)
     if new.store_v_seq:
         new.v_seq = getattr(old, "v_seq", None)
+    # SpikingJelly 2.0's Lava scale, an attribute its users tune (0.0.0.0.14's nodes lack it)
+    new.lava_s_cale = getattr(old, "lava_s_cale", new.lava_s_cale)
     new.train(old.training)
     share_hooks(old, new)
     object.__setattr__(new, _FROM, type(old))
@@ -304,6 +306,8 @@ def _restore(new: nn.Module) -> nn.Module:
     old.v = v.clone() if isinstance(v, torch.Tensor) and v._is_view() else v
     if getattr(old, "store_v_seq", False):
         old.v_seq = new.v_seq
+    if hasattr(old, "lava_s_cale"):
+        old.lava_s_cale = new.lava_s_cale
     old.train(new.training)
     share_hooks(new, old)
     return old

@@ -26,6 +26,7 @@ children stay in step mode 's'; ``functional.set_step_mode`` leaves them alone.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -38,6 +39,7 @@ from torch import nn
 
 from . import spikingjelly_fallback
 from .functional import multi_step_forward, seq_to_ann_forward
+from .neuron import MemoryExistsError, MemoryKeyError
 
 _STEP_MODES = ("s", "m")
 
@@ -358,31 +360,80 @@ class Dropout(StepModule, nn.Module):
         self.p = float(p)
         self.step_mode = step_mode
         self.mask = None
+        # SpikingJelly's MemoryModule state: each memory's reset value, the mask's first (None:
+        # drawn again at the next step); a subclass adds its own with register_memory
+        self._memory_reset = {"mask": None}
+
+    def _reset_values(self) -> dict:
+        # a Dropout pickled before the reset values were kept had the mask alone, reset to None
+        return self.__dict__.setdefault("_memory_reset", {"mask": None})
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if isinstance(self.mask, torch.Tensor):
-            self.mask = fn(self.mask)
+        resets = self._reset_values()
+        for name, rest in list(resets.items()):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, fn(value))
+            if isinstance(rest, torch.Tensor):  # a fixed mask / tensor reset value moves too
+                resets[name] = fn(rest)
         return self
 
     def create_mask(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(torch.ones_like(x), self.p, training=True)
 
     def reset(self) -> None:
-        self.mask = None
+        """Every memory back to its reset value: the mask to None (a new one is drawn at the
+        next step), a subclass's registered memories to theirs."""
+        for name, value in self._reset_values().items():
+            setattr(self, name, copy.deepcopy(value))
 
     def detach(self) -> None:
-        """Cut the mask from any graph (SpikingJelly's MemoryModule.detach; a drawn mask has
-        none, one loaded with ``base.load_memories`` may)."""
-        if isinstance(self.mask, torch.Tensor):
-            self.mask = self.mask.detach()
+        """Cut the mask (and registered memories) from any graph (SpikingJelly's
+        MemoryModule.detach; a drawn mask has none, one loaded with ``base.load_memories``
+        may)."""
+        for name in self._reset_values():
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.detach())
+
+    # SpikingJelly's MemoryModule API (its Dropout is one): a subclass's own state, which
+    # reset() / reset_net, detach_net, base.extract_memories and functional.checkpoint handle
+    # with the mask
+
+    def register_memory(self, name: str, value) -> None:
+        """A state variable that reset() sets back to ``value``."""
+        memories = self._reset_values()
+        if name in memories or hasattr(self, name):
+            raise MemoryExistsError(f"{name!r} is already an attribute of "
+                                    f"{type(self).__name__}")
+        memories[name] = copy.deepcopy(value)
+        setattr(self, name, copy.deepcopy(value))
+
+    def set_reset_value(self, name: str, value) -> None:
+        """What reset() puts in the memory ``name`` (for the mask: a fixed mask instead of a
+        new draw per sequence)."""
+        self._memory(name)
+        self._reset_values()[name] = copy.deepcopy(value)
+
+    def get_reset_value(self, name: str):
+        self._memory(name)
+        return self._reset_values()[name]
+
+    def _memory(self, name: str) -> None:
+        if name not in self._reset_values():
+            raise MemoryKeyError(f"{type(self).__name__} has no memory {name!r} "
+                                 f"(register_memory adds one)")
 
     def named_memories(self):
-        """The mask, as SpikingJelly's Dropout registers it (a memory; see pypaper.snn.base)."""
-        yield "mask", self.mask
+        """The mask, as SpikingJelly's Dropout registers it (a memory; see pypaper.snn.base),
+        then the memories a subclass registered."""
+        for name in self._reset_values():
+            yield name, getattr(self, name)
 
     def memories(self):
-        yield self.mask
+        for _, value in self.named_memories():
+            yield value
 
     # ---- explicit state (SpikingJelly 2.0's MemoryModule functional API) --------------------
     # states: (mask,), as named_memories() yields it; these methods leave the module's mask
@@ -406,13 +457,18 @@ class Dropout(StepModule, nn.Module):
     def materialize_states(self, inputs: tuple, states: tuple, step_mode: str) -> tuple:
         return tuple(states)
 
+    # states: the mask, then a subclass's registered memories, which pass through unchanged
+    # (SpikingJelly's Dropout returns the mask alone, and its forward then fails on a
+    # subclass's memory with "zip() argument 2 is shorter"; a subclass that overrides these
+    # to update its memories gets them written back, as there)
+
     def single_step_functional_forward(self, inputs: tuple, states: tuple, **kwargs) -> tuple:
         y, mask = self._apply_mask(inputs[0], False, states[0])
-        return (y,), (mask,)
+        return (y,), (mask, *states[1:])
 
     def multi_step_functional_forward(self, inputs: tuple, states: tuple, **kwargs) -> tuple:
         y, mask = self._apply_mask(inputs[0], True, states[0])
-        return (y,), (mask,)
+        return (y,), (mask, *states[1:])
 
     def functional_forward(self, inputs: tuple, states: tuple, **kwargs) -> tuple:
         states = self.materialize_states(inputs, tuple(states), self.step_mode)
@@ -420,13 +476,26 @@ class Dropout(StepModule, nn.Module):
             return self.single_step_functional_forward(inputs, states, **kwargs)
         return self.multi_step_functional_forward(inputs, states, **kwargs)
 
+    def _stateful_forward(self, x: torch.Tensor, step_mode: str):
+        """SpikingJelly's MemoryModule step: every memory as the state of the functional
+        forward, the states it returns written back, its one output unpacked."""
+        names = list(self._reset_values())
+        states = self.materialize_states((x,), tuple(getattr(self, n) for n in names), step_mode)
+        step = (self.single_step_functional_forward if step_mode == "s"
+                else self.multi_step_functional_forward)
+        outputs, states = step((x,), states)
+        if len(states) != len(names):
+            raise ValueError(f"{type(self).__name__}'s {step.__name__} returned {len(states)} "
+                             f"states for its {len(names)} memories {names}")
+        for name, value in zip(names, states):
+            setattr(self, name, value)
+        return outputs[0] if len(outputs) == 1 else outputs
+
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
-        (y,), (self.mask,) = self.single_step_functional_forward((x,), (self.mask,))
-        return y
+        return self._stateful_forward(x, "s")
 
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        (y,), (self.mask,) = self.multi_step_functional_forward((x_seq,), (self.mask,))
-        return y
+        return self._stateful_forward(x_seq, "m")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.step_mode == "s":

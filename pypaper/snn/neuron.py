@@ -131,6 +131,20 @@ def _same_vmap_calls(new: torch.Tensor, old) -> torch.Tensor:
     return new
 
 
+class MemoryKeyError(KeyError, AttributeError):
+    """get_reset_value / set_reset_value of a name that is not a registered memory. SpikingJelly's
+    MemoryModule raises KeyError there (code written for it catches KeyError); pypaper raised
+    AttributeError, which it keeps catching too."""
+
+    def __str__(self) -> str:  # KeyError's str() is the repr of its argument: show the text
+        return str(self.args[0]) if self.args else ""
+
+
+class MemoryExistsError(ValueError, AssertionError):
+    """register_memory of a name the module already has. SpikingJelly's MemoryModule asserts
+    there (AssertionError); pypaper raised ValueError, which it keeps catching too."""
+
+
 # SpikingJelly's places for a neuron's own dynamics: 0.0.0.0.14's per-step hooks (2.0 keeps them
 # in SimpleBaseNode) and 2.0's functional steps. pypaper's nodes never call them (the fused op runs
 # the LIF dynamics), so a subclass defining one would be silently ignored.
@@ -248,6 +262,9 @@ class BaseNode(nn.Module, metaclass=abc.ABCMeta):
         # subclass may override to touch attributes its own __init__ sets after this one
         self.v = self.rest_value
         self.v_seq = None
+        # SpikingJelly 2.0's BaseNode attribute that lava_exchange reads as the fixed-point scale
+        # of a neuron converted to Lava (2^6); a plain attribute a user may tune, not used here
+        self.lava_s_cale = 1 << 6
 
     # SpikingJelly 0.0.0.0.14 picks its implementation with backend= ('torch': the Python time
     # loop, 'cupy': its fused CUDA kernel). pypaper always runs its fused op, on the kernel the
@@ -459,6 +476,22 @@ class BaseNode(nn.Module, metaclass=abc.ABCMeta):
             if _held_tensor(value):
                 setattr(self, name, value.detach())
 
+    # ---- SpikingJelly 2.0's BaseNode reset helpers ------------------------------------------
+    # Static helpers a subclass's step forward (or user code) may call on its own tensors. The
+    # fused op does its own reset and never calls them, as SpikingJelly 2.0's IF / LIF / PLIF
+    # do not either: overriding them changes neither library's neurons.
+
+    @staticmethod
+    def apply_hard_reset(v: torch.Tensor, spike: torch.Tensor, v_reset: float) -> torch.Tensor:
+        """Hard reset: V = (1 - S) V + S V_reset (V where no spike, V_reset where one)."""
+        return (1.0 - spike) * v + spike * v_reset
+
+    @staticmethod
+    def apply_soft_reset(v: torch.Tensor, spike: torch.Tensor,
+                         v_threshold: float) -> torch.Tensor:
+        """Soft reset: V = V - S V_threshold (the threshold subtracted where a spike fired)."""
+        return v - spike * v_threshold
+
     # ---- SpikingJelly's MemoryModule API, for state of a subclass's own ----------------------
 
     def register_memory(self, name: str, value) -> None:
@@ -467,7 +500,7 @@ class BaseNode(nn.Module, metaclass=abc.ABCMeta):
         neuron's own."""
         memories = self.__dict__.setdefault("_memory_reset", {})
         if name in ("v", "v_seq") or (name not in memories and hasattr(self, name)):
-            raise ValueError(f"{name!r} is already an attribute of {type(self).__name__}")
+            raise MemoryExistsError(f"{name!r} is already an attribute of {type(self).__name__}")
         memories[name] = copy.deepcopy(value)
         setattr(self, name, copy.deepcopy(value))
 
@@ -488,7 +521,7 @@ class BaseNode(nn.Module, metaclass=abc.ABCMeta):
 
     def _memory(self, name: str) -> None:
         if name not in self.__dict__.get("_memory_reset", {}):
-            raise AttributeError(f"{type(self).__name__} has no memory {name!r} "
+            raise MemoryKeyError(f"{type(self).__name__} has no memory {name!r} "
                                  f"(register_memory adds one)")
 
     def named_memories(self):
