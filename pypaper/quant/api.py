@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from .._module_swap import share_hooks
 from .configs import QuantConfig
 from .qlinear import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear,
                       _QuantizedLinear, check_group_size)
@@ -318,12 +319,16 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
         # the replacement keeps the layer's train / eval mode, as torchao's in-place weight swap
         # does (a fresh module starts in training mode whatever the model was in)
         q.train(mod.training)
-        new.append((all_names, q))
-    for all_names, q in new:
+        new.append((all_names, q, mod))
+    for all_names, q, mod in new:
+        # hooks registered on the float layer (activation statistics, profilers, a framework's
+        # state_dict hooks) keep firing on the layer that now runs in its place, and their
+        # handles keep removing them, as with torchao's in-place weight swap
+        share_hooks(mod, q)
         for fqn in all_names:
             parent_name, _, child = fqn.rpartition(".")
             setattr(modules[parent_name], child, q)
-    _disable_fused_transformer_paths(model, {id(q) for _, q in new})
+    _disable_fused_transformer_paths(model, {id(q) for _, q, _ in new})
     return model
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._module_swap import share_hooks
 from .configs import QuantConfig
 from .qlinear import apply_keeping_dtypes
 from .power import (SUPPORTED_BITS, bits_to_qmax, channel_max_abs, power_dequantize,
@@ -318,5 +319,7 @@ def freeze(model: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules()):
         for child_name, child in list(m.named_children()):
             if isinstance(child, PowerQuantLinear) and child.learnable:
-                setattr(m, child_name, child.freeze())
+                frozen = child.freeze()
+                share_hooks(child, frozen)  # the layer's hooks fire on its frozen form
+                setattr(m, child_name, frozen)
     return model

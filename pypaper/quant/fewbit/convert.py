@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..._module_swap import share_hooks
 from . import modules as M
 from . import ops, tables
 
@@ -279,6 +280,7 @@ def convert(model: nn.Module, bits: Optional[int] = tables.DEFAULT_BITS,
                 converted += 1
                 new = _rebuilt(child, bits)
                 if new is not None:
+                    share_hooks(child, new)
                     setattr(parent, attr, new.train(child.training))
                 continue
             if filter_fn is not None and not filter_fn(child, prefix + attr):
@@ -287,6 +289,9 @@ def convert(model: nn.Module, bits: Optional[int] = tables.DEFAULT_BITS,
             if new is not None:
                 object.__setattr__(new, _ORIGINAL, child)
                 replaced.update(id(m) for m in child.modules())
+                # hooks on the activation (activation statistics, monitors) fire on its few-bit
+                # twin, and their handles keep removing them (revert hands them back)
+                share_hooks(child, new)
                 setattr(parent, attr, new.train(child.training))  # keeps the model's eval mode
                 converted += 1
         for attr, value in list(vars(parent).items()):
@@ -321,6 +326,7 @@ def revert(model: nn.Module) -> nn.Module:
                 # the original sat outside the model while it was converted (not a submodule),
                 # so model.train() / .eval() since then did not reach it: it takes the mode of
                 # the module it replaces, as convert gave that module the original's mode
+                share_hooks(child, original)
                 setattr(parent, attr, original.train(child.training))
             else:
                 del parent._modules[attr]
