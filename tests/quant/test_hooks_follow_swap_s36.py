@@ -69,3 +69,14 @@ def test_activation_hooks_follow_fewbit_convert_and_revert():
     model(x)
     assert len(stats) == 4
     del ref
+
+
+def test_numpy_integer_bits_are_taken():
+    """bits from a numpy sweep or a config file (np.int64(2)) was refused as 'not an int'."""
+    np = pytest.importorskip("numpy")
+    model = _model()
+    fb.convert(model, bits=np.int64(3))
+    assert model[1].bits == 3 and type(model[1].bits) is int
+    assert fb.GELU(bits=np.int32(2)).bits == 2
+    with pytest.raises(ValueError, match="bits"):
+        fb.GELU(bits=np.bool_(True))

@@ -226,11 +226,7 @@ def _from_function(fn, bits: int) -> Optional[nn.Module]:
 
 
 def _check_bits(bits) -> int:
-    if bits is None:
-        return tables.DEFAULT_BITS
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 4:
-        raise ValueError(f"bits must be an int in 1..4, got {bits!r}")
-    return bits
+    return tables.check_bits(bits)
 
 
 def _rebuilt(current: nn.Module, bits: int) -> Optional[nn.Module]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import sys
 from typing import Callable, Optional, Sequence, Union
 
@@ -61,12 +62,13 @@ def check_name(name: str, params: Sequence[float]) -> tuple:
 
 
 def check_bits(bits) -> int:
-    """bits as an int in 1..4; None means the default (2)."""
+    """bits as an int in 1..4; None means the default (2). Any integral number is taken (numpy's
+    from a sweep or a config file: np.int64(2) was refused as "not an int"); bools are not."""
     if bits is None:
         return DEFAULT_BITS
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 4:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= 4:
         raise ValueError(f"bits must be an int in 1..4, got {bits!r}")
-    return bits
+    return int(bits)
 
 
 class Approximation:
