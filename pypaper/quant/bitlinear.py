@@ -110,10 +110,14 @@ class BitLinear(nn.Module):
         lat = state_dict.get(prefix + "bit_latents")
         if dev.type == "meta" and isinstance(lat, torch.Tensor):  # load_state_dict(assign=True)
             dev = lat.device
-        legacy = src is None
-        if legacy or src.numel() == 0:
+        # Legacy means: this layer's latents are loaded, without their start. A state_dict that
+        # does not hold this layer at all (load_state_dict(strict=False) of another part of the
+        # model, a backbone without its head) replaces none of its bits, so its own random
+        # start is still the right one and stays (torch reports the keys missing as usual).
+        legacy = src is None and (prefix + "bit_latents") in state_dict
+        if legacy or (src is not None and src.numel() == 0):
             self._buffers["initial_bits"] = torch.zeros(0, dtype=torch.bool, device=dev)
-        elif self.initial_bits.numel() == 0:  # unknown start here, a known one in the checkpoint
+        elif src is not None and self.initial_bits.numel() == 0:  # unknown start here, a known one in the checkpoint
             self._buffers["initial_bits"] = torch.zeros(self.bit_latents.shape, dtype=torch.bool,
                                                         device=dev)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,

@@ -315,11 +315,18 @@ def calibrate(model: nn.Module, batches: Iterable, *, steps: int = 200, lr: floa
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """Replace every learnable PowerQuantLinear of ``model`` by its frozen (int8 codes) form."""
-    for name, m in list(model.named_modules()):
-        for child_name, child in list(m.named_children()):
+    """Replace every learnable PowerQuantLinear of ``model`` by its frozen (int8 codes) form.
+    A layer under several names (quantize_ gives a tied nn.Linear one quantized module) is
+    frozen once and that one frozen module goes under every name, so the tie survives."""
+    done: dict = {}  # id(learnable layer) -> (that layer, kept alive so ids stay unique; frozen)
+    for m in list(model.modules()):
+        # parent._modules, not named_children(): the latter lists a module under two names of
+        # one parent once, which left the second name learnable
+        for child_name, child in list(m._modules.items()):
             if isinstance(child, PowerQuantLinear) and child.learnable:
-                frozen = child.freeze()
-                share_hooks(child, frozen)  # the layer's hooks fire on its frozen form
-                setattr(m, child_name, frozen)
+                if id(child) not in done:
+                    frozen = child.freeze()
+                    share_hooks(child, frozen)  # the layer's hooks fire on its frozen form
+                    done[id(child)] = (child, frozen)
+                setattr(m, child_name, done[id(child)][1])
     return model
