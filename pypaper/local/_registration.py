@@ -8,9 +8,11 @@ Autograd. The ops compute their parameter gradients in the forward (gradient-in-
   gradient: the layer is trained by its local loss only, which is the point of local learning);
   local_head: d loss / d feat = grad_pooled / S broadcast over the S spatial positions.
 What autograd keeps is therefore the op's own gradient outputs (parameter-sized, and [N, C] for
-the head) and a reference to the weight (alive anyway; it ties a second derivative to the graph so
-that one is refused, _NoSecondDerivative), never the layer's input or its activations. The backward uses aten ops only (a scalar
-multiply and an expand), so it compiles as well.
+the head), never the layer's input or its activations; the backward's context also refers to the
+weight and bias (parameters, alive anyway: not saved tensors, so an in-place update of them
+between forward and backward stays allowed), which tie a second derivative to the graph so that
+one is refused (_NoSecondDerivative). The backward uses aten ops only (a scalar multiply and an expand), so it compiles as
+well.
 """
 from __future__ import annotations
 
@@ -84,22 +86,25 @@ def _fake_head(feat, weight, bias, y):
 # ---- autograd --------------------------------------------------------------------------------
 
 class _NoSecondDerivative(torch.autograd.Function):
-    """grad unchanged, tied to ``anchor`` (the weight) in the autograd graph; differentiating it
-    raises. The fused ops' parameter gradients come out of the forward's kernels as plain tensors,
-    so a backward built with create_graph=True (double backward, a gradient penalty, HAWQ's
-    Hutchinson traces) saw them as constants: d(grad_weight)/d(weight) came out as zero,
-    silently. Tied to the weight, a second derivative through them reaches this node and stops
-    with an error instead."""
+    """grad unchanged, tied to ``anchors`` (the weight and the bias: those that require grad) in
+    the autograd graph; differentiating it raises. The fused ops' parameter gradients come out of
+    the forward's kernels as plain tensors, so a backward built with create_graph=True (double
+    backward, a gradient penalty, HAWQ's Hutchinson traces) saw them as constants:
+    d(grad_weight)/d(weight) came out as zero, silently. Tied to the parameters, a second
+    derivative through them reaches this node and stops with an error instead. Both parameters
+    are anchors: tied to the weight alone, d(grad_bias)/d(bias) (a penalty on the bias's
+    gradient, or any bias-only second derivative, a frozen weight included) still came out as
+    zero without an error, as the bias was not in the gradient's graph."""
 
     generate_vmap_rule = True  # per-sample gradients (vmap over torch.func.grad) pass here
 
     @staticmethod
-    def forward(grad, anchor, op):
+    def forward(grad, anchor, anchor2, op):
         return grad.view_as(grad)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # the form torch.func transforms accept
-        ctx.op = inputs[2]
+        ctx.op = inputs[3]
 
     @staticmethod
     def backward(ctx, *_):
@@ -111,12 +116,18 @@ class _NoSecondDerivative(torch.autograd.Function):
 
 
 def _first_order_only(ctx, grads):
-    """grads as they are, unless the backward runs with create_graph=True and the weight takes
-    part in the graph: then each is tied to it through _NoSecondDerivative."""
-    w = ctx.saved_tensors[0]
-    if not (torch.is_grad_enabled() and w.requires_grad):
+    """grads as they are, unless the backward runs with create_graph=True and the weight or the
+    bias (ctx.anchors) takes part in the graph: then each is tied to those that do through
+    _NoSecondDerivative."""
+    if not torch.is_grad_enabled():
         return grads
-    return tuple(g if g is None else _NoSecondDerivative.apply(g, w, ctx.op_name) for g in grads)
+    anchors = [t for t in ctx.anchors if t is not None and t.requires_grad]
+    if not anchors:
+        return grads
+    a, b = anchors[0], (anchors[1] if len(anchors) > 1 else None)
+    return tuple(g if g is None else _NoSecondDerivative.apply(g, a, b, ctx.op_name)
+                 for g in grads)
+
 
 def _scaled(g, t, like):
     return (g * t).to(like.dtype)
@@ -131,7 +142,11 @@ def _layer_setup(loss_index, w_index, n_inputs):
             if i != loss_index:
                 ctx.mark_non_differentiable(o)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(weight, gw, gb)  # weight: alive anyway (a parameter)
+        # weight, bias: the anchors of _first_order_only. Referred to, not saved: they are
+        # parameters (alive anyway), and a saved tensor's version check would refuse the
+        # backward after an in-place update of them (an optimizer or EMA step in between)
+        ctx.anchors = (weight, bias)
+        ctx.save_for_backward(gw, gb)
         ctx.w_index = w_index
         ctx.n_inputs = n_inputs
         ctx.wdtype = weight.dtype
@@ -141,7 +156,7 @@ def _layer_setup(loss_index, w_index, n_inputs):
 def _make_layer_backward(loss_index):
     def backward(ctx, *grads):
         g = grads[loss_index]
-        _, gw, gb = ctx.saved_tensors
+        gw, gb = ctx.saved_tensors
         out = [None] * ctx.n_inputs
         if g is None:
             return tuple(out)
@@ -158,7 +173,8 @@ def _head_setup(ctx, inputs, output):
     loss, logits, gp, gw, gb = output
     for o in (logits, gp, gw, gb):
         ctx.mark_non_differentiable(o)
-    ctx.save_for_backward(weight, gp, gw, gb)  # weight: alive anyway (a parameter)
+    ctx.anchors = (weight, bias)  # referred to, not saved (see _layer_setup)
+    ctx.save_for_backward(gp, gw, gb)
     ctx.feat_shape = feat.shape
     ctx.feat_dtype = feat.dtype
     ctx.w_dtype = weight.dtype
@@ -166,7 +182,7 @@ def _head_setup(ctx, inputs, output):
 
 
 def _head_backward(ctx, g_loss, g_logits, g_gp, g_gw, g_gb):
-    _, gp, gw, gb = ctx.saved_tensors
+    gp, gw, gb = ctx.saved_tensors
     if g_loss is None:
         return None, None, None, None
     gfeat = gwt = gbias = None

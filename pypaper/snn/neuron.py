@@ -202,6 +202,11 @@ class BaseNode(nn.Module, metaclass=abc.ABCMeta):
             return True
         return NotImplemented
 
+    # SpikingJelly 2.0's Lava fixed-point scale (see __init__), also as a class default: a neuron
+    # pickled or torch.save'd before the attribute existed has none in its __dict__, and
+    # reading it (convert.revert copies it to SpikingJelly's neuron) raised AttributeError
+    lava_s_cale = 1 << 6
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         # The user's classes in the MRO (mixins included); a class that also overrides a step

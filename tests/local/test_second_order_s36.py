@@ -40,12 +40,29 @@ def test_double_backward_raises_instead_of_dropping_the_local_curvature(op):
         torch.autograd.grad(g.sum(), w)
 
 
-def test_a_frozen_weight_is_not_refused():
+def test_a_frozen_weight_still_refuses_through_the_bias():
     loss_fn, shape = _cases()["local_ff_linear"]
     w = torch.randn(shape, dtype=torch.float64)
     b = torch.randn(shape[0], dtype=torch.float64, requires_grad=True)
+    g_plain, = torch.autograd.grad(loss_fn(w, b), b)
     g, = torch.autograd.grad(loss_fn(w, b), b, create_graph=True)
-    assert not g.requires_grad  # nothing to tie to: the bias's gradient has no graph
+    torch.testing.assert_close(g, g_plain)
+    with pytest.raises(NotImplementedError, match="local_ff_linear"):
+        torch.autograd.grad(g.sum(), b)
+
+
+def test_parameters_updated_in_place_between_forward_and_backward():
+    # the anchors are referred to, not saved: an optimizer / EMA step between forward and
+    # backward stays allowed, as before the refusal existed
+    loss_fn, shape = _cases()["local_ff_linear"]
+    w = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(shape[0], dtype=torch.float64, requires_grad=True)
+    loss = loss_fn(w, b)
+    with torch.no_grad():
+        w.mul_(0.9)
+        b.add_(0.1)
+    loss.backward()
+    assert w.grad is not None and b.grad is not None
 
 
 def test_func_hessian_names_the_op():
