@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .ops import _finite
+from .._numbers import is_finite
 
 
 def energy(state: torch.Tensor, stored: torch.Tensor, beta) -> torch.Tensor:
@@ -35,10 +35,9 @@ def energy(state: torch.Tensor, stored: torch.Tensor, beta) -> torch.Tensor:
         raise ValueError(f"stored must have shape [..., N, d] with N >= 1, got "
                          f"{tuple(stored.shape)}")
     beta = float(beta)
-    # _finite checks by comparisons (NaN != NaN, +-inf outside the open interval): under
-    # torch.compile(dynamic=True) beta arrives as a symbolic float, which math.isfinite cannot
-    # trace but a comparison can (it guards on the value).
-    if not (_finite(beta) and beta > 0):
+    # is_finite checks by comparisons: under torch.compile(dynamic=True) beta arrives as a
+    # symbolic float, which math.isfinite cannot trace but a comparison can
+    if not (is_finite(beta) and beta > 0):
         raise ValueError(f"beta must be positive and finite, got {beta}")
     single = state.dim() == 1
     xi = state.unsqueeze(0) if single else state

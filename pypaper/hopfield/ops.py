@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
+from .._numbers import is_finite
 from . import reference
 
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -70,13 +71,6 @@ def _values(value, heads: int, name: str, kind):
         if isinstance(exc, ValueError) and name in str(exc):
             raise
         raise TypeError(f"{name} must be a number or one per head, got {value!r}") from None
-
-
-def _finite(x) -> bool:
-    """math.isfinite by comparisons: under torch.compile(dynamic=True) a float argument (beta,
-    eps) arrives as a symbolic float, which math.isfinite cannot trace but a comparison can
-    (it guards on, i.e. specialises to, the value)."""
-    return x == x and -math.inf < x < math.inf
 
 
 def _check_tensor(t, name: str, dims: int) -> None:
@@ -185,7 +179,7 @@ def hopfield_retrieve(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta=No
                          "a constant (no gradient for it); pass a number, a list or a detached "
                          "tensor")
     betas = _values(beta, H, "beta", float)
-    if any(not (_finite(b) and b > 0) for b in betas):
+    if any(not (is_finite(b) and b > 0) for b in betas):
         raise ValueError(f"beta must be positive and finite, got {betas}")
     if steps is None:
         steps = -1
@@ -198,7 +192,7 @@ def hopfield_retrieve(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta=No
     if any(s < -1 for s in stepl):
         raise ValueError(f"steps must be >= 0 (None or -1: until converged), got {stepl}")
     epsl = _values(eps, H, "eps", float)
-    if any(not (_finite(e) and e >= 0) for e in epsl):
+    if any(not (is_finite(e) and e >= 0) for e in epsl):
         raise ValueError(f"eps must be finite and >= 0, got {epsl}")
     mdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     am, pm = normalize_masks(mask, pad_mask, B, H, L, S, mdt, q.device)

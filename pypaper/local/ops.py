@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import math
 import numbers
 from typing import Optional
 
 import torch
 
 from .. import _backend
+from .._numbers import is_finite, shown
 from . import reference
 
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -145,20 +145,16 @@ def check_finite(v, name: str) -> float:
     varied between calls: ``torch._dynamo.config.specialize_float`` is False), and every float
     under ``dynamic=True``, arrives as a SymFloat; ``math.isfinite`` refuses it (a graph break:
     ``fullgraph=True`` failed with "torch.* op returned non-Tensor"). Finiteness is therefore
-    checked by comparisons (NaN fails both), which dynamo traces as guards; the C++ ops check
-    the value again when they run."""
+    checked by comparisons (pypaper._numbers.is_finite), which dynamo traces as guards; the C++
+    ops check the value again when they run."""
     if isinstance(v, torch.Tensor) and v.numel() == 1:
         v = float(v)
     if not isinstance(v, (numbers.Real, torch.SymFloat, torch.SymInt)) or isinstance(v, bool):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    if not isinstance(v, (float, torch.SymFloat)):
-        try:  # an int or numpy scalar: the float the op takes (10**400 overflows to no float)
-            v = float(v)
-        except OverflowError:
-            raise ValueError(f"{name} must be finite, got {v}") from None
-    if not -math.inf < v < math.inf:
-        raise ValueError(f"{name} must be finite, got {float(v)}")
-    return v
+    if not is_finite(v):  # an int beyond float range (10**400) included
+        raise ValueError(f"{name} must be finite, got {shown(v)}")
+    # an int or numpy scalar as the float the op takes
+    return v if isinstance(v, (float, torch.SymFloat)) else float(v)
 
 
 def _is_count(v) -> bool:

@@ -18,14 +18,13 @@ from __future__ import annotations
 import abc
 import copy
 import math
-import numbers
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from . import _registration, ops, spikingjelly_fallback
-from ._numbers import is_finite_number as _finite_number, plain_number
+from .._numbers import as_flag as _flag, is_finite_number as _finite_number, plain_number
 from .surrogate import Sigmoid, check_surrogate_function
 
 _STEP_MODES = ("s", "m")
@@ -33,22 +32,6 @@ _STEP_MODES = ("s", "m")
 _NUMBER_ATTRIBUTES = frozenset({"tau", "v_threshold", "v_reset"})
 # the configuration flags each call reads (_flag)
 _FLAG_ATTRIBUTES = frozenset({"detach_reset", "decay_input", "sltt"})
-
-
-def _flag(value, name: str) -> bool:
-    """A configuration flag as a bool: True / False (numpy's too) or the ints 0 / 1.
-
-    Anything else is refused. bool('False') is True, so a flag read as text (a YAML or JSON
-    config, argparse without type=bool handling: detach_reset='False') was taken as True and
-    silently changed the dynamics (decay_input) or the gradients (detach_reset, sltt);
-    SpikingJelly's BaseNode asserts that detach_reset is a bool."""
-    if isinstance(value, bool):
-        return value
-    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
-        return bool(value)
-    if isinstance(value, numbers.Integral) and value in (0, 1):
-        return bool(value)
-    raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
 
 
 def _shape(value, name: str) -> tuple:

@@ -20,8 +20,8 @@ from torch import nn
 
 from .. import _autograd, _backend, _layout
 from . import _registration, op_flags, reference, tensor_alpha
-from ._numbers import is_finite as _is_finite, is_finite_number as _is_finite_number
-from ._numbers import is_number as _is_number, shown as _shown
+from .._numbers import is_finite as _is_finite, is_finite_number as _is_finite_number
+from .._numbers import is_number as _is_number, shown as _shown
 from .surrogate import surrogate_spec
 
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import abc
 import inspect
-import numbers
 import sys
 from typing import Optional
 
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from . import reference, spikingjelly_fallback
-from ._numbers import is_finite_number, plain_number, shown
+from .._numbers import as_flag, is_finite_number, plain_number, shown
 from .reference import SURROGATE_IDS
 
 
@@ -108,12 +107,8 @@ def _spiking_flag(v) -> bool:
     """``spiking`` as a bool: a bool (numpy's, a one-element bool tensor), or the ints 0 / 1.
     Anything else is refused: bool('False') is True, so spiking='False' from a config file ran
     the spiking function where the primitive was asked for (SpikingJelly's keeps the string
-    and does the same)."""
-    if _is_bool(v) or (isinstance(v, numbers.Integral) and v in (0, 1)):
-        return bool(v)
-    if type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_"):
-        return bool(v)
-    raise TypeError(f"spiking must be a bool (True or False), got {v!r}")
+    and does the same): the neurons' flag rule (as_flag), plus a one-element bool tensor."""
+    return bool(v) if _is_bool(v) else as_flag(v, "spiking")
 
 
 # How _call_static passes parameters: {(function, bound, parameter names): by_name}. Keyed by the

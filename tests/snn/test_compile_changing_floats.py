@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import pypaper
-from pypaper.snn import _numbers, neuron, surrogate
+from pypaper import _numbers
+from pypaper.snn import neuron, surrogate
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
-"""Number checks that also hold under torch.compile.
+"""Number checks that also hold under torch.compile, shared by the families' argument checks.
 
-A float attribute of a neuron that changes between calls of a compiled model (an annealed
+A float argument or attribute (a Hopfield beta, a local-loss threshold, and, the first case met,
+a float attribute of a neuron that changes between calls of a compiled model (an annealed
 v_threshold, a tau set by a schedule, a surrogate's alpha) reaches the argument checks as a
 SymFloat once dynamo has seen two values of it (``torch._dynamo.config.specialize_float`` is
 False by default), and every float does under ``dynamic=True``. ``math.isfinite`` refuses a
@@ -57,3 +58,19 @@ def plain_number(value):
     if type(value).__module__ == "numpy" and is_number(value):
         return float(value)
     return value
+
+
+def as_flag(value, name: str) -> bool:
+    """A configuration flag as a bool: True / False (numpy's too) or the ints 0 / 1.
+
+    Anything else is refused. bool('False') is True, so a flag read as text (a YAML or JSON
+    config, argparse without type=bool handling: detach_reset='False') was taken as True and
+    silently changed the dynamics (decay_input) or the gradients (detach_reset, sltt);
+    SpikingJelly's BaseNode asserts that detach_reset is a bool."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
