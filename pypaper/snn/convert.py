@@ -174,10 +174,8 @@ def _skip_reason(module: nn.Module, target: type) -> Optional[str]:
     if target is _neuron.LIFNode and _many(module.tau):
         return ("its tau is a tensor, which pypaper's LIFNode would keep as a buffer (a new "
                 "state_dict key)")
-    w = module._parameters.get("w")
-    if target is _neuron.ParametricLIFNode and w is not None and w.numel() > 1 and 1 in w.shape:
-        return (f"its w has shape {tuple(w.shape)}, broadcast over the features; pypaper's "
-                f"takes one value or one per feature position (tau_shape = x.shape[2:])")
+    # A w (or threshold) of any shape converts: the op broadcasts it against each step's
+    # [N, *F] as SpikingJelly's elementwise charge does ((C, 1, 1): one w per channel).
     return None
 
 

@@ -11,7 +11,9 @@ Additions (keyword-only): ``sltt=True`` (SLTT: the backward drops the temporal g
 Meng et al., ICCV 2023; the carried membrane enters the next call detached), per-neuron time
 constants (``LIFNode(tau=<tensor>)`` fixed, ``ParametricLIFNode(tau_shape=...)`` learnable) and
 learnable thresholds (``learnable_threshold=True``, ``threshold_shape=...``). Per-neuron shapes are the
-feature shape: x.shape[2:] in 'm' mode, x.shape[1:] in 's' mode (broadcast over the batch).
+feature shape: x.shape[2:] in 'm' mode, x.shape[1:] in 's' mode (broadcast over the batch), or a
+shape of its rank with sizes of 1 where one value is shared: ``tau_shape=(C, 1, 1)`` for
+[N, C, H, W] steps is one time constant per channel.
 """
 from __future__ import annotations
 
@@ -327,8 +329,10 @@ class BaseNode(nn.Module, metaclass=abc.ABCMeta):
             self.__dict__.setdefault("_per_neuron_shapes", {})[name] = tuple(shape)
 
     def _check_per_neuron(self, x_seq: torch.Tensor, single: bool) -> None:
-        """A parameter that still has the per-neuron shape its constructor declared must equal
-        the feature shape of this call (x.shape[1:] of one step, x.shape[2:] of a sequence).
+        """A parameter that still has the per-neuron shape its constructor declared must match
+        the feature shape of this call (x.shape[1:] of one step, x.shape[2:] of a sequence) dim
+        by dim: equal it, or have its rank with sizes of 1 where one value is shared ((C, 1, 1)
+        against (C, H, W)).
 
         The op also takes a parameter of shape x.shape[1:] as one value per sample and neuron
         (the [N, C] threshold functional.set_threshold_margin assigns); a tensor assigned later
@@ -345,13 +349,21 @@ class BaseNode(nn.Module, metaclass=abc.ABCMeta):
             p = getattr(self, name, None)
             if not isinstance(p, torch.Tensor) or tuple(p.shape) != shape:
                 continue  # replaced after construction: the op checks it
-            # ranks first, as ops._is_per_sample compares them: traced, a size compared only
-            # where the ranks agree guards less
-            if len(shape) == len(feat) and shape == feat:
+            # one value per neuron: the feature shape, or one of its rank with sizes of 1 where
+            # the value is shared ((C, 1, 1) for [N, C, H, W] steps: one per channel). The rank
+            # must be the features': a declared (C,) taken as broadcasting over a leading dim
+            # would run a sequence [T, N, C] fed in step_mode 's' (set_step_mode forgotten) as
+            # one step of T samples with features (N, C), silently. (Ranks first, as
+            # ops.broadcasts_to compares them: traced, sizes compared only where the ranks agree
+            # guard less.)
+            if len(shape) == len(feat) and ops.broadcasts_to(shape, feat):
                 continue
-            if not single and not (len(shape) == x_seq.dim() - 1
-                                   and shape == tuple(x_seq.shape[1:])):
+            if not single and not (ops.broadcasts_to(shape, feat)
+                                   or ops.broadcasts_to(shape, tuple(x_seq.shape[1:]))):
                 continue  # the op refuses it, naming x's shapes as the user gave them
+            # else the op would take it with another rank, or as one value per sample (a shape
+            # that broadcasts to x.shape[1:] with the batch dim): never what a declared shape
+            # means
             if single:
                 x_shape, where, other = tuple(x_seq.shape[1:]), "x.shape[1:]", (
                     "step_mode 'm' takes a sequence [T, N, *] (functional.set_step_mode(net, "
@@ -364,7 +376,8 @@ class BaseNode(nn.Module, metaclass=abc.ABCMeta):
             raise ValueError(
                 f"{type(self).__name__} in step_mode {'s' if single else 'm'!r} got x of shape "
                 f"{x_shape}: its {name} has one value per neuron, of shape {shape} (from "
-                f"{origin}), which must equal the feature shape {where} = {feat}. Step mode "
+                f"{origin}), which must match the feature shape {where} = {feat} dim by dim "
+                f"(each size equal, or 1 where one value is shared). Step mode "
                 f"{'s' if single else 'm'!r} takes "
                 f"{'one step [N, *]' if single else 'a sequence [T, N, *]'}; {other}")
 
@@ -808,8 +821,9 @@ class ParametricLIFNode(BaseNode):
     Enhance Learning of Spiking Neural Networks", ICCV 2021), drop-in for SpikingJelly's.
 
     The LIF dynamics with a learnable 1/tau = sigmoid(w), w initialised to -log(init_tau - 1).
-    ``tau_shape``: None for one w per layer, or the feature shape for one w per neuron
-    (heterogeneous, learnable time constants).
+    ``tau_shape``: None for one w per layer, the feature shape for one w per neuron
+    (heterogeneous, learnable time constants), or a shape of the features' rank with sizes of 1
+    where one w is shared: (C, 1, 1) for [N, C, H, W] steps is one w per channel.
     """
 
     def __init__(self, init_tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,

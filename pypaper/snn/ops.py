@@ -111,7 +111,8 @@ def _scalar(value: float, sign: float, dtype: torch.dtype, device: torch.device)
 
 def _check_param_shape(value, name: str, x: torch.Tensor, per_sample: bool = False) -> None:
     """A tensor parameter: one value, one per neuron (x.shape[2:], broadcast over the batch) or,
-    ``per_sample``, one per sample and neuron (x.shape[1:])."""
+    ``per_sample``, one per sample and neuron (x.shape[1:]). (Shapes that only broadcast to
+    these were expanded by _broadcast_param; a shape left here broadcasts to neither.)"""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
     if not value.is_floating_point():
@@ -120,7 +121,46 @@ def _check_param_shape(value, name: str, x: torch.Tensor, per_sample: bool = Fal
     if value.numel() != 1 and shape != feat and not (per_sample and _is_per_sample(value, x)):
         raise ValueError(f"{name} has shape {shape}, expected () (one value), the feature shape "
                          f"x.shape[2:] = {feat} (one per neuron) or x.shape[1:] = "
-                         f"{tuple(x.shape[1:])} (one per sample and neuron)")
+                         f"{tuple(x.shape[1:])} (one per sample and neuron), or a shape that "
+                         f"broadcasts to one of them")
+
+
+def broadcasts_to(shape: tuple, target: tuple) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` by torch's rules without growing
+    ``target``: no more dims, and each of its trailing-aligned sizes 1 or target's. (The ranks
+    first: traced with symbolic sizes, a size compared only where the ranks agree guards less.)"""
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(shape[::-1], target[::-1]))
+
+
+def _broadcast_param(value, x: torch.Tensor):
+    """A tensor tau / k / v_threshold as the op takes it, by torch's broadcasting of the value
+    against one step's shape x.shape[1:] = [N, *F] (SpikingJelly's neurons multiply their
+    parameters into a step's tensors, so any shape that broadcasts works there):
+
+    - one element, the feature shape F, or [N, *F] (one per sample and neuron): as it is;
+    - a shape that broadcasts to F, such as (C, 1, 1) for x [T, N, C, H, W] (one time constant
+      or threshold per channel, as conv SNNs train them), or [1, *s] with s broadcasting to F:
+      one value per neuron, expanded to F (a view; the kernels read a per-neuron tensor with
+      its strides, and autograd sums the gradient of the expanded F values back onto the
+      parameter's own shape);
+    - [N, *s] with s broadcasting to F (a per-sample value, constant over some features):
+      expanded to [N, *F], one value per sample and neuron.
+
+    Anything else is left for _check_param_shape to refuse, naming the shapes."""
+    if not isinstance(value, torch.Tensor) or value.numel() == 1:
+        return value
+    shape, feat, state = tuple(value.shape), tuple(x.shape[2:]), tuple(x.shape[1:])
+    if len(shape) == len(feat) and shape == feat:
+        return value
+    if broadcasts_to(shape, feat):
+        return value.expand(feat)
+    if len(shape) == len(state) and shape != state and broadcasts_to(shape, state):
+        if shape[0] == 1:  # the same for every sample: one value per neuron
+            return value.squeeze(0).expand(feat)
+        return value.expand(state)
+    return value
 
 
 def _is_per_sample(value, x: torch.Tensor) -> bool:
@@ -327,6 +367,9 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
         v: membrane before step 0, shape x_seq.shape[1:].
         tau: the time constant (> 1), a number or a tensor of shape () or x_seq.shape[2:] (one per
             neuron, broadcast over the batch); divides, like SpikingJelly's LIFNode. Default 2.
+            A tensor tau, k or v_threshold may also have any shape that broadcasts against one
+            step, x_seq.shape[1:], by torch's rules: (C, 1, 1) for x [T, N, C, H, W] is one
+            value per channel (its gradient is summed back onto that shape).
         k: instead of tau, 1/tau in (0, 1] (multiplies; PLIF passes sigmoid(w)). Differentiable.
             k = 0 with decay_input=False is the integrate-and-fire neuron, H = V + X (IFNode).
             With decay_input, a k that requires grad must be at least the math dtype's smallest
@@ -350,6 +393,10 @@ def lif_multi_step(x_seq: torch.Tensor, v: Optional[torch.Tensor] = None, *, tau
         raise ValueError(f"v_reset must be a finite number or None, got {_shown(v_reset)!r}")
     learnable_threshold = (learnable_threshold or isinstance(v_threshold, nn.Parameter)
                            or (isinstance(v_threshold, torch.Tensor) and v_threshold.requires_grad))
+    # a parameter that broadcasts to one step's shape, as an elementwise torch op takes it (after
+    # the Parameter test above: the expanded view is no longer the Parameter itself)
+    tau, k = _broadcast_param(tau, x_seq), _broadcast_param(k, x_seq)
+    v_threshold = _broadcast_param(v_threshold, x_seq)
     order = None if x_seq.is_contiguous() else _layout.storage_order(x_seq, fixed=1)
     if order is not None:
         return _lif_in_storage_order(x_seq, v, order, dict(

@@ -333,14 +333,19 @@ def test_a_tensor_reset_value_and_an_int_threshold():
     assert new.v_threshold == 2.0 and new.v_reset is None and new.rest_value == 0.25
 
 
-def test_a_plif_whose_w_broadcasts_over_the_features_is_left_with_a_warning():
-    """SpikingJelly broadcasts a PLIF w of shape (C, 1, 1); pypaper's takes one value or one per
-    feature position: it was converted and the first forward raised."""
+def test_a_plif_whose_w_broadcasts_over_the_features_converts():
+    """SpikingJelly broadcasts a PLIF w of shape (C, 1, 1). Until 2026-12-07 pypaper's neuron took
+    one value or one per feature position, so such a PLIF was left SpikingJelly's with a warning;
+    now the op broadcasts it the same way: converted, with the same Parameter and the same
+    spikes (gradients: tests/snn/test_broadcast_params.py)."""
     sj = pytest.importorskip("spikingjelly.activation_based.neuron")
     plif = sj.ParametricLIFNode(step_mode="m")
-    plif.w = torch.nn.Parameter(plif.w.detach().reshape(1).repeat(3).reshape(3, 1, 1))
+    plif.w = torch.nn.Parameter(torch.tensor([-0.5, 0.0, 1.0]).reshape(3, 1, 1))
+    twin = copy.deepcopy(plif)
     model = torch.nn.Sequential(plif)
-    with pytest.warns(UserWarning, match=r"w has shape \(3, 1, 1\)"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         ps.convert(model)
-    assert model[0] is plif
-    assert model(torch.randn(2, 2, 3, 4, 4)).shape == (2, 2, 3, 4, 4)
+    assert pn._is_own(model[0]) and model[0].w is plif.w
+    x = torch.randn(2, 2, 3, 4, 4) + 0.7
+    assert torch.equal(model(x), twin(x))

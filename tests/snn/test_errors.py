@@ -97,11 +97,14 @@ def test_non_finite_threshold_and_reset():
 
 def test_per_neuron_parameters_of_the_wrong_shape():
     x = torch.randn(4, 2, 3, 5)
-    with pytest.raises(ValueError, match=r"w \(tau_shape\) has shape \(5,\), expected \(\) "
+    # (5,) broadcasts to (3, 5) and is taken since 2026-12-07 (test_broadcast_params.py); (4,)
+    # broadcasts to neither shape
+    with pytest.raises(ValueError, match=r"w \(tau_shape\) has shape \(4,\), expected \(\) "
                                          r"\(one value\), the feature shape x.shape\[2:\] = "
                                          r"\(3, 5\) \(one per neuron\) or x.shape\[1:\] = "
-                                         r"\(2, 3, 5\) \(one per sample and neuron\)"):
-        neuron.ParametricLIFNode(step_mode="m", tau_shape=(5,))(x)
+                                         r"\(2, 3, 5\) \(one per sample and neuron\), or a "
+                                         r"shape that broadcasts to one of them"):
+        neuron.ParametricLIFNode(step_mode="m", tau_shape=(4,))(x)
     with pytest.raises(ValueError, match=r"v_threshold has shape \(3,\)"):
         neuron.LIFNode(step_mode="m", learnable_threshold=True, threshold_shape=(3,))(x)
     with pytest.raises(ValueError, match=r"tau has shape \(3, 3, 5\)"):
