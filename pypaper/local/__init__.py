@@ -8,6 +8,8 @@
     net = local.LocalSequential(blocks, aux="dgl" | "auglocal" | "man" | factory, head=classifier,
                                 num_classes=10)
     loss = net.train_step(x, y, optimizer)                  # gradient-in-forward, block by block
+    loss = net.train_step(x, y, optimizer, data_parallel=True)  # grads averaged over the ranks
+    local.sync_grads(model); local.sync_grads_on_step(optimizer)  # for hand-written / FF loops
 
 Fused ops (pypaper.local.ops / pypaper.ops): ff_linear, ff_sf_linear, tp_linear, local_head.
 Kernels: C++ kernels/cpu/local_cpu.h; shared math kernels/common/local_math.h; CUDA
@@ -23,6 +25,7 @@ from .blocks import (AuxHead, ChannelBias, LinearHead, LocalBlock, LocalSequenti
                      recalibrate_batchnorm)
 from .ff import FFNetwork, FFSingleForwardNetwork, overlay_label, wrong_labels
 from .tp import TPNetwork
+from .data_parallel import broadcast_parameters, sync_grads, sync_grads_on_step
 from .memory import SavedTensorMeter, peak_saved_bytes
 
 if _ext.LOADED and hasattr(_ext._C, "build_info"):
@@ -34,6 +37,7 @@ if _ext.LOADED and hasattr(_ext._C, "build_info"):
 __all__ = ["AuxHead", "ChannelBias", "FFClassEmbeddingLinear", "FFLinear", "FFNetwork", "FFSingleForwardNetwork",
            "LinearHead", "LocalBlock", "LocalSequential", "MANHead", "SavedTensorMeter",
            "TPNetwork", "TargetProjectionLinear", "auglocal_depths", "auglocal_head",
-           "auglocal_indices", "backend_for", "backprop_step", "dgl_head", "ff_linear",
-           "ff_sf_linear", "head_loss", "local_head", "overlay_label", "peak_saved_bytes",
-           "recalibrate_batchnorm", "reference", "tp_linear", "wrong_labels"]
+           "auglocal_indices", "backend_for", "backprop_step", "broadcast_parameters",
+           "dgl_head", "ff_linear", "ff_sf_linear", "head_loss", "local_head", "overlay_label",
+           "peak_saved_bytes", "recalibrate_batchnorm", "reference", "sync_grads",
+           "sync_grads_on_step", "tp_linear", "wrong_labels"]

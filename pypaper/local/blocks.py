@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .data_parallel import check_not_ddp_wrapped, require_process_group, sync_grads
 
 
 def _channels(shape) -> int:
@@ -294,6 +295,7 @@ class LocalBlock(nn.Module):
         return self.block(x)
 
     def local_step(self, x: torch.Tensor, y: torch.Tensor):
+        check_not_ddp_wrapped(self, "LocalBlock.local_step")
         with torch.enable_grad():
             out = self.block(x.detach())
             loss, _ = self.aux.loss(out, y)
@@ -325,8 +327,9 @@ class LocalSequential(nn.Module):
         man_momentum: MAN's EMA momentum (0.995).
 
     Blocks may sit on different devices (move each block and its aux net there): block_step
-    moves the activation and the labels to the block's device. Across processes:
-    pypaper.local.distributed.LocalPipeline.
+    moves the activation and the labels to the block's device. Across processes: one block
+    per rank, pypaper.local.distributed.LocalPipeline (model parallel); the whole net on every
+    rank, ``train_step(..., data_parallel=True)`` (data parallel).
     """
 
     def __init__(self, blocks, aux: AuxSpec = "dgl", head: Optional[nn.Module] = None, *,
@@ -449,7 +452,7 @@ class LocalSequential(nn.Module):
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor,
                    optimizer: Optional[torch.optim.Optimizer] = None,
-                   scaler=None) -> torch.Tensor:
+                   scaler=None, *, data_parallel=False) -> torch.Tensor:
         """One training step without a global backward: each block in turn runs forward, local
         loss and backward (its graph freed before the next block runs), then ``optimizer`` steps
         and zeroes the gradients, and MAN heads update their EMA copies. Returns the per-block
@@ -460,9 +463,22 @@ class LocalSequential(nn.Module):
         that optimizer, ValueError otherwise (check_optimizer_covers).
         Mixed precision: run it under torch.autocast; ``scaler`` (torch.amp.GradScaler, for
         fp16) scales each block's loss before its backward, then scaler.step(optimizer) and
-        scaler.update() replace optimizer.step()."""
+        scaler.update() replace optimizer.step().
+
+        Data parallel (every rank holds the whole net, x / y are this rank's shard of the batch):
+        ``data_parallel=True`` (the default process group) or a ProcessGroup averages every
+        gradient over the ranks (pypaper.local.sync_grads) after the last block and before the
+        optimizer / scaler steps - for equal-sized shards, the step of one process on the
+        concatenated batch (the math: pypaper.local.data_parallel). The returned losses stay
+        this rank's. Without an optimizer the gradients are averaged as well (the average is
+        linear: accumulating averaged micro-batches is exact; pass it on the last one only to
+        save the communication). Do not wrap the net in DistributedDataParallel: its hooks never
+        run here, and train_step raises when it finds itself inside one."""
         _check_step_args(optimizer, scaler)
+        _check_data_parallel(data_parallel)
         ops.check_labels(y, x.shape[0], self.num_classes, x.device)
+        if not data_parallel:
+            check_not_ddp_wrapped(self, "LocalSequential.train_step")
         if optimizer is not None and _optimizer_key(optimizer) != getattr(self, "_opt_key", None):
             check_optimizer_covers(optimizer, [("aux." + n, p) for n, p in
                                                self.aux.named_parameters()]
@@ -473,6 +489,9 @@ class LocalSequential(nn.Module):
         for i in range(len(self.blocks)):
             loss, h = self.block_step(i, h, y, scaler)
             losses.append(loss)
+        if data_parallel:
+            # before scaler.step: an inf on one rank reaches all, and they skip the step together
+            sync_grads(self, data_parallel)
         if optimizer is not None:
             if scaler is None:
                 optimizer.step()
@@ -512,6 +531,19 @@ def _check_step_args(optimizer, scaler) -> None:
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if optimizer is None:
             raise ValueError("scaler needs an optimizer: it unscales the gradients and steps it")
+
+
+def _check_data_parallel(data_parallel) -> None:
+    """data_parallel: a bool, or the torch.distributed ProcessGroup to average over."""
+    if data_parallel is None or data_parallel is False:
+        return
+    if data_parallel is not True:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and isinstance(data_parallel, dist.ProcessGroup)):
+            raise TypeError(f"data_parallel must be a bool or a torch.distributed ProcessGroup, "
+                            f"got {type(data_parallel).__name__}")
+    require_process_group()  # before the blocks run: no half-done step on a setup error
 
 
 def _optimizer_key(optimizer) -> tuple:

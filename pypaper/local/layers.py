@@ -5,6 +5,9 @@ Each has ``forward(x)`` (the detached activations for the next layer; no graph i
 ``local_step(...)``: one fused op (pypaper.local.ops) computes the output, the local loss and the
 parameter gradients, which are accumulated into ``.grad``; the user's optimizer does the update.
 No tensor is kept for a backward pass.
+
+Data parallel: .grad is written without autograd, so torch's DistributedDataParallel never sees
+it (local_step raises inside one); average with pypaper.local.sync_grads / sync_grads_on_step.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops, reference
+from .data_parallel import check_not_ddp_wrapped
 
 
 def _check_eps(eps) -> float:
@@ -144,6 +148,7 @@ class FFLinear(_LocalLinear):
         return h.to(reference.math_dtype(h.dtype)).pow(2).sum(-1)
 
     def local_step(self, x_pos: torch.Tensor, x_neg: torch.Tensor):
+        check_not_ddp_wrapped(self, "FFLinear.local_step")
         for name, t in (("x_pos", x_pos), ("x_neg", x_neg)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != self.in_features:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -201,6 +206,7 @@ class FFClassEmbeddingLinear(_LocalLinear):
         return h.to(mdt) @ e.to(mdt).t() / self.temperature, h, e
 
     def local_step(self, x: torch.Tensor, y: torch.Tensor, class_x: Optional[torch.Tensor] = None):
+        check_not_ddp_wrapped(self, "FFClassEmbeddingLinear.local_step")
         self._check_x(x)
         if class_x is not None:
             self._check_x(class_x, "class_x")
@@ -253,6 +259,7 @@ class TargetProjectionLinear(_LocalLinear):
         return reference._act(F.linear(x.detach(), w, b), self.activation_id)
 
     def local_step(self, x: torch.Tensor, y: torch.Tensor):
+        check_not_ddp_wrapped(self, "TargetProjectionLinear.local_step")
         self._check_x(x)  # before the op: a wrong width is x's fault, not the weight's
         w, b = self._params()
         (gw, gb), acc = self._grads()
