@@ -26,6 +26,11 @@ in a copy of the container; pypaper's modules without a step mode (DelayedLinear
 surrogates) are leaves too. The model passed in is never modified: the result shares its
 unchanged modules (neurons included, so reset_net on either resets both).
 
+A convolution whose weight is computed by torch.nn.utils.parametrize (parametrizations.weight_norm,
+spectral_norm) is folded with the weight's current value. Pairs with hooks of their own (forward,
+pre-forward or backward hooks, the older hook-based weight_norm / spectral_norm included) are left
+as they are: folded or packed, the hooks would run on other tensors or not at all.
+
 Only pairs that compute what torch's layers compute are folded or packed: a convolution or batch
 norm subclass with a forward of its own, a convolution with a weight of its own (_conv_forward:
 SpikingJelly's WSConv2d standardizes its weight, which would undo the folded scale) or a batch
@@ -42,6 +47,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .delays import DelayedLinear
@@ -165,16 +171,56 @@ def _check_running_stats(bn: nn.Module, name: str) -> None:
                          f"no fixed convolution reproduces")
 
 
+def _has_hooks(m: nn.Module) -> bool:
+    """Whether the module runs hooks of its own around its forward or backward. Folded away, the
+    batch norm's hooks would no longer run, and a convolution's forward hook would run on the
+    folded output, BN(W x) instead of W x (a hook scaling its output by 2: BN(2 W x) before,
+    2 BN(W x) after, silently); packed, both would see [T * N, ...] instead of the [T, N, ...]
+    they saw. torch.nn.utils.weight_norm / spectral_norm (the older, hook-based ones) recompute
+    the weight in a forward pre-hook, which would undo a fold (and spectral_norm's assignment
+    then failed on the fused Parameter): such a pair is left as it is."""
+    return bool(m._forward_pre_hooks or m._forward_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
 def _fusable(conv: nn.Module, bn: nn.Module, fold: bool) -> bool:
-    """A (conv, bn) pair this module rewrites: same rank, same step mode, standard forwards."""
+    """A (conv, bn) pair this module rewrites: same rank, same step mode, standard forwards,
+    no hooks of their own."""
     return (_pair_rank(conv, bn) is not None and _same_step_mode(conv, bn)
-            and _standard(conv, bn, fold))
+            and _standard(conv, bn, fold) and not _has_hooks(conv) and not _has_hooks(bn))
+
+
+def _unparametrized(module: nn.Module) -> nn.Module:
+    """``module`` itself, or where torch.nn.utils.parametrize computes some of its tensors
+    (parametrizations.weight_norm / spectral_norm / orthogonal, a user's parametrization), a
+    copy holding their current values as plain Parameters: what the module computes in eval
+    mode, and a weight fuse_conv_bn_eval can replace (on the parametrized module it raised
+    KeyError "attribute 'weight' already exists")."""
+    if not parametrize.is_parametrized(module):
+        return module
+    # Not deepcopy + remove_parametrizations: a copy keeps parametrize's injected class, shared
+    # with the original, and removing the parametrization deletes the weight property from that
+    # class - the model's own module then lost its weight ("'ParametrizedConv2d' object has no
+    # attribute 'weight'"). The injected class subclasses the module's own class: an instance of
+    # that one, with the module's attributes and the computed tensors as Parameters (shared
+    # otherwise: fuse_conv_bn_eval deep-copies what it is given).
+    cls = type(module).__bases__[0]
+    plain = cls.__new__(cls)
+    plain.__dict__.update(module.__dict__)
+    plain._modules = {k: m for k, m in module._modules.items() if k != "parametrizations"}
+    plain._parameters = dict(module._parameters)
+    with torch.no_grad():
+        for name in module.parametrizations.keys():
+            value = getattr(module, name)  # the parametrization's output, as the module computes
+            plain._parameters[name] = nn.Parameter(value.detach().clone(),
+                                                   requires_grad=value.requires_grad)
+    return plain
 
 
 def _fold(conv: nn.Module, bn: nn.Module, bn_name: str) -> nn.Module:
     """The one convolution computing bn(conv(x)) in eval mode (a new module)."""
     _check_running_stats(bn, bn_name)
-    return fuse_conv_bn_eval(conv, bn)
+    return fuse_conv_bn_eval(_unparametrized(conv), _unparametrized(bn))
 
 
 def _fused_children(container: nn.Module, name: str) -> nn.Module:
