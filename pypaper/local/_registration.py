@@ -86,8 +86,9 @@ def _fake_head(feat, weight, bias, y):
 # ---- autograd --------------------------------------------------------------------------------
 
 class _NoSecondDerivative(torch.autograd.Function):
-    """grad unchanged, tied to ``anchors`` (the weight and the bias: those that require grad) in
-    the autograd graph; differentiating it raises. The fused ops' parameter gradients come out of
+    """grad unchanged, tied to ``anchors`` (the weight and the bias: those that require grad;
+    for the local head also one element of its input, _feature_anchor) in the autograd graph;
+    differentiating it raises. The fused ops' parameter gradients come out of
     the forward's kernels as plain tensors, so a backward built with create_graph=True (double
     backward, a gradient penalty, HAWQ's Hutchinson traces) saw them as constants:
     d(grad_weight)/d(weight) came out as zero, silently. Tied to the parameters, a second
@@ -99,12 +100,12 @@ class _NoSecondDerivative(torch.autograd.Function):
     generate_vmap_rule = True  # per-sample gradients (vmap over torch.func.grad) pass here
 
     @staticmethod
-    def forward(grad, anchor, anchor2, op):
+    def forward(grad, anchor, anchor2, anchor3, op):
         return grad.view_as(grad)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # the form torch.func transforms accept
-        ctx.op = inputs[3]
+        ctx.op = inputs[4]
 
     @staticmethod
     def backward(ctx, *_):
@@ -116,17 +117,32 @@ class _NoSecondDerivative(torch.autograd.Function):
 
 
 def _first_order_only(ctx, grads):
-    """grads as they are, unless the backward runs with create_graph=True and the weight or the
-    bias (ctx.anchors) takes part in the graph: then each is tied to those that do through
-    _NoSecondDerivative."""
+    """grads as they are, unless the backward runs with create_graph=True and the weight, the
+    bias or the head's feature anchor (ctx.anchors) takes part in the graph: then each is tied
+    to those that do through _NoSecondDerivative."""
     if not torch.is_grad_enabled():
         return grads
     anchors = [t for t in ctx.anchors if t is not None and t.requires_grad]
     if not anchors:
         return grads
-    a, b = anchors[0], (anchors[1] if len(anchors) > 1 else None)
-    return tuple(g if g is None else _NoSecondDerivative.apply(g, a, b, ctx.op_name)
+    a, b, c = (anchors + [None, None])[:3]
+    return tuple(g if g is None else _NoSecondDerivative.apply(g, a, b, c, ctx.op_name)
                  for g in grads)
+
+
+def _feature_anchor(feat):
+    """One element of ``feat`` copied out (a 1-element tensor whose graph leads to feat's), or
+    None: the local head's third anchor. The head's input gradient is also formed without a
+    graph (the broadcast of the saved [N, C] grad_pooled), so a second derivative through it
+    toward what made feat (an input-gradient penalty on the block's parameters; the head's
+    own weight and bias frozen or not asked for) came out as zero, silently. Tied to this
+    element, such a derivative reaches _NoSecondDerivative and raises. One element, not feat:
+    its select keeps only feat's sizes, and the [N, C, H, W] map the fused head exists to drop
+    is not kept alive."""
+    if not (feat.requires_grad and feat.numel() > 0):
+        return None
+    with torch.enable_grad():  # setup_context runs inside the op's forward, without grad
+        return feat[(0,) * feat.dim()].clone()
 
 
 def _scaled(g, t, like):
@@ -173,7 +189,8 @@ def _head_setup(ctx, inputs, output):
     loss, logits, gp, gw, gb = output
     for o in (logits, gp, gw, gb):
         ctx.mark_non_differentiable(o)
-    ctx.anchors = (weight, bias)  # referred to, not saved (see _layer_setup)
+    # referred to, not saved (see _layer_setup); the third: _feature_anchor
+    ctx.anchors = (weight, bias, _feature_anchor(feat))
     ctx.save_for_backward(gp, gw, gb)
     ctx.feat_shape = feat.shape
     ctx.feat_dtype = feat.dtype

@@ -84,3 +84,79 @@ def test_func_grad_of_grad_raises_and_first_order_func_grad_is_unchanged():
         torch.func.jacrev(torch.func.jacrev(lambda w: loss_fn(w, b)))(w0)
     with pytest.raises(NotImplementedError, match="local_ff_linear"):
         torch.func.grad(lambda w: torch.func.grad(lambda v: loss_fn(v, b))(w).sum())(w0)
+
+
+# ---- the head's input gradient (2026-12-07) ------------------------------------------------------
+
+def _penalty_setup(head_trainable):
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    scale = torch.randn(5, 3, 1, 1, dtype=torch.float64, requires_grad=True)  # "the block"
+    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=head_trainable)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=head_trainable)
+
+    def feat_of(scale):
+        return torch.tanh((x.unsqueeze(1) * scale).sum(2))  # [6, 5, 2, 2]
+
+    return feat_of, scale, w, b, y
+
+
+@pytest.mark.parametrize("head_trainable", [False, True], ids=["frozen head", "trained head"])
+def test_an_input_gradient_penalty_on_the_block_raises_instead_of_zero(head_trainable):
+    """R = |dL/dfeat|^2 differentiated w.r.t. the block's parameters: the head's input gradient
+    is formed without a graph. With the head's weight and bias frozen there was no anchor at
+    all, and dR/dscale came back without an error (failed before 2026-12-07); with a trained
+    head the weight's anchor already refused (a control). The plain-autograd reference gives a
+    nonzero dR/dscale."""
+    feat_of, scale, w, b, y = _penalty_setup(head_trainable)
+    from pypaper.local import reference
+
+    feat = feat_of(scale)
+    loss = reference.head_loss(feat, w, b, y)[0]
+    gfeat, = torch.autograd.grad(loss, feat, create_graph=True)
+    want, = torch.autograd.grad(gfeat.pow(2).sum(), scale)
+    assert want.abs().max() > 1e-6  # the true derivative is not zero
+
+    feat = feat_of(scale)
+    loss = ops.head_loss(feat, w, b, y)[0]
+    gfeat_fused, = torch.autograd.grad(loss, feat, create_graph=True)
+    torch.testing.assert_close(gfeat_fused, gfeat.detach())  # first order unchanged
+    with pytest.raises(NotImplementedError, match="local_head"):
+        torch.autograd.grad(gfeat_fused.pow(2).sum(), scale)
+
+
+def test_the_head_keeps_no_feature_map_for_the_anchor():
+    """The anchor is one element copied out: the [N, C, H, W] input is not kept alive by the
+    head's graph (the point of the fused head)."""
+    import weakref
+
+    feat_of, scale, w, b, y = _penalty_setup(True)
+    x = torch.randn(6, 5, 4, 4, dtype=torch.float64)
+    feat = x * scale.reshape(1, 5, 3, 1)[..., :1, :]  # MulBackward keeps x and scale, not feat
+    ref = weakref.ref(feat)
+    loss = ops.head_loss(feat, w, b, y)[0]
+    del feat
+    assert ref() is None
+    loss.backward()
+    assert scale.grad is not None and scale.grad.abs().sum() > 0
+
+
+def test_per_sample_input_gradients_still_work():
+    """vmap over torch.func.grad runs the backward with a graph (create_graph): a first-order
+    per-sample input gradient must not raise."""
+    from torch import func
+
+    feat_of, scale, w, b, y = _penalty_setup(False)
+    feat = feat_of(scale).detach()
+
+    t = y[1:2]  # one label for every sample (the label checks read values: not vmapped)
+
+    def loss_one(f):
+        return ops.head_loss(f.unsqueeze(0), w, b, t)[0]
+
+    per_sample = func.vmap(func.grad(loss_one))(feat)
+    for i in range(feat.shape[0]):
+        f = feat[i:i + 1].clone().requires_grad_()
+        want, = torch.autograd.grad(ops.head_loss(f, w, b, t)[0], f)
+        torch.testing.assert_close(per_sample[i], want[0])
