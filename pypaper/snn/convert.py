@@ -192,7 +192,13 @@ def _build(old: nn.Module, target: type, sltt: bool) -> nn.Module:
         step_mode=old.step_mode, store_v_seq=bool(getattr(old, "store_v_seq", False)),
         backend=backend if backend in _neuron.BaseNode.supported_backends else "torch",
         sltt=sltt or type(old).__name__ in _ALWAYS_SLTT, learnable_threshold=learnable,
-        threshold_shape=tuple(vth.shape) if learnable else None)
+        # No threshold_shape: the Parameter is assigned below, undeclared, as PLIF's w is. A
+        # declared shape must have the features' rank ((C, 1, 1) for [N, C, H, W]), which
+        # SpikingJelly never asked of it: its charge broadcasts the threshold against each step
+        # by torch's rules, so a (1, C, 1, 1), or a (C,) against [N, L, C] tokens, ran there and
+        # the converted neuron raised at its first call. Undeclared, the op takes it by the same
+        # broadcasting.
+        threshold_shape=None)
     if target is _neuron.IFNode:
         new = target(**common)
     elif target is _neuron.LIFNode:
