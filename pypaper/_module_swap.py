@@ -6,11 +6,30 @@ state_dict hook of a training framework) expects it to keep firing on the layer 
 in its place, and the handle torch gave them to keep removing it: ``share_hooks`` hands the new
 layer the old one's hook dictionaries themselves. ``copy_hooks`` (for a constructor such as
 ``WTACRSLinear.from_linear``, after which both layers live on) gives it copies.
+
+torch's hook-based weight reparametrizations are the exception: ``torch.nn.utils.prune``
+(weight = weight_orig * weight_mask), the deprecated ``torch.nn.utils.weight_norm`` (weight =
+g v / ||v||) and ``torch.nn.utils.spectral_norm`` (weight = weight_orig / sigma) recompute the
+layer's weight from the layer's own tensors in a forward pre-hook (spectral_norm adds state_dict
+hooks). A layer swapped in for it (a quantized linear) has none of those tensors: the hook raised
+AttributeError at the model's first forward, after the swap. They stay with the old layer only;
+the converter builds the new one from their current value (``current_value``).
+
+``parametrized_modules(model)``: the modules inside ``torch.nn.utils.parametrize``
+parametrizations (``layer.parametrizations.weight[0]``, ...). They transform a weight, not the
+model's activations: a converter of layers must not swap them (a few-bit Tanh inside a tanh
+weight parametrization trained the weight with an approximate derivative).
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.modules.module import _WrappedHook
+from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import (SpectralNorm, SpectralNormLoadStateDictPreHook,
+                                          SpectralNormStateDictHook)
+from torch.nn.utils.weight_norm import WeightNorm
 
 # nn.Module's per-module hook dictionaries (torch 2.x)
 HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -19,13 +38,92 @@ HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_al
               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
+_REPARAM_HOOKS = (BasePruningMethod, WeightNorm, SpectralNorm, SpectralNormStateDictHook,
+                  SpectralNormLoadStateDictPreHook)
+
+
+def is_weight_reparam_hook(hook) -> bool:
+    """Whether a module hook belongs to torch's hook-based weight reparametrization (prune,
+    weight_norm, spectral_norm): it reads and writes tensors of the module it was applied to."""
+    if isinstance(hook, _WrappedHook):
+        hook = hook.hook
+    return isinstance(hook, _REPARAM_HOOKS)
+
+
+def reparam_pre_hooks(module: nn.Module) -> dict:
+    """{tensor name: forward pre-hook} of the hook-based reparametrizations on ``module``
+    (``{"weight": L1Unstructured}`` for a pruned weight, ...)."""
+    out = {}
+    for hook in getattr(module, "_forward_pre_hooks", {}).values():
+        if isinstance(hook, BasePruningMethod):
+            out[hook._tensor_name] = hook
+        elif isinstance(hook, (WeightNorm, SpectralNorm)):
+            out[hook.name] = hook
+    return out
+
+
+def current_value(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>`` as the module's next forward computes it.
+
+    A parametrized tensor is computed by its property. A hook-based one is recomputed here: the
+    attribute ``module.weight`` of a pruned (or hook weight_norm) layer is only written by the
+    forward pre-hook, so after an optimizer step on weight_orig (weight_v) and before the next
+    forward it still holds the old weight. spectral_norm's estimate of sigma is taken as it is
+    (no power iteration: the eval-mode forward's weight; this leaves its u, v untouched)."""
+    hook = reparam_pre_hooks(module).get(name)
+    if hook is None:
+        return getattr(module, name)
+    if isinstance(hook, BasePruningMethod):
+        return hook.apply_mask(module)  # weight_orig * weight_mask
+    if isinstance(hook, SpectralNorm):
+        return hook.compute_weight(module, do_power_iteration=False)
+    return hook.compute_weight(module)  # weight_norm: g * v / ||v||
+
+
+def has_computed_tensors(module: nn.Module) -> bool:
+    """Whether a tensor of ``module`` (its weight, its bias) is computed from others on access or
+    in a forward pre-hook, rather than held as a Parameter."""
+    return parametrize.is_parametrized(module) or bool(reparam_pre_hooks(module))
+
+
+def computed_tensor_names(module: nn.Module) -> list:
+    """The names of ``module``'s computed tensors (parametrized, or written by a pre-hook)."""
+    names = list(module.parametrizations.keys()) if parametrize.is_parametrized(module) else []
+    return names + [n for n in reparam_pre_hooks(module) if n not in names]
+
+
+def describe_reparam(module: nn.Module) -> str:
+    """'weight: parametrized by _WeightNorm; bias: torch.nn.utils.prune.L1Unstructured (forward
+    pre-hook)', for messages."""
+    parts = []
+    if parametrize.is_parametrized(module):
+        for name, plist in module.parametrizations.items():
+            parts.append(f"{name}: parametrized by "
+                         + ", ".join(type(p).__name__ for p in plist))
+    for name, hook in reparam_pre_hooks(module).items():
+        parts.append(f"{name}: {type(hook).__module__}.{type(hook).__name__} (forward pre-hook)")
+    return "; ".join(parts)
+
+
+def parametrized_modules(model: nn.Module) -> set:
+    """ids of the modules inside parametrizations of ``model``'s modules (the
+    ``parametrizations`` ModuleDicts, their ParametrizationLists, the parametrizations and
+    everything under them)."""
+    inside = set()
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            inside.update(id(x) for x in m.parametrizations.modules())
+    return inside
+
+
 def copy_hooks(src: nn.Module, dst: nn.Module) -> None:
     """dst gets copies of src's module hooks (forward, backward, state_dict, load_state_dict), so
     a layer swapped in place behaves as the one it replaces for whoever hooked it. Handles given
     out for src keep removing from src only."""
     for name in HOOK_DICTS:
         if hasattr(src, name):
-            setattr(dst, name, type(getattr(src, name))(getattr(src, name)))
+            setattr(dst, name, type(getattr(src, name))(
+                (k, h) for k, h in getattr(src, name).items() if not is_weight_reparam_hook(h)))
     if getattr(src, "_is_full_backward_hook", None) is not None:
         dst._is_full_backward_hook = src._is_full_backward_hook
 
@@ -35,11 +133,23 @@ def share_hooks(src: nn.Module, dst: nn.Module) -> None:
     either before or after the swap runs on whichever is in the model, and its handle (which
     holds the dictionary) removes it. load_state_dict pre-hooks registered with their module
     (``register_load_state_dict_pre_hook``: torch keeps a weak reference to the module and
-    passes it to the hook) are pointed at dst, which now loads in src's place."""
+    passes it to the hook) are pointed at dst, which now loads in src's place.
+
+    The hooks of torch's hook-based reparametrizations (prune, weight_norm, spectral_norm: they
+    compute src's weight from src's weight_orig / weight_g ..., which dst does not have) are not
+    shared: src keeps every hook in dicts of its own (so src, out of the model, still runs as
+    before, and prune.remove / remove_weight_norm still work on it), and dst takes the shared
+    dicts without those hooks. A handle of another hook given out before the swap then removes
+    it from dst only, not from src's copy."""
     for name in HOOK_DICTS:
         if not hasattr(src, name):
             continue
         hooks = getattr(src, name)
+        own = [k for k, h in hooks.items() if is_weight_reparam_hook(h)]
+        if own:
+            setattr(src, name, type(hooks)(hooks))
+            for k in own:
+                del hooks[k]
         if name == "_load_state_dict_pre_hooks":
             for key, hook in list(hooks.items()):
                 if isinstance(hook, _WrappedHook) and hook.with_module:

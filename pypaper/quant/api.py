@@ -15,7 +15,6 @@ mapping HAWQ returns) plug in through the same protocol.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 import warnings
@@ -23,8 +22,10 @@ from collections.abc import Mapping
 from typing import Callable, Optional
 
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .._module_swap import share_hooks
+from .._module_swap import (HOOK_DICTS, computed_tensor_names, current_value, has_computed_tensors,
+                            is_weight_reparam_hook, parametrized_modules, share_hooks)
 from .configs import QuantConfig
 from .qlinear import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear,
                       _QuantizedLinear, check_group_size)
@@ -218,6 +219,9 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
     mapping = _unwrap_mapping(config)
     # remove_duplicate=False: a module shared by two parents is listed under both names.
     modules = dict(model.named_modules(remove_duplicate=False))
+    # a Linear inside a parametrization (layer.parametrizations.weight[0].proj) transforms a
+    # weight, not the model's activations: it is no layer of the model to quantize
+    inside = parametrized_modules(model)
     if mapping is not None:
         names, patterns, default = _parse_mapping(mapping)
         missing = sorted(set(names) - set(modules))
@@ -230,13 +234,17 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
                     if _is_quantized(mod) else ""
                 raise TypeError(f"config mapping names {fqn!r}, a {type(mod).__name__}, not an "
                                 f"nn.Linear{hint}")
+            if cfg is not None and id(mod) in inside:
+                raise ValueError(f"config mapping names {fqn!r}, a module inside a "
+                                 f"parametrization (torch.nn.utils.parametrize): it computes a "
+                                 f"weight, it is not a layer of the model to quantize")
     # per distinct module: its names, and the choices (a config, or None = keep float) made for it
     names_of: dict[int, list] = {}
     choices: dict[int, dict] = {}
     first: dict[int, tuple] = {}
     warned = set()
     for fqn, mod in modules.items():
-        if not isinstance(mod, nn.Linear):
+        if not isinstance(mod, nn.Linear) or id(mod) in inside:
             continue
         key = id(mod)
         names_of.setdefault(key, []).append(fqn)
@@ -309,7 +317,7 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
     # Build every replacement first, so a config that rejects one layer leaves the model untouched.
     new = []
     for fqn, mod, cfg, all_names in targets:
-        src = mod if device is None else _moved_copy(mod, device)
+        src = _float_source(mod, device)
         try:
             q = cfg.apply(src, fqn)
         except ValueError as e:
@@ -323,7 +331,9 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
     for all_names, q, mod in new:
         # hooks registered on the float layer (activation statistics, profilers, a framework's
         # state_dict hooks) keep firing on the layer that now runs in its place, and their
-        # handles keep removing them, as with torchao's in-place weight swap
+        # handles keep removing them, as with torchao's in-place weight swap. Not the hooks of
+        # prune / weight_norm / spectral_norm, which rebuild the float layer's own weight from
+        # its weight_orig (...): the quantized layer holds their current value (_float_source)
         share_hooks(mod, q)
         for fqn in all_names:
             parent_name, _, child = fqn.rpartition(".")
@@ -356,16 +366,50 @@ def _disable_fused_transformer_paths(model: nn.Module, swapped: set) -> None:
             mod.use_nested_tensor = False
 
 
-def _moved_copy(linear: nn.Linear, device) -> nn.Linear:
-    """A shallow copy of ``linear`` whose parameters and buffers are on ``device`` (new tensor
-    objects: the original module and its Parameters are not changed)."""
-    moved = copy.copy(linear)
-    moved._parameters = {k: None if p is None else nn.Parameter(p.detach().to(device),
-                                                                requires_grad=p.requires_grad)
-                         for k, p in linear._parameters.items()}
-    moved._buffers = {k: None if b is None else b.to(device) for k, b in linear._buffers.items()}
-    moved._modules = dict(linear._modules)
-    return moved
+def _float_source(linear: nn.Linear, device=None) -> nn.Linear:
+    """The nn.Linear a config quantizes in place of ``linear``: ``linear`` itself when its weight
+    and bias are plain Parameters and no device is asked for; else a shallow stand-in whose
+    Parameters are new tensor objects (on ``device`` when given) holding the values the layer's
+    next forward would use. The original module, its Parameters and its parametrizations are
+    not changed.
+
+    * A parametrized weight (torch.nn.utils.parametrizations.weight_norm / spectral_norm /
+      orthogonal, a user's parametrization) is its current value W = f(original). parametrize
+      gives the module a class of its own (ParametrizedLinear, a subclass of its class) whose
+      ``weight`` property reads ``parametrizations``: the stand-in takes the module's own class
+      back and plain Parameters (its ``parametrizations`` are left out, so the stand-in cannot
+      reach, or write through, the ones the model's module holds). A plain copy of the module
+      kept reading the original's tensors (``device=`` quantized them where they were).
+    * A pruned weight (torch.nn.utils.prune) is weight_orig * weight_mask, computed now: the
+      attribute ``weight`` is only refreshed by the forward pre-hook, so after an optimizer step
+      it is stale. The hook-based weight_norm / spectral_norm likewise (current_value).
+    """
+    if device is None and not has_computed_tensors(linear):
+        return linear
+    parametrized = parametrize.is_parametrized(linear)
+    move = (lambda t: t) if device is None else (lambda t: t.to(device))
+    # a shallow copy made by hand (a parametrized module refuses copy.copy, which pickles): a
+    # new __dict__, the tensors and submodules shared until replaced below
+    cls = type(linear).__bases__[0] if parametrized else type(linear)
+    src = cls.__new__(cls)
+    src.__dict__.update(linear.__dict__)
+    for name in HOOK_DICTS:  # hooks a config might register on src do not reach linear
+        if name in src.__dict__:
+            src.__dict__[name] = type(src.__dict__[name])(src.__dict__[name])
+    params = {k: None if p is None else nn.Parameter(move(p.detach()),
+                                                     requires_grad=p.requires_grad)
+              for k, p in linear._parameters.items()}
+    for name in computed_tensor_names(linear):
+        t = current_value(linear, name)
+        params[name] = nn.Parameter(move(t.detach()), requires_grad=t.requires_grad)
+        src.__dict__.pop(name, None)  # prune's plain attribute would shadow the Parameter
+    src._parameters = params
+    src._buffers = {k: None if b is None else move(b) for k, b in linear._buffers.items()}
+    src._modules = {k: m for k, m in linear._modules.items()
+                    if not (parametrized and k == "parametrizations")}
+    for k in [k for k, h in src._forward_pre_hooks.items() if is_weight_reparam_hook(h)]:
+        del src._forward_pre_hooks[k]
+    return src
 
 
 def model_bytes(model: nn.Module) -> int:

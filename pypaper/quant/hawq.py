@@ -46,12 +46,15 @@ def select_layers(model: nn.Module, filter_fn: Optional[Callable] = None) -> dic
     """The nn.Linear layers of ``model`` that ``filter_fn(module, fqn)`` accepts (all if None),
     among those ``quantize_`` can swap: the allocation's mapping names its layers explicitly, and
     quantize_ refuses an nn.MultiheadAttention's out_proj (the attention reads its weight
-    directly) and a subclass with its own forward (which the swap would drop). Those stay in
-    float and take no share of the budget."""
+    directly), a subclass with its own forward (which the swap would drop) and a Linear inside
+    a parametrization (it transforms a weight). Those stay in float and take no share of the
+    budget."""
     from .api import swappable
+    from .._module_swap import parametrized_modules
 
+    inside = parametrized_modules(model)  # a Linear transforming a weight: quantize_ skips it
     layers = {n: m for n, m in model.named_modules()
-              if swappable(m) and (filter_fn is None or filter_fn(m, n))}
+              if swappable(m) and id(m) not in inside and (filter_fn is None or filter_fn(m, n))}
     if not layers:
         raise ValueError("model has no nn.Linear layer matching filter_fn that quantize_ can "
                          "swap: nothing to allocate bits to")
@@ -134,6 +137,36 @@ def _probing(model: nn.Module, params: list[torch.Tensor]):
             p.requires_grad_(False)
         for m, t in flags:
             m.training = t
+
+
+@contextlib.contextmanager
+def _plain_weights(model: nn.Module, layers: dict):
+    """{name: the weight tensor each layer's forward multiplies by}, for the Hessian probes.
+
+    A plain layer's weight is its Parameter. A parametrized weight (weight_norm, spectral_norm,
+    orthogonal, ...) is recomputed at every access and a pruned / hook weight_norm one in every
+    forward's pre-hook: the tensor read before the forward is not in the loss's graph, so its
+    gradient came back "unused" and the layer got a trace of 0 (the least sensitive layer:
+    the allocation gave it the fewest bits). Such a layer is replaced, while probing, by a
+    stand-in nn.Linear holding the current value W as a Parameter (quantize_'s _float_source:
+    the same forward and hooks, no parametrization): the trace is that of ∂²L/∂W², the Hessian
+    of the weight quantize_ quantizes. The model gets its own modules back afterwards."""
+    from .api import _float_source
+    from .._module_swap import has_computed_tensors
+
+    stands = {id(m): _float_source(m) for m in layers.values() if has_computed_tensors(m)}
+    swapped = []
+    try:
+        for parent in list(model.modules()):
+            for attr, child in list(parent._modules.items()):
+                if child is not None and id(child) in stands:
+                    swapped.append((parent, attr, child))
+                    parent._modules[attr] = stands[id(child)]
+        yield {n: stands[id(m)].weight if id(m) in stands else m.weight
+               for n, m in layers.items()}
+    finally:
+        for parent, attr, child in reversed(swapped):
+            parent._modules[attr] = child
 
 
 def _rademacher(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -232,6 +265,10 @@ def _power_iteration(model, loss_fn, batches, param, iters, tol, seed) -> float:
 def quantization_error(layer: nn.Linear, config: QuantConfig, fqn: str = "") -> float:
     """‖Q(W) − W‖² of a layer under ``config``: the quantized layer's weight read back by running
     it on the identity (works for any config whose module is linear in its input)."""
+    from .api import _float_source
+
+    # a parametrized / pruned layer: the weight its forward computes now (what quantize_ takes)
+    layer = _float_source(layer)
     q = config.apply(layer, fqn)
     eye = torch.eye(layer.in_features, dtype=torch.float32, device=layer.weight.device)
     out = q(eye)
@@ -364,8 +401,8 @@ def hawq(model: nn.Module, loss_fn: Callable, data, *, avg_bits: Optional[float]
         raise ValueError(f"{arg}={value} is below the smallest possible model ({smallest} bits: "
                          f"{min(bpw.values())} bits per weight)")
     errors = {n: {b: quantization_error(m, configs[b], n) for b in opts} for n, m in layers.items()}
-    traces = hutchinson_trace(model, loss_fn, data, {n: m.weight for n, m in layers.items()},
-                              n_probes=n_probes, seed=seed)
+    with _plain_weights(model, layers) as weights:
+        traces = hutchinson_trace(model, loss_fn, data, weights, n_probes=n_probes, seed=seed)
     # a negative Hutchinson estimate (a non-convex direction, or noise) counts as 0 sensitivity
     clamped = {n: max(t, 0.0) for n, t in traces.items()}
     bits, cost, size = allocate_bits(clamped, errors, numels, budget_bits=budget_bits,

@@ -26,8 +26,9 @@ import warnings
 from typing import Callable, Optional
 
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .._module_swap import share_hooks
+from .._module_swap import has_computed_tensors, parametrized_modules, share_hooks
 from .modules import SampleGroup, WTACRSLinear, check_config
 
 _ORIGINAL = "_wtacrs_original"
@@ -48,8 +49,10 @@ def convert(model: nn.Module, keep_ratio: float = 0.3,
     done: dict = {}  # id(original) -> its WTACRSLinear: a module under two names stays one
     created: set = set()  # ids of the layers made by this call
     stream = 0
+    # a Linear inside a parametrization computes a weight, not a layer of the model
+    inside = parametrized_modules(model)
     for parent_name, parent in list(model.named_modules()):
-        if isinstance(parent, WTACRSLinear):
+        if isinstance(parent, WTACRSLinear) or id(parent) in inside:
             continue
         prefix = parent_name + "." if parent_name else ""
         siblings: dict = {}
@@ -61,14 +64,18 @@ def convert(model: nn.Module, keep_ratio: float = 0.3,
                     child.estimator, child.generator = estimator, generator
                     child.store_dtype = store_dtype
                 continue
-            if type(child) is not nn.Linear:
+            # parametrize gives a parametrized nn.Linear a class of its own (ParametrizedLinear,
+            # an nn.Linear subclass): it is an nn.Linear for this purpose, and gets the warning
+            plain_cls = type(child).__bases__[0] if parametrize.is_parametrized(child) \
+                else type(child)
+            if plain_cls is not nn.Linear:
                 continue
             if filter_fn is not None and not filter_fn(child, prefix + attr):
                 continue
             if id(child) in done:
                 setattr(parent, attr, done[id(child)])
                 continue
-            if "weight" not in child._parameters:
+            if has_computed_tensors(child) or "weight" not in child._parameters:
                 # torch.nn.utils.prune / parametrize / weight_norm compute .weight from other
                 # tensors on every call: sharing it as a Parameter would freeze one value
                 warnings.warn(f"wtacrs.convert: {prefix + attr} is left as nn.Linear: its weight "

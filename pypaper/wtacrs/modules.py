@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._module_swap import copy_hooks
+from .._module_swap import copy_hooks, describe_reparam, has_computed_tensors
 from . import ops
 from .grad_norms import GradNormCache, check_ids, current_sample_ids
 from .reference import budget
@@ -131,9 +131,20 @@ class WTACRSLinear(nn.Linear):
                     estimator: str = "wta-crs", generator: Optional[torch.Generator] = None, *,
                     store_dtype=None, grad_norm_device=None) -> "WTACRSLinear":
         """A WTACRSLinear sharing ``linear``'s Parameter objects (optimizers, tied weights and
-        the original module all see the same tensors)."""
+        the original module all see the same tensors). A Linear whose weight or bias is
+        computed (torch.nn.utils.parametrize, prune, weight_norm, spectral_norm) has no such
+        Parameter to share: ValueError naming the parametrization."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        if has_computed_tensors(linear):
+            # its weight (bias) is recomputed from other tensors at every access or forward:
+            # the new layer would hold one value of it (a tensor that is not a Parameter: torch
+            # refused it with "cannot assign 'torch.FloatTensor' as parameter 'weight'")
+            raise ValueError(
+                f"WTACRSLinear.from_linear: linear's tensors are computed, not Parameters "
+                f"({describe_reparam(linear)}); make them plain first "
+                f"(torch.nn.utils.parametrize.remove_parametrizations, prune.remove, "
+                f"remove_weight_norm) or keep the layer as it is")
         new = cls(linear.in_features, linear.out_features, linear.bias is not None,
                   device="meta", dtype=linear.weight.dtype, keep_ratio=keep_ratio, min_k=min_k,
                   estimator=estimator, generator=generator, store_dtype=store_dtype,

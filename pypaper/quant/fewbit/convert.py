@@ -17,7 +17,8 @@ GELUTanh(use_gelu_tanh_python=True), ...: formulas that torch's functions match 
 rounding) are left alone, so the forward of a converted model is unchanged bit for bit; convert
 warns when it finds nothing to convert. Converting a converted model again with another ``bits``
 rebuilds the activations it converted before. ``filter_fn(module, fully_qualified_name) -> bool``
-restricts the swap (torchao style).
+restricts the swap (torchao style). Modules inside torch.nn.utils.parametrize parametrizations
+(weight transforms) are left alone.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..._module_swap import share_hooks
+from ..._module_swap import parametrized_modules, share_hooks
 from . import modules as M
 from . import ops, tables
 
@@ -260,9 +261,15 @@ def convert(model: nn.Module, bits: Optional[int] = tables.DEFAULT_BITS,
     if isinstance(model, M.FewBitActivation):
         raise ValueError("model is itself a few-bit activation; convert its parent")
     replaced = set()  # modules swapped out: left untouched, so revert restores them as they were
+    # the modules inside parametrizations (a tanh weight transform:
+    # layer.parametrizations.weight[0].act) act on weights, not on the model's activations: a
+    # few-bit backward there saves no memory (the weight is kept anyway) and trained the weight
+    # with the table's approximate derivative
+    inside = parametrized_modules(model)
     converted = 0  # activations converted now or by an earlier call (and kept by filter_fn)
     for parent_name, parent in list(model.named_modules()):
-        if isinstance(parent, M.FewBitActivation) or id(parent) in replaced:
+        if (isinstance(parent, M.FewBitActivation) or id(parent) in replaced
+                or id(parent) in inside):
             continue
         prefix = parent_name + "." if parent_name else ""
         for attr, child in list(parent._modules.items()):
