@@ -157,3 +157,50 @@ def share_hooks(src: nn.Module, dst: nn.Module) -> None:
         setattr(dst, name, hooks)
     if getattr(src, "_is_full_backward_hook", None) is not None:
         dst._is_full_backward_hook = src._is_full_backward_hook
+
+
+def float_stand_in(linear: nn.Module, device=None) -> nn.Module:
+    """The module a converter reads in place of ``linear`` (a Linear that quantize_ quantizes and
+    HAWQ probes, a convolution conv_bn_fusion folds): ``linear`` itself when its weight and bias
+    are plain Parameters and no device is asked for; else a shallow stand-in whose
+    Parameters are new tensor objects (on ``device`` when given) holding the values the layer's
+    next forward would use. The original module, its Parameters and its parametrizations are
+    not changed.
+
+    * A parametrized weight (torch.nn.utils.parametrizations.weight_norm / spectral_norm /
+      orthogonal, a user's parametrization) is its current value W = f(original). parametrize
+      gives the module a class of its own (ParametrizedLinear, a subclass of its class) whose
+      ``weight`` property reads ``parametrizations``: the stand-in takes the module's own class
+      back and plain Parameters (its ``parametrizations`` are left out, so the stand-in cannot
+      reach, or write through, the ones the model's module holds). A plain copy of the module
+      kept reading the original's tensors (``device=`` quantized them where they were).
+    * A pruned weight (torch.nn.utils.prune) is weight_orig * weight_mask, computed now: the
+      attribute ``weight`` is only refreshed by the forward pre-hook, so after an optimizer step
+      it is stale. The hook-based weight_norm / spectral_norm likewise (current_value).
+    """
+    if device is None and not has_computed_tensors(linear):
+        return linear
+    parametrized = parametrize.is_parametrized(linear)
+    move = (lambda t: t) if device is None else (lambda t: t.to(device))
+    # a shallow copy made by hand (a parametrized module refuses copy.copy, which pickles): a
+    # new __dict__, the tensors and submodules shared until replaced below
+    cls = type(linear).__bases__[0] if parametrized else type(linear)
+    src = cls.__new__(cls)
+    src.__dict__.update(linear.__dict__)
+    for name in HOOK_DICTS:  # hooks a config might register on src do not reach linear
+        if name in src.__dict__:
+            src.__dict__[name] = type(src.__dict__[name])(src.__dict__[name])
+    params = {k: None if p is None else nn.Parameter(move(p.detach()),
+                                                     requires_grad=p.requires_grad)
+              for k, p in linear._parameters.items()}
+    for name in computed_tensor_names(linear):
+        t = current_value(linear, name)
+        params[name] = nn.Parameter(move(t.detach()), requires_grad=t.requires_grad)
+        src.__dict__.pop(name, None)  # prune's plain attribute would shadow the Parameter
+    src._parameters = params
+    src._buffers = {k: None if b is None else move(b) for k, b in linear._buffers.items()}
+    src._modules = {k: m for k, m in linear._modules.items()
+                    if not (parametrized and k == "parametrizations")}
+    for k in [k for k, h in src._forward_pre_hooks.items() if is_weight_reparam_hook(h)]:
+        del src._forward_pre_hooks[k]
+    return src

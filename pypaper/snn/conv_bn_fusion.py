@@ -47,9 +47,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .._module_swap import float_stand_in
 from .delays import DelayedLinear
 from .surrogate import SurrogateFunctionBase
 
@@ -190,37 +190,14 @@ def _fusable(conv: nn.Module, bn: nn.Module, fold: bool) -> bool:
             and _standard(conv, bn, fold) and not _has_hooks(conv) and not _has_hooks(bn))
 
 
-def _unparametrized(module: nn.Module) -> nn.Module:
-    """``module`` itself, or where torch.nn.utils.parametrize computes some of its tensors
-    (parametrizations.weight_norm / spectral_norm / orthogonal, a user's parametrization), a
-    copy holding their current values as plain Parameters: what the module computes in eval
-    mode, and a weight fuse_conv_bn_eval can replace (on the parametrized module it raised
-    KeyError "attribute 'weight' already exists")."""
-    if not parametrize.is_parametrized(module):
-        return module
-    # Not deepcopy + remove_parametrizations: a copy keeps parametrize's injected class, shared
-    # with the original, and removing the parametrization deletes the weight property from that
-    # class - the model's own module then lost its weight ("'ParametrizedConv2d' object has no
-    # attribute 'weight'"). The injected class subclasses the module's own class: an instance of
-    # that one, with the module's attributes and the computed tensors as Parameters (shared
-    # otherwise: fuse_conv_bn_eval deep-copies what it is given).
-    cls = type(module).__bases__[0]
-    plain = cls.__new__(cls)
-    plain.__dict__.update(module.__dict__)
-    plain._modules = {k: m for k, m in module._modules.items() if k != "parametrizations"}
-    plain._parameters = dict(module._parameters)
-    with torch.no_grad():
-        for name in module.parametrizations.keys():
-            value = getattr(module, name)  # the parametrization's output, as the module computes
-            plain._parameters[name] = nn.Parameter(value.detach().clone(),
-                                                   requires_grad=value.requires_grad)
-    return plain
-
-
 def _fold(conv: nn.Module, bn: nn.Module, bn_name: str) -> nn.Module:
     """The one convolution computing bn(conv(x)) in eval mode (a new module)."""
     _check_running_stats(bn, bn_name)
-    return fuse_conv_bn_eval(_unparametrized(conv), _unparametrized(bn))
+    # a conv under parametrizations.weight_norm / spectral_norm: a stand-in with the weight's
+    # current value as a Parameter (on the parametrized module fuse_conv_bn_eval raised KeyError
+    # "attribute 'weight' already exists"; removing the parametrization from a deep copy deleted
+    # the weight property from parametrize's class, which the model's own module shares)
+    return fuse_conv_bn_eval(float_stand_in(conv), float_stand_in(bn))
 
 
 def _fused_children(container: nn.Module, name: str) -> nn.Module:
