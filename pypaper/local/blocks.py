@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .data_parallel import check_not_ddp_wrapped, require_process_group, sync_grads
+from .data_parallel import (_group_size, check_not_ddp_wrapped, require_process_group,
+                            sync_grads)
 
 
 def _channels(shape) -> int:
@@ -540,10 +541,19 @@ def _check_data_parallel(data_parallel) -> None:
     if data_parallel is not True:
         import torch.distributed as dist
 
-        if not (dist.is_available() and isinstance(data_parallel, dist.ProcessGroup)):
+        # new_group() hands a rank outside the group the int sentinel NON_GROUP_MEMBER, not a
+        # ProcessGroup: let it through to the membership check's clear error below
+        if not (dist.is_available() and (isinstance(data_parallel, dist.ProcessGroup) or
+                                         _is_non_member(dist, data_parallel))):
             raise TypeError(f"data_parallel must be a bool or a torch.distributed ProcessGroup, "
                             f"got {type(data_parallel).__name__}")
-    require_process_group()  # before the blocks run: no half-done step on a setup error
+    dist = require_process_group()  # before the blocks run: no half-done step on a setup error
+    if data_parallel is not True:
+        _group_size(dist, data_parallel, "LocalSequential.train_step(data_parallel=group)")
+
+
+def _is_non_member(dist, group) -> bool:
+    return (type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER)
 
 
 def _optimizer_key(optimizer) -> tuple:

@@ -8,9 +8,12 @@ applies the same update and the replicas stay identical.
     opt = torch.optim.Adam(net.parameters())
     net.train_step(x_shard, y_shard, opt, data_parallel=True)     # LocalSequential
 
-    ff = FFNetwork([784, 500, 500], 10)            # networks whose train_step steps by itself:
+    ff = FFNetwork([784, 500, 500], 10)            # Forward-Forward: negatives drawn and the
+    ff.train_step(x_shard, y_shard, opt, data_parallel=True)  # overlay value taken batch-wide
+
+    tp = TPNetwork([784, 500], 10)                 # networks whose train_step steps by itself:
     sync_grads_on_step(opt)                        # the optimizer averages before every step
-    ff.train_step(x_shard, y_shard, opt)
+    tp.train_step(x_shard, y_shard, opt)
 
     for layer in layers: layer.local_step(...)     # a hand-written loop
     sync_grads(layers)
@@ -32,7 +35,9 @@ For W ranks with equal-sized shards B_1..B_W (|B_r| = n) of the batch B = B_1 u 
 the gradient of one process on the concatenated batch. This holds for each layer's / block's
 local loss separately, since every row's l_i depends only on that row (its activations come from
 its own input row): Forward-Forward's mean_pos + mean_neg terms (equal positive and negative
-counts per rank), tpSGD's 1/(2N) sum ||h - t||^2, the aux heads' cross-entropy. It does NOT hold
+counts per rank; FFNetwork.train_step(..., data_parallel=True) also draws the negatives and
+takes the overlay value - by default the batch max - as one process on the whole batch does),
+tpSGD's 1/(2N) sum ||h - t||^2, the aux heads' cross-entropy. It does NOT hold
 for batch-coupled layers: BatchNorm in train mode normalises with the shard's statistics, not the
 batch's (use nn.SyncBatchNorm, GPU only, whose collectives run in the same block order on every
 rank), and its running statistics stay per-rank buffers. With unequal shards the average weights
@@ -110,6 +115,16 @@ def _trainable(obj) -> list:
     return out
 
 
+def _group_size(dist, group, who: str) -> int:
+    """The size of ``group``; a clear error on a rank outside it (torch's collectives return
+    there without doing anything, after a warning: the layout check then reported a model
+    mismatch that did not exist)."""
+    if group is not None and dist.get_rank(group) < 0:
+        raise ValueError(f"{who}: this process (global rank {dist.get_rank()}) is not a member of "
+                         f"the process group passed; call it only on the group's ranks")
+    return dist.get_world_size(group)
+
+
 def _comm_device(params, dist, group):
     if params:
         return params[0].device
@@ -165,7 +180,7 @@ def sync_grads(params: Union[nn.Module, Iterable, torch.optim.Optimizer], group=
                             "with sparse=True?): use dense gradients")
     dist = require_process_group()
     group = _resolve_group(group)
-    world = dist.get_world_size(group)
+    world = _group_size(dist, group, "sync_grads")
     if world == 1:
         return
     dev = _comm_device(params, dist, group)
@@ -225,7 +240,8 @@ def sync_grads_on_step(optimizer: torch.optim.Optimizer, group=None, *,
                        bucket_bytes: int = DEFAULT_BUCKET_BYTES):
     """Make ``optimizer`` average its parameters' gradients over ``group`` right before each
     ``step()`` (a step pre-hook running sync_grads(optimizer, group)): for training loops that
-    step inside (FFNetwork.train_step, FFSingleForwardNetwork.train_step, TPNetwork.train_step)
+    step inside (FFSingleForwardNetwork.train_step, TPNetwork.train_step; FFNetwork.train_step
+    averages, but its negatives and overlay value stay per shard: pass it data_parallel=True)
     or to put the sync in one place. Returns the hook's handle (``.remove()`` undoes it).
 
     Not with a GradScaler: scaler.step skips optimizer.step() on a rank whose gradients hold an
@@ -239,12 +255,13 @@ def sync_grads_on_step(optimizer: torch.optim.Optimizer, group=None, *,
     if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) or bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be a positive int, got {bucket_bytes!r}")
     group = _resolve_group(group)
-    _mark_synced(_trainable(optimizer))
 
     def hook(opt, args, kwargs):
         sync_grads(opt, group, bucket_bytes=bucket_bytes)
 
-    return optimizer.register_step_pre_hook(hook)
+    handle = optimizer.register_step_pre_hook(hook)
+    _mark_synced(optimizer, handle)
+    return handle
 
 
 @torch.no_grad()
@@ -256,14 +273,15 @@ def broadcast_parameters(module: nn.Module, src: int = 0, group=None,
     dist = require_process_group()
     group = _resolve_group(group)
     tensors = list(module.parameters()) + (list(module.buffers()) if buffers else [])
-    if dist.get_world_size(group) == 1:
+    world = _group_size(dist, group, "broadcast_parameters")
+    if world == 1:
         return module
     sig = _layout_signature(tensors)
     head = torch.tensor([sig, sig * sig], dtype=torch.int64,
                         device=_comm_device(tensors, dist, group))
     dist.all_reduce(head, group=group)
     s1, s2 = (int(v) for v in head.tolist())
-    if dist.get_world_size(group) * s2 != s1 * s1:
+    if world * s2 != s1 * s1:
         raise ValueError("broadcast_parameters: the parameters / buffers differ across ranks "
                          "(shapes, dtypes or count): build the same model on every rank")
     for t in tensors:
@@ -278,22 +296,70 @@ def broadcast_parameters(module: nn.Module, src: int = 0, group=None,
 
 # --- the DDP trap --------------------------------------------------------------------------
 
-# Modules already checked (they were not inside a DDP wrapper at their first local step in a
-# multi-process run): the scan of the heap is paid once per module, not per step.
-_CHECKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-# Parameters whose gradients an optimizer averages before every step (sync_grads_on_step):
-# inside a DDP wrapper they train correctly.
-_SYNCED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+# Modules found outside every DDP wrapper, with the value of _DDP_GENERATION at that check: the
+# result stands until a new DDP wraps a module (which bumps the generation), so a model wrapped
+# *after* its first local step is caught at its next one.
+_CHECKED: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+# Optimizers with sync_grads_on_step hooks: {optimizer: {hook ids}}. A module whose trainable
+# parameters all belong to optimizers whose hook is still registered trains correctly inside a
+# DDP wrapper; the ids are looked up in the optimizer's own pre-hook dict, so handle.remove()
+# ends the exemption.
+_SYNC_OPTIMIZERS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, set]" = (
+    weakref.WeakKeyDictionary())
+# The live DistributedDataParallel wrappers of this process, kept by a global module
+# registration hook (DDP's constructor assigns ``self.module = module``, which runs it) once the
+# first multi-process local step installed it; the wrappers built before that are found by one
+# scan of the garbage collector's objects at installation.
+_DDP_WRAPPERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_DDP_GENERATION = 0
+_DDP_WATCH = None  # (the DDP class, the registration hook's handle) once installed
 
 
-def _mark_synced(params) -> None:
-    for p in params:
-        _SYNCED[id(p)] = p
+def _mark_synced(optimizer, handle) -> None:
+    _SYNC_OPTIMIZERS.setdefault(optimizer, set()).add(handle.id)
 
 
 def _is_synced(module: nn.Module) -> bool:
     ps = [p for p in module.parameters() if p.requires_grad]
-    return bool(ps) and all(_SYNCED.get(id(p)) is p for p in ps)
+    if not ps:
+        return False
+    held = set()  # ids of parameters held by an optimizer that syncs (alive: it holds them)
+    for opt, hook_ids in list(_SYNC_OPTIMIZERS.items()):
+        live = getattr(opt, "_optimizer_step_pre_hooks", {})
+        if any(h in live for h in hook_ids):
+            held.update(id(p) for g in opt.param_groups for p in g["params"])
+    return all(id(p) in held for p in ps)
+
+
+def _on_module_registered(parent, name, submodule):
+    """Global module registration hook: records a DDP wrapper when it takes its module."""
+    global _DDP_GENERATION
+    if submodule is not None and issubclass(type(parent), _DDP_WATCH[0]):
+        _DDP_WRAPPERS.add(parent)
+        _DDP_GENERATION += 1
+    return None  # the submodule is registered unchanged
+
+
+def _watch_ddp() -> bool:
+    """Start tracking the DDP wrappers of this process (once); False without DDP."""
+    global _DDP_WATCH
+    if _DDP_WATCH is None:
+        try:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+        except ImportError:  # pragma: no cover - torch without distributed
+            _DDP_WATCH = (None, None)
+            return False
+        from torch.nn.modules.module import register_module_module_registration_hook
+
+        _DDP_WATCH = (DDP, register_module_module_registration_hook(_on_module_registered))
+        # The wrappers built before the hook: one scan of the heap (~50 ms per ~200k objects),
+        # once per process. issubclass(type(o)) rather than isinstance: isinstance reads
+        # o.__class__, which on some lazily deprecated objects (torch.distributed.reduce_op)
+        # emits a warning.
+        for o in gc.get_objects():
+            if issubclass(type(o), DDP):
+                _DDP_WRAPPERS.add(o)
+    return _DDP_WATCH[0] is not None
 
 
 def _ddp_wrapper_of(module: nn.Module):
@@ -301,20 +367,13 @@ def _ddp_wrapper_of(module: nn.Module):
 
     DDP leaves no mark on the module it wraps (torch 2.13: no attribute on the module or its
     parameters; its gradient hooks sit on the parameters' AccumulateGrad nodes in C++, invisible
-    from Python), so the wrappers are found in the garbage collector's list of live objects -
-    every DDP is a tracked container object there while it is alive. One scan costs ~50 ms per
-    ~200k objects; it runs once per module, only in a multi-process run."""
-    try:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-    except ImportError:  # pragma: no cover - torch without distributed
+    from Python), so the wrappers themselves are tracked (_watch_ddp) and their trees walked."""
+    if not _watch_ddp():
         return None
-    # issubclass(type(o)) rather than isinstance: isinstance reads o.__class__, which on some
-    # lazily deprecated objects (torch.distributed.reduce_op) emits a warning.
-    for o in gc.get_objects():
-        if issubclass(type(o), DDP):
-            inner = getattr(o, "module", None)
-            if isinstance(inner, nn.Module) and any(m is module for m in inner.modules()):
-                return o
+    for ddp in list(_DDP_WRAPPERS):
+        inner = getattr(ddp, "module", None)
+        if isinstance(inner, nn.Module) and any(m is module for m in inner.modules()):
+            return ddp
     return None
 
 
@@ -322,15 +381,22 @@ def check_not_ddp_wrapped(module: nn.Module, what: str) -> None:
     """Raise if ``module`` sits inside a torch DistributedDataParallel wrapper in a multi-process
     run and nothing averages its gradients: DDP's all-reduce is armed by its own forward, which
     ``what`` (a local step) never goes through, so every rank would silently train its own copy.
-    Free in a single process (no process group, or a group of one); once per module otherwise."""
-    if module in _CHECKED:
+    Free in a single process (no process group, or a group of one); otherwise a walk of the
+    live wrappers' module trees, once per module until a new wrapper is built.
+
+    Under torch.compile the check is skipped: dynamo cannot trace the heap scan (it crashed with
+    an InternalTorchDynamoError on a dead weakref), and a guard could not see a wrapper built
+    later anyway. An eager step before compiling checks the module."""
+    if torch.compiler.is_compiling():
+        return
+    if _CHECKED.get(module) == _DDP_GENERATION:
         return
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     if _is_synced(module):
-        return
+        return  # not cached: removing the sync hook must bring the check back
     ddp = _ddp_wrapper_of(module)
     if ddp is not None:
         raise RuntimeError(
@@ -342,4 +408,4 @@ def check_not_ddp_wrapped(module: nn.Module, what: str) -> None:
             f"sync_grads_on_step(optimizer) (for FFNetwork / TPNetwork train_step), or "
             f"sync_grads(model) before optimizer.step(); broadcast_parameters(model) makes the "
             f"initial weights identical as DDP's constructor did")
-    _CHECKED.add(module)
+    _CHECKED[module] = _DDP_GENERATION

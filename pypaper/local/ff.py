@@ -39,16 +39,56 @@ class FFNetwork(nn.Module):
         self.layers = nn.ModuleList(FFLinear(a, b, threshold=threshold)
                                     for a, b in zip(sizes[:-1], sizes[1:]))
 
-    def train_step(self, x, y, optimizer, generator=None, value=None):
+    def train_step(self, x, y, optimizer, generator=None, value=None, *, data_parallel=False):
         """One step on a batch: every layer's local_step on (positive, negative) pairs, then the
-        optimizer. Returns the per-layer losses."""
+        optimizer. Returns the per-layer losses.
+
+        Data parallel (every rank holds the whole net, x / y are this rank's shard):
+        ``data_parallel=True`` (the default process group) or a ProcessGroup makes the step that
+        of one process on the concatenated batch (equal-sized shards, the ranks' generators -
+        or global RNGs - in the same state, as after seeding every rank alike):
+          * the wrong labels are drawn for all W * n rows, as the single process draws them, and
+            rank r keeps rows r n .. (r + 1) n - 1. Drawing n per rank gave every rank the SAME
+            offsets (identical generator states), correlated negatives across the batch;
+          * value=None (the overlay value is the batch max) takes the max over all the shards
+            (one all_reduce MAX); each shard's own max made the overlays differ from the
+            single process's, the loss then coupled to the shard;
+          * the gradients are averaged (sync_grads) before optimizer.step().
+        sync_grads_on_step(optimizer) alone averages the gradients but keeps per-shard draws
+        and overlay values."""
+        group = world = None
+        if data_parallel is not False and data_parallel is not None:
+            import torch.distributed as dist
+
+            from .blocks import _check_data_parallel
+            from .data_parallel import _group_size, _resolve_group
+
+            _check_data_parallel(data_parallel)  # bool / group, a process group exists
+            group = _resolve_group(data_parallel)
+            world = _group_size(dist, group, "FFNetwork.train_step(data_parallel=...)")
+        if world is not None and world > 1:
+            n, rank = y.shape[0], dist.get_rank(group)
+            # the single process's draw for the whole batch of W * n rows, this rank's rows:
+            # y repeated W times has the whole batch's shape, and its rows r n .. (r + 1) n - 1
+            # are y (the drawn offsets do not depend on the labels)
+            whole = y.repeat(world, *([1] * (y.dim() - 1)))
+            wrong = wrong_labels(whole, self.num_classes, generator)[rank * n:(rank + 1) * n]
+            if value is None:  # the batch max = the max of the shards' maxima
+                m = x.detach().max().reshape(1)
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+                value = float(m)
+        else:
+            wrong = wrong_labels(y, self.num_classes, generator)
         xp = overlay_label(x, y, self.num_classes, value)
-        xn = overlay_label(x, wrong_labels(y, self.num_classes, generator), self.num_classes,
-                           value)
+        xn = overlay_label(x, wrong, self.num_classes, value)
         losses = []
         for layer in self.layers:
             loss, xp, xn = layer.local_step(xp, xn)
             losses.append(loss)
+        if world is not None:
+            from .data_parallel import sync_grads
+
+            sync_grads(self, group)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return torch.stack(losses)
