@@ -80,6 +80,21 @@ def current_value(module: nn.Module, name: str) -> torch.Tensor:
     return hook.compute_weight(module)  # weight_norm: g * v / ||v||
 
 
+def run_reparam_hooks(module: nn.Module) -> None:
+    """Run ``module``'s forward pre-hooks of torch's hook-based weight reparametrizations
+    (prune: weight = weight_orig * mask; the deprecated weight_norm: g v / ||v||; spectral_norm:
+    W / sigma, with its power iteration in training), as a call of the module would. For a layer
+    whose weight is read without calling it (a fused op taking ``layer.weight``): otherwise the
+    attribute keeps the tensor the last call (or the reparametrization itself) computed - stale
+    after an optimizer step on weight_orig / weight_g ... - and its graph, freed by the first
+    backward, makes the second one raise "Trying to backward through the graph a second time".
+    (A torch.nn.utils.parametrize parametrization needs nothing: its property recomputes on
+    access.)"""
+    for hook in list(module._forward_pre_hooks.values()):
+        if is_weight_reparam_hook(hook):
+            hook(module, ())
+
+
 def has_computed_tensors(module: nn.Module) -> bool:
     """Whether a tensor of ``module`` (its weight, its bias) is computed from others on access or
     in a forward pre-hook, rather than held as a Parameter."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Parameter
 
+from .._module_swap import run_reparam_hooks
 from . import reference
 from .ops import hopfield_retrieve
 
@@ -185,6 +186,10 @@ class HopfieldCore(nn.Module):
         """Batch-first [N, L|S, *] inputs -> head-split q [N, H, L, d], k [N, H, S, d],
         v [N, H, S, dv] in the Hopfield space (hflayers' projections and normalisation)."""
         H = self.num_heads
+        # the core is never called (hflayers calls its core): a prune / hook weight_norm /
+        # spectral_norm pre-hook on it runs here, as a call would (its weight was stale and the
+        # second backward raised)
+        run_reparam_hooks(self)
         wq, wk, wv = self.split_weights()
         b = self.in_proj_bias
         hd = self.virtual_hopfield_dim

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._module_swap import run_reparam_hooks
 from . import ops
 from .data_parallel import (_group_size, check_not_ddp_wrapped, require_process_group,
                             sync_grads)
@@ -62,6 +63,10 @@ class LinearHead(nn.Module):
         return self.linear(pooled)
 
     def loss(self, feat: torch.Tensor, y: torch.Tensor):
+        # the linear is read, not called: a prune / hook weight_norm pre-hook on it runs here,
+        # as a call would (the weight was stale, and the second local_step raised "backward
+        # through the graph a second time")
+        run_reparam_hooks(self.linear)
         return ops.head_loss(feat, self.linear.weight, self.linear.bias, y)
 
 

@@ -4,7 +4,9 @@ target projection (TargetProjectionLinear).
 Each has ``forward(x)`` (the detached activations for the next layer; no graph is built) and
 ``local_step(...)``: one fused op (pypaper.local.ops) computes the output, the local loss and the
 parameter gradients, which are accumulated into ``.grad``; the user's optimizer does the update.
-No tensor is kept for a backward pass.
+No tensor is kept for a backward pass. A weight (bias) computed by torch's reparametrizations
+(torch.nn.utils.parametrize, prune, weight_norm, spectral_norm) is no leaf: its gradient from the
+op is carried to the original parameters by autograd (_LocalLinear._step_params).
 
 Data parallel: .grad is written without autograd, so torch's DistributedDataParallel never sees
 it (local_step raises inside one); average with pypaper.local.sync_grads / sync_grads_on_step.
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._module_swap import current_value, has_computed_tensors, run_reparam_hooks
 from . import ops, reference
 from .data_parallel import check_not_ddp_wrapped
 
@@ -61,7 +64,52 @@ class _LocalLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def _params(self):
-        return self.weight.detach(), (None if self.bias is None else self.bias.detach())
+        """(weight, bias) detached, as the layer's next forward computes them: under a
+        torch.nn.utils.parametrize parametrization (weight_norm, spectral_norm, orthogonal, ...)
+        the property's value; under a hook-based one (torch.nn.utils.prune, the deprecated
+        torch.nn.utils.weight_norm) the tensor recomputed from weight_orig * weight_mask /
+        g v / ||v||, since the attribute is only refreshed by a forward through __call__ and
+        goodness() / scores() call forward directly."""
+        w = current_value(self, "weight")
+        b = current_value(self, "bias")
+        return w.detach(), (None if b is None else b.detach())
+
+    def _step_params(self):
+        """What local_step hands the fused op: (weight, bias, (grad_weight, grad_bias),
+        accumulate, finish). ``finish()`` runs after the op.
+
+        Plain Parameters: the op writes dL/dW, dL/db straight into their .grad (_grads).
+
+        A weight (or bias) computed from other parameters - W = g v / ||v|| (weight_norm),
+        W = W_orig / sigma (spectral_norm), W = W_orig * mask (prune), any
+        parametrize.register_parametrization - is no leaf: a .grad written on it reaches no
+        parameter, and the optimizer of parametrizations.weight.original* / weight_orig /
+        weight_g, weight_v would silently never move the weight. There the op writes the
+        gradient w.r.t. the effective tensors into scratch buffers and autograd carries it
+        through the reparametrization: dL/d(original) = (dW/d(original))^T dL/dW, accumulated
+        into the originals' .grad as a backward through a forward would. The hook-based
+        reparametrizations run their pre-hooks here first, as a forward through __call__ does
+        (local_step is not one): the weight is the current one, not the attribute left by the
+        last forward (stale after an optimizer step), and spectral_norm does its power
+        iteration of the training step."""
+        if not has_computed_tensors(self):
+            w, b = self.weight.detach(), (None if self.bias is None else self.bias.detach())
+            (gw, gb), acc = self._grads()
+            return w, b, (gw, gb), acc, lambda: None
+        with torch.enable_grad():  # the effective tensors with their graph to the originals
+            run_reparam_hooks(self)
+            w, b = self.weight, self.bias
+        tensors = [t for t in (w, b) if t is not None]
+        scratch = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+
+        def finish():
+            live = [(t, g) for t, g in zip(tensors, scratch) if t.requires_grad]
+            if live:  # a frozen original (requires_grad=False) gets no .grad, as in nn.Linear
+                torch.autograd.backward([t for t, _ in live], [g for _, g in live])
+
+        gb = scratch[1] if b is not None else None
+        return (w.detach(), None if b is None else b.detach(), (scratch[0], gb), False,
+                finish)
 
     def _grads(self):
         """The .grad tensors the fused op writes into, and whether it adds to them (they
@@ -153,12 +201,12 @@ class FFLinear(_LocalLinear):
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != self.in_features:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{name} must have shape [N, {self.in_features}], got {got}")
-        x = torch.cat([x_pos.detach(), x_neg.detach()]).to(self.weight.dtype)
-        w, b = self._params()
+        w, b, (gw, gb), acc, finish = self._step_params()
+        x = torch.cat([x_pos.detach(), x_neg.detach()]).to(w.dtype)
         p = x_pos.shape[0]
-        (gw, gb), acc = self._grads()
         h, loss = ops.ff_linear_into(x, w, b, gw, gb, num_pos=p, threshold=self.threshold,
                                      normalize=self.normalize, eps=self.eps, accumulate=acc)
+        finish()
         return loss, h[:p], h[p:]
 
     def extra_repr(self) -> str:
@@ -211,10 +259,10 @@ class FFClassEmbeddingLinear(_LocalLinear):
         if class_x is not None:
             self._check_x(class_x, "class_x")
         cx = self.class_inputs if class_x is None else class_x.detach()
-        w, b = self._params()
-        (gw, gb), acc = self._grads()
+        w, b, (gw, gb), acc, finish = self._step_params()
         h, e, loss = ops.ff_sf_linear_into(x.detach(), cx, w, b, y, gw, gb, self.normalize,
                                            self.eps, self.temperature, accumulate=acc)
+        finish()
         return loss, h, e
 
 
@@ -261,10 +309,10 @@ class TargetProjectionLinear(_LocalLinear):
     def local_step(self, x: torch.Tensor, y: torch.Tensor):
         check_not_ddp_wrapped(self, "TargetProjectionLinear.local_step")
         self._check_x(x)  # before the op: a wrong width is x's fault, not the weight's
-        w, b = self._params()
-        (gw, gb), acc = self._grads()
+        w, b, (gw, gb), acc, finish = self._step_params()
         h, loss = ops.tp_linear_into(x.detach().to(w.dtype), w, b, self.proj, y, gw, gb,
                                      self.activation, self._op_sign, accumulate=acc)
+        finish()
         return loss, h
 
     def extra_repr(self) -> str:

@@ -56,8 +56,10 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .. import _backend, _ext
+from .._module_swap import reparam_pre_hooks
 from . import delays_reference
 
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "reference")}
@@ -415,10 +417,41 @@ class DelayedLinear(nn.Module):
             raise RuntimeError("the delays were rounded (round_delays()); sigma is fixed at 0")
         self.sigma = sigma
 
+    def _position_reparam(self) -> Optional[str]:
+        """How ``position`` is computed from other tensors, or None when it is the Parameter."""
+        if parametrize.is_parametrized(self, "position"):
+            return ("torch.nn.utils.parametrize (" + ", ".join(
+                type(m).__name__ for m in self.parametrizations["position"]) + ")")
+        hook = reparam_pre_hooks(self).get("position")
+        return None if hook is None else f"the forward pre-hook {type(hook).__name__}"
+
     @torch.no_grad()
     def clamp_positions_(self) -> None:
-        """Clamp the positions to [0, max_delay - 1] in place (call after optimizer.step())."""
-        self.position.clamp_(0, self.max_delay - 1)
+        """Clamp the positions to [0, max_delay - 1] in place (call after optimizer.step()).
+
+        Under a parametrization of ``position`` (a user constraint, e.g. p = (K - 1)
+        sigmoid(u)) the attribute is recomputed on every access: clamping it in place changed a
+        temporary and left the parameter u alone, silently. Positions already in range are left
+        as they are (the parametrization keeps them there); out-of-range ones are written back
+        through the parametrization's right_inverse (an error names it when it has none)."""
+        how = self._position_reparam()
+        if how is None:
+            self.position.clamp_(0, self.max_delay - 1)
+            return
+        if not parametrize.is_parametrized(self, "position"):
+            raise RuntimeError(f"clamp_positions_: position is computed by {how}, whose stored "
+                               "tensors are not the positions; remove it first")
+        p = self.position
+        if p.numel() == 0 or (p.min() >= 0 and p.max() <= self.max_delay - 1):
+            return
+        try:
+            self.position = p.clamp(0, self.max_delay - 1)  # parametrize: via right_inverse
+        except (NotImplementedError, RuntimeError) as e:
+            raise RuntimeError(
+                f"clamp_positions_: position is parametrized by {how}, which gives positions "
+                f"outside [0, {self.max_delay - 1}] and cannot be assigned the clamped ones "
+                f"({e}); give the parametrization a right_inverse, or make it keep the "
+                "positions in range") from e
 
     @torch.no_grad()
     def round_delays(self) -> "DelayedLinear":
@@ -429,7 +462,19 @@ class DelayedLinear(nn.Module):
         the op's zero gradient Adam's momentum and weight decay moved them off the integers,
         changing the delays). As for any frozen parameter, build DistributedDataParallel after
         it (or pass find_unused_parameters=True). reset_parameters() makes them learnable
-        again."""
+        again.
+
+        A ``position`` computed by a parametrization (or pruning / weight_norm hook) is refused:
+        rounding and freezing the recomputed attribute changed a temporary, so the positions
+        kept learning (Adam's momentum moving the delays) with ``finalized`` saying rounded."""
+        how = self._position_reparam()
+        if how is not None:
+            raise RuntimeError(
+                f"round_delays: position is computed by {how}, so the rounded delays cannot be "
+                "stored and frozen in it; remove the parametrization first, keeping the current "
+                "positions (torch.nn.utils.parametrize.remove_parametrizations(layer, "
+                "'position'), or torch.nn.utils.prune.remove(layer, 'position')), then call "
+                "round_delays()")
         self.position.clamp_(0, self.max_delay - 1).round_()
         self.position.grad = None
         self.position.requires_grad_(False)

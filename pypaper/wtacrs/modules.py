@@ -211,15 +211,18 @@ class WTACRSLinear(nn.Linear):
         if input.shape[-1:] != (self.in_features,):
             raise ValueError(f"input must have in_features = {self.in_features} features in its "
                              f"last dim, got shape {tuple(input.shape)}")
-        if not (self.training and self.weight.requires_grad and torch.is_grad_enabled()):
-            return F.linear(input, self.weight, self.bias)
+        # read once: under a parametrization every read recomputes the weight (spectral_norm's
+        # power iteration ran twice per step where nn.Linear runs it once)
+        weight = self.weight
+        if not (self.training and weight.requires_grad and torch.is_grad_enabled()):
+            return F.linear(input, weight, self.bias)
         # rows = every leading dim flattened; math.prod, not reshape(-1, d): with d = 0
         # (in_features = 0, which nn.Linear accepts) the -1 is ambiguous and reshape refuses
         n = math.prod(input.shape[:-1])
         x = input.reshape(n, self.in_features)
         k = budget(n, self.keep_ratio, self.min_k)
         if k >= n:  # every row kept: nothing to save over nn.Linear, and it is exact
-            return F.linear(input, self.weight, self.bias)
+            return F.linear(input, weight, self.bias)
         ids = sample_ids
         if ids is None and not torch.compiler.is_compiling():  # the context is eager-only
             ids = current_sample_ids()
@@ -235,7 +238,7 @@ class WTACRSLinear(nn.Linear):
             kept, idx, step = group.sample(self, input, x, k, ids, store)
         else:
             kept, idx, step = self._draw(x, k, ids, cache, store)
-        y = ops.linear(x, self.weight, self.bias, kept, idx)
+        y = ops.linear(x, weight, self.bias, kept, idx)
         if ids is not None and y.requires_grad:
             y.register_hook(_StoreNorms(cache, ids.detach(), step))
         return y.reshape(*input.shape[:-1], self.out_features)
