@@ -508,6 +508,16 @@ class LocalSequential(nn.Module):
             self.after_step()
         return torch.stack(losses)
 
+    def __getstate__(self):
+        # _opt_key records that the optimizer with that id held this net's aux / head
+        # Parameters. A deep copy or a torch.load'ed twin has Parameters of its own, which that
+        # optimizer does not hold: carrying the key over skipped the check, and the copy's
+        # train_step(x, y, optimizer) with the original's optimizer ran every backward and
+        # stepped nothing of the copy, silently (its .grad only grew). The copy checks again.
+        state = super().__getstate__().copy()
+        state.pop("_opt_key", None)
+        return state
+
     def recalibrate_batchnorm(self, inputs, batch_size: int = 500) -> "LocalSequential":
         """Re-estimate the BatchNorm statistics of the blocks and the head (what ``forward``
         uses) with the final weights - ``recalibrate_batchnorm``; the aux nets are not on the

@@ -58,11 +58,12 @@ class BitLinear(nn.Module):
     """nn.Linear whose weights are n-bit signed integers (times a fixed α) learned bit by bit.
 
     Parameters: ``bit_latents`` [n, out, in] (bit i of every weight, least significant first),
-    ``sign_latent`` [out, in], ``bias`` (float). Buffer ``initial_bits`` [n, out, in] (bool): the
-    random start, saved in the state_dict for :func:`bits_report` (empty when unknown: loaded
-    from a checkpoint that lacks it). ``keep_top_bits`` (None or k in 0..n): use only the k most
-    significant bits (for the bits report). The weight is computed in float32 (float64 for
-    float64 latents) whatever the latents' dtype, so it is exact after ``.half()`` too.
+    ``sign_latent`` [out, in], ``bias`` (float). Buffer ``initial_bits`` [n, out, in] (uint8, 0
+    or 1): the random start, saved in the state_dict for :func:`bits_report` (empty when
+    unknown: loaded from a checkpoint that lacks it). ``keep_top_bits`` (None or k in 0..n):
+    use only the k most significant bits (for the bits report). The weight is computed in
+    float32 (float64 for float64 latents) whatever the latents' dtype, so it is exact after
+    ``.half()`` too.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 8, bias: bool = True,
@@ -89,8 +90,12 @@ class BitLinear(nn.Module):
         # The random start of every bit, for bits_report's "flipped from init" count. Persistent,
         # so a checkpoint reloaded into a fresh BitLinear (whose own random start differs)
         # reports against the real start; an empty tensor means "unknown" (a checkpoint saved
-        # before this buffer was persistent), see _load_from_state_dict.
-        self.register_buffer("initial_bits", rb.to(torch.bool).to(device))
+        # before this buffer was persistent), see _load_from_state_dict. uint8 0/1, not bool:
+        # torch.optim.swa_utils.AveragedModel(model, use_buffers=True) (SWA averaging the
+        # BatchNorm statistics along) subtracts buffers, which torch refuses for bool ("Subtraction
+        # ... with two bool tensors is not supported"); a 0/1 integer buffer equal in the model
+        # and the average stays as it is. A checkpoint holding the bool buffer loads (copy_).
+        self.register_buffer("initial_bits", rb.to(torch.uint8).to(device))
         if bias:
             bound = 1.0 / math.sqrt(in_features)
             self.bias = nn.Parameter(torch.empty(out_features, device=gdev).uniform_(
@@ -116,9 +121,9 @@ class BitLinear(nn.Module):
         # start is still the right one and stays (torch reports the keys missing as usual).
         legacy = src is None and (prefix + "bit_latents") in state_dict
         if legacy or (src is not None and src.numel() == 0):
-            self._buffers["initial_bits"] = torch.zeros(0, dtype=torch.bool, device=dev)
+            self._buffers["initial_bits"] = torch.zeros(0, dtype=torch.uint8, device=dev)
         elif src is not None and self.initial_bits.numel() == 0:  # unknown start here, a known one in the checkpoint
-            self._buffers["initial_bits"] = torch.zeros(self.bit_latents.shape, dtype=torch.bool,
+            self._buffers["initial_bits"] = torch.zeros(self.bit_latents.shape, dtype=torch.uint8,
                                                         device=dev)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

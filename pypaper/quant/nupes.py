@@ -137,6 +137,11 @@ class PowerQuantLinear(nn.Module):
         mod = cls(linear.in_features, linear.out_features, bits, linear.bias is not None,
                   learnable=learnable, device=w.device,
                   dtype=w.dtype if w.dtype == torch.float64 else torch.float32)
+        if w.is_meta:
+            # `with torch.device("meta"): quantize_(build(), config)` then
+            # load_state_dict(checkpoint, assign=True), as for the int8 / int4 layers: there is
+            # nothing to quantize (the range check reads values, .item() on meta raised)
+            return mod
         with torch.no_grad():
             wf = w.to(mod.max_abs.dtype if w.dtype != torch.float64 else w.dtype)
             mod.max_abs.copy_(channel_max_abs(wf, per_channel=True).to(mod.max_abs.dtype))
@@ -192,9 +197,13 @@ class PowerQuantLinear(nn.Module):
         return self.bits * n + 32 * self.out_features + 32 + (
             32 * self.out_features if self.bias is not None else 0)
 
+    def _exponent_repr(self) -> str:
+        # a meta-device skeleton (quantize_ under torch.device("meta")) has no value to print
+        return "meta" if self.exponent.is_meta else f"{float(self.exponent.detach()):.4f}"
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}, exponent={float(self.exponent.detach()):.4f}, "
+                f"bits={self.bits}, exponent={self._exponent_repr()}, "
                 f"learnable={self.learnable}")
 
 
@@ -233,8 +242,10 @@ class PowerExponentConfig(QuantConfig):
             raise TypeError(f"PowerExponentConfig applies to nn.Linear, got "
                             f"{type(module).__name__} at {fqn!r}")
         a = self.exponent
-        if a is None:
+        if a is None and not module.weight.is_meta:
             a, _ = search_exponent(module.weight.detach().float(), self.bits)
+        # a model built on the meta device has no values to search on: its layers get their
+        # shapes, and their exponent, ranges and codes from load_state_dict(..., assign=True)
         return PowerQuantLinear.from_linear(module, self.bits, a, learnable=self.learn)
 
 

@@ -397,8 +397,14 @@ class DelayedLinear(nn.Module):
             state = dict(state)
             sigma = state.pop("sigma")
             state["_sigma"] = float(sigma)
-            state["_sigma_t"] = _sigma_tensor(float(sigma))
         super().__setstate__(state)
+        # sigma's tensor is made again from the float, on the CPU: torch.load(map_location=...)
+        # moves every pickled storage, this one too, but the C++ op reads sigma on the host: a
+        # layer loaded with map_location="cuda" and then moved with .cpu() raised "sigma must be
+        # a CPU tensor, got cuda:0"; one loaded with map_location="meta" held a meta sigma
+        if "_sigma" in self.__dict__:
+            with torch.inference_mode(False):
+                self._sigma_t = _sigma_tensor(self._sigma)
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's rule

@@ -18,10 +18,19 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_device(t, name: str, like) -> None:
+    torch._check(t.device == like.device,
+                 lambda: f"{name} must be on {like.device}, got {t.device}")
+
+
 def _fake_forward(x, activation, params, borders, levels, bits, fold):
     torch._check(x.dtype in _FLOATS, lambda: f"x must be a floating tensor, got {x.dtype}")
     torch._check(1 <= bits <= 4, lambda: f"bits must be 1, 2, 3 or 4, got {bits}")
     torch._check(levels.numel() == 2 ** bits, lambda: "levels must hold 2^bits values")
+    # the C++ kernels check the devices too; here it matters most: a table on the meta device
+    # with a real x dispatched to this fake kernel, which returned uninitialised y and codes
+    _check_device(borders, "borders", x)
+    _check_device(levels, "levels", x)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     codes = x.new_empty(((x.numel() * bits + 7) // 8,), dtype=torch.uint8)
     return y, codes
@@ -32,6 +41,8 @@ def _fake_backward(grad, codes, levels, bits):
     torch._check(codes.dtype == torch.uint8, lambda: f"codes must be uint8, got {codes.dtype}")
     torch._check(codes.numel() == (grad.numel() * bits + 7) // 8,
                  lambda: "codes must hold ceil(bits * grad.numel() / 8) bytes")
+    _check_device(codes, "codes", grad)
+    _check_device(levels, "levels", grad)
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 

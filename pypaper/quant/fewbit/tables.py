@@ -86,6 +86,18 @@ class Approximation:
         self.fold, self.error, self.exact = bool(fold), float(error), bool(exact)
         self._tensors: dict = {}
 
+    # The (dtype, device) -> tensors cache is not part of the table: a pickled / torch.save'd
+    # model kept it, and torch.load(map_location=...) moved its tensors without changing their
+    # keys. A model saved on cuda:0 and loaded with map_location="cpu" then moved back with
+    # .cuda() found CPU tables under the cuda:0 key (the op refused them); one loaded with
+    # map_location="meta" and materialised with to_empty(device="cpu") got meta tables under
+    # the CPU key, so the op dispatched to its fake kernel and returned uninitialised outputs.
+    # The cache is rebuilt from borders / levels (plain floats) on first use.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_tensors"] = {}
+        return state
+
     def __repr__(self) -> str:
         return (f"Approximation({self.name!r}, params={self.params}, bits={self.bits}, "
                 f"borders={tuple(round(b, 4) for b in self.borders)}, "
