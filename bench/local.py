@@ -188,7 +188,9 @@ def _step_providers(arch, depth, batch, width, device):
     kinds = ("dgl", "man") if arch == "mlp" else ("dgl",)
     for kind in kinds:
         net = L.LocalSequential(make(), kind, num_classes=NUM_CLASSES, example_input=x[:2],
-                                aux_depth=0 if kind == "dgl" else 1)
+                                # MAN: its heads' own default (what was measured: before
+                                # 2026-12-07 LocalSequential ignored aux_depth for MAN)
+                                aux_depth=0 if kind == "dgl" else None)
         call = (lambda net: lambda: net.train_step(x, y))(net)
         p = Provider(f"local {kind}", {"fwd+bwd": call})
         p.saved_bytes = L.peak_saved_bytes(call, list(net.parameters()))

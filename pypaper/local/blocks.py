@@ -329,7 +329,8 @@ class LocalSequential(nn.Module):
             head=LinearHead(num_classes, num_classes) to put a head on such a block anyway.
         num_classes: classes of the labels.
         example_input: one input batch (a few rows suffice) to learn each block's output shape.
-        aux_depth / auglocal_coeff: DGL depth, or AugLocal's maximum depth and pyramid coefficient.
+        aux_depth / auglocal_coeff: DGL depth, or AugLocal's maximum depth and pyramid coefficient
+            (None: 2), or MAN's head depth (None: MANHead's own default, 1 after a conv block).
         man_momentum: MAN's EMA momentum (0.995).
 
     Blocks may sit on different devices (move each block and its aux net there): block_step
@@ -339,8 +340,9 @@ class LocalSequential(nn.Module):
     """
 
     def __init__(self, blocks, aux: AuxSpec = "dgl", head: Optional[nn.Module] = None, *,
-                 num_classes: int, example_input: torch.Tensor, aux_depth: int = 2,
-                 auglocal_coeff: float = 0.5, man_momentum: float = 0.995):
+                 num_classes: int, example_input: torch.Tensor,
+                 aux_depth: Optional[int] = None, auglocal_coeff: float = 0.5,
+                 man_momentum: float = 0.995):
         super().__init__()
         blocks = list(blocks)
         if len(blocks) < 1:
@@ -378,17 +380,20 @@ class LocalSequential(nn.Module):
         self.kind = aux if isinstance(aux, str) else "custom"
         n = len(blocks)
         heads = []
+        # MAN's heads have a default depth of their own; aux_depth was ignored for them (a
+        # silently unused argument): passed through now, None keeping each kind's default
+        depth = 2 if aux_depth is None else aux_depth
         if isinstance(aux, str):
             if aux == "dgl":
-                heads = [dgl_head(shapes[i], num_classes, aux_depth) for i in range(n - 1)]
+                heads = [dgl_head(shapes[i], num_classes, depth) for i in range(n - 1)]
             elif aux == "auglocal":
-                depths = auglocal_depths(n, aux_depth, auglocal_coeff)
+                depths = auglocal_depths(n, depth, auglocal_coeff)
                 self.aux_depths = depths
                 heads = [auglocal_head(i, blocks, shapes, num_classes, depths[i])
                          for i in range(n - 1)]
             elif aux == "man":
                 heads = [MANHead(blocks[i + 1], _channels(shapes[i]), shapes[i + 1],
-                                 num_classes, man_momentum) for i in range(n - 1)]
+                                 num_classes, man_momentum, aux_depth) for i in range(n - 1)]
             else:
                 raise ValueError(f"aux must be 'dgl', 'auglocal', 'man' or a callable, got {aux!r}")
         else:

@@ -404,8 +404,9 @@ def check_not_ddp_wrapped(module: nn.Module, what: str) -> None:
             f"DistributedDataParallel: DDP averages gradients only through its own forward and "
             f"backward, which local steps never use - every rank would train its own copy, "
             f"silently diverging. Drop the DDP wrapper and average the gradients with "
-            f"pypaper.local: LocalSequential.train_step(x, y, optimizer, data_parallel=True), "
-            f"sync_grads_on_step(optimizer) (for FFNetwork / TPNetwork train_step), or "
+            f"pypaper.local: LocalSequential.train_step(x, y, optimizer, data_parallel=True) "
+            f"or FFNetwork.train_step(..., data_parallel=True), sync_grads_on_step(optimizer) "
+            f"(for TPNetwork / FFSingleForwardNetwork train_step), or "
             f"sync_grads(model) before optimizer.step(); broadcast_parameters(model) makes the "
             f"initial weights identical as DDP's constructor did")
     _CHECKED[module] = _DDP_GENERATION

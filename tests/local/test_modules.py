@@ -248,3 +248,20 @@ def test_wraps_resnet_stages(kind):
     after = list(net.blocks.parameters())
     assert all(not torch.equal(a, b) for a, b in zip(before, after) if a.dim() > 1)
     assert net(x).shape == (6, 5)
+
+
+def test_man_heads_take_aux_depth():
+    """LocalSequential(..., "man", aux_depth=k) built every MAN head with MANHead's default depth,
+    ignoring k silently (2026-12-07); None keeps that default."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 32)
+
+    def linears(net):
+        return [sum(isinstance(m, nn.Linear) for m in head.modules()) for head in net.aux]
+
+    default = L.LocalSequential(_mlp(3), "man", num_classes=10, example_input=x[:2])
+    deeper = L.LocalSequential(_mlp(3), "man", num_classes=10, example_input=x[:2], aux_depth=2)
+    explicit = [L.MANHead(b, 64, (2, 64), 10, aux_depth=2) for b in list(deeper.blocks)[1:]]
+    assert linears(deeper) == [sum(isinstance(m, nn.Linear) for m in h.modules())
+                               for h in explicit]
+    assert linears(deeper) != linears(default)
