@@ -299,6 +299,16 @@ class TargetProjectionLinear(_LocalLinear):
             p = (p > 0.5).to(p.dtype)
         self.register_buffer("proj", p.to(device=device, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        # The fixed projection stays float32 (float64 under .double()): a model built with
+        # dtype=torch.bfloat16 keeps it in float32, and .to(torch.bfloat16) rounded it for good,
+        # so the same layer trained toward other targets (a sigmoid loss of 0.24358 instead of
+        # 0.24331 on the same step). Device moves apply.
+        from ..quant.qlinear import apply_keeping_dtypes
+
+        return apply_keeping_dtypes(self, fn, recurse, [self._buffers.get("proj")],
+                                    (torch.float32, torch.float64))
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """h = act(W x + b) for x [*, in_features] -> [*, out_features], detached."""

@@ -29,7 +29,7 @@ from torch import nn
 
 from .._module_swap import share_hooks
 from .configs import QuantConfig
-from .qlinear import apply_keeping_dtypes
+from .qlinear import apply_keeping_dtypes, cast_floats_on_load
 from .power import (SUPPORTED_BITS, bits_to_qmax, channel_max_abs, power_dequantize,
                     power_fake_quantize, power_quantize)
 
@@ -169,6 +169,14 @@ class PowerQuantLinear(nn.Module):
         keep = [t for t in (*self._parameters.values(), *self._buffers.values())
                 if t is not None and t.is_floating_point()]
         return apply_keeping_dtypes(self, fn, recurse, keep, (torch.float32, torch.float64))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # the same float32 / float64 invariant on load(assign=True) of a bf16 / fp16 checkpoint
+        # (the forward raised "max_abs must be float32 or float64, got BFloat16")
+        cast_floats_on_load(self, state_dict, prefix, (torch.float32, torch.float64))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight()

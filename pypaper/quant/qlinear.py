@@ -77,6 +77,25 @@ def apply_keeping_dtypes(module: nn.Module, fn, recurse: bool, keep, allowed) ->
     return nn.Module._apply(module, guarded, recurse)
 
 
+def cast_floats_on_load(module: nn.Module, state_dict: dict, prefix: str, allowed) -> None:
+    """For ``_load_from_state_dict``: the checkpoint's float entries for ``module``'s own float
+    parameters and buffers, in a dtype outside ``allowed``, cast to the module's tensor's dtype
+    when that is allowed (else to allowed[0]) - the dtype invariant apply_keeping_dtypes keeps
+    on ``.to()``. A plain load copies into the module's tensors (copy_ casts), but
+    ``load_state_dict(..., assign=True)`` (the meta-device route) installs the checkpoint's
+    tensors as they are, and a bf16 checkpoint left bf16 scales behind that every forward
+    refused. ``state_dict`` is the shallow copy torch hands each module: the caller's dict keeps
+    its tensors."""
+    own = {**module._buffers, **module._parameters}
+    for name, t in own.items():
+        key = prefix + name
+        src = state_dict.get(key)
+        if (t is None or not t.is_floating_point() or not isinstance(src, torch.Tensor)
+                or not src.is_floating_point() or src.dtype in allowed):
+            continue
+        state_dict[key] = src.to(t.dtype if t.dtype in allowed else allowed[0])
+
+
 class _QuantizedLinear(nn.Module):
     in_features: int
     out_features: int
@@ -88,6 +107,20 @@ class _QuantizedLinear(nn.Module):
         keep = [b for b in self._buffers.values() if b is not None and b.is_floating_point()]
         keep.append(self._parameters.get("bias"))
         return apply_keeping_dtypes(self, fn, recurse, keep, (torch.float32,))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The same float32 invariant on load. A plain load copies into this module's float32
+        # tensors (copy_ casts), but load_state_dict(..., assign=True), the meta-device /
+        # lazy-init route, installs the checkpoint's tensors as they are: a checkpoint whose
+        # floats were stored in bf16 / fp16 (or fp64) left bf16 scales and bias behind, and
+        # every forward then raised "bias must be float32". Casting first makes both routes
+        # give the layer a plain load gives (bf16 -> fp32 is exact; fp64 -> fp32 is copy_'s
+        # own rounding). load_state_dict hands each module a shallow copy of the dict: the
+        # caller's tensors are not replaced.
+        cast_floats_on_load(self, state_dict, prefix, (torch.float32,))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _init_bias(self, bias: bool, device) -> None:
         if bias:

@@ -100,7 +100,12 @@ class GradNormCache:
         """Add ||dy_t||^2 (``sq_norms``: [len(ids) * positions]) of a backward of ``step``."""
         b = ids.numel()
         t = sq_norms.numel() // b
-        dev = self.device or sq_norms.device
+        # Write where the table lives: it stays where it was first filled (or ``device``), while
+        # the layers may move after (``model.cuda()`` after training or after loading a pickled
+        # model with map_location="cpu"; .to() moves only registered tensors). Indexing the table
+        # with ids on the gradients' device then failed (a CPU table, CUDA indices); lookup
+        # already reads across devices.
+        dev = self.table.device if self.table is not None else (self.device or sq_norms.device)
         idx = ids.to(dev, torch.int64)
         need_rows = int(idx.max()) + 1
         self._grow(need_rows, t, dev)
