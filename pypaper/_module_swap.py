@@ -156,14 +156,20 @@ def share_hooks(src: nn.Module, dst: nn.Module) -> None:
     before, and prune.remove / remove_weight_norm still work on it), and dst takes the shared
     dicts without those hooks. A handle of another hook given out before the swap then removes
     it from dst only, not from src's copy."""
+    # With a reparametrization hook anywhere, src keeps a copy of EVERY hook dict, not only of
+    # the one holding it: a hook's entries are spread over companion dicts (_forward_pre_hooks
+    # and _forward_pre_hooks_with_kwargs, ...), and a handle removing a kwargs hook from the
+    # shared dicts took its flag away from src's copy of the hook, so src then called it without
+    # its kwargs (TypeError)
+    split = any(is_weight_reparam_hook(h) for name in HOOK_DICTS
+                for h in getattr(src, name, {}).values())
     for name in HOOK_DICTS:
         if not hasattr(src, name):
             continue
         hooks = getattr(src, name)
-        own = [k for k, h in hooks.items() if is_weight_reparam_hook(h)]
-        if own:
+        if split:
             setattr(src, name, type(hooks)(hooks))
-            for k in own:
+            for k in [k for k, h in hooks.items() if is_weight_reparam_hook(h)]:
                 del hooks[k]
         if name == "_load_state_dict_pre_hooks":
             for key, hook in list(hooks.items()):

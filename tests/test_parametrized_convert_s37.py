@@ -266,3 +266,26 @@ def test_deepcopied_parametrized_model_quantized_leaves_original_intact():
         torch.testing.assert_close(m(x), ref, rtol=0, atol=0)
     m(x).sum().backward()
     assert m[0].parametrizations.weight.original1.grad is not None
+
+
+def test_float_layer_kept_outside_keeps_its_kwargs_hooks_after_a_handle_removes_one():
+    """A pruned Linear with a with_kwargs pre-hook, quantized: removing the hook by its handle
+    (from the quantized layer now in the model) took the kwargs flag away from the float layer's
+    own copy of the hook dict, and calling the float layer raised TypeError (missing 'kwargs')."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 8))
+    lin = m[0]
+    prune.l1_unstructured(lin, "weight", amount=0.3)
+    calls = []
+    h = lin.register_forward_pre_hook(lambda mod, a, kw: calls.append(kw) or None,
+                                      with_kwargs=True)
+    x = torch.randn(3, 16)
+    want = lin(x)
+    Q.quantize_(m, Q.Int8WeightOnlyConfig())
+    m(x)
+    assert len(calls) == 2  # the hook followed the swap
+    h.remove()
+    m(x)
+    assert len(calls) == 2  # and its handle removes it there
+    torch.testing.assert_close(lin(x), want)  # the float layer still runs, its hook included
+    assert len(calls) == 3
