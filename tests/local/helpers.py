@@ -2,8 +2,13 @@
 loops."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 import pypaper.local as L
@@ -118,3 +123,31 @@ def train_ff(net, x, y, epochs, lr, batch=64, seed=0):
         for idx in batches(x.shape[0], batch, g):
             net.train_step(x[idx], y[idx], opt, generator=g)
     return net
+
+
+def state_copy(module: nn.Module) -> dict:
+    """The module's state_dict, cloned (what a rank hands back to the test process)."""
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _gloo_rank(rank: int, world: int, tmp: str, body) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank,
+                            world_size=world)
+    try:
+        torch.save(body(rank, world), os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_ranks(body, world: int, tmp) -> list:
+    """``body(rank, world)`` (a module-level function: the processes import it) in ``world`` CPU
+    processes joined in one gloo group (file rendezvous in ``tmp``); returns what each rank's
+    call returned, in rank order. One thread per process while they run."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mp.spawn(_gloo_rank, args=(world, str(tmp), body), nprocs=world, join=True)
+    finally:
+        torch.set_num_threads(n)
+    return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]

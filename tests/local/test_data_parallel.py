@@ -7,18 +7,16 @@ model in torch's DistributedDataParallel instead - whose hooks the local steps b
 
 All the multi-process scenarios run in ONE spawn (module fixture): starting the processes is the
 slow part."""
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import pypaper.local as L
 from pypaper.local.data_parallel import sync_grads
 
-from .helpers import digits_split, mlp_blocks
+from .helpers import digits_split, mlp_blocks, run_gloo_ranks, state_copy
 
 STEPS, SHARD, WORLD, LR = 3, 16, 2, 0.1
 BATCH = SHARD * WORLD
@@ -85,131 +83,115 @@ def _seq_opt(net):
     return torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
 
 
-def _state(module):
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
 # --- the worker ----------------------------------------------------------------------------
 
-def _worker(rank, world_size, tmp):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank,
-                            world_size=world_size)
+def _body(rank, world_size):
+    """One rank's scenarios (helpers.run_gloo_ranks runs it in every process, with the
+    default process group initialised): what the tests compare, by name."""
     out = {}
+    x, y = _data()
+
+    # FF layers, a hand-written loop, sync_grads with tiny buckets (several per step)
+    layers = _ff_layers()
+    opt = _ff_opt(layers)
+    for s in range(STEPS):
+        _ff_step(layers, _shard(x, s, rank), _shard(y, s, rank), opt,
+                 sync=lambda m: sync_grads(m, bucket_bytes=1024))
+    out["ff"] = state_copy(layers)
+
+    # TPNetwork steps inside its train_step: the optimizer syncs before every step
+    tp = _tp_net()
+    opt = torch.optim.SGD(tp.parameters(), lr=LR)
+    handle = L.sync_grads_on_step(opt)
+    for s in range(STEPS):
+        tp.train_step(_shard(x, s, rank), _shard(y, s, rank), opt)
+    handle.remove()
+    out["tp"] = state_copy(tp)
+
+    # LocalSequential with DGL aux heads, train_step(data_parallel=True)
+    net = _seq_net(x[:4])
+    opt = _seq_opt(net)
+    for s in range(STEPS):
+        net.train_step(_shard(x, s, rank), _shard(y, s, rank), opt, data_parallel=True)
+    out["seq"] = state_copy(net)
+
+    # the control: the same without averaging
+    net = _seq_net(x[:4])
+    opt = _seq_opt(net)
+    for s in range(STEPS):
+        net.train_step(_shard(x, s, rank), _shard(y, s, rank), opt)
+    out["seq_unsynced"] = state_copy(net)
+
+    # the DDP trap: a LocalSequential / an FF layer inside DistributedDataParallel
+    net = _seq_net(x[:4])
+    ddp = nn.parallel.DistributedDataParallel(net)
+    opt = _seq_opt(net)
     try:
-        x, y = _data()
+        net.train_step(_shard(x, 0, rank), _shard(y, 0, rank), opt)
+        out["ddp_seq_error"] = None
+    except RuntimeError as e:
+        out["ddp_seq_error"] = str(e)
+    net.train_step(_shard(x, 0, rank), _shard(y, 0, rank), opt, data_parallel=True)
+    out["ddp_seq_synced"] = state_copy(net)
+    del ddp
 
-        # FF layers, a hand-written loop, sync_grads with tiny buckets (several per step)
-        layers = _ff_layers()
-        opt = _ff_opt(layers)
-        for s in range(STEPS):
-            _ff_step(layers, _shard(x, s, rank), _shard(y, s, rank), opt,
-                     sync=lambda m: sync_grads(m, bucket_bytes=1024))
-        out["ff"] = _state(layers)
-
-        # TPNetwork steps inside its train_step: the optimizer syncs before every step
-        tp = _tp_net()
-        opt = torch.optim.SGD(tp.parameters(), lr=LR)
-        handle = L.sync_grads_on_step(opt)
-        for s in range(STEPS):
-            tp.train_step(_shard(x, s, rank), _shard(y, s, rank), opt)
-        handle.remove()
-        out["tp"] = _state(tp)
-
-        # LocalSequential with DGL aux heads, train_step(data_parallel=True)
-        net = _seq_net(x[:4])
-        opt = _seq_opt(net)
-        for s in range(STEPS):
-            net.train_step(_shard(x, s, rank), _shard(y, s, rank), opt, data_parallel=True)
-        out["seq"] = _state(net)
-
-        # the control: the same without averaging
-        net = _seq_net(x[:4])
-        opt = _seq_opt(net)
-        for s in range(STEPS):
-            net.train_step(_shard(x, s, rank), _shard(y, s, rank), opt)
-        out["seq_unsynced"] = _state(net)
-
-        # the DDP trap: a LocalSequential / an FF layer inside DistributedDataParallel
-        net = _seq_net(x[:4])
-        ddp = nn.parallel.DistributedDataParallel(net)
-        opt = _seq_opt(net)
-        try:
-            net.train_step(_shard(x, 0, rank), _shard(y, 0, rank), opt)
-            out["ddp_seq_error"] = None
-        except RuntimeError as e:
-            out["ddp_seq_error"] = str(e)
-        net.train_step(_shard(x, 0, rank), _shard(y, 0, rank), opt, data_parallel=True)
-        out["ddp_seq_synced"] = _state(net)
-        del ddp
-
-        layers = _ff_layers()
-        ddp = nn.parallel.DistributedDataParallel(layers)
-        opt = _ff_opt(layers)
-        try:
-            _ff_step(layers, _shard(x, 0, rank), _shard(y, 0, rank), opt)
-            out["ddp_ff_error"] = None
-        except RuntimeError as e:
-            out["ddp_ff_error"] = str(e)
-        opt.zero_grad(set_to_none=True)
-        L.sync_grads_on_step(opt)  # the gradients are averaged now: no error
+    layers = _ff_layers()
+    ddp = nn.parallel.DistributedDataParallel(layers)
+    opt = _ff_opt(layers)
+    try:
         _ff_step(layers, _shard(x, 0, rank), _shard(y, 0, rank), opt)
-        out["ddp_ff_synced"] = _state(layers)
-        del ddp
+        out["ddp_ff_error"] = None
+    except RuntimeError as e:
+        out["ddp_ff_error"] = str(e)
+    opt.zero_grad(set_to_none=True)
+    L.sync_grads_on_step(opt)  # the gradients are averaged now: no error
+    _ff_step(layers, _shard(x, 0, rank), _shard(y, 0, rank), opt)
+    out["ddp_ff_synced"] = state_copy(layers)
+    del ddp
 
-        torch.manual_seed(3)
-        blk = L.LocalBlock(nn.Sequential(nn.Linear(64, 16), nn.ReLU()), L.LinearHead(16, 10))
-        ddp = nn.parallel.DistributedDataParallel(blk)
-        try:
-            blk.local_step(_shard(x, 0, rank), _shard(y, 0, rank))
-            out["ddp_block_error"] = None
-        except RuntimeError as e:
-            out["ddp_block_error"] = str(e)
-        del ddp
+    torch.manual_seed(3)
+    blk = L.LocalBlock(nn.Sequential(nn.Linear(64, 16), nn.ReLU()), L.LinearHead(16, 10))
+    ddp = nn.parallel.DistributedDataParallel(blk)
+    try:
+        blk.local_step(_shard(x, 0, rank), _shard(y, 0, rank))
+        out["ddp_block_error"] = None
+    except RuntimeError as e:
+        out["ddp_block_error"] = str(e)
+    del ddp
 
-        # missing gradients: `a` has one on rank 0 only, `b` on no rank; mixed dtypes
-        m = nn.ModuleDict({"a": nn.Linear(3, 2), "b": nn.Linear(3, 2),
-                           "c": nn.Linear(3, 2).double()})
-        m["c"].weight.grad = torch.full((2, 3), float(rank + 1), dtype=torch.float64)
-        if rank == 0:
-            m["a"].weight.grad = torch.full((2, 3), 4.0)
-        sync_grads(m)
-        out["none_a"] = m["a"].weight.grad
-        out["none_a_bias"] = m["a"].bias.grad
-        out["none_b"] = m["b"].weight.grad
-        out["none_c"] = m["c"].weight.grad
+    # missing gradients: `a` has one on rank 0 only, `b` on no rank; mixed dtypes
+    m = nn.ModuleDict({"a": nn.Linear(3, 2), "b": nn.Linear(3, 2),
+                       "c": nn.Linear(3, 2).double()})
+    m["c"].weight.grad = torch.full((2, 3), float(rank + 1), dtype=torch.float64)
+    if rank == 0:
+        m["a"].weight.grad = torch.full((2, 3), 4.0)
+    sync_grads(m)
+    out["none_a"] = m["a"].weight.grad
+    out["none_a_bias"] = m["a"].bias.grad
+    out["none_b"] = m["b"].weight.grad
+    out["none_c"] = m["c"].weight.grad
 
-        # different models on the ranks: an error on both, not a hang
-        bad = nn.Linear(3, 2 + rank)
-        bad.weight.grad = torch.ones_like(bad.weight)
-        try:
-            sync_grads(bad)
-            out["layout_error"] = None
-        except ValueError as e:
-            out["layout_error"] = str(e)
+    # different models on the ranks: an error on both, not a hang
+    bad = nn.Linear(3, 2 + rank)
+    bad.weight.grad = torch.ones_like(bad.weight)
+    try:
+        sync_grads(bad)
+        out["layout_error"] = None
+    except ValueError as e:
+        out["layout_error"] = str(e)
 
-        # broadcast_parameters: different initial weights made rank 0's
-        torch.manual_seed(100 + rank)
-        m = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
-        m[1].running_mean.fill_(rank)
-        L.broadcast_parameters(m)
-        out["broadcast"] = _state(m)
+    # broadcast_parameters: different initial weights made rank 0's
+    torch.manual_seed(100 + rank)
+    m = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    m[1].running_mean.fill_(rank)
+    L.broadcast_parameters(m)
+    out["broadcast"] = state_copy(m)
 
-        torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
+    return out
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("data_parallel")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        mp.spawn(_worker, args=(WORLD, str(tmp)), nprocs=WORLD, join=True)
-    finally:
-        torch.set_num_threads(n)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_gloo_ranks(_body, WORLD, tmp_path_factory.mktemp("data_parallel"))
 
 
 def _assert_same_across_ranks(ranks, key):
@@ -234,33 +216,33 @@ def test_ff_layers_match_single_process(ranks):
     _assert_same_across_ranks(ranks, "ff")
     x, y = _data()
     layers = _ff_layers()
-    untrained = _state(layers)
+    untrained = state_copy(layers)
     opt = _ff_opt(layers)
     for s in range(STEPS):
         _ff_step(layers, _batch(x, s), _batch(y, s), opt)
-    _assert_matches(ranks[0]["ff"], _state(layers), untrained)
+    _assert_matches(ranks[0]["ff"], state_copy(layers), untrained)
 
 
 def test_tp_network_with_sync_on_step_matches_single_process(ranks):
     _assert_same_across_ranks(ranks, "tp")
     x, y = _data()
     tp = _tp_net()
-    untrained = _state(tp)
+    untrained = state_copy(tp)
     opt = torch.optim.SGD(tp.parameters(), lr=LR)
     for s in range(STEPS):
         tp.train_step(_batch(x, s), _batch(y, s), opt)
-    _assert_matches(ranks[0]["tp"], _state(tp), untrained)
+    _assert_matches(ranks[0]["tp"], state_copy(tp), untrained)
 
 
 def test_local_sequential_data_parallel_matches_single_process(ranks):
     _assert_same_across_ranks(ranks, "seq")
     x, y = _data()
     net = _seq_net(x[:4])
-    untrained = _state(net)
+    untrained = state_copy(net)
     opt = _seq_opt(net)
     for s in range(STEPS):
         net.train_step(_batch(x, s), _batch(y, s), opt)
-    _assert_matches(ranks[0]["seq"], _state(net), untrained)
+    _assert_matches(ranks[0]["seq"], state_copy(net), untrained)
 
 
 def test_without_averaging_the_ranks_diverge(ranks):
@@ -349,7 +331,7 @@ def test_world_of_one_is_plain_training(world_of_one):
     for s in range(2):
         a.train_step(_batch(x, s), _batch(y, s), oa, data_parallel=True)
         b.train_step(_batch(x, s), _batch(y, s), ob)
-    sa, sb = _state(a), _state(b)
+    sa, sb = state_copy(a), state_copy(b)
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
     m = nn.Linear(3, 2)

@@ -13,18 +13,16 @@ processes in ONE spawn (module fixture):
   the whole batch. train_step(..., data_parallel=True) now is.
 """
 import gc
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import pypaper.local as L
 from pypaper.local.data_parallel import sync_grads
 
-from .helpers import digits_split, mlp_blocks
+from .helpers import digits_split, mlp_blocks, run_gloo_ranks, state_copy
 
 WORLD, SHARD, STEPS, LR = 3, 6, 3, 0.1
 BATCH = WORLD * SHARD
@@ -50,10 +48,6 @@ def _ff_pair(x, y):
     return (L.overlay_label(x, y, 10, value=1.0), L.overlay_label(x, (y + 1) % 10, 10, value=1.0))
 
 
-def _state(m):
-    return {k: v.clone() for k, v in m.state_dict().items()}
-
-
 def _catch(fn):
     try:
         fn()
@@ -62,106 +56,94 @@ def _catch(fn):
         return f"{type(e).__name__}: {e}"
 
 
-def _worker(rank, world, tmp):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank,
-                            world_size=world)
+def _body(rank, world):
+    """One rank's scenarios (helpers.run_gloo_ranks runs it in every process, with the
+    default process group initialised): what the tests compare, by name."""
     out = {}
+    x, y = _ff_data()
+
+    # 1. the DDP check scans the heap once per process, not once per module
+    calls = [0]
+    real = gc.get_objects
+
+    def counting(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+
+    gc.get_objects = counting
     try:
-        x, y = _ff_data()
-
-        # 1. the DDP check scans the heap once per process, not once per module
-        calls = [0]
-        real = gc.get_objects
-
-        def counting(*a, **k):
-            calls[0] += 1
-            return real(*a, **k)
-
-        gc.get_objects = counting
-        try:
-            for _ in range(3):
-                layer = L.FFLinear(64, 8)
-                layer.local_step(*_ff_pair(x[:4], y[:4]))
-        finally:
-            gc.get_objects = real
-        out["scans"] = calls[0]
-
-        # 2. wrapped in DDP after its first local step: the next step raises
-        torch.manual_seed(0)
-        layer = L.FFLinear(64, 8)
-        layer.local_step(*_ff_pair(x[:4], y[:4]))
-        ddp = nn.parallel.DistributedDataParallel(layer)
-        out["late_wrap"] = _catch(lambda: layer.local_step(*_ff_pair(x[:4], y[:4])))
-        del ddp
-        gc.collect()
-        out["after_unwrap"] = _catch(lambda: layer.local_step(*_ff_pair(x[:4], y[:4])))
-
-        # 3. a removed sync_grads_on_step hook no longer exempts the module
-        layer = L.FFLinear(64, 8)
-        opt = torch.optim.SGD(layer.parameters(), lr=LR)
-        ddp = nn.parallel.DistributedDataParallel(layer)
-        handle = L.sync_grads_on_step(opt)
-        out["synced_in_ddp"] = _catch(lambda: layer.local_step(*_ff_pair(x[:4], y[:4])))
-        handle.remove()
-        out["hook_removed_in_ddp"] = _catch(lambda: layer.local_step(*_ff_pair(x[:4], y[:4])))
-        del ddp, opt
-
-        # 4. torch.compile of a function that calls local_step (the check runs while tracing)
-        torch.manual_seed(1)
-        layer = L.FFLinear(64, 8)
-        xp, xn = _ff_pair(x[:4], y[:4])
-        step = torch.compile(lambda a, b: layer.local_step(a, b)[0], backend="eager")
-        out["compile_error"] = _catch(lambda: step(xp, xn))
-        out["compile_grad"] = None if layer.weight.grad is None else layer.weight.grad.clone()
-
-        # 5. a subgroup of ranks 0 and 1: the third rank gets a clear error, no collective runs
-        g = dist.new_group([0, 1])
-        torch.manual_seed(2)
-        net = L.LocalSequential(mlp_blocks([64, 16, 12]), "dgl", num_classes=10,
-                                example_input=x[:2], aux_depth=1)
-        lin = nn.Linear(3, 2)
-        lin.weight.grad = torch.ones(2, 3)
-        if rank == 2:
-            out["nonmember_sync"] = _catch(lambda: sync_grads(lin, g))
-            out["nonmember_bcast"] = _catch(lambda: L.broadcast_parameters(lin, group=g))
-            out["nonmember_train"] = _catch(lambda: net.train_step(
-                x[:SHARD], y[:SHARD], torch.optim.SGD(net.parameters(), lr=LR),
-                data_parallel=g))
-            out["nonmember_train_grads"] = [p.grad is None for p in net.parameters()]
-        else:
-            sync_grads(lin, g)
-            out["member_sync"] = lin.weight.grad.clone()
-
-        # 6. FFNetwork.train_step(data_parallel=True): the single process's step on the batch
-        net = _ff_net()
-        opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
-        gen = torch.Generator().manual_seed(7)  # the same state on every rank
-
-        def ff_steps():
-            for s in range(STEPS):
-                b = s * BATCH + rank * SHARD
-                net.train_step(x[b:b + SHARD], y[b:b + SHARD], opt, generator=gen,
-                               data_parallel=True)
-
-        out["ff_dp_error"] = _catch(ff_steps)
-        out["ff_dp"] = _state(net)
-
-        torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
+        for _ in range(3):
+            layer = L.FFLinear(64, 8)
+            layer.local_step(*_ff_pair(x[:4], y[:4]))
     finally:
-        dist.destroy_process_group()
+        gc.get_objects = real
+    out["scans"] = calls[0]
 
+    # 2. wrapped in DDP after its first local step: the next step raises
+    torch.manual_seed(0)
+    layer = L.FFLinear(64, 8)
+    layer.local_step(*_ff_pair(x[:4], y[:4]))
+    ddp = nn.parallel.DistributedDataParallel(layer)
+    out["late_wrap"] = _catch(lambda: layer.local_step(*_ff_pair(x[:4], y[:4])))
+    del ddp
+    gc.collect()
+    out["after_unwrap"] = _catch(lambda: layer.local_step(*_ff_pair(x[:4], y[:4])))
+
+    # 3. a removed sync_grads_on_step hook no longer exempts the module
+    layer = L.FFLinear(64, 8)
+    opt = torch.optim.SGD(layer.parameters(), lr=LR)
+    ddp = nn.parallel.DistributedDataParallel(layer)
+    handle = L.sync_grads_on_step(opt)
+    out["synced_in_ddp"] = _catch(lambda: layer.local_step(*_ff_pair(x[:4], y[:4])))
+    handle.remove()
+    out["hook_removed_in_ddp"] = _catch(lambda: layer.local_step(*_ff_pair(x[:4], y[:4])))
+    del ddp, opt
+
+    # 4. torch.compile of a function that calls local_step (the check runs while tracing)
+    torch.manual_seed(1)
+    layer = L.FFLinear(64, 8)
+    xp, xn = _ff_pair(x[:4], y[:4])
+    step = torch.compile(lambda a, b: layer.local_step(a, b)[0], backend="eager")
+    out["compile_error"] = _catch(lambda: step(xp, xn))
+    out["compile_grad"] = None if layer.weight.grad is None else layer.weight.grad.clone()
+
+    # 5. a subgroup of ranks 0 and 1: the third rank gets a clear error, no collective runs
+    g = dist.new_group([0, 1])
+    torch.manual_seed(2)
+    net = L.LocalSequential(mlp_blocks([64, 16, 12]), "dgl", num_classes=10,
+                            example_input=x[:2], aux_depth=1)
+    lin = nn.Linear(3, 2)
+    lin.weight.grad = torch.ones(2, 3)
+    if rank == 2:
+        out["nonmember_sync"] = _catch(lambda: sync_grads(lin, g))
+        out["nonmember_bcast"] = _catch(lambda: L.broadcast_parameters(lin, group=g))
+        out["nonmember_train"] = _catch(lambda: net.train_step(
+            x[:SHARD], y[:SHARD], torch.optim.SGD(net.parameters(), lr=LR),
+            data_parallel=g))
+        out["nonmember_train_grads"] = [p.grad is None for p in net.parameters()]
+    else:
+        sync_grads(lin, g)
+        out["member_sync"] = lin.weight.grad.clone()
+
+    # 6. FFNetwork.train_step(data_parallel=True): the single process's step on the batch
+    net = _ff_net()
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
+    gen = torch.Generator().manual_seed(7)  # the same state on every rank
+
+    def ff_steps():
+        for s in range(STEPS):
+            b = s * BATCH + rank * SHARD
+            net.train_step(x[b:b + SHARD], y[b:b + SHARD], opt, generator=gen,
+                           data_parallel=True)
+
+    out["ff_dp_error"] = _catch(ff_steps)
+    out["ff_dp"] = state_copy(net)
+
+    return out
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("data_parallel_review")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        mp.spawn(_worker, args=(WORLD, str(tmp)), nprocs=WORLD, join=True)
-    finally:
-        torch.set_num_threads(n)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_gloo_ranks(_body, WORLD, tmp_path_factory.mktemp("data_parallel_review"))
 
 
 def test_ddp_check_scans_the_heap_once_per_process(ranks):
@@ -210,13 +192,13 @@ def test_ff_network_data_parallel_is_the_single_process_step(ranks):
             assert torch.equal(v, r["ff_dp"][k]), k
     x, y = _ff_data()
     net = _ff_net()
-    untrained = _state(net)
+    untrained = state_copy(net)
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
     gen = torch.Generator().manual_seed(7)
     for s in range(STEPS):
         net.train_step(x[s * BATCH:(s + 1) * BATCH], y[s * BATCH:(s + 1) * BATCH], opt,
                        generator=gen)
-    ref = _state(net)
+    ref = state_copy(net)
     for k in ref:
         torch.testing.assert_close(ranks[0]["ff_dp"][k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
         assert not torch.equal(ref[k], untrained[k]), k
