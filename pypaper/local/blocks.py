@@ -33,8 +33,7 @@ from torch import nn
 
 from .._module_swap import run_reparam_hooks
 from . import ops
-from .data_parallel import (_group_size, check_not_ddp_wrapped, require_process_group,
-                            sync_grads)
+from .data_parallel import check_not_ddp_wrapped, data_parallel_group, sync_grads
 
 
 def _channels(shape) -> int:
@@ -486,9 +485,9 @@ class LocalSequential(nn.Module):
         save the communication). Do not wrap the net in DistributedDataParallel: its hooks never
         run here, and train_step raises when it finds itself inside one."""
         _check_step_args(optimizer, scaler)
-        _check_data_parallel(data_parallel)
+        dp = data_parallel_group(data_parallel, "LocalSequential.train_step")
         ops.check_labels(y, x.shape[0], self.num_classes, x.device)
-        if not data_parallel:
+        if dp is None:
             check_not_ddp_wrapped(self, "LocalSequential.train_step")
         if optimizer is not None and _optimizer_key(optimizer) != getattr(self, "_opt_key", None):
             check_optimizer_covers(optimizer, [("aux." + n, p) for n, p in
@@ -500,9 +499,9 @@ class LocalSequential(nn.Module):
         for i in range(len(self.blocks)):
             loss, h = self.block_step(i, h, y, scaler)
             losses.append(loss)
-        if data_parallel:
+        if dp is not None:
             # before scaler.step: an inf on one rank reaches all, and they skip the step together
-            sync_grads(self, data_parallel)
+            sync_grads(self, dp[0])
         if optimizer is not None:
             if scaler is None:
                 optimizer.step()
@@ -552,28 +551,6 @@ def _check_step_args(optimizer, scaler) -> None:
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if optimizer is None:
             raise ValueError("scaler needs an optimizer: it unscales the gradients and steps it")
-
-
-def _check_data_parallel(data_parallel) -> None:
-    """data_parallel: a bool, or the torch.distributed ProcessGroup to average over."""
-    if data_parallel is None or data_parallel is False:
-        return
-    if data_parallel is not True:
-        import torch.distributed as dist
-
-        # new_group() hands a rank outside the group the int sentinel NON_GROUP_MEMBER, not a
-        # ProcessGroup: let it through to the membership check's clear error below
-        if not (dist.is_available() and (isinstance(data_parallel, dist.ProcessGroup) or
-                                         _is_non_member(dist, data_parallel))):
-            raise TypeError(f"data_parallel must be a bool or a torch.distributed ProcessGroup, "
-                            f"got {type(data_parallel).__name__}")
-    dist = require_process_group()  # before the blocks run: no half-done step on a setup error
-    if data_parallel is not True:
-        _group_size(dist, data_parallel, "LocalSequential.train_step(data_parallel=group)")
-
-
-def _is_non_member(dist, group) -> bool:
-    return (type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER)
 
 
 def _optimizer_key(optimizer) -> tuple:

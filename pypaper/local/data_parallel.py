@@ -125,6 +125,29 @@ def _group_size(dist, group, who: str) -> int:
     return dist.get_world_size(group)
 
 
+def data_parallel_group(data_parallel, who: str):
+    """A train_step's ``data_parallel=`` argument: None when off (False / None); else (group,
+    world size) with group None for True (the default group) or the ProcessGroup passed, after
+    the checks, made before any block runs so that a setup error leaves no half-done step: the
+    type, an initialised process group, and membership (new_group() hands a rank outside the
+    group the int sentinel NON_GROUP_MEMBER, not a ProcessGroup: it gets _group_size's clear
+    error, not a type error)."""
+    if data_parallel is None or data_parallel is False:
+        return None
+    if data_parallel is not True:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and (
+                isinstance(data_parallel, dist.ProcessGroup)
+                or (type(data_parallel) is int
+                    and data_parallel == dist.GroupMember.NON_GROUP_MEMBER))):
+            raise TypeError(f"data_parallel must be a bool or a torch.distributed ProcessGroup, "
+                            f"got {type(data_parallel).__name__}")
+    dist = require_process_group()
+    group = _resolve_group(data_parallel)
+    return group, _group_size(dist, group, f"{who}(data_parallel=...)")
+
+
 def _comm_device(params, dist, group):
     if params:
         return params[0].device

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .data_parallel import data_parallel_group, sync_grads
 from .layers import FFLinear
 
 
@@ -56,17 +57,11 @@ class FFNetwork(nn.Module):
           * the gradients are averaged (sync_grads) before optimizer.step().
         sync_grads_on_step(optimizer) alone averages the gradients but keeps per-shard draws
         and overlay values."""
-        group = world = None
-        if data_parallel is not False and data_parallel is not None:
+        dp = data_parallel_group(data_parallel, "FFNetwork.train_step")
+        group, world = dp if dp is not None else (None, None)
+        if world is not None and world > 1:
             import torch.distributed as dist
 
-            from .blocks import _check_data_parallel
-            from .data_parallel import _group_size, _resolve_group
-
-            _check_data_parallel(data_parallel)  # bool / group, a process group exists
-            group = _resolve_group(data_parallel)
-            world = _group_size(dist, group, "FFNetwork.train_step(data_parallel=...)")
-        if world is not None and world > 1:
             n, rank = y.shape[0], dist.get_rank(group)
             # the single process's draw for the whole batch of W * n rows, this rank's rows:
             # y repeated W times has the whole batch's shape, and its rows r n .. (r + 1) n - 1
@@ -85,9 +80,7 @@ class FFNetwork(nn.Module):
         for layer in self.layers:
             loss, xp, xn = layer.local_step(xp, xn)
             losses.append(loss)
-        if world is not None:
-            from .data_parallel import sync_grads
-
+        if dp is not None:
             sync_grads(self, group)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
