@@ -315,7 +315,7 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
     # Build every replacement first, so a config that rejects one layer leaves the model untouched.
     new = []
     for fqn, mod, cfg, all_names in targets:
-        src = _float_source(mod, device)
+        src = float_stand_in(mod, device)
         try:
             q = cfg.apply(src, fqn)
         except ValueError as e:
@@ -331,7 +331,7 @@ def quantize_(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module,
         # state_dict hooks) keep firing on the layer that now runs in its place, and their
         # handles keep removing them, as with torchao's in-place weight swap. Not the hooks of
         # prune / weight_norm / spectral_norm, which rebuild the float layer's own weight from
-        # its weight_orig (...): the quantized layer holds their current value (_float_source)
+        # its weight_orig (...): the quantized layer holds their current value (float_stand_in)
         share_hooks(mod, q)
         for fqn in all_names:
             parent_name, _, child = fqn.rpartition(".")
@@ -362,12 +362,6 @@ def _disable_fused_transformer_paths(model: nn.Module, swapped: set) -> None:
     for mod in model.modules():
         if isinstance(mod, nn.TransformerEncoder) and any(id(l) in slowed for l in mod.layers):
             mod.use_nested_tensor = False
-
-
-def _float_source(linear: nn.Linear, device=None) -> nn.Linear:
-    """The nn.Linear a config quantizes in place of ``linear`` (_module_swap.float_stand_in: the
-    current effective weight of a parametrized / pruned layer, on ``device`` when given)."""
-    return float_stand_in(linear, device)
 
 
 def model_bytes(model: nn.Module) -> int:

@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from .._module_swap import float_stand_in, has_computed_tensors, parametrized_modules
 from .configs import QuantConfig
 from .power import SUPPORTED_BITS
 
@@ -50,8 +51,6 @@ def select_layers(model: nn.Module, filter_fn: Optional[Callable] = None) -> dic
     a parametrization (it transforms a weight). Those stay in float and take no share of the
     budget."""
     from .api import swappable
-    from .._module_swap import parametrized_modules
-
     inside = parametrized_modules(model)  # a Linear transforming a weight: quantize_ skips it
     layers = {n: m for n, m in model.named_modules()
               if swappable(m) and id(m) not in inside and (filter_fn is None or filter_fn(m, n))}
@@ -148,13 +147,10 @@ def _plain_weights(model: nn.Module, layers: dict):
     forward's pre-hook: the tensor read before the forward is not in the loss's graph, so its
     gradient came back "unused" and the layer got a trace of 0 (the least sensitive layer:
     the allocation gave it the fewest bits). Such a layer is replaced, while probing, by a
-    stand-in nn.Linear holding the current value W as a Parameter (quantize_'s _float_source:
+    stand-in nn.Linear holding the current value W as a Parameter (float_stand_in, as quantize_:
     the same forward and hooks, no parametrization): the trace is that of ∂²L/∂W², the Hessian
     of the weight quantize_ quantizes. The model gets its own modules back afterwards."""
-    from .api import _float_source
-    from .._module_swap import has_computed_tensors
-
-    stands = {id(m): _float_source(m) for m in layers.values() if has_computed_tensors(m)}
+    stands = {id(m): float_stand_in(m) for m in layers.values() if has_computed_tensors(m)}
     swapped = []
     try:
         for parent in list(model.modules()):
@@ -265,10 +261,8 @@ def _power_iteration(model, loss_fn, batches, param, iters, tol, seed) -> float:
 def quantization_error(layer: nn.Linear, config: QuantConfig, fqn: str = "") -> float:
     """‖Q(W) − W‖² of a layer under ``config``: the quantized layer's weight read back by running
     it on the identity (works for any config whose module is linear in its input)."""
-    from .api import _float_source
-
     # a parametrized / pruned layer: the weight its forward computes now (what quantize_ takes)
-    layer = _float_source(layer)
+    layer = float_stand_in(layer)
     q = config.apply(layer, fqn)
     eye = torch.eye(layer.in_features, dtype=torch.float32, device=layer.weight.device)
     out = q(eye)
